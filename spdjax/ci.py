@@ -1,0 +1,134 @@
+"""Causal-importance (CI) functions: raw, pre-sigmoid importance per subcomponent.
+
+Kinds (reference spec section 2.1):
+  ``mlp``         one tiny MLP per subcomponent on its own inner activation ``h_c = (x V)_c``
+                  (the paper's gamma_c). Input: inner acts ``[..., C]``.
+  ``vector_mlp``  one MLP per subcomponent on the whole site input ``x`` ``[..., d_in]``.
+  ``shared_mlp``  one ordinary MLP ``d_in -> hidden -> C`` on the site input.
+
+Per-component layers are stored with the component axis first, ``w: (C, fan_in, fan_out)``,
+``b: (C, fan_out)``, and evaluated for all components at once with batched einsums.
+Init: ``N(0, gain^2 / fan_in)`` with gain sqrt(2) for hidden layers and 1 for the output layer,
+biases 0. GELU is the exact (erf) form, as in torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _gelu(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _layer_dims(fan_in: int, hidden: Sequence[int], fan_out: int) -> list[tuple[int, int]]:
+    dims = [fan_in, *hidden, fan_out]
+    return list(zip(dims[:-1], dims[1:]))
+
+
+def _normal(key, shape, fan_in, gain):
+    return jax.random.normal(key, shape) * (gain / math.sqrt(fan_in))
+
+
+def _init_layers(key, dims, lead: tuple[int, ...]) -> list[dict]:
+    keys = jax.random.split(key, len(dims))
+    layers = []
+    for i, (k, (fan_in, fan_out)) in enumerate(zip(keys, dims)):
+        gain = 1.0 if i == len(dims) - 1 else math.sqrt(2.0)
+        layers.append(
+            {
+                "w": _normal(k, lead + (fan_in, fan_out), fan_in, gain),
+                "b": jnp.zeros(lead + (fan_out,)),
+            }
+        )
+    return layers
+
+
+def _check_hidden(kind, hidden):
+    if len(hidden) == 0 and kind != "shared_mlp":
+        raise ValueError(f"CI function {kind!r} needs at least one hidden layer; got {hidden!r}.")
+    if any(h <= 0 for h in hidden):
+        raise ValueError(f"CI hidden widths must be positive; got {list(hidden)!r}.")
+
+
+def _init_mlp(key, *, C, d_in, hidden):
+    return _init_layers(key, _layer_dims(1, hidden, 1), (C,))
+
+
+def _init_vector_mlp(key, *, C, d_in, hidden):
+    return _init_layers(key, _layer_dims(d_in, hidden, 1), (C,))
+
+
+def _init_shared_mlp(key, *, C, d_in, hidden):
+    return _init_layers(key, _layer_dims(d_in, hidden, C), ())
+
+
+def _apply_parallel(layers, a):
+    """a: [..., C, fan_in] -> [..., C]; per-component layers."""
+    for i, layer in enumerate(layers):
+        a = jnp.einsum("...ci,cio->...co", a, layer["w"]) + layer["b"]
+        if i < len(layers) - 1:
+            a = _gelu(a)
+    return a[..., 0]
+
+
+def _apply_mlp(layers, inner_acts, x):
+    first, rest = layers[0], layers[1:]
+    # fan_in is 1: the first layer is an elementwise scale per (component, hidden unit).
+    a = inner_acts[..., None] * first["w"][:, 0, :] + first["b"]
+    if not rest:
+        return a[..., 0]
+    return _apply_parallel(rest, _gelu(a))
+
+
+def _apply_vector_mlp(layers, inner_acts, x):
+    first, rest = layers[0], layers[1:]
+    a = jnp.einsum("...i,cio->...co", x, first["w"]) + first["b"]
+    if not rest:
+        return a[..., 0]
+    return _apply_parallel(rest, _gelu(a))
+
+
+def _apply_shared_mlp(layers, inner_acts, x):
+    a = x
+    for i, layer in enumerate(layers):
+        a = jnp.einsum("...i,io->...o", a, layer["w"]) + layer["b"]
+        if i < len(layers) - 1:
+            a = _gelu(a)
+    return a
+
+
+class CIKind(NamedTuple):
+    init: Callable
+    apply: Callable[[list, Array, Array], Array]
+    component_axis_first: bool  # True: every leaf has C as axis 0 (shardable along C)
+
+
+CI_KINDS: dict[str, CIKind] = {
+    "mlp": CIKind(_init_mlp, _apply_mlp, True),
+    "vector_mlp": CIKind(_init_vector_mlp, _apply_vector_mlp, True),
+    "shared_mlp": CIKind(_init_shared_mlp, _apply_shared_mlp, False),
+}
+
+
+def get_ci_kind(name: str) -> CIKind:
+    if name not in CI_KINDS:
+        raise ValueError(f"Unknown CI function type {name!r}; expected one of {sorted(CI_KINDS)}.")
+    return CI_KINDS[name]
+
+
+def init_ci(key, kind: str, *, C: int, d_in: int, hidden: Sequence[int]) -> list[dict]:
+    """Initialises the CI function of one site."""
+    _check_hidden(kind, hidden)
+    return get_ci_kind(kind).init(key, C=C, d_in=d_in, hidden=tuple(hidden))
+
+
+def apply_ci(kind: str, params: list[dict], inner_acts: Array, x: Array) -> Array:
+    """Raw (pre-sigmoid) CI ``[..., C]`` from inner acts ``[..., C]`` and site input ``[..., d_in]``."""
+    return get_ci_kind(kind).apply(params, inner_acts, x)

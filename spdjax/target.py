@@ -1,0 +1,121 @@
+"""The target protocol: a model whose weight matrices ("sites") can be swapped for components.
+
+A :class:`Target` is a pure function
+
+    forward(params, x, replace) -> (output, site_inputs)
+
+where ``replace`` maps some site names to functions ``site_input -> site_output`` that are used
+instead of the target's own weights at those sites, and ``site_inputs`` maps every site the
+forward visited to the input it saw. With ``replace={}`` this is the clean forward that also
+returns every site's input (the "pre-weight activations" of the paper).
+
+A hand-written pure function becomes a target with :func:`from_function`; unmodified Flax models
+go through the adapters in :mod:`spdjax.adapters`.
+
+Weights are always in Flax layout: ``W`` has shape ``(d_in, d_out)`` and a linear site computes
+``x @ W + b``; an embedding site has ``W`` of shape ``(vocab, d_emb)`` and computes ``W[ids]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+
+Array = jax.Array
+Params = Any
+SiteFn = Callable[[Array], Array]
+ForwardFn = Callable[[Params, Any, Mapping[str, SiteFn]], tuple[Any, dict[str, Array]]]
+
+SITE_KINDS = ("linear", "embed")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Site:
+    """One decomposable weight matrix of a target.
+
+    Attributes:
+      name: path-like name used by site patterns, e.g. ``"layers_0/mlp_in"``.
+      kind: ``"linear"`` (``x @ W + b``) or ``"embed"`` (``W[ids]``).
+      d_in: input width (the vocabulary size for an embedding).
+      d_out: output width.
+      weight: ``params -> W`` with shape ``(d_in, d_out)``.
+      bias: ``params -> b`` with shape ``(d_out,)``, or None. Biases are never decomposed.
+    """
+
+    name: str
+    kind: str
+    d_in: int
+    d_out: int
+    weight: Callable[[Params], Array]
+    bias: Callable[[Params], Array] | None = None
+
+    def __post_init__(self):
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"Site {self.name!r}: kind {self.kind!r} is not one of {SITE_KINDS}.")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Target:
+    """A pure forward function plus the catalogue of its decomposable sites."""
+
+    forward: ForwardFn
+    sites: Mapping[str, Site]
+
+    def __call__(self, params: Params, x: Any) -> Any:
+        """Clean forward pass: the target's output alone."""
+        return self.forward(params, x, {})[0]
+
+
+class SiteHooks:
+    """Called by a hand-written forward at every site; records inputs and applies replacements.
+
+    Inside a forward written for :func:`from_function`, write a site as
+    ``y = hooks("linear1", x, lambda a: a @ W)`` instead of ``y = x @ W``.
+    """
+
+    def __init__(self, replace: Mapping[str, SiteFn]):
+        self.replace = replace
+        self.inputs: dict[str, Array] = {}
+
+    def __call__(self, name: str, x: Array, default: SiteFn) -> Array:
+        if name in self.inputs:
+            raise ValueError(
+                f"Site {name!r} was called twice in one forward pass; a site must be one weight "
+                "application. Give each application its own site name."
+            )
+        self.inputs[name] = x
+        fn = self.replace.get(name)
+        return default(x) if fn is None else fn(x)
+
+
+def from_function(
+    fn: Callable[[Params, Any, SiteHooks], Any], sites: Mapping[str, Site] | list[Site]
+) -> Target:
+    """Makes a :class:`Target` from ``fn(params, x, hooks) -> output``.
+
+    ``fn`` calls ``hooks(name, site_input, default_fn)`` at each site (see :class:`SiteHooks`).
+    """
+    if not isinstance(sites, Mapping):
+        sites = {s.name: s for s in sites}
+
+    def forward(params, x, replace):
+        hooks = SiteHooks(replace)
+        out = fn(params, x, hooks)
+        return out, hooks.inputs
+
+    return Target(forward=forward, sites=dict(sites))
+
+
+def weight_at(path: tuple, *, transpose: bool = False) -> Callable[[Params], Array]:
+    """A weight getter that indexes nested mappings along ``path`` (optionally transposed)."""
+
+    def get(params):
+        w = params
+        for key in path:
+            w = w[key]
+        return w.T if transpose else w
+
+    get.path = path  # type: ignore[attr-defined]
+    return get
