@@ -27,7 +27,11 @@ def make_mesh(data: int | None = None, model: int = 1) -> Mesh:
         data = n // model
     if data * model > n:
         raise ValueError(f"Mesh {data}x{model} needs {data * model} devices; only {n} available.")
-    return jax.make_mesh((data, model), (DATA, MODEL), devices=jax.devices()[: data * model])
+    # Auto axes: the compiler propagates shardings from jit's in/out shardings and constraints.
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh(
+        (data, model), (DATA, MODEL), axis_types=auto, devices=jax.devices()[: data * model]
+    )
 
 
 def param_specs(decomposition: Decomposition, params: dict) -> dict:
@@ -71,3 +75,19 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def batch_spec(x: jax.Array) -> P:
     """Leading axis on ``data``, the rest replicated."""
     return P(DATA, *([None] * (x.ndim - 1)))
+
+
+def place_state(state: Any, mesh: Mesh) -> tuple[Any, Any]:
+    """Replicates every leaf not already laid out on ``mesh`` (step counters, optimizer counts).
+
+    Returns ``(state, shardings)``; pass the shardings to ``make_train_step(state_sharding=...)``.
+    """
+
+    def sharding_of(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == mesh:
+            return s
+        return NamedSharding(mesh, P())
+
+    shardings = jax.tree.map(sharding_of, state)
+    return jax.device_put(state, shardings), shardings

@@ -82,7 +82,7 @@ def make_train_step(
     The step draws its own batch with ``batch_fn(key)`` on device; the step key is
     ``fold_in(root_key, state.step)``, so a run is a pure function of its seed and can resume.
     With a ``mesh`` the batch is sharded along ``data`` and the state keeps ``state_sharding``
-    (e.g. ``jax.tree.map(lambda x: x.sharding, state)`` after :func:`~spdjax.sharding.shard_params`).
+    (from :func:`~spdjax.sharding.place_state` after :func:`~spdjax.sharding.shard_params`).
     """
 
     def step(state: TrainState, target_params, root_key):

@@ -1,0 +1,51 @@
+"""Small shared fixtures for tests: a two-site pure target and NumPy reference maths."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from scipy.special import erf
+
+import spdjax
+from spdjax.target import Site, weight_at
+
+
+def two_site_target(d_in=3, d_hidden=4, d_out=2, seed=0):
+    """relu(x @ Wa + ba) @ Wb as a pure target with sites "a" and "b"."""
+
+    def fn(p, x, hooks):
+        h = jax.nn.relu(hooks("a", x, lambda a: a @ p["a"]["kernel"] + p["a"]["bias"]))
+        return hooks("b", h, lambda a: a @ p["b"]["kernel"])
+
+    sites = [
+        Site("a", "linear", d_in, d_hidden, weight_at(("a", "kernel")), weight_at(("a", "bias"))),
+        Site("b", "linear", d_hidden, d_out, weight_at(("b", "kernel"))),
+    ]
+    rng = np.random.default_rng(seed)
+    params = {
+        "a": {"kernel": jnp.asarray(rng.normal(size=(d_in, d_hidden)), jnp.float32),
+              "bias": jnp.asarray(rng.normal(size=(d_hidden,)) * 0.1, jnp.float32)},
+        "b": {"kernel": jnp.asarray(rng.normal(size=(d_hidden, d_out)), jnp.float32)},
+    }
+    return spdjax.from_function(fn, sites), params
+
+
+def np_gelu(x):
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
+def np_mlp_ci(layers, h):
+    """Per-component scalar MLP (one hidden layer) in NumPy: h [B, C] -> [B, C]."""
+    w1 = np.asarray(layers[0]["w"])[:, 0, :]  # (C, H)
+    b1 = np.asarray(layers[0]["b"])  # (C, H)
+    w2 = np.asarray(layers[1]["w"])[:, :, 0]  # (C, H)
+    b2 = np.asarray(layers[1]["b"])[:, 0]  # (C,)
+    a = np_gelu(h[:, :, None] * w1[None] + b1[None])
+    return np.sum(a * w2[None], axis=-1) + b2[None]
+
+
+def np_lower(x):
+    return np.where(x <= 0, 0.01 * x, np.minimum(x, 1.0))
+
+
+def np_upper(x):
+    return np.where(x <= 0, 0.0, np.where(x <= 1, x, 1 + 0.01 * (x - 1)))

@@ -1,0 +1,205 @@
+"""Decomposing models the library has never seen: linen, nnx, embeddings, ties, inits, errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import spdjax
+from spdjax import components
+
+from helpers import two_site_target
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i, width in enumerate((16, 12)):
+            x = nn.gelu(nn.Dense(width, name=f"layers_{i}")(x))
+        return nn.Dense(4, name="head")(x)
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([nnx.Linear(6, 16, rngs=rngs), nnx.Linear(16, 12, rngs=rngs)])
+        self.head = nnx.Linear(12, 4, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = nnx.relu(layer(x))
+        return self.head(x)
+
+
+class LinenEmbedLM(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(11, 8, name="embed")(ids)
+        return nn.Dense(11, name="unembed")(nn.relu(nn.Dense(8, name="mlp")(h)))
+
+
+def exact_params(d, tp):
+    """Factors with V U = W exactly: V = [W, 0], U = [I; 0] (needs C >= d_out)."""
+    params = d.init(jax.random.key(0), tp)
+    for name in d.owners:
+        W = d.site(name).weight(tp)
+        pad = d.C[name] - W.shape[1]
+        params["components"][name] = {
+            "V": jnp.pad(W, ((0, 0), (0, pad))),
+            "U": jnp.pad(jnp.eye(W.shape[1]), ((0, pad), (0, 0))),
+        }
+    return params
+
+
+def assert_reproduces_target(d, tp, x):
+    params = exact_params(d, tp)
+    want = d.target(tp, x)
+    ctx = spdjax.make_context(d, tp, params, x)
+    ones = {n: jnp.ones_like(c.lower) for n, c in ctx.ci.items()}
+    np.testing.assert_allclose(d.forward(tp, params, x, ones), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(spdjax.unmasked_recon(params, ctx), 0.0, atol=1e-10)
+    np.testing.assert_allclose(spdjax.faithfulness(params, ctx), 0.0, atol=1e-12)
+    # Layerwise: one site at a time, the rest keep target weights; each equals the target too.
+    for n in d.site_names:
+        np.testing.assert_allclose(d.forward(tp, params, x, {n: ones[n]}), want, rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_linen_model_reproduced_exactly():
+    m = LinenMLP()
+    x = jax.random.normal(jax.random.key(1), (5, 6))
+    target, tp = spdjax.from_linen(m, m.init(jax.random.key(0), x))
+    assert sorted(target.sites) == ["head", "layers_0", "layers_1"]
+    d = spdjax.decompose(target, {"layers_*": 16, "head": 4})
+    assert d.site_names == ("layers_0", "layers_1", "head")
+    assert_reproduces_target(d, tp, x)
+    np.testing.assert_allclose(target(tp, x), m.apply({"params": tp}, x), rtol=1e-6)
+
+
+def test_nnx_model_reproduced_exactly():
+    m = NnxMLP(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (5, 6))
+    target, tp = spdjax.from_nnx(m)
+    assert sorted(target.sites) == ["head", "layers/0", "layers/1"]
+    assert target.sites["head"].bias is None
+    d = spdjax.decompose(target, {"layers/*": 20, "head": 4})
+    assert_reproduces_target(d, tp, x)
+    np.testing.assert_allclose(target(tp, x), m(x), rtol=1e-6)
+
+
+def test_embedding_site_and_batch_by_sequence_dims():
+    m = LinenEmbedLM()
+    ids = jax.random.randint(jax.random.key(0), (3, 5), 0, 11)
+    target, tp = spdjax.from_linen(m, m.init(jax.random.key(1), ids))
+    assert target.sites["embed"].kind == "embed"
+    d = spdjax.decompose(target, {"embed": 9, "mlp": 8, "unembed": 11})
+    assert_reproduces_target(d, tp, ids)
+    params = d.init(jax.random.key(2), tp)
+    ctx = spdjax.make_context(d, tp, params, ids)
+    assert ctx.ci["embed"].lower.shape == (3, 5, 9)
+    loss = spdjax.stochastic_recon(params, ctx, jax.random.key(0), divergence="kl")
+    assert np.isfinite(loss)
+
+
+def test_pattern_errors():
+    target, _ = two_site_target()
+    with pytest.raises(ValueError, match=r"'c\*' matches no decomposable site.*\['a', 'b'\]"):
+        spdjax.decompose(target, {"c*": 3})
+    with pytest.raises(ValueError, match="'a' is matched by both '\\*' and 'a'"):
+        spdjax.decompose(target, {"*": 3, "a": 2})
+    with pytest.raises(ValueError, match="C must be a positive int"):
+        spdjax.decompose(target, {"a": 0})
+    with pytest.raises(ValueError, match="Unknown CI function type 'gate'"):
+        spdjax.decompose(target, {"a": 3}, ci_fn="gate")
+    with pytest.raises(ValueError, match="needs at least one hidden layer"):
+        spdjax.decompose(target, {"a": 3}, ci_hidden=())
+
+
+def test_site_never_called_is_an_error():
+    class Custom(nn.Module):  # a 'kernel' param not applied through nn.Dense
+        @nn.compact
+        def __call__(self, x):
+            return x @ self.param("kernel", nn.initializers.ones, (3, 2))
+
+    m = Custom()
+    target, tp = spdjax.from_linen(m, m.init(jax.random.key(0), jnp.ones((1, 3))))
+    d = spdjax.decompose(target, {"*": 2})
+    with pytest.raises(ValueError, match="never called"):
+        d.clean_forward(tp, jnp.ones((1, 3)))
+
+
+def test_ties_share_one_factor_pair():
+    def fn(p, x, hooks):
+        h = hooks("enc", x, lambda a: a @ p["W"])
+        return hooks("dec", h, lambda a: a @ p["W"].T)
+
+    sites = [spdjax.Site("enc", "linear", 5, 2, spdjax.weight_at(("W",))),
+             spdjax.Site("dec", "linear", 2, 5, spdjax.weight_at(("W",), transpose=True))]
+    target = spdjax.from_function(fn, sites)
+    tp = {"W": jax.random.normal(jax.random.key(0), (5, 2))}
+    d = spdjax.decompose(target, {"enc": 4, "dec": 4}, ties={"dec": "enc"})
+    params = d.init(jax.random.key(1), tp)
+    assert list(params["components"]) == ["enc"] and sorted(params["ci"]) == ["dec", "enc"]
+    V, U = d.factors(params, "dec")
+    np.testing.assert_array_equal(V, params["components"]["enc"]["U"].T)
+    np.testing.assert_array_equal(U, params["components"]["enc"]["V"].T)
+    with pytest.raises(ValueError, match="Cannot tie"):
+        spdjax.decompose(target, {"enc": 4, "dec": 3}, ties={"dec": "enc"})
+
+
+def test_paper_init():
+    W = jax.random.normal(jax.random.key(0), (7, 3))
+    f = components.init_components(jax.random.key(1), W, 5, init="paper")
+    V, U = np.asarray(f["V"]), np.asarray(f["U"])
+    np.testing.assert_allclose(np.linalg.norm(V, axis=0), 1.0, rtol=1e-5)
+    # Each U row is a unit vector scaled by the overlap v_c^T W u_c.
+    norms = np.linalg.norm(U, axis=1)
+    unit = U / norms[:, None]
+    overlap = np.einsum("ic,io,co->c", V, np.asarray(W), unit)
+    np.testing.assert_allclose(np.abs(overlap), norms, rtol=1e-4)
+    assert (np.sign(overlap) > 0).all()  # s_c u_c / |s_c| has overlap sign(s_c) * |s_c| ... > 0
+
+
+def test_gaussian_init_and_faithfulness_warmup():
+    target, tp = two_site_target(d_in=30, d_hidden=40)
+    d = spdjax.decompose(target, {"a": 200, "b": 50})
+    params = d.init(jax.random.key(0), tp, init="gaussian")
+    V = np.asarray(params["components"]["a"]["V"])
+    U = np.asarray(params["components"]["a"]["U"])
+    np.testing.assert_allclose(V.std(), 1 / np.sqrt(30), rtol=0.05)
+    np.testing.assert_allclose(U.std(), 1 / np.sqrt(200), rtol=0.05)
+
+    def faith(comps):
+        p = {"components": comps, "ci": params["ci"]}
+        ctx = spdjax.make_context(d, tp, p, jnp.ones((1, 30)))
+        return spdjax.faithfulness(p, ctx)
+
+    before = faith(params["components"])
+    after = faith(components.faithfulness_warmup(params["components"], faith, steps=200))
+    assert after < 0.05 * before
+    with pytest.raises(ValueError, match="Unknown component init 'xavier'"):
+        d.init(jax.random.key(0), tp, init="xavier")
+
+
+@pytest.mark.parametrize("ci_fn, hidden", [("mlp", (4, 3)), ("vector_mlp", (5,)),
+                                            ("shared_mlp", ()), ("shared_mlp", (7,))])
+def test_ci_function_kinds_shapes(ci_fn, hidden):
+    target, tp = two_site_target()
+    d = spdjax.decompose(target, {"a": 5, "b": 3}, ci_fn=ci_fn, ci_hidden=hidden)
+    params = d.init(jax.random.key(0), tp)
+    x = jnp.ones((2, 4, 3))  # batch x sequence leading dims
+    ctx = spdjax.make_context(d, tp, params, x)
+    assert ctx.ci["a"].pre.shape == (2, 4, 5) and ctx.ci["b"].pre.shape == (2, 4, 3)
+    g = jax.grad(lambda p: spdjax.importance_minimality(
+        p, spdjax.make_context(d, tp, p, x), pnorm=2.0))(params)
+    assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree.leaves(g))
+
+
+def test_mlp_ci_init_scales():
+    from spdjax.ci import init_ci
+
+    layers = init_ci(jax.random.key(0), "mlp", C=400, d_in=3, hidden=(16,))
+    np.testing.assert_allclose(np.std(layers[0]["w"]), np.sqrt(2.0), rtol=0.05)
+    np.testing.assert_allclose(np.std(layers[1]["w"]), 1 / 4.0, rtol=0.05)
+    assert not np.any(layers[0]["b"]) and not np.any(layers[1]["b"])

@@ -1,0 +1,98 @@
+"""The jitted train step: traces once, trains, and gives the same numbers on 1 and 8 devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import spdjax
+from spdjax import sharding
+
+from helpers import two_site_target
+
+LOSS_CONFIG = {
+    "faithfulness": {"coeff": 1.0},
+    "stochastic_recon": {"coeff": 1.0},
+    "stochastic_recon_layerwise": {"coeff": 1.0},
+    "importance_minimality": {"coeff": 3e-3, "pnorm": 1.0},
+}
+BATCH = 16
+
+
+def batch_fn(key):
+    return spdjax.sparse_features(key, BATCH, 3, feature_probability=0.5)
+
+
+def build(mesh=None, ci_fn="mlp"):
+    target, tp = two_site_target()
+    d = spdjax.decompose(target, {"a": 8, "b": 4}, ci_fn=ci_fn, ci_hidden=(4,))
+    params = d.init(jax.random.key(0), tp)
+    opt = optax.adam(1e-2)
+    state_sharding = None
+    if mesh is not None:
+        sharding.check_divisible(d, mesh, BATCH)
+        params = sharding.shard_params(d, params, mesh)
+        tp = sharding.replicate(tp, mesh)
+    state = spdjax.init_train_state(params, opt)
+    if mesh is not None:
+        state, state_sharding = sharding.place_state(state, mesh)
+    step = spdjax.make_train_step(spdjax.spd_objective(d, LOSS_CONFIG), opt, batch_fn,
+                                  total_steps=100, mesh=mesh, state_sharding=state_sharding)
+    return d, tp, state, step
+
+
+def test_step_traces_once_and_reduces_loss():
+    d, tp, state, step = build()
+    traces = []
+    inner = step.__wrapped__
+
+    def counting(*args):
+        traces.append(1)
+        return inner(*args)
+
+    step = jax.jit(counting, donate_argnums=0)
+    key = jax.random.key(0)
+    first = None
+    for _ in range(60):
+        state, metrics = step(state, tp, key)
+        first = first if first is not None else float(metrics["loss/total"])
+    assert len(traces) == 1
+    assert int(state.step) == 60
+    assert float(metrics["loss/total"]) < first
+    assert set(metrics) >= {"loss/total", "loss/faithfulness", "ci_l0/a", "ci_l0/b"}
+
+
+@pytest.mark.parametrize("ci_fn", ["mlp", "shared_mlp"])
+def test_same_loss_on_one_and_eight_devices(ci_fn):
+    assert jax.device_count() == 8, "conftest must fake 8 CPU devices"
+    results = []
+    for data, model in ((1, 1), (4, 2), (2, 4)):
+        mesh = sharding.make_mesh(data, model)
+        d, tp, state, step = build(mesh, ci_fn)
+        for _ in range(3):
+            state, metrics = step(state, tp, jax.random.key(42))
+        results.append((float(metrics["loss/total"]), jax.device_get(state.params)))
+        if model > 1:
+            V = state.params["components"]["a"]["V"]
+            assert V.sharding.spec == P(None, "model")
+            assert len(V.sharding.device_set) == data * model
+    base_loss, base_params = results[0]
+    for loss, params in results[1:]:
+        np.testing.assert_allclose(loss, base_loss, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     params, base_params)
+
+
+def test_mesh_divisibility_errors():
+    target, tp = two_site_target()
+    d = spdjax.decompose(target, {"a": 6, "b": 4})
+    with pytest.raises(ValueError, match="C=6 is not divisible by the model axis size 4"):
+        sharding.check_divisible(d, sharding.make_mesh(2, 4), 16)
+    with pytest.raises(ValueError, match="batch_size=10 is not divisible by the data axis size 4"):
+        sharding.check_divisible(spdjax.decompose(target, {"a": 4, "b": 4}),
+                                 sharding.make_mesh(4, 2), 10)
+    with pytest.raises(ValueError, match="needs 32 devices"):
+        sharding.make_mesh(8, 4)
