@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from spdjax.decomposition import CausalImportance, Decomposition
-from spdjax.masks import sample_masks
+from spdjax.masks import get_sampler, sample_masks
 
 Array = jax.Array
 
@@ -226,6 +226,10 @@ def make_total_loss(loss_config: Mapping[str, Mapping[str, Any]]):
                 if p.kind == inspect.Parameter.KEYWORD_ONLY
             ]
             raise ValueError(f"Loss {name!r}: bad options {sorted(opts)} ({e}); allowed: {allowed}.")
+        if "sampling" in opts:
+            get_sampler(opts["sampling"])
+        if "divergence" in opts:
+            get_divergence(opts["divergence"])
         terms.append((name, coeff, fn, opts))
 
     def total(params, ctx: Context, key):
