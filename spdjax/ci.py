@@ -71,11 +71,12 @@ def _init_shared_mlp(key, *, C, d_in, hidden):
 
 def _apply_parallel(layers, a):
     """a: [..., C, fan_in] -> [..., C]; per-component layers."""
-    for i, layer in enumerate(layers):
-        a = jnp.einsum("...ci,cio->...co", a, layer["w"]) + layer["b"]
-        if i < len(layers) - 1:
-            a = _gelu(a)
-    return a[..., 0]
+    for layer in layers[:-1]:
+        a = _gelu(jnp.einsum("...ci,cio->...co", a, layer["w"]) + layer["b"])
+    # The output layer has fan_out 1: a multiply-and-reduce, which XLA fuses, rather than C
+    # batched [batch, fan_in] x [fan_in, 1] matmuls that force a transpose of ``a``.
+    last = layers[-1]
+    return jnp.einsum("...ci,ci->...c", a, last["w"][..., 0]) + last["b"][..., 0]
 
 
 def _apply_mlp(layers, inner_acts, x):
