@@ -76,6 +76,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     state_sharding: Any = None,
     donate: bool = True,
+    microbatches: int = 1,
 ) -> Callable[[TrainState, Any, Array], tuple[TrainState, dict[str, Array]]]:
     """Returns jitted ``step(state, target_params, root_key) -> (state, metrics)``.
 
@@ -83,7 +84,47 @@ def make_train_step(
     ``fold_in(root_key, state.step)``, so a run is a pure function of its seed and can resume.
     With a ``mesh`` the batch is sharded along ``data`` and the state keeps ``state_sharding``
     (from :func:`~spdjax.sharding.place_state` after :func:`~spdjax.sharding.shard_params`).
+
+    ``microbatches > 1`` splits the batch into that many equal chunks and averages their gradients
+    (a ``lax.scan``). Every SPD loss term is a mean over examples, so this is the full-batch
+    gradient, with each chunk drawing its own masks; it keeps the ``[batch, C, hidden]`` CI
+    tensors in cache on CPU, which is several times faster for large C (benchmarks/README.md).
     """
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}.")
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def grads_and_metrics(params, target_params, batch, key, step_frac):
+        if microbatches == 1:
+            (_, metrics), grads = grad_fn(params, target_params, batch, key, step_frac)
+            return grads, metrics
+
+        def split(x):
+            if x.shape[0] % microbatches:
+                raise ValueError(
+                    f"Batch size {x.shape[0]} is not divisible by microbatches={microbatches}."
+                )
+            # Chunk i holds rows i, i + n, i + 2n, ...: the data-sharded axis stays leading.
+            x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])
+            return jnp.moveaxis(x, 1, 0)
+
+        def body(acc, inputs):
+            i, chunk = inputs
+            (_, metrics), grads = grad_fn(
+                params, target_params, chunk, jax.random.fold_in(key, i), step_frac
+            )
+            return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+        chunks = jax.tree.map(split, batch)
+        zeros = jax.tree.map(
+            jnp.zeros_like,
+            jax.eval_shape(lambda: grad_fn(params, target_params,
+                                           jax.tree.map(lambda x: x[0], chunks), key, step_frac)),
+        )
+        init = (zeros[1], zeros[0][1])
+        (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(microbatches), chunks))
+        return jax.tree.map(lambda a: a / microbatches, (grads, metrics))
+
 
     def step(state: TrainState, target_params, root_key):
         key = jax.random.fold_in(root_key, state.step)
@@ -97,8 +138,7 @@ def make_train_step(
                 batch,
             )
         step_frac = state.step.astype(jnp.float32) / max(total_steps, 1)
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, target_params, batch, k_loss, step_frac)
+        grads, metrics = grads_and_metrics(state.params, target_params, batch, k_loss, step_frac)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

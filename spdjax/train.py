@@ -161,7 +161,8 @@ def train_and_evaluate(
     writer = JsonlWriter(metrics_path, resume_step=start if start else None)
 
     step_fn = make_train_step(objective, optimizer, exp.batch_fn, total_steps=config.steps,
-                              mesh=mesh, state_sharding=state_sharding)
+                              mesh=mesh, state_sharding=state_sharding,
+                              microbatches=config.microbatches)
     progress = Progress(config.steps, start, stream)
     t_start = time.perf_counter()
     if start < config.steps:

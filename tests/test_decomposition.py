@@ -203,3 +203,24 @@ def test_mlp_ci_init_scales():
     np.testing.assert_allclose(np.std(layers[0]["w"]), np.sqrt(2.0), rtol=0.05)
     np.testing.assert_allclose(np.std(layers[1]["w"]), 1 / 4.0, rtol=0.05)
     assert not np.any(layers[0]["b"]) and not np.any(layers[1]["b"])
+
+
+def test_fused_scalar_mlp_gradient_matches_autodiff():
+    from jax.test_util import check_grads
+
+    from spdjax.ci import _scalar_mlp, scalar_mlp
+
+    k = jax.random.split(jax.random.key(0), 5)
+    args = (jax.random.normal(k[0], (3, 4, 5)), jax.random.normal(k[1], (5, 6)),
+            jax.random.normal(k[2], (5, 6)), jax.random.normal(k[3], (5, 6)),
+            jax.random.normal(k[4], (5,)))
+    np.testing.assert_allclose(scalar_mlp(*args), _scalar_mlp(*args), rtol=1e-6)
+
+    def loss(f):
+        return lambda *a: jnp.sum(jnp.sin(f(*a)))
+
+    want = jax.grad(loss(_scalar_mlp), argnums=range(5))(*args)
+    got = jax.grad(loss(scalar_mlp), argnums=range(5))(*args)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    check_grads(scalar_mlp, args, order=1, modes=["rev"], atol=1e-2, rtol=1e-2)

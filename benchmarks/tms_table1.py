@@ -1,0 +1,105 @@
+"""Reproduce the SPD paper's Table 1 (TMS MMCS / ML2R) over several seeds, and tabulate it.
+
+    python -m benchmarks.tms_table1 --variants=5-2,5-2-id --seeds=0,1,2,3,4
+    python -m benchmarks.tms_table1 --variants=40-10 --seeds=0 --steps=40000
+
+Each (variant, seed) is one ordinary CLI-equivalent run in ``<root>/<variant>_seed<seed>`` (so it
+resumes if interrupted, and is skipped once its summary.json exists). The table is written to
+``benchmarks/results/tms_table1.{json,md}``: mean ± std over seeds, and per run the std over
+features (the paper's "±").
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import statistics
+
+from spdjax.train import train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAPER = {  # SPD paper Table 1: MMCS, ML2R (mean ± std over features)
+    "5-2": ("1.000 ± 0.000", "0.993 ± 0.002"),
+    "40-10": ("1.000 ± 0.000", "1.010 ± 0.007"),
+    "5-2-id": ("1.000 ± 0.000", "0.992 ± 0.010"),
+    "40-10-id": ("1.000 ± 0.000", "1.031 ± 0.001"),
+}
+
+
+def load_config(variant: str):
+    spec = importlib.util.spec_from_file_location("tms_config", ROOT / "configs" / "tms.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def run(variant: str, seed: int, root: pathlib.Path, steps: int | None) -> dict:
+    config = load_config(variant)
+    config.seed = seed
+    if steps is not None:
+        config.steps = steps
+    workdir = root / f"{variant}_seed{seed}"
+    if (workdir / "summary.json").exists():
+        return json.loads((workdir / "summary.json").read_text())
+    return train_and_evaluate(config, workdir)
+
+
+def _mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def tabulate(results: dict[str, list[dict]]) -> tuple[dict, str]:
+    table, lines = {}, [
+        "| model | seeds | steps | MMCS (mean ± std over seeds) | ML2R (mean ± std over seeds) "
+        "| ML2R std over features (per seed) | CI errors (tol 0.1, per seed) | minutes/run "
+        "| paper MMCS | paper ML2R |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, runs in results.items():
+        mmcs, ml2r = _mean_std([r["mmcs"] for r in runs]), _mean_std([r["ml2r"] for r in runs])
+        table[variant] = {
+            "seeds": [r["seed"] for r in runs], "steps": runs[0]["steps"],
+            "mmcs_mean": mmcs[0], "mmcs_std_seeds": mmcs[1],
+            "ml2r_mean": ml2r[0], "ml2r_std_seeds": ml2r[1], "runs": runs,
+        }
+        feat_std = ", ".join(f"{r['ml2r_std']:.3f}" for r in runs)
+        errors = ", ".join(str(r["ci_errors"]["total"]) for r in runs)
+        minutes = statistics.mean(r["wall_time_s"] for r in runs) / 60
+        lines.append(
+            f"| TMS {variant} | {len(runs)} | {runs[0]['steps']} | {mmcs[0]:.4f} ± {mmcs[1]:.4f} "
+            f"| {ml2r[0]:.4f} ± {ml2r[1]:.4f} | {feat_std} | {errors} | {minutes:.1f} "
+            f"| {PAPER[variant][0]} | {PAPER[variant][1]} |"
+        )
+    return table, "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="5-2,5-2-id")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--steps", type=int, default=None, help="override the config's steps")
+    parser.add_argument("--root", default=str(ROOT / "workdir" / "table1"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tms_table1"))
+    args = parser.parse_args()
+    root = pathlib.Path(args.root)
+    results = {}
+    for variant in args.variants.split(","):
+        results[variant] = []
+        for seed in (int(s) for s in args.seeds.split(",")):
+            summary = run(variant, seed, root, args.steps)
+            results[variant].append({"seed": seed, **summary})
+    table, markdown = tabulate(results)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    existing.update(table)
+    out.with_suffix(".json").write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
+    _, full_md = tabulate({v: t["runs"] for v, t in existing.items()})
+    out.with_suffix(".md").write_text(full_md)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
