@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SMALL = ["--config.batch_size=256", "--config.eval_batch_size=2000", "--config.log_every=100",
+SMALL = ["--config.batch_size=256", "--config.eval_batch_size=2000", "--config.log_every=50",
          "--config.checkpoint_every=100"]
 
 
@@ -41,7 +41,7 @@ def run(workdir, *extra, env):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, env):
     wd = tmp_path_factory.mktemp("full")
-    rc, out = run(wd, "--config.steps=1500", env=env)
+    rc, out = run(wd, "--config.steps=600", env=env)
     assert rc == 0, out
     return wd, out
 
@@ -50,9 +50,9 @@ def test_cli_writes_every_output(full_run):
     wd, out = full_run
     assert "Compiling the train step" in out and "steps/s" in out and "ETA" in out
     config = json.loads((wd / "config.json").read_text())
-    assert config["steps"] == 1500 and config["variant"] == "5-2"
+    assert config["steps"] == 600 and config["variant"] == "5-2"
     lines = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == list(range(100, 1501, 100))
+    assert [l["step"] for l in lines] == list(range(50, 601, 50))
     for key in ("loss/total", "loss/faithfulness", "loss/stochastic_recon",
                 "loss/stochastic_recon_layerwise", "loss/importance_minimality", "lr",
                 "ci_l0/linear1", "ci_l0/linear2", "steps_per_sec"):
@@ -61,31 +61,31 @@ def test_cli_writes_every_output(full_run):
     for key in ("mmcs", "ml2r", "mmcs_std", "ml2r_std", "ci_l0", "alive", "steps", "wall_time_s",
                 "loss/stochastic_recon", "ci_errors"):
         assert key in summary, key
-    assert summary["steps"] == 1500 and summary["mmcs"] > 0.9
+    assert summary["steps"] == 600 and summary["mmcs"] > 0.9
     figs = {p.name for p in (wd / "figures").glob("*.png")}
     assert {"target.png", "combined_diagram.png", "ci_lower_leaky.png"} <= figs
-    assert (wd / "checkpoints" / "1500").exists()
+    assert (wd / "checkpoints" / "600").exists()
 
 
 def test_changed_config_is_refused(full_run, env):
     wd, _ = full_run
-    rc, out = run(wd, "--config.steps=1500", "--config.lr=0.5", env=env)
+    rc, out = run(wd, "--config.steps=600", "--config.lr=0.5", env=env)
     assert rc != 0 and "different config" in out and "lr: 0.001 -> 0.5" in out
 
 
 def test_killed_run_resumes_to_the_same_result(full_run, tmp_path, env):
     wd_full, _ = full_run
     wd = tmp_path / "killed"
-    p = cli(wd, "--config.steps=1500", env=env)
+    p = cli(wd, "--config.steps=600", env=env)
     deadline = time.time() + 300
-    while not (wd / "checkpoints" / "600").exists():
+    while not (wd / "checkpoints" / "300").exists():
         assert p.poll() is None, p.stdout.read()
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (wd / "summary.json").exists(), "the run finished before it was killed"
-    rc, out = run(wd, "--config.steps=1500", env=env)
+    rc, out = run(wd, "--config.steps=600", env=env)
     assert rc == 0, out
     assert "Resuming from the checkpoint at step" in out
     a = json.loads((wd_full / "summary.json").read_text())

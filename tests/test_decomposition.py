@@ -54,16 +54,22 @@ def exact_params(d, tp):
 
 def assert_reproduces_target(d, tp, x):
     params = exact_params(d, tp)
-    want = d.target(tp, x)
-    ctx = spdjax.make_context(d, tp, params, x)
-    ones = {n: jnp.ones_like(c.lower) for n, c in ctx.ci.items()}
-    np.testing.assert_allclose(d.forward(tp, params, x, ones), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(spdjax.unmasked_recon(params, ctx), 0.0, atol=1e-10)
-    np.testing.assert_allclose(spdjax.faithfulness(params, ctx), 0.0, atol=1e-12)
-    # Layerwise: one site at a time, the rest keep target weights; each equals the target too.
-    for n in d.site_names:
-        np.testing.assert_allclose(d.forward(tp, params, x, {n: ones[n]}), want, rtol=1e-5,
-                                   atol=1e-5)
+
+    @jax.jit
+    def compute(params, x):
+        ctx = spdjax.make_context(d, tp, params, x)
+        ones = {n: jnp.ones_like(c.lower) for n, c in ctx.ci.items()}
+        # Layerwise: one site at a time, the rest keep target weights; each equals the target.
+        layerwise = [d.forward(tp, params, x, {n: ones[n]}) for n in d.site_names]
+        return (d.target(tp, x), d.forward(tp, params, x, ones), layerwise,
+                spdjax.unmasked_recon(params, ctx), spdjax.faithfulness(params, ctx))
+
+    want, all_masked, layerwise, unmasked, faith = compute(params, x)
+    np.testing.assert_allclose(all_masked, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(unmasked, 0.0, atol=1e-10)
+    np.testing.assert_allclose(faith, 0.0, atol=1e-12)
+    for out in layerwise:
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_linen_model_reproduced_exactly():
@@ -96,9 +102,15 @@ def test_embedding_site_and_batch_by_sequence_dims():
     d = spdjax.decompose(target, {"embed": 9, "mlp": 8, "unembed": 11})
     assert_reproduces_target(d, tp, ids)
     params = d.init(jax.random.key(2), tp)
-    ctx = spdjax.make_context(d, tp, params, ids)
-    assert ctx.ci["embed"].lower.shape == (3, 5, 9)
-    loss = spdjax.stochastic_recon(params, ctx, jax.random.key(0), divergence="kl")
+
+    @jax.jit
+    def compute(params, ids):
+        ctx = spdjax.make_context(d, tp, params, ids)
+        return ctx.ci["embed"].lower, spdjax.stochastic_recon(params, ctx, jax.random.key(0),
+                                                              divergence="kl")
+
+    lower, loss = compute(params, ids)
+    assert lower.shape == (3, 5, 9)
     assert np.isfinite(loss)
 
 
@@ -189,10 +201,10 @@ def test_ci_function_kinds_shapes(ci_fn, hidden):
     d = spdjax.decompose(target, {"a": 5, "b": 3}, ci_fn=ci_fn, ci_hidden=hidden)
     params = d.init(jax.random.key(0), tp)
     x = jnp.ones((2, 4, 3))  # batch x sequence leading dims
-    ctx = spdjax.make_context(d, tp, params, x)
-    assert ctx.ci["a"].pre.shape == (2, 4, 5) and ctx.ci["b"].pre.shape == (2, 4, 3)
-    g = jax.grad(lambda p: spdjax.importance_minimality(
-        p, spdjax.make_context(d, tp, p, x), pnorm=2.0))(params)
+    ci = jax.jit(lambda p: spdjax.make_context(d, tp, p, x).ci)(params)
+    assert ci["a"].pre.shape == (2, 4, 5) and ci["b"].pre.shape == (2, 4, 3)
+    g = jax.jit(jax.grad(lambda p: spdjax.importance_minimality(
+        p, spdjax.make_context(d, tp, p, x), pnorm=2.0)))(params)
     assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree.leaves(g))
 
 

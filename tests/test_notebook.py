@@ -1,0 +1,27 @@
+"""The Colab quickstart runs headless, top to bottom, on a small step count."""
+
+import os
+import pathlib
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_tms_quickstart_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPDJAX_NOTEBOOK_STEPS", "300")
+    monkeypatch.setenv("SPDJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+    monkeypatch.setenv("SPDJAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    nb = nbformat.read(ROOT / "colab" / "tms_quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
+    text = "\n".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
+    assert "MMCS = " in text and "ML2R = " in text
+    images = [o for c in nb.cells for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) == 2
+    assert (tmp_path / "run" / "summary.json").exists()
