@@ -1,0 +1,53 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from spdjax.reporting import JsonlWriter, format_duration
+from spdjax.schedules import make_schedule
+
+
+def test_paper_cosine_is_quarter_period():
+    s = make_schedule("cosine", 1e-3, 101)
+    np.testing.assert_allclose(s(0), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(s(50), 1e-3 * math.cos(math.pi / 4), rtol=1e-5)
+    np.testing.assert_allclose(s(100), 0.0, atol=1e-10)  # 0 at the last update step
+
+
+def test_half_cosine_linear_constant_and_warmup():
+    half = make_schedule("cosine_half", 1.0, 11, final_frac=0.1)
+    np.testing.assert_allclose([half(0), half(5), half(10)], [1.0, 0.55, 0.1], rtol=1e-5)
+    lin = make_schedule("linear", 2.0, 5)
+    np.testing.assert_allclose([lin(i) for i in range(5)], [2.0, 1.5, 1.0, 0.5, 0.0], atol=1e-6)
+    const = make_schedule("constant", 3e-3, 100)
+    assert float(const(0)) == float(const(99)) == pytest.approx(3e-3)
+    warm = make_schedule("constant", 1.0, 100, warmup_frac=0.1)
+    np.testing.assert_allclose([warm(0), warm(5), warm(10), warm(50)], [0.0, 0.5, 1.0, 1.0])
+    vals = [float(make_schedule("cosine", 1.0, 50)(i)) for i in range(50)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(name="cos"), "Unknown lr schedule 'cos'"),
+    (dict(name="cosine", warmup_frac=1.0), "warmup_frac"),
+    (dict(name="cosine", lr=0.0), "lr must be positive"),
+])
+def test_schedule_errors(kwargs, msg):
+    args = dict(name="cosine", lr=1e-3, total_steps=10) | kwargs
+    with pytest.raises(ValueError, match=msg):
+        make_schedule(args.pop("name"), args.pop("lr"), args.pop("total_steps"), **args)
+
+
+def test_jsonl_writer_truncates_on_resume(tmp_path):
+    path = tmp_path / "m.jsonl"
+    w = JsonlWriter(path)
+    for s in (10, 20, 30):
+        w.write_scalars(s, {"loss": s / 10})
+    w.close()
+    w = JsonlWriter(path, resume_step=20)
+    w.write_scalars(30, {"loss": 9.0})
+    w.close()
+    lines = [json.loads(l) for l in path.read_text().splitlines()]
+    assert [l["step"] for l in lines] == [10, 20, 30] and lines[-1]["loss"] == 9.0
+    assert format_duration(3725) == "1h02m05s" and format_duration(65) == "1m05s"
