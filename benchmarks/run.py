@@ -1,0 +1,167 @@
+"""Step-time benchmark of the full SPD training step, per config, in a fresh process each.
+
+    python -m benchmarks.run                      # all TMS configs, writes benchmarks/results/
+    python -m benchmarks.run --configs=tms:5-2 --steps=300
+
+Per config: steady-state seconds/step of the jitted train step (compile excluded, reported
+separately), peak host RSS of the process, XLA's FLOP count of one step and the achieved FLOP/s
+against this machine's measured float32 matmul peak (a large ``jnp.dot``). Results go to
+``benchmarks/results/step_times.{json,md}`` with the machine, JAX version and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# PyTorch reference on the same kind of machine (issue: 2 CPU cores, torch 2.13, s/step).
+REFERENCE_S_PER_STEP = {"tms:5-2": 0.062, "tms:5-2-id": 0.088, "tms:40-10": 0.90}
+DEFAULT_CONFIGS = ("tms:5-2", "tms:5-2-id", "tms:40-10", "tms:40-10-id")
+
+
+def _load_config(name: str):
+    import importlib.util
+
+    family, variant = name.split(":")
+    spec = importlib.util.spec_from_file_location(family, ROOT / "configs" / f"{family}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
+    """Measured float32 FLOP/s of an ``n x n`` matmul (the machine's practical peak)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def measure(name: str, steps: int, overrides: dict) -> dict:
+    """Times the real train step of ``name`` (run inside a child process)."""
+    import jax
+    import optax
+
+    from spdjax import sharding as shard_lib
+    from spdjax.experiment import build_experiment
+    from spdjax.schedules import make_schedule
+    from spdjax.step import init_train_state, make_train_step, spd_objective
+
+    config = _load_config(name)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    exp = build_experiment(config)
+    objective = spd_objective(exp.decomposition, config.losses.to_dict())
+    optimizer = optax.adam(make_schedule(config.lr_schedule, config.lr, config.steps))
+    params = exp.decomposition.init(jax.random.key(0), exp.target_params)
+    state = init_train_state(params, optimizer)
+    step = make_train_step(objective, optimizer, exp.batch_fn, total_steps=config.steps,
+                           microbatches=config.microbatches)
+    key = jax.random.key(1)
+    t = time.perf_counter()
+    compiled = step.lower(state, exp.target_params, key).compile()
+    compile_s = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    for _ in range(10):  # warm-up
+        state, metrics = step(state, exp.target_params, key)
+    jax.block_until_ready(metrics)
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, exp.target_params, key)
+    jax.block_until_ready(metrics)
+    s_per_step = (time.perf_counter() - t) / steps
+    peak = matmul_peak_flops()
+    return {
+        "config": name, "batch_size": config.batch_size, "C": config.C,
+        "microbatches": config.microbatches, "s_per_step": s_per_step,
+        "steps_per_s": 1 / s_per_step, "compile_s": compile_s, "flops_per_step": flops,
+        "achieved_flops": flops / s_per_step, "matmul_peak_flops": peak,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "reference_s_per_step": REFERENCE_S_PER_STEP.get(name),
+        "overrides": overrides,
+    }
+
+
+def run_in_subprocess(name: str, steps: int, overrides: dict) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.run", "--child", name, f"--steps={steps}",
+           f"--overrides={json.dumps(overrides)}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"benchmark {name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import jax
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "jax": jax.__version__,
+            "device": str(jax.devices()[0]), "commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def to_markdown(rows: list[dict], info: dict) -> str:
+    lines = [f"Machine: {info['device']}, {info['cpu_count']} cores, {info['platform']}; "
+             f"jax {info['jax']}; commit {info['commit']}; {info['date']}", "",
+             "| config | batch | C | micro-batches | ms/step | steps/s | compile s | peak RSS MiB "
+             "| GFLOP/step | achieved GFLOP/s | matmul peak GFLOP/s | reference ms/step | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = r["reference_s_per_step"]
+        ref_ms = "" if ref is None else f"{1e3 * ref:.0f}"
+        speedup = "" if ref is None else f"{ref / r['s_per_step']:.1f}x"
+        lines.append(
+            f"| {r['config']} | {r['batch_size']} | {r['C']} | {r['microbatches']} "
+            f"| {1e3 * r['s_per_step']:.1f} | {r['steps_per_s']:.1f} | {r['compile_s']:.1f} "
+            f"| {r['peak_rss_mib']:.0f} | {r['flops_per_step'] / 1e9:.3f} "
+            f"| {r['achieved_flops'] / 1e9:.1f} | {r['matmul_peak_flops'] / 1e9:.0f} "
+            f"| {ref_ms} | {speedup} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--overrides", default="{}", help="JSON dict of config overrides")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_times"))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    overrides = json.loads(args.overrides)
+    if args.child:
+        print(json.dumps(measure(args.child, args.steps, overrides)))
+        return
+    rows = []
+    for name in args.configs.split(","):
+        row = run_in_subprocess(name, args.steps, overrides)
+        print(f"{name}: {1e3 * row['s_per_step']:.1f} ms/step", flush=True)
+        rows.append(row)
+    info = machine()
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    out.with_suffix(".md").write_text(to_markdown(rows, info))
+    print(to_markdown(rows, info))
+
+
+if __name__ == "__main__":
+    main()
