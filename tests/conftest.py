@@ -5,7 +5,10 @@ which strict promotion rejects.
 """
 
 import os
+import tempfile
 
+# One target cache for the whole session: the CLI and notebook tests train the TMS target once.
+os.environ["SPDJAX_CACHE"] = tempfile.mkdtemp(prefix="spdjax_test_cache_")
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

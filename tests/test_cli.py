@@ -17,9 +17,8 @@ SMALL = ["--config.batch_size=256", "--config.eval_batch_size=2000", "--config.l
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["SPDJAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+def env():
+    e = dict(os.environ)  # SPDJAX_CACHE comes from conftest: one target cache per session
     e["PYTHONUNBUFFERED"] = "1"
     e.pop("XLA_FLAGS", None)  # the CLI runs on one CPU device, like a user's
     return e

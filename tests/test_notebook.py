@@ -12,7 +12,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_tms_quickstart_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("SPDJAX_NOTEBOOK_STEPS", "300")
     monkeypatch.setenv("SPDJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
-    monkeypatch.setenv("SPDJAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     nb = nbformat.read(ROOT / "colab" / "tms_quickstart.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3",
