@@ -1,6 +1,6 @@
 """Step-time benchmark of the full SPD training step, per config, in a fresh process each.
 
-    python -m benchmarks.run                      # all TMS configs, writes benchmarks/results/
+    python -m benchmarks.run                      # TMS + ResidMLP configs, writes benchmarks/results/
     python -m benchmarks.run --configs=tms:5-2 --steps=300
 
 Per config: steady-state seconds/step of the jitted train step (compile excluded, reported
@@ -23,8 +23,11 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # PyTorch reference on the same kind of machine (issue: 2 CPU cores, torch 2.13, s/step).
-REFERENCE_S_PER_STEP = {"tms:5-2": 0.062, "tms:5-2-id": 0.088, "tms:40-10": 0.90}
-DEFAULT_CONFIGS = ("tms:5-2", "tms:5-2-id", "tms:40-10", "tms:40-10-id")
+# resid_mlp:2 is the reference's later config (C=400 too, but other losses and CI function).
+REFERENCE_S_PER_STEP = {"tms:5-2": 0.062, "tms:5-2-id": 0.088, "tms:40-10": 0.90,
+                        "resid_mlp:1": 0.53, "resid_mlp:2": 2.18}
+DEFAULT_CONFIGS = ("tms:5-2", "tms:5-2-id", "tms:40-10", "tms:40-10-id", "resid_mlp:1",
+                   "resid_mlp:2")
 
 
 def _load_config(name: str):

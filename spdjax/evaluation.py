@@ -6,7 +6,8 @@ Everything here runs on the host in NumPy (float64) at eval time, never inside a
 Shapes: a site's factors are ``V (d_in, C)`` and ``U (C, d_out)`` (Flax layout, ``W ≈ V @ U``);
 a CI matrix on one-hot inputs is ``(n_features, C)``: row = input feature, column = subcomponent.
 
-References (reference spec): MMCS/ML2R §3.11; IdentityCIError, PermutedCIPlots, CI_L0 §3.9.
+References (reference spec): MMCS/ML2R and neuron contributions §3.11; IdentityCIError,
+PermutedCIPlots, CI_L0 §3.9.
 """
 
 from __future__ import annotations
@@ -86,6 +87,43 @@ def mmcs_ml2r(W: Any, V: Any, U: Any, *, eps: float = 1e-12) -> dict[str, Any]:
 def subcomponent_norms(V: Any, U: Any) -> np.ndarray:
     """``(C,)`` Frobenius norm of each rank-one piece: ``|V[:, c]| * |U[c, :]|``."""
     return np.linalg.norm(_f64(V), axis=0) * np.linalg.norm(_f64(U), axis=1)
+
+
+# -- ResidMLP neuron contributions (SPD paper eqs. in "Toy Model of Compressed Computation") -----
+def neuron_contributions(W_E: Any, W_in: Any, W_out: Any) -> np.ndarray:
+    """``(n_features, d_mlp)``: ``(W_E[f] @ W_in)[n] * (W_out @ W_E[f])[n]``, unembedding ``W_E^T``.
+
+    ``W_E (n_features, d_embed)``, ``W_in (d_embed, d_mlp)``, ``W_out (d_mlp, d_embed)`` (Flax
+    layout). How much neuron ``n`` carries feature ``f`` from the residual stream back to ``f``'s
+    read-off; only meaningful for a model without biases.
+    """
+    W_E = _f64(W_E)
+    return (W_E @ _f64(W_in)) * (W_E @ _f64(W_out).T)
+
+
+def subcomponent_neuron_contributions(
+    W_E: Any, V_in: Any, U_in: Any, W_out: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's best ``W_in`` subcomponent and its neuron contributions.
+
+    The contribution of subcomponent ``c`` (``V_in[:, c] U_in[c, :]``) is
+    ``(W_E[f] @ V_in[:, c]) U_in[c, n] * (W_out @ W_E[f])[n]`` with ``W_out`` the *summed*
+    decomposition of the output weight. Per feature the ``c`` with the largest contribution over
+    neurons is chosen. Returns ``(contrib (n_features, d_mlp), chosen (n_features,))``.
+    """
+    W_E = _f64(W_E)
+    read = W_E @ _f64(W_out).T  # (F, N)
+    full = np.einsum("fc,cn,fn->fcn", W_E @ _f64(V_in), _f64(U_in), read)  # (F, C, N)
+    chosen = np.argmax(full.max(axis=2), axis=1)
+    return full[np.arange(full.shape[0]), chosen], chosen
+
+
+def pearson_r(a: Any, b: Any) -> float:
+    """Pearson correlation of two arrays of equal size (flattened)."""
+    a, b = _f64(a).ravel(), _f64(b).ravel()
+    if a.size != b.size or a.size < 2:
+        raise ValueError(f"pearson_r needs two arrays of the same size >= 2; got {a.size}, {b.size}.")
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 # -- CI statistics ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Paper-style figures (SPD paper Figs 2-5, 12-13): TMS vectors, subcomponents, CI heatmaps.
+"""Paper-style figures (SPD paper Figs 2-7, 10-13): TMS vectors, subcomponents, CI heatmaps,
+ResidMLP neuron contributions.
 
 Every function takes arrays and an output path, writes one image and returns the path. Figures
 are built on :class:`matplotlib.figure.Figure` with the Agg canvas, never through ``pyplot``, so
@@ -257,6 +258,69 @@ def plot_max_cosine(max_cos: Any, path: PathLike, *, dpi: int = 150) -> Path:
     ax.axhline(1.0, color="grey", ls="--")
     ax.set_xlabel("Input feature index")
     ax.set_ylabel("Max cosine similarity")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return _save(fig, path, dpi)
+
+
+def _neuron_strip(ax: Axes, contrib: np.ndarray, labels: Sequence[str], n_label: int) -> None:
+    """One column of dots per row of ``contrib (k, d_mlp)``; the largest neurons are numbered."""
+    from matplotlib import colormaps
+
+    colors = colormaps["tab10"](np.arange(contrib.shape[1]) % 10)
+    for i, row in enumerate(contrib):
+        ax.scatter(np.full(row.size, i), row, s=8, color="blue", alpha=0.4)
+        for rank, n in enumerate(np.argsort(-row)[:n_label]):
+            ax.annotate(str(n), (i, row[n]), xytext=(-12 if rank % 2 == 0 else 4, 0),
+                        textcoords="offset points", fontsize=8, color=colors[n], va="center")
+        if i:
+            ax.axvline(i - 0.5, color="grey", ls=":", lw=0.6)
+    ax.axhline(0.0, color="grey", ls="--", lw=0.8)
+    ax.set_xticks(np.arange(len(labels)), labels)
+    ax.set_ylabel("Neuron contribution")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def plot_neuron_contributions(
+    target: Any, spd: Any, chosen: Any, path: PathLike, *, n_features: int = 10,
+    n_label: int = 2, dpi: int = 150,
+) -> Path:
+    """Paper Fig 6: neuron contributions of the target (top) and of each feature's chosen ``W_in``
+    subcomponent (bottom) for the first ``n_features`` features; ``(n_features_total, d_mlp)``
+    arrays, ``chosen`` the subcomponent index per feature."""
+    target, spd = np.asarray(target, np.float64), np.asarray(spd, np.float64)
+    k = min(n_features, target.shape[0])
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharey=True)
+    _neuron_strip(top, target[:k], [str(i) for i in range(k)], n_label)
+    top.set_title("Target model")
+    top.set_xlabel(f"Input feature index (first {k} shown)")
+    _neuron_strip(bottom, spd[:k], [str(int(c)) for c in np.asarray(chosen)[:k]], n_label)
+    bottom.set_title("Individual SPD subcomponents")
+    bottom.set_xlabel("Subcomponent index")
+    return _save(fig, path, dpi)
+
+
+def plot_contribution_scatter(
+    target: Any, spd: Any, path: PathLike, *, title: str, dpi: int = 150
+) -> Path:
+    """Paper Figs 7, 10, 11: every (feature, neuron) contribution, target vs chosen subcomponent,
+    with the Pearson correlation and the diagonal."""
+    x, y = np.asarray(target, np.float64).ravel(), np.asarray(spd, np.float64).ravel()
+    r = float(np.corrcoef(x, y)[0, 1])
+    fig = Figure(figsize=(6, 6), layout="constrained")
+    ax = fig.add_subplot()
+    lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
+    pad = 0.05 * (hi - lo)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", ls="--", alpha=0.6)
+    ax.scatter(x, y, s=8, color="blue", alpha=0.3, linewidths=0)
+    ax.text(0.05, 0.95, f"Correlation: {r:.3f}", transform=ax.transAxes, va="top",
+            bbox={"boxstyle": "round", "facecolor": "wheat", "alpha": 0.5})
+    ax.set_xlabel("Target Model Neuron Contribution")
+    ax.set_ylabel("Subcomponent Neuron Contribution (Max Subcomponent)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     return _save(fig, path, dpi)

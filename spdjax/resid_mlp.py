@@ -272,16 +272,22 @@ def _unflatten(flat: Any) -> dict:
     return tree
 
 
+def cache_stem(cfg: ResidMLPConfig, seed: int, cache_dir: str | os.PathLike) -> str:
+    """``cache_dir/resid_mlp_<variant>_<steps>steps_seed<seed>`` (add ``.npz`` / ``.json``)."""
+    return os.path.join(os.fspath(cache_dir), f"resid_mlp_{cfg.variant}_{cfg.steps}steps_seed{seed}")
+
+
 def load_or_train_target(
     variant_or_cfg: str | ResidMLPConfig, seed: int, cache_dir: str | os.PathLike, **train_kwargs
 ) -> dict:
-    """Trained params, from ``cache_dir/resid_mlp_<variant>_seed<seed>.npz`` if its recipe matches.
+    """Trained params, from ``cache_dir/resid_mlp_<variant>_<steps>steps_seed<seed>.npz`` if its
+    recipe matches.
 
     Otherwise trains with :func:`train_resid_mlp_target` and writes the ``.npz`` plus a ``.json``
     sidecar (recipe, seed, final and baseline losses, training seconds).
     """
     cfg = get_resid_config(variant_or_cfg)
-    stem = os.path.join(os.fspath(cache_dir), f"resid_mlp_{cfg.variant}_seed{seed}")
+    stem = cache_stem(cfg, seed, cache_dir)
     recipe = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as read back
     if os.path.exists(stem + ".npz") and os.path.exists(stem + ".json"):
         with open(stem + ".json") as f:
@@ -317,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = get_resid_config(args.variant)
     load_or_train_target(cfg, args.seed, args.cache_dir)
-    stem = os.path.join(args.cache_dir, f"resid_mlp_{cfg.variant}_seed{args.seed}")
+    stem = cache_stem(cfg, args.seed, args.cache_dir)
     with open(stem + ".json") as f:
         meta = json.load(f)
     print(f"ResidMLP {cfg.variant} seed {args.seed} ({cfg.steps} steps, trained in "

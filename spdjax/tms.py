@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from spdjax import figures
-    from spdjax.tms_experiment import default_cache_dir
+    from spdjax.experiment import default_cache_dir
 
     parser = argparse.ArgumentParser(description="Train a TMS target with the paper's recipe.")
     parser.add_argument("--variant", default="5-2", choices=sorted(TMS_VARIANTS))

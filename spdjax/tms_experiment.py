@@ -6,7 +6,6 @@ functions) and, for +ID variants, the frozen identity ``hidden_0``. All sites sh
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import numpy as np
@@ -14,16 +13,12 @@ import numpy as np
 from spdjax import evaluation, figures
 from spdjax.data import sparse_features
 from spdjax.decomposition import decompose
-from spdjax.experiment import Experiment
+from spdjax.experiment import Experiment, default_cache_dir
 from spdjax.tms import TMS_TIES, get_tms_config, load_or_train_target, tms_target
 
 # A subcomponent counts as "present" when its rank-one matrix has at least this Frobenius norm;
 # the identity's subcomponents have norm ~1 each, unused ones decay towards 0.
 NORM_THRESHOLD = 0.1
-
-
-def default_cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("SPDJAX_CACHE", "~/.cache/spdjax")).expanduser() / "targets"
 
 
 def build(config) -> Experiment:
@@ -86,4 +81,4 @@ def evaluate_tms(decomp, params, target_params, cfg, figures_dir: pathlib.Path) 
     return out
 
 
-__all__ = ["build", "evaluate_tms", "default_cache_dir"]
+__all__ = ["build", "evaluate_tms"]

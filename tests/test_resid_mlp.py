@@ -165,9 +165,9 @@ def test_cache_round_trip_and_cli(tmp_path, monkeypatch, capsys):
     assert calls == [("6-8-3x2", 3)]
     jax.tree.map(np.testing.assert_array_equal, first, second)
     assert jax.tree.structure(first) == jax.tree.structure(_random_params(TINY))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["resid_mlp_6-8-3x2_seed3.json",
-                                                          "resid_mlp_6-8-3x2_seed3.npz"]
-    meta = json.loads((tmp_path / "resid_mlp_6-8-3x2_seed3.json").read_text())
+    stem = "resid_mlp_6-8-3x2_1000steps_seed3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.json", f"{stem}.npz"]
+    meta = json.loads((tmp_path / f"{stem}.json").read_text())
     assert meta["recipe"]["value_range"] == [-1.0, 1.0] and meta["seconds"] == 1.5
     assert meta["ideal_baseline_loss"] == 0.0 and meta["final_loss"] > 0  # all 6 served
     assert np.isnan(meta["baseline_loss"])  # TINY has no room for the exact baseline
