@@ -43,6 +43,9 @@ def get_config(variant: str = "5-2") -> ml_collections.ConfigDict:
     c.ci_hidden = (16,)  # CI-function hidden widths
     c.sigmoid = "leaky_hard"  # leaky_hard (paper) | leaky_hard_clamped | hard | ...
     c.init = "paper"  # paper | gaussian
+    # linear2 = linear1ᵀ: "aliased" keeps two copies with two Adam updates per step (the
+    # reference, torch Parameters sharing storage); "shared" has one pair and one update.
+    c.tie_mode = "aliased"
     c.faithfulness_warmup_steps = 0  # later reference: 200 (AdamW lr 0.01, wd 0.1)
 
     # Loss terms: name -> {coeff, **options} (spdjax.losses.LOSSES).

@@ -29,7 +29,13 @@ from spdjax.losses import (
 from spdjax.masks import sample_masks
 from spdjax.sharding import make_mesh, shard_params
 from spdjax.sigmoids import SIGMOID_TYPES, get_sigmoid
-from spdjax.step import TrainState, init_train_state, make_train_step, spd_objective
+from spdjax.step import (
+    TrainState,
+    init_train_state,
+    make_optimizer,
+    make_train_step,
+    spd_objective,
+)
 from spdjax.target import Site, SiteHooks, Target, from_function, weight_at
 
 __all__ = [
@@ -37,7 +43,7 @@ __all__ = [
     "Target", "TrainState", "ci_masked_recon", "ci_masked_recon_layerwise", "decompose",
     "faithfulness", "from_function", "from_linen", "from_nnx", "get_sigmoid",
     "importance_minimality", "init_train_state", "make_context", "make_mesh", "make_total_loss",
-    "make_train_step", "match_sites", "sample_masks", "shard_params", "sparse_features",
+    "make_optimizer", "make_train_step", "match_sites", "sample_masks", "shard_params", "sparse_features",
     "spd_objective", "stochastic_recon", "stochastic_recon_layerwise", "unmasked_recon",
     "weight_at",
 ]

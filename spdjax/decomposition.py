@@ -6,8 +6,16 @@ trainable state is a plain pytree::
     params = {"components": {owner_site: {"V": (d_in, C), "U": (C, d_out)}},
               "ci":         {site: <CI-function params>}}
 
-Tied sites (e.g. TMS, whose second layer is the transpose of the first) have no factors of their
-own: ``V_tied = U_ownerᵀ`` and ``U_tied = V_ownerᵀ``. Every site has its own CI function.
+Tied sites (e.g. TMS, whose second layer is the transpose of the first) use
+``V_tied = U_ownerᵀ`` and ``U_tied = V_ownerᵀ``; every site has its own CI function. Two ways to
+hold them (``tie_mode``):
+
+* ``"shared"``: the tied site has no factors of its own; one pair, one gradient (the sum of both
+  uses), one optimizer update.
+* ``"aliased"`` (the reference, spec 1.4): the tied site keeps its own copy, initialised to the
+  owner's transpose, with its own gradient and optimizer state; the two updates are added to both
+  copies by :func:`spdjax.step.make_optimizer`, so the copies stay equal. The reference's torch
+  code does exactly this (two Parameters sharing storage, two Adam updates per step).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from spdjax.target import Site, Target
 
 Array = jax.Array
 Params = dict
+TIE_MODES = ("shared", "aliased")
 
 
 class CausalImportance(NamedTuple):
@@ -75,6 +84,7 @@ class Decomposition:
     ci_fn: str = "mlp"
     ci_hidden: tuple[int, ...] = (16,)
     sigmoid: str = "leaky_hard"
+    tie_mode: str = "shared"
 
     # -- structure -------------------------------------------------------------------------
     def site(self, name: str) -> Site:
@@ -82,12 +92,14 @@ class Decomposition:
 
     @property
     def owners(self) -> tuple[str, ...]:
-        """Sites that hold their own factors (not tied to another)."""
+        """Sites that hold their own factors: all but the tied ones, unless ``tie_mode="aliased"``."""
+        if self.tie_mode == "aliased":
+            return self.site_names
         return tuple(n for n in self.site_names if n not in self.ties)
 
     def factors(self, params: Params, name: str) -> tuple[Array, Array]:
         """``(V (d_in, C), U (C, d_out))`` of a site, resolving ties."""
-        if name in self.ties:
+        if name in self.ties and self.tie_mode == "shared":
             owner = params["components"][self.ties[name]]
             return owner["U"].T, owner["V"].T
         f = params["components"][name]
@@ -103,11 +115,14 @@ class Decomposition:
         """Initial factors (``init`` = ``"paper"`` or ``"gaussian"``) and CI functions."""
         kc, kg = jax.random.split(key)
         comps = {}
-        for i, name in enumerate(self.owners):
+        for i, name in enumerate(n for n in self.owners if n not in self.ties):
             W = self.site(name).weight(target_params)
             comps[name] = comp_lib.init_components(
                 jax.random.fold_in(kc, i), W, self.C[name], init=init
             )
+        for tied, owner in self.ties.items():
+            if tied in self.owners:  # aliased: a copy of the owner's transpose
+                comps[tied] = {"V": comps[owner]["U"].T, "U": comps[owner]["V"].T}
         cis = {}
         for i, name in enumerate(self.site_names):
             cis[name] = ci_lib.init_ci(
@@ -173,6 +188,7 @@ def decompose(
     ci_fn: str = "mlp",
     ci_hidden: Sequence[int] = (16,),
     sigmoid: str = "leaky_hard",
+    tie_mode: str = "shared",
 ) -> Decomposition:
     """Chooses the sites to decompose by glob pattern and validates the whole setup up front.
 
@@ -183,7 +199,10 @@ def decompose(
       ci_fn: ``"mlp"`` (paper), ``"vector_mlp"`` or ``"shared_mlp"``.
       ci_hidden: hidden widths of the CI functions (paper: ``(16,)``).
       sigmoid: see :mod:`spdjax.sigmoids` (paper: ``"leaky_hard"``).
+      tie_mode: ``"shared"`` or ``"aliased"`` (the reference's two updates; module docstring).
     """
+    if tie_mode not in TIE_MODES:
+        raise ValueError(f"Unknown tie_mode {tie_mode!r}; expected one of {TIE_MODES}.")
     C = match_sites(target, sites)
     ties = dict(ties or {})
     for tied, owner in ties.items():
@@ -212,6 +231,7 @@ def decompose(
         ci_fn=ci_fn,
         ci_hidden=tuple(int(h) for h in ci_hidden),
         sigmoid=sigmoid,
+        tie_mode=tie_mode,
     )
 
 

@@ -61,6 +61,35 @@ def spd_objective(
     return objective
 
 
+def aliased_tie_updates(decomposition: Decomposition) -> optax.GradientTransformation:
+    """Adds the updates of each tied pair's two copies and gives both the sum (``tie_mode="aliased"``).
+
+    Chained after the optimizer: ``u_owner + swap(u_tied)`` goes to the owner and its
+    swap-transpose (``V <- Uᵀ``, ``U <- Vᵀ``) to the tied copy, so copies that start equal stay
+    equal, each moved by both of its own optimizer steps, as in the reference.
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        comps = dict(updates["components"])
+        for tied, owner in decomposition.ties.items():
+            u_owner, u_tied = comps[owner], comps[tied]
+            merged = {"V": u_owner["V"] + u_tied["U"].T, "U": u_owner["U"] + u_tied["V"].T}
+            comps[owner], comps[tied] = merged, {"V": merged["U"].T, "U": merged["V"].T}
+        return {**updates, "components": comps}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def make_optimizer(decomposition: Decomposition, learning_rate) -> optax.GradientTransformation:
+    """Adam (β 0.9/0.999, eps 1e-8, no weight decay: the paper's), plus the tied-copy sync for
+    ``tie_mode="aliased"``. ``learning_rate`` is a float or an optax schedule."""
+    adam = optax.adam(learning_rate)
+    if decomposition.ties and decomposition.tie_mode == "aliased":
+        return optax.chain(adam, aliased_tie_updates(decomposition))
+    return adam
+
+
 def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
     """A fresh state at step 0 (the optimizer state inherits the params' shardings)."""
     opt_state = jax.jit(optimizer.init)(params)

@@ -29,7 +29,8 @@ def build(config) -> Experiment:
     hidden = [n for n in target.sites if n.startswith("hidden_")]
     sites = {"linear1": config.C, **{n: config.C for n in hidden}, "linear2": config.C}
     decomp = decompose(target, sites, ties=TMS_TIES, ci_fn=config.ci_fn,
-                       ci_hidden=tuple(config.ci_hidden), sigmoid=config.sigmoid)
+                       ci_hidden=tuple(config.ci_hidden), sigmoid=config.sigmoid,
+                       tie_mode=config.tie_mode)
 
     def make_batch_fn(size):
         return lambda key: sparse_features(key, size, cfg.n_features,

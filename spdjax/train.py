@@ -22,7 +22,6 @@ from typing import Any, TextIO
 
 import jax
 import numpy as np
-import optax
 
 from spdjax import evaluation
 from spdjax import sharding as shard_lib
@@ -32,7 +31,8 @@ from spdjax.experiment import Experiment, build_experiment
 from spdjax.losses import faithfulness, make_context, make_total_loss
 from spdjax.reporting import JsonlWriter, Progress
 from spdjax.schedules import make_schedule
-from spdjax.step import TrainState, init_train_state, make_train_step, spd_objective
+from spdjax.step import (TrainState, init_train_state, make_optimizer, make_train_step,
+                         spd_objective)
 
 
 class ConfigMismatchError(ValueError):
@@ -141,7 +141,7 @@ def train_and_evaluate(
     exp = build_experiment(config)
     decomp = exp.decomposition
     objective = spd_objective(decomp, config.losses.to_dict(), l0_threshold=config.l0_threshold)
-    optimizer = optax.adam(schedule)
+    optimizer = make_optimizer(decomp, schedule)
     k_init, k_train, k_eval = jax.random.split(jax.random.key(config.seed), 3)
 
     mesh = shard_lib.make_mesh(model=config.mesh_model)

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -158,6 +159,52 @@ def test_ties_share_one_factor_pair():
     np.testing.assert_array_equal(U, params["components"]["enc"]["V"].T)
     with pytest.raises(ValueError, match="Cannot tie"):
         spdjax.decompose(target, {"enc": 4, "dec": 3}, ties={"dec": "enc"})
+
+
+def test_aliased_ties_take_two_adam_updates_like_the_reference():
+    """tie_mode="aliased": each copy gets its own gradient and Adam state, both updates land on
+    both copies (torch: two Parameters sharing storage), and the copies stay equal."""
+    def fn(p, x, hooks):
+        h = hooks("enc", x, lambda a: a @ p["W"])
+        return hooks("dec", h, lambda a: a @ p["W"].T)
+
+    sites = [spdjax.Site("enc", "linear", 5, 2, spdjax.weight_at(("W",))),
+             spdjax.Site("dec", "linear", 2, 5, spdjax.weight_at(("W",), transpose=True))]
+    target = spdjax.from_function(fn, sites)
+    tp = {"W": jax.random.normal(jax.random.key(0), (5, 2))}
+    shared = spdjax.decompose(target, {"enc": 4, "dec": 4}, ties={"dec": "enc"})
+    aliased = spdjax.decompose(target, {"enc": 4, "dec": 4}, ties={"dec": "enc"},
+                               tie_mode="aliased")
+    p_shared = shared.init(jax.random.key(1), tp)
+    params = aliased.init(jax.random.key(1), tp)
+    assert sorted(params["components"]) == ["dec", "enc"]
+    for name in ("enc", "dec"):  # same init as the shared pair
+        for a, b in zip(aliased.factors(params, name), shared.factors(p_shared, name)):
+            np.testing.assert_array_equal(a, b)
+
+    x = jax.random.normal(jax.random.key(2), (8, 5))
+    batch_out = fn(tp, x, lambda n, a, f: f(a))
+
+    def loss(p, d):
+        out = d.forward(tp, p, x, {"enc": None, "dec": None})
+        return jnp.mean((out - batch_out - 0.1) ** 2)
+
+    g = jax.grad(loss)(params, aliased)["components"]
+    g_shared = jax.grad(loss)(p_shared, shared)["components"]["enc"]
+    # The shared gradient is the sum of the two copies' gradients.
+    np.testing.assert_allclose(g["enc"]["V"] + g["dec"]["U"].T, g_shared["V"], rtol=1e-5)
+
+    lr = 0.1
+    opt = spdjax.make_optimizer(aliased, lr)
+    updates, _ = opt.update(jax.grad(loss)(params, aliased), opt.init(params), params)
+    new = optax.apply_updates(params, updates)["components"]
+    adam1 = lambda grad: -lr * grad / (jnp.abs(grad) + 1e-8)  # Adam's first step, bias-corrected
+    expected_V = params["components"]["enc"]["V"] + adam1(g["enc"]["V"]) + adam1(g["dec"]["U"]).T
+    np.testing.assert_allclose(new["enc"]["V"], expected_V, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(new["dec"]["U"], new["enc"]["V"].T)
+    np.testing.assert_array_equal(new["dec"]["V"], new["enc"]["U"].T)
+    with pytest.raises(ValueError, match="Unknown tie_mode 'alias'"):
+        spdjax.decompose(target, {"enc": 4, "dec": 4}, ties={"dec": "enc"}, tie_mode="alias")
 
 
 def test_paper_init():
