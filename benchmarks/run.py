@@ -58,19 +58,18 @@ def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
 def measure(name: str, steps: int, overrides: dict) -> dict:
     """Times the real train step of ``name`` (run inside a child process)."""
     import jax
-    import optax
 
     from spdjax import sharding as shard_lib
     from spdjax.experiment import build_experiment
     from spdjax.schedules import make_schedule
-    from spdjax.step import init_train_state, make_train_step, spd_objective
+    from spdjax.step import init_train_state, make_optimizer, make_train_step, spd_objective
 
     config = _load_config(name)
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config.update_from_flattened_dict(overrides)  # dotted keys reach nested fields
     exp = build_experiment(config)
     objective = spd_objective(exp.decomposition, config.losses.to_dict())
-    optimizer = optax.adam(make_schedule(config.lr_schedule, config.lr, config.steps))
+    optimizer = make_optimizer(exp.decomposition,
+                               make_schedule(config.lr_schedule, config.lr, config.steps))
     params = exp.decomposition.init(jax.random.key(0), exp.target_params)
     state = init_train_state(params, optimizer)
     step = make_train_step(objective, optimizer, exp.batch_fn, total_steps=config.steps,
