@@ -43,7 +43,6 @@ def _load_config(name: str):
 def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
     """Measured float32 FLOP/s of an ``n x n`` matmul (the machine's practical peak)."""
     import jax
-    import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n))
     f = jax.jit(lambda x: x @ x)
@@ -59,7 +58,6 @@ def measure(name: str, steps: int, overrides: dict) -> dict:
     """Times the real train step of ``name`` (run inside a child process)."""
     import jax
 
-    from spdjax import sharding as shard_lib
     from spdjax.experiment import build_experiment
     from spdjax.schedules import make_schedule
     from spdjax.step import init_train_state, make_optimizer, make_train_step, spd_objective

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 import pathlib
 from typing import Any, Callable
 
@@ -22,11 +21,6 @@ EXPERIMENTS: dict[str, str] = {
     "tms": "spdjax.tms_experiment:build",
     "resid_mlp": "spdjax.resid_experiment:build",
 }
-
-
-def default_cache_dir() -> pathlib.Path:
-    """Where trained targets are cached: ``$SPDJAX_CACHE/targets``, else ``~/.cache/spdjax/targets``."""
-    return pathlib.Path(os.environ.get("SPDJAX_CACHE", "~/.cache/spdjax")).expanduser() / "targets"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

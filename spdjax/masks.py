@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 
 Array = jax.Array
 

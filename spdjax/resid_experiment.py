@@ -23,7 +23,8 @@ import numpy as np
 from spdjax import evaluation, figures
 from spdjax.data import sparse_features
 from spdjax.decomposition import decompose
-from spdjax.experiment import Experiment, default_cache_dir
+from spdjax.experiment import Experiment
+from spdjax.target_cache import default_cache_dir
 from spdjax.resid_mlp import get_resid_config, load_or_train_target, resid_mlp_target
 
 

@@ -22,13 +22,13 @@ import functools
 import json
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spdjax import target_cache
 from spdjax.data import sparse_features
 from spdjax.schedules import SCHEDULES, make_schedule
 from spdjax.target import Site, Target, from_function, weight_at
@@ -256,22 +256,6 @@ def target_report(params: dict, cfg: ResidMLPConfig, *, key: Array | None = None
             "ideal_baseline_loss": naive_baseline_loss(cfg, **kw)}
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    flat = {}
-    for k, v in tree.items():
-        flat.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: v})
-    return {k: np.asarray(v) for k, v in flat.items()}
-
-
-def _unflatten(flat: Any) -> dict:
-    tree: dict = {}
-    for path in flat:
-        *parents, leaf = path.split("/")
-        functools.reduce(lambda node, p: node.setdefault(p, {}), parents, tree)[leaf] = (
-            jnp.asarray(flat[path]))
-    return tree
-
-
 def cache_stem(cfg: ResidMLPConfig, seed: int, cache_dir: str | os.PathLike) -> str:
     """``cache_dir/resid_mlp_<variant>_<steps>steps_seed<seed>`` (add ``.npz`` / ``.json``)."""
     return os.path.join(os.fspath(cache_dir), f"resid_mlp_{cfg.variant}_{cfg.steps}steps_seed{seed}")
@@ -288,25 +272,13 @@ def load_or_train_target(
     """
     cfg = get_resid_config(variant_or_cfg)
     stem = cache_stem(cfg, seed, cache_dir)
-    recipe = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as read back
-    if os.path.exists(stem + ".npz") and os.path.exists(stem + ".json"):
-        with open(stem + ".json") as f:
-            meta = json.load(f)
-        if meta.get("recipe") == recipe:
-            with np.load(stem + ".npz") as flat:
-                return _unflatten(flat)
-        print(f"ResidMLP cache {stem}.json has another recipe; retraining.")
+    recipe = dataclasses.asdict(cfg)
+    cached = target_cache.load(stem, recipe, "ResidMLP")
+    if cached is not None:
+        return cached
     params, info = train_resid_mlp_target(cfg, seed, **train_kwargs)
-    os.makedirs(os.fspath(cache_dir), exist_ok=True)
     keys = ("final_loss", "baseline_loss", "ideal_baseline_loss", "seconds", "losses")
-    meta = {"recipe": recipe, "seed": seed, **{k: info[k] for k in keys}}
-    # Write-then-rename, npz first: a sidecar on disk always describes a complete npz.
-    with open(stem + ".npz.tmp", "wb") as f:
-        np.savez(f, **_flatten(params))
-    os.replace(stem + ".npz.tmp", stem + ".npz")
-    with open(stem + ".json.tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(stem + ".json.tmp", stem + ".json")
+    target_cache.save(stem, params, {"recipe": recipe, "seed": seed, **{k: info[k] for k in keys}})
     return params
 
 
@@ -314,18 +286,16 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m spdjax.resid_mlp --variant=1 --seed=0``: train (or load) a target, report it."""
     import argparse
 
-    from spdjax.experiment import default_cache_dir
 
     parser = argparse.ArgumentParser(description="Train a ResidMLP target with the paper's recipe.")
     parser.add_argument("--variant", default="1", choices=sorted(RESID_VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default=str(default_cache_dir()))
+    parser.add_argument("--cache-dir", default=str(target_cache.default_cache_dir()))
     args = parser.parse_args(argv)
     cfg = get_resid_config(args.variant)
     load_or_train_target(cfg, args.seed, args.cache_dir)
     stem = cache_stem(cfg, args.seed, args.cache_dir)
-    with open(stem + ".json") as f:
-        meta = json.load(f)
+    meta = target_cache.read_meta(stem)
     print(f"ResidMLP {cfg.variant} seed {args.seed} ({cfg.steps} steps, trained in "
           f"{meta['seconds']:.1f} s): target loss {meta['final_loss']:.3e}; naive monosemantic "
           f"baseline {meta['baseline_loss']:.3e} with the same W_E, "

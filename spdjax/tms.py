@@ -20,13 +20,13 @@ import functools
 import json
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spdjax import target_cache
 from spdjax.data import sparse_features
 from spdjax.target import Site, Target, from_function, weight_at
 
@@ -254,18 +254,6 @@ def train_checked_target(
     )
 
 
-def _flatten(params: dict) -> dict[str, np.ndarray]:
-    return {f"{m}/{k}": np.asarray(v) for m, sub in params.items() for k, v in sub.items()}
-
-
-def _unflatten(flat: Any) -> dict:
-    params: dict = {}
-    for path in flat:
-        m, k = path.split("/")
-        params.setdefault(m, {})[k] = jnp.asarray(flat[path])
-    return params
-
-
 def load_or_train_target(
     cfg_name_or_cfg: str | TMSConfig, seed: int, cache_dir: str | os.PathLike, **train_kwargs
 ) -> dict:
@@ -277,24 +265,13 @@ def load_or_train_target(
     cfg = get_tms_config(cfg_name_or_cfg)
     stem = os.path.join(os.fspath(cache_dir), f"tms_{cfg.variant}_seed{seed}")
     recipe = dataclasses.asdict(cfg)
-    if os.path.exists(stem + ".npz") and os.path.exists(stem + ".json"):
-        with open(stem + ".json") as f:
-            meta = json.load(f)
-        if meta.get("recipe") == recipe:
-            with np.load(stem + ".npz") as flat:
-                return _unflatten(flat)
-        print(f"TMS cache {stem}.json has another recipe; retraining.")
+    cached = target_cache.load(stem, recipe, "TMS")
+    if cached is not None:
+        return cached
     params, info = train_checked_target(cfg, seed, **train_kwargs)
-    os.makedirs(os.fspath(cache_dir), exist_ok=True)
     meta = {"recipe": recipe, "requested_seed": seed, "trained_seed": info["seed"]}
     meta.update({k: info[k] for k in ("tried_seeds", "final_loss", "feature_report", "seconds")})
-    # Write-then-rename, npz first: a sidecar on disk always describes a complete npz.
-    with open(stem + ".npz.tmp", "wb") as f:
-        np.savez(f, **_flatten(params))
-    os.replace(stem + ".npz.tmp", stem + ".npz")
-    with open(stem + ".json.tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(stem + ".json.tmp", stem + ".json")
+    target_cache.save(stem, params, meta)
     return params
 
 
@@ -303,18 +280,16 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from spdjax import figures
-    from spdjax.experiment import default_cache_dir
 
     parser = argparse.ArgumentParser(description="Train a TMS target with the paper's recipe.")
     parser.add_argument("--variant", default="5-2", choices=sorted(TMS_VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default=str(default_cache_dir()))
+    parser.add_argument("--cache-dir", default=str(target_cache.default_cache_dir()))
     args = parser.parse_args(argv)
     cfg = get_tms_config(args.variant)
     params = load_or_train_target(cfg, args.seed, args.cache_dir)
     stem = os.path.join(args.cache_dir, f"tms_{cfg.variant}_seed{args.seed}")
-    with open(stem + ".json") as f:
-        meta = json.load(f)
+    meta = target_cache.read_meta(stem)
     report = np.round(feature_report(params, cfg), 3).tolist()
     print(f"TMS {cfg.variant}: trained seed {meta['trained_seed']} (tried {meta['tried_seeds']}), "
           f"loss {meta['final_loss']:.3e}; one-hot 0.75 read-back per feature: {report}")

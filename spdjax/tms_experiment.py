@@ -13,7 +13,8 @@ import numpy as np
 from spdjax import evaluation, figures
 from spdjax.data import sparse_features
 from spdjax.decomposition import decompose
-from spdjax.experiment import Experiment, default_cache_dir
+from spdjax.experiment import Experiment
+from spdjax.target_cache import default_cache_dir
 from spdjax.tms import TMS_TIES, get_tms_config, load_or_train_target, tms_target
 
 # A subcomponent counts as "present" when its rank-one matrix has at least this Frobenius norm;

@@ -142,7 +142,8 @@ def test_site_never_called_is_an_error():
         d.clean_forward(tp, jnp.ones((1, 3)))
 
 
-def test_ties_share_one_factor_pair():
+def _tied_autoencoder():
+    """``x -> (x W) Wᵀ`` as a function target with sites enc / dec (dec tied to enc)."""
     def fn(p, x, hooks):
         h = hooks("enc", x, lambda a: a @ p["W"])
         return hooks("dec", h, lambda a: a @ p["W"].T)
@@ -151,6 +152,11 @@ def test_ties_share_one_factor_pair():
              spdjax.Site("dec", "linear", 2, 5, spdjax.weight_at(("W",), transpose=True))]
     target = spdjax.from_function(fn, sites)
     tp = {"W": jax.random.normal(jax.random.key(0), (5, 2))}
+    return target, tp
+
+
+def test_ties_share_one_factor_pair():
+    target, tp = _tied_autoencoder()
     d = spdjax.decompose(target, {"enc": 4, "dec": 4}, ties={"dec": "enc"})
     params = d.init(jax.random.key(1), tp)
     assert list(params["components"]) == ["enc"] and sorted(params["ci"]) == ["dec", "enc"]
@@ -164,14 +170,7 @@ def test_ties_share_one_factor_pair():
 def test_aliased_ties_take_two_adam_updates_like_the_reference():
     """tie_mode="aliased": each copy gets its own gradient and Adam state, both updates land on
     both copies (torch: two Parameters sharing storage), and the copies stay equal."""
-    def fn(p, x, hooks):
-        h = hooks("enc", x, lambda a: a @ p["W"])
-        return hooks("dec", h, lambda a: a @ p["W"].T)
-
-    sites = [spdjax.Site("enc", "linear", 5, 2, spdjax.weight_at(("W",))),
-             spdjax.Site("dec", "linear", 2, 5, spdjax.weight_at(("W",), transpose=True))]
-    target = spdjax.from_function(fn, sites)
-    tp = {"W": jax.random.normal(jax.random.key(0), (5, 2))}
+    target, tp = _tied_autoencoder()
     shared = spdjax.decompose(target, {"enc": 4, "dec": 4}, ties={"dec": "enc"})
     aliased = spdjax.decompose(target, {"enc": 4, "dec": 4}, ties={"dec": "enc"},
                                tie_mode="aliased")
@@ -183,7 +182,7 @@ def test_aliased_ties_take_two_adam_updates_like_the_reference():
             np.testing.assert_array_equal(a, b)
 
     x = jax.random.normal(jax.random.key(2), (8, 5))
-    batch_out = fn(tp, x, lambda n, a, f: f(a))
+    batch_out = x @ tp["W"] @ tp["W"].T
 
     def loss(p, d):
         out = d.forward(tp, p, x, {"enc": None, "dec": None})

@@ -1,6 +1,5 @@
 """The Colab quickstart runs headless, top to bottom, on a small step count."""
 
-import os
 import pathlib
 
 import nbformat

@@ -1,11 +1,9 @@
 """The jitted train step: traces once, trains, and gives the same numbers on 1 and 8 devices."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import spdjax
