@@ -54,6 +54,12 @@ def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
 def measure(name: str, steps: int, overrides: dict) -> dict:
     """Times the real train step of ``name`` (run inside a child process)."""
     import jax
@@ -76,9 +82,10 @@ def measure(name: str, steps: int, overrides: dict) -> dict:
     t = time.perf_counter()
     compiled = step.lower(state, exp.target_params, key).compile()
     compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    flops = _flops(compiled)
+    if config.microbatches > 1:  # XLA counts a scan body once: count the same math unscanned
+        flops = _flops(make_train_step(objective, optimizer, exp.batch_fn, total_steps=config.steps)
+                       .lower(state, exp.target_params, key).compile())
     for _ in range(10):  # warm-up
         state, metrics = step(state, exp.target_params, key)
     jax.block_until_ready(metrics)

@@ -54,6 +54,7 @@ def point(sweep: str, value, steps: int) -> dict:
 
 def plot(results: dict[str, list[dict]], path: pathlib.Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     fig = Figure(figsize=(4 * len(results), 3.6), layout="constrained")
     axs = fig.subplots(1, len(results), squeeze=False)[0]
@@ -65,9 +66,19 @@ def plot(results: dict[str, list[dict]], path: pathlib.Path) -> None:
         ax.set_xlabel(SWEEPS[sweep][4])
         ax.set_ylabel("ms / step")
         ax.set_title(f"{SWEEPS[sweep][0].format('n')}: {sweep}")
+        ax.set_xticks(xs, [str(x) for x in xs], minor=False)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
     fig.savefig(path, dpi=130)
+
+
+def replot(path: pathlib.Path) -> None:
+    """Redraws ``<path>.png`` from ``<path>.json`` (``--replot``), without measuring again."""
+    plot(json.loads(path.with_suffix(".json").read_text())["results"], path.with_suffix(".png"))
 
 
 def main():
@@ -75,7 +86,10 @@ def main():
     parser.add_argument("--sweeps", default=",".join(SWEEPS))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     args = parser.parse_args()
+    if args.replot:
+        return replot(pathlib.Path(args.out))
     results = {}
     for sweep in args.sweeps.split(","):
         if sweep not in SWEEPS:
