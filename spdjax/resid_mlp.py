@@ -286,7 +286,6 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m spdjax.resid_mlp --variant=1 --seed=0``: train (or load) a target, report it."""
     import argparse
 
-
     parser = argparse.ArgumentParser(description="Train a ResidMLP target with the paper's recipe.")
     parser.add_argument("--variant", default="1", choices=sorted(RESID_VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
