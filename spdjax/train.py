@@ -197,6 +197,8 @@ def train_and_evaluate(
     print("Summary: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
                                   if isinstance(v, float) and not k.startswith("loss/")),
           file=stream, flush=True)
+    for note in summary.get("warnings", []):
+        print(f"WARNING: {note}", file=stream, flush=True)
     return summary
 
 

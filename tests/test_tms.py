@@ -175,3 +175,22 @@ def test_unknown_variant():
     with pytest.raises(ValueError, match="valid: "):
         tms.get_tms_config("5-3")
     assert [c.variant for c in tms.TMS_VARIANTS.values()] == list(tms.TMS_VARIANTS)
+
+
+def test_solution_warnings_flag_a_merged_feature():
+    """The paper's 5-2-id solution passes; a run with a subcomponent shared by two features warns."""
+    from spdjax.tms_experiment import solution_warnings
+
+    cfg = tms.get_tms_config("5-2-id")
+    good = {"n_subcomponents_above_norm_0.1": {"linear1": 5, "hidden_0": 2, "linear2": 5},
+            "ci_errors": {"total": 0}}
+    assert solution_warnings(good, cfg) == []
+    merged = {"n_subcomponents_above_norm_0.1": {"linear1": 4, "hidden_0": 2, "linear2": 4},
+              "ci_errors": {"total": 6}}
+    notes = solution_warnings(merged, cfg)
+    assert any(n.startswith("linear1: 4 subcomponents") and "expected 5" in n for n in notes)
+    assert any("6 one-hot CI entries" in n for n in notes)
+    assert "--config.seed" in notes[-1]
+    wide_hidden = {"n_subcomponents_above_norm_0.1": {"linear1": 5, "hidden_0": 3, "linear2": 5},
+                   "ci_errors": {"total": 0}}
+    assert solution_warnings(wide_hidden, cfg)[0].startswith("hidden_0: 3 subcomponents")
