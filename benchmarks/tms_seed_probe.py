@@ -4,8 +4,9 @@
 
 A run's seed feeds independent streams: ``init`` (components and CI functions) and ``train``
 (data and masks). Each ``init:train`` pair (or ``components:ci:train`` triple, which takes the
-component factors and the CI functions from different init seeds) is trained for ``--probe_steps`` of the full schedule
-(the lr schedule still spans ``config.steps``) and then probed on one-hot inputs: how many
+component factors and the CI functions from different init seeds) is trained for
+``--probe_steps`` steps (the lr schedule still spans ``config.steps``) and then probed on one-hot
+inputs: how many
 distinct subcomponents carry the features of ``linear1`` (argmax of the upper-leaky CI; 5 of 5 is
 the paper's solution), the identity-CI error count, MMCS and the subcomponents with norm > 0.1.
 Results go to ``benchmarks/results/tms_seed_probe_<variant><tag>.json``.
@@ -35,6 +36,7 @@ def probe(config, exp, comp_seed: int, ci_seed: int, train_seed: int, steps: int
                              warmup_frac=config.lr_warmup_frac, final_frac=config.lr_final_frac)
     objective = spd_objective(decomp, config.losses.to_dict(), l0_threshold=config.l0_threshold)
     optimizer = make_optimizer(decomp, schedule)
+
     # The same key derivation as spdjax.train.train_and_evaluate, per stream.
     def init_key(seed):
         return jax.random.split(jax.random.key(seed), 3)[0]
