@@ -65,7 +65,8 @@ def solution_warnings(summary: dict, cfg) -> list[str]:
                      "(ci_errors)")
     if notes:
         notes.append("this seed did not find the paper's solution; a local minimum that some "
-                     "initialisations reach (RESULTS.md, 'Seed sensitivity'): try another --config.seed")
+                     "initialisations reach (RESULTS.md, 'Seed sensitivity'): "
+                     "try another --config.seed")
     return notes
 
 
