@@ -22,12 +22,12 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.tms_table1 import ROOT, load_config
+from benchmarks.tms_table1 import ROOT, apply_overrides, load_config
 from spdjax import evaluation, tms
 from spdjax.experiment import build_experiment
 from spdjax.schedules import make_schedule
 from spdjax.step import init_train_state, make_optimizer, make_train_step, spd_objective
-from spdjax.train import init_params
+from spdjax.train import init_params, run_keys
 
 
 def probe(config, exp, comp_seed: int, ci_seed: int, train_seed: int, steps: int) -> dict:
@@ -37,13 +37,10 @@ def probe(config, exp, comp_seed: int, ci_seed: int, train_seed: int, steps: int
     objective = spd_objective(decomp, config.losses.to_dict(), l0_threshold=config.l0_threshold)
     optimizer = make_optimizer(decomp, schedule)
 
-    # The same key derivation as spdjax.train.train_and_evaluate, per stream.
-    def init_key(seed):
-        return jax.random.split(jax.random.key(seed), 3)[0]
-
-    params = init_params(config, exp, init_key(comp_seed))
-    params["ci"] = init_params(config, exp, init_key(ci_seed))["ci"]
-    k_train = jax.random.split(jax.random.key(train_seed), 3)[1]
+    # The key streams of spdjax.train.train_and_evaluate, each from its own seed.
+    params = init_params(config, exp, run_keys(comp_seed)[0])
+    params["ci"] = init_params(config, exp, run_keys(ci_seed)[0])["ci"]
+    k_train = run_keys(train_seed)[1]
     state = init_train_state(params, optimizer)
     step_fn = make_train_step(objective, optimizer, exp.batch_fn, total_steps=config.steps,
                               microbatches=config.microbatches)
@@ -99,13 +96,7 @@ def main(argv=None) -> None:
     if args.target_double_update:
         tms.TMS_VARIANTS[args.variant] = dataclasses.replace(
             tms.TMS_VARIANTS[args.variant], double_update=True)
-    for item in args.set:
-        key, value = item.split("=", 1)
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-        config[key] = value
+    apply_overrides(config, args.set)
     runs = [parse_seeds(item) for item in args.pairs.split(",")]
     exp = build_experiment(config)
     results = [probe(config, exp, *seeds, args.probe_steps) for seeds in runs]

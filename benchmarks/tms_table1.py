@@ -2,11 +2,14 @@
 
     python -m benchmarks.tms_table1 --variants=5-2,5-2-id --seeds=0,1,2,3,4
     python -m benchmarks.tms_table1 --variants=40-10 --seeds=0 --steps=40000
+    python -m benchmarks.tms_table1 --variants=5-2 --tag=+gaussian \
+        --set=init=gaussian --set=faithfulness_warmup_steps=200
 
 Each (variant, seed) is one ordinary CLI-equivalent run in ``<root>/<variant>_seed<seed>`` (so it
 resumes if interrupted, and is skipped once its summary.json exists). The table is written to
 ``benchmarks/results/tms_table1.{json,md}``: mean ± std over seeds, and per run the std over
-features (the paper's "±").
+features (the paper's "±"). ``--set key=value`` changes the recipe; such runs need a ``--tag``
+(starting with ``+``), which names their rows and workdirs so they never mix with the paper recipe's.
 """
 
 from __future__ import annotations
@@ -35,12 +38,28 @@ def load_config(variant: str):
     return module.get_config(variant)
 
 
-def run(variant: str, seed: int, root: pathlib.Path, steps: int | None) -> dict:
-    config = load_config(variant)
+def apply_overrides(config, items: list[str]):
+    """Applies ``key=value`` items (value parsed as JSON when it parses, else a string)."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in config:
+            raise ValueError(f"--set {item!r}: expected key=value with a key of the config, "
+                             f"one of {sorted(config.keys())}.")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        config[key] = value
+    return config
+
+
+def run(variant: str, seed: int, root: pathlib.Path, steps: int | None,
+        overrides: list[str] = (), tag: str = "") -> dict:
+    config = apply_overrides(load_config(variant), list(overrides))
     config.seed = seed
     if steps is not None:
         config.steps = steps
-    workdir = root / f"{variant}_seed{seed}"
+    workdir = root / f"{variant}{tag}_seed{seed}"
     if (workdir / "summary.json").exists():
         return json.loads((workdir / "summary.json").read_text())
     return train_and_evaluate(config, workdir)
@@ -70,26 +89,31 @@ def tabulate(results: dict[str, list[dict]]) -> tuple[dict, str]:
         lines.append(
             f"| TMS {variant} | {len(runs)} | {runs[0]['steps']} | {mmcs[0]:.4f} ± {mmcs[1]:.4f} "
             f"| {ml2r[0]:.4f} ± {ml2r[1]:.4f} | {feat_std} | {errors} | {minutes:.1f} "
-            f"| {PAPER[variant][0]} | {PAPER[variant][1]} |"
+            f"| {PAPER[variant.split('+')[0]][0]} | {PAPER[variant.split('+')[0]][1]} |"
         )
     return table, "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="5-2,5-2-id")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--steps", type=int, default=None, help="override the config's steps")
+    parser.add_argument("--set", action="append", default=[],
+                        help="config override key=value (JSON literal), e.g. --set=init=gaussian")
+    parser.add_argument("--tag", default="", help="row/workdir suffix for a changed recipe, e.g. +gaussian")
     parser.add_argument("--root", default=str(ROOT / "workdir" / "table1"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tms_table1"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.set and not args.tag.startswith("+"):
+        parser.error("--set changes the recipe: also give --tag=+NAME to keep its rows apart.")
     root = pathlib.Path(args.root)
     results = {}
     for variant in args.variants.split(","):
-        results[variant] = []
+        rows = results[variant + args.tag] = []
         for seed in (int(s) for s in args.seeds.split(",")):
-            summary = run(variant, seed, root, args.steps)
-            results[variant].append({"seed": seed, **summary})
+            summary = run(variant, seed, root, args.steps, args.set, args.tag)
+            rows.append({"seed": seed, "overrides": args.set, **summary})
     table, markdown = tabulate(results)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,9 @@
 """SPD on the toy model of superposition (paper-era recipe, SPD paper appendix; spec 5.2/5.3).
 
-Variants: ``5-2`` (default), ``5-2-id``, ``40-10``, ``40-10-id``.
+Variants: ``5-2`` (default), ``5-2-id``, ``40-10``, ``40-10-id``. Append ``+gaussian`` (e.g.
+``5-2+gaussian``) for the later reference's initialisation: gaussian factors and a 200-step
+faithfulness warm-up, which avoided the local minimum that some paper-init seeds fall into (RESULTS.md,
+"Seed sensitivity").
 
     python -m spdjax.main --config=configs/tms.py --workdir=workdir/tms_5-2
     python -m spdjax.main --config=configs/tms.py:40-10-id --config.steps=2000 --workdir=/tmp/x
@@ -20,9 +23,20 @@ _VARIANTS = {
 }
 
 
-def get_config(variant: str = "5-2") -> ml_collections.ConfigDict:
+_MODIFIERS = {  # "+name" suffix -> config overrides
+    "gaussian": {"init": "gaussian", "faithfulness_warmup_steps": 200},
+}
+
+
+def get_config(arg: str = "5-2") -> ml_collections.ConfigDict:
+    variant, *modifiers = arg.split("+")
     if variant not in _VARIANTS:
-        raise ValueError(f"Unknown TMS variant {variant!r}; expected one of {sorted(_VARIANTS)}.")
+        raise ValueError(f"Unknown TMS variant {variant!r} in {arg!r}; expected one of "
+                         f"{sorted(_VARIANTS)}, optionally followed by +{'/+'.join(_MODIFIERS)}.")
+    for name in modifiers:
+        if name not in _MODIFIERS:
+            raise ValueError(f"Unknown TMS variant modifier +{name} in {arg!r}; expected one of "
+                             f"{['+' + m for m in _MODIFIERS]}.")
     C, imp_coeff, pnorm, microbatches = _VARIANTS[variant]
     c = ml_collections.ConfigDict()
     c.experiment = "tms"  # which target family (spdjax.experiment.EXPERIMENTS)
@@ -62,4 +76,6 @@ def get_config(variant: str = "5-2") -> ml_collections.ConfigDict:
     c.checkpoint_every = 5000  # steps between checkpoints (and always at the end)
     c.eval_batch_size = 20_000  # examples for final CI-L0 / alive counts / loss terms
     c.l0_threshold = 0.1  # CI above this counts as active (L0, alive)
+    for name in modifiers:
+        c.update(_MODIFIERS[name])
     return c

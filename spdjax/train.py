@@ -89,6 +89,16 @@ def _last_wall_time(metrics_path: pathlib.Path) -> float:
     return float(json.loads(lines[-1]).get("wall_time_s", 0.0)) if lines else 0.0
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A run's three independent key streams: ``(init, train, eval)``.
+
+    ``init`` draws the component factors and CI functions, ``train`` the data and masks of every
+    step, ``eval`` the final evaluation batch.
+    """
+    k_init, k_train, k_eval = jax.random.split(jax.random.key(seed), 3)
+    return k_init, k_train, k_eval
+
+
 def init_params(config, exp: Experiment, key: jax.Array) -> dict:
     """Component + CI init, then the optional faithfulness warm-up (later reference)."""
     decomp = exp.decomposition
@@ -142,7 +152,7 @@ def train_and_evaluate(
     decomp = exp.decomposition
     objective = spd_objective(decomp, config.losses.to_dict(), l0_threshold=config.l0_threshold)
     optimizer = make_optimizer(decomp, schedule)
-    k_init, k_train, k_eval = jax.random.split(jax.random.key(config.seed), 3)
+    k_init, k_train, k_eval = run_keys(config.seed)
 
     mesh = shard_lib.make_mesh(model=config.mesh_model)
     shard_lib.check_divisible(decomp, mesh, config.batch_size)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from benchmarks import tms_seed_probe
-from benchmarks.tms_table1 import load_config
+from benchmarks import tms_seed_probe, tms_table1
+from benchmarks.tms_table1 import apply_overrides, load_config
 from spdjax.experiment import build_experiment
 
 
@@ -29,3 +29,19 @@ def test_seed_probe_rejects_a_malformed_pair(bad):
 def test_seed_probe_parses_pairs_and_triples():
     assert tms_seed_probe.parse_seeds("2:7") == (2, 2, 7)
     assert tms_seed_probe.parse_seeds("2:0:7") == (2, 0, 7)
+
+
+def test_overrides_parse_values_and_reject_unknown_keys():
+    config = apply_overrides(load_config("5-2"), ["init=gaussian", "faithfulness_warmup_steps=200",
+                                                  "lr=2e-3"])
+    assert (config.init, config.faithfulness_warmup_steps, config.lr) == ("gaussian", 200, 2e-3)
+    with pytest.raises(ValueError, match="'no_such_key=1'"):
+        apply_overrides(config, ["no_such_key=1"])
+    with pytest.raises(ValueError, match="'init'"):
+        apply_overrides(config, ["init"])
+
+
+def test_table1_refuses_a_changed_recipe_without_a_tag(capsys):
+    with pytest.raises(SystemExit):
+        tms_table1.main(["--variants=5-2", "--seeds=0", "--set=init=gaussian"])
+    assert "--tag" in capsys.readouterr().err

@@ -1,0 +1,23 @@
+"""The TMS config file's variants and ``+modifier`` suffixes (``--config=configs/tms.py:ARG``)."""
+
+import re
+
+import pytest
+
+from benchmarks.tms_table1 import load_config
+
+
+def test_gaussian_modifier_switches_to_the_later_init_and_keeps_the_variant():
+    paper, later = load_config("5-2-id"), load_config("5-2-id+gaussian")
+    assert (paper.init, paper.faithfulness_warmup_steps) == ("paper", 0)
+    assert (later.init, later.faithfulness_warmup_steps) == ("gaussian", 200)
+    assert later.variant == "5-2-id"
+    assert {k: v for k, v in later.items() if k not in ("init", "faithfulness_warmup_steps")} == {
+        k: v for k, v in paper.items() if k not in ("init", "faithfulness_warmup_steps")}
+
+
+@pytest.mark.parametrize("arg, named", [("5-3", "'5-3'"), ("5-2+gausian", "+gausian"),
+                                        ("+gaussian", "''")])
+def test_unknown_variant_or_modifier_is_named(arg, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        load_config(arg)
