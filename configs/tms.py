@@ -3,7 +3,7 @@
 Variants: ``5-2`` (default), ``5-2-id``, ``40-10``, ``40-10-id``. Append ``+gaussian`` (e.g.
 ``5-2+gaussian``) for the later reference's initialisation: gaussian factors and a 200-step
 faithfulness warm-up. On 5-2 it avoided the local minimum that 3 of 13 paper-init seeds reach
-(13 of 13 seeds fine); on 5-2-id seed 2 it did not (RESULTS.md, "Seed sensitivity").
+(13 of 13 seeds fine); on 5-2-id it did worse than the paper init (RESULTS.md, "Seed sensitivity").
 
     python -m spdjax.main --config=configs/tms.py --workdir=workdir/tms_5-2
     python -m spdjax.main --config=configs/tms.py:40-10-id --config.steps=2000 --workdir=/tmp/x
