@@ -2,8 +2,8 @@
 
     python -m benchmarks.tms_table1 --variants=5-2,5-2-id --seeds=0,1,2,3,4
     python -m benchmarks.tms_table1 --variants=40-10 --seeds=0 --steps=40000
-    python -m benchmarks.tms_table1 --variants=5-2 --tag=+gaussian \
-        --set=init=gaussian --set=faithfulness_warmup_steps=200
+    python -m benchmarks.tms_table1 --variants=5-2+gaussian    # a config modifier (configs/tms.py)
+    python -m benchmarks.tms_table1 --variants=5-2 --tag=+lr2e-3 --set=lr=2e-3
 
 Each (variant, seed) is one ordinary CLI-equivalent run in ``<root>/<variant>_seed<seed>`` (so it
 resumes if interrupted, and is skipped once its summary.json exists). The table is written to
