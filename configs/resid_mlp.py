@@ -50,6 +50,8 @@ def get_config(variant: str = "1") -> ml_collections.ConfigDict:
     c.sigmoid = "leaky_hard"  # leaky_hard (paper) | leaky_hard_clamped | hard | ...
     c.init = "paper"  # paper | gaussian
     c.faithfulness_warmup_steps = 0  # later reference: 200 (AdamW lr 0.01, wd 0.1)
+    c.init_candidates = 1  # > 1: best-of-K init by loss (spdjax/init_selection.py)
+    c.init_select_steps = 0  # steps each init candidate trains before the choice
 
     # Loss terms: name -> {coeff, **options} (spdjax.losses.LOSSES).
     c.losses = ml_collections.ConfigDict({

@@ -51,9 +51,11 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Prints ``step i/N | loss | steps/s | ETA`` lines; measures rate since the last report."""
 
-    def __init__(self, total_steps: int, start_step: int = 0, stream: TextIO = sys.stdout):
-        self.total = total_steps
+    def __init__(self, total_steps: int, start_step: int = 0, stream: TextIO = sys.stdout,
+                 *, label: str = ""):
+        self.total, self.start = total_steps, start_step
         self.stream = stream
+        self.prefix = f"{label}: " if label else ""
         self._last_step, self._last_time = start_step, time.perf_counter()
         self.steps_per_sec = float("nan")
 
@@ -68,7 +70,7 @@ class Progress:
     def report(self, step: int, loss: float) -> None:
         eta = (self.total - step) / self.steps_per_sec if self.steps_per_sec > 0 else float("nan")
         print(
-            f"step {step:>{len(str(self.total))}}/{self.total} | loss {loss:.4e} | "
+            f"{self.prefix}step {step:>{len(str(self.total))}}/{self.total} | loss {loss:.4e} | "
             f"{self.steps_per_sec:7.1f} steps/s | ETA {format_duration(eta)}",
             file=self.stream,
             flush=True,

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
-from spdjax import evaluation
+from spdjax import evaluation, init_selection
 from spdjax import sharding as shard_lib
 from spdjax.checkpoints import Checkpointer
 from spdjax.components import faithfulness_warmup
@@ -61,7 +61,8 @@ def prepare_workdir(workdir: pathlib.Path, resolved: dict, *, fresh: bool) -> No
     if fresh:
         for name in ("checkpoints", "figures"):
             shutil.rmtree(workdir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "summary.json", "config.json"):
+        for name in ("metrics.jsonl", "summary.json", "config.json",
+                     init_selection.RECORD_FILE):
             (workdir / name).unlink(missing_ok=True)
     elif config_path.exists() and (workdir / "checkpoints").exists():
         diff = _diff(json.loads(config_path.read_text()), resolved)
@@ -134,6 +135,22 @@ def evaluate_run(config, exp: Experiment, objective, params: dict, key, figures_
     return summary
 
 
+def _run_steps(state, step_fn, target_params, key, *, start: int, stop: int, log_every: int,
+               on_log, after_step, tail: int = 0):
+    """Steps ``start + 1 .. stop``, calling ``after_step(step, state)`` after each and
+    ``on_log(step, metrics)`` every ``log_every`` steps and at ``stop``. Returns the state and the
+    mean total loss over the last ``tail`` steps (summed on device; nan if ``tail`` is 0)."""
+    tail_sum = 0.0
+    for step in range(start + 1, stop + 1):
+        state, metrics = step_fn(state, target_params, key)
+        after_step(step, state)
+        if step > stop - tail:
+            tail_sum = tail_sum + metrics["loss/total"]
+        if step % log_every == 0 or step == stop:
+            on_log(step, metrics)
+    return state, (float(tail_sum) / tail if tail else float("nan"))
+
+
 def train_and_evaluate(
     config, workdir: str | pathlib.Path, *, fresh: bool = False, stream: TextIO = sys.stdout
 ) -> dict:
@@ -141,11 +158,13 @@ def train_and_evaluate(
     workdir = pathlib.Path(workdir)
     resolved = _jsonable(config.to_dict())
     prepare_workdir(workdir, resolved, fresh=fresh)
-    print(f"spdjax: {config.experiment} {config.variant} -> {workdir} "
-          f"(devices: {jax.device_count()} x {jax.devices()[0].platform})", file=stream, flush=True)
+    say = lambda msg: print(msg, file=stream, flush=True)  # noqa: E731
+    say(f"spdjax: {config.experiment} {config.variant} -> {workdir} "
+        f"(devices: {jax.device_count()} x {jax.devices()[0].platform})")
 
     # Validate the cheap parts of the config before training or loading a target.
     make_total_loss(config.losses.to_dict())
+    init_selection.check_config(config)
     schedule = make_schedule(config.lr_schedule, config.lr, config.steps,
                              warmup_frac=config.lr_warmup_frac, final_frac=config.lr_final_frac)
     exp = build_experiment(config)
@@ -156,16 +175,19 @@ def train_and_evaluate(
 
     mesh = shard_lib.make_mesh(model=config.mesh_model)
     shard_lib.check_divisible(decomp, mesh, config.batch_size)
-    params = shard_lib.shard_params(decomp, init_params(config, exp, k_init), mesh)
     target_params = shard_lib.replicate(exp.target_params, mesh)
-    state, state_sharding = shard_lib.place_state(init_train_state(params, optimizer), mesh)
 
+    def initial_state(key):
+        params = shard_lib.shard_params(decomp, init_params(config, exp, key), mesh)
+        return shard_lib.place_state(init_train_state(params, optimizer), mesh)
+
+    state, state_sharding = initial_state(k_init)
     ckpt_dir = workdir / "checkpoints"
     ckpt = Checkpointer(ckpt_dir)
     start = ckpt.latest_step() or 0
     if start:
         state = ckpt.restore(state)
-        print(f"Resuming from the checkpoint at step {start}.", file=stream, flush=True)
+        say(f"Resuming from the checkpoint at step {start}.")
     metrics_path = workdir / "metrics.jsonl"
     wall_offset = _last_wall_time(metrics_path) if start else 0.0
     writer = JsonlWriter(metrics_path, resume_step=start if start else None)
@@ -173,28 +195,64 @@ def train_and_evaluate(
     step_fn = make_train_step(objective, optimizer, exp.batch_fn, total_steps=config.steps,
                               mesh=mesh, state_sharding=state_sharding,
                               microbatches=config.microbatches)
-    progress = Progress(config.steps, start, stream)
     t_start = time.perf_counter()
-    if start < config.steps:
-        print("Compiling the train step (the first step takes a few seconds)...",
-              file=stream, flush=True)
-    for step in range(start + 1, config.steps + 1):
-        state, metrics = step_fn(state, target_params, k_train)
-        if step == start + 1:
-            jax.block_until_ready(state)
-            print(f"Compiled in {time.perf_counter() - t_start:.1f}s.", file=stream, flush=True)
-            progress.mark(step)
-        if step % config.log_every == 0 or step == config.steps:
+    compiled = False
+
+    def hooks(progress: Progress, sink, checkpoint: bool):
+        """``on_log`` (metrics -> sink + progress line) and ``after_step`` for one segment."""
+        def after_step(step, state):
+            nonlocal compiled
+            if step == progress.start + 1:  # exclude compilation / candidate switch from steps/s
+                jax.block_until_ready(state)
+                if not compiled:
+                    say(f"Compiled in {time.perf_counter() - t_start:.1f}s.")
+                    compiled = True
+                progress.mark(step)
+            if checkpoint and (step % config.checkpoint_every == 0 or step == config.steps):
+                ckpt.save(step, state)
+
+        def on_log(step, metrics):
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             _check_finite(values, step, ckpt_dir)
             values["lr"] = float(schedule(step - 1))
             values["steps_per_sec"] = progress.mark(step)
             values["wall_time_s"] = wall_offset + time.perf_counter() - t_start
-            writer.write_scalars(step, values)
-            writer.flush()
+            sink(step, values)
             progress.report(step, values["loss/total"])
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            ckpt.save(step, state)
+        return {"on_log": on_log, "after_step": after_step}
+
+    def write(step, values):
+        writer.write_scalars(step, values)
+        writer.flush()
+
+    if start < config.steps:
+        say("Compiling the train step (the first step takes a few seconds)...")
+    record = init_selection.load_record(workdir) if start else None
+    n_cand, n_select = config.init_candidates, config.init_select_steps
+    if start == 0:
+        (workdir / init_selection.RECORD_FILE).unlink(missing_ok=True)
+    if start == 0 and n_cand > 1:
+        def probe(index):
+            cand = state if index == 0 else initial_state(
+                init_selection.candidate_key(k_init, index))[0]
+            logs = []
+            progress = Progress(n_select, 0, stream, label=f"init candidate {index + 1}/{n_cand}")
+            cand, loss = _run_steps(cand, step_fn, target_params, k_train, start=0,
+                                    stop=n_select, log_every=config.log_every,
+                                    tail=max(1, n_select // 4),
+                                    **hooks(progress, lambda *line: logs.append(line), False))
+            return init_selection.Probe(index, loss, cand, logs)
+
+        best, record = init_selection.select(n_cand, probe, report=say)
+        state, start = best.state, n_select
+        for line in best.logs:
+            write(*line)
+        record["steps"] = n_select
+        init_selection.save_record(workdir, record)
+        ckpt.save(start, state)  # a resume never redoes the selection
+    progress = Progress(config.steps, start, stream)
+    state, _ = _run_steps(state, step_fn, target_params, k_train, start=start, stop=config.steps,
+                          log_every=config.log_every, **hooks(progress, write, True))
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -203,12 +261,13 @@ def train_and_evaluate(
     summary = evaluate_run(config, exp, objective, jax.device_get(state.params), k_eval,
                            workdir / "figures")
     summary.update(steps=int(state.step), wall_time_s=wall)
+    if record is not None:
+        summary["init_selection"] = record
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    print("Summary: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
-                                  if isinstance(v, float) and not k.startswith("loss/")),
-          file=stream, flush=True)
+    say("Summary: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
+                                if isinstance(v, float) and not k.startswith("loss/")))
     for note in summary.get("warnings", []):
-        print(f"WARNING: {note}", file=stream, flush=True)
+        say(f"WARNING: {note}")
     return summary
 
 
