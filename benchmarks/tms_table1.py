@@ -6,7 +6,9 @@
     python -m benchmarks.tms_table1 --variants=5-2 --tag=+lr2e-3 --set=lr=2e-3
 
 Each (variant, seed) is one ordinary CLI-equivalent run in ``<root>/<variant>_seed<seed>`` (so it
-resumes if interrupted, and is skipped once its summary.json exists). The table is written to
+resumes if interrupted, and is skipped once its summary.json exists). A run already recorded in the
+results JSON (same row, seed, overrides and steps) is reused too, so a fresh checkout can add seeds
+to a row without retraining the recorded ones; ``--rerun`` trains them again. The table is written to
 ``benchmarks/results/tms_table1.{json,md}``: mean ± std over seeds, and per run the std over
 features (the paper's "±"). ``--set key=value`` changes the recipe; such runs need a ``--tag``
 (starting with ``+``), which names their rows and workdirs so they never mix with the paper recipe's.
@@ -65,6 +67,16 @@ def run(variant: str, seed: int, root: pathlib.Path, steps: int | None,
     return train_and_evaluate(config, workdir)
 
 
+def recorded_run(table: dict, row: str, seed: int, overrides: list[str],
+                 steps: int | None) -> dict | None:
+    """The run of ``seed`` in ``table[row]`` if it was made with the same overrides and steps."""
+    for r in table.get(row, {}).get("runs", []):
+        if (r["seed"] == seed and r.get("overrides", []) == list(overrides)
+                and (steps is None or r["steps"] == steps)):
+            return r
+    return None
+
+
 def _mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -104,22 +116,32 @@ def main(argv=None):
     parser.add_argument("--tag", default="", help="row/workdir suffix for a changed recipe, e.g. +gaussian")
     parser.add_argument("--root", default=str(ROOT / "workdir" / "table1"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tms_table1"))
+    parser.add_argument("--rerun", action="store_true",
+                        help="train seeds already recorded in the results JSON again")
     args = parser.parse_args(argv)
     if args.set and not args.tag.startswith("+"):
         parser.error("--set changes the recipe: also give --tag=+NAME to keep its rows apart.")
-    root = pathlib.Path(args.root)
+    root, out = pathlib.Path(args.root), pathlib.Path(args.out)
+    json_path = out.with_suffix(".json")
+    existing = json.loads(json_path.read_text()) if json_path.exists() else {}
     results = {}
     for variant in args.variants.split(","):
-        rows = results[variant + args.tag] = []
+        row = variant + args.tag
+        rows = results[row] = []
         for seed in (int(s) for s in args.seeds.split(",")):
+            recorded = recorded_run(existing, row, seed, args.set, args.steps)
+            if (recorded and not args.rerun
+                    and not (root / f"{row}_seed{seed}" / "summary.json").exists()):
+                print(f"{row} seed {seed}: reusing the run recorded in {json_path} "
+                      "(--rerun trains it again)", flush=True)
+                rows.append(recorded)
+                continue
             summary = run(variant, seed, root, args.steps, args.set, args.tag)
             rows.append({"seed": seed, "overrides": args.set, **summary})
     table, markdown = tabulate(results)
-    out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     existing.update(table)
-    out.with_suffix(".json").write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
+    json_path.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
     _, full_md = tabulate({v: t["runs"] for v, t in existing.items()})
     out.with_suffix(".md").write_text(full_md)
     print(markdown)

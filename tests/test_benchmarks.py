@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from benchmarks import tms_seed_probe, tms_table1
@@ -12,8 +14,10 @@ from spdjax.experiment import build_experiment
 def test_seed_probe_mixes_init_streams_and_reports():
     config = load_config("5-2")
     exp = build_experiment(config)
-    out = tms_seed_probe.probe(config, exp, 2, 0, 1, steps=3)
-    assert (out["comp_seed"], out["ci_seed"], out["train_seed"], out["steps"]) == (2, 0, 1, 3)
+    out = tms_seed_probe.probe(config, exp, 2, 0, 1, steps=20)
+    assert (out["comp_seed"], out["ci_seed"], out["train_seed"], out["steps"]) == (2, 0, 1, 20)
+    assert out["loss_block_steps"] == 2 and len(out["loss_blocks"]) == 10
+    assert all(np.isfinite(out["loss_blocks"])) and out["loss_blocks"][-1] < out["loss_blocks"][0]
     assert set(out["distinct_carriers"]) == {"linear1", "linear2"}
     assert all(1 <= n <= 5 for n in out["distinct_carriers"].values())
     assert 0.0 < out["mmcs"] <= 1.0 and 0 <= out["norm_above_0.1"] <= config.C
@@ -45,3 +49,19 @@ def test_table1_refuses_a_changed_recipe_without_a_tag(capsys):
     with pytest.raises(SystemExit):
         tms_table1.main(["--variants=5-2", "--seeds=0", "--set=init=gaussian"])
     assert "--tag" in capsys.readouterr().err
+
+
+def test_table1_reuses_recorded_runs_without_training(tmp_path, capsys):
+    run = {"seed": 3, "overrides": [], "steps": 40000, "mmcs": 0.9999, "ml2r": 1.01,
+           "ml2r_std": 0.02, "ci_errors": {"total": 0}, "wall_time_s": 600.0}
+    other = {**run, "seed": 4, "overrides": ["lr=2e-3"]}
+    (tmp_path / "t.json").write_text(json.dumps({"5-2": {"runs": [run, other]}}))
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert tms_table1.recorded_run(table, "5-2", 3, [], None) == run
+    assert tms_table1.recorded_run(table, "5-2", 3, [], 1000) is None  # other steps
+    assert tms_table1.recorded_run(table, "5-2", 4, [], None) is None  # other overrides
+    assert tms_table1.recorded_run(table, "5-2-id", 3, [], None) is None
+    tms_table1.main(["--variants=5-2", "--seeds=3", f"--root={tmp_path}", f"--out={tmp_path / 't'}"])
+    assert "5-2 seed 3: reusing the run recorded" in capsys.readouterr().out
+    assert json.loads((tmp_path / "t.json").read_text())["5-2"]["runs"] == [run]
+    assert "| TMS 5-2 | 1 | 40000 | 0.9999 ± 0.0000 |" in (tmp_path / "t.md").read_text()
