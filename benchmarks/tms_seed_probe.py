@@ -8,7 +8,9 @@ component factors and the CI functions from different init seeds) is trained for
 ``--probe_steps`` steps (the lr schedule still spans ``config.steps``) and then probed on one-hot
 inputs: how many
 distinct subcomponents carry the features of ``linear1`` (argmax of the upper-leaky CI; 5 of 5 is
-the paper's solution), the identity-CI error count, MMCS and the subcomponents with norm > 0.1.
+the paper's solution), the identity-CI error count, MMCS and the subcomponents with norm > 0.1,
+and the mean total loss over each tenth of the probe (``loss_blocks``): whether the training loss
+alone tells a bad init apart early (the question behind ``spdjax/init_selection.py``).
 Results go to ``benchmarks/results/tms_seed_probe_<variant><tag>.json``.
 """
 
@@ -45,8 +47,14 @@ def probe(config, exp, comp_seed: int, ci_seed: int, train_seed: int, steps: int
     step_fn = make_train_step(objective, optimizer, exp.batch_fn, total_steps=config.steps,
                               microbatches=config.microbatches)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        state, _ = step_fn(state, exp.target_params, k_train)
+    block = max(1, steps // 10)
+    block_sums, total = [], 0.0
+    for i in range(1, steps + 1):
+        state, metrics = step_fn(state, exp.target_params, k_train)
+        total = total + metrics["loss/total"]  # summed on device
+        if i % block == 0:
+            block_sums.append(total)
+            total = 0.0
     params = jax.device_get(state.params)
     n_features = exp.target_params["linear1"]["kernel"].shape[0]
     ci = evaluation.one_hot_ci(decomp, params, exp.target_params, n_features)
@@ -60,6 +68,8 @@ def probe(config, exp, comp_seed: int, ci_seed: int, train_seed: int, steps: int
                                if n.startswith("linear")},
         "mmcs": float(evaluation.mmcs_ml2r(W, V, U)["mmcs"]),
         "norm_above_0.1": int(np.sum(evaluation.subcomponent_norms(V, U) > 0.1)),
+        "loss_block_steps": block,
+        "loss_blocks": [float(b) / block for b in block_sums],
         "seconds": time.perf_counter() - t0,
     }
     print(json.dumps(out), flush=True)
