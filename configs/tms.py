@@ -25,6 +25,10 @@ _VARIANTS = {
 
 _MODIFIERS = {  # "+name" suffix -> config overrides
     "gaussian": {"init": "gaussian", "faithfulness_warmup_steps": 200},
+    # Best of 3 inits by mean training loss over the first 8k steps (20% of the run); the loss
+    # there separated all 3 merged-feature seeds of 5-2 from the 4 good ones
+    # (benchmarks/results/tms_seed_probe_5-2_loss_curves.json).
+    "select3": {"init_candidates": 3, "init_select_steps": 8000},
 }
 
 
@@ -61,6 +65,8 @@ def get_config(arg: str = "5-2") -> ml_collections.ConfigDict:
     # reference, torch Parameters sharing storage); "shared" has one pair and one update.
     c.tie_mode = "aliased"
     c.faithfulness_warmup_steps = 0  # later reference: 200 (AdamW lr 0.01, wd 0.1)
+    c.init_candidates = 1  # > 1: best-of-K init by loss (spdjax/init_selection.py)
+    c.init_select_steps = 0  # steps each init candidate trains before the choice
 
     # Loss terms: name -> {coeff, **options} (spdjax.losses.LOSSES).
     c.losses = ml_collections.ConfigDict({

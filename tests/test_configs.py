@@ -16,6 +16,19 @@ def test_gaussian_modifier_switches_to_the_later_init_and_keeps_the_variant():
         k: v for k, v in paper.items() if k not in ("init", "faithfulness_warmup_steps")}
 
 
+def test_select3_modifier_sets_a_valid_best_of_3_init_and_nothing_else():
+    from spdjax import init_selection
+
+    plain, sel = load_config("5-2-id"), load_config("5-2-id+select3")
+    assert (plain.init_candidates, sel.init_candidates, sel.init_select_steps) == (1, 3, 8000)
+    init_selection.check_config(sel)  # 8000 < steps: a usable setting for the full recipe
+    changed = ("init_candidates", "init_select_steps")
+    assert {k: v for k, v in sel.items() if k not in changed} == {
+        k: v for k, v in plain.items() if k not in changed}
+    both = load_config("5-2+gaussian+select3")
+    assert (both.init, both.init_candidates) == ("gaussian", 3)
+
+
 @pytest.mark.parametrize("arg, named", [("5-3", "'5-3'"), ("5-2+gausian", "+gausian"),
                                         ("+gaussian", "''")])
 def test_unknown_variant_or_modifier_is_named(arg, named):
