@@ -138,13 +138,20 @@ def main(argv=None):
                 continue
             summary = run(variant, seed, root, args.steps, args.set, args.tag)
             rows.append({"seed": seed, "overrides": args.set, **summary})
-    table, markdown = tabulate(results)
+            save(out, results)  # after every trained run: an interruption loses nothing
+    save(out, results)
+    print(tabulate(results)[1])
+
+
+def save(out: pathlib.Path, results: dict[str, list[dict]]) -> None:
+    """Merges ``results`` into ``out.json`` as read now (another invocation may have written
+    other rows meanwhile) and rewrites ``out.json`` and the full table ``out.md``."""
+    json_path = out.with_suffix(".json")
+    existing = json.loads(json_path.read_text()) if json_path.exists() else {}
+    existing.update(tabulate({row: runs for row, runs in results.items() if runs})[0])
     out.parent.mkdir(parents=True, exist_ok=True)
-    existing.update(table)
     json_path.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
-    _, full_md = tabulate({v: t["runs"] for v, t in existing.items()})
-    out.with_suffix(".md").write_text(full_md)
-    print(markdown)
+    out.with_suffix(".md").write_text(tabulate({v: t["runs"] for v, t in existing.items()})[1])
 
 
 if __name__ == "__main__":

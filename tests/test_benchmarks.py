@@ -65,3 +65,17 @@ def test_table1_reuses_recorded_runs_without_training(tmp_path, capsys):
     assert "5-2 seed 3: reusing the run recorded" in capsys.readouterr().out
     assert json.loads((tmp_path / "t.json").read_text())["5-2"]["runs"] == [run]
     assert "| TMS 5-2 | 1 | 40000 | 0.9999 ± 0.0000 |" in (tmp_path / "t.md").read_text()
+
+
+def test_table1_save_keeps_rows_written_meanwhile_by_another_invocation(tmp_path):
+    run = {"seed": 0, "overrides": [], "steps": 40000, "mmcs": 0.9999, "ml2r": 1.01,
+           "ml2r_std": 0.02, "ci_errors": {"total": 0}, "wall_time_s": 600.0}
+    out = tmp_path / "t"
+    tms_table1.save(out, {"5-2": [run]})  # invocation A, first seed
+    other = json.loads(out.with_suffix(".json").read_text())
+    other["40-10"] = tms_table1.tabulate({"40-10": [run]})[0]["40-10"]  # B finishes meanwhile
+    out.with_suffix(".json").write_text(json.dumps(other))
+    tms_table1.save(out, {"5-2": [run, {**run, "seed": 1}]})  # A, second seed
+    table = json.loads(out.with_suffix(".json").read_text())
+    assert (sorted(table), table["5-2"]["seeds"]) == (["40-10", "5-2"], [0, 1])
+    assert "| TMS 40-10 | 1 |" in out.with_suffix(".md").read_text()
