@@ -4,6 +4,8 @@ Variants: ``5-2`` (default), ``5-2-id``, ``40-10``, ``40-10-id``. Append ``+gaus
 ``5-2+gaussian``) for the later reference's initialisation: gaussian factors and a 200-step
 faithfulness warm-up. On 5-2 it avoided the local minimum that 3 of 13 paper-init seeds reach
 (13 of 13 seeds fine); on 5-2-id it did worse than the paper init (RESULTS.md, "Seed sensitivity").
+Append ``+select3`` for a best-of-3 initialisation chosen by the training loss over the first 8k
+steps (spdjax/init_selection.py); modifiers combine, e.g. ``5-2+gaussian+select3``.
 
     python -m spdjax.main --config=configs/tms.py --workdir=workdir/tms_5-2
     python -m spdjax.main --config=configs/tms.py:40-10-id --config.steps=2000 --workdir=/tmp/x

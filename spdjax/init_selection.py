@@ -1,7 +1,9 @@
 """Best-of-K initialisation: train K inits briefly, keep the one with the lowest SPD loss.
 
-On TMS 5-2 about 1 seed in 4 of the paper's init ends in a local minimum where one subcomponent
-carries two features (RESULTS.md, "Seed sensitivity"); that minimum has a visibly higher loss. With
+On TMS 5-2, 3 of 13 seeds of the paper's init end in a local minimum where one subcomponent
+carries two features (RESULTS.md, "Seed sensitivity"), and that minimum has a higher loss early:
+at 8k of 40k steps 1.76-2.29e-3 for the three failing seeds against 1.45-1.68e-3 for four good
+ones (benchmarks/results/tms_seed_probe_5-2_loss_curves.json). With
 ``config.init_candidates = K > 1`` the run trains K inits (candidate 0 is the plain run's init, the
 others fold the candidate index into the init key) for ``config.init_select_steps`` steps each, on
 the same data and mask stream, and continues the one whose mean total loss over the last quarter of
