@@ -11,9 +11,9 @@ those steps is lowest. Only the training objective decides, never a ground-truth
 recipe applies to models without known features. The choice, with every candidate's loss, is saved
 to ``workdir/init_selection.json`` and copied into ``summary.json``.
 
-A continued candidate is exactly the run it would have been on its own: the steps after the
-selection draw the same batches and masks, so ``init_candidates = 1`` (the default) and a selection
-that keeps candidate 0 give identical results. A run interrupted during the selection redoes it;
+A continued candidate is the run it would have been on its own: the steps after the selection draw
+the same batches and masks, so ``init_candidates = 1`` (the default) and a selection that keeps
+candidate 0 give the same results up to float rounding. A run interrupted during the selection redoes it;
 after it, the run resumes from its checkpoints as usual.
 """
 
