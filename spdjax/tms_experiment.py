@@ -48,9 +48,11 @@ def solution_warnings(summary: dict, cfg) -> list[str]:
     """Human-readable departures from the paper's solution (empty when the run found it).
 
     The paper's solution has one subcomponent per feature on ``linear1``/``linear2``, ``n_hidden``
-    on an identity layer, and an exact one-hot CI pattern. Some initialisations end in a local
-    minimum where one subcomponent carries two features (RESULTS.md, "Seed sensitivity"); the
-    run then completes normally, so it is flagged here rather than left to the table.
+    on an identity layer, and the one-hot CI pattern at tol 0.2. Entries off only at the stricter
+    tol 0.1 (``ci_errors.total`` but not ``total_0p2``) get a note of their own, not a failure.
+    Some initialisations end in a local minimum where one subcomponent carries two features
+    (RESULTS.md, "Seed sensitivity"); the run then completes normally, so it is flagged here
+    rather than left to the table.
     """
     notes = []
     for site, n in summary["n_subcomponents_above_norm_0.1"].items():
@@ -60,13 +62,19 @@ def solution_warnings(summary: dict, cfg) -> list[str]:
             unit = "hidden dimension" if hidden else "feature"
             notes.append(f"{site}: {n} subcomponents with norm > {NORM_THRESHOLD}, expected "
                          f"{expected} (one per {unit})")
-    if summary["ci_errors"]["total"]:
-        notes.append(f"{summary['ci_errors']['total']} one-hot CI entries off the paper's pattern "
-                     "(ci_errors)")
+    errors = summary["ci_errors"]
+    if errors.get("total_0p2", errors["total"]):
+        notes.append(f"{errors['total']} one-hot CI entries off the paper's pattern at tol 0.1, "
+                     f"{errors.get('total_0p2', errors['total'])} at tol 0.2 (ci_errors)")
     if notes:
         notes.append("this seed did not find the paper's solution; a local minimum that some "
                      "initialisations reach (RESULTS.md, 'Seed sensitivity'): "
                      "try another --config.seed")
+    elif errors["total"]:
+        # Off only at tol 0.1 (e.g. a dense identity column peaking at CI 0.89 < 0.9): the
+        # structure is right; reported, not called a failure.
+        notes.append(f"{errors['total']} one-hot CI entries within 0.1-0.2 of the paper's "
+                     "pattern (borderline, none off at tol 0.2; ci_errors)")
     return notes
 
 

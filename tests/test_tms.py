@@ -194,3 +194,12 @@ def test_solution_warnings_flag_a_merged_feature():
     wide_hidden = {"n_subcomponents_above_norm_0.1": {"linear1": 5, "hidden_0": 3, "linear2": 5},
                    "ci_errors": {"total": 0}}
     assert solution_warnings(wide_hidden, cfg)[0].startswith("hidden_0: 3 subcomponents")
+    # 40-10-id seed 1: the right structure, 7 dense identity columns peaking at CI 0.89-0.90.
+    borderline = {"n_subcomponents_above_norm_0.1": {"linear1": 5, "hidden_0": 2, "linear2": 5},
+                  "ci_errors": {"total": 7, "total_0p2": 0}}
+    assert solution_warnings(borderline, cfg) == [
+        "7 one-hot CI entries within 0.1-0.2 of the paper's pattern (borderline, none off at "
+        "tol 0.2; ci_errors)"]
+    merged["ci_errors"] = {"total": 30, "total_0p2": 17}
+    assert any("30 one-hot CI entries" in n and "17 at tol 0.2" in n
+               for n in solution_warnings(merged, cfg))
