@@ -234,19 +234,33 @@ def identity_ci_error(ci: Any, tol: float = 0.1, *, method: str = "auto") -> int
     return int(np.sum(ci[~on_diag] > tol) + np.sum(ci[on_diag] < 1 - tol))
 
 
+def _dense_split(ci: Any, k: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` densest columns of ``ci (n, C)`` (by sum, descending) and the remaining ones."""
+    ci = _f64(ci)
+    _check_2d(ci, name)
+    if ci.shape[1] < k:
+        raise ValueError(f"Dense pattern with k={k} needs at least k columns; got {ci.shape}.")
+    ci = ci[:, permute_by_column_mass(ci)]
+    return ci[:, :k], ci[:, k:]
+
+
 def dense_ci_error(ci: Any, k: int, tol: float = 0.1) -> int:
     """Entries of ``ci (n, C)`` that break a "k dense columns, the rest off" pattern.
 
     After sorting the columns by sum (descending): the number of the first ``k`` columns with no
     entry ``>= 1 - tol``, plus the entries ``> tol`` in the remaining columns.
     """
-    ci = _f64(ci)
-    _check_2d(ci, "dense_ci_error")
-    if ci.shape[1] < k:
-        raise ValueError(f"Dense pattern with k={k} needs at least k columns; got {ci.shape}.")
-    ci = ci[:, permute_by_column_mass(ci)]
-    missing = np.sum(~np.any(ci[:, :k] >= 1 - tol, axis=0))
-    return int(missing + np.sum(ci[:, k:] > tol))
+    dense, rest = _dense_split(ci, k, "dense_ci_error")
+    missing = np.sum(~np.any(dense >= 1 - tol, axis=0))
+    return int(missing + np.sum(rest > tol))
+
+
+def dense_ci_peaks(ci: Any, k: int) -> dict[str, Any]:
+    """What :func:`dense_ci_error` thresholds, as numbers: ``peaks`` (the largest entry of each of
+    the ``k`` densest columns, ascending) and ``rest_max`` (the largest entry elsewhere)."""
+    dense, rest = _dense_split(ci, k, "dense_ci_peaks")
+    return {"peaks": sorted(float(v) for v in dense.max(axis=0)),
+            "rest_max": float(rest.max()) if rest.size else 0.0}
 
 
 def ci_solution_errors(

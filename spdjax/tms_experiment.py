@@ -92,6 +92,8 @@ def evaluate_tms(decomp, params, target_params, cfg, figures_dir: pathlib.Path) 
         lower, identity={"linear*": cfg.n_features}, dense={"hidden_*": cfg.n_hidden}
     )
     out["ci_errors"] = {k: int(v) for k, v in errors.items()}
+    # The dense identity columns' peak CI: what decides a borderline count at tol 0.1.
+    out["ci_dense_peaks"] = {n: evaluation.dense_ci_peaks(lower[n], cfg.n_hidden) for n in hidden}
     norms = {}
     for n in decomp.site_names:
         Vs, Us = (np.asarray(a) for a in decomp.factors(params, n))

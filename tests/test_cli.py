@@ -58,8 +58,9 @@ def test_cli_writes_every_output(full_run):
         assert key in lines[-1], key
     summary = json.loads((wd / "summary.json").read_text())
     for key in ("mmcs", "ml2r", "mmcs_std", "ml2r_std", "ci_l0", "alive", "steps", "wall_time_s",
-                "loss/stochastic_recon", "ci_errors"):
+                "loss/stochastic_recon", "ci_errors", "ci_dense_peaks"):
         assert key in summary, key
+    assert summary["ci_dense_peaks"] == {}  # 5-2 has no identity site
     assert summary["steps"] == 600 and summary["mmcs"] > 0.9
     figs = {p.name for p in (wd / "figures").glob("*.png")}
     assert {"target.png", "combined_diagram.png", "ci_lower_leaky.png"} <= figs

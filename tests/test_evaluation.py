@@ -208,6 +208,12 @@ def test_dense_error_counts():
     assert ev.dense_ci_error(ci, k=2, tol=0.5) == 0
     with pytest.raises(ValueError, match="k=7"):
         ev.dense_ci_error(ci, k=7)
+    # The numbers behind the count: column 1 peaks at 0.95, column 3 at 1; column 5 holds 0.3.
+    assert ev.dense_ci_peaks(ci, k=2) == {"peaks": [0.95, 1.0], "rest_max": 0.3}
+    ci[[0, 2], 1] = 0.89  # a dense column just short of 1 - tol: one error at tol 0.1, none at 0.2
+    assert ev.dense_ci_error(ci, k=2, tol=0.1) == 2
+    assert ev.dense_ci_error(ci, k=2, tol=0.2) == 1  # only the 0.3 entry is left
+    assert ev.dense_ci_peaks(ci, k=2)["peaks"] == [0.89, 1.0]
 
 
 def test_ci_solution_errors_sums_over_sites():
