@@ -306,15 +306,35 @@ def plot_contribution_scatter(
     target: Any, spd: Any, path: PathLike, *, title: str, dpi: int = 150
 ) -> Path:
     """Paper Figs 7, 10, 11: every (feature, neuron) contribution, target vs chosen subcomponent,
-    with the Pearson correlation and the diagonal."""
-    x, y = np.asarray(target, np.float64).ravel(), np.asarray(spd, np.float64).ravel()
+    with the Pearson correlation (pooled) and the diagonal.
+
+    ``target`` / ``spd`` are one array each, or one array per layer (lists of equal length): the
+    layers are then coloured apart with a legend ("First MLP", ...), as in the paper's 2- and
+    3-layer figures.
+    """
+    per_layer = isinstance(target, (list, tuple))
+    targets = list(target) if per_layer else [target]
+    spds = list(spd) if per_layer else [spd]
+    if len(targets) != len(spds):
+        raise ValueError(f"{len(targets)} target layers but {len(spds)} subcomponent layers")
+    xs = [np.asarray(t, np.float64).ravel() for t in targets]
+    ys = [np.asarray(s, np.float64).ravel() for s in spds]
+    x, y = np.concatenate(xs), np.concatenate(ys)
     r = float(np.corrcoef(x, y)[0, 1])
     fig = Figure(figsize=(6, 6), layout="constrained")
     ax = fig.add_subplot()
     lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
     pad = 0.05 * (hi - lo)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", ls="--", alpha=0.6)
-    ax.scatter(x, y, s=8, color="blue", alpha=0.3, linewidths=0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", ls="--", alpha=0.6,
+            label="y=x")
+    colors = ("blue", "red", "green", "purple", "orange")
+    ordinals = ("First", "Second", "Third", "Fourth", "Fifth")
+    for i, (xi, yi) in enumerate(zip(xs, ys)):
+        label = f"{ordinals[i]} MLP" if i < len(ordinals) else f"MLP {i + 1}"
+        ax.scatter(xi, yi, s=8, color=colors[i % len(colors)], alpha=0.3, linewidths=0,
+                   label=label)
+    if len(xs) > 1:
+        ax.legend(loc="lower right")
     ax.text(0.05, 0.95, f"Correlation: {r:.3f}", transform=ax.transAxes, va="top",
             bbox={"boxstyle": "round", "facecolor": "wheat", "alpha": 0.5})
     ax.set_xlabel("Target Model Neuron Contribution")

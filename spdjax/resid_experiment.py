@@ -93,8 +93,8 @@ def evaluate_resid(decomp, params, target_params, cfg, figures_dir: pathlib.Path
         figures.plot_neuron_contributions(c["target"], c["spd"], c["chosen"],
                                           figures_dir / f"neuron_contributions_layer{i}.png")
     figures.plot_contribution_scatter(
-        np.concatenate([c["target"] for c in contrib.values()]),
-        np.concatenate([c["spd"] for c in contrib.values()]),
+        [c["target"] for c in contrib.values()],
+        [c["spd"] for c in contrib.values()],
         figures_dir / "neuron_contribution_pairs.png",
         title=f"{cfg.n_features} input features, {cfg.n_layers} "
               f"layer{'s' if cfg.n_layers > 1 else ''}",

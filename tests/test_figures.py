@@ -85,3 +85,20 @@ def test_ci_heatmaps(tmp_path):
 def test_max_cosine(tmp_path):
     path = tmp_path / "cos.png"
     assert_png(figures.plot_max_cosine(np.linspace(0.5, 1.0, 40), path, dpi=50), path)
+
+
+def test_contribution_scatter_single_and_per_layer(tmp_path):
+    rng = np.random.default_rng(0)
+    t = [rng.normal(size=(10, 4)) for _ in range(3)]
+    s = [x + 0.01 * rng.normal(size=x.shape) for x in t]
+    assert_png(figures.plot_contribution_scatter(t[0], s[0], tmp_path / "one.png", title="1",
+                                                 dpi=60), tmp_path / "one.png")
+    one = (tmp_path / "one.png").read_bytes()
+    # Per-layer lists: coloured apart with a legend, so the picture differs from the pooled one.
+    pooled = figures.plot_contribution_scatter(np.concatenate(t), np.concatenate(s),
+                                               tmp_path / "pooled.png", title="3", dpi=60)
+    layered = figures.plot_contribution_scatter(t, s, tmp_path / "layers.png", title="3", dpi=60)
+    assert_png(layered, tmp_path / "layers.png")
+    assert pooled.read_bytes() != layered.read_bytes() != one
+    with pytest.raises(ValueError, match="3 target layers but 2 subcomponent layers"):
+        figures.plot_contribution_scatter(t, s[:2], tmp_path / "bad.png", title="x")
