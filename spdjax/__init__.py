@@ -7,15 +7,22 @@ Library use in three lines::
     params = decomp.init(key, target_params)
 
 then build ``ctx = spdjax.make_context(decomp, target_params, params, batch)`` inside your loss and
-compose the pure loss functions of :mod:`spdjax.losses`.
+compose the pure loss functions of :mod:`spdjax.losses` (or bind them with :func:`term`). Runs
+from configs: :func:`setup` / :func:`train` / :func:`evaluate` (:mod:`spdjax.training.loop`);
+finished runs: :func:`load`.
 """
 
+from spdjax import configs
 from spdjax.adapters import from_linen, from_nnx
+from spdjax.analysis.load import LoadedRun, load
+from spdjax.ci import CI_FUNCTIONS, MLP, SharedMLP, VectorMLP
+from spdjax.components import COMPONENT_INITS, init_gaussian, init_paper
 from spdjax.data import sparse_features
-from spdjax.decomposition import CausalImportance, Decomposition, decompose, match_sites
+from spdjax.decomposition import CausalImportance, Decomposition, ci_l0, decompose, match_sites
 from spdjax.losses import (
     LOSSES,
     Context,
+    Term,
     ci_masked_recon,
     ci_masked_recon_layerwise,
     faithfulness,
@@ -24,26 +31,30 @@ from spdjax.losses import (
     make_total_loss,
     stochastic_recon,
     stochastic_recon_layerwise,
+    term,
+    total_loss,
     unmasked_recon,
 )
-from spdjax.masks import sample_masks
-from spdjax.sharding import make_mesh, shard_params
-from spdjax.sigmoids import SIGMOID_TYPES, get_sigmoid
-from spdjax.step import (
-    TrainState,
-    init_train_state,
-    make_optimizer,
-    make_train_step,
-    spd_objective,
-)
+from spdjax.masks import SAMPLERS, sample_masks
+from spdjax.methods import METHODS, Method
+from spdjax.methods.spd import make_optimizer
+from spdjax.methods.spd import method as spd_method
+from spdjax.methods.spd import objective as spd_objective
+from spdjax.sigmoids import SIGMOIDS, SigmoidPair
 from spdjax.target import Site, SiteHooks, Target, from_function, weight_at
+from spdjax.training.loop import Run, evaluate, setup, train, train_and_evaluate
+from spdjax.training.sharding import make_mesh, shard_params
+from spdjax.training.step import TrainState, init_train_state, make_train_step
 
 __all__ = [
-    "CausalImportance", "Context", "Decomposition", "LOSSES", "SIGMOID_TYPES", "Site", "SiteHooks",
-    "Target", "TrainState", "ci_masked_recon", "ci_masked_recon_layerwise", "decompose",
-    "faithfulness", "from_function", "from_linen", "from_nnx", "get_sigmoid",
-    "importance_minimality", "init_train_state", "make_context", "make_mesh", "make_total_loss",
-    "make_optimizer", "make_train_step", "match_sites", "sample_masks", "shard_params", "sparse_features",
-    "spd_objective", "stochastic_recon", "stochastic_recon_layerwise", "unmasked_recon",
-    "weight_at",
+    "CI_FUNCTIONS", "COMPONENT_INITS", "CausalImportance", "Context", "Decomposition", "LOSSES",
+    "LoadedRun", "METHODS", "MLP", "Method", "Run", "SAMPLERS", "SIGMOIDS", "SharedMLP",
+    "SigmoidPair", "Site", "SiteHooks", "Target", "Term", "TrainState", "VectorMLP", "ci_l0",
+    "ci_masked_recon", "ci_masked_recon_layerwise", "configs", "decompose", "evaluate",
+    "faithfulness", "from_function", "from_linen", "from_nnx", "importance_minimality",
+    "init_gaussian", "init_paper", "init_train_state", "load", "make_context", "make_mesh",
+    "make_optimizer", "make_total_loss", "make_train_step", "match_sites", "sample_masks",
+    "setup", "shard_params", "sparse_features", "spd_method", "spd_objective",
+    "stochastic_recon", "stochastic_recon_layerwise", "term", "total_loss", "train",
+    "train_and_evaluate", "unmasked_recon", "weight_at",
 ]

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from spdjax.target import Site, Target, weight_at
+from spdjax.target import Site, SiteHooks, Target, weight_at
 
 
 def _path_name(path) -> str:
@@ -49,15 +49,8 @@ def _sites_from_param_tree(params, leaf_names=("kernel", "embedding")) -> dict[s
     return sites
 
 
-def _record(state, name, x):
-    inputs, replace = state
-    if name in inputs:
-        raise ValueError(
-            f"Layer {name!r} is called more than once per forward pass; weight sharing across calls "
-            "is not supported by the adapter. Write the model as a pure target (spdjax.from_function)."
-        )
-    inputs[name] = x
-    return replace.get(name)
+_TWICE = ("Weight sharing across calls is not supported by the adapter; write the model as a "
+          "pure target (spdjax.from_function) with one site name per application.")
 
 
 # ----------------------------------------------------------------------------------------- linen
@@ -76,7 +69,7 @@ def from_linen(module: nn.Module, variables: dict, **apply_kwargs) -> tuple[Targ
     sites = _sites_from_param_tree(params)
 
     def forward(p, x, replace):
-        state = ({}, replace)
+        hooks = SiteHooks(replace, twice_hint=_TWICE)
 
         def interceptor(next_fun, args, kwargs, context):
             mod = context.module
@@ -85,12 +78,11 @@ def from_linen(module: nn.Module, variables: dict, **apply_kwargs) -> tuple[Targ
             name = _path_name(mod.path)
             if name not in sites:
                 return next_fun(*args, **kwargs)
-            fn = _record(state, name, args[0])
-            return next_fun(*args, **kwargs) if fn is None else fn(args[0])
+            return hooks(name, args[0], lambda a: next_fun(a, *args[1:], **kwargs))
 
         with nn.intercept_methods(interceptor):
             out = module.apply({**other, "params": p}, x, **apply_kwargs)
-        return out, state[0]
+        return out, hooks.inputs
 
     return Target(forward=forward, sites=sites), params
 
@@ -103,22 +95,20 @@ def _to_plain_dict(tree):
 
 # ------------------------------------------------------------------------------------------- nnx
 
-# (inputs, replace, {id(module): site name}) for the forward pass in progress.
-_NNX_CALL: contextvars.ContextVar = contextvars.ContextVar("spdjax_nnx_call")
+# The SiteHooks of the nnx forward pass in progress.
+_NNX_HOOKS: contextvars.ContextVar[SiteHooks] = contextvars.ContextVar("spdjax_nnx_hooks")
 
 
 class _HookedLinear(nnx.Linear):
+    """An ``nnx.Linear`` that reports to the forward's :class:`SiteHooks` as ``_spdjax_site``."""
+
     def __call__(self, x):
-        inputs, replace, names = _NNX_CALL.get()
-        fn = _record((inputs, replace), names[id(self)], x)
-        return super().__call__(x) if fn is None else fn(x)
+        return _NNX_HOOKS.get()(self._spdjax_site, x, super().__call__)
 
 
 class _HookedEmbed(nnx.Embed):
     def __call__(self, ids):
-        inputs, replace, names = _NNX_CALL.get()
-        fn = _record((inputs, replace), names[id(self)], ids)
-        return super().__call__(ids) if fn is None else fn(ids)
+        return _NNX_HOOKS.get()(self._spdjax_site, ids, super().__call__)
 
 
 _HOOKED = {nnx.Linear: _HookedLinear, nnx.Embed: _HookedEmbed}
@@ -127,35 +117,31 @@ _HOOKED = {nnx.Linear: _HookedLinear, nnx.Embed: _HookedEmbed}
 def from_nnx(model: nnx.Module, **call_kwargs) -> tuple[Target, dict]:
     """Wraps an nnx module. Returns ``(target, target_params)``; the module itself is not changed.
 
+    The hooks are installed once, on a clone: its Linear/Embed layers become subclasses that
+    report their input, and the graph definition split from it rebuilds them on every forward.
     ``call_kwargs`` are passed to every ``model(x, ...)`` call.
     """
-    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
+    hooked = nnx.clone(model)
+    names = []
+    for path, node in nnx.iter_graph(hooked):
+        if type(node) in _HOOKED:
+            node.__class__ = _HOOKED[type(node)]
+            node._spdjax_site = _path_name(path)
+            names.append(node._spdjax_site)
+    graphdef, param_state, rest = nnx.split(hooked, nnx.Param, ...)
     params = _to_plain_dict(nnx.to_pure_dict(param_state))
-    site_paths = {
-        _path_name(path): path
-        for path, node in nnx.iter_graph(model)
-        if type(node) in _HOOKED
-    }
-    sites = {
-        name: s for name, s in _sites_from_param_tree(params).items() if name in site_paths
-    }
+    sites = {name: s for name, s in _sites_from_param_tree(params).items() if name in names}
 
     def forward(p, x, replace):
         state = jax.tree.map(lambda v: v, param_state)
         nnx.replace_by_pure_dict(state, p)
         m = nnx.merge(graphdef, state, rest)
-        names = {}
-        for path, node in nnx.iter_graph(m):
-            name = _path_name(path)
-            if type(node) in _HOOKED and name in sites:
-                node.__class__ = _HOOKED[type(node)]
-                names[id(node)] = name
-        inputs: dict[str, Any] = {}
-        token = _NNX_CALL.set((inputs, replace, names))
+        hooks = SiteHooks(replace, twice_hint=_TWICE)
+        token = _NNX_HOOKS.set(hooks)
         try:
             out = m(x, **call_kwargs)
         finally:
-            _NNX_CALL.reset(token)
-        return out, inputs
+            _NNX_HOOKS.reset(token)
+        return out, hooks.inputs
 
     return Target(forward=forward, sites=sites), params

@@ -1,10 +1,12 @@
 """Causal-importance (CI) functions: raw, pre-sigmoid importance per subcomponent.
 
-Kinds (reference spec section 2.1):
-  ``mlp``         one tiny MLP per subcomponent on its own inner activation ``h_c = (x V)_c``
-                  (the paper's gamma_c). Input: inner acts ``[..., C]``.
-  ``vector_mlp``  one MLP per subcomponent on the whole site input ``x`` ``[..., d_in]``.
-  ``shared_mlp``  one ordinary MLP ``d_in -> hidden -> C`` on the site input.
+A CI function is a value with the :class:`CIFunction` protocol (``init``, ``apply``,
+``partition_specs``, ``uses_inner_acts``). Provided (reference spec section 2.1; registered in
+:data:`CI_FUNCTIONS` under the config names):
+  :class:`MLP`        ``mlp``: one tiny MLP per subcomponent on its own inner activation
+                      ``h_c = (x V)_c`` (the paper's gamma_c). Input: inner acts ``[..., C]``.
+  :class:`VectorMLP`  ``vector_mlp``: one MLP per subcomponent on the whole site input ``x``.
+  :class:`SharedMLP`  ``shared_mlp``: one ordinary MLP ``d_in -> hidden -> C`` on the site input.
 
 Per-component layers are stored with the component axis first, ``w: (C, fan_in, fan_out)``,
 ``b: (C, fan_out)``, and evaluated for all components at once with batched einsums.
@@ -14,11 +16,15 @@ biases 0. GELU is the exact (erf) form, as in torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from spdjax.registry import Registry
 
 Array = jax.Array
 
@@ -48,25 +54,6 @@ def _init_layers(key, dims, lead: tuple[int, ...]) -> list[dict]:
             }
         )
     return layers
-
-
-def _check_hidden(kind, hidden):
-    if len(hidden) == 0 and kind != "shared_mlp":
-        raise ValueError(f"CI function {kind!r} needs at least one hidden layer; got {hidden!r}.")
-    if any(h <= 0 for h in hidden):
-        raise ValueError(f"CI hidden widths must be positive; got {list(hidden)!r}.")
-
-
-def _init_mlp(key, *, C, d_in, hidden):
-    return _init_layers(key, _layer_dims(1, hidden, 1), (C,))
-
-
-def _init_vector_mlp(key, *, C, d_in, hidden):
-    return _init_layers(key, _layer_dims(d_in, hidden, 1), (C,))
-
-
-def _init_shared_mlp(key, *, C, d_in, hidden):
-    return _init_layers(key, _layer_dims(d_in, hidden, C), ())
 
 
 def _apply_parallel(layers, a):
@@ -130,60 +117,124 @@ def _scalar_mlp_t_bwd(res, dr_t):
 _scalar_mlp_t.defvjp(_scalar_mlp_t_fwd, _scalar_mlp_t_bwd)
 
 
-def _apply_mlp(layers, inner_acts, x):
-    if len(layers) == 2:
-        (l1, l2) = layers
-        return scalar_mlp(inner_acts, l1["w"][:, 0, :], l1["b"], l2["w"][..., 0], l2["b"][..., 0])
-    first, rest = layers[0], layers[1:]
-    # fan_in is 1: the first layer is an elementwise scale per (component, hidden unit).
-    a = inner_acts[..., None] * first["w"][:, 0, :] + first["b"]
-    if not rest:
-        return a[..., 0]
-    return _apply_parallel(rest, _gelu(a))
+# ----------------------------------------------------------------------------- the CI functions
 
 
-def _apply_vector_mlp(layers, inner_acts, x):
-    first, rest = layers[0], layers[1:]
-    a = jnp.einsum("...i,cio->...co", x, first["w"]) + first["b"]
-    if not rest:
-        return a[..., 0]
-    return _apply_parallel(rest, _gelu(a))
+def _check_hidden(name: str, hidden: tuple, *, allow_empty: bool) -> tuple[int, ...]:
+    hidden = tuple(hidden)
+    if not hidden and not allow_empty:
+        raise ValueError(f"CI function {name!r} needs at least one hidden layer; got {hidden!r}.")
+    if any(not isinstance(h, int) or isinstance(h, bool) or h <= 0 for h in hidden):
+        raise ValueError(f"CI hidden widths must be positive ints; got {list(hidden)!r}.")
+    return hidden
 
 
-def _apply_shared_mlp(layers, inner_acts, x):
-    a = x
-    for i, layer in enumerate(layers):
-        a = jnp.einsum("...i,io->...o", a, layer["w"]) + layer["b"]
-        if i < len(layers) - 1:
-            a = _gelu(a)
-    return a
+@dataclasses.dataclass(frozen=True)
+class MLP:
+    """The paper's CI function: one tiny MLP per subcomponent on its own inner activation.
+
+    ``gamma_c = MLP_c((x V)_c)``; params per layer ``w: (C, fan_in, fan_out)``, ``b: (C, fan_out)``.
+    """
+
+    hidden: tuple[int, ...] = (16,)
+    uses_inner_acts: ClassVar[bool] = True  # input: inner acts [..., C] (also for embeddings)
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", _check_hidden("mlp", self.hidden, allow_empty=False))
+
+    def init(self, key, *, C: int, d_in: int) -> list[dict]:
+        return _init_layers(key, _layer_dims(1, self.hidden, 1), (C,))
+
+    def apply(self, params: list[dict], inner_acts: Array, x: Array) -> Array:
+        if len(params) == 2:
+            l1, l2 = params
+            return scalar_mlp(inner_acts, l1["w"][:, 0, :], l1["b"], l2["w"][..., 0],
+                              l2["b"][..., 0])
+        first, rest = params[0], params[1:]
+        # fan_in is 1: the first layer is an elementwise scale per (component, hidden unit).
+        a = inner_acts[..., None] * first["w"][:, 0, :] + first["b"]
+        return _apply_parallel(rest, _gelu(a))
+
+    def partition_specs(self, params: list[dict], model_axis: str):
+        return jax.tree.map(lambda _: P(model_axis), params)  # every leaf has C first
 
 
-class CIKind(NamedTuple):
-    init: Callable
-    apply: Callable[[list, Array, Array], Array]
-    component_axis_first: bool  # True: every leaf has C as axis 0 (shardable along C)
+@dataclasses.dataclass(frozen=True)
+class VectorMLP:
+    """One MLP per subcomponent on the whole site input ``x [..., d_in]`` (later reference)."""
+
+    hidden: tuple[int, ...] = (16,)
+    uses_inner_acts: ClassVar[bool] = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden",
+                           _check_hidden("vector_mlp", self.hidden, allow_empty=False))
+
+    def init(self, key, *, C: int, d_in: int) -> list[dict]:
+        return _init_layers(key, _layer_dims(d_in, self.hidden, 1), (C,))
+
+    def apply(self, params: list[dict], inner_acts: Array | None, x: Array) -> Array:
+        first, rest = params[0], params[1:]
+        a = jnp.einsum("...i,cio->...co", x, first["w"]) + first["b"]
+        return _apply_parallel(rest, _gelu(a))
+
+    def partition_specs(self, params: list[dict], model_axis: str):
+        return jax.tree.map(lambda _: P(model_axis), params)
 
 
-CI_KINDS: dict[str, CIKind] = {
-    "mlp": CIKind(_init_mlp, _apply_mlp, True),
-    "vector_mlp": CIKind(_init_vector_mlp, _apply_vector_mlp, True),
-    "shared_mlp": CIKind(_init_shared_mlp, _apply_shared_mlp, False),
-}
+@dataclasses.dataclass(frozen=True)
+class SharedMLP:
+    """One ordinary MLP ``d_in -> hidden -> C`` on the site input (later reference)."""
+
+    hidden: tuple[int, ...] = ()
+    uses_inner_acts: ClassVar[bool] = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden",
+                           _check_hidden("shared_mlp", self.hidden, allow_empty=True))
+
+    def init(self, key, *, C: int, d_in: int) -> list[dict]:
+        return _init_layers(key, _layer_dims(d_in, self.hidden, C), ())
+
+    def apply(self, params: list[dict], inner_acts: Array | None, x: Array) -> Array:
+        a = x
+        for i, layer in enumerate(params):
+            a = jnp.einsum("...i,io->...o", a, layer["w"]) + layer["b"]
+            if i < len(params) - 1:
+                a = _gelu(a)
+        return a
+
+    def partition_specs(self, params: list[dict], model_axis: str):
+        specs = [{"w": P(), "b": P()} for _ in params]
+        specs[-1] = {"w": P(None, model_axis), "b": P(model_axis)}  # only the output has C
+        return specs
 
 
-def get_ci_kind(name: str) -> CIKind:
-    if name not in CI_KINDS:
-        raise ValueError(f"Unknown CI function type {name!r}; expected one of {sorted(CI_KINDS)}.")
-    return CI_KINDS[name]
+class CIFunction(Protocol):
+    """What a CI function provides (``MLP``, ``VectorMLP``, ``SharedMLP`` or your own).
+
+    ``apply`` returns the raw, pre-sigmoid importance ``[..., C]`` from the inner acts
+    ``[..., C]`` (None unless ``uses_inner_acts``) and the site input ``x [..., d_in]``;
+    ``partition_specs`` lays the params out with C on ``model_axis`` where they have it.
+    """
+
+    uses_inner_acts: bool
+
+    def init(self, key: Array, *, C: int, d_in: int) -> Any: ...
+
+    def apply(self, params: Any, inner_acts: Array | None, x: Array) -> Array: ...
+
+    def partition_specs(self, params: Any, model_axis: str) -> Any: ...
 
 
-def init_ci(key, kind: str, *, C: int, d_in: int, hidden: Sequence[int]) -> list[dict]:
-    """Initialises the CI function of one site."""
-    _check_hidden(kind, hidden)
-    return get_ci_kind(kind).init(key, C=C, d_in=d_in, hidden=tuple(hidden))
+# name -> constructor taking ``hidden`` (configs: ``ci_fn`` + ``ci_hidden``).
+CI_FUNCTIONS: Registry[Callable[..., CIFunction]] = Registry(
+    "CI function type", {"mlp": MLP, "vector_mlp": VectorMLP, "shared_mlp": SharedMLP}
+)
 
 
-def apply_ci(kind: str, params: list[dict], inner_acts: Array, x: Array) -> Array:
-    """Raw (pre-sigmoid) CI ``[..., C]`` from inner acts ``[..., C]`` and site input ``[..., d_in]``."""
-    return get_ci_kind(kind).apply(params, inner_acts, x)
+def make_ci_fn(name_or_fn: str | CIFunction, hidden: Sequence[int] = (16,)) -> CIFunction:
+    """A CI function value from a registered name and hidden widths (values pass through)."""
+    if isinstance(name_or_fn, str):
+        return CI_FUNCTIONS.get(name_or_fn)(hidden=tuple(hidden))
+    return name_or_fn

@@ -5,10 +5,11 @@ Its inner activation on input ``x`` is ``(x @ V)_c``. A masked site computes
 ``((x @ V) * mask) @ U + bias`` (never a per-example weight); an embedding site uses the rows
 ``V[ids]`` instead of ``x @ V``. Biases are the target's, frozen.
 
-Inits (reference spec section 1.2):
+Inits (values; registered in :data:`COMPONENT_INITS`; reference spec section 1.2):
   ``paper``     unit-norm random columns of V and rows of U, each rank-one piece scaled by its
                 overlap with W: ``U[c] *= V[:, c]ᵀ W U[c]ᵀ``.
-  ``gaussian``  V ~ N(0, 1/d_in), U ~ N(0, 1/C); usually followed by :func:`faithfulness_warmup`.
+  ``gaussian``  V ~ N(0, 1/d_in), U ~ N(0, 1/C); usually followed by a faithfulness warm-up
+                (:func:`spdjax.methods.spd.faithfulness_warmup`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
+
+from spdjax.registry import Registry
 
 Array = jax.Array
 
@@ -37,7 +39,8 @@ def masked_output(acts: Array, U: Array, mask: Array | None, bias: Array | None)
     return y if bias is None else y + bias
 
 
-def _init_paper(key, W: Array, C: int) -> dict:
+def init_paper(key, W: Array, C: int) -> dict:
+    """Unit-norm random columns of V and rows of U, each piece scaled by its overlap with W."""
     kv, ku = jax.random.split(key)
     V = jax.random.normal(kv, (W.shape[0], C))
     U = jax.random.normal(ku, (C, W.shape[1]))
@@ -47,7 +50,8 @@ def _init_paper(key, W: Array, C: int) -> dict:
     return {"V": V, "U": U * overlap[:, None]}
 
 
-def _init_gaussian(key, W: Array, C: int) -> dict:
+def init_gaussian(key, W: Array, C: int) -> dict:
+    """``V ~ N(0, 1/d_in)``, ``U ~ N(0, 1/C)`` (later reference)."""
     kv, ku = jax.random.split(key)
     d_in, d_out = W.shape
     return {
@@ -56,37 +60,8 @@ def _init_gaussian(key, W: Array, C: int) -> dict:
     }
 
 
-COMPONENT_INITS: dict[str, Callable[[Array, Array, int], dict]] = {
-    "paper": _init_paper,
-    "gaussian": _init_gaussian,
-}
-
-
-def init_components(key, W: Array, C: int, *, init: str = "paper") -> dict:
-    """Factors ``{"V": (d_in, C), "U": (C, d_out)}`` for a target weight ``W (d_in, d_out)``."""
-    if init not in COMPONENT_INITS:
-        raise ValueError(f"Unknown component init {init!r}; expected one of {sorted(COMPONENT_INITS)}.")
-    return COMPONENT_INITS[init](key, W, C)
-
-
-def faithfulness_warmup(
-    components: dict,
-    faithfulness_fn: Callable[[dict], Array],
-    *,
-    steps: int,
-    lr: float = 0.01,
-    weight_decay: float = 0.1,
-) -> dict:
-    """Minimises ``faithfulness_fn(components)`` alone with AdamW (later reference: 200/0.01/0.1)."""
-    if steps <= 0:
-        return components
-    opt = optax.adamw(lr, weight_decay=weight_decay)
-
-    def body(carry, _):
-        comps, state = carry
-        grads = jax.grad(faithfulness_fn)(comps)
-        updates, state = opt.update(grads, state, comps)
-        return (optax.apply_updates(comps, updates), state), None
-
-    (components, _), _ = jax.lax.scan(body, (components, opt.init(components)), None, length=steps)
-    return components
+# An init is ``(key, W (d_in, d_out), C) -> {"V": (d_in, C), "U": (C, d_out)}``.
+ComponentInit = Callable[[Array, Array, int], dict]
+COMPONENT_INITS: Registry[ComponentInit] = Registry(
+    "component init", {"paper": init_paper, "gaussian": init_gaussian}
+)

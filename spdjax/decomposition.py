@@ -26,10 +26,11 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from spdjax import ci as ci_lib
 from spdjax import components as comp_lib
-from spdjax.sigmoids import get_sigmoid
+from spdjax.ci import CIFunction, make_ci_fn
+from spdjax.sigmoids import SIGMOIDS, SigmoidPair
 from spdjax.target import Site, Target
 
 Array = jax.Array
@@ -43,6 +44,11 @@ class CausalImportance(NamedTuple):
     lower: Array
     upper: Array
     pre: Array
+
+
+def ci_l0(ci_lower: Array, threshold: float) -> Array:
+    """Mean over examples of the number of components with CI above ``threshold`` (``[..., C]``)."""
+    return jnp.mean(jnp.sum((ci_lower > threshold).astype(jnp.float32), axis=-1))
 
 
 def match_sites(target: Target, patterns: Mapping[str, int]) -> dict[str, int]:
@@ -81,9 +87,8 @@ class Decomposition:
     site_names: tuple[str, ...]
     C: Mapping[str, int]
     ties: Mapping[str, str]
-    ci_fn: str = "mlp"
-    ci_hidden: tuple[int, ...] = (16,)
-    sigmoid: str = "leaky_hard"
+    ci_fn: CIFunction
+    sigmoid: SigmoidPair
     tie_mode: str = "shared"
 
     # -- structure -------------------------------------------------------------------------
@@ -111,27 +116,33 @@ class Decomposition:
         return V @ U
 
     # -- init -------------------------------------------------------------------------------
-    def init(self, key: Array, target_params: Any, *, init: str = "paper") -> Params:
-        """Initial factors (``init`` = ``"paper"`` or ``"gaussian"``) and CI functions."""
+    def init(
+        self, key: Array, target_params: Any, *,
+        init: str | comp_lib.ComponentInit = comp_lib.init_paper,
+    ) -> Params:
+        """Initial factors (``init``: a :data:`~spdjax.components.ComponentInit`, e.g.
+        ``init_paper`` or ``init_gaussian``, or its name) and CI functions."""
+        init_fn = comp_lib.COMPONENT_INITS.resolve(init)
         kc, kg = jax.random.split(key)
         comps = {}
         for i, name in enumerate(n for n in self.owners if n not in self.ties):
             W = self.site(name).weight(target_params)
-            comps[name] = comp_lib.init_components(
-                jax.random.fold_in(kc, i), W, self.C[name], init=init
-            )
+            comps[name] = init_fn(jax.random.fold_in(kc, i), W, self.C[name])
         for tied, owner in self.ties.items():
             if tied in self.owners:  # aliased: a copy of the owner's transpose
                 comps[tied] = {"V": comps[owner]["U"].T, "U": comps[owner]["V"].T}
         cis = {}
         for i, name in enumerate(self.site_names):
-            cis[name] = ci_lib.init_ci(
-                jax.random.fold_in(kg, i),
-                self.ci_fn,
-                C=self.C[name],
-                d_in=self.site(name).d_in,
-                hidden=self.ci_hidden,
+            cis[name] = self.ci_fn.init(
+                jax.random.fold_in(kg, i), C=self.C[name], d_in=self.site(name).d_in
             )
+        return {"components": comps, "ci": cis}
+
+    def partition_specs(self, params: Params, model_axis: str) -> dict:
+        """PartitionSpecs with the component axis C on ``model_axis`` (factors and CI params)."""
+        comps = {n: {"V": P(None, model_axis), "U": P(model_axis, None)}
+                 for n in params["components"]}
+        cis = {n: self.ci_fn.partition_specs(p, model_axis) for n, p in params["ci"].items()}
         return {"components": comps, "ci": cis}
 
     # -- forward passes ---------------------------------------------------------------------
@@ -144,6 +155,8 @@ class Decomposition:
                 f"Sites {missing} were never called in the target's forward pass (for a linen/nnx "
                 "model: they are not applied as Dense/Linear/Embed layers)."
             )
+        for name in self.site_names:
+            _check_site_input(self.site(name), inputs[name])
         return out, {n: inputs[n] for n in self.site_names}
 
     def site_fn(self, params: Params, target_params: Any, name: str, mask: Array | None):
@@ -169,15 +182,28 @@ class Decomposition:
         self, params: Params, site_inputs: Mapping[str, Array]
     ) -> dict[str, CausalImportance]:
         """CI of every site from clean site inputs (gradients flow into V through inner acts)."""
-        sig = get_sigmoid(self.sigmoid)
+        sig = self.sigmoid
         out = {}
         for name in self.site_names:
             x = site_inputs[name]
-            V, _ = self.factors(params, name)
-            acts = comp_lib.inner_acts(self.site(name).kind, V, x) if self.ci_fn == "mlp" else None
-            pre = ci_lib.apply_ci(self.ci_fn, params["ci"][name], acts, x)
+            acts = None
+            if self.ci_fn.uses_inner_acts:
+                acts = comp_lib.inner_acts(self.site(name).kind, self.factors(params, name)[0], x)
+            pre = self.ci_fn.apply(params["ci"][name], acts, x)
             out[name] = CausalImportance(lower=sig.lower(pre), upper=sig.upper(pre), pre=pre)
         return out
+
+
+def _check_site_input(site: Site, x: Array) -> None:
+    """A site's input must fit its weight: ``[..., d_in]`` floats, or integer ids for an embedding."""
+    if site.kind == "embed":
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"Embedding site {site.name!r} needs integer token ids; got {x.dtype}.")
+    elif x.ndim < 1 or x.shape[-1] != site.d_in:
+        raise ValueError(
+            f"Site {site.name!r} expects inputs [..., {site.d_in}] (its d_in) but got shape "
+            f"{tuple(x.shape)}: does the batch's last axis match the model's input width?"
+        )
 
 
 def decompose(
@@ -185,9 +211,9 @@ def decompose(
     sites: Mapping[str, int],
     *,
     ties: Mapping[str, str] | None = None,
-    ci_fn: str = "mlp",
+    ci_fn: str | CIFunction = "mlp",
     ci_hidden: Sequence[int] = (16,),
-    sigmoid: str = "leaky_hard",
+    sigmoid: str | SigmoidPair = "leaky_hard",
     tie_mode: str = "shared",
 ) -> Decomposition:
     """Chooses the sites to decompose by glob pattern and validates the whole setup up front.
@@ -196,9 +222,11 @@ def decompose(
       target: the model (see :mod:`spdjax.target`, :mod:`spdjax.adapters`).
       sites: ``{pattern: C}``, e.g. ``{"layers_*/mlp_in": 100, "layers_*/mlp_out": 100}``.
       ties: ``{tied_site: owner_site}``; the tied site's weight must be the owner's transpose.
-      ci_fn: ``"mlp"`` (paper), ``"vector_mlp"`` or ``"shared_mlp"``.
-      ci_hidden: hidden widths of the CI functions (paper: ``(16,)``).
-      sigmoid: see :mod:`spdjax.sigmoids` (paper: ``"leaky_hard"``).
+      ci_fn: a CI function value (:mod:`spdjax.ci`, or your own with its protocol) or the name
+        of a registered one: ``"mlp"`` (paper), ``"vector_mlp"`` or ``"shared_mlp"``.
+      ci_hidden: hidden widths, used only when ``ci_fn`` is a name (paper: ``(16,)``).
+      sigmoid: a :class:`~spdjax.sigmoids.SigmoidPair` or a registered name (paper:
+        ``"leaky_hard"``).
       tie_mode: ``"shared"`` or ``"aliased"`` (the reference's two updates; module docstring).
     """
     if tie_mode not in TIE_MODES:
@@ -217,24 +245,18 @@ def decompose(
                 f"Cannot tie {tied!r} {(a.d_in, a.d_out)}, C={C[tied]} to the transpose of "
                 f"{owner!r} {(b.d_in, b.d_out)}, C={C[owner]}."
             )
-    ci_lib.get_ci_kind(ci_fn)
-    ci_lib._check_hidden(ci_fn, tuple(ci_hidden))
-    get_sigmoid(sigmoid)
+    ci_fn = make_ci_fn(ci_fn, ci_hidden)
+    sigmoid = SIGMOIDS.resolve(sigmoid)
     embeds = [n for n in C if target.sites[n].kind == "embed"]
-    if embeds and ci_fn != "mlp":
-        raise ValueError(f"Embedding sites {embeds} need ci_fn='mlp' (their input is token ids).")
+    if embeds and not ci_fn.uses_inner_acts:
+        raise ValueError(f"Embedding sites {embeds} need a CI function on inner activations "
+                         f"(e.g. ci_fn='mlp'): their input is token ids; got {ci_fn!r}.")
     return Decomposition(
         target=target,
         site_names=tuple(C),
         C=C,
         ties=ties,
         ci_fn=ci_fn,
-        ci_hidden=tuple(int(h) for h in ci_hidden),
         sigmoid=sigmoid,
         tie_mode=tie_mode,
     )
-
-
-def ones_masks(ci: Mapping[str, CausalImportance]) -> dict[str, Array]:
-    """All-ones masks with the shape of each site's CI."""
-    return {n: jnp.ones_like(c.lower) for n, c in ci.items()}

@@ -7,7 +7,7 @@ resumes from the latest checkpoint in its workdir; ``--fresh`` discards that run
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from spdjax.train import train_and_evaluate
+from spdjax.training.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tms.py:5-2.",
                                           lock_config=True)
@@ -22,7 +22,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     config = _CONFIG.value
     workdir = _WORKDIR.value or f"workdir/{config.experiment}_{config.variant}"
-    train_and_evaluate(config, workdir, fresh=_FRESH.value)
+    train_and_evaluate(config, workdir, fresh=_FRESH.value)  # prints spdjax's log to stdout
 
 
 if __name__ == "__main__":

@@ -14,31 +14,36 @@ from typing import Callable, Mapping
 
 import jax
 
+from spdjax.registry import Registry
+
 Array = jax.Array
 
 
-def _continuous(key, shape, dtype):
+def continuous(key, shape, dtype):
+    """``s ~ U[0, 1)`` (paper)."""
     return jax.random.uniform(key, shape, dtype)
 
 
-def _binomial(key, shape, dtype):
+def binomial(key, shape, dtype):
+    """``s ~ Bernoulli(1/2)`` (later reference)."""
     return jax.random.bernoulli(key, 0.5, shape).astype(dtype)
 
 
-MASK_SAMPLERS: dict[str, Callable] = {"continuous": _continuous, "binomial": _binomial}
-
-
-def get_sampler(name: str) -> Callable:
-    if name not in MASK_SAMPLERS:
-        raise ValueError(f"Unknown mask sampling {name!r}; expected one of {sorted(MASK_SAMPLERS)}.")
-    return MASK_SAMPLERS[name]
+# A sampler is ``(key, shape, dtype) -> s`` with values in [0, 1].
+MaskSampler = Callable[[Array, tuple, object], Array]
+SAMPLERS: Registry[MaskSampler] = Registry(
+    "mask sampling", {"continuous": continuous, "binomial": binomial}
+)
 
 
 def sample_masks(
-    key: Array, ci_lower: Mapping[str, Array], *, sampling: str = "continuous"
+    key: Array, ci_lower: Mapping[str, Array], *, sampling: str | MaskSampler = continuous
 ) -> dict[str, Array]:
-    """One stochastic mask per site, each with the shape of that site's CI ``[..., C]``."""
-    draw = get_sampler(sampling)
+    """One stochastic mask per site, each with the shape of that site's CI ``[..., C]``.
+
+    ``sampling`` is a :data:`MaskSampler` (or, for convenience, a name in :data:`SAMPLERS`).
+    """
+    draw = SAMPLERS.resolve(sampling)
     masks = {}
     for i, (name, g) in enumerate(ci_lower.items()):
         s = jax.lax.stop_gradient(draw(jax.random.fold_in(key, i), g.shape, g.dtype))

@@ -1,10 +1,10 @@
 """Hard sigmoids that turn raw causal-importance outputs into CI values.
 
-Every sigmoid type is a pair ``(lower, upper)``:
+Every sigmoid type is a :class:`SigmoidPair` value ``(lower, upper)``:
   * ``lower`` makes the values used for masks (stochastic, CI-masked, L0, plots);
   * ``upper`` makes the values penalised by importance minimality.
 
-Types (SPD paper appendix "Avoiding dead gradients"; reference spec section 2.3):
+Registered types (:data:`SIGMOIDS`; SPD paper appendix "Avoiding dead gradients"; reference spec section 2.3):
   ``leaky_hard``          paper: lower is leaky in the forward (0.01 x for x <= 0), upper-leaky for imp-min.
   ``leaky_hard_clamped``  later reference: lower is clamped to [0, 1] in the forward, with a one-sided
                           leaky custom gradient below 0; upper as above.
@@ -19,6 +19,8 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from spdjax.registry import Registry
 
 # Slope of the leaky parts, below 0 (lower) and above 1 (upper): 0.01 everywhere in the paper.
 LEAK = 0.01
@@ -65,21 +67,20 @@ lower_leaky_hard_clamped.defvjp(_clamped_fwd, _clamped_bwd)
 
 
 class SigmoidPair(NamedTuple):
+    """A sigmoid type: ``lower`` for masks and L0, ``upper`` for importance minimality.
+
+    Any pair of elementwise functions ``[..., C] -> [..., C]`` works, e.g.
+    ``SigmoidPair(jax.nn.sigmoid, jax.nn.sigmoid)``.
+    """
+
     lower: Callable[[Array], Array]
     upper: Callable[[Array], Array]
 
 
-SIGMOID_TYPES: dict[str, SigmoidPair] = {
+SIGMOIDS: Registry[SigmoidPair] = Registry("sigmoid type", {
     "leaky_hard": SigmoidPair(lower_leaky_hard, upper_leaky_hard),
     "leaky_hard_clamped": SigmoidPair(lower_leaky_hard_clamped, upper_leaky_hard),
     "hard": SigmoidPair(hard, hard),
     "upper_leaky_hard": SigmoidPair(upper_leaky_hard, upper_leaky_hard),
     "logistic": SigmoidPair(jax.nn.sigmoid, jax.nn.sigmoid),
-}
-
-
-def get_sigmoid(name: str) -> SigmoidPair:
-    """Returns the (lower, upper) pair for a sigmoid type name."""
-    if name not in SIGMOID_TYPES:
-        raise ValueError(f"Unknown sigmoid type {name!r}; expected one of {sorted(SIGMOID_TYPES)}.")
-    return SIGMOID_TYPES[name]
+})

@@ -75,15 +75,17 @@ class SiteHooks:
     ``y = hooks("linear1", x, lambda a: a @ W)`` instead of ``y = x @ W``.
     """
 
-    def __init__(self, replace: Mapping[str, SiteFn]):
+    def __init__(self, replace: Mapping[str, SiteFn], *,
+                 twice_hint: str = "Give each application its own site name."):
         self.replace = replace
         self.inputs: dict[str, Array] = {}
+        self._twice_hint = twice_hint
 
     def __call__(self, name: str, x: Array, default: SiteFn) -> Array:
         if name in self.inputs:
             raise ValueError(
                 f"Site {name!r} was called twice in one forward pass; a site must be one weight "
-                "application. Give each application its own site name."
+                f"application. {self._twice_hint}"
             )
         self.inputs[name] = x
         fn = self.replace.get(name)
@@ -117,5 +119,4 @@ def weight_at(path: tuple, *, transpose: bool = False) -> Callable[[Params], Arr
             w = w[key]
         return w.T if transpose else w
 
-    get.path = path  # type: ignore[attr-defined]
     return get

@@ -12,9 +12,6 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from spdjax import ci as ci_lib
-from spdjax.decomposition import Decomposition
-
 DATA, MODEL = "data", "model"
 
 
@@ -34,34 +31,31 @@ def make_mesh(data: int | None = None, model: int = 1) -> Mesh:
     )
 
 
-def param_specs(decomposition: Decomposition, params: dict) -> dict:
-    """PartitionSpecs for SPD params: the component axis C goes on ``model``."""
-    comps = {n: {"V": P(None, MODEL), "U": P(MODEL, None)} for n in params["components"]}
-    kind = ci_lib.get_ci_kind(decomposition.ci_fn)
-    cis = {}
-    for name, layers in params["ci"].items():
-        if kind.component_axis_first:
-            cis[name] = jax.tree.map(lambda _: P(MODEL), layers)
-        else:
-            specs = [{"w": P(), "b": P()} for _ in layers]
-            specs[-1] = {"w": P(None, MODEL), "b": P(MODEL)}
-            cis[name] = specs
-    return {"components": comps, "ci": cis}
+def check_divisible(params: Any, specs: Any, mesh: Mesh, batch_size: int) -> None:
+    """Fails early if a sharded axis (e.g. C) or the batch does not split evenly over the mesh."""
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    for (path, x), spec in zip(flat, flat_specs):
+        for dim, axis in enumerate(spec):
+            if axis is not None and x.shape[dim] % mesh.shape[axis]:
+                raise ValueError(
+                    f"Parameter {jax.tree_util.keystr(path)} has size {x.shape[dim]} on axis "
+                    f"{dim}, which is sharded along {axis!r} (size {mesh.shape[axis]}) but not "
+                    "divisible by it; choose C divisible by the model axis size."
+                )
+    if batch_size % mesh.shape[DATA]:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the data axis size {mesh.shape[DATA]}."
+        )
 
 
-def check_divisible(decomposition: Decomposition, mesh: Mesh, batch_size: int) -> None:
-    """Fails early if C or the batch does not split evenly over the mesh."""
-    m, d = mesh.shape[MODEL], mesh.shape[DATA]
-    for name, C in decomposition.C.items():
-        if C % m:
-            raise ValueError(f"Site {name!r}: C={C} is not divisible by the model axis size {m}.")
-    if batch_size % d:
-        raise ValueError(f"batch_size={batch_size} is not divisible by the data axis size {d}.")
+def shard_params(layout: Any, params: Any, mesh: Mesh) -> Any:
+    """Places params on the mesh by ``layout.partition_specs(params, MODEL)``.
 
-
-def shard_params(decomposition: Decomposition, params: dict, mesh: Mesh) -> dict:
-    """Places SPD params on the mesh according to :func:`param_specs`."""
-    specs = param_specs(decomposition, params)
+    ``layout`` is a :class:`~spdjax.decomposition.Decomposition` or a
+    :class:`~spdjax.methods.Method`: anything that knows where its component axis is.
+    """
+    specs = layout.partition_specs(params, MODEL)
     return jax.tree.map(
         lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs
     )

@@ -15,6 +15,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 
+from spdjax.registry import Registry
+
 
 def _constant(t, f):
     return jnp.ones_like(t)
@@ -32,25 +34,23 @@ def _cosine_half(t, f):
     return f + (1.0 - f) * 0.5 * (1.0 + jnp.cos(math.pi * t))
 
 
-SCHEDULES: dict[str, Callable] = {
+SCHEDULES: Registry[Callable] = Registry("lr schedule", {
     "constant": _constant,
     "linear": _linear,
     "cosine": _cosine_quarter,
     "cosine_half": _cosine_half,
-}
+})
 
 
 def make_schedule(
     name: str, lr: float, total_steps: int, *, warmup_frac: float = 0.0, final_frac: float = 0.0
 ) -> Callable:
     """An optax-compatible schedule. ``final_frac`` applies to ``linear`` and ``cosine_half``."""
-    if name not in SCHEDULES:
-        raise ValueError(f"Unknown lr schedule {name!r}; expected one of {sorted(SCHEDULES)}.")
     if not 0.0 <= warmup_frac < 1.0:
         raise ValueError(f"warmup_frac must be in [0, 1), got {warmup_frac}.")
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}.")
-    shape = SCHEDULES[name]
+    shape = SCHEDULES.get(name)
     warmup = int(total_steps * warmup_frac)
     decay_steps = total_steps - warmup
 

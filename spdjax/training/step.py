@@ -1,8 +1,8 @@
 """The training step: one pure function, jitted at the boundary, shared by every method.
 
-A *method* is an ``objective(params, target_params, batch, key, step_frac) -> (loss, metrics)``;
-SPD's is :func:`spd_objective`. A different decomposition method (e.g. APD) supplies its own
-objective and reuses :func:`make_train_step` and the training loop unchanged.
+A method supplies an ``objective(params, target_params, batch, key, step_frac) -> (loss,
+metrics)`` and an optimizer (:class:`spdjax.methods.Method`); this module turns them into
+``step(state, target_params, root_key) -> (state, metrics)`` and knows nothing else about them.
 """
 
 from __future__ import annotations
@@ -16,78 +16,19 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from spdjax import sharding as shard_lib
-from spdjax.decomposition import Decomposition
-from spdjax.losses import make_context, make_total_loss
+from spdjax.methods.base import Objective
+from spdjax.training import sharding as shard_lib
 
 Array = jax.Array
-Objective = Callable[[Any, Any, Any, Array, Array], tuple[Array, dict[str, Array]]]
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Step counter, the decomposition's params, and the optimizer state (kept separate)."""
+    """Step counter, the method's params, and the optimizer state (kept separate)."""
 
     step: Array
     params: Any
     opt_state: Any
-
-
-def ci_l0(ci_lower: Array, threshold: float) -> Array:
-    """Mean over examples of the number of components with CI above ``threshold``."""
-    return jnp.mean(jnp.sum((ci_lower > threshold).astype(jnp.float32), axis=-1))
-
-
-def spd_objective(
-    decomposition: Decomposition,
-    loss_config: Mapping[str, Mapping[str, Any]],
-    *,
-    l0_threshold: float = 0.1,
-) -> Objective:
-    """The SPD objective: weighted sum of the configured loss terms (see :mod:`spdjax.losses`).
-
-    Metrics: ``loss/total``, ``loss/<term>`` (unweighted) and ``ci_l0/<site>``.
-    """
-    total_loss = make_total_loss(loss_config)
-
-    def objective(params, target_params, batch, key, step_frac):
-        ctx = make_context(decomposition, target_params, params, batch, step_frac)
-        total, terms = total_loss(params, ctx, key)
-        metrics = {"loss/total": total, **{f"loss/{k}": v for k, v in terms.items()}}
-        for name, c in ctx.ci.items():
-            metrics[f"ci_l0/{name}"] = ci_l0(c.lower, l0_threshold)
-        return total, metrics
-
-    return objective
-
-
-def aliased_tie_updates(decomposition: Decomposition) -> optax.GradientTransformation:
-    """Adds the updates of each tied pair's two copies and gives both the sum (``tie_mode="aliased"``).
-
-    Chained after the optimizer: ``u_owner + swap(u_tied)`` goes to the owner and its
-    swap-transpose (``V <- Uᵀ``, ``U <- Vᵀ``) to the tied copy, so copies that start equal stay
-    equal, each moved by both of its own optimizer steps, as in the reference.
-    """
-
-    def update_fn(updates, state, params=None):
-        del params
-        comps = dict(updates["components"])
-        for tied, owner in decomposition.ties.items():
-            u_owner, u_tied = comps[owner], comps[tied]
-            merged = {"V": u_owner["V"] + u_tied["U"].T, "U": u_owner["U"] + u_tied["V"].T}
-            comps[owner], comps[tied] = merged, {"V": merged["U"].T, "U": merged["V"].T}
-        return {**updates, "components": comps}, state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-
-
-def make_optimizer(decomposition: Decomposition, learning_rate) -> optax.GradientTransformation:
-    """Adam (β 0.9/0.999, eps 1e-8, no weight decay: the paper's), plus the tied-copy sync for
-    ``tie_mode="aliased"``. ``learning_rate`` is a float or an optax schedule."""
-    adam = optax.adam(learning_rate)
-    if decomposition.ties and decomposition.tie_mode == "aliased":
-        return optax.chain(adam, aliased_tie_updates(decomposition))
-    return adam
 
 
 def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
@@ -153,7 +94,6 @@ def make_train_step(
         init = (zeros[1], zeros[0][1])
         (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(microbatches), chunks))
         return jax.tree.map(lambda a: a / microbatches, (grads, metrics))
-
 
     def step(state: TrainState, target_params, root_key):
         key = jax.random.fold_in(root_key, state.step)

@@ -53,7 +53,23 @@ class Probe:
     index: int
     loss: float  # mean total loss over the last quarter of the selection steps
     state: Any  # its train state (kept only for the best candidate)
-    logs: list  # its metric lines, written to metrics.jsonl if it wins
+    lines: list  # its metric lines, written to metrics.jsonl if it wins
+
+
+class TailMean:
+    """``on_step`` callback: the mean total loss over the last quarter of ``n_steps`` steps,
+    summed on device (no host sync until :meth:`value`)."""
+
+    def __init__(self, n_steps: int):
+        self.n_steps, self.tail = n_steps, max(1, n_steps // 4)
+        self._sum = 0.0
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        if step > self.n_steps - self.tail:
+            self._sum = self._sum + metrics["loss"]["total"]
+
+    def value(self) -> float:
+        return float(self._sum) / self.tail
 
 
 def select(

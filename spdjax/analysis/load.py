@@ -1,0 +1,88 @@
+"""Open a finished (or running) run's workdir for analysis: :func:`load`.
+
+    run = spdjax.load("workdir/tms_5-2")
+    run.config, run.params, run.decomposition, run.target_params
+    run.evaluate()          # the experiment's ground-truth metrics, recomputed
+    run.plot()              # every figure, redrawn into workdir/figures
+
+Everything comes from the workdir: the config from the checkpoint's metadata (else
+``config.json``), the target from ``target_params.npz`` (else the target cache), the params from
+the latest checkpoint (or ``step``), matched by name. No optimizer state is read into a template.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+
+from spdjax.experiments.registry import Experiment, build_experiment
+from spdjax.experiments.target_training import load_params
+from spdjax.methods import METHODS, Method
+from spdjax.training.checkpoints import Checkpointer
+
+
+@dataclasses.dataclass(eq=False)
+class LoadedRun:
+    """A run read back from its workdir."""
+
+    workdir: pathlib.Path
+    config: ml_collections.ConfigDict
+    experiment: Experiment
+    method: Method
+    params: Any
+    step: int
+
+    @property
+    def decomposition(self):
+        return self.method.decomposition
+
+    @property
+    def target(self):
+        return self.experiment.target
+
+    @property
+    def target_params(self):
+        return self.experiment.target_params
+
+    def evaluate(self) -> dict:
+        """The experiment's ground-truth metrics of these params (MMCS/ML2R, CI errors, ...)."""
+        return self.experiment.evaluate(self.decomposition, self.params)
+
+    def plot(self, figures_dir: str | pathlib.Path | None = None) -> list[pathlib.Path]:
+        """Redraws every figure (default: into ``workdir/figures``)."""
+        from spdjax.training.loop import plot
+
+        return plot(self, figures_dir)
+
+
+def load(workdir: str | pathlib.Path, *, step: int | None = None) -> LoadedRun:
+    """Reads the run in ``workdir`` at its latest checkpoint (or ``step``)."""
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{workdir} holds no run: there is no checkpoints/ directory.")
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        meta = ckpt.read_meta(step)
+        if "config" in meta:
+            config_dict = meta["config"]
+        elif (workdir / "config.json").exists():
+            config_dict = json.loads((workdir / "config.json").read_text())
+        else:
+            raise FileNotFoundError(f"{workdir}: neither the checkpoint nor config.json holds "
+                                    "the run's config.")
+        config = ml_collections.ConfigDict(config_dict)
+        target_file = workdir / "target_params.npz"
+        experiment = build_experiment(
+            config, target_params=load_params(target_file) if target_file.exists() else None)
+        method = METHODS.get(config.get("method", "spd"))(config, experiment, config.lr)
+        template = jax.eval_shape(method.init, jax.random.key(0), experiment.target_params)
+        params = ckpt.restore_subtree(template, "params", meta["step"])
+    finally:
+        ckpt.close()
+    return LoadedRun(workdir=workdir, config=config, experiment=experiment, method=method,
+                     params=params, step=int(meta["step"]))

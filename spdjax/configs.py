@@ -1,0 +1,129 @@
+"""Run configs: the fields every experiment shares, and the one loader of config files.
+
+A config file (``configs/<name>.py``) defines ``get_config(arg)`` on top of :func:`base_config`;
+the CLI reads it with ``--config=configs/tms.py:5-2`` and everything else with
+:func:`load` (``load("tms:5-2+gaussian")``), so benchmarks, notebooks and tests see exactly the
+config the CLI would. The base lives in the package rather than next to the config files because
+ml_collections loads a config file by path, without its directory on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+from typing import Any, Mapping
+
+import ml_collections
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
+    """The fields every run has, with the paper-era SPD defaults (one comment per field)."""
+    c = ml_collections.ConfigDict()
+    c.experiment = experiment  # target family (spdjax.experiments)
+    c.variant = variant  # target variant within the family
+    c.method = "spd"  # decomposition method (spdjax.methods.METHODS)
+    c.seed = 0  # run seed: component/CI init, data and masks, evaluation batch
+    c.target_seed = 0  # seed for training the target (cached per seed)
+    c.target_steps = 0  # target training steps; 0 = the family recipe's
+    c.target_cache_dir = ""  # where trained targets are cached; "" = ~/.cache/spdjax/targets
+
+    c.steps = 40_000  # optimizer steps
+    c.batch_size = 4096  # examples per step
+    c.lr = 1e-3  # peak learning rate (Adam, no weight decay)
+    c.lr_schedule = "cosine"  # constant | linear | cosine (quarter period, paper) | cosine_half
+    c.lr_warmup_frac = 0.0  # fraction of steps of linear warm-up from 0
+    c.lr_final_frac = 0.0  # final lr fraction for linear / cosine_half
+
+    c.C = 20  # subcomponents per decomposed site
+    c.ci_fn = "mlp"  # mlp (paper) | vector_mlp | shared_mlp
+    c.ci_hidden = (16,)  # CI-function hidden widths
+    c.sigmoid = "leaky_hard"  # leaky_hard (paper) | leaky_hard_clamped | hard | ...
+    c.init = "paper"  # component init: paper | gaussian
+    # Tied sites (TMS linear2 = linear1ᵀ): "aliased" keeps two copies with two Adam updates per
+    # step (the reference, torch Parameters sharing storage); "shared" has one pair, one update.
+    c.tie_mode = "aliased"
+    c.faithfulness_warmup_steps = 0  # later reference: 200 (AdamW lr 0.01, wd 0.1)
+    c.init_candidates = 1  # > 1: best-of-K init by loss (spdjax/training/init_selection.py)
+    c.init_select_steps = 0  # steps each init candidate trains before the choice
+
+    # Loss terms: name -> {coeff, **options} (spdjax.losses.LOSSES).
+    c.losses = ml_collections.ConfigDict({
+        "faithfulness": {"coeff": 1.0},
+        "stochastic_recon": {"coeff": 1.0, "n_samples": 1, "sampling": "continuous"},
+        "stochastic_recon_layerwise": {"coeff": 1.0, "n_samples": 1, "sampling": "continuous"},
+        "importance_minimality": {"coeff": 3e-3, "pnorm": 1.0},
+    })
+
+    c.microbatches = 1  # split each batch into chunks, average grads (same gradient)
+    c.mesh_model = 1  # devices along the component axis C (the rest go to the data axis)
+    c.log_every = 500  # steps between metric lines / progress reports
+    c.checkpoint_every = 5000  # steps between checkpoints (and always at the end)
+    c.eval_batch_size = 20_000  # examples for final CI-L0 / alive counts / loss terms
+    c.l0_threshold = 0.1  # CI above this counts as active (L0, alive)
+    return c
+
+
+def _config_file(name: str) -> pathlib.Path:
+    path = pathlib.Path(name)
+    if path.suffix == ".py":
+        return path
+    path = CONFIG_DIR / f"{name}.py"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+        raise ValueError(f"Unknown config {name!r}; expected one of {known} or a path to a .py file.")
+    return path
+
+
+def load(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The config ``spec`` = ``"<name or path.py>[:<arg>]"``, with dotted-key ``overrides``.
+
+    ``load("tms")``, ``load("tms:5-2-id+gaussian")``, ``load("configs/resid_mlp.py:2",
+    {"steps": 100, "losses.importance_minimality.coeff": 1e-4})``. The result is locked, as
+    on the command line: a misspelt field is an error.
+    """
+    name, _, arg = spec.partition(":")
+    path = _config_file(name)
+    module_spec = importlib.util.spec_from_file_location(f"spdjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    config.lock()
+    return apply_overrides(config, overrides or {})
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]):
+    """Sets ``{"a.b": value}`` fields of a locked config; an unknown field or a value of the wrong
+    type is a ``ValueError`` naming it."""
+    for key, value in overrides.items():
+        try:
+            config.update_from_flattened_dict({key: value})
+        except (KeyError, AttributeError):
+            raise ValueError(f"Unknown config field {key!r}; top-level fields: "
+                             f"{sorted(config.keys())}.") from None
+        except TypeError as e:
+            raise ValueError(f"Config field {key!r}: {e}") from None
+    return config
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """``["lr=2e-3", "init=gaussian"]`` -> ``{"lr": 0.002, "init": "gaussian"}`` (JSON values
+    where they parse, else strings); for scripts' ``--set key=value`` flags."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r}: expected key=value.")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def to_dict(config) -> dict:
+    """A JSON-ready plain dict of a config (tuples as lists), as written to ``config.json``."""
+    return json.loads(json.dumps(config.to_dict(), default=lambda o: list(o)
+                                 if isinstance(o, tuple) else str(o)))

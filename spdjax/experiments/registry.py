@@ -1,0 +1,118 @@
+"""Target families and the experiments built from them, by ``config.experiment``.
+
+A :class:`Family` (TMS, ResidMLP, ...) says everything that is specific to one kind of toy
+model: its variants, the target model and its trained params, which sites SPD decomposes (and
+ties), the data, and the ground-truth evaluation and figures. :func:`build_experiment` turns a
+run config into an :class:`Experiment`, the same for every family, which the training loop and
+:func:`spdjax.load` use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Callable, Mapping
+
+import jax
+
+from spdjax.experiments import target_training
+from spdjax.registry import Registry
+from spdjax.target import Target
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Family:
+    """One family of toy targets. ``cfg`` below is a model config (one of ``variants``).
+
+    Attributes:
+      name, title: registry name (``config.experiment``) and a human name.
+      variants: ``{name: cfg}``; ``default_variant`` one of them.
+      target: ``cfg -> Target`` (structure only; no training).
+      load_target_params: ``(cfg, seed, cache_dir) -> params``, trained or from the cache.
+      cache_stem, report: the cache file stem, and a one-line report of a cached target.
+      sites: ``(cfg, run config) -> {pattern: C}``; ``ties``: ``{tied: owner}``.
+      sample: ``(cfg, key, batch_size) -> batch`` of SPD training data.
+      evaluate: ``(decomposition, params, target_params, cfg) -> summary dict``.
+      plot: ``(decomposition, params, target_params, cfg, figures_dir) -> [paths]``.
+    """
+
+    name: str
+    title: str
+    variants: Mapping[str, Any]
+    default_variant: str
+    target: Callable[[Any], Target]
+    load_target_params: Callable[[Any, int, Any], dict]
+    cache_stem: Callable[[Any, int, Any], str]
+    report: Callable[[dict, Any, dict, str], str]
+    sites: Callable[[Any, Any], dict[str, int]]
+    sample: Callable[[Any, jax.Array, int], Any]
+    evaluate: Callable[..., dict]
+    plot: Callable[..., list]
+    ties: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def variant(self, name: str):
+        if name not in self.variants:
+            raise ValueError(f"Unknown {self.title} variant {name!r}; valid: {sorted(self.variants)}.")
+        return self.variants[name]
+
+    def model_config(self, config):
+        """The run config's variant, trained for ``config.target_steps`` steps if that is set."""
+        cfg = self.variant(config.variant)
+        return dataclasses.replace(cfg, steps=config.target_steps) if config.target_steps else cfg
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Experiment:
+    """A target problem ready for a method: what the loop and the analysis need.
+
+    ``batch_fn``/``eval_batch_fn`` map a key to a batch of the training / evaluation size (the
+    former runs inside the jitted step). ``evaluate(decomposition, params)`` and
+    ``plot(decomposition, params, figures_dir)`` are the family's ground-truth metrics and figures.
+    """
+
+    family: Family
+    model_config: Any
+    target: Target
+    target_params: Any
+    sites: dict[str, int]
+    ties: Mapping[str, str]
+    batch_fn: Callable[[jax.Array], Any]
+    eval_batch_fn: Callable[[jax.Array], Any]
+
+    def evaluate(self, decomposition, params) -> dict:
+        return self.family.evaluate(decomposition, params, self.target_params, self.model_config)
+
+    def plot(self, decomposition, params, figures_dir: str | pathlib.Path) -> list:
+        figures_dir = pathlib.Path(figures_dir)
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        return self.family.plot(decomposition, params, self.target_params, self.model_config,
+                                figures_dir)
+
+
+def _families() -> Registry[Family]:
+    from spdjax.experiments import resid_mlp, tms
+
+    return Registry("experiment", {"tms": tms.FAMILY, "resid_mlp": resid_mlp.FAMILY})
+
+
+def get_family(name: str) -> Family:
+    """The family registered as ``name`` (``config.experiment``)."""
+    return _families().get(name)
+
+
+def build_experiment(config, *, target_params: Any = None) -> Experiment:
+    """The experiment of a run config; trains or loads the target unless ``target_params`` given."""
+    family = get_family(config.experiment)
+    cfg = family.model_config(config)
+    if target_params is None:
+        cache_dir = config.target_cache_dir or target_training.default_cache_dir()
+        target_params = family.load_target_params(cfg, config.target_seed, cache_dir)
+
+    def batches(size):
+        return lambda key: family.sample(cfg, key, size)
+
+    return Experiment(
+        family=family, model_config=cfg, target=family.target(cfg), target_params=target_params,
+        sites=family.sites(cfg, config), ties=dict(family.ties),
+        batch_fn=batches(config.batch_size), eval_batch_fn=batches(config.eval_batch_size),
+    )

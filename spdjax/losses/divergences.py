@@ -1,0 +1,33 @@
+"""Output divergences ``D(pred, target) -> scalar`` used by every reconstruction loss.
+
+``mse`` is the mean over all output elements; ``kl`` is KL(target || pred) of the softmaxes,
+summed over the last axis and averaged over the leading ones (reference spec section 3). Any
+function with this signature can be passed where a divergence is expected.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from spdjax.registry import Registry
+
+Array = jax.Array
+Divergence = Callable[[Array, Array], Array]
+
+
+def mse(pred: Array, target: Array) -> Array:
+    """Mean squared error over all elements."""
+    return jnp.mean((pred - target) ** 2)
+
+
+def kl(pred: Array, target: Array) -> Array:
+    """KL(softmax(target) || softmax(pred)) summed over the last axis, mean over the rest."""
+    logp_t = jax.nn.log_softmax(target, axis=-1)
+    logq = jax.nn.log_softmax(pred, axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(logp_t) * (logp_t - logq), axis=-1))
+
+
+DIVERGENCES: Registry[Divergence] = Registry("output divergence", {"mse": mse, "kl": kl})

@@ -1,0 +1,57 @@
+"""Loss terms on the parameters and the causal importances: faithfulness, importance minimality.
+
+Same signature as every loss term, ``loss(params, ctx, key, **options) -> scalar`` (the key is
+unused here).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from spdjax.losses.context import Context
+
+Array = jax.Array
+
+
+def faithfulness(params, ctx: Context, key=None) -> Array:
+    """sum_l ||W_l - V_l U_l||_F^2 / sum_l numel(W_l)  (paper eq. L_faithfulness).
+
+    A tied site counts separately (as the reference, which sums over its two Parameters).
+    """
+    d = ctx.decomposition
+    sq, n = 0.0, 0
+    for name in d.site_names:
+        W = d.site(name).weight(ctx.target_params)
+        sq = sq + jnp.sum((W - d.component_weight(params, name)) ** 2)
+        n += W.size
+    return sq / n
+
+
+def annealed_p(step_frac, pnorm, start_frac=1.0, final_p=None, end_frac=1.0):
+    """p for importance minimality: pnorm until start_frac, linear to final_p at end_frac."""
+    if final_p is None or start_frac >= 1.0:
+        return jnp.asarray(pnorm, jnp.float32)
+    span = max(end_frac - start_frac, 1e-12)
+    t = jnp.clip((step_frac - start_frac) / span, 0.0, 1.0)
+    return pnorm + (final_p - pnorm) * t
+
+
+def importance_minimality(
+    params, ctx: Context, key=None, *, pnorm: float, p_anneal_start_frac: float = 1.0,
+    p_anneal_final_p: float | None = None, p_anneal_end_frac: float = 1.0, eps: float = 1e-12,
+) -> Array:
+    """sum_l sum_c mean_examples (sigma_up(gamma_c^l) + eps)^p   (paper eq. L_imp-min).
+
+    ``eps`` (1e-12, as in the later reference) keeps the gradient finite for p < 1 at zero CI.
+    """
+    if not pnorm > 0:
+        raise ValueError(f"importance_minimality: pnorm must be > 0, got {pnorm!r}.")
+    p = annealed_p(ctx.step_frac, pnorm, p_anneal_start_frac, p_anneal_final_p, p_anneal_end_frac)
+    total = 0.0
+    for c in ctx.ci.values():
+        per_component = jnp.mean(
+            ((c.upper + eps) ** p).reshape(-1, c.upper.shape[-1]), axis=0
+        )
+        total = total + jnp.sum(per_component)
+    return total

@@ -1,0 +1,124 @@
+"""Loss terms as values, their registry, and the weighted total.
+
+A loss term is any function ``loss(params, ctx, key, **options) -> scalar``. :func:`term`
+binds one (a registered name or your own function) to a coefficient and keyword options and
+checks the options against its signature; :func:`total_loss` sums bound terms. Configs name their
+terms (``{"stochastic_recon": {"coeff": 1.0, "n_samples": 1}}``): :func:`make_total_loss`
+resolves those names (and option values that name a mask sampler or a divergence) once, here.
+
+Each term draws its randomness from :func:`term_key`, which depends only on the term's name, so
+adding a term never changes the masks of another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import zlib
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+
+from spdjax.losses.context import Context
+from spdjax.losses.divergences import DIVERGENCES
+from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise, stochastic_recon,
+                                 stochastic_recon_layerwise, unmasked_recon)
+from spdjax.losses.regularisers import faithfulness, importance_minimality
+from spdjax.masks import SAMPLERS
+from spdjax.registry import Registry
+
+Array = jax.Array
+LossFn = Callable[..., Array]
+
+LOSSES: Registry[LossFn] = Registry("loss", {
+    "faithfulness": faithfulness,
+    "stochastic_recon": stochastic_recon,
+    "stochastic_recon_layerwise": stochastic_recon_layerwise,
+    "importance_minimality": importance_minimality,
+    "ci_masked_recon": ci_masked_recon,
+    "ci_masked_recon_layerwise": ci_masked_recon_layerwise,
+    "unmasked_recon": unmasked_recon,
+})
+# Options whose string values name a registered value.
+_NAMED_OPTIONS = {"sampling": SAMPLERS, "divergence": DIVERGENCES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """A loss function bound to its weight and options; ``name`` keys its metrics and its PRNG."""
+
+    name: str
+    fn: LossFn
+    coeff: float
+    options: Mapping[str, Any]
+
+    def __call__(self, params, ctx: Context, key) -> Array:
+        """The unweighted value, with this term's own key derived from ``key``."""
+        return self.fn(params, ctx, term_key(key, self.name), **self.options)
+
+
+def term(fn: str | LossFn, coeff: float, *, name: str | None = None, **options) -> Term:
+    """Binds a loss (a name in :data:`LOSSES` or any ``loss(params, ctx, key, **options)``).
+
+    Unknown names, option names the function does not take, missing required options and
+    unknown sampler/divergence names fail here, not mid-run.
+    """
+    label = fn if isinstance(fn, str) else (name or getattr(fn, "__name__", None))
+    fn = LOSSES.resolve(fn)
+    if not callable(fn) or not label:
+        raise ValueError(f"A loss term must be a registered name or a named function; got {fn!r}.")
+    try:
+        coeff = float(coeff)
+    except (TypeError, ValueError):
+        raise ValueError(f"Loss {label!r}: coeff must be a number, got {coeff!r}.") from None
+    options = {k: (_NAMED_OPTIONS[k].resolve(v) if k in _NAMED_OPTIONS else v)
+               for k, v in options.items()}
+    try:
+        inspect.signature(fn).bind(None, None, None, **options)
+    except TypeError as e:
+        allowed = [p.name for p in inspect.signature(fn).parameters.values()
+                   if p.kind == inspect.Parameter.KEYWORD_ONLY]
+        raise ValueError(f"Loss {label!r}: bad options {sorted(options)} ({e}); "
+                         f"allowed: {allowed}.") from None
+    return Term(name=name or label, fn=fn, coeff=coeff, options=options)
+
+
+def term_key(key: Array, name: str) -> Array:
+    """A key per loss term that depends only on the term's name (so terms draw independently)."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def total_loss(terms: Sequence[Term]):
+    """``total(params, ctx, key) -> (sum_t coeff_t * value_t, {name: value_t})``."""
+    terms = list(terms)
+    if not terms:
+        raise ValueError("No loss terms: name at least one loss term with a coeff.")
+    names = [t.name for t in terms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Loss term names must be unique; got {names}.")
+
+    def total(params, ctx: Context, key):
+        values = {t.name: t(params, ctx, key) for t in terms}
+        return sum(t.coeff * values[t.name] for t in terms), values
+
+    return total
+
+
+def terms_from_config(loss_config: Mapping[str, Mapping[str, Any]]) -> list[Term]:
+    """``{name: {"coeff": float, **options}}`` -> bound :class:`Term` values (config order)."""
+    if not loss_config:
+        raise ValueError("The loss config is empty: name at least one loss term with a coeff.")
+    terms = []
+    for name, opts in loss_config.items():
+        LOSSES.get(name)
+        opts = dict(opts)
+        if "coeff" not in opts:
+            raise ValueError(f"Loss {name!r} needs a 'coeff'; got options {sorted(opts)}.")
+        terms.append(term(name, opts.pop("coeff"), **opts))
+    return terms
+
+
+def make_total_loss(loss_config: Mapping[str, Mapping[str, Any]]):
+    """:func:`total_loss` of a config dict, e.g. ``{"faithfulness": {"coeff": 1.0},
+    "importance_minimality": {"coeff": 3e-3, "pnorm": 1.0}}``."""
+    return total_loss(terms_from_config(loss_config))

@@ -1,0 +1,326 @@
+"""The training loop: ``setup(config) -> Run``, ``train(run, until_step)``, ``evaluate(run)``.
+
+A config becomes a run in four moves, readable top to bottom in :func:`setup`: the experiment
+(target, data, ground-truth evaluation; :mod:`spdjax.experiments`), the method (init, objective,
+optimizer; :mod:`spdjax.methods`), the mesh and the train state (fresh, or resumed from the
+workdir's latest checkpoint), and one jitted step. :func:`train` steps it with logging,
+checkpoints and finite checks; :func:`evaluate` writes the summary; :func:`plot` the figures.
+:func:`train_and_evaluate` does all of it (the CLI). Benchmarks, notebooks, init selection and
+tests call these functions instead of assembling a run themselves.
+
+Nothing here knows which method it trains: params are an opaque pytree, the metrics a nested
+dict with ``loss/total``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from spdjax import configs as config_lib
+from spdjax.experiments import target_training
+from spdjax.experiments.registry import Experiment, build_experiment
+from spdjax.losses import terms_from_config
+from spdjax.methods import METHODS, Method
+from spdjax.training import init_selection, workdir as wd
+from spdjax.training import sharding as shard_lib
+from spdjax.training.checkpoints import Checkpointer
+from spdjax.training.schedules import make_schedule
+from spdjax.training.step import TrainState, init_train_state, make_train_step
+from spdjax.training.workdir import ConfigMismatchError, Progress, log_to
+
+log = logging.getLogger("spdjax")
+OnStep = Callable[[int, dict], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKeys:
+    """A run's independent key streams: ``init`` draws the component factors and CI functions,
+    ``train`` the data and masks of every step, ``eval`` the final evaluation batch."""
+
+    init: jax.Array
+    train: jax.Array
+    eval: jax.Array
+
+    @classmethod
+    def from_seed(cls, seed: int) -> "RunKeys":
+        return cls(*jax.random.split(jax.random.key(seed), 3))
+
+
+@dataclasses.dataclass(eq=False)
+class Run:
+    """Everything a training run holds; ``state`` advances as :func:`train` runs.
+
+    ``workdir`` is None for a run kept in memory (benchmarks, probes, tests): then nothing is
+    written and the metric lines collect in ``writer.rows``.
+    """
+
+    config: Any
+    workdir: pathlib.Path | None
+    experiment: Experiment
+    method: Method
+    schedule: Callable
+    mesh: jax.sharding.Mesh
+    target_params: Any
+    keys: RunKeys
+    state: TrainState
+    state_sharding: Any
+    step_fn: Callable
+    checkpointer: Checkpointer | None
+    writer: Any
+    wall_time_s: float = 0.0
+    init_record: dict | None = None
+    compiled: bool = False  # the step has run once (compilation is reported once)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    @property
+    def params(self) -> Any:
+        return self.state.params
+
+    def checkpoint_meta(self) -> dict:
+        return {"method": self.method.name, "config": config_lib.to_dict(self.config)}
+
+
+def validate(config) -> None:
+    """Cheap checks of a config before any target is trained or loaded."""
+    terms_from_config(config.losses.to_dict())
+    init_selection.check_config(config)
+    METHODS.get(config.method)
+    for name in ("steps", "batch_size", "eval_batch_size", "log_every", "checkpoint_every"):
+        value = config[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
+        raise ValueError(f"lr must be a finite positive number, got {config.lr!r}.")
+
+
+def initial_state(run: Run, key: jax.Array) -> TrainState:
+    """A fresh train state from ``key``, laid out on the run's mesh."""
+    params = run.method.init(key, run.experiment.target_params)
+    params = shard_lib.shard_params(run.method, params, run.mesh)
+    return shard_lib.place_state(init_train_state(params, run.method.optimizer), run.mesh)[0]
+
+
+def build_step(run: Run, *, microbatches: int | None = None) -> Callable:
+    """The run's jitted ``step(state, target_params, key) -> (state, metrics)``."""
+    return make_train_step(
+        run.method.objective, run.method.optimizer, run.experiment.batch_fn,
+        total_steps=run.config.steps, mesh=run.mesh, state_sharding=run.state_sharding,
+        microbatches=run.config.microbatches if microbatches is None else microbatches)
+
+
+def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = False) -> Run:
+    """Builds (or, from ``workdir``'s latest checkpoint, resumes) a run of ``config``."""
+    validate(config)
+    schedule = make_schedule(config.lr_schedule, config.lr, config.steps,
+                             warmup_frac=config.lr_warmup_frac, final_frac=config.lr_final_frac)
+    if workdir is not None:
+        workdir = pathlib.Path(workdir)
+        wd.prepare(workdir, config_lib.to_dict(config), fresh=fresh)
+    log.info("spdjax: %s %s -> %s (devices: %d x %s)", config.experiment, config.variant,
+             workdir or "memory", jax.device_count(), jax.devices()[0].platform)
+
+    experiment = build_experiment(config)
+    method = METHODS.get(config.method)(config, experiment, schedule)
+    mesh = shard_lib.make_mesh(model=config.mesh_model)
+    keys = RunKeys.from_seed(config.seed)
+    shapes = jax.eval_shape(method.init, keys.init, experiment.target_params)
+    shard_lib.check_divisible(shapes, method.partition_specs(shapes, shard_lib.MODEL), mesh,
+                              config.batch_size)
+    run = Run(config=config, workdir=workdir, experiment=experiment, method=method,
+              schedule=schedule, mesh=mesh,
+              target_params=shard_lib.replicate(experiment.target_params, mesh), keys=keys,
+              state=None, state_sharding=None, step_fn=None, checkpointer=None, writer=None)
+    run.state = initial_state(run, keys.init)
+    run.state_sharding = jax.tree.map(lambda x: x.sharding, run.state)
+    run.step_fn = build_step(run)
+
+    if workdir is None:
+        run.writer = wd.MemoryWriter()
+        return run
+    target_training.save_params(workdir / "target_params.npz", experiment.target_params)
+    run.checkpointer = Checkpointer(workdir / "checkpoints")
+    start = run.checkpointer.latest_step() or 0
+    if start:
+        run.state = run.checkpointer.restore(run.state)
+        run.wall_time_s = wd.last_wall_time(workdir / "metrics.jsonl")
+        run.init_record = init_selection.load_record(workdir)
+        log.info("Resuming from the checkpoint at step %d.", start)
+    else:
+        (workdir / init_selection.RECORD_FILE).unlink(missing_ok=True)
+    run.writer = wd.JsonlWriter(workdir / "metrics.jsonl", resume_step=start if start else None)
+    return run
+
+
+def _check_finite(values: dict, step: int, run: Run) -> None:
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        where = run.checkpointer.directory if run.checkpointer else "memory (no workdir)"
+        raise FloatingPointError(
+            f"Non-finite metrics at step {step}: {bad}. The last good checkpoint is in {where}; "
+            "lower the lr or the loss coefficients and resume."
+        )
+
+
+def _steps(run: Run, state: TrainState, *, stop: int, progress: Progress, sink, checkpoint: bool,
+           on_step: OnStep | None, t0: float) -> TrainState:
+    """Steps ``state`` to ``stop``: ``sink(step, values)`` every ``log_every`` steps and at
+    ``stop``, checkpoints (if ``checkpoint``) every ``checkpoint_every`` and at the end."""
+    config = run.config
+    for step in range(int(state.step) + 1, stop + 1):
+        state, metrics = run.step_fn(state, run.target_params, run.keys.train)
+        if step == progress.start + 1:  # exclude compilation / candidate switch from steps/s
+            jax.block_until_ready(state)
+            if not run.compiled:
+                log.info("Compiled in %.1fs.", time.perf_counter() - t0)
+                run.compiled = True
+            progress.mark(step)
+        if checkpoint and (step % config.checkpoint_every == 0 or step in (stop, config.steps)):
+            run.checkpointer.save(step, state, run.checkpoint_meta())
+        if on_step is not None:
+            on_step(step, metrics)
+        if step % config.log_every == 0 or step == stop:
+            values = wd.flatten_metrics(jax.device_get(metrics))
+            _check_finite(values, step, run)
+            values["lr"] = float(run.schedule(step - 1))
+            values["steps_per_sec"] = progress.mark(step)
+            values["wall_time_s"] = run.wall_time_s + time.perf_counter() - t0
+            sink(step, values)
+            progress.report(step, values["loss/total"])
+    return state
+
+
+def _write(run: Run):
+    def sink(step, values):
+        run.writer.write_scalars(step, values)
+        run.writer.flush()
+    return sink
+
+
+def _select_init(run: Run, t0: float) -> None:
+    """Best-of-K initialisation (:mod:`spdjax.training.init_selection`), then a checkpoint."""
+    n_cand, n_select = run.config.init_candidates, run.config.init_select_steps
+
+    def probe(index):
+        state = run.state if index == 0 else initial_state(
+            run, init_selection.candidate_key(run.keys.init, index))
+        lines, tail = [], init_selection.TailMean(n_select)
+        progress = Progress(n_select, 0, label=f"init candidate {index + 1}/{n_cand}")
+        state = _steps(run, state, stop=n_select, progress=progress,
+                       sink=lambda *line: lines.append(line), checkpoint=False,
+                       on_step=tail, t0=t0)
+        return init_selection.Probe(index, tail.value(), state, lines)
+
+    best, record = init_selection.select(n_cand, probe, report=log.info)
+    run.state = best.state
+    for line in best.lines:
+        _write(run)(*line)
+    record["steps"] = n_select
+    run.init_record = record
+    if run.workdir is not None:
+        init_selection.save_record(run.workdir, record)
+        run.checkpointer.save(n_select, run.state, run.checkpoint_meta())  # never redone
+
+
+def train(run: Run, until_step: int | None = None, *, on_step: OnStep | None = None) -> Run:
+    """Trains ``run`` up to ``until_step`` (default: ``config.steps``); returns it.
+
+    ``on_step(step, metrics)`` is called after every step with the step's device metrics (no
+    host sync unless it makes one). A run interrupted or stopped early resumes from its
+    checkpoints with the same result as an uninterrupted one.
+    """
+    until = run.config.steps if until_step is None else int(until_step)
+    if not run.step <= until <= run.config.steps:
+        raise ValueError(f"until_step={until_step} must be in [{run.step}, {run.config.steps}].")
+    if run.step >= until:
+        return run
+    t0 = time.perf_counter()
+    log.info("Compiling the train step (the first step takes a few seconds)...")
+    if run.step == 0 and run.config.init_candidates > 1:
+        _select_init(run, t0)
+    progress = Progress(run.config.steps, run.step)
+    run.state = _steps(run, run.state, stop=until, progress=progress, sink=_write(run),
+                       checkpoint=run.checkpointer is not None, on_step=on_step, t0=t0)
+    run.wall_time_s += time.perf_counter() - t0
+    if run.checkpointer is not None:
+        run.checkpointer.wait()
+    return run
+
+
+def evaluate(run: Run) -> dict:
+    """The method's metrics (loss terms, CI-L0, alive) on a fresh evaluation batch and the
+    experiment's ground-truth metrics; written to ``summary.json`` when the run has a workdir."""
+    k_batch, k_loss = jax.random.split(run.keys.eval)
+    batch = run.experiment.eval_batch_fn(k_batch)
+    params = jax.device_get(run.state.params)
+    summary = run.method.evaluate(params, run.experiment.target_params, batch, k_loss)
+    summary.update(run.experiment.evaluate(run.method.decomposition, params))
+    summary.update(steps=run.step, wall_time_s=run.wall_time_s)
+    if run.init_record is not None:
+        summary["init_selection"] = run.init_record
+    if run.workdir is not None:
+        (run.workdir / "summary.json").write_text(
+            json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    log.info("Summary: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
+                                     if isinstance(v, float)))
+    for note in summary.get("warnings", []):
+        log.warning(note)
+    return summary
+
+
+def plot(run, figures_dir: str | pathlib.Path | None = None) -> list[pathlib.Path]:
+    """The experiment's figures of a :class:`Run`'s (or :func:`spdjax.load`'s) params, and the
+    training curves when there is a ``metrics.jsonl`` (default: into ``workdir/figures``)."""
+    from spdjax.analysis.plots import plot_training_curves
+
+    if figures_dir is None:
+        if run.workdir is None:
+            raise ValueError("plot(run) of a run without a workdir needs a figures_dir.")
+        figures_dir = run.workdir / "figures"
+    figures_dir = pathlib.Path(figures_dir)
+    paths = run.experiment.plot(run.method.decomposition, jax.device_get(run.params),
+                                figures_dir)
+    if run.workdir is not None and (run.workdir / "metrics.jsonl").exists():
+        paths.append(plot_training_curves(run.workdir / "metrics.jsonl",
+                                          figures_dir / "training_curves.png"))
+    return paths
+
+
+def close(run: Run) -> None:
+    """Waits for pending checkpoint writes and closes the run's files."""
+    if run.checkpointer is not None:
+        run.checkpointer.wait()
+        run.checkpointer.close()
+    run.writer.close()
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = False) -> dict:
+    """Trains (or resumes) a run in ``workdir``, evaluates and plots it; returns the summary.
+
+    Progress goes to the ``"spdjax"`` logger, printed to stdout unless the application set up a
+    handler of its own.
+    """
+    with log_to():
+        run = setup(config, workdir, fresh=fresh)
+        try:
+            train(run)
+        finally:
+            close(run)
+        summary = evaluate(run)
+        plot(run)
+        return summary
+
+
+__all__ = ["ConfigMismatchError", "Run", "RunKeys", "build_step", "close", "evaluate",
+           "initial_state", "plot", "setup", "train", "train_and_evaluate", "validate"]
