@@ -30,16 +30,6 @@ DEFAULT_CONFIGS = ("tms:5-2", "tms:5-2-id", "tms:40-10", "tms:40-10-id", "resid_
                    "resid_mlp:2")
 
 
-def _load_config(name: str):
-    import importlib.util
-
-    family, variant = name.split(":")
-    spec = importlib.util.spec_from_file_location(family, ROOT / "configs" / f"{family}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
 def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
     """Measured float32 FLOP/s of an ``n x n`` matmul (the machine's practical peak)."""
     import jax
@@ -64,34 +54,26 @@ def measure(name: str, steps: int, overrides: dict) -> dict:
     """Times the real train step of ``name`` (run inside a child process)."""
     import jax
 
-    from spdjax.experiment import build_experiment
-    from spdjax.schedules import make_schedule
-    from spdjax.step import init_train_state, make_optimizer, make_train_step, spd_objective
+    from spdjax import configs
+    from spdjax.training import loop
 
-    config = _load_config(name)
-    config.update_from_flattened_dict(overrides)  # dotted keys reach nested fields
-    exp = build_experiment(config)
-    objective = spd_objective(exp.decomposition, config.losses.to_dict())
-    optimizer = make_optimizer(exp.decomposition,
-                               make_schedule(config.lr_schedule, config.lr, config.steps))
-    params = exp.decomposition.init(jax.random.key(0), exp.target_params)
-    state = init_train_state(params, optimizer)
-    step = make_train_step(objective, optimizer, exp.batch_fn, total_steps=config.steps,
-                           microbatches=config.microbatches)
+    config = configs.load(name, overrides)  # dotted keys reach nested fields
+    run = loop.setup(config)  # the CLI's experiment, method, state and jitted step, in memory
+    step, state, target_params = run.step_fn, run.state, run.target_params
     key = jax.random.key(1)
     t = time.perf_counter()
-    compiled = step.lower(state, exp.target_params, key).compile()
+    compiled = step.lower(state, target_params, key).compile()
     compile_s = time.perf_counter() - t
     flops = _flops(compiled)
     if config.microbatches > 1:  # XLA counts a scan body once: count the same math unscanned
-        flops = _flops(make_train_step(objective, optimizer, exp.batch_fn, total_steps=config.steps)
-                       .lower(state, exp.target_params, key).compile())
+        flops = _flops(loop.build_step(run, microbatches=1)
+                       .lower(state, target_params, key).compile())
     for _ in range(10):  # warm-up
-        state, metrics = step(state, exp.target_params, key)
+        state, metrics = step(state, target_params, key)
     jax.block_until_ready(metrics)
     t = time.perf_counter()
     for _ in range(steps):
-        state, metrics = step(state, exp.target_params, key)
+        state, metrics = step(state, target_params, key)
     jax.block_until_ready(metrics)
     s_per_step = (time.perf_counter() - t) / steps
     peak = matmul_peak_flops()

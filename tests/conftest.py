@@ -12,3 +12,8 @@ os.environ["SPDJAX_CACHE"] = tempfile.mkdtemp(prefix="spdjax_test_cache_")
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import sys
+
+# tests/helpers.py is importable from every test directory (they mirror the package's packages).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -6,15 +6,15 @@ import numpy as np
 
 import pytest
 
-from benchmarks import tms_seed_probe, tms_table1
-from benchmarks.tms_table1 import apply_overrides, load_config
-from spdjax.experiment import build_experiment
+from benchmarks.reproduce import tms_seed_probe, tms_table1
+from spdjax import configs
+from spdjax.training import loop
 
 
 def test_seed_probe_mixes_init_streams_and_reports():
-    config = load_config("5-2")
-    exp = build_experiment(config)
-    out = tms_seed_probe.probe(config, exp, 2, 0, 1, steps=20)
+    config = configs.load("tms:5-2")
+    run = loop.setup(config)
+    out = tms_seed_probe.probe(run, 2, 0, 1, steps=20)
     assert (out["comp_seed"], out["ci_seed"], out["train_seed"], out["steps"]) == (2, 0, 1, 20)
     assert out["loss_block_steps"] == 2 and len(out["loss_blocks"]) == 10
     assert all(np.isfinite(out["loss_blocks"])) and out["loss_blocks"][-1] < out["loss_blocks"][0]
@@ -36,13 +36,15 @@ def test_seed_probe_parses_pairs_and_triples():
 
 
 def test_overrides_parse_values_and_reject_unknown_keys():
-    config = apply_overrides(load_config("5-2"), ["init=gaussian", "faithfulness_warmup_steps=200",
-                                                  "lr=2e-3"])
+    overrides = configs.parse_assignments(["init=gaussian", "faithfulness_warmup_steps=200",
+                                           "lr=2e-3"])
+    assert overrides == {"init": "gaussian", "faithfulness_warmup_steps": 200, "lr": 2e-3}
+    config = configs.apply_overrides(configs.load("tms:5-2"), overrides)
     assert (config.init, config.faithfulness_warmup_steps, config.lr) == ("gaussian", 200, 2e-3)
-    with pytest.raises(ValueError, match="'no_such_key=1'"):
-        apply_overrides(config, ["no_such_key=1"])
+    with pytest.raises(ValueError, match="'no_such_key'"):
+        configs.apply_overrides(config, configs.parse_assignments(["no_such_key=1"]))
     with pytest.raises(ValueError, match="'init'"):
-        apply_overrides(config, ["init"])
+        configs.parse_assignments(["init"])
 
 
 def test_table1_refuses_a_changed_recipe_without_a_tag(capsys):

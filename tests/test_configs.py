@@ -4,11 +4,15 @@ import re
 
 import pytest
 
-from benchmarks.tms_table1 import load_config
+from spdjax import configs
+
+
+def load_config(arg):
+    return configs.load(f"tms:{arg}")
 
 
 def test_gaussian_modifier_switches_to_the_later_init_and_keeps_the_variant():
-    paper, later = load_config("5-2-id"), load_config("5-2-id+gaussian")
+    paper, later = load_config("5-2-id"), configs.load("tms:5-2-id+gaussian")
     assert (paper.init, paper.faithfulness_warmup_steps) == ("paper", 0)
     assert (later.init, later.faithfulness_warmup_steps) == ("gaussian", 200)
     assert later.variant == "5-2-id"
@@ -17,7 +21,7 @@ def test_gaussian_modifier_switches_to_the_later_init_and_keeps_the_variant():
 
 
 def test_select3_modifier_sets_a_valid_best_of_3_init_and_nothing_else():
-    from spdjax import init_selection
+    from spdjax.training import init_selection
 
     plain, sel = load_config("5-2-id"), load_config("5-2-id+select3")
     assert (plain.init_candidates, sel.init_candidates, sel.init_select_steps) == (1, 3, 8000)

@@ -19,6 +19,7 @@ def test_tms_quickstart_notebook_runs(tmp_path, monkeypatch):
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
     assert "MMCS = " in text and "ML2R = " in text
+    assert "params of" in text and "at step 300" in text  # the finished run reopened by spdjax.load
     images = [o for c in nb.cells for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) == 2

@@ -105,11 +105,15 @@ def validate(config) -> None:
         raise ValueError(f"lr must be a finite positive number, got {config.lr!r}.")
 
 
-def initial_state(run: Run, key: jax.Array) -> TrainState:
-    """A fresh train state from ``key``, laid out on the run's mesh."""
-    params = run.method.init(key, run.experiment.target_params)
+def state_from_params(run: Run, params: Any) -> TrainState:
+    """A step-0 train state holding ``params``, laid out on the run's mesh."""
     params = shard_lib.shard_params(run.method, params, run.mesh)
     return shard_lib.place_state(init_train_state(params, run.method.optimizer), run.mesh)[0]
+
+
+def initial_state(run: Run, key: jax.Array) -> TrainState:
+    """A fresh train state from ``key`` (the method's init), laid out on the run's mesh."""
+    return state_from_params(run, run.method.init(key, run.experiment.target_params))
 
 
 def build_step(run: Run, *, microbatches: int | None = None) -> Callable:
@@ -131,7 +135,12 @@ def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = Fa
     log.info("spdjax: %s %s -> %s (devices: %d x %s)", config.experiment, config.variant,
              workdir or "memory", jax.device_count(), jax.devices()[0].platform)
 
-    experiment = build_experiment(config)
+    # A resumed run decomposes the target it started with, kept in its workdir.
+    saved_target = workdir / "target_params.npz" if workdir is not None else None
+    resuming = saved_target is not None and saved_target.exists() and (
+        workdir / "checkpoints").is_dir()
+    experiment = build_experiment(
+        config, target_params=target_training.load_params(saved_target) if resuming else None)
     method = METHODS.get(config.method)(config, experiment, schedule)
     mesh = shard_lib.make_mesh(model=config.mesh_model)
     keys = RunKeys.from_seed(config.seed)
@@ -323,4 +332,5 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = Fal
 
 
 __all__ = ["ConfigMismatchError", "Run", "RunKeys", "build_step", "close", "evaluate",
-           "initial_state", "plot", "setup", "train", "train_and_evaluate", "validate"]
+           "initial_state", "plot", "setup", "state_from_params", "train", "train_and_evaluate",
+           "validate"]

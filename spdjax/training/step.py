@@ -32,7 +32,14 @@ class TrainState:
 
 
 def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-    """A fresh state at step 0 (the optimizer state inherits the params' shardings)."""
+    """A fresh state at step 0 (the optimizer state inherits the params' shardings).
+
+    Weakly typed leaves (e.g. from ``jnp.full(shape, 0.5)`` in a custom init) are made strongly
+    typed: an update would do so, and the step would then compile a second time.
+    """
+    params = jax.tree.map(
+        lambda x: jax.lax.convert_element_type(x, x.dtype) if getattr(x, "weak_type", False)
+        else x, params)
     opt_state = jax.jit(optimizer.init)(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 

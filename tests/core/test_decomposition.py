@@ -10,6 +10,7 @@ from flax import nnx
 
 import spdjax
 from spdjax import components
+from spdjax.methods.spd import faithfulness_warmup
 
 from helpers import two_site_target
 
@@ -208,7 +209,7 @@ def test_aliased_ties_take_two_adam_updates_like_the_reference():
 
 def test_paper_init():
     W = jax.random.normal(jax.random.key(0), (7, 3))
-    f = components.init_components(jax.random.key(1), W, 5, init="paper")
+    f = components.COMPONENT_INITS.get("paper")(jax.random.key(1), W, 5)
     V, U = np.asarray(f["V"]), np.asarray(f["U"])
     np.testing.assert_allclose(np.linalg.norm(V, axis=0), 1.0, rtol=1e-5)
     # Each U row is a unit vector scaled by the overlap v_c^T W u_c.
@@ -234,7 +235,7 @@ def test_gaussian_init_and_faithfulness_warmup():
         return spdjax.faithfulness(p, ctx)
 
     before = faith(params["components"])
-    after = faith(components.faithfulness_warmup(params["components"], faith, steps=200))
+    after = faith(faithfulness_warmup(params["components"], faith, steps=200))
     assert after < 0.05 * before
     with pytest.raises(ValueError, match="Unknown component init 'xavier'"):
         d.init(jax.random.key(0), tp, init="xavier")
@@ -255,9 +256,9 @@ def test_ci_function_kinds_shapes(ci_fn, hidden):
 
 
 def test_mlp_ci_init_scales():
-    from spdjax.ci import init_ci
+    from spdjax.ci import make_ci_fn
 
-    layers = init_ci(jax.random.key(0), "mlp", C=400, d_in=3, hidden=(16,))
+    layers = make_ci_fn("mlp", (16,)).init(jax.random.key(0), C=400, d_in=3)
     np.testing.assert_allclose(np.std(layers[0]["w"]), np.sqrt(2.0), rtol=0.05)
     np.testing.assert_allclose(np.std(layers[1]["w"]), 1 / 4.0, rtol=0.05)
     assert not np.any(layers[0]["b"]) and not np.any(layers[1]["b"])

@@ -1,27 +1,26 @@
 """Best-of-K init selection: the choice, its errors, and that the kept run is the plain run."""
 
-import importlib.util
 import io
 import json
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-from spdjax import init_selection, train
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from spdjax import configs
+from spdjax.training import init_selection, loop
+from spdjax.training.workdir import log_to
 
 
 def tms_config(**overrides):
-    spec = importlib.util.spec_from_file_location("tms_config", ROOT / "configs" / "tms.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("5-2")
-    config.update({"steps": 24, "batch_size": 64, "eval_batch_size": 512, "log_every": 4,
-                   "checkpoint_every": 12, **overrides})
-    return config
+    return configs.load("tms:5-2", {"steps": 24, "batch_size": 64, "eval_batch_size": 512,
+                                    "log_every": 4, "checkpoint_every": 12, **overrides})
+
+
+def train_and_evaluate(config, workdir, out=None):
+    """``loop.train_and_evaluate`` with the ``"spdjax"`` log captured in ``out``."""
+    with log_to(out if out is not None else io.StringIO()):
+        return loop.train_and_evaluate(config, workdir)
 
 
 def test_select_keeps_the_lowest_loss_and_records_all():
@@ -30,7 +29,7 @@ def test_select_keeps_the_lowest_loss_and_records_all():
 
     def probe(i):
         probed.append(i)
-        return init_selection.Probe(i, losses[i], state=f"state{i}", logs=[(4, {"x": i})])
+        return init_selection.Probe(i, losses[i], state=f"state{i}", lines=[(4, {"x": i})])
 
     best, record = init_selection.select(3, probe, report=lambda _: None)
     assert probed == [0, 1, 2] and best.index == 1 and best.state == "state1"
@@ -51,13 +50,13 @@ def test_candidate_zero_is_the_runs_own_init_key():
 ])
 def test_bad_selection_settings_fail_early(overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
-        train.train_and_evaluate(tms_config(**overrides), tmp_path, stream=io.StringIO())
+        train_and_evaluate(tms_config(**overrides), tmp_path)
 
 
 def test_selected_run_equals_the_plain_run_of_its_init(tmp_path, monkeypatch):
     out = io.StringIO()
-    selected = train.train_and_evaluate(
-        tms_config(init_candidates=3, init_select_steps=8), tmp_path / "sel", stream=out)
+    selected = train_and_evaluate(
+        tms_config(init_candidates=3, init_select_steps=8), tmp_path / "sel", out)
     record = selected["init_selection"]
     assert record["chosen"] == int(np.argmin(record["losses"])) and record["steps"] == 8
     assert "init candidate 3/3: step 8/8" in out.getvalue()
@@ -66,21 +65,23 @@ def test_selected_run_equals_the_plain_run_of_its_init(tmp_path, monkeypatch):
     assert [l["step"] for l in lines] == [4, 8, 12, 16, 20, 24]
 
     # The plain run (no selection) from the chosen candidate's init key gives the same result.
-    run_keys = train.run_keys
+    from_seed = loop.RunKeys.from_seed
 
     def chosen_keys(seed):
-        k_init, k_train, k_eval = run_keys(seed)
-        return init_selection.candidate_key(k_init, record["chosen"]), k_train, k_eval
+        keys = from_seed(seed)
+        return loop.RunKeys(init_selection.candidate_key(keys.init, record["chosen"]),
+                            keys.train, keys.eval)
 
-    monkeypatch.setattr(train, "run_keys", chosen_keys)
-    plain = train.train_and_evaluate(tms_config(), tmp_path / "plain", stream=io.StringIO())
+    monkeypatch.setattr(loop.RunKeys, "from_seed", staticmethod(chosen_keys))
+    plain = train_and_evaluate(tms_config(), tmp_path / "plain")
     assert "init_selection" not in plain
-    for key in ("loss/total", "mmcs", "ml2r"):
+    for key in ("mmcs", "ml2r"):
         np.testing.assert_allclose(selected[key], plain[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(selected["loss"]["total"], plain["loss"]["total"], rtol=1e-5,
+                               err_msg="loss/total")
 
     # Rerunning the finished workdir resumes (nothing left to train) and keeps the record.
-    monkeypatch.setattr(train, "run_keys", run_keys)
-    again = train.train_and_evaluate(
-        tms_config(init_candidates=3, init_select_steps=8), tmp_path / "sel", stream=io.StringIO())
+    monkeypatch.undo()
+    again = train_and_evaluate(tms_config(init_candidates=3, init_select_steps=8), tmp_path / "sel")
     assert again["init_selection"] == record
-    np.testing.assert_allclose(again["loss/total"], selected["loss/total"], rtol=1e-6)
+    np.testing.assert_allclose(again["loss"]["total"], selected["loss"]["total"], rtol=1e-6)

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from spdjax.reporting import JsonlWriter, format_duration
-from spdjax.schedules import make_schedule
+from spdjax.training.schedules import make_schedule
+from spdjax.training.workdir import JsonlWriter, format_duration
 
 
 def test_paper_cosine_is_quarter_period():

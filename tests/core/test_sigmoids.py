@@ -20,9 +20,9 @@ def test_paper_forward_values():
     np.testing.assert_allclose(sigmoids.upper_leaky_hard(jnp.float32(3.0)), 1.02, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(sigmoids.SIGMOID_TYPES))
+@pytest.mark.parametrize("name", sorted(sigmoids.SIGMOIDS))
 def test_check_grads_away_from_kinks(name):
-    pair = sigmoids.get_sigmoid(name)
+    pair = sigmoids.SIGMOIDS.get(name)
     upper_points = POINTS
     # The clamped lower sigmoid's custom gradient is deliberately not the true one below 0.
     lower_points = POINTS[POINTS > 0] if name == "leaky_hard_clamped" else POINTS
@@ -48,4 +48,4 @@ def test_paper_lower_gradient_is_leaky_autodiff():
 
 def test_unknown_sigmoid_name():
     with pytest.raises(ValueError, match="Unknown sigmoid type 'leaky'.*leaky_hard"):
-        sigmoids.get_sigmoid("leaky")
+        sigmoids.SIGMOIDS.get("leaky")

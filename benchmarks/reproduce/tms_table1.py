@@ -1,9 +1,9 @@
 """Reproduce the SPD paper's Table 1 (TMS MMCS / ML2R) over several seeds, and tabulate it.
 
-    python -m benchmarks.tms_table1 --variants=5-2,5-2-id --seeds=0,1,2,3,4
-    python -m benchmarks.tms_table1 --variants=40-10 --seeds=0 --steps=40000
-    python -m benchmarks.tms_table1 --variants=5-2+gaussian    # a config modifier (configs/tms.py)
-    python -m benchmarks.tms_table1 --variants=5-2 --tag=+lr2e-3 --set=lr=2e-3
+    python -m benchmarks.reproduce.tms_table1 --variants=5-2,5-2-id --seeds=0,1,2,3,4
+    python -m benchmarks.reproduce.tms_table1 --variants=40-10 --seeds=0 --steps=40000
+    python -m benchmarks.reproduce.tms_table1 --variants=5-2+gaussian    # a config modifier (configs/tms.py)
+    python -m benchmarks.reproduce.tms_table1 --variants=5-2 --tag=+lr2e-3 --set=lr=2e-3
 
 Each (variant, seed) is one ordinary CLI-equivalent run in ``<root>/<variant>_seed<seed>`` (so it
 resumes if interrupted, and is skipped once its summary.json exists). A run already recorded in the
@@ -17,14 +17,14 @@ features (the paper's "±"). ``--set key=value`` changes the recipe; such runs n
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import statistics
 
-from spdjax.train import train_and_evaluate
+from spdjax import configs
+from spdjax.training.loop import train_and_evaluate
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PAPER = {  # SPD paper Table 1: MMCS, ML2R (mean ± std over features)
     "5-2": ("1.000 ± 0.000", "0.993 ± 0.002"),
     "40-10": ("1.000 ± 0.000", "1.010 ± 0.007"),
@@ -33,31 +33,9 @@ PAPER = {  # SPD paper Table 1: MMCS, ML2R (mean ± std over features)
 }
 
 
-def load_config(variant: str):
-    spec = importlib.util.spec_from_file_location("tms_config", ROOT / "configs" / "tms.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
-def apply_overrides(config, items: list[str]):
-    """Applies ``key=value`` items (value parsed as JSON when it parses, else a string)."""
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in config:
-            raise ValueError(f"--set {item!r}: expected key=value with a key of the config, "
-                             f"one of {sorted(config.keys())}.")
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-        config[key] = value
-    return config
-
-
 def run(variant: str, seed: int, root: pathlib.Path, steps: int | None,
         overrides: list[str] = (), tag: str = "") -> dict:
-    config = apply_overrides(load_config(variant), list(overrides))
+    config = configs.load(f"tms:{variant}", configs.parse_assignments(list(overrides)))
     config.seed = seed
     if steps is not None:
         config.steps = steps

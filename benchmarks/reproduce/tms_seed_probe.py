@@ -1,6 +1,6 @@
 """Which part of the seed decides whether a TMS run finds one subcomponent per feature?
 
-    python -m benchmarks.tms_seed_probe --variant=5-2 --pairs=2:2,2:0,0:2 --probe_steps=8000
+    python -m benchmarks.reproduce.tms_seed_probe --variant=5-2 --pairs=2:2,2:0,0:2 --probe_steps=8000
 
 A run's seed feeds independent streams: ``init`` (components and CI functions) and ``train``
 (data and masks). Each ``init:train`` pair (or ``components:ci:train`` triple, which takes the
@@ -24,52 +24,48 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.tms_table1 import ROOT, apply_overrides, load_config
-from spdjax import evaluation, tms
-from spdjax.experiment import build_experiment
-from spdjax.schedules import make_schedule
-from spdjax.step import init_train_state, make_optimizer, make_train_step, spd_objective
-from spdjax.train import init_params, run_keys
+from benchmarks.reproduce.tms_table1 import ROOT
+from spdjax import configs
+from spdjax.analysis import ci_patterns, metrics
+from spdjax.experiments.tms import model as tms
+from spdjax.training import loop
 
 
-def probe(config, exp, comp_seed: int, ci_seed: int, train_seed: int, steps: int) -> dict:
-    decomp = exp.decomposition
-    schedule = make_schedule(config.lr_schedule, config.lr, config.steps,
-                             warmup_frac=config.lr_warmup_frac, final_frac=config.lr_final_frac)
-    objective = spd_objective(decomp, config.losses.to_dict(), l0_threshold=config.l0_threshold)
-    optimizer = make_optimizer(decomp, schedule)
-
-    # The key streams of spdjax.train.train_and_evaluate, each from its own seed.
-    params = init_params(config, exp, run_keys(comp_seed)[0])
-    params["ci"] = init_params(config, exp, run_keys(ci_seed)[0])["ci"]
-    k_train = run_keys(train_seed)[1]
-    state = init_train_state(params, optimizer)
-    step_fn = make_train_step(objective, optimizer, exp.batch_fn, total_steps=config.steps,
-                              microbatches=config.microbatches)
-    t0 = time.perf_counter()
+def probe(run: loop.Run, comp_seed: int, ci_seed: int, train_seed: int, steps: int) -> dict:
+    """Trains ``run`` from the mixed seeds for ``steps`` steps (of its ``config.steps``
+    schedule) and probes the result; the run's compiled step is reused across probes."""
+    exp, decomp = run.experiment, run.method.decomposition
+    # The key streams of spdjax.training.loop.RunKeys, each from its own seed.
+    params = run.method.init(loop.RunKeys.from_seed(comp_seed).init, exp.target_params)
+    params["ci"] = run.method.init(loop.RunKeys.from_seed(ci_seed).init, exp.target_params)["ci"]
+    run.state = loop.state_from_params(run, params)
+    run.keys = dataclasses.replace(run.keys, train=loop.RunKeys.from_seed(train_seed).train)
     block = max(1, steps // 10)
-    block_sums, total = [], 0.0
-    for i in range(1, steps + 1):
-        state, metrics = step_fn(state, exp.target_params, k_train)
-        total = total + metrics["loss/total"]  # summed on device
-        if i % block == 0:
-            block_sums.append(total)
-            total = 0.0
-    params = jax.device_get(state.params)
+    sums = {"blocks": [], "total": 0.0}
+
+    def on_step(step, m):
+        sums["total"] = sums["total"] + m["loss"]["total"]  # summed on device
+        if step % block == 0:
+            sums["blocks"].append(sums["total"])
+            sums["total"] = 0.0
+
+    t0 = time.perf_counter()
+    loop.train(run, steps, on_step=on_step)
+    params = jax.device_get(run.params)
     n_features = exp.target_params["linear1"]["kernel"].shape[0]
-    ci = evaluation.one_hot_ci(decomp, params, exp.target_params, n_features)
+    ci = metrics.one_hot_ci(decomp, params, exp.target_params, n_features)
     W = np.asarray(exp.target_params["linear1"]["kernel"])
     V, U = (np.asarray(a) for a in decomp.factors(params, "linear1"))
+    feature_sites = [n for n, r in tms.site_roles(exp.model_config).items() if r == "features"]
     out = {
         "comp_seed": comp_seed, "ci_seed": ci_seed, "train_seed": train_seed, "steps": steps,
-        "distinct_carriers": {n: len(set(np.argmax(c.upper, axis=1))) for n, c in ci.items()
-                              if n.startswith("linear")},
-        "identity_ci_errors": {n: int(evaluation.identity_ci_error(c.lower)) for n, c in ci.items()
-                               if n.startswith("linear")},
-        "mmcs": float(evaluation.mmcs_ml2r(W, V, U)["mmcs"]),
-        "norm_above_0.1": int(np.sum(evaluation.subcomponent_norms(V, U) > 0.1)),
+        "distinct_carriers": {n: len(set(np.argmax(ci[n].upper, axis=1))) for n in feature_sites},
+        "identity_ci_errors": {n: int(ci_patterns.identity_ci_error(ci[n].lower))
+                               for n in feature_sites},
+        "mmcs": float(metrics.mmcs_ml2r(W, V, U)["mmcs"]),
+        "norm_above_0.1": int(np.sum(metrics.subcomponent_norms(V, U) > 0.1)),
         "loss_block_steps": block,
-        "loss_blocks": [float(b) / block for b in block_sums],
+        "loss_blocks": [float(b) / block for b in sums["blocks"]],
         "seconds": time.perf_counter() - t0,
     }
     print(json.dumps(out), flush=True)
@@ -102,14 +98,13 @@ def main(argv=None) -> None:
     parser.add_argument("--target_double_update", action="store_true",
                         help="train the target with the reference's two Adam updates of tied W")
     args = parser.parse_args(argv)
-    config = load_config(args.variant)
+    runs = [parse_seeds(item) for item in args.pairs.split(",")]
+    config = configs.load(f"tms:{args.variant}", configs.parse_assignments(args.set))
     if args.target_double_update:
         tms.TMS_VARIANTS[args.variant] = dataclasses.replace(
             tms.TMS_VARIANTS[args.variant], double_update=True)
-    apply_overrides(config, args.set)
-    runs = [parse_seeds(item) for item in args.pairs.split(",")]
-    exp = build_experiment(config)
-    results = [probe(config, exp, *seeds, args.probe_steps) for seeds in runs]
+    run = loop.setup(config)
+    results = [probe(run, *seeds, args.probe_steps) for seeds in runs]
     path = ROOT / "benchmarks" / "results" / f"tms_seed_probe_{args.variant}{args.tag}.json"
     path.write_text(json.dumps({"overrides": args.set,
                                 "target_double_update": args.target_double_update,

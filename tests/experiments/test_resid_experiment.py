@@ -1,33 +1,29 @@
 """ResidMLP SPD: neuron contributions vs hand loops, CI permutations, tiny runs of every variant."""
 
-import importlib.util
-import io
+import dataclasses
 import json
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-from spdjax import evaluation, resid_experiment
-from spdjax import resid_mlp as rm
-from spdjax.train import train_and_evaluate
+from spdjax import configs
+from spdjax.analysis import ci_patterns
+from spdjax.analysis import metrics
+from spdjax.experiments import resid_mlp
+from spdjax.experiments.resid_mlp import model as rm
+from spdjax.training.loop import train_and_evaluate
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-
-def load_config(variant):
-    spec = importlib.util.spec_from_file_location("resid_config", ROOT / "configs" / "resid_mlp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+def load_config(variant, overrides=None):
+    return configs.load(f"resid_mlp:{variant}", overrides)
 
 
 def test_neuron_contributions_match_a_hand_loop():
     rng = np.random.default_rng(0)
     F, D, N, C = 5, 7, 3, 4
     W_E, W_in, W_out = rng.normal(size=(F, D)), rng.normal(size=(D, N)), rng.normal(size=(N, D))
-    got = evaluation.neuron_contributions(W_E, W_in, W_out)
+    got = metrics.neuron_contributions(W_E, W_in, W_out)
     for f in range(F):
         for n in range(N):
             into = sum(W_E[f, d] * W_in[d, n] for d in range(D))  # W_E[f] through neuron n's input
@@ -35,9 +31,9 @@ def test_neuron_contributions_match_a_hand_loop():
             np.testing.assert_allclose(got[f, n], into * back, rtol=1e-12)
 
     V, U = rng.normal(size=(D, C)), rng.normal(size=(C, N))
-    spd, chosen = evaluation.subcomponent_neuron_contributions(W_E, V, U, W_out)
+    spd, chosen = metrics.subcomponent_neuron_contributions(W_E, V, U, W_out)
     for f in range(F):
-        per_c = [evaluation.neuron_contributions(W_E, np.outer(V[:, c], U[c]), W_out)[f]
+        per_c = [metrics.neuron_contributions(W_E, np.outer(V[:, c], U[c]), W_out)[f]
                  for c in range(C)]
         best = int(np.argmax([p.max() for p in per_c]))
         assert chosen[f] == best
@@ -52,16 +48,16 @@ def test_one_subcomponent_per_feature_reproduces_the_target_contributions():
     W_E = np.eye(F, D)  # orthonormal embedding: feature f reads row f of W_in only
     W_in, W_out = rng.normal(size=(D, N)), rng.normal(size=(N, D))
     V, U = np.eye(D), W_in  # piece c = e_c W_in[c]: the part of W_in that feature c uses
-    target = evaluation.neuron_contributions(W_E, W_in, W_out)
-    spd, chosen = evaluation.subcomponent_neuron_contributions(W_E, V, U, W_out)
+    target = metrics.neuron_contributions(W_E, W_in, W_out)
+    spd, chosen = metrics.subcomponent_neuron_contributions(W_E, V, U, W_out)
     np.testing.assert_array_equal(chosen, np.arange(F))
     np.testing.assert_allclose(spd, target, rtol=1e-12)
-    assert evaluation.pearson_r(target, spd) == pytest.approx(1.0)
+    assert metrics.pearson_r(target, spd) == pytest.approx(1.0)
 
 
 def test_pearson_r_rejects_mismatched_sizes():
     with pytest.raises(ValueError, match="same size"):
-        evaluation.pearson_r(np.zeros(3), np.zeros(4))
+        metrics.pearson_r(np.zeros(3), np.zeros(4))
 
 
 def test_resid_ci_permutation_identity_for_w_in_and_mass_for_w_out():
@@ -73,13 +69,13 @@ def test_resid_ci_permutation_identity_for_w_in_and_mass_for_w_out():
     mlp_out = np.zeros((F, C))
     dense = rng.permutation(C)[:3]
     mlp_out[:, dense] = [1.0, 0.9, 0.8]  # three always-on components of different mass
-    permuted = evaluation.permuted_ci({"layers_0/mlp_in": mlp_in, "layers_0/mlp_out": mlp_out},
-                                      dense_patterns=("*/mlp_out",))
+    permuted = ci_patterns.permuted_ci({"layers_0/mlp_in": mlp_in, "layers_0/mlp_out": mlp_out},
+                                       dense_sites=("layers_0/mlp_out",))
     np.testing.assert_array_equal(permuted["layers_0/mlp_in"][:, :F], np.eye(F))
     np.testing.assert_array_equal(permuted["layers_0/mlp_out"][0, :4], [1.0, 0.9, 0.8, 0.0])
-    errors = evaluation.ci_solution_errors(
+    errors = ci_patterns.ci_solution_errors(
         {"layers_0/mlp_in": mlp_in, "layers_0/mlp_out": mlp_out},
-        identity={"*/mlp_in": F}, dense={"*/mlp_out": 3})
+        identity={"layers_0/mlp_in": F}, dense={"layers_0/mlp_out": 3})["per_site"]
     assert errors["layers_0/mlp_in"] == 0 and errors["layers_0/mlp_out"] == 1  # 0.8 < 1 - 0.1
 
 
@@ -103,18 +99,20 @@ def test_tiny_run_of_every_variant(variant, tmp_path, monkeypatch):
         assert cfg.steps == 5 and seed == 0
         return rm.init_resid_mlp_params(jax.random.key(seed), cfg)
 
-    monkeypatch.setattr(resid_experiment, "load_or_train_target", untrained)
-    config = load_config(variant)
-    config.update({"steps": 6, "batch_size": 32, "eval_batch_size": 256, "log_every": 3,
-                   "checkpoint_every": 6, "target_steps": 5})
-    summary = train_and_evaluate(config, tmp_path, stream=io.StringIO())
+    # The family holds the target loader it was built with: swap in a family using ``untrained``.
+    monkeypatch.setattr(resid_mlp, "FAMILY",
+                        dataclasses.replace(resid_mlp.FAMILY, load_target_params=untrained))
+    config = load_config(variant, {"steps": 6, "batch_size": 32, "eval_batch_size": 256,
+                                   "log_every": 3, "checkpoint_every": 6, "target_steps": 5})
+    summary = train_and_evaluate(config, tmp_path)
     n_layers = int(variant)
     sites = [f"layers_{i}/{m}" for i in range(n_layers) for m in ("mlp_in", "mlp_out")]
     assert sorted(summary["alive"]) == sorted(sites) and summary["steps"] == 6
-    assert set(summary["ci_errors"]) == {"total", "total_0p2", *sites}
+    assert set(summary["ci_errors"]) == {"total", "loose_total", "per_site"}
+    assert set(summary["ci_errors"]["per_site"]) == set(sites)
     assert set(summary["contribution_r"]) == {"all", *(f"layers_{i}" for i in range(n_layers))}
     assert all(-1 <= r <= 1 for r in summary["contribution_r"].values())
-    assert np.isfinite(summary["loss/stochastic_recon"])
+    assert np.isfinite(summary["loss"]["stochastic_recon"])
     figs = {p.name for p in (tmp_path / "figures").iterdir()}
     assert {"neuron_contribution_pairs.png", "ci_upper_leaky.png", "ci_lower_leaky.png",
             *(f"neuron_contributions_layer{i}.png" for i in range(n_layers))} <= figs

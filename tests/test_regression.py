@@ -1,0 +1,102 @@
+"""Results must not change: runs recorded before the restructure (commit 667e382) reproduce
+exactly, on one CPU device (8 fake devices would change reduction orders).
+
+* TMS 5-2 seed 0, the first 2000 steps of the paper's 40k-step run (metrics every 100 steps);
+* ResidMLP 1 layer (target trained 100 steps, batch 256, 300 SPD steps) and its summary;
+* TMS 5-2-id, 300 steps at batch 1024: the final evaluation (MMCS/ML2R, CI errors, peaks).
+
+The TMS targets come from ``fixtures/regression/targets`` (the cache the recording used); the
+ResidMLP target is retrained, so its training is covered too. Run as a script, this file makes
+the three runs in one process and prints their metrics and summaries as JSON.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+FIX = HERE / "fixtures" / "regression"
+TIMING = ("steps_per_sec", "wall_time_s")
+
+
+def _runs() -> dict:
+    import spdjax
+    from spdjax.training import loop
+
+    cache = tempfile.mkdtemp(prefix="spdjax_regression_")
+    shutil.copytree(FIX / "targets", f"{cache}/tms")
+    out = {}
+    run = loop.setup(spdjax.configs.load(
+        "tms:5-2", {"target_cache_dir": f"{cache}/tms", "log_every": 100}))
+    loop.train(run, 2000)  # of the 40k-step schedule
+    out["tms_5-2"] = {"rows": run.writer.rows}
+    run = loop.setup(spdjax.configs.load("resid_mlp:1", {
+        "target_cache_dir": f"{cache}/resid", "target_steps": 100, "batch_size": 256,
+        "steps": 300, "log_every": 50, "eval_batch_size": 1000}))
+    loop.train(run)
+    out["resid_mlp_1"] = {"rows": run.writer.rows, "summary": loop.evaluate(run)}
+    run = loop.setup(spdjax.configs.load("tms:5-2-id", {
+        "target_cache_dir": f"{cache}/tms", "steps": 300, "batch_size": 1024, "log_every": 50}))
+    loop.train(run)
+    out["tms_5-2-id"] = {"summary": loop.evaluate(run)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    p = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _assert_rows_equal(rows, recorded_file):
+    recorded = [json.loads(line) for line in (FIX / recorded_file).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in recorded]
+    for new, old in zip(rows, recorded):
+        new = {k: v for k, v in new.items() if k not in TIMING}
+        assert new == old, f"step {old['step']}: " + ", ".join(
+            f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in old if new.get(k) != old[k])
+
+
+def test_tms_5_2_first_2000_steps_are_unchanged(runs):
+    _assert_rows_equal(runs["tms_5-2"]["rows"], "tms_5-2_seed0_first2000.jsonl")
+
+
+def test_resid_mlp_1_run_and_summary_are_unchanged(runs):
+    _assert_rows_equal(runs["resid_mlp_1"]["rows"], "resid_mlp_1_300steps.jsonl")
+    new = runs["resid_mlp_1"]["summary"]
+    old = json.loads((FIX / "resid_mlp_1_300steps_summary.json").read_text())
+    # Recorded in the old flat/keyed summary layout; the values must be identical.
+    assert new["loss"] == {k[5:]: v for k, v in old.items() if k.startswith("loss/")}
+    for key in ("ci_l0", "alive", "contribution_r", "distinct_chosen_subcomponents"):
+        assert new[key] == old[key], key
+    assert new["ci_errors"]["total"] == old["ci_errors"]["total"]
+    assert new["ci_errors"]["loose_total"] == old["ci_errors"]["total_0p2"]
+    assert new["ci_errors"]["per_site"] == {k: v for k, v in old["ci_errors"].items()
+                                            if k.startswith("layers_")}
+
+
+def test_tms_5_2_id_evaluation_is_unchanged(runs):
+    new = runs["tms_5-2-id"]["summary"]
+    old = json.loads((FIX / "tms_5-2-id_300steps_summary.json").read_text())
+    for key in ("mmcs", "mmcs_std", "ml2r", "ml2r_std", "ci_l0", "alive", "ci_dense_peaks",
+                "warnings"):
+        assert new[key] == old[key], key
+    assert new["subcomponents_above_norm"] == old["n_subcomponents_above_norm_0.1"]
+    assert new["ci_errors"]["total"] == old["ci_errors"]["total"]
+    assert new["ci_errors"]["loose_total"] == old["ci_errors"]["total_0p2"]
+    np.testing.assert_equal(new["loss"]["total"], old["loss/total"])
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    print(json.dumps(_runs()))
