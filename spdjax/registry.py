@@ -42,6 +42,9 @@ class Registry(Generic[T], Mapping[str, T]):
         """The name ``value`` is registered under, or None for a user-supplied value."""
         return next((k for k, v in self._entries.items() if v is value), None)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
     def __getitem__(self, name: str) -> T:
         return self.get(name)
 

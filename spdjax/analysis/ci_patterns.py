@@ -145,6 +145,9 @@ def ci_solution_errors(
     errors at tol}}``.
     """
     identity, dense = dict(identity or {}), dict(dense or {})
+    both = sorted(set(identity) & set(dense))
+    if both:
+        raise ValueError(f"ci_solution_errors: sites {both} are given both patterns.")
     unknown = sorted((set(identity) | set(dense)) - set(ci_by_site))
     if unknown:
         raise ValueError(f"ci_solution_errors: no CI given for sites {unknown}.")

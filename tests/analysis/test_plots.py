@@ -44,7 +44,8 @@ def test_significant_subnets_order_and_threshold():
     V, U, cols = exact_factors(W, C=10)
     keep = tms_plots.significant_subnets(V, U, threshold=0.017)
     np.testing.assert_array_equal(keep, cols[[3, 1, 0, 2]])  # feature 4 (norm 0.01) dropped
-    np.testing.assert_array_equal(tms_plots.significant_subnets(V, U, max_components=2), cols[[3, 1]])
+    np.testing.assert_array_equal(tms_plots.significant_subnets(V, U, max_components=2),
+                                  cols[[3, 1]])
 
 
 @pytest.mark.parametrize("network", [True, False])

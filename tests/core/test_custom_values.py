@@ -100,3 +100,16 @@ def test_a_batch_that_does_not_fit_a_site_is_an_error_naming_both_sizes():
     with pytest.raises((ValueError, TypeError)) as err:
         spdjax.make_context(decomp, tparams, params, jnp.ones((2, 5)))
     assert "3" in str(err.value) and "5" in str(err.value)
+
+
+def test_registries_answer_membership_and_resolve_names_or_values():
+    from spdjax.training.schedules import SCHEDULES
+
+    assert "cosine" in SCHEDULES and "cos" not in SCHEDULES
+    assert spdjax.SIGMOIDS.resolve("hard") is spdjax.SIGMOIDS["hard"]
+    pair = spdjax.SigmoidPair(jax.nn.sigmoid, jax.nn.sigmoid)
+    assert spdjax.SIGMOIDS.resolve(pair) is pair and spdjax.SIGMOIDS.name_of(pair) is None
+    with pytest.raises(ValueError, match=r"Unknown lr schedule 'cos'; expected one of \["):
+        SCHEDULES.get("cos")
+    with pytest.raises(ValueError, match="already registered"):
+        spdjax.SIGMOIDS.register("hard", pair)

@@ -102,8 +102,11 @@ def test_tiny_run_of_every_variant(variant, tmp_path, monkeypatch):
     # The family holds the target loader it was built with: swap in a family using ``untrained``.
     monkeypatch.setattr(resid_mlp, "FAMILY",
                         dataclasses.replace(resid_mlp.FAMILY, load_target_params=untrained))
+    # C 110 (>= the 100/102 features) instead of 100/400/500 keeps the run cheap; the variant's
+    # sites, layers and data are what this test is about.
     config = load_config(variant, {"steps": 6, "batch_size": 32, "eval_batch_size": 256,
-                                   "log_every": 3, "checkpoint_every": 6, "target_steps": 5})
+                                   "log_every": 3, "checkpoint_every": 6, "target_steps": 5,
+                                   "C": 110})
     summary = train_and_evaluate(config, tmp_path)
     n_layers = int(variant)
     sites = [f"layers_{i}/{m}" for i in range(n_layers) for m in ("mlp_in", "mlp_out")]

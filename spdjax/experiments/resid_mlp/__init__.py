@@ -14,19 +14,6 @@ from spdjax.experiments.registry import Family
 from spdjax.experiments.resid_mlp import evaluation, model, plots
 
 
-FAMILY = Family(
-    name="resid_mlp",
-    title="ResidMLP",
-    variants=model.RESID_VARIANTS,
-    default_variant="1",
-    target=model.resid_mlp_target,
-    load_target_params=model.load_or_train_target,
-    cache_stem=model.cache_stem,
-    report=model.report,
-    sites=lambda cfg, config: {"layers_*/mlp_in": config.C, "layers_*/mlp_out": config.C},
-    sample=model.sample_inputs,
-    evaluate=evaluation.evaluate,
-    plot=plots.plot_run,
-)
+FAMILY = Family.from_modules("resid_mlp", "ResidMLP", "1", model, evaluation, plots)
 
 __all__ = ["FAMILY", "evaluation", "model", "plots"]

@@ -276,3 +276,14 @@ def report(params: dict, cfg: ResidMLPConfig, meta: dict, stem: str) -> str:
             f"baseline {meta['baseline_loss']:.3e} with the same W_E, "
             f"{meta['ideal_baseline_loss']:.3e} without embedding interference; cached in "
             f"{stem}.npz")
+
+
+# The names spdjax.experiments.registry.Family.from_modules reads.
+VARIANTS = RESID_VARIANTS
+target = resid_mlp_target
+sample = sample_inputs
+
+
+def sites(cfg: ResidMLPConfig, config) -> dict[str, int]:
+    """Every ``mlp_in`` and ``mlp_out``, with the run's ``config.C`` subcomponents each."""
+    return {"layers_*/mlp_in": config.C, "layers_*/mlp_out": config.C}

@@ -12,20 +12,6 @@ and, for +ID variants, the frozen identity ``hidden_0``. All sites share ``confi
 from spdjax.experiments.registry import Family
 from spdjax.experiments.tms import evaluation, model, plots
 
-FAMILY = Family(
-    name="tms",
-    title="TMS",
-    variants=model.TMS_VARIANTS,
-    default_variant="5-2",
-    target=model.tms_target,
-    load_target_params=model.load_or_train_target,
-    cache_stem=model.cache_stem,
-    report=model.report,
-    sites=lambda cfg, config: {name: config.C for name in model.site_roles(cfg)},
-    ties=model.TMS_TIES,
-    sample=model.sample_batch,
-    evaluate=evaluation.evaluate,
-    plot=plots.plot_run,
-)
+FAMILY = Family.from_modules("tms", "TMS", "5-2", model, evaluation, plots)
 
 __all__ = ["FAMILY", "evaluation", "model", "plots"]

@@ -264,3 +264,15 @@ def report(params: dict, cfg: TMSConfig, meta: dict, stem: str) -> str:
     return (f"TMS {cfg.variant}: trained seed {meta['trained_seed']} (tried "
             f"{meta['tried_seeds']}), loss {meta['final_loss']:.3e}; one-hot 0.75 read-back per "
             f"feature: {read_back}\nSaved {stem}.npz and {path}")
+
+
+# The names spdjax.experiments.registry.Family.from_modules reads.
+VARIANTS = TMS_VARIANTS
+TIES = TMS_TIES
+target = tms_target
+sample = sample_batch
+
+
+def sites(cfg: TMSConfig, config) -> dict[str, int]:
+    """Every site, with the run's ``config.C`` subcomponents each."""
+    return {name: config.C for name in site_roles(cfg)}
