@@ -62,6 +62,10 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     c.log_every = 500  # steps between metric lines / progress reports
     c.checkpoint_every = 5000  # steps between checkpoints (and always at the end)
     c.eval_batch_size = 20_000  # examples for final CI-L0 / alive counts / loss terms
+    c.eval_microbatches = 1  # evaluate the eval batch in this many chunks (bounds its memory)
+    # Stop when the logged total loss exceeds this many times the run's lowest logged total
+    # (a jump or a steady climb); 0 disables. Non-finite losses or params always stop a run.
+    c.divergence_factor = 1e3
     c.l0_threshold = 0.1  # CI above this counts as active (L0, alive)
     return c
 
@@ -92,6 +96,36 @@ def load(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collection
     config = module.get_config(arg) if arg else module.get_config()
     config.lock()
     return apply_overrides(config, overrides or {})
+
+
+def from_dict(recorded: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A locked config from a recorded one (``config.json``, a checkpoint's metadata).
+
+    Fields the record lacks (added to spdjax after it was written) get the defaults of its
+    experiment's config file, so runs written by an older version load with today's code.
+    """
+    for key in ("experiment", "variant"):
+        if key not in recorded:
+            raise ValueError(f"A recorded config needs {key!r}; got fields {sorted(recorded)}.")
+    config = load(f"{recorded['experiment']}:{recorded['variant']}")
+    with config.unlocked():
+        _merge(config, recorded)
+    return config
+
+
+# Name -> options maps: a record's entries are the whole of it (a term absent from the record was
+# not in the run), unlike fixed fields, where a missing one is newer than the record.
+_WHOLE = ("losses",)
+
+
+def _merge(config: ml_collections.ConfigDict, recorded: Mapping[str, Any]) -> None:
+    for key, value in recorded.items():
+        if key in _WHOLE:
+            config[key] = ml_collections.ConfigDict(value)
+        elif isinstance(value, Mapping) and isinstance(config.get(key), ml_collections.ConfigDict):
+            _merge(config[key], value)
+        else:
+            config[key] = tuple(value) if isinstance(config.get(key), tuple) else value
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]):

@@ -26,6 +26,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from spdjax import components as comp_lib
@@ -110,6 +111,28 @@ class Decomposition:
         f = params["components"][name]
         return f["V"], f["U"]
 
+    def check_params(self, params: Params) -> None:
+        """Params must be this decomposition's: its sites, and factors of shapes
+        ``V (d_in, C)``, ``U (C, d_out)`` (a shape check; free under ``jit``)."""
+        if not isinstance(params, Mapping) or set(params) != {"components", "ci"}:
+            raise ValueError("Decomposition params must be {'components': ..., 'ci': ...} as "
+                             f"from Decomposition.init; got {type(params).__name__} "
+                             f"{sorted(params) if isinstance(params, Mapping) else ''}.")
+        if set(params["components"]) != set(self.owners) or set(params["ci"]) != set(
+                self.site_names):
+            raise ValueError(
+                f"These params were built for another decomposition: factors for "
+                f"{sorted(params['components'])} and CI for {sorted(params['ci'])}, but this one "
+                f"has sites {list(self.site_names)} (factors for {list(self.owners)}).")
+        for name in self.owners:
+            site, C = self.site(name), self.C[name]
+            V, U = params["components"][name]["V"], params["components"][name]["U"]
+            if tuple(V.shape) != (site.d_in, C) or tuple(U.shape) != (C, site.d_out):
+                raise ValueError(
+                    f"Site {name!r}: factors V {tuple(V.shape)}, U {tuple(U.shape)} do not fit "
+                    f"this decomposition (V ({site.d_in}, {C}), U ({C}, {site.d_out})): params "
+                    "built for another decomposition?")
+
     def component_weight(self, params: Params, name: str) -> Array:
         """``V @ U`` with shape ``(d_in, d_out)``: the sum of all subcomponents of a site."""
         V, U = self.factors(params, name)
@@ -182,6 +205,7 @@ class Decomposition:
         self, params: Params, site_inputs: Mapping[str, Array]
     ) -> dict[str, CausalImportance]:
         """CI of every site from clean site inputs (gradients flow into V through inner acts)."""
+        self.check_params(params)
         sig = self.sigmoid
         out = {}
         for name in self.site_names:
@@ -195,7 +219,12 @@ class Decomposition:
 
 
 def _check_site_input(site: Site, x: Array) -> None:
-    """A site's input must fit its weight: ``[..., d_in]`` floats, or integer ids for an embedding."""
+    """A site's input must fit its weight: ``[..., d_in]`` floats, or integer ids for an
+    embedding; never empty. Concrete (not traced) inputs are also checked for values: finite
+    floats, ids in ``[0, vocab)``."""
+    if x.size == 0:
+        raise ValueError(f"Site {site.name!r} got an empty input of shape {tuple(x.shape)}: "
+                         "the batch holds no examples.")
     if site.kind == "embed":
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"Embedding site {site.name!r} needs integer token ids; got {x.dtype}.")
@@ -204,6 +233,17 @@ def _check_site_input(site: Site, x: Array) -> None:
             f"Site {site.name!r} expects inputs [..., {site.d_in}] (its d_in) but got shape "
             f"{tuple(x.shape)}: does the batch's last axis match the model's input width?"
         )
+    if isinstance(x, jax.core.Tracer):
+        return
+    x = np.asarray(x)  # concrete: checked on the host, outside any trace
+    if site.kind == "embed":
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= site.d_in:
+            raise ValueError(f"Embedding site {site.name!r}: token ids must be in [0, "
+                             f"{site.d_in}); got ids from {lo} to {hi}.")
+    elif not np.isfinite(x).all():
+        raise ValueError(f"Site {site.name!r}: its input holds NaN or inf (from the batch, or from "
+                         "the target before it).")
 
 
 def decompose(

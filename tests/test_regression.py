@@ -88,9 +88,11 @@ def test_resid_mlp_1_run_and_summary_are_unchanged(runs):
 def test_tms_5_2_id_evaluation_is_unchanged(runs):
     new = runs["tms_5-2-id"]["summary"]
     old = json.loads((FIX / "tms_5-2-id_300steps_summary.json").read_text())
-    for key in ("mmcs", "mmcs_std", "ml2r", "ml2r_std", "ci_l0", "alive", "ci_dense_peaks",
-                "warnings"):
+    for key in ("mmcs", "mmcs_std", "ml2r", "ml2r_std", "ci_l0", "alive", "ci_dense_peaks"):
         assert new[key] == old[key], key
+    # The advice changed on purpose: a 300-step run is short, not a bad seed.
+    assert new["warnings"][:-1] == old["warnings"][:-1]
+    assert "fewer than the paper's 40000" in new["warnings"][-1]
     assert new["subcomponents_above_norm"] == old["n_subcomponents_above_norm_0.1"]
     assert new["ci_errors"]["total"] == old["ci_errors"]["total"]
     assert new["ci_errors"]["loose_total"] == old["ci_errors"]["total_0p2"]

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from spdjax import configs
 from spdjax.experiments.registry import Experiment, build_experiment
 from spdjax.experiments.target_training import load_params
 from spdjax.methods import METHODS, Method
@@ -51,7 +52,7 @@ class LoadedRun:
 
     def evaluate(self) -> dict:
         """The experiment's ground-truth metrics of these params (MMCS/ML2R, CI errors, ...)."""
-        return self.experiment.evaluate(self.decomposition, self.params)
+        return self.experiment.evaluate(self.decomposition, self.params, steps=self.step)
 
     def plot(self, figures_dir: str | pathlib.Path | None = None) -> list[pathlib.Path]:
         """Redraws every figure (default: into ``workdir/figures``)."""
@@ -75,7 +76,7 @@ def load(workdir: str | pathlib.Path, *, step: int | None = None) -> LoadedRun:
         else:
             raise FileNotFoundError(f"{workdir}: neither the checkpoint nor config.json holds "
                                     "the run's config.")
-        config = ml_collections.ConfigDict(config_dict)
+        config = configs.from_dict(config_dict)  # fields newer than the run get defaults
         target_file = workdir / "target_params.npz"
         experiment = build_experiment(
             config, target_params=load_params(target_file) if target_file.exists() else None)

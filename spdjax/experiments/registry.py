@@ -32,7 +32,8 @@ class Family:
       cache_stem, report: the cache file stem, and a one-line report of a cached target.
       sites: ``(cfg, run config) -> {pattern: C}``; ``ties``: ``{tied: owner}``.
       sample: ``(cfg, key, batch_size) -> batch`` of SPD training data.
-      evaluate: ``(decomposition, params, target_params, cfg) -> summary dict``.
+      evaluate: ``(decomposition, params, target_params, cfg, *, steps) -> summary dict``
+        (``steps``: how long the params trained, or None).
       plot: ``(decomposition, params, target_params, cfg, figures_dir) -> [paths]``.
     """
 
@@ -92,8 +93,10 @@ class Experiment:
     batch_fn: Callable[[jax.Array], Any]
     eval_batch_fn: Callable[[jax.Array], Any]
 
-    def evaluate(self, decomposition, params) -> dict:
-        return self.family.evaluate(decomposition, params, self.target_params, self.model_config)
+    def evaluate(self, decomposition, params, *, steps: int | None = None) -> dict:
+        """Ground-truth metrics; ``steps``: how long the params trained (None: unknown)."""
+        return self.family.evaluate(decomposition, params, self.target_params, self.model_config,
+                                    steps=steps)
 
     def plot(self, decomposition, params, figures_dir: str | pathlib.Path) -> list:
         figures_dir = pathlib.Path(figures_dir)

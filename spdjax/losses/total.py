@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import zlib
 from typing import Any, Callable, Mapping, Sequence
 
@@ -41,6 +42,16 @@ LOSSES: Registry[LossFn] = Registry("loss", {
 })
 # Options whose string values name a registered value.
 _NAMED_OPTIONS = {"sampling": SAMPLERS, "divergence": DIVERGENCES}
+# Options with a valid range, checked when a term is bound: (test, what is expected).
+_OPTION_CHECKS = {
+    "n_samples": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                  "an integer >= 1"),
+    "pnorm": (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
+              "a finite number > 0"),
+    "p_anneal_final_p": (lambda v: v is None or (isinstance(v, (int, float)) and v > 0),
+                         "None or a number > 0"),
+    "eps": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +82,12 @@ def term(fn: str | LossFn, coeff: float, *, name: str | None = None, **options) 
         coeff = float(coeff)
     except (TypeError, ValueError):
         raise ValueError(f"Loss {label!r}: coeff must be a number, got {coeff!r}.") from None
+    if not math.isfinite(coeff):
+        raise ValueError(f"Loss {label!r}: coeff must be finite, got {coeff!r}.")
+    for key, value in options.items():
+        if key in _OPTION_CHECKS and not _OPTION_CHECKS[key][0](value):
+            raise ValueError(f"Loss {label!r}: {key} must be {_OPTION_CHECKS[key][1]}, "
+                             f"got {value!r}.")
     options = {k: (_NAMED_OPTIONS[k].resolve(v) if k in _NAMED_OPTIONS else v)
                for k, v in options.items()}
     try:

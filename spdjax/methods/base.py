@@ -35,8 +35,9 @@ class Method:
       objective: see :data:`Objective`; pure, differentiated with respect to ``params``.
       optimizer: the optax transformation that trains ``params``.
       partition_specs: ``(params, model_axis) -> PartitionSpec pytree`` (C on ``model_axis``).
-      evaluate: ``(params, target_params, batch, key) -> summary dict``: the method's own final
-        metrics on an evaluation batch (the experiment adds its ground-truth ones).
+      evaluate: ``(params, target_params, batch, key, *, microbatches=1) -> summary dict``: the
+        method's own final metrics on an evaluation batch, in ``microbatches`` chunks (the
+        experiment adds its ground-truth ones).
     """
 
     name: str

@@ -119,14 +119,32 @@ def init_fn(
 
 
 def evaluate_fn(decomposition: Decomposition, objective_fn: Objective, *, l0_threshold: float):
-    """Loss terms and CI-L0 (as the objective's metrics), and alive subcomponents per site."""
+    """Loss terms and CI-L0 (as the objective's metrics), and alive subcomponents per site.
 
-    def fn(params, target_params, batch, key) -> dict:
-        _, metrics = jax.jit(objective_fn)(params, target_params, batch, key, 1.0)
+    With ``microbatches > 1`` the batch is evaluated in that many equal chunks (chunk ``i`` with
+    key ``fold_in(key, i)``): the means are averaged and a subcomponent is alive if it is in any
+    chunk, so only the masks' draws differ from the one-chunk result.
+    """
+    objective_jit = jax.jit(objective_fn)
+
+    def one(params, target_params, batch, key):
+        _, metrics = objective_jit(params, target_params, batch, key, 1.0)
         ctx = jax.jit(lambda p, b: make_context(decomposition, target_params, p, b))(params, batch)
-        summary: dict[str, Any] = jax.tree.map(float, jax.device_get(metrics))
-        summary["alive"] = {n: int(np.sum(alive_components(np.asarray(c.lower), l0_threshold)))
-                            for n, c in ctx.ci.items()}
+        alive = {n: alive_components(np.asarray(c.lower), l0_threshold) for n, c in ctx.ci.items()}
+        return jax.device_get(metrics), alive
+
+    def fn(params, target_params, batch, key, *, microbatches: int = 1) -> dict:
+        if microbatches == 1:
+            metrics, alive = one(params, target_params, batch, key)
+        else:
+            chunks = jax.tree.map(
+                lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch)
+            parts = [one(params, target_params, jax.tree.map(lambda x: x[i], chunks),
+                         jax.random.fold_in(key, i)) for i in range(microbatches)]
+            metrics = jax.tree.map(lambda *v: np.mean(v), *[m for m, _ in parts])
+            alive = {n: np.any([a[n] for _, a in parts], axis=0) for n in parts[0][1]}
+        summary: dict[str, Any] = jax.tree.map(float, metrics)
+        summary["alive"] = {n: int(np.sum(a)) for n, a in alive.items()}
         return summary
 
     return fn

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -66,13 +68,17 @@ class CheckpointFormatError(ValueError):
     """A checkpoint does not fit the state it is restored into."""
 
 
+class CheckpointDamagedError(RuntimeError):
+    """A checkpoint's files are missing, truncated or unreadable."""
+
+
 class Checkpointer:
     """Saves and restores train states under ``directory`` keyed by step (keeps the last ``keep``)."""
 
     def __init__(self, directory: str | pathlib.Path, *, keep: int = 2):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -92,8 +98,17 @@ class Checkpointer:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
         return step
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def _format(self, step: int) -> int:
-        return 1 if (self.directory / str(step) / "meta").exists() else 0
+        path = self.directory / str(step)
+        if (path / "meta").is_dir():
+            return 1
+        if (path / "default").is_dir():
+            return 0
+        raise CheckpointDamagedError(f"{path} holds neither a format-1 nor a format-0 checkpoint "
+                                     f"(contents: {sorted(p.name for p in path.iterdir())}).")
 
     def read_meta(self, step: int | None = None) -> dict:
         """The ``meta`` item of a checkpoint (``{"format_version": 0}`` for a format-0 one)."""
@@ -149,6 +164,31 @@ class Checkpointer:
         if missing:
             raise CheckpointFormatError(f"Checkpoint {self.directory} has no arrays {missing[:8]}.")
         return jax.tree.unflatten(jax.tree.structure(template), [flat[n] for n in names])
+
+    def restore_latest_valid(self, template: Any, *, quarantine: pathlib.Path) -> tuple[Any, int]:
+        """The newest checkpoint that restores into ``template``: ``(state, step)``, or
+        ``(None, 0)`` if there is none. Damaged ones (missing, truncated or garbled files, empty
+        step directories) are moved to ``quarantine`` with a one-line warning each, so that
+        nothing is deleted and a later save of the same step does not collide with them.
+        A checkpoint that reads but does not fit the template is not damage: that raises."""
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(template, step), step
+            except CheckpointFormatError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read is damage
+                quarantine.mkdir(parents=True, exist_ok=True)
+                target = quarantine / f"{step}_{int(time.time())}"
+                shutil.move(str(self.directory / str(step)), target)
+                log.warning("Checkpoint %s/%d is damaged (%s: %s); moved to %s, trying the "
+                            "previous one.", self.directory, step, type(e).__name__,
+                            str(e).splitlines()[0][:200] if str(e) else "", target)
+                self._reopen()  # forget the moved step
+        return None, 0
+
+    def _reopen(self) -> None:
+        self._manager.close()
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

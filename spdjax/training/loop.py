@@ -19,10 +19,12 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from spdjax import configs as config_lib
@@ -79,6 +81,8 @@ class Run:
     wall_time_s: float = 0.0
     init_record: dict | None = None
     compiled: bool = False  # the step has run once (compilation is reported once)
+    lock: Any = None  # the workdir lock, released by close()
+    recent_losses: list = dataclasses.field(default_factory=list)  # logged totals: divergence
 
     @property
     def step(self) -> int:
@@ -92,17 +96,59 @@ class Run:
         return {"method": self.method.name, "config": config_lib.to_dict(self.config)}
 
 
+def _positive_int(config, name: str, minimum: int = 1) -> int:
+    value = config[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def _number_in(config, name: str, lo: float, hi: float, *, hi_open: bool = False) -> None:
+    value = config[name]
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and lo <= value and (value < hi if hi_open else value <= hi))
+    if not ok:
+        raise ValueError(f"{name} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, "
+                         f"got {value!r}.")
+
+
 def validate(config) -> None:
-    """Cheap checks of a config before any target is trained or loaded."""
-    terms_from_config(config.losses.to_dict())
-    init_selection.check_config(config)
+    """Every field of a run config, before any target is trained or loaded: a ``ValueError``
+    naming the field, its value and what was expected."""
+    from spdjax.ci import make_ci_fn
+    from spdjax.components import COMPONENT_INITS
+    from spdjax.decomposition import TIE_MODES
+    from spdjax.experiments.registry import get_family
+    from spdjax.sigmoids import SIGMOIDS
+
+    get_family(config.experiment).variant(config.variant)
     METHODS.get(config.method)
-    for name in ("steps", "batch_size", "eval_batch_size", "log_every", "checkpoint_every"):
-        value = config[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    for name in ("steps", "batch_size", "eval_batch_size", "log_every", "checkpoint_every", "C",
+                 "microbatches", "eval_microbatches", "mesh_model"):
+        _positive_int(config, name)
+    for name in ("seed", "target_seed", "target_steps", "faithfulness_warmup_steps"):
+        _positive_int(config, name, minimum=0)
+    for size, chunks in (("batch_size", "microbatches"), ("eval_batch_size", "eval_microbatches")):
+        if config[size] % config[chunks]:
+            raise ValueError(f"{size}={config[size]} is not divisible by {chunks}="
+                             f"{config[chunks]}.")
+    if config.mesh_model > jax.device_count() or jax.device_count() % config.mesh_model:
+        raise ValueError(f"mesh_model={config.mesh_model} must divide the {jax.device_count()} "
+                         "available devices.")
     if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
         raise ValueError(f"lr must be a finite positive number, got {config.lr!r}.")
+    _number_in(config, "lr_warmup_frac", 0.0, 1.0, hi_open=True)
+    _number_in(config, "lr_final_frac", 0.0, 1.0)
+    _number_in(config, "l0_threshold", 0.0, 1.0)
+    _number_in(config, "divergence_factor", 0.0, math.inf)
+    make_schedule(config.lr_schedule, config.lr, config.steps)
+    make_ci_fn(config.ci_fn, tuple(config.ci_hidden))
+    SIGMOIDS.get(config.sigmoid)
+    COMPONENT_INITS.get(config.init)
+    if config.tie_mode not in TIE_MODES:
+        raise ValueError(f"Unknown tie_mode {config.tie_mode!r}; expected one of {TIE_MODES}.")
+    terms_from_config(config.losses.to_dict())
+    init_selection.check_config(config)
 
 
 def state_from_params(run: Run, params: Any) -> TrainState:
@@ -124,23 +170,56 @@ def build_step(run: Run, *, microbatches: int | None = None) -> Callable:
         microbatches=run.config.microbatches if microbatches is None else microbatches)
 
 
-def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = False) -> Run:
-    """Builds (or, from ``workdir``'s latest checkpoint, resumes) a run of ``config``."""
+def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = False,
+          allow_changes: tuple[str, ...] = ()) -> Run:
+    """Builds (or, from ``workdir``'s latest good checkpoint, resumes) a run of ``config``.
+
+    The workdir is locked for this process until :func:`close`. A resume with a changed config
+    is refused unless the changed fields are in ``allow_changes`` (e.g. ``("lr", "steps")``) or
+    only change reporting (:data:`spdjax.training.workdir.SAFE_CHANGES`).
+    """
     validate(config)
     schedule = make_schedule(config.lr_schedule, config.lr, config.steps,
                              warmup_frac=config.lr_warmup_frac, final_frac=config.lr_final_frac)
+    lock = None
     if workdir is not None:
         workdir = pathlib.Path(workdir)
-        wd.prepare(workdir, config_lib.to_dict(config), fresh=fresh)
+        workdir.mkdir(parents=True, exist_ok=True)
+        lock = wd.WorkdirLock(workdir)
+        try:
+            wd.prepare(workdir, config_lib.to_dict(config), fresh=fresh,
+                       allow_changes=tuple(allow_changes))
+        except BaseException:
+            lock.release()
+            raise
+    try:
+        run = _build(config, workdir, schedule)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    if workdir is not None:
+        _resume(run)
+    return run
+
+
+def _saved_target(workdir: pathlib.Path | None) -> Any:
+    """A resumed run decomposes the target it started with, kept in its workdir."""
+    path = workdir / "target_params.npz" if workdir is not None else None
+    if path is None or not path.exists() or not any((workdir / "checkpoints").glob("[0-9]*")):
+        return None
+    try:
+        return target_training.load_params(path)
+    except Exception as e:  # noqa: BLE001 - a damaged file: the cache has the same target
+        log.warning("%s is damaged (%s); using the target cache instead.", path, e)
+        return None
+
+
+def _build(config, workdir: pathlib.Path | None, schedule) -> Run:
     log.info("spdjax: %s %s -> %s (devices: %d x %s)", config.experiment, config.variant,
              workdir or "memory", jax.device_count(), jax.devices()[0].platform)
-
-    # A resumed run decomposes the target it started with, kept in its workdir.
-    saved_target = workdir / "target_params.npz" if workdir is not None else None
-    resuming = saved_target is not None and saved_target.exists() and (
-        workdir / "checkpoints").is_dir()
-    experiment = build_experiment(
-        config, target_params=target_training.load_params(saved_target) if resuming else None)
+    experiment = build_experiment(config, target_params=_saved_target(workdir))
     method = METHODS.get(config.method)(config, experiment, schedule)
     mesh = shard_lib.make_mesh(model=config.mesh_model)
     keys = RunKeys.from_seed(config.seed)
@@ -151,41 +230,84 @@ def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = Fa
               schedule=schedule, mesh=mesh,
               target_params=shard_lib.replicate(experiment.target_params, mesh), keys=keys,
               state=None, state_sharding=None, step_fn=None, checkpointer=None, writer=None)
+    # One batch through the target before compiling anything: shapes, NaN/inf, token ids.
+    method.decomposition.clean_forward(experiment.target_params,
+                                       experiment.batch_fn(jax.random.key(0)))
     run.state = initial_state(run, keys.init)
     run.state_sharding = jax.tree.map(lambda x: x.sharding, run.state)
     run.step_fn = build_step(run)
+    run.writer = wd.MemoryWriter()
+    return run
 
-    if workdir is None:
-        run.writer = wd.MemoryWriter()
-        return run
-    target_training.save_params(workdir / "target_params.npz", experiment.target_params)
+
+def _resume(run: Run) -> None:
+    """Restores the newest good checkpoint of ``run.workdir`` (damaged ones are moved aside) and
+    makes every file of the workdir agree with it."""
+    workdir = run.workdir
+    target_training.save_params(workdir / "target_params.npz", run.experiment.target_params)
     run.checkpointer = Checkpointer(workdir / "checkpoints")
-    start = run.checkpointer.latest_step() or 0
+    state, start = run.checkpointer.restore_latest_valid(run.state,
+                                                         quarantine=workdir / "damaged")
     if start:
-        run.state = run.checkpointer.restore(run.state)
-        run.wall_time_s = wd.last_wall_time(workdir / "metrics.jsonl")
+        run.state = state
+        rows = [r for r in wd.read_metric_lines(workdir / "metrics.jsonl") if r["step"] <= start]
+        run.wall_time_s = float(rows[-1].get("wall_time_s", 0.0)) if rows else 0.0
+        run.recent_losses = [r["loss/total"] for r in rows if "loss/total" in r]
         run.init_record = init_selection.load_record(workdir)
         log.info("Resuming from the checkpoint at step %d.", start)
     else:
         (workdir / init_selection.RECORD_FILE).unlink(missing_ok=True)
+    if start < run.config.steps:  # a summary or figures of an earlier end no longer apply
+        (workdir / "summary.json").unlink(missing_ok=True)
+        shutil.rmtree(workdir / "figures", ignore_errors=True)
     run.writer = wd.JsonlWriter(workdir / "metrics.jsonl", resume_step=start if start else None)
-    return run
 
 
-def _check_finite(values: dict, step: int, run: Run) -> None:
+class DivergenceError(FloatingPointError):
+    """The run's loss or params went non-finite or exploded; its checkpoints stay good."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _check_health(run: Run, step: int, values: dict, state: TrainState, history: list) -> None:
+    """Raises :class:`DivergenceError` if a metric or parameter is not finite, or the total loss
+    exceeds ``divergence_factor`` times the lowest logged total of the run (``history``), which
+    catches a sudden jump and a steady climb alike."""
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        where = run.checkpointer.directory if run.checkpointer else "memory (no workdir)"
-        raise FloatingPointError(
-            f"Non-finite metrics at step {step}: {bad}. The last good checkpoint is in {where}; "
-            "lower the lr or the loss coefficients and resume."
-        )
+    problems = [f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}"] if bad else []
+    if not bool(_all_finite(state.params)):
+        problems.append("non-finite parameters")
+    factor, total = run.config.divergence_factor, values["loss/total"]
+    if not problems and factor and len(history) >= 3:
+        level = min(history)
+        if total > factor * level:
+            terms = ", ".join(f"{k}={v:.3g}" for k, v in values.items() if k.startswith("loss/"))
+            problems.append(f"loss/total {total:.3g} is {total / level:.3g}x the run's lowest "
+                            f"{level:.3g} (divergence_factor {factor:g}; terms: {terms})")
+    if problems:
+        if run.checkpointer is not None:
+            run.checkpointer.wait()
+            last = run.checkpointer.latest_step()
+            where = (f"The last good checkpoint (step {last}) is kept in "
+                     f"{run.checkpointer.directory}; resume from it with a smaller lr, e.g. "
+                     f"--config.lr={run.config.lr / 10:g} --allow_config_change=lr"
+                     if last else "No checkpoint was written before it; lower the lr")
+        else:
+            where = "Lower the lr or the loss coefficients"
+        raise DivergenceError(f"The run diverged at step {step}: {'; '.join(problems)}. "
+                              f"{where} (nothing bad was saved).")
+    if math.isfinite(total):
+        history.append(total)
 
 
 def _steps(run: Run, state: TrainState, *, stop: int, progress: Progress, sink, checkpoint: bool,
-           on_step: OnStep | None, t0: float) -> TrainState:
+           on_step: OnStep | None, t0: float, history: list) -> TrainState:
     """Steps ``state`` to ``stop``: ``sink(step, values)`` every ``log_every`` steps and at
-    ``stop``, checkpoints (if ``checkpoint``) every ``checkpoint_every`` and at the end."""
+    ``stop``, checkpoints (if ``checkpoint``) every ``checkpoint_every`` and at the end. The
+    state's health is checked at every log step and before every save."""
     config = run.config
     for step in range(int(state.step) + 1, stop + 1):
         state, metrics = run.step_fn(state, run.target_params, run.keys.train)
@@ -195,14 +317,18 @@ def _steps(run: Run, state: TrainState, *, stop: int, progress: Progress, sink, 
                 log.info("Compiled in %.1fs.", time.perf_counter() - t0)
                 run.compiled = True
             progress.mark(step)
-        if checkpoint and (step % config.checkpoint_every == 0 or step in (stop, config.steps)):
-            run.checkpointer.save(step, state, run.checkpoint_meta())
         if on_step is not None:
             on_step(step, metrics)
-        if step % config.log_every == 0 or step == stop:
+        log_now = step % config.log_every == 0 or step == stop
+        save_now = checkpoint and (step % config.checkpoint_every == 0
+                                   or step in (stop, config.steps))
+        if log_now or save_now:
             values = wd.flatten_metrics(jax.device_get(metrics))
-            _check_finite(values, step, run)
-            values["lr"] = float(run.schedule(step - 1))
+            _check_health(run, step, values, state, history)
+        if save_now:
+            run.checkpointer.save(step, state, run.checkpoint_meta())
+        if log_now:
+            values["lr"] = max(float(run.schedule(step - 1)), 0.0)
             values["steps_per_sec"] = progress.mark(step)
             values["wall_time_s"] = run.wall_time_s + time.perf_counter() - t0
             sink(step, values)
@@ -228,7 +354,7 @@ def _select_init(run: Run, t0: float) -> None:
         progress = Progress(n_select, 0, label=f"init candidate {index + 1}/{n_cand}")
         state = _steps(run, state, stop=n_select, progress=progress,
                        sink=lambda *line: lines.append(line), checkpoint=False,
-                       on_step=tail, t0=t0)
+                       on_step=tail, t0=t0, history=[])
         return init_selection.Probe(index, tail.value(), state, lines)
 
     best, record = init_selection.select(n_cand, probe, report=log.info)
@@ -260,7 +386,8 @@ def train(run: Run, until_step: int | None = None, *, on_step: OnStep | None = N
         _select_init(run, t0)
     progress = Progress(run.config.steps, run.step)
     run.state = _steps(run, run.state, stop=until, progress=progress, sink=_write(run),
-                       checkpoint=run.checkpointer is not None, on_step=on_step, t0=t0)
+                       checkpoint=run.checkpointer is not None, on_step=on_step, t0=t0,
+                       history=run.recent_losses)
     run.wall_time_s += time.perf_counter() - t0
     if run.checkpointer is not None:
         run.checkpointer.wait()
@@ -273,14 +400,15 @@ def evaluate(run: Run) -> dict:
     k_batch, k_loss = jax.random.split(run.keys.eval)
     batch = run.experiment.eval_batch_fn(k_batch)
     params = jax.device_get(run.state.params)
-    summary = run.method.evaluate(params, run.experiment.target_params, batch, k_loss)
-    summary.update(run.experiment.evaluate(run.method.decomposition, params))
+    summary = run.method.evaluate(params, run.experiment.target_params, batch, k_loss,
+                                  microbatches=run.config.eval_microbatches)
+    summary.update(run.experiment.evaluate(run.method.decomposition, params, steps=run.step))
     summary.update(steps=run.step, wall_time_s=run.wall_time_s)
     if run.init_record is not None:
         summary["init_selection"] = run.init_record
     if run.workdir is not None:
-        (run.workdir / "summary.json").write_text(
-            json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        wd.write_atomic(run.workdir / "summary.json",
+                        json.dumps(summary, indent=2, sort_keys=True) + "\n")
     log.info("Summary: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
                                      if isinstance(v, float)))
     for note in summary.get("warnings", []):
@@ -307,30 +435,49 @@ def plot(run, figures_dir: str | pathlib.Path | None = None) -> list[pathlib.Pat
 
 
 def close(run: Run) -> None:
-    """Waits for pending checkpoint writes and closes the run's files."""
-    if run.checkpointer is not None:
-        run.checkpointer.wait()
-        run.checkpointer.close()
-    run.writer.close()
+    """Waits for pending checkpoint writes, closes the run's files and releases its workdir."""
+    try:
+        if run.checkpointer is not None:
+            run.checkpointer.wait()
+            run.checkpointer.close()
+        run.writer.close()
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = False) -> dict:
+class EvaluationError(RuntimeError):
+    """Training finished (and is saved) but the final evaluation failed."""
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = False,
+                       allow_changes: tuple[str, ...] = ()) -> dict:
     """Trains (or resumes) a run in ``workdir``, evaluates and plots it; returns the summary.
 
     Progress goes to the ``"spdjax"`` logger, printed to stdout unless the application set up a
-    handler of its own.
+    handler of its own. If the evaluation fails after training, the trained run is already
+    checkpointed: rerunning evaluates it without training (its evaluation settings, e.g.
+    ``eval_microbatches``, may be changed for that).
     """
     with log_to():
-        run = setup(config, workdir, fresh=fresh)
+        run = setup(config, workdir, fresh=fresh, allow_changes=allow_changes)
         try:
             train(run)
+            try:
+                summary = evaluate(run)
+                plot(run)
+            except Exception as e:
+                raise EvaluationError(
+                    f"Training finished and is saved (step {run.step} in {workdir}), but the "
+                    f"evaluation failed: {type(e).__name__}: {e}. Rerun the same command to "
+                    "evaluate without training, e.g. with --config.eval_microbatches=8 or a "
+                    "smaller --config.eval_batch_size.") from e
         finally:
             close(run)
-        summary = evaluate(run)
-        plot(run)
         return summary
 
 
-__all__ = ["ConfigMismatchError", "Run", "RunKeys", "build_step", "close", "evaluate",
+__all__ = ["ConfigMismatchError", "DivergenceError", "EvaluationError", "Run", "RunKeys",
+           "build_step", "close", "evaluate",
            "initial_state", "plot", "setup", "state_from_params", "train", "train_and_evaluate",
            "validate"]

@@ -17,52 +17,151 @@ import contextlib
 import json
 import logging
 import math
+import os
 import pathlib
 import shutil
+import socket
 import sys
 import time
 from typing import Any, Iterator, Mapping, TextIO
 
 log = logging.getLogger("spdjax")
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "init_selection.json",
-             "target_params.npz")
-RUN_DIRS = ("checkpoints", "figures")
+             "target_params.npz", "history.jsonl")
+RUN_DIRS = ("checkpoints", "figures", "damaged")
 
 
 class ConfigMismatchError(ValueError):
     """The workdir holds a run with a different config."""
 
 
-def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """``["a.b: old -> new", ...]`` for every field that differs (``<absent>`` when missing)."""
+class WorkdirLockedError(RuntimeError):
+    """Another live process is running in the workdir."""
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir (``workdir/.lock``), held while a process runs in it.
+
+    Uses ``fcntl.flock``: the kernel drops the lock when its process dies, however it dies, so a
+    lock left by a killed run never blocks the resume; a second live process is refused at once.
+    """
+
+    def __init__(self, workdir: pathlib.Path):
+        import fcntl
+
+        self.path = workdir / ".lock"
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise WorkdirLockedError(
+                f"{workdir} is in use by another spdjax process ({holder}); wait for it to end or "
+                "use another --workdir.") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing the file releases the flock
+
+
+# Fields that change what a run reports or keeps, not what it trains: a resume may change them
+# freely (e.g. to re-evaluate a finished run with a smaller evaluation batch).
+SAFE_CHANGES = ("log_every", "checkpoint_every", "eval_batch_size", "eval_microbatches",
+                "divergence_factor")
+
+
+def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``[(dotted key, old, new), ...]`` for every field that differs (``<absent>`` if missing)."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += config_diff(a, b, f"{prefix}{k}.")
         elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+            out.append((f"{prefix}{k}", a, b))
     return out
 
 
-def prepare(workdir: pathlib.Path, resolved: dict, *, fresh: bool) -> None:
-    """Refuses to resume a run whose config differs, unless ``fresh`` (which wipes the run);
-    then writes ``config.json``."""
+def _allowed(key: str, allow: tuple[str, ...]) -> bool:
+    return any(key == a or key.startswith(a + ".") for a in allow)
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def recorded_config(workdir: pathlib.Path) -> dict | None:
+    """The config of the run in ``workdir``: ``config.json``, else the newest checkpoint's
+    metadata (a missing, empty or garbled ``config.json`` is repaired from it), else None."""
+    try:
+        return json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):
+        pass
+    from spdjax.training.checkpoints import Checkpointer
+
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        for step in reversed(ckpt.all_steps()):
+            try:
+                config = ckpt.read_meta(step).get("config")
+            except Exception:  # noqa: BLE001 - a damaged checkpoint: try the one before
+                continue
+            if config is not None:
+                log.warning("%s/config.json is missing or unreadable; using the config recorded "
+                            "in checkpoint %d.", workdir, step)
+                return config
+    finally:
+        ckpt.close()
+    return None
+
+
+def prepare(workdir: pathlib.Path, resolved: dict, *, fresh: bool,
+            allow_changes: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """Checks ``resolved`` against the run already in ``workdir`` and writes ``config.json``.
+
+    A resume with another config is refused (:class:`ConfigMismatchError`) unless every changed
+    field is in :data:`SAFE_CHANGES` or ``allow_changes`` (dotted prefixes, e.g. ``"lr"``,
+    ``"losses"``); accepted changes are returned and logged to ``history.jsonl``. ``fresh``
+    wipes the old run first.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "config.json"
     if fresh:
         for name in RUN_DIRS:
             shutil.rmtree(workdir / name, ignore_errors=True)
         for name in RUN_FILES:
             (workdir / name).unlink(missing_ok=True)
-    elif config_path.exists() and (workdir / "checkpoints").exists():
-        diff = config_diff(json.loads(config_path.read_text()), resolved)
-        if diff:
+    changes: list[tuple[str, Any, Any]] = []
+    if any((workdir / "checkpoints").glob("[0-9]*")):
+        old = recorded_config(workdir)
+        if old is None:
             raise ConfigMismatchError(
-                f"{workdir} holds a run with a different config ({'; '.join(diff)}). Use another "
-                "--workdir, or pass --fresh to discard that run and start over."
-            )
-    config_path.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+                f"{workdir} holds checkpoints but no readable config (config.json and the "
+                "checkpoints' metadata are missing or damaged); use another --workdir, or pass "
+                "--fresh to discard that run.")
+        changes = config_diff(old, resolved)
+        refused = [c for c in changes if not _allowed(c[0], SAFE_CHANGES + tuple(allow_changes))]
+        if refused:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
+            raise ConfigMismatchError(
+                f"{workdir} holds a run with a different config ({listed}). Use another "
+                "--workdir, pass --fresh to discard that run, or resume it with the change on "
+                f"purpose: --allow_config_change={','.join(sorted({k for k, _, _ in refused}))}.")
+    if changes:
+        log.warning("Resuming with config changes: %s.",
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+    with open(workdir / "history.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(),
+                            "config_changes": [list(c) for c in changes]}, default=str) + "\n")
+    write_atomic(workdir / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    return changes
 
 
 def flatten_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -76,12 +175,23 @@ def flatten_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, floa
     return flat
 
 
-def last_wall_time(metrics_path: pathlib.Path) -> float:
-    """``wall_time_s`` of the last metric line (0 if there is none)."""
+def read_metric_lines(metrics_path: pathlib.Path) -> list[dict]:
+    """The parseable lines of a ``metrics.jsonl``; a truncated or garbled line (a write cut
+    short by a kill) is dropped with a warning."""
     if not metrics_path.exists():
-        return 0.0
-    lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
-    return float(json.loads(lines[-1]).get("wall_time_s", 0.0)) if lines else 0.0
+        return []
+    rows = []
+    for i, line in enumerate(metrics_path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s line %d is damaged (%r...); dropped.", metrics_path, i + 1, line[:60])
+            continue
+        rows.append(row)
+    return rows
 
 
 class JsonlWriter:
@@ -90,11 +200,8 @@ class JsonlWriter:
     def __init__(self, path: str | pathlib.Path, *, resume_step: int | None = None):
         self.path = pathlib.Path(path)
         if resume_step is not None and self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_metric_lines(self.path) if r["step"] <= resume_step]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = self.path.open("a")

@@ -32,9 +32,10 @@ def contributions(decomp, params, target_params, cfg) -> dict[int, dict[str, np.
     return out
 
 
-def evaluate(decomp, params, target_params, cfg: ResidMLPConfig) -> dict:
+def evaluate(decomp, params, target_params, cfg: ResidMLPConfig, *,
+             steps: int | None = None) -> dict:
     """CI-pattern errors (identity on ``mlp_in``, dense on ``mlp_out``) and neuron-contribution
-    correlations per layer and pooled."""
+    correlations per layer and pooled (``steps`` is not used: no warnings here)."""
     roles = site_roles(cfg)
     lower = {n: c.lower for n, c in
              metrics.one_hot_ci(decomp, params, target_params, cfg.n_features).items()}

@@ -258,7 +258,7 @@ def report(params: dict, cfg: TMSConfig, meta: dict, stem: str) -> str:
     """One line on a cached target, and its feature directions drawn next to the cache file."""
     from spdjax.experiments.tms import plots
 
-    read_back = np.round(feature_report(params, cfg), 3).tolist()
+    read_back = np.round(feature_report(params, cfg).astype(np.float64), 3).tolist()
     path = plots.plot_tms_vectors(np.asarray(params["linear1"]["kernel"]), stem + ".png",
                                   title=f"TMS {cfg.variant} target")
     return (f"TMS {cfg.variant}: trained seed {meta['trained_seed']} (tried "
