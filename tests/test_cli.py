@@ -88,6 +88,7 @@ def test_killed_run_resumes_to_the_same_result(full_run, tmp_path, env):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (wd / "summary.json").exists(), "the run finished before it was killed"
+    assert (wd / ".lock").exists()  # left by the killed process; must not block the resume
     rc, out = run(wd, "--config.steps=600", env=env)
     assert rc == 0, out
     assert "Resuming from the checkpoint at step" in out

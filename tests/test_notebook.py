@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_tms_quickstart_notebook_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPDJAX_NOTEBOOK_STEPS", "300")
+    monkeypatch.setenv("SPDJAX_NOTEBOOK_STEPS", "100")
     monkeypatch.setenv("SPDJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     nb = nbformat.read(ROOT / "colab" / "tms_quickstart.ipynb", as_version=4)
@@ -19,7 +19,7 @@ def test_tms_quickstart_notebook_runs(tmp_path, monkeypatch):
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
     assert "MMCS = " in text and "ML2R = " in text
-    assert "params of" in text and "at step 300" in text  # the finished run reopened by spdjax.load
+    assert "params of" in text and "at step 100" in text  # the finished run reopened by spdjax.load
     images = [o for c in nb.cells for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) == 2

@@ -66,15 +66,24 @@ def load_params(path: str | os.PathLike) -> dict:
 
 
 def load(stem: str, recipe: dict, what: str) -> dict | None:
-    """The cached params at ``stem`` if its sidecar holds ``recipe``, else None (says why)."""
+    """The cached params at ``stem`` if its sidecar holds ``recipe``, else None (says why).
+
+    A damaged cache file (truncated, garbled) is reported and treated as absent: the target is
+    retrained and the files rewritten.
+    """
     if not (os.path.exists(stem + ".npz") and os.path.exists(stem + ".json")):
         return None
-    with open(stem + ".json") as f:
-        meta = json.load(f)
-    if meta.get("recipe") != json.loads(json.dumps(recipe)):  # tuples as lists, as read back
-        log.warning("%s cache %s.json has another recipe; retraining.", what, stem)
+    try:
+        with open(stem + ".json") as f:
+            meta = json.load(f)
+        if meta.get("recipe") != json.loads(json.dumps(recipe)):  # tuples as lists, as read back
+            log.warning("%s cache %s.json has another recipe; retraining.", what, stem)
+            return None
+        return load_params(stem + ".npz")
+    except Exception as e:  # noqa: BLE001 - any unreadable cache file is damage
+        log.warning("%s cache %s is damaged (%s: %s); retraining.", what, stem,
+                    type(e).__name__, e)
         return None
-    return load_params(stem + ".npz")
 
 
 def save(stem: str, params: dict, meta: dict) -> None:

@@ -465,7 +465,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = Fal
             train(run)
             try:
                 summary = evaluate(run)
-                plot(run)
+                if run.config.figures:
+                    plot(run)
             except Exception as e:
                 raise EvaluationError(
                     f"Training finished and is saved (step {run.step} in {workdir}), but the "

@@ -14,7 +14,8 @@ from spdjax.training.workdir import log_to
 
 def tms_config(**overrides):
     return configs.load("tms:5-2", {"steps": 24, "batch_size": 64, "eval_batch_size": 512,
-                                    "log_every": 4, "checkpoint_every": 12, **overrides})
+                                    "log_every": 4, "checkpoint_every": 12, "figures": False,
+                                    **overrides})
 
 
 def train_and_evaluate(config, workdir, out=None):
