@@ -64,6 +64,7 @@ def test_selected_run_equals_the_plain_run_of_its_init(tmp_path, monkeypatch):
     assert "Continuing init candidate" in out.getvalue()
     lines = [json.loads(l) for l in (tmp_path / "sel" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [4, 8, 12, 16, 20, 24]
+    assert not (tmp_path / "sel" / "figures").exists()  # config.figures=False: none drawn
 
     # The plain run (no selection) from the chosen candidate's init key gives the same result.
     from_seed = loop.RunKeys.from_seed
