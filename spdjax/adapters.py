@@ -9,7 +9,6 @@ plain nested dict of arrays, so the rest of the library never sees a Flax object
 from __future__ import annotations
 
 import contextvars
-from typing import Any
 
 import flax.linen as nn
 import jax

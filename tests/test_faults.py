@@ -26,7 +26,7 @@ from spdjax.experiments.tms import evaluation as tms_evaluation
 from spdjax.experiments.tms import model as tms
 from spdjax.training import loop
 from spdjax.training.checkpoints import Checkpointer
-from spdjax.training.workdir import ConfigMismatchError, WorkdirLockedError
+from spdjax.training.workdir import ConfigMismatchError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = {"steps": 30, "C": 6, "batch_size": 64, "eval_batch_size": 256, "log_every": 5,
@@ -314,20 +314,22 @@ def test_second_process_interrupt_and_resume_with_real_processes(tmp_path):
         time.sleep(0.05)
     t0 = time.time()
     second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert second.returncode == 2 and "in use by another spdjax process" in second.stderr
+    assert second.returncode == 2 and "in use by another spdjax process" in second.stderr, (
+        second.stdout + second.stderr)
     assert time.time() - t0 < 60  # refused at once, not after a target or compile
-    first.send_signal(signal.SIGINT)  # Ctrl-C
+    first.send_signal(signal.SIGINT)  # Ctrl-C, quite likely during an asynchronous save
     out, err = first.communicate(timeout=60)
-    assert first.returncode == 130, err
-    assert "Traceback" not in err and "Traceback" not in out
-    assert err.strip().splitlines()[-1].startswith("error: interrupted; rerun the same command")
+    assert first.returncode == 130, out + err
+    assert "Traceback" not in err and "Traceback" not in out, out + err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted; rerun the same command"), err
     # (A lock left by a SIGKILLed process: tests/test_cli.py resumes such a run.)
     latest = max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
     config = spdjax.configs.load("tms:5-2", {"steps": latest + 50, "batch_size": 64,
                                              "log_every": 100, "checkpoint_every": 200,
                                              "eval_batch_size": 256})
     run = loop.setup(config, wd, allow_changes=("steps",))  # the interrupted run resumes
-    assert run.step == latest
+    # From the newest checkpoint, or (had the interrupt cut a save short) the one before it.
+    assert run.step >= 200 and (run.step == latest or (wd / "damaged").exists()), run.step
     loop.train(run)
     loop.close(run)
     assert Checkpointer(wd / "checkpoints").latest_step() == latest + 50

@@ -17,26 +17,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import pathlib
 import shutil
 import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from spdjax import configs as config_lib
 from spdjax.experiments import target_training
 from spdjax.experiments.registry import Experiment, build_experiment
-from spdjax.losses import terms_from_config
 from spdjax.methods import METHODS, Method
 from spdjax.training import init_selection, workdir as wd
 from spdjax.training import sharding as shard_lib
 from spdjax.training.checkpoints import Checkpointer
+from spdjax.training.health import DivergenceError, check_health
 from spdjax.training.schedules import make_schedule
 from spdjax.training.step import TrainState, init_train_state, make_train_step
+from spdjax.training.validation import validate
 from spdjax.training.workdir import ConfigMismatchError, Progress, log_to
 
 log = logging.getLogger("spdjax")
@@ -94,61 +92,6 @@ class Run:
 
     def checkpoint_meta(self) -> dict:
         return {"method": self.method.name, "config": config_lib.to_dict(self.config)}
-
-
-def _positive_int(config, name: str, minimum: int = 1) -> int:
-    value = config[name]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
-def _number_in(config, name: str, lo: float, hi: float, *, hi_open: bool = False) -> None:
-    value = config[name]
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value) and lo <= value and (value < hi if hi_open else value <= hi))
-    if not ok:
-        raise ValueError(f"{name} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, "
-                         f"got {value!r}.")
-
-
-def validate(config) -> None:
-    """Every field of a run config, before any target is trained or loaded: a ``ValueError``
-    naming the field, its value and what was expected."""
-    from spdjax.ci import make_ci_fn
-    from spdjax.components import COMPONENT_INITS
-    from spdjax.decomposition import TIE_MODES
-    from spdjax.experiments.registry import get_family
-    from spdjax.sigmoids import SIGMOIDS
-
-    get_family(config.experiment).variant(config.variant)
-    METHODS.get(config.method)
-    for name in ("steps", "batch_size", "eval_batch_size", "log_every", "checkpoint_every", "C",
-                 "microbatches", "eval_microbatches", "mesh_model"):
-        _positive_int(config, name)
-    for name in ("seed", "target_seed", "target_steps", "faithfulness_warmup_steps"):
-        _positive_int(config, name, minimum=0)
-    for size, chunks in (("batch_size", "microbatches"), ("eval_batch_size", "eval_microbatches")):
-        if config[size] % config[chunks]:
-            raise ValueError(f"{size}={config[size]} is not divisible by {chunks}="
-                             f"{config[chunks]}.")
-    if config.mesh_model > jax.device_count() or jax.device_count() % config.mesh_model:
-        raise ValueError(f"mesh_model={config.mesh_model} must divide the {jax.device_count()} "
-                         "available devices.")
-    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
-        raise ValueError(f"lr must be a finite positive number, got {config.lr!r}.")
-    _number_in(config, "lr_warmup_frac", 0.0, 1.0, hi_open=True)
-    _number_in(config, "lr_final_frac", 0.0, 1.0)
-    _number_in(config, "l0_threshold", 0.0, 1.0)
-    _number_in(config, "divergence_factor", 0.0, math.inf)
-    make_schedule(config.lr_schedule, config.lr, config.steps)
-    make_ci_fn(config.ci_fn, tuple(config.ci_hidden))
-    SIGMOIDS.get(config.sigmoid)
-    COMPONENT_INITS.get(config.init)
-    if config.tie_mode not in TIE_MODES:
-        raise ValueError(f"Unknown tie_mode {config.tie_mode!r}; expected one of {TIE_MODES}.")
-    terms_from_config(config.losses.to_dict())
-    init_selection.check_config(config)
 
 
 def state_from_params(run: Run, params: Any) -> TrainState:
@@ -263,46 +206,6 @@ def _resume(run: Run) -> None:
     run.writer = wd.JsonlWriter(workdir / "metrics.jsonl", resume_step=start if start else None)
 
 
-class DivergenceError(FloatingPointError):
-    """The run's loss or params went non-finite or exploded; its checkpoints stay good."""
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def _check_health(run: Run, step: int, values: dict, state: TrainState, history: list) -> None:
-    """Raises :class:`DivergenceError` if a metric or parameter is not finite, or the total loss
-    exceeds ``divergence_factor`` times the lowest logged total of the run (``history``), which
-    catches a sudden jump and a steady climb alike."""
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    problems = [f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}"] if bad else []
-    if not bool(_all_finite(state.params)):
-        problems.append("non-finite parameters")
-    factor, total = run.config.divergence_factor, values["loss/total"]
-    if not problems and factor and len(history) >= 3:
-        level = min(history)
-        if total > factor * level:
-            terms = ", ".join(f"{k}={v:.3g}" for k, v in values.items() if k.startswith("loss/"))
-            problems.append(f"loss/total {total:.3g} is {total / level:.3g}x the run's lowest "
-                            f"{level:.3g} (divergence_factor {factor:g}; terms: {terms})")
-    if problems:
-        if run.checkpointer is not None:
-            run.checkpointer.wait()
-            last = run.checkpointer.latest_step()
-            where = (f"The last good checkpoint (step {last}) is kept in "
-                     f"{run.checkpointer.directory}; resume from it with a smaller lr, e.g. "
-                     f"--config.lr={run.config.lr / 10:g} --allow_config_change=lr"
-                     if last else "No checkpoint was written before it; lower the lr")
-        else:
-            where = "Lower the lr or the loss coefficients"
-        raise DivergenceError(f"The run diverged at step {step}: {'; '.join(problems)}. "
-                              f"{where} (nothing bad was saved).")
-    if math.isfinite(total):
-        history.append(total)
-
-
 def _steps(run: Run, state: TrainState, *, stop: int, progress: Progress, sink, checkpoint: bool,
            on_step: OnStep | None, t0: float, history: list) -> TrainState:
     """Steps ``state`` to ``stop``: ``sink(step, values)`` every ``log_every`` steps and at
@@ -324,7 +227,7 @@ def _steps(run: Run, state: TrainState, *, stop: int, progress: Progress, sink, 
                                    or step in (stop, config.steps))
         if log_now or save_now:
             values = wd.flatten_metrics(jax.device_get(metrics))
-            _check_health(run, step, values, state, history)
+            check_health(run.config, run.checkpointer, step, values, state.params, history)
         if save_now:
             run.checkpointer.save(step, state, run.checkpoint_meta())
         if log_now:

@@ -7,7 +7,7 @@ metrics)`` and an optimizer (:class:`spdjax.methods.Method`); this module turns 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import flax.struct
 import jax

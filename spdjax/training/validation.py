@@ -1,0 +1,71 @@
+"""Every field of a run config checked before any work: :func:`validate`.
+
+Each failure is a ``ValueError`` naming the field, its value and what was expected; the CLI
+prints it as one line (exit code 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from spdjax.losses import terms_from_config
+from spdjax.methods import METHODS
+from spdjax.training import init_selection
+from spdjax.training.schedules import make_schedule
+
+
+def _positive_int(config, name: str, minimum: int = 1) -> int:
+    value = config[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def _number_in(config, name: str, lo: float, hi: float, *, hi_open: bool = False) -> None:
+    value = config[name]
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and lo <= value and (value < hi if hi_open else value <= hi))
+    if not ok:
+        raise ValueError(f"{name} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, "
+                         f"got {value!r}.")
+
+
+def validate(config) -> None:
+    """Every field of a run config, before any target is trained or loaded: a ``ValueError``
+    naming the field, its value and what was expected."""
+    from spdjax.ci import make_ci_fn
+    from spdjax.components import COMPONENT_INITS
+    from spdjax.decomposition import TIE_MODES
+    from spdjax.experiments.registry import get_family
+    from spdjax.sigmoids import SIGMOIDS
+
+    get_family(config.experiment).variant(config.variant)
+    METHODS.get(config.method)
+    for name in ("steps", "batch_size", "eval_batch_size", "log_every", "checkpoint_every", "C",
+                 "microbatches", "eval_microbatches", "mesh_model"):
+        _positive_int(config, name)
+    for name in ("seed", "target_seed", "target_steps", "faithfulness_warmup_steps"):
+        _positive_int(config, name, minimum=0)
+    for size, chunks in (("batch_size", "microbatches"), ("eval_batch_size", "eval_microbatches")):
+        if config[size] % config[chunks]:
+            raise ValueError(f"{size}={config[size]} is not divisible by {chunks}="
+                             f"{config[chunks]}.")
+    if config.mesh_model > jax.device_count() or jax.device_count() % config.mesh_model:
+        raise ValueError(f"mesh_model={config.mesh_model} must divide the {jax.device_count()} "
+                         "available devices.")
+    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
+        raise ValueError(f"lr must be a finite positive number, got {config.lr!r}.")
+    _number_in(config, "lr_warmup_frac", 0.0, 1.0, hi_open=True)
+    _number_in(config, "lr_final_frac", 0.0, 1.0)
+    _number_in(config, "l0_threshold", 0.0, 1.0)
+    _number_in(config, "divergence_factor", 0.0, math.inf)
+    make_schedule(config.lr_schedule, config.lr, config.steps)
+    make_ci_fn(config.ci_fn, tuple(config.ci_hidden))
+    SIGMOIDS.get(config.sigmoid)
+    COMPONENT_INITS.get(config.init)
+    if config.tie_mode not in TIE_MODES:
+        raise ValueError(f"Unknown tie_mode {config.tie_mode!r}; expected one of {TIE_MODES}.")
+    terms_from_config(config.losses.to_dict())
+    init_selection.check_config(config)
