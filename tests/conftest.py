@@ -14,6 +14,12 @@ import tempfile
 os.environ["SPDJAX_CACHE"] = tempfile.mkdtemp(prefix="spdjax_test_cache_")
 shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "regression",
                              "targets"), os.path.join(os.environ["SPDJAX_CACHE"], "targets"))
+# One persistent XLA compilation cache for the session and the processes it starts: the CLI
+# processes and the many small runs of one config compile the same steps (halves e.g. the
+# kill-and-resume test). Results are the same executables, so nothing numerical changes.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="spdjax_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
