@@ -146,6 +146,10 @@ def test_a_diverging_run_stops_keeps_only_good_checkpoints_and_resumes_on_purpos
     ckpt = Checkpointer(wd / "checkpoints")
     steps = ckpt.all_steps()
     assert steps, "a good checkpoint before the divergence is kept"
+    logged = [json.loads(l)["step"] for l in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == steps[-1]  # the record agrees with the checkpoint; the rest set aside
+    after = (wd / "metrics_after_last_checkpoint.jsonl").read_text().splitlines()
+    assert after and all(json.loads(l)["step"] > steps[-1] for l in after)
     for step in steps:
         params = ckpt.restore_arrays(step)["params"]
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

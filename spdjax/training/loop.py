@@ -288,9 +288,17 @@ def train(run: Run, until_step: int | None = None, *, on_step: OnStep | None = N
     if run.step == 0 and run.config.init_candidates > 1:
         _select_init(run, t0)
     progress = Progress(run.config.steps, run.step)
-    run.state = _steps(run, run.state, stop=until, progress=progress, sink=_write(run),
-                       checkpoint=run.checkpointer is not None, on_step=on_step, t0=t0,
-                       history=run.recent_losses)
+    try:
+        run.state = _steps(run, run.state, stop=until, progress=progress, sink=_write(run),
+                           checkpoint=run.checkpointer is not None, on_step=on_step, t0=t0,
+                           history=run.recent_losses)
+    except BaseException:  # diverged, interrupted, ...: the workdir must agree with itself
+        if run.checkpointer is not None:
+            run.checkpointer.wait()
+            run.writer.flush()
+            wd.set_aside_lines_after(run.workdir / "metrics.jsonl",
+                                     run.checkpointer.latest_step() or 0)
+        raise
     run.wall_time_s += time.perf_counter() - t0
     if run.checkpointer is not None:
         run.checkpointer.wait()

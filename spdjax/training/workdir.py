@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping, TextIO
 
 log = logging.getLogger("spdjax")
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "init_selection.json",
-             "target_params.npz", "history.jsonl")
+             "target_params.npz", "history.jsonl", "metrics_after_last_checkpoint.jsonl")
 RUN_DIRS = ("checkpoints", "figures", "damaged")
 
 
@@ -192,6 +192,18 @@ def read_metric_lines(metrics_path: pathlib.Path) -> list[dict]:
             continue
         rows.append(row)
     return rows
+
+
+def set_aside_lines_after(metrics_path: pathlib.Path, step: int) -> None:
+    """Moves the metric lines past ``step`` (the last checkpoint of a run that stopped early) to
+    ``metrics_after_last_checkpoint.jsonl``: kept for diagnosis, out of the run's record."""
+    rows = read_metric_lines(metrics_path)
+    after = [r for r in rows if r["step"] > step]
+    if after:
+        with open(metrics_path.with_name("metrics_after_last_checkpoint.jsonl"), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in after)
+        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows
+                                           if r["step"] <= step))
 
 
 class JsonlWriter:
