@@ -137,13 +137,13 @@ def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = Fa
             raise
     try:
         run = _build(config, workdir, schedule)
+        run.lock = lock
+        if workdir is not None:
+            _resume(run)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    run.lock = lock
-    if workdir is not None:
-        _resume(run)
     return run
 
 
