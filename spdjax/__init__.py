@@ -42,7 +42,7 @@ from spdjax.methods.spd import method as spd_method
 from spdjax.methods.spd import objective as spd_objective
 from spdjax.sigmoids import SIGMOIDS, SigmoidPair
 from spdjax.target import Site, SiteHooks, Target, from_function, weight_at
-from spdjax.training.loop import Run, evaluate, setup, train, train_and_evaluate
+from spdjax.training.loop import Run, close, evaluate, setup, train, train_and_evaluate
 from spdjax.training.sharding import make_mesh, shard_params
 from spdjax.training.step import TrainState, init_train_state, make_train_step
 
@@ -50,7 +50,7 @@ __all__ = [
     "CI_FUNCTIONS", "COMPONENT_INITS", "CausalImportance", "Context", "Decomposition", "LOSSES",
     "LoadedRun", "METHODS", "MLP", "Method", "Run", "SAMPLERS", "SIGMOIDS", "SharedMLP",
     "SigmoidPair", "Site", "SiteHooks", "Target", "Term", "TrainState", "VectorMLP", "ci_l0",
-    "ci_masked_recon", "ci_masked_recon_layerwise", "configs", "decompose", "evaluate",
+    "ci_masked_recon", "ci_masked_recon_layerwise", "close", "configs", "decompose", "evaluate",
     "faithfulness", "from_function", "from_linen", "from_nnx", "importance_minimality",
     "init_gaussian", "init_paper", "init_train_state", "load", "make_context", "make_mesh",
     "make_optimizer", "make_total_loss", "make_train_step", "match_sites", "sample_masks",
