@@ -126,10 +126,12 @@ def evaluate_fn(decomposition: Decomposition, objective_fn: Objective, *, l0_thr
     chunk, so only the masks' draws differ from the one-chunk result.
     """
     objective_jit = jax.jit(objective_fn)
+    # Built once: a chunked evaluation compiles it once, not once per chunk.
+    context_jit = jax.jit(lambda p, tp, b: make_context(decomposition, tp, p, b))
 
     def one(params, target_params, batch, key):
         _, metrics = objective_jit(params, target_params, batch, key, 1.0)
-        ctx = jax.jit(lambda p, b: make_context(decomposition, target_params, p, b))(params, batch)
+        ctx = context_jit(params, target_params, batch)
         alive = {n: alive_components(np.asarray(c.lower), l0_threshold) for n, c in ctx.ci.items()}
         return jax.device_get(metrics), alive
 
