@@ -300,6 +300,41 @@ def test_a_finished_run_is_extended_on_purpose(copy):
     assert steps == [5, 10, 15, 20, 25, 30, 35, 40]
 
 
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_identically(finished,
+                                                                                   tmp_path):
+    wd = tmp_path / "run"
+    run = loop.setup(small(), wd)
+
+    def ctrl_c(step, _):
+        if step == 13:  # between checkpoints (every 10)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(run, on_step=ctrl_c)
+    loop.close(run)
+    assert Checkpointer(wd / "checkpoints").all_steps() == [10, 13]  # no step lost
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    _, step = finish(small(), wd)
+    assert step == 30
+    resumed = Checkpointer(wd / "checkpoints").restore_arrays(30)["params"]
+    straight = Checkpointer(finished / "checkpoints").restore_arrays(30)["params"]
+    jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+
+def test_a_second_ctrl_c_interrupts_at_once(tmp_path):
+    run = loop.setup(small(), tmp_path / "run")
+
+    def ctrl_c_twice(step, _):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(run, on_step=ctrl_c_twice)
+    loop.close(run)
+    assert not Checkpointer(tmp_path / "run" / "checkpoints").all_steps()  # stopped in step 3
+
+
 # ------------------------------------------------------------------ processes on a workdir
 
 def test_second_process_interrupt_and_resume_with_real_processes(tmp_path):
@@ -326,14 +361,14 @@ def test_second_process_interrupt_and_resume_with_real_processes(tmp_path):
     assert first.returncode == 130, out + err
     assert "Traceback" not in err and "Traceback" not in out, out + err
     assert err.strip().splitlines()[-1].startswith("error: interrupted; rerun the same command"), err
+    assert "Interrupt received: stopping after this step's checkpoint" in out + err
     # (A lock left by a SIGKILLed process: tests/test_cli.py resumes such a run.)
     latest = max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
     config = spdjax.configs.load("tms:5-2", {"steps": latest + 50, "batch_size": 64,
                                              "log_every": 100, "checkpoint_every": 200,
                                              "eval_batch_size": 256})
     run = loop.setup(config, wd, allow_changes=("steps",))  # the interrupted run resumes
-    # From the newest checkpoint, or (had the interrupt cut a save short) the one before it.
-    assert run.step >= 200 and (run.step == latest or (wd / "damaged").exists()), run.step
+    assert run.step == latest and not (wd / "damaged").exists()  # no save was cut short
     loop.train(run)
     loop.close(run)
     assert Checkpointer(wd / "checkpoints").latest_step() == latest + 50

@@ -32,6 +32,7 @@ from spdjax.training import init_selection, workdir as wd
 from spdjax.training import sharding as shard_lib
 from spdjax.training.checkpoints import Checkpointer
 from spdjax.training.health import DivergenceError, check_health
+from spdjax.training.interrupts import StopRequest
 from spdjax.training.schedules import make_schedule
 from spdjax.training.step import TrainState, init_train_state, make_train_step
 from spdjax.training.validation import validate
@@ -207,10 +208,12 @@ def _resume(run: Run) -> None:
 
 
 def _steps(run: Run, state: TrainState, *, stop: int, progress: Progress, sink, checkpoint: bool,
-           on_step: OnStep | None, t0: float, history: list) -> TrainState:
+           on_step: OnStep | None, t0: float, history: list,
+           interrupt: StopRequest) -> TrainState:
     """Steps ``state`` to ``stop``: ``sink(step, values)`` every ``log_every`` steps and at
-    ``stop``, checkpoints (if ``checkpoint``) every ``checkpoint_every`` and at the end. The
-    state's health is checked at every log step and before every save."""
+    ``stop``, checkpoints (if ``checkpoint``) every ``checkpoint_every``, at the end and when
+    ``interrupt`` was requested (then raises ``KeyboardInterrupt``). The state's health is
+    checked at every log step and before every save."""
     config = run.config
     for step in range(int(state.step) + 1, stop + 1):
         state, metrics = run.step_fn(state, run.target_params, run.keys.train)
@@ -223,7 +226,7 @@ def _steps(run: Run, state: TrainState, *, stop: int, progress: Progress, sink, 
         if on_step is not None:
             on_step(step, metrics)
         log_now = step % config.log_every == 0 or step == stop
-        save_now = checkpoint and (step % config.checkpoint_every == 0
+        save_now = checkpoint and (step % config.checkpoint_every == 0 or interrupt.requested
                                    or step in (stop, config.steps))
         if log_now or save_now:
             values = wd.flatten_metrics(jax.device_get(metrics))
@@ -236,6 +239,8 @@ def _steps(run: Run, state: TrainState, *, stop: int, progress: Progress, sink, 
             values["wall_time_s"] = run.wall_time_s + time.perf_counter() - t0
             sink(step, values)
             progress.report(step, values["loss/total"])
+        if interrupt.requested:
+            raise KeyboardInterrupt
     return state
 
 
@@ -246,7 +251,7 @@ def _write(run: Run):
     return sink
 
 
-def _select_init(run: Run, t0: float) -> None:
+def _select_init(run: Run, t0: float, interrupt: StopRequest) -> None:
     """Best-of-K initialisation (:mod:`spdjax.training.init_selection`), then a checkpoint."""
     n_cand, n_select = run.config.init_candidates, run.config.init_select_steps
 
@@ -257,7 +262,7 @@ def _select_init(run: Run, t0: float) -> None:
         progress = Progress(n_select, 0, label=f"init candidate {index + 1}/{n_cand}")
         state = _steps(run, state, stop=n_select, progress=progress,
                        sink=lambda *line: lines.append(line), checkpoint=False,
-                       on_step=tail, t0=t0, history=[])
+                       on_step=tail, t0=t0, history=[], interrupt=interrupt)
         return init_selection.Probe(index, tail.value(), state, lines)
 
     best, record = init_selection.select(n_cand, probe, report=log.info)
@@ -285,13 +290,14 @@ def train(run: Run, until_step: int | None = None, *, on_step: OnStep | None = N
         return run
     t0 = time.perf_counter()
     log.info("Compiling the train step (the first step takes a few seconds)...")
-    if run.step == 0 and run.config.init_candidates > 1:
-        _select_init(run, t0)
-    progress = Progress(run.config.steps, run.step)
     try:
-        run.state = _steps(run, run.state, stop=until, progress=progress, sink=_write(run),
-                           checkpoint=run.checkpointer is not None, on_step=on_step, t0=t0,
-                           history=run.recent_losses)
+        with StopRequest() as interrupt:
+            if run.step == 0 and run.config.init_candidates > 1:
+                _select_init(run, t0, interrupt)
+            run.state = _steps(run, run.state, stop=until,
+                               progress=Progress(run.config.steps, run.step), sink=_write(run),
+                               checkpoint=run.checkpointer is not None, on_step=on_step, t0=t0,
+                               history=run.recent_losses, interrupt=interrupt)
     except BaseException:  # diverged, interrupted, ...: the workdir must agree with itself
         if run.checkpointer is not None:
             run.checkpointer.wait()
@@ -390,6 +396,5 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = Fal
 
 
 __all__ = ["ConfigMismatchError", "DivergenceError", "EvaluationError", "Run", "RunKeys",
-           "build_step", "close", "evaluate",
-           "initial_state", "plot", "setup", "state_from_params", "train", "train_and_evaluate",
-           "validate"]
+           "build_step", "close", "evaluate", "initial_state", "plot", "setup",
+           "state_from_params", "train", "train_and_evaluate", "validate"]
