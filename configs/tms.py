@@ -49,6 +49,9 @@ def get_config(arg: str = "5-2"):
     c.losses.importance_minimality.coeff = imp_coeff
     c.losses.importance_minimality.pnorm = pnorm
     c.microbatches = microbatches
+    # The target's tied W gets two Adam updates per step, as the reference's storage-shared
+    # Parameters do; False: one update on the summed gradient (spdjax before 0.3).
+    c.target_recipe.double_update = True
     for name in modifiers:
         c.update(_MODIFIERS[name])
     return c

@@ -29,11 +29,16 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     c.target_seed = 0  # seed for training the target (cached per seed)
     c.target_steps = 0  # target training steps; 0 = the family recipe's
     c.target_cache_dir = ""  # where trained targets are cached; "" = ~/.cache/spdjax/targets
+    # Fields of the family's target recipe to change (e.g. TMS double_update); a config file
+    # lists the ones its users may set, so --config.target_recipe.<field>=... works for those.
+    c.target_recipe = ml_collections.ConfigDict()
 
     c.steps = 40_000  # optimizer steps
     c.batch_size = 4096  # examples per step
     c.lr = 1e-3  # peak learning rate (Adam, no weight decay)
-    c.lr_schedule = "cosine"  # constant | linear | cosine (quarter period, paper) | cosine_half
+    # constant | linear (paper-era, 1 - t/T) | linear_head (later, ends at final_frac)
+    # | cosine (quarter period, paper) | cosine_half (later reference)
+    c.lr_schedule = "cosine"
     c.lr_warmup_frac = 0.0  # fraction of steps of linear warm-up from 0
     c.lr_final_frac = 0.0  # final lr fraction for linear / cosine_half
 
@@ -110,8 +115,17 @@ def from_dict(recorded: Mapping[str, Any]) -> ml_collections.ConfigDict:
             raise ValueError(f"A recorded config needs {key!r}; got fields {sorted(recorded)}.")
     config = load(f"{recorded['experiment']}:{recorded['variant']}")
     with config.unlocked():
-        _merge(config, recorded)
+        _merge(config, _upgrade(recorded))
     return config
+
+
+def _upgrade(recorded: Mapping[str, Any]) -> dict:
+    """A record written before a default changed gets the value its run actually used."""
+    recorded = dict(recorded)
+    if "target_recipe" not in recorded and recorded["experiment"] == "tms":
+        # Before 0.3 the TMS target took one AdamW update of the tied W per step.
+        recorded["target_recipe"] = {"double_update": False}
+    return recorded
 
 
 # Name -> options maps: a record's entries are the whole of it (a term absent from the record was

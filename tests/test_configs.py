@@ -38,3 +38,25 @@ def test_select3_modifier_sets_a_valid_best_of_3_init_and_nothing_else():
 def test_unknown_variant_or_modifier_is_named(arg, named):
     with pytest.raises(ValueError, match=re.escape(named)):
         load_config(arg)
+
+
+def test_the_target_recipe_defaults_to_the_reference_and_the_old_one_is_selectable(tmp_path):
+    from spdjax.experiments.registry import get_family
+    from spdjax.experiments.tms import model as tms
+    from spdjax.training.validation import validate
+
+    family = get_family("tms")
+    default = family.model_config(load_config("5-2"))
+    old = family.model_config(configs.load("tms:5-2", {"target_recipe.double_update": False}))
+    assert default.double_update and not old.double_update
+    assert tms.cache_stem(old, 0, tmp_path).endswith("tms_5-2_single-update_seed0")
+    assert tms.cache_stem(default, 0, tmp_path).endswith("tms_5-2_seed0")
+    # A record written before the recipe was a config field ran on the old recipe.
+    record = configs.to_dict(load_config("5-2"))
+    del record["target_recipe"]
+    assert configs.from_dict(record).target_recipe.double_update is False
+    bad = load_config("5-2")
+    with bad.unlocked():
+        bad.target_recipe.bogus = 1
+    with pytest.raises(ValueError, match=r"target_recipe fields \['bogus'\] are not fields"):
+        validate(bad)

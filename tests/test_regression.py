@@ -36,7 +36,8 @@ def _runs() -> dict:
     shutil.copytree(FIX / "targets", f"{cache}/tms")
     out = {}
     run = loop.setup(spdjax.configs.load(
-        "tms:5-2", {"target_cache_dir": f"{cache}/tms", "log_every": 100}))
+        "tms:5-2", {"target_cache_dir": f"{cache}/tms", "log_every": 100,
+                    "target_recipe.double_update": False}))  # the recording's target recipe
     loop.train(run, 2000)  # of the 40k-step schedule
     out["tms_5-2"] = {"rows": run.writer.rows}
     run = loop.setup(spdjax.configs.load("resid_mlp:1", {

@@ -12,6 +12,11 @@ to a row without retraining the recorded ones; ``--rerun`` trains them again. Th
 ``benchmarks/results/tms_table1.{json,md}``: mean ± std over seeds, and per run the std over
 features (the paper's "±"). ``--set key=value`` changes the recipe; such runs need a ``--tag``
 (starting with ``+``), which names their rows and workdirs so they never mix with the paper recipe's.
+
+Each run records its target recipe (``config.target_recipe``); a recorded run is reused only
+with the same recipe. Rows made before spdjax 0.3 (targets with one Adam update of the tied W
+per step) are kept, renamed ``<row>+single-update-target``
+(``--set=target_recipe.double_update=false`` selects that target recipe again).
 """
 
 from __future__ import annotations
@@ -45,14 +50,25 @@ def run(variant: str, seed: int, root: pathlib.Path, steps: int | None,
     return train_and_evaluate(config, workdir)
 
 
+OLD_RECIPE = {"double_update": False}  # runs recorded before spdjax 0.3 name no recipe
+
+
 def recorded_run(table: dict, row: str, seed: int, overrides: list[str],
-                 steps: int | None) -> dict | None:
-    """The run of ``seed`` in ``table[row]`` if it was made with the same overrides and steps."""
+                 steps: int | None, recipe: dict) -> dict | None:
+    """The run of ``seed`` in ``table[row]`` if it was made with the same overrides, steps and
+    target recipe."""
     for r in table.get(row, {}).get("runs", []):
         if (r["seed"] == seed and r.get("overrides", []) == list(overrides)
-                and (steps is None or r["steps"] == steps)):
+                and (steps is None or r["steps"] == steps)
+                and r.get("target_recipe", OLD_RECIPE) == recipe):
             return r
     return None
+
+
+def _l0(runs: list[dict], key: str) -> str:
+    """Mean over seeds of a CI-L0 of ``linear1`` (``-`` if a run did not record it)."""
+    values = [r[key]["linear1"] for r in runs if key in r]
+    return f"{statistics.mean(values):.2f}" if len(values) == len(runs) else "-"
 
 
 def _mean_std(values):
@@ -62,9 +78,9 @@ def _mean_std(values):
 def tabulate(results: dict[str, list[dict]]) -> tuple[dict, str]:
     table, lines = {}, [
         "| model | seeds | steps | MMCS (mean ± std over seeds) | ML2R (mean ± std over seeds) "
-        "| ML2R std over features (per seed) | CI errors (tol 0.1, per seed) | minutes/run "
-        "| paper MMCS | paper ML2R |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ML2R std over features (per seed) | CI errors (tol 0.1, per seed) "
+        "| CI-L0 linear1 at 0.1 / 0.01 | minutes/run | paper MMCS | paper ML2R |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, runs in results.items():
         mmcs, ml2r = _mean_std([r["mmcs"] for r in runs]), _mean_std([r["ml2r"] for r in runs])
@@ -78,7 +94,8 @@ def tabulate(results: dict[str, list[dict]]) -> tuple[dict, str]:
         minutes = statistics.mean(r["wall_time_s"] for r in runs) / 60
         lines.append(
             f"| TMS {variant} | {len(runs)} | {runs[0]['steps']} | {mmcs[0]:.4f} ± {mmcs[1]:.4f} "
-            f"| {ml2r[0]:.4f} ± {ml2r[1]:.4f} | {feat_std} | {errors} | {minutes:.1f} "
+            f"| {ml2r[0]:.4f} ± {ml2r[1]:.4f} | {feat_std} | {errors} "
+            f"| {_l0(runs, 'ci_l0')} / {_l0(runs, 'ci_l0_at_0.01')} | {minutes:.1f} "
             f"| {PAPER[variant.split('+')[0]][0]} | {PAPER[variant.split('+')[0]][1]} |"
         )
     return table, "\n".join(lines) + "\n"
@@ -106,8 +123,10 @@ def main(argv=None):
     for variant in args.variants.split(","):
         row = variant + args.tag
         rows = results[row] = []
+        recipe = configs.load(f"tms:{variant}", configs.parse_assignments(list(args.set)))
+        recipe = configs.to_dict(recipe)["target_recipe"]
         for seed in (int(s) for s in args.seeds.split(",")):
-            recorded = recorded_run(existing, row, seed, args.set, args.steps)
+            recorded = recorded_run(existing, row, seed, args.set, args.steps, recipe)
             if (recorded and not args.rerun
                     and not (root / f"{row}_seed{seed}" / "summary.json").exists()):
                 print(f"{row} seed {seed}: reusing the run recorded in {json_path} "
@@ -115,7 +134,7 @@ def main(argv=None):
                 rows.append(recorded)
                 continue
             summary = run(variant, seed, root, args.steps, args.set, args.tag)
-            rows.append({"seed": seed, "overrides": args.set, **summary})
+            rows.append({"seed": seed, "overrides": args.set, "target_recipe": recipe, **summary})
             save(out, results)  # after every trained run: an interruption loses nothing
     save(out, results)
     print(tabulate(results)[1])

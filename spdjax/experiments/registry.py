@@ -70,9 +70,17 @@ class Family:
         return self.variants[name]
 
     def model_config(self, config):
-        """The run config's variant, trained for ``config.target_steps`` steps if that is set."""
+        """The run config's variant with its ``target_recipe`` fields, trained for
+        ``config.target_steps`` steps if that is set."""
         cfg = self.variant(config.variant)
-        return dataclasses.replace(cfg, steps=config.target_steps) if config.target_steps else cfg
+        recipe = dict(config.get("target_recipe", {}))
+        unknown = sorted(set(recipe) - {f.name for f in dataclasses.fields(cfg)})
+        if unknown:
+            raise ValueError(f"target_recipe fields {unknown} are not fields of the {self.title} "
+                             f"recipe; expected some of {[f.name for f in dataclasses.fields(cfg)]}.")
+        if config.target_steps:
+            recipe["steps"] = config.target_steps
+        return dataclasses.replace(cfg, **recipe)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

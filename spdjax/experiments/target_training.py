@@ -126,7 +126,7 @@ class TargetTrainer:
       loss: ``(trainable, frozen, batch) -> scalar``.
       sample: ``key -> batch``.
       optimizer: trains ``trainable``.
-      after_update: ``(trainable, updates) -> trainable`` run after each update (default none).
+      apply: ``(trainable, updates) -> trainable`` (default ``optax.apply_updates``).
       finish: ``(trainable, frozen) -> params`` of the trained target (default: merged dicts).
     """
 
@@ -134,7 +134,7 @@ class TargetTrainer:
     loss: Callable[[dict, dict, Any], jax.Array]
     sample: Callable[[jax.Array], Any]
     optimizer: optax.GradientTransformation
-    after_update: Callable[[dict, dict], dict] | None = None
+    apply: Callable[[dict, dict], dict] = optax.apply_updates
     finish: Callable[[dict, dict], dict] | None = None
 
 
@@ -150,10 +150,7 @@ def _chunk(make_trainer: Callable[[Hashable], TargetTrainer], recipe: Hashable, 
         batch = trainer.sample(jax.random.fold_in(root, i))
         loss, grads = jax.value_and_grad(trainer.loss)(trainable, frozen, batch)
         updates, opt_state = opt.update(grads, opt_state, trainable)
-        new = optax.apply_updates(trainable, updates)
-        if trainer.after_update is not None:
-            new = trainer.after_update(new, updates)
-        return (new, frozen, opt_state, root), loss
+        return (trainer.apply(trainable, updates), frozen, opt_state, root), loss
 
     @jax.jit
     def chunk(trainable, frozen, opt_state, root, start):

@@ -44,22 +44,24 @@ def objective(
     return fn
 
 
-def aliased_tie_updates(decomposition: Decomposition) -> optax.GradientTransformation:
+def aliased_tie_updates(decomposition: Decomposition, *,
+                        within: str | None = "components") -> optax.GradientTransformation:
     """Adds the updates of each tied pair's two copies and gives both the sum (``tie_mode="aliased"``).
 
     Chained after the optimizer: ``u_owner + swap(u_tied)`` goes to the owner and its
     swap-transpose (``V <- Uᵀ``, ``U <- Vᵀ``) to the tied copy, so copies that start equal stay
-    equal, each moved by both of its own optimizer steps, as in the reference.
+    equal, each moved by both of its own optimizer steps, as in the reference. The components
+    are ``updates[within]`` (``within=None``: the updates are the components themselves).
     """
 
     def update_fn(updates, state, params=None):
         del params
-        comps = dict(updates["components"])
+        comps = dict(updates if within is None else updates[within])
         for tied, owner in decomposition.ties.items():
             u_owner, u_tied = comps[owner], comps[tied]
             merged = {"V": u_owner["V"] + u_tied["U"].T, "U": u_owner["U"] + u_tied["V"].T}
             comps[owner], comps[tied] = merged, {"V": merged["U"].T, "U": merged["V"].T}
-        return {**updates, "components": comps}, state
+        return (comps if within is None else {**updates, within: comps}), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -80,11 +82,18 @@ def faithfulness_warmup(
     steps: int,
     lr: float = 0.01,
     weight_decay: float = 0.1,
+    tie_sync: optax.GradientTransformation | None = None,
 ) -> dict:
-    """Minimises ``faithfulness_fn(components)`` alone with AdamW (later reference: 200/0.01/0.1)."""
+    """Minimises ``faithfulness_fn(components)`` alone with AdamW (later reference: 200/0.01/0.1).
+
+    ``tie_sync`` (e.g. :func:`aliased_tie_updates` with ``within=None``) is chained after AdamW,
+    so tied copies move as in training: by both of their updates, and stay equal.
+    """
     if steps <= 0:
         return components
     opt = optax.adamw(lr, weight_decay=weight_decay)
+    if tie_sync is not None:
+        opt = optax.chain(opt, tie_sync)
 
     def body(carry, _):
         comps, state = carry
@@ -110,16 +119,23 @@ def init_fn(
             def faith(comps):
                 return faithfulness({"components": comps, "ci": params["ci"]}, ctx)
 
+            aliased = decomposition.ties and decomposition.tie_mode == "aliased"
+            sync = aliased_tie_updates(decomposition, within=None) if aliased else None
             params["components"] = jax.jit(
-                lambda c: faithfulness_warmup(c, faith, steps=warmup_steps)
+                lambda c: faithfulness_warmup(c, faith, steps=warmup_steps, tie_sync=sync)
             )(params["components"])
         return params
 
     return fn
 
 
+PAPER_L0_THRESHOLD = 0.01
+PAPER_L0_KEY = "ci_l0_at_0.01"
+
+
 def evaluate_fn(decomposition: Decomposition, objective_fn: Objective, *, l0_threshold: float):
-    """Loss terms and CI-L0 (as the objective's metrics), and alive subcomponents per site.
+    """Loss terms and CI-L0 (as the objective's metrics; also ``ci_l0_at_0.01``, the paper-era
+    code's threshold), and alive subcomponents per site.
 
     With ``microbatches > 1`` the batch is evaluated in that many equal chunks (chunk ``i`` with
     key ``fold_in(key, i)``): the means are averaged and a subcomponent is alive if it is in any
@@ -133,6 +149,8 @@ def evaluate_fn(decomposition: Decomposition, objective_fn: Objective, *, l0_thr
         _, metrics = objective_jit(params, target_params, batch, key, 1.0)
         ctx = context_jit(params, target_params, batch)
         alive = {n: alive_components(np.asarray(c.lower), l0_threshold) for n, c in ctx.ci.items()}
+        # The paper-era code logged CI-L0 at 0.01 (the later reference and spdjax: 0.1).
+        metrics[PAPER_L0_KEY] = {n: ci_l0(c.lower, PAPER_L0_THRESHOLD) for n, c in ctx.ci.items()}
         return jax.device_get(metrics), alive
 
     def fn(params, target_params, batch, key, *, microbatches: int = 1) -> dict:

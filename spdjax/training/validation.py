@@ -41,7 +41,7 @@ def validate(config) -> None:
     from spdjax.experiments.registry import get_family
     from spdjax.sigmoids import SIGMOIDS
 
-    get_family(config.experiment).variant(config.variant)
+    get_family(config.experiment).model_config(config)  # variant and target_recipe fields
     METHODS.get(config.method)
     for name in ("steps", "batch_size", "eval_batch_size", "log_every", "checkpoint_every", "C",
                  "microbatches", "eval_microbatches", "mesh_model"):

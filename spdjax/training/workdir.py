@@ -123,6 +123,17 @@ def recorded_config(workdir: pathlib.Path) -> dict | None:
     return None
 
 
+def _upgraded(recorded: dict) -> dict:
+    """A recorded config with the fields added since it was written (see
+    :func:`spdjax.configs.from_dict`), so that only real differences count."""
+    from spdjax import configs
+
+    try:
+        return configs.to_dict(configs.from_dict(recorded))
+    except Exception:  # noqa: BLE001 - an unknown experiment or variant: compare as written
+        return recorded
+
+
 def prepare(workdir: pathlib.Path, resolved: dict, *, fresh: bool,
             allow_changes: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """Checks ``resolved`` against the run already in ``workdir`` and writes ``config.json``.
@@ -146,7 +157,7 @@ def prepare(workdir: pathlib.Path, resolved: dict, *, fresh: bool,
                 f"{workdir} holds checkpoints but no readable config (config.json and the "
                 "checkpoints' metadata are missing or damaged); use another --workdir, or pass "
                 "--fresh to discard that run.")
-        changes = config_diff(old, resolved)
+        changes = config_diff(_upgraded(old), resolved)
         refused = [c for c in changes if not _allowed(c[0], SAFE_CHANGES + tuple(allow_changes))]
         if refused:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)

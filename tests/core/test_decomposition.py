@@ -10,7 +10,7 @@ from flax import nnx
 
 import spdjax
 from spdjax import components
-from spdjax.methods.spd import faithfulness_warmup
+from spdjax.methods.spd import aliased_tie_updates, faithfulness_warmup, init_fn
 
 from helpers import two_site_target
 
@@ -205,6 +205,30 @@ def test_aliased_ties_take_two_adam_updates_like_the_reference():
     np.testing.assert_array_equal(new["dec"]["V"], new["enc"]["U"].T)
     with pytest.raises(ValueError, match="Unknown tie_mode 'alias'"):
         spdjax.decompose(target, {"enc": 4, "dec": 4}, ties={"dec": "enc"}, tie_mode="alias")
+
+
+def test_the_warmup_moves_aliased_copies_by_both_updates_and_keeps_them_equal():
+    """The gaussian init's faithfulness warm-up treats aliased ties as training does."""
+    target, tp = _tied_autoencoder()
+    aliased = spdjax.decompose(target, {"enc": 4, "dec": 4}, ties={"dec": "enc"},
+                               tie_mode="aliased")
+    params = init_fn(aliased, init=spdjax.init_gaussian, warmup_steps=50)(jax.random.key(1), tp)
+    comps = params["components"]
+    np.testing.assert_array_equal(comps["dec"]["U"], comps["enc"]["V"].T)
+    np.testing.assert_array_equal(comps["dec"]["V"], comps["enc"]["U"].T)
+
+    start = aliased.init(jax.random.key(1), tp, init=spdjax.init_gaussian)
+    ctx = spdjax.Context(decomposition=aliased, target_params=tp, batch=None, target_out=None,
+                         site_inputs={}, ci={}, step_frac=jnp.float32(0))
+    faith = lambda c: spdjax.faithfulness({"components": c, "ci": start["ci"]}, ctx)
+    lr, wd = 0.01, 0.1
+    one = faithfulness_warmup(start["components"], faith, steps=1, lr=lr, weight_decay=wd,
+                              tie_sync=aliased_tie_updates(aliased, within=None))
+    g, V = jax.grad(faith)(start["components"]), start["components"]["enc"]["V"]
+    adamw1 = lambda grad, p: -lr * (grad / (jnp.abs(grad) + 1e-8) + wd * p)  # first AdamW step
+    expected = V + adamw1(g["enc"]["V"], V) + adamw1(g["dec"]["U"], V.T).T
+    np.testing.assert_allclose(one["enc"]["V"], expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(one["dec"]["U"], one["enc"]["V"].T)
 
 
 def test_paper_init():

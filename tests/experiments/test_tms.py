@@ -205,3 +205,41 @@ def test_solution_warnings_flag_a_merged_feature():
     merged["ci_errors"] = {"total": 30, "loose_total": 17}
     assert any("30 one-hot CI entries" in n and "17 at tol 0.2" in n
                for n in solution_warnings(merged, cfg))
+
+
+def _torch_adamw_step(p, g, m, v, t, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
+    """One step of torch.optim.AdamW (single-tensor path) on ``p`` in float64; returns p, m, v."""
+    p = p * (1 - lr * wd)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    p = p - lr / (1 - b1**t) * m / (np.sqrt(v / (1 - b2**t)) + eps)
+    return p, m, v
+
+
+def test_the_default_target_recipe_is_the_references_double_adam_update():
+    """Two steps of the default 5-2 recipe equal torch's AdamW over the two Parameters that share
+    W's storage (linear1.weight, then linear2.weight = Wᵀ), hand-computed in float64."""
+    cfg = dataclasses.replace(tms.TMS_VARIANTS["5-2"], steps=2, batch_size=64)
+    assert tms.TMS_VARIANTS["5-2"].double_update
+    params, _ = tms.train_tms_target(cfg, seed=0)
+
+    k_init, k_data, _ = jax.random.split(jax.random.key(0), 3)
+    init = tms.init_tms_params(k_init, cfg)
+    W, b = (np.asarray(init["linear1"]["kernel"], np.float64),
+            np.asarray(init["linear2"]["bias"], np.float64))
+
+    def loss(W1, W2, b, x):  # each usage of W as its own argument: its own gradient
+        return jnp.mean((x - jax.nn.relu((x @ W1) @ W2.T + b)) ** 2)
+
+    state = {k: (0.0, 0.0) for k in ("W1", "W2", "b")}
+    for t in (1, 2):
+        x = tms.sample_batch(cfg, jax.random.fold_in(k_data, t - 1), cfg.batch_size)
+        g1, g2, gb = (np.asarray(g, np.float64) for g in jax.grad(loss, (0, 1, 2))(
+            jnp.float32(W), jnp.float32(W), jnp.float32(b), x))
+        for name, g in (("W1", g1), ("W2", g2)):  # in registration order, on the same storage
+            W, *state[name] = _torch_adamw_step(W, g, *state[name], t, cfg.lr, cfg.weight_decay)
+        b, *state["b"] = _torch_adamw_step(b, gb, *state["b"], t, cfg.lr, cfg.weight_decay)
+    np.testing.assert_allclose(params["linear1"]["kernel"], W, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(params["linear2"]["bias"], b, rtol=1e-5, atol=1e-7)
+    single, _ = tms.train_tms_target(dataclasses.replace(cfg, double_update=False), seed=0)
+    assert not np.allclose(single["linear1"]["kernel"], W, rtol=1e-5, atol=1e-7)  # it matters

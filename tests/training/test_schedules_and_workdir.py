@@ -18,8 +18,13 @@ def test_paper_cosine_is_quarter_period():
 def test_half_cosine_linear_constant_and_warmup():
     half = make_schedule("cosine_half", 1.0, 11, final_frac=0.1)
     np.testing.assert_allclose([half(0), half(5), half(10)], [1.0, 0.55, 0.1], rtol=1e-5)
-    lin = make_schedule("linear", 2.0, 5)
-    np.testing.assert_allclose([lin(i) for i in range(5)], [2.0, 1.5, 1.0, 0.5, 0.0], atol=1e-6)
+    lin = make_schedule("linear", 2.0, 5)  # paper-era: 1 - t/T, so lr/T at the last update
+    np.testing.assert_allclose([lin(i) for i in range(5)], [2.0, 1.6, 1.2, 0.8, 0.4], atol=1e-6)
+    head = make_schedule("linear_head", 2.0, 5)  # later reference: t over T - 1 steps
+    np.testing.assert_allclose([head(i) for i in range(5)], [2.0, 1.5, 1.0, 0.5, 0.0], atol=1e-6)
+    head_f = make_schedule("linear_head", 1.0, 11, final_frac=0.2, warmup_frac=0.5)
+    np.testing.assert_allclose([head_f(0), head_f(4), head_f(5), head_f(10)], [0, 0.8, 1, 0.2],
+                               atol=1e-6)
     const = make_schedule("constant", 3e-3, 100)
     assert float(const(0)) == float(const(99)) == pytest.approx(3e-3)
     warm = make_schedule("constant", 1.0, 100, warmup_frac=0.1)

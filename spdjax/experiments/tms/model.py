@@ -8,9 +8,11 @@ The model (reference spec sections 6.2 and 9.1), in Flax layout with ``W`` of sh
     out = ReLU(h @ W.T + b)           # site "linear2", weight tied to linear1's transpose
 
 Trained with AdamW (lr 5e-3 constant, weight decay 0.01) on ``mean((x - out)^2)`` over sparse
-features ``U[0, 1)`` kept with probability 0.05. The tied gradient of ``W`` is the sum of both
-usages; ``double_update=True`` instead mimics the PyTorch reference, where the two usages are
-separate Parameters sharing storage, so each gets its own Adam update and its own weight decay.
+features ``U[0, 1)`` kept with probability 0.05. As in the PyTorch reference, whose two usages of
+``W`` are separate Parameters sharing storage, each usage gets its own Adam update (own moments,
+own weight decay) and both land on ``W``: two updates per step (``double_update=True``, the
+default). ``double_update=False`` is one AdamW update on the summed gradient of both usages (the
+recipe of spdjax before 0.3; its targets are cached under ``tms_<variant>_single-update_seed<s>``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class TMSConfig:
     weight_decay: float = 0.01
     feature_probability: float = 0.05
     init_bias_to_zero: bool = False
-    double_update: bool = False  # mimic torch's two Adam updates of the tied weight
+    double_update: bool = True  # the reference's two Adam updates of the tied W per step
 
     @property
     def variant(self) -> str:
@@ -162,9 +164,14 @@ def make_trainer(cfg: TMSConfig) -> target_training.TargetTrainer:
         out, _ = target.forward({**trainable, **frozen}, x, replace)
         return jnp.mean((x - out) ** 2)
 
-    def after_update(trainable, updates):  # double_update: both updates land on the one tensor
-        W = trainable["linear1"]["kernel"] + updates[_TIED_COPY]
-        return {**trainable, "linear1": {"kernel": W}, _TIED_COPY: W}
+    def apply_twice(trainable, updates):
+        """torch's AdamW on two Parameters sharing W's storage, one after the other: linear1's
+        step (decay, then its Adam move), then linear2's, whose decay sees the moved W."""
+        W, decay = trainable["linear1"]["kernel"], cfg.lr * cfg.weight_decay
+        W1 = W + updates["linear1"]["kernel"]  # = W (1 - decay) - lr a1
+        W2 = W1 * (1.0 - decay) + (updates[_TIED_COPY] + decay * W)  # (... + decay W) = -lr a2
+        new = optax.apply_updates(trainable, updates)
+        return {**new, "linear1": {"kernel": W2}, _TIED_COPY: W2}
 
     def finish(trainable, frozen):
         return {"linear1": trainable["linear1"], "linear2": trainable["linear2"], **frozen}
@@ -172,7 +179,7 @@ def make_trainer(cfg: TMSConfig) -> target_training.TargetTrainer:
     return target_training.TargetTrainer(
         init=init, loss=loss, sample=lambda key: sample_batch(cfg, key, cfg.batch_size),
         optimizer=optax.adamw(cfg.lr, weight_decay=cfg.weight_decay),
-        after_update=after_update if cfg.double_update else None, finish=finish)
+        apply=apply_twice if cfg.double_update else optax.apply_updates, finish=finish)
 
 
 def train_tms_target(cfg: TMSConfig, seed: int, *, chunk_steps: int = 1000) -> tuple[dict, dict]:
@@ -250,8 +257,9 @@ def load_or_train_target(
 
 
 def cache_stem(cfg: TMSConfig, seed: int, cache_dir: str | os.PathLike) -> str:
-    """``cache_dir/tms_<variant>_seed<seed>`` (add ``.npz`` / ``.json``)."""
-    return os.path.join(os.fspath(cache_dir), f"tms_{cfg.variant}_seed{seed}")
+    """``cache_dir/tms_<variant>[_single-update]_seed<seed>`` (add ``.npz`` / ``.json``)."""
+    recipe = "" if cfg.double_update else "_single-update"
+    return os.path.join(os.fspath(cache_dir), f"tms_{cfg.variant}{recipe}_seed{seed}")
 
 
 def report(params: dict, cfg: TMSConfig, meta: dict, stem: str) -> str:
