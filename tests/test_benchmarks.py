@@ -54,15 +54,20 @@ def test_table1_refuses_a_changed_recipe_without_a_tag(capsys):
 
 
 def test_table1_reuses_recorded_runs_without_training(tmp_path, capsys):
+    recipe = {"double_update": True}
     run = {"seed": 3, "overrides": [], "steps": 40000, "mmcs": 0.9999, "ml2r": 1.01,
-           "ml2r_std": 0.02, "ci_errors": {"total": 0}, "wall_time_s": 600.0}
+           "ml2r_std": 0.02, "ci_errors": {"total": 0}, "wall_time_s": 600.0,
+           "target_recipe": recipe}
     other = {**run, "seed": 4, "overrides": ["lr=2e-3"]}
-    (tmp_path / "t.json").write_text(json.dumps({"5-2": {"runs": [run, other]}}))
+    old = {k: v for k, v in run.items() if k != "target_recipe"}  # before spdjax 0.3
+    (tmp_path / "t.json").write_text(json.dumps({"5-2": {"runs": [run, other]},
+                                                 "5-2-id": {"runs": [old]}}))
     table = json.loads((tmp_path / "t.json").read_text())
-    assert tms_table1.recorded_run(table, "5-2", 3, [], None) == run
-    assert tms_table1.recorded_run(table, "5-2", 3, [], 1000) is None  # other steps
-    assert tms_table1.recorded_run(table, "5-2", 4, [], None) is None  # other overrides
-    assert tms_table1.recorded_run(table, "5-2-id", 3, [], None) is None
+    assert tms_table1.recorded_run(table, "5-2", 3, [], None, recipe) == run
+    assert tms_table1.recorded_run(table, "5-2", 3, [], 1000, recipe) is None  # other steps
+    assert tms_table1.recorded_run(table, "5-2", 4, [], None, recipe) is None  # other overrides
+    assert tms_table1.recorded_run(table, "5-2-id", 3, [], None, recipe) is None  # old target
+    assert tms_table1.recorded_run(table, "5-2-id", 3, [], None, {"double_update": False}) == old
     tms_table1.main(["--variants=5-2", "--seeds=3", f"--root={tmp_path}", f"--out={tmp_path / 't'}"])
     assert "5-2 seed 3: reusing the run recorded" in capsys.readouterr().out
     assert json.loads((tmp_path / "t.json").read_text())["5-2"]["runs"] == [run]
@@ -81,3 +86,33 @@ def test_table1_save_keeps_rows_written_meanwhile_by_another_invocation(tmp_path
     table = json.loads(out.with_suffix(".json").read_text())
     assert (sorted(table), table["5-2"]["seeds"]) == (["40-10", "5-2"], [0, 1])
     assert "| TMS 40-10 | 1 |" in out.with_suffix(".md").read_text()
+
+
+def test_resid_mlp_seed_table_runs_records_and_resumes(tmp_path, capsys):
+    from benchmarks.reproduce import resid_mlp_seeds
+
+    args = ["--variant=1", "--seeds=0", "--steps=4", f"--root={tmp_path}", f"--out={tmp_path / 's'}",
+            "--set=target_steps=5", "--set=batch_size=64", "--set=eval_batch_size=200",
+            "--set=figures=false"]
+    resid_mlp_seeds.main(args)
+    table = json.loads((tmp_path / "s.json").read_text())
+    (record,) = table["1@4"]
+    assert record["seed"] == 0 and record["steps"] == 4 and record["solved"] is False  # 4 steps
+    assert record["identity_errors"] > 0 and len(record["alive_mlp_out"]) == 1
+    summary = json.loads((tmp_path / "1@4_seed0" / "summary.json").read_text())
+    summary["wall_time_s"] = 123.0  # the finished run is read back, not retrained
+    (tmp_path / "1@4_seed0" / "summary.json").write_text(json.dumps(summary))
+    resid_mlp_seeds.main(args)
+    assert json.loads((tmp_path / "s.json").read_text())["1@4"][0]["wall_time_s"] == 123.0
+    assert "| **1@4** | | | | | | | **0 of 1** | |" in (tmp_path / "s.md").read_text()
+
+
+def test_resid_mlp_verdict_is_the_papers_solution():
+    from benchmarks.reproduce.resid_mlp_seeds import verdict
+
+    good = {"ci_errors": {"per_site": {"layers_0/mlp_in": 0, "layers_0/mlp_out": 0}},
+            "alive": {"layers_0/mlp_in": 100, "layers_0/mlp_out": 50},
+            "contribution_r": {"layers_0": 0.9999, "all": 0.9999}}
+    assert verdict(good, 50)["solved"]
+    assert not verdict({**good, "alive": {"layers_0/mlp_out": 51}}, 50)["solved"]
+    assert not verdict({**good, "contribution_r": {"all": 0.98}}, 50)["solved"]
