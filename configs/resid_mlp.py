@@ -7,12 +7,17 @@ representations".
     python -m spdjax.main --config=configs/resid_mlp.py --workdir=workdir/resid_mlp_1
     python -m spdjax.main --config=configs/resid_mlp.py:2 --config.steps=2000 --workdir=/tmp/x
 
+Append ``+head`` (e.g. ``2+head``) for the later reference's recipe (its HEAD YAMLs, spec 5.3):
+gaussian init + warm-up, clamped sigmoid, the delta component; 1 and 3 layers with stochastic +
+layerwise recon, 2 layers with subset-routed stochastic recon and subset PGD recon (1 signed step
+of size 1, sources shared across the batch), shared CI MLP [256] and faithfulness logged only.
+
 Expected for 1 layer (see RESULTS.md): one W_in subcomponent per feature (identity CI errors 0),
 W_out one dense block of 50 subcomponents, neuron-contribution correlation >= 0.95. Shared
 fields: spdjax/configs.py.
 """
 
-from spdjax.configs import base_config
+from spdjax.configs import base_config, later_reference
 
 # variant -> (C, steps, lr, importance-minimality coeff, CI hidden width)
 # 2 layers: the paper-branch config's 2e-5 (the paper's text says 1e-5); 3 layers: the config's
@@ -24,11 +29,23 @@ _VARIANTS = {
 }
 
 
-def get_config(variant: str = "1"):
-    if variant not in _VARIANTS:
+# The later reference's HEAD YAMLs: variant -> (C, steps, lr, imp coeff, CI fn, CI hidden)
+_HEAD = {
+    "1": (100, 20_000, 2e-3, 1e-5, "mlp", 16),
+    "2": (400, 25_000, 3e-4, 1e-4, "shared_mlp", 256),
+    "3": (500, 50_000, 1e-3, 1e-5, "mlp", 128),
+}
+
+
+def get_config(arg: str = "1"):
+    variant, *modifiers = arg.split("+")
+    if variant not in _VARIANTS or any(m != "head" for m in modifiers):
         raise ValueError(
-            f"Unknown ResidMLP variant {variant!r}; expected one of {sorted(_VARIANTS)}."
+            f"Unknown ResidMLP variant {arg!r}; expected one of {sorted(_VARIANTS)}, optionally "
+            "followed by +head."
         )
+    if modifiers:
+        return _head(variant)
     C, steps, lr, imp_coeff, ci_hidden = _VARIANTS[variant]
     c = base_config("resid_mlp", variant)  # variant: the number of layers
     c.steps = steps
@@ -40,4 +57,26 @@ def get_config(variant: str = "1"):
     c.losses.importance_minimality.coeff = imp_coeff
     c.losses.importance_minimality.pnorm = 2.0
     c.eval_batch_size = 10_000
+    return c
+
+
+def _head(variant: str):
+    C, steps, lr, imp_coeff, ci_fn, ci_hidden = _HEAD[variant]
+    c = get_config(variant)
+    c.C, c.steps, c.lr, c.ci_fn, c.ci_hidden = C, steps, lr, ci_fn, (ci_hidden,)
+    imp = {"coeff": imp_coeff, "pnorm": 2.0}
+    if variant == "2":
+        later_reference(c, {
+            "faithfulness": {"coeff": 0.0},  # logged only
+            "stochastic_recon_subset": {"coeff": 2.0, "delta": True, "router": "uniform_k"},
+            "pgd_recon_subset": {"coeff": 2.0, "delta": True, "init": "random", "n_steps": 1,
+                                 "step_size": 1.0, "scope": "shared_across_batch"},
+            "importance_minimality": imp,
+        }, warmup_weight_decay=0.0)
+    else:
+        later_reference(c, {
+            "stochastic_recon": {"coeff": 1.0, "delta": True},
+            "stochastic_recon_layerwise": {"coeff": 1.0, "delta": True},
+            "importance_minimality": imp,
+        })
     return c

@@ -6,6 +6,10 @@ faithfulness warm-up. On 5-2 it avoided the local minimum that 3 of 13 paper-ini
 (13 of 13 seeds fine); on 5-2-id it did worse than the paper init (RESULTS.md, "Seed sensitivity").
 Append ``+select3`` for a best-of-3 initialisation chosen by the training loss over the first 8k
 steps (spdjax/training/init_selection.py); modifiers combine, e.g. ``5-2+gaussian+select3``.
+Append ``+head`` for the later reference's recipe (its HEAD toy YAMLs, spec 5.3): 10k steps
+(40-10-id: 20k), half-cosine lr, gaussian init + warm-up, clamped sigmoid, stochastic and
+layerwise recon with the delta component and no faithfulness term, hidden-activation and
+20-step PGD recon as eval metrics.
 
     python -m spdjax.main --config=configs/tms.py --workdir=workdir/tms_5-2
     python -m spdjax.main --config=configs/tms.py:40-10-id --config.steps=2000 --workdir=/tmp/x
@@ -14,7 +18,7 @@ Expected (see RESULTS.md): MMCS 1.000, ML2R ~0.99-1.03; the 40k-step 5-2 run tak
 CPU cores (the exact time is recorded in RESULTS.md). Shared fields: spdjax/configs.py.
 """
 
-from spdjax.configs import base_config
+from spdjax.configs import base_config, later_reference
 
 # variant -> (C, importance-minimality coeff, p, gradient micro-batches on CPU)
 _VARIANTS = {
@@ -24,7 +28,8 @@ _VARIANTS = {
     "40-10-id": (200, 1e-4, 2.0, 16),
 }
 
-_MODIFIERS = {  # "+name" suffix -> config overrides
+_MODIFIERS = {  # "+name" suffix -> config overrides ("+head": _head below)
+    "head": {},
     "gaussian": {"init": "gaussian", "faithfulness_warmup_steps": 200},
     # Best of 3 inits by mean training loss over the first 8k steps (20% of the run); the loss
     # there separated all 3 merged-feature seeds of 5-2 from the 4 good ones
@@ -53,5 +58,19 @@ def get_config(arg: str = "5-2"):
     # Parameters do; False: one update on the summed gradient (spdjax before 0.3).
     c.target_recipe.double_update = True
     for name in modifiers:
-        c.update(_MODIFIERS[name])
+        if name == "head":
+            _head(c, variant)
+        else:
+            c.update(_MODIFIERS[name])
     return c
+
+
+def _head(c, variant: str) -> None:
+    later_reference(c, {
+        "stochastic_recon": {"coeff": 1.0, "n_samples": 1, "delta": True},
+        "stochastic_recon_layerwise": {"coeff": 1.0, "n_samples": 1, "delta": True},
+        "importance_minimality": dict(c.losses.importance_minimality),
+    })
+    c.steps = 20_000 if variant == "40-10-id" else 10_000
+    c.lr_schedule = "cosine_half"
+    c.lr_final_frac = 0.0

@@ -26,16 +26,23 @@ from spdjax.losses import (
     ci_masked_recon,
     ci_masked_recon_layerwise,
     faithfulness,
+    frequency_minimality,
     importance_minimality,
     make_context,
     make_total_loss,
+    pgd_recon,
+    pgd_recon_layerwise,
+    pgd_recon_subset,
+    stochastic_hidden_acts_recon,
     stochastic_recon,
     stochastic_recon_layerwise,
+    stochastic_recon_subset,
     term,
     total_loss,
     unmasked_recon,
 )
-from spdjax.masks import SAMPLERS, sample_masks
+from spdjax.masks import SAMPLERS, SiteMask, sample_masks
+from spdjax.routing import ROUTERS, static_probability
 from spdjax.methods import METHODS, Method
 from spdjax.methods.spd import make_optimizer
 from spdjax.methods.spd import method as spd_method
@@ -51,6 +58,9 @@ __all__ = [
     "LoadedRun", "METHODS", "MLP", "Method", "Run", "SAMPLERS", "SIGMOIDS", "SharedMLP",
     "SigmoidPair", "Site", "SiteHooks", "Target", "Term", "TrainState", "VectorMLP", "ci_l0",
     "ci_masked_recon", "ci_masked_recon_layerwise", "close", "configs", "decompose", "evaluate",
+    "ROUTERS", "SiteMask", "frequency_minimality", "pgd_recon", "pgd_recon_layerwise",
+    "pgd_recon_subset", "static_probability", "stochastic_hidden_acts_recon",
+    "stochastic_recon_subset",
     "faithfulness", "from_function", "from_linen", "from_nnx", "importance_minimality",
     "init_gaussian", "init_paper", "init_train_state", "load", "make_context", "make_mesh",
     "make_optimizer", "make_total_loss", "make_train_step", "match_sites", "sample_masks",

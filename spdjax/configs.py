@@ -51,6 +51,8 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     # step (the reference, torch Parameters sharing storage); "shared" has one pair, one update.
     c.tie_mode = "aliased"
     c.faithfulness_warmup_steps = 0  # later reference: 200 (AdamW lr 0.01, wd 0.1)
+    c.faithfulness_warmup_lr = 0.01
+    c.faithfulness_warmup_weight_decay = 0.1
     c.init_candidates = 1  # > 1: best-of-K init by loss (spdjax/training/init_selection.py)
     c.init_select_steps = 0  # steps each init candidate trains before the choice
 
@@ -62,6 +64,14 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
         "importance_minimality": {"coeff": 3e-3, "pnorm": 1.0},
     })
 
+    # Clip the gradient's L2 norm of the factors / of the CI functions before Adam (0 = off;
+    # the later reference's grad_clip_norm_components / grad_clip_norm_ci_fns).
+    c.grad_clip_norm_components = 0.0
+    c.grad_clip_norm_ci = 0.0
+    # Terms computed only by the final evaluation, reported as eval_loss/<name>: {name: options}
+    # (no coeff), e.g. {"stochastic_hidden_acts_recon": {}, "pgd_recon": {"n_steps": 20,
+    # "step_size": 0.1}} (the later reference's eval metrics).
+    c.eval_losses = ml_collections.ConfigDict()
     c.microbatches = 1  # split each batch into chunks, average grads (same gradient)
     c.mesh_model = 1  # devices along the component axis C (the rest go to the data axis)
     c.log_every = 500  # steps between metric lines / progress reports
@@ -73,6 +83,24 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     # (a jump or a steady climb); 0 disables. Non-finite losses or params always stop a run.
     c.divergence_factor = 1e3
     c.l0_threshold = 0.1  # CI above this counts as active (L0, alive)
+    return c
+
+
+def later_reference(c: ml_collections.ConfigDict, losses: Mapping[str, Any], *,
+                    warmup_weight_decay: float = 0.1) -> ml_collections.ConfigDict:
+    """Switches ``c`` to the later reference's toy recipe (spec 0.1, 5.3): gaussian init with a
+    200-step faithfulness warm-up, the clamped lower-leaky sigmoid, ``losses`` (its stochastic
+    terms with the delta component instead of faithfulness) and its eval metrics."""
+    c.init = "gaussian"
+    c.faithfulness_warmup_steps = 200
+    c.faithfulness_warmup_lr = 0.01
+    c.faithfulness_warmup_weight_decay = warmup_weight_decay
+    c.sigmoid = "leaky_hard_clamped"
+    c.losses = ml_collections.ConfigDict(dict(losses))
+    c.eval_losses = ml_collections.ConfigDict({
+        "stochastic_hidden_acts_recon": {"delta": True},
+        "pgd_recon": {"n_steps": 20, "step_size": 0.1, "delta": True},
+    })
     return c
 
 
@@ -130,7 +158,7 @@ def _upgrade(recorded: Mapping[str, Any]) -> dict:
 
 # Name -> options maps: a record's entries are the whole of it (a term absent from the record was
 # not in the run), unlike fixed fields, where a missing one is newer than the record.
-_WHOLE = ("losses",)
+_WHOLE = ("losses", "eval_losses")
 
 
 def _merge(config: ml_collections.ConfigDict, recorded: Mapping[str, Any]) -> None:

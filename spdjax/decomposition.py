@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from spdjax import components as comp_lib
 from spdjax.ci import CIFunction, make_ci_fn
+from spdjax.masks import SiteMask
 from spdjax.sigmoids import SIGMOIDS, SigmoidPair
 from spdjax.target import Site, Target
 
@@ -182,23 +183,43 @@ class Decomposition:
             _check_site_input(self.site(name), inputs[name])
         return out, {n: inputs[n] for n in self.site_names}
 
-    def site_fn(self, params: Params, target_params: Any, name: str, mask: Array | None):
-        """``site_input -> ((acts * mask) @ U + bias)`` for one site; ``mask=None`` means all ones."""
+    def site_fn(self, params: Params, target_params: Any, name: str,
+                mask: Array | SiteMask | None):
+        """``site_input -> ((acts * mask) @ U + bias)`` for one site; ``mask=None`` means all ones.
+
+        A :class:`~spdjax.masks.SiteMask` may add the delta component, ``m_delta * (x @ (W - V U))``
+        (differentiable in V and U, spec 1.3), and route: where its routing mask is False the
+        site gives its target output ``x @ W + bias`` instead.
+        """
         V, U = self.factors(params, name)
         site = self.site(name)
         bias = None if site.bias is None else site.bias(target_params)
+        m = mask if isinstance(mask, SiteMask) else SiteMask(component=mask)
+        W = site.weight(target_params) if m.delta is not None or m.routing is not None else None
 
         def fn(x):
-            return comp_lib.masked_output(comp_lib.inner_acts(site.kind, V, x), U, mask, bias)
+            y = comp_lib.masked_output(comp_lib.inner_acts(site.kind, V, x), U, m.component, bias)
+            if m.delta is not None:
+                y = y + m.delta[..., None] * comp_lib.inner_acts(site.kind, W - V @ U, x)
+            if m.routing is not None:
+                target_y = comp_lib.inner_acts(site.kind, W, x)  # x @ W, or W[ids]
+                target_y = target_y if bias is None else target_y + bias
+                y = jnp.where(m.routing[..., None], y, target_y)
+            return y
 
         return fn
 
     def forward(
-        self, target_params: Any, params: Params, x: Any, masks: Mapping[str, Array | None]
+        self, target_params: Any, params: Params, x: Any,
+        masks: Mapping[str, Array | SiteMask | None], *, with_inputs: bool = False,
     ) -> Any:
-        """Forward with the sites in ``masks`` replaced by masked components; others use ``W``."""
+        """Forward with the sites in ``masks`` replaced by masked components; others use ``W``.
+
+        ``with_inputs=True`` returns ``(output, {site: its input in this forward})``.
+        """
         replace = {n: self.site_fn(params, target_params, n, m) for n, m in masks.items()}
-        return self.target.forward(target_params, x, replace)[0]
+        out, inputs = self.target.forward(target_params, x, replace)
+        return (out, inputs) if with_inputs else out
 
     # -- causal importance -----------------------------------------------------------------
     def causal_importance(

@@ -60,3 +60,37 @@ def test_the_target_recipe_defaults_to_the_reference_and_the_old_one_is_selectab
         bad.target_recipe.bogus = 1
     with pytest.raises(ValueError, match=r"target_recipe fields \['bogus'\] are not fields"):
         validate(bad)
+
+
+@pytest.mark.parametrize("spec, terms", [
+    ("tms:5-2+head", ["importance_minimality", "stochastic_recon", "stochastic_recon_layerwise"]),
+    ("tms:40-10-id+head", ["importance_minimality", "stochastic_recon",
+                           "stochastic_recon_layerwise"]),
+    ("resid_mlp:1+head", ["importance_minimality", "stochastic_recon",
+                          "stochastic_recon_layerwise"]),
+    ("resid_mlp:2+head", ["faithfulness", "importance_minimality", "pgd_recon_subset",
+                          "stochastic_recon_subset"]),
+])
+def test_the_later_reference_recipes_are_valid_configs(spec, terms):
+    from spdjax.training.validation import validate
+
+    c = configs.load(spec)
+    validate(c)
+    assert sorted(c.losses) == terms and (c.init, c.sigmoid) == ("gaussian", "leaky_hard_clamped")
+    assert all(o.get("delta") for n, o in c.losses.items() if "recon" in n)
+    assert sorted(c.eval_losses) == ["pgd_recon", "stochastic_hidden_acts_recon"]
+    assert c.faithfulness_warmup_steps == 200
+
+
+def test_eval_losses_take_options_but_no_coeff():
+    from spdjax.training.validation import validate
+
+    c = configs.load("tms:5-2")
+    with c.unlocked():
+        c.eval_losses = {"pgd_recon": {"coeff": 1.0, "n_steps": 2}}
+    with pytest.raises(ValueError, match="eval_losses.pgd_recon: evaluation-only terms take no"):
+        validate(c)
+    with c.unlocked():
+        c.eval_losses = {"pgd_recon": {"n_steps": -2}}
+    with pytest.raises(ValueError, match="n_steps must be an integer >= 0"):
+        validate(c)

@@ -86,15 +86,14 @@ def identity_ci_error(ci: Any, tol: float = 0.1, *, method: str = "auto") -> int
 
     After :func:`permute_to_identity`, counts entries off the diagonal that are ``> tol`` (every
     entry not on the diagonal, including all of the columns beyond ``n_features``) plus diagonal
-    entries ``< 1 - tol``. Needs ``C >= n_features``.
+    entries ``< 1 - tol``. With fewer components than features the missing ones count as empty
+    columns: each feature left without a component of its own is an error.
     """
     ci = f64(ci)
     _check_2d(ci, "identity_ci_error")
     n, C = ci.shape
     if C < n:
-        raise ValueError(
-            f"Identity pattern needs at least as many components as features; got {ci.shape}."
-        )
+        ci = np.concatenate([ci, np.zeros((n, n - C))], axis=1)
     ci = ci[:, permute_to_identity(ci, method=method)]
     on_diag = np.zeros_like(ci, dtype=bool)
     on_diag[np.arange(n), np.arange(n)] = True
@@ -105,8 +104,8 @@ def _dense_split(ci: Any, k: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` densest columns of ``ci (n, C)`` (by sum, descending) and the remaining ones."""
     ci = f64(ci)
     _check_2d(ci, name)
-    if ci.shape[1] < k:
-        raise ValueError(f"Dense pattern with k={k} needs at least k columns; got {ci.shape}.")
+    if ci.shape[1] < k:  # missing columns count as empty ones (each a missing dense column)
+        ci = np.concatenate([ci, np.zeros((ci.shape[0], k - ci.shape[1]))], axis=1)
     ci = ci[:, permute_by_column_mass(ci)]
     return ci[:, :k], ci[:, k:]
 

@@ -1,25 +1,33 @@
 """SPD loss terms: pure functions ``loss(params, ctx, key, **options) -> scalar``.
 
 * :mod:`~spdjax.losses.context`: :class:`Context`, what a step computes once.
-* :mod:`~spdjax.losses.recon`: stochastic / CI-masked / unmasked reconstruction (+ layerwise).
-* :mod:`~spdjax.losses.regularisers`: faithfulness, importance minimality.
+* :mod:`~spdjax.losses.recon`: stochastic / CI-masked / unmasked reconstruction (+ layerwise,
+  subset-routed, hidden activations; optional delta component).
+* :mod:`~spdjax.losses.adversarial`: PGD reconstruction (full, subset, layerwise).
+* :mod:`~spdjax.losses.regularisers`: faithfulness, importance and frequency minimality.
 * :mod:`~spdjax.losses.divergences`: ``mse``, ``kl``.
 * :mod:`~spdjax.losses.total`: :func:`term`, :func:`total_loss`, the :data:`LOSSES` registry.
 
 Normalisations follow the reference (spec section 3); see each module.
 """
 
+from spdjax.losses.adversarial import pgd_masks, pgd_recon, pgd_recon_layerwise, pgd_recon_subset
 from spdjax.losses.context import Context, make_context
 from spdjax.losses.divergences import DIVERGENCES, kl, mse
-from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise, stochastic_recon,
-                                 stochastic_recon_layerwise, unmasked_recon)
-from spdjax.losses.regularisers import annealed_p, faithfulness, importance_minimality
+from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise,
+                                 stochastic_hidden_acts_recon, stochastic_recon,
+                                 stochastic_recon_layerwise, stochastic_recon_subset,
+                                 unmasked_recon)
+from spdjax.losses.regularisers import (annealed_p, faithfulness, frequency_minimality,
+                                        importance_minimality)
 from spdjax.losses.total import (LOSSES, Term, make_total_loss, term, term_key, terms_from_config,
                                  total_loss)
 
 __all__ = [
     "Context", "DIVERGENCES", "LOSSES", "Term", "annealed_p", "ci_masked_recon",
-    "ci_masked_recon_layerwise", "faithfulness", "importance_minimality", "kl", "make_context",
-    "make_total_loss", "mse", "stochastic_recon", "stochastic_recon_layerwise", "term", "term_key",
-    "terms_from_config", "total_loss", "unmasked_recon",
+    "ci_masked_recon_layerwise", "faithfulness", "frequency_minimality", "importance_minimality",
+    "kl", "make_context", "make_total_loss", "mse", "pgd_masks", "pgd_recon",
+    "pgd_recon_layerwise", "pgd_recon_subset", "stochastic_hidden_acts_recon",
+    "stochastic_recon", "stochastic_recon_layerwise", "stochastic_recon_subset", "term",
+    "term_key", "terms_from_config", "total_loss", "unmasked_recon",
 ]

@@ -4,6 +4,12 @@ Every term is ``loss(params, ctx, key, **options) -> scalar``: the divergence ``
 (:mod:`spdjax.losses.divergences`) averaged over ``n_samples`` stochastic mask draws (and over
 sites, for the layerwise terms, where every other site keeps the target weight). Masks come from
 :func:`spdjax.masks.sample_masks` with an explicit key; each draw uses its own split of it.
+
+Options of the later reference (spec 1.3, 3.4, 3.8): ``delta=True`` adds the delta component
+``W - V U`` with its own ``U[0, 1)`` mask to the stochastic terms (never to the CI-masked ones);
+:func:`stochastic_recon_subset` routes a random subset of sites per position
+(:mod:`spdjax.routing`); :func:`stochastic_hidden_acts_recon` compares the sites' inputs instead
+of the output.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import jax.numpy as jnp
 
 from spdjax.losses.context import Context
 from spdjax.losses.divergences import DIVERGENCES, Divergence, mse
-from spdjax.masks import SAMPLERS, MaskSampler, continuous, sample_masks
+from spdjax.masks import SAMPLERS, MaskSampler, continuous, sample_masks, with_routing
+from spdjax.routing import Router, make_router, route
 
 Array = jax.Array
+ROUTING_STREAM = 0x7FFFFFF0  # fold_in index of a mask draw's routing key (sites use 0, 1, ...)
 
 
 def _recon(params, ctx: Context, masks: Mapping[str, Array | None], divergence) -> Array:
@@ -31,32 +39,73 @@ def _layerwise(params, ctx, masks, divergence):
     )
 
 
-def _over_mask_samples(fn, params, ctx, key, n_samples, sampling, divergence):
+def _over_mask_samples(fn, params, ctx, key, n_samples, sampling, divergence, delta=False,
+                       router: Router | None = None):
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
     lower = {n: c.lower for n, c in ctx.ci.items()}
     sampling = SAMPLERS.resolve(sampling)
 
     def one(k):
-        return fn(params, ctx, sample_masks(k, lower, sampling=sampling), divergence)
+        masks = sample_masks(k, lower, sampling=sampling, delta=delta)
+        if router is not None:
+            leading = next(iter(lower.values())).shape[:-1]
+            masks = with_routing(masks, route(jax.random.fold_in(k, ROUTING_STREAM), router,
+                                              list(lower), leading))
+        return fn(params, ctx, masks, divergence)
 
     return jnp.mean(jax.vmap(one)(jax.random.split(key, n_samples)))
 
 
 def stochastic_recon(
     params, ctx: Context, key, *, n_samples: int = 1, sampling: MaskSampler = continuous,
-    divergence: Divergence = mse,
+    divergence: Divergence = mse, delta: bool = False,
 ) -> Array:
     """(1/S) sum_s D(f(x | all sites masked with m^(s)), f(x))."""
-    return _over_mask_samples(_recon, params, ctx, key, n_samples, sampling, divergence)
+    return _over_mask_samples(_recon, params, ctx, key, n_samples, sampling, divergence, delta)
 
 
 def stochastic_recon_layerwise(
     params, ctx: Context, key, *, n_samples: int = 1, sampling: MaskSampler = continuous,
-    divergence: Divergence = mse,
+    divergence: Divergence = mse, delta: bool = False,
 ) -> Array:
     """(1/(L S)) sum_s sum_l D(f(x | only site l masked with m_l^(s)), f(x))."""
-    return _over_mask_samples(_layerwise, params, ctx, key, n_samples, sampling, divergence)
+    return _over_mask_samples(_layerwise, params, ctx, key, n_samples, sampling, divergence,
+                              delta)
+
+
+def stochastic_recon_subset(
+    params, ctx: Context, key, *, n_samples: int = 1, sampling: MaskSampler = continuous,
+    divergence: Divergence = mse, delta: bool = False, router: str | Router = "uniform_k",
+    routing_p: float | None = None,
+) -> Array:
+    """(1/S) sum_s D(f(x | a routed subset of sites masked with m^(s) per position), f(x)).
+
+    Each position replaces the sites its routing mask picks (``router``, :mod:`spdjax.routing`;
+    ``"static_probability"`` with ``routing_p``); the others keep their target output. The
+    component masks are the ones :func:`stochastic_recon` draws from the same key.
+    """
+    return _over_mask_samples(_recon, params, ctx, key, n_samples, sampling, divergence, delta,
+                              make_router(router, routing_p))
+
+
+def _hidden_acts(params, ctx: Context, masks, divergence) -> Array:
+    del divergence  # a squared error on the site inputs, as the reference
+    _, inputs = ctx.decomposition.forward(ctx.target_params, params, ctx.batch, masks,
+                                          with_inputs=True)
+    sq = sum(jnp.sum((inputs[n].astype(jnp.float32) - x.astype(jnp.float32)) ** 2)
+             for n, x in ctx.site_inputs.items())
+    return sq / sum(x.size for x in ctx.site_inputs.values())
+
+
+def stochastic_hidden_acts_recon(
+    params, ctx: Context, key, *, n_samples: int = 1, sampling: MaskSampler = continuous,
+    delta: bool = False,
+) -> Array:
+    """sum_l ||x_l(masked) - x_l(clean)||^2 / sum_l numel(x_l): how far every site's input moves
+    when all sites are masked with stochastic masks (spec 3.8; the first site's input never
+    moves but counts in the denominator)."""
+    return _over_mask_samples(_hidden_acts, params, ctx, key, n_samples, sampling, None, delta)
 
 
 def ci_masked_recon(params, ctx: Context, key=None, *, divergence: Divergence = mse) -> Array:

@@ -37,21 +37,47 @@ def annealed_p(step_frac, pnorm, start_frac=1.0, final_p=None, end_frac=1.0):
     return pnorm + (final_p - pnorm) * t
 
 
+def _minimality(ctx: Context, p, eps: float, plain: float, frequency: float) -> Array:
+    """sum_l sum_c (plain * M_c + frequency * M_c * log2(1 + S_c)) with ``M_c`` the mean and
+    ``S_c`` the sum over examples of ``(sigma_up(gamma_c) + eps)^p``."""
+    total = 0.0
+    for c in ctx.ci.values():
+        powered = ((c.upper + eps) ** p).reshape(-1, c.upper.shape[-1])
+        mean = jnp.mean(powered, axis=0)
+        per_component = mean if plain == 1.0 else plain * mean
+        if frequency:
+            per_component = per_component + frequency * mean * jnp.log2(
+                1.0 + jnp.sum(powered, axis=0))
+        total = total + jnp.sum(per_component)
+    return total
+
+
 def importance_minimality(
     params, ctx: Context, key=None, *, pnorm: float, p_anneal_start_frac: float = 1.0,
     p_anneal_final_p: float | None = None, p_anneal_end_frac: float = 1.0, eps: float = 1e-12,
+    beta: float = 0.0,
 ) -> Array:
     """sum_l sum_c mean_examples (sigma_up(gamma_c^l) + eps)^p   (paper eq. L_imp-min).
 
     ``eps`` (1e-12, as in the later reference) keeps the gradient finite for p < 1 at zero CI.
+    ``beta > 0`` adds the later reference's frequency term (spec 3.2):
+    ``beta * M_c * log2(1 + S_c)`` per component, ``M_c``/``S_c`` the mean/sum over the batch
+    (the global batch under ``jit``, so the reference's ``world_size`` scaling is not needed).
     """
     if not pnorm > 0:
         raise ValueError(f"importance_minimality: pnorm must be > 0, got {pnorm!r}.")
     p = annealed_p(ctx.step_frac, pnorm, p_anneal_start_frac, p_anneal_final_p, p_anneal_end_frac)
-    total = 0.0
-    for c in ctx.ci.values():
-        per_component = jnp.mean(
-            ((c.upper + eps) ** p).reshape(-1, c.upper.shape[-1]), axis=0
-        )
-        total = total + jnp.sum(per_component)
-    return total
+    return _minimality(ctx, p, eps, 1.0, beta)
+
+
+def frequency_minimality(
+    params, ctx: Context, key=None, *, pnorm: float, p_anneal_start_frac: float = 1.0,
+    p_anneal_final_p: float | None = None, p_anneal_end_frac: float = 1.0, eps: float = 1e-12,
+) -> Array:
+    """sum_l sum_c M_c * log2(1 + S_c): VPD's frequency minimality as a term of its own coefficient
+    (slightly superlinear in how often a subcomponent fires; the ``beta`` part of
+    :func:`importance_minimality`)."""
+    if not pnorm > 0:
+        raise ValueError(f"frequency_minimality: pnorm must be > 0, got {pnorm!r}.")
+    p = annealed_p(ctx.step_frac, pnorm, p_anneal_start_frac, p_anneal_final_p, p_anneal_end_frac)
+    return _minimality(ctx, p, eps, 0.0, 1.0)

@@ -20,13 +20,18 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
+from spdjax.losses import adversarial
+from spdjax.losses.adversarial import pgd_recon, pgd_recon_layerwise, pgd_recon_subset
 from spdjax.losses.context import Context
 from spdjax.losses.divergences import DIVERGENCES
-from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise, stochastic_recon,
-                                 stochastic_recon_layerwise, unmasked_recon)
-from spdjax.losses.regularisers import faithfulness, importance_minimality
+from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise,
+                                 stochastic_hidden_acts_recon, stochastic_recon,
+                                 stochastic_recon_layerwise, stochastic_recon_subset,
+                                 unmasked_recon)
+from spdjax.losses.regularisers import faithfulness, frequency_minimality, importance_minimality
 from spdjax.masks import SAMPLERS
 from spdjax.registry import Registry
+from spdjax.routing import make_router
 
 Array = jax.Array
 LossFn = Callable[..., Array]
@@ -39,6 +44,12 @@ LOSSES: Registry[LossFn] = Registry("loss", {
     "ci_masked_recon": ci_masked_recon,
     "ci_masked_recon_layerwise": ci_masked_recon_layerwise,
     "unmasked_recon": unmasked_recon,
+    "stochastic_recon_subset": stochastic_recon_subset,
+    "stochastic_hidden_acts_recon": stochastic_hidden_acts_recon,
+    "frequency_minimality": frequency_minimality,
+    "pgd_recon": pgd_recon,
+    "pgd_recon_subset": pgd_recon_subset,
+    "pgd_recon_layerwise": pgd_recon_layerwise,
 })
 # Options whose string values name a registered value.
 _NAMED_OPTIONS = {"sampling": SAMPLERS, "divergence": DIVERGENCES}
@@ -51,6 +62,17 @@ _OPTION_CHECKS = {
     "p_anneal_final_p": (lambda v: v is None or (isinstance(v, (int, float)) and v > 0),
                          "None or a number > 0"),
     "eps": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
+    "beta": (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+             "a finite number >= 0"),
+    "delta": (lambda v: isinstance(v, bool), "true or false"),
+    "n_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                "an integer >= 0"),
+    "step_size": (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
+                  "a finite number > 0"),
+    "init": (lambda v: v in adversarial.INITS, f"one of {adversarial.INITS}"),
+    "scope": (lambda v: v in adversarial.SCOPES, f"one of {adversarial.SCOPES}"),
+    "routing_p": (lambda v: v is None or (isinstance(v, (int, float)) and 0 <= v <= 1),
+                  "None or a number in [0, 1]"),
 }
 
 
@@ -90,6 +112,8 @@ def term(fn: str | LossFn, coeff: float, *, name: str | None = None, **options) 
                              f"got {value!r}.")
     options = {k: (_NAMED_OPTIONS[k].resolve(v) if k in _NAMED_OPTIONS else v)
                for k, v in options.items()}
+    if "router" in options or "routing_p" in options:  # resolved together, checked here
+        make_router(options.get("router", "uniform_k"), options.get("routing_p"))
     try:
         inspect.signature(fn).bind(None, None, None, **options)
     except TypeError as e:

@@ -66,13 +66,35 @@ def aliased_tie_updates(decomposition: Decomposition, *,
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def make_optimizer(decomposition: Decomposition, learning_rate) -> optax.GradientTransformation:
+def clip_groups(max_norms: dict[str, float]) -> optax.GradientTransformation:
+    """Clips each named group of the gradient (``"components"``, ``"ci"``) to its own global L2
+    norm (the later reference's ``grad_clip_norm_components`` / ``grad_clip_norm_ci_fns``)."""
+    clips = {group: optax.clip_by_global_norm(norm) for group, norm in max_norms.items()}
+
+    def update_fn(updates, state, params=None):
+        del params
+        out = dict(updates)
+        for group, clip in clips.items():
+            out[group], _ = clip.update(updates[group], optax.EmptyState())
+        return out, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def make_optimizer(decomposition: Decomposition, learning_rate, *,
+                   clip_components: float = 0.0, clip_ci: float = 0.0
+                   ) -> optax.GradientTransformation:
     """Adam (β 0.9/0.999, eps 1e-8, no weight decay: the paper's), plus the tied-copy sync for
-    ``tie_mode="aliased"``. ``learning_rate`` is a float or an optax schedule."""
-    adam = optax.adam(learning_rate)
+    ``tie_mode="aliased"``. ``learning_rate`` is a float or an optax schedule. ``clip_*`` > 0
+    clip the gradient norm of the factors / the CI functions before Adam (0: no clipping)."""
+    parts = []
+    norms = {g: float(n) for g, n in (("components", clip_components), ("ci", clip_ci)) if n}
+    if norms:
+        parts.append(clip_groups(norms))
+    parts.append(optax.adam(learning_rate))
     if decomposition.ties and decomposition.tie_mode == "aliased":
-        return optax.chain(adam, aliased_tie_updates(decomposition))
-    return adam
+        parts.append(aliased_tie_updates(decomposition))
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
 def faithfulness_warmup(
@@ -106,7 +128,8 @@ def faithfulness_warmup(
 
 
 def init_fn(
-    decomposition: Decomposition, *, init: ComponentInit = init_paper, warmup_steps: int = 0
+    decomposition: Decomposition, *, init: ComponentInit = init_paper, warmup_steps: int = 0,
+    warmup_lr: float = 0.01, warmup_weight_decay: float = 0.1,
 ) -> Callable[[Array, Any], dict]:
     """``(key, target_params) -> params``: factors + CI functions, then the warm-up if any."""
 
@@ -122,7 +145,8 @@ def init_fn(
             aliased = decomposition.ties and decomposition.tie_mode == "aliased"
             sync = aliased_tie_updates(decomposition, within=None) if aliased else None
             params["components"] = jax.jit(
-                lambda c: faithfulness_warmup(c, faith, steps=warmup_steps, tie_sync=sync)
+                lambda c: faithfulness_warmup(c, faith, steps=warmup_steps, lr=warmup_lr,
+                                              weight_decay=warmup_weight_decay, tie_sync=sync)
             )(params["components"])
         return params
 
@@ -133,9 +157,10 @@ PAPER_L0_THRESHOLD = 0.01
 PAPER_L0_KEY = "ci_l0_at_0.01"
 
 
-def evaluate_fn(decomposition: Decomposition, objective_fn: Objective, *, l0_threshold: float):
+def evaluate_fn(decomposition: Decomposition, objective_fn: Objective, *, l0_threshold: float,
+                eval_terms: Sequence[Term] = ()):
     """Loss terms and CI-L0 (as the objective's metrics; also ``ci_l0_at_0.01``, the paper-era
-    code's threshold), and alive subcomponents per site.
+    code's threshold), the ``eval_terms`` (as ``eval_loss``), and alive subcomponents per site.
 
     With ``microbatches > 1`` the batch is evaluated in that many equal chunks (chunk ``i`` with
     key ``fold_in(key, i)``): the means are averaged and a subcomponent is alive if it is in any
@@ -143,11 +168,14 @@ def evaluate_fn(decomposition: Decomposition, objective_fn: Objective, *, l0_thr
     """
     objective_jit = jax.jit(objective_fn)
     # Built once: a chunked evaluation compiles it once, not once per chunk.
-    context_jit = jax.jit(lambda p, tp, b: make_context(decomposition, tp, p, b))
+    context_jit = jax.jit(lambda p, tp, b: make_context(decomposition, tp, p, b, 1.0))
+    eval_jit = jax.jit(lambda p, ctx, k: {t.name: t(p, ctx, k) for t in eval_terms})
 
     def one(params, target_params, batch, key):
         _, metrics = objective_jit(params, target_params, batch, key, 1.0)
         ctx = context_jit(params, target_params, batch)
+        if eval_terms:
+            metrics["eval_loss"] = eval_jit(params, ctx, key)
         alive = {n: alive_components(np.asarray(c.lower), l0_threshold) for n, c in ctx.ci.items()}
         # The paper-era code logged CI-L0 at 0.01 (the later reference and spdjax: 0.1).
         metrics[PAPER_L0_KEY] = {n: ci_l0(c.lower, PAPER_L0_THRESHOLD) for n, c in ctx.ci.items()}
@@ -173,17 +201,23 @@ def evaluate_fn(decomposition: Decomposition, objective_fn: Objective, *, l0_thr
 def method(
     decomposition: Decomposition, terms: Sequence[Term], learning_rate, *,
     init: ComponentInit | str = init_paper, warmup_steps: int = 0, l0_threshold: float = 0.1,
+    warmup_lr: float = 0.01, warmup_weight_decay: float = 0.1, clip_components: float = 0.0,
+    clip_ci: float = 0.0, eval_terms: Sequence[Term] = (),
 ) -> Method:
-    """SPD on ``decomposition`` with loss ``terms``; ``learning_rate`` a float or schedule."""
+    """SPD on ``decomposition`` with loss ``terms``; ``learning_rate`` a float or schedule;
+    ``eval_terms`` are computed by the final evaluation only."""
     obj = objective(decomposition, terms, l0_threshold=l0_threshold)
     return Method(
         name="spd",
         decomposition=decomposition,
-        init=init_fn(decomposition, init=COMPONENT_INITS.resolve(init), warmup_steps=warmup_steps),
+        init=init_fn(decomposition, init=COMPONENT_INITS.resolve(init), warmup_steps=warmup_steps,
+                     warmup_lr=warmup_lr, warmup_weight_decay=warmup_weight_decay),
         objective=obj,
-        optimizer=make_optimizer(decomposition, learning_rate),
+        optimizer=make_optimizer(decomposition, learning_rate, clip_components=clip_components,
+                                 clip_ci=clip_ci),
         partition_specs=decomposition.partition_specs,
-        evaluate=evaluate_fn(decomposition, obj, l0_threshold=l0_threshold),
+        evaluate=evaluate_fn(decomposition, obj, l0_threshold=l0_threshold,
+                             eval_terms=eval_terms),
     )
 
 
@@ -198,4 +232,20 @@ def from_config(config, problem, learning_rate) -> Method:
     return method(decomp, terms_from_config(config.losses.to_dict()), learning_rate,
                   init=COMPONENT_INITS.get(config.init),
                   warmup_steps=config.faithfulness_warmup_steps,
-                  l0_threshold=config.l0_threshold)
+                  warmup_lr=config.faithfulness_warmup_lr,
+                  warmup_weight_decay=config.faithfulness_warmup_weight_decay,
+                  l0_threshold=config.l0_threshold,
+                  clip_components=config.grad_clip_norm_components,
+                  clip_ci=config.grad_clip_norm_ci,
+                  eval_terms=eval_terms_from_config(config.eval_losses.to_dict()))
+
+
+def eval_terms_from_config(eval_losses: dict) -> list[Term]:
+    """``{name: options}`` (no coeff: they are reported, not optimised) -> bound terms."""
+    for name, options in eval_losses.items():
+        if "coeff" in options:
+            raise ValueError(f"eval_losses.{name}: evaluation-only terms take no coeff; got "
+                             f"options {sorted(options)}.")
+    if not eval_losses:
+        return []
+    return terms_from_config({n: {"coeff": 0.0, **o} for n, o in eval_losses.items()})

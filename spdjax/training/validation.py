@@ -61,6 +61,9 @@ def validate(config) -> None:
     _number_in(config, "lr_final_frac", 0.0, 1.0)
     _number_in(config, "l0_threshold", 0.0, 1.0)
     _number_in(config, "divergence_factor", 0.0, math.inf)
+    for name in ("grad_clip_norm_components", "grad_clip_norm_ci", "faithfulness_warmup_lr",
+                 "faithfulness_warmup_weight_decay"):
+        _number_in(config, name, 0.0, math.inf)
     make_schedule(config.lr_schedule, config.lr, config.steps)
     make_ci_fn(config.ci_fn, tuple(config.ci_hidden))
     SIGMOIDS.get(config.sigmoid)
@@ -68,4 +71,6 @@ def validate(config) -> None:
     if config.tie_mode not in TIE_MODES:
         raise ValueError(f"Unknown tie_mode {config.tie_mode!r}; expected one of {TIE_MODES}.")
     terms_from_config(config.losses.to_dict())
+    from spdjax.methods.spd import eval_terms_from_config
+    eval_terms_from_config(config.eval_losses.to_dict())
     init_selection.check_config(config)

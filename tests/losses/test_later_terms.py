@@ -1,0 +1,197 @@
+"""The later reference's terms: delta component, subset routing, PGD masks, frequency
+minimality, hidden-activation reconstruction (spec 1.3, 3.2-3.8)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import spdjax
+from spdjax import losses, routing
+from spdjax.losses import adversarial
+from spdjax.masks import SiteMask, sample_masks
+
+from helpers import two_site_target
+
+B = 64
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target, tp = two_site_target(d_in=5, d_hidden=6, d_out=4)
+    d = spdjax.decompose(target, {"a": 7, "b": 5}, ci_hidden=(4,))
+    params = d.init(jax.random.key(0), tp)
+    x = jax.random.normal(jax.random.key(1), (B, 5))
+    return d, tp, params, x, spdjax.make_context(d, tp, params, x)
+
+
+def test_delta_component_restores_the_target(setup):
+    d, tp, params, x, ctx = setup
+    ones = {n: SiteMask(component=jnp.ones((B, d.C[n])), delta=jnp.ones((B,))) for n in "ab"}
+    # Every mask 1, the delta's too: V U + (W - V U) = W, the target exactly (spec 1.3).
+    np.testing.assert_allclose(d.forward(tp, params, x, ones), ctx.target_out, rtol=1e-5,
+                               atol=1e-5)
+    # Component masks 0, delta 1: each site applies only the residual W - V U.
+    zeros = {n: SiteMask(component=jnp.zeros((B, d.C[n])), delta=jnp.ones((B,))) for n in "ab"}
+    res = {n: np.asarray(tp[n]["kernel"]) - np.asarray(d.component_weight(params, n))
+           for n in "ab"}
+    h = np.maximum(np.asarray(x) @ res["a"] + np.asarray(tp["a"]["bias"]), 0)
+    np.testing.assert_allclose(d.forward(tp, params, x, zeros), h @ res["b"], rtol=1e-4,
+                               atol=1e-5)
+    # The delta is differentiable in the factors: with every mask 1 the output no longer
+    # depends on them, so their gradient through the output vanishes.
+    grads = jax.grad(lambda p: jnp.sum(d.forward(tp, p, x, ones)))(params)["components"]
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-4
+
+
+def test_routing_false_keeps_the_target_output_there(setup):
+    d, tp, params, x, ctx = setup
+    routed = jnp.arange(B) % 2 == 0
+    masks = {n: SiteMask(component=jnp.zeros((B, d.C[n])), routing=routed) for n in "ab"}
+    out = d.forward(tp, params, x, masks)
+    np.testing.assert_allclose(out[~routed], ctx.target_out[~routed], rtol=1e-6)
+    np.testing.assert_allclose(out[routed], d.forward(tp, params, x, {
+        n: jnp.zeros((B, d.C[n])) for n in "ab"})[routed], rtol=1e-6)
+
+
+def test_uniform_k_routes_a_uniform_number_of_sites_and_always_one():
+    mask = routing.uniform_k(jax.random.key(0), 4, (20_000,))
+    k = np.asarray(mask.sum(0))
+    assert k.min() == 1 and k.max() == 4
+    np.testing.assert_allclose(np.bincount(k)[1:] / k.size, 0.25, atol=0.02)
+    np.testing.assert_allclose(np.asarray(mask.mean(1)), 0.625, atol=0.02)  # E[k] / n per site
+
+
+def test_subset_routing_of_every_site_is_the_full_stochastic_loss(setup):
+    _, _, params, _, ctx = setup
+    key = jax.random.key(3)
+    full = losses.stochastic_recon(params, ctx, key, n_samples=2, delta=True)
+    for router in ("all", spdjax.static_probability(1.0)):
+        sub = losses.stochastic_recon_subset(params, ctx, key, n_samples=2, delta=True,
+                                             router=router)
+        np.testing.assert_allclose(sub, full, rtol=1e-6)
+    none = losses.stochastic_recon_subset(params, ctx, key, router="static_probability",
+                                          routing_p=0.0)
+    assert float(none) == 0.0  # no site routed: the target itself
+    partial = losses.stochastic_recon_subset(params, ctx, key, n_samples=2, delta=True)
+    assert 0.0 < float(partial) < float(full)
+
+
+def test_pgd_masks_stay_in_g_to_1_and_beat_random_masks(setup):
+    d, tp, params, x, ctx = setup
+    key = jax.random.key(5)
+    masks = adversarial.pgd_masks(params, ctx, key, ["a", "b"], n_steps=5, step_size=0.1,
+                                  delta=True)
+    for n, m in masks.items():
+        g = np.asarray(ctx.ci[n].lower)
+        assert (np.asarray(m.component) >= g - 1e-6).all() and (np.asarray(m.component) <= 1).all()
+        assert m.delta.shape == (B,) and ((m.delta >= 0) & (m.delta <= 1)).all()
+    random = np.mean([losses.stochastic_recon(params, ctx, jax.random.key(i), delta=True)
+                      for i in range(20)])
+    for scope in adversarial.SCOPES:
+        pgd = losses.pgd_recon(params, ctx, key, n_steps=5, step_size=0.1, scope=scope,
+                               delta=True)
+        assert float(pgd) > 1.5 * random, (scope, float(pgd), random)
+    shared = adversarial.pgd_sources(params, ctx, key, ["a"], n_steps=1, step_size=1.0,
+                                     scope="shared_across_batch")
+    assert shared["a"].shape == (1, d.C["a"])
+    assert set(np.unique(np.asarray(shared["a"]))) <= {0.0, 1.0}  # one step of 1: binary
+
+
+def test_pgd_sources_get_no_gradient_in_the_final_loss(setup):
+    d, tp, params, x, _ = setup
+    key = jax.random.key(6)
+    opts = dict(n_steps=3, step_size=0.2)
+
+    def pgd(p):
+        return losses.pgd_recon(p, spdjax.make_context(d, tp, p, x), key, **opts)
+
+    ctx0 = spdjax.make_context(d, tp, params, x)
+    sources = adversarial.pgd_sources(params, ctx0, key, ["a", "b"], **opts)
+
+    def fixed_sources(p):
+        ctx = spdjax.make_context(d, tp, p, x)
+        lower = {n: c.lower for n, c in ctx.ci.items()}
+        out = d.forward(tp, p, x, adversarial.masks_from_sources(sources, lower))
+        return jnp.mean((out - ctx.target_out) ** 2)
+
+    np.testing.assert_allclose(pgd(params), fixed_sources(params), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
+                 jax.grad(pgd)(params), jax.grad(fixed_sources)(params))
+
+
+def test_pgd_subset_and_layerwise_run_and_are_bounded_by_the_full_one(setup):
+    _, _, params, _, ctx = setup
+    key = jax.random.key(7)
+    full = losses.pgd_recon(params, ctx, key, n_steps=2, step_size=0.5)
+    sub = losses.pgd_recon_subset(params, ctx, key, n_steps=2, step_size=0.5)
+    layer = losses.pgd_recon_layerwise(params, ctx, key, n_steps=2, step_size=0.5)
+    assert 0 < float(sub) < float(full) and 0 < float(layer) < float(full)
+
+
+def test_frequency_minimality_against_numpy(setup):
+    _, _, params, _, ctx = setup
+    expected_freq, expected_imp = 0.0, 0.0
+    for c in ctx.ci.values():
+        a = (np.asarray(c.upper, np.float64) + 1e-12) ** 1.5
+        mean, total = a.mean(0), a.sum(0)
+        expected_freq += np.sum(mean * np.log2(1 + total))
+        expected_imp += np.sum(mean + 0.3 * mean * np.log2(1 + total))
+    np.testing.assert_allclose(losses.frequency_minimality(params, ctx, pnorm=1.5),
+                               expected_freq, rtol=1e-5)
+    np.testing.assert_allclose(losses.importance_minimality(params, ctx, pnorm=1.5, beta=0.3),
+                               expected_imp, rtol=1e-5)
+
+
+def test_hidden_acts_recon_against_numpy(setup):
+    d, tp, params, x, ctx = setup
+    key = jax.random.key(8)
+    masks = sample_masks(jax.random.split(key, 1)[0], {n: c.lower for n, c in ctx.ci.items()})
+    V, U = (np.asarray(params["components"]["a"][k]) for k in "VU")
+    h = ((np.asarray(x) @ V) * np.asarray(masks["a"])) @ U + np.asarray(tp["a"]["bias"])
+    h = np.maximum(h, 0)
+    clean = np.asarray(ctx.site_inputs["b"])
+    expected = np.sum((h - clean) ** 2) / (x.size + clean.size)  # site a's input: 0, counted
+    np.testing.assert_allclose(losses.stochastic_hidden_acts_recon(params, ctx, key), expected,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, options, match", [
+    ("pgd_recon", {"scope": "global"}, "scope must be one of"),
+    ("pgd_recon", {"n_steps": -1}, "n_steps must be an integer >= 0"),
+    ("pgd_recon_subset", {"router": "everything"}, "Unknown router 'everything'"),
+    ("stochastic_recon_subset", {"routing_p": 0.5}, "applies only to router 'static_prob"),
+    ("stochastic_recon_subset", {"router": "static_probability"}, "needs its probability"),
+    ("stochastic_recon", {"delta": 1}, "delta must be true or false"),
+    ("importance_minimality", {"pnorm": 1.0, "beta": -1}, "beta must be a finite number >= 0"),
+])
+def test_bad_options_fail_when_bound(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        spdjax.term(name, 1.0, **options)
+
+
+def test_a_later_reference_run_trains_and_reports_its_eval_terms(tmp_path):
+    from spdjax.training import loop
+
+    config = spdjax.configs.load("tms:5-2+head", {
+        "steps": 6, "log_every": 3, "batch_size": 64, "eval_batch_size": 128, "figures": False,
+        "grad_clip_norm_components": 0.01, "grad_clip_norm_ci": 0.1})
+    run = loop.setup(config, tmp_path / "run")
+    try:
+        loop.train(run)
+        summary = loop.evaluate(run)
+    finally:
+        loop.close(run)
+    assert sorted(summary["eval_loss"]) == ["pgd_recon", "stochastic_hidden_acts_recon"]
+    assert summary["eval_loss"]["pgd_recon"] > summary["loss"]["stochastic_recon"] > 0
+    assert set(summary["ci_l0_at_0.01"]) == {"linear1", "linear2"}
+    assert all(summary["ci_l0_at_0.01"][n] >= summary["ci_l0"][n] for n in ("linear1", "linear2"))
+
+
+def test_gradient_clipping_per_group():
+    from spdjax.methods.spd import clip_groups
+
+    grads = {"components": {"a": {"V": jnp.full((3, 2), 10.0)}}, "ci": {"a": jnp.ones(4)}}
+    clipped, _ = clip_groups({"components": 1.0}).update(grads, None)
+    assert float(jnp.linalg.norm(clipped["components"]["a"]["V"])) == pytest.approx(1.0, 1e-5)
+    np.testing.assert_array_equal(clipped["ci"]["a"], grads["ci"]["a"])  # not clipped
