@@ -86,6 +86,12 @@ def test_table1_save_keeps_rows_written_meanwhile_by_another_invocation(tmp_path
     table = json.loads(out.with_suffix(".json").read_text())
     assert (sorted(table), table["5-2"]["seeds"]) == (["40-10", "5-2"], [0, 1])
     assert "| TMS 40-10 | 1 |" in out.with_suffix(".md").read_text()
+    # C trains seed 3 of the same row at the same time: neither loses the other's seeds.
+    tms_table1.save(out, {"5-2": [{**run, "seed": 3}]})
+    tms_table1.save(out, {"5-2": [run, {**run, "seed": 1}, {**run, "seed": 2}]})  # A, third
+    assert json.loads(out.with_suffix(".json").read_text())["5-2"]["seeds"] == [0, 1, 2, 3]
+    tms_table1.save(out, {"5-2": [{**run, "seed": 4, "steps": 100}]})  # another recipe: alone
+    assert json.loads(out.with_suffix(".json").read_text())["5-2"]["seeds"] == [4]
 
 
 def test_resid_mlp_seed_table_runs_records_and_resumes(tmp_path, capsys):

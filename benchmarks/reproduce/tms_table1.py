@@ -140,12 +140,27 @@ def main(argv=None):
     print(tabulate(results)[1])
 
 
+def _same_recipe(a: dict, b: dict) -> bool:
+    return (a.get("overrides", []) == b.get("overrides", []) and a["steps"] == b["steps"]
+            and a.get("target_recipe", OLD_RECIPE) == b.get("target_recipe", OLD_RECIPE))
+
+
 def save(out: pathlib.Path, results: dict[str, list[dict]]) -> None:
-    """Merges ``results`` into ``out.json`` as read now (another invocation may have written
-    other rows meanwhile) and rewrites ``out.json`` and the full table ``out.md``."""
+    """Merges ``results`` into ``out.json`` as read now and rewrites it and the full table
+    ``out.md``. Another invocation may have written meanwhile: its rows, and its runs of other
+    seeds in the same rows (made with the same recipe), are kept, so seeds of one row can be
+    trained by several processes at once (one seed each)."""
     json_path = out.with_suffix(".json")
     existing = json.loads(json_path.read_text()) if json_path.exists() else {}
-    existing.update(tabulate({row: runs for row, runs in results.items() if runs})[0])
+    merged = {}
+    for row, runs in results.items():
+        if not runs:
+            continue
+        mine = {r["seed"] for r in runs}
+        theirs = [r for r in existing.get(row, {}).get("runs", [])
+                  if r["seed"] not in mine and _same_recipe(r, runs[0])]
+        merged[row] = sorted(runs + theirs, key=lambda r: r["seed"])
+    existing.update(tabulate(merged)[0])
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
     out.with_suffix(".md").write_text(tabulate({v: t["runs"] for v, t in existing.items()})[1])

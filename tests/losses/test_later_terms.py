@@ -1,6 +1,8 @@
 """The later reference's terms: delta component, subset routing, PGD masks, frequency
 minimality, hidden-activation reconstruction (spec 1.3, 3.2-3.8)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,13 +18,19 @@ from helpers import two_site_target
 B = 64
 
 
+def jitted(fn, **options):
+    """``fn(params, ctx, key)`` with its options bound, compiled (eager dispatch is slow)."""
+    return jax.jit(functools.partial(fn, **options))
+
+
 @pytest.fixture(scope="module")
 def setup():
     target, tp = two_site_target(d_in=5, d_hidden=6, d_out=4)
     d = spdjax.decompose(target, {"a": 7, "b": 5}, ci_hidden=(4,))
-    params = d.init(jax.random.key(0), tp)
+    params = jax.jit(d.init)(jax.random.key(0), tp)
     x = jax.random.normal(jax.random.key(1), (B, 5))
-    return d, tp, params, x, spdjax.make_context(d, tp, params, x)
+    ctx = jax.jit(lambda p, x: spdjax.make_context(d, tp, p, x))(params, x)
+    return d, tp, params, x, ctx
 
 
 def test_delta_component_restores_the_target(setup):
@@ -65,35 +73,34 @@ def test_uniform_k_routes_a_uniform_number_of_sites_and_always_one():
 def test_subset_routing_of_every_site_is_the_full_stochastic_loss(setup):
     _, _, params, _, ctx = setup
     key = jax.random.key(3)
-    full = losses.stochastic_recon(params, ctx, key, n_samples=2, delta=True)
+    full = jitted(losses.stochastic_recon, n_samples=2, delta=True)(params, ctx, key)
     for router in ("all", spdjax.static_probability(1.0)):
-        sub = losses.stochastic_recon_subset(params, ctx, key, n_samples=2, delta=True,
-                                             router=router)
+        sub = jitted(losses.stochastic_recon_subset, n_samples=2, delta=True,
+                     router=router)(params, ctx, key)
         np.testing.assert_allclose(sub, full, rtol=1e-6)
-    none = losses.stochastic_recon_subset(params, ctx, key, router="static_probability",
-                                          routing_p=0.0)
+    none = jitted(losses.stochastic_recon_subset, router="static_probability",
+                  routing_p=0.0)(params, ctx, key)
     assert float(none) == 0.0  # no site routed: the target itself
-    partial = losses.stochastic_recon_subset(params, ctx, key, n_samples=2, delta=True)
+    partial = jitted(losses.stochastic_recon_subset, n_samples=2, delta=True)(params, ctx, key)
     assert 0.0 < float(partial) < float(full)
 
 
 def test_pgd_masks_stay_in_g_to_1_and_beat_random_masks(setup):
     d, tp, params, x, ctx = setup
     key = jax.random.key(5)
-    masks = adversarial.pgd_masks(params, ctx, key, ["a", "b"], n_steps=5, step_size=0.1,
-                                  delta=True)
+    masks = jax.jit(lambda p, c, k: adversarial.pgd_masks(
+        p, c, k, ["a", "b"], n_steps=5, step_size=0.1, delta=True))(params, ctx, key)
     for n, m in masks.items():
         g = np.asarray(ctx.ci[n].lower)
         assert (np.asarray(m.component) >= g - 1e-6).all() and (np.asarray(m.component) <= 1).all()
         assert m.delta.shape == (B,) and ((m.delta >= 0) & (m.delta <= 1)).all()
-    random = np.mean([losses.stochastic_recon(params, ctx, jax.random.key(i), delta=True)
-                      for i in range(20)])
+    random = jitted(losses.stochastic_recon, n_samples=20, delta=True)(params, ctx, key)
     for scope in adversarial.SCOPES:
-        pgd = losses.pgd_recon(params, ctx, key, n_steps=5, step_size=0.1, scope=scope,
-                               delta=True)
-        assert float(pgd) > 1.5 * random, (scope, float(pgd), random)
-    shared = adversarial.pgd_sources(params, ctx, key, ["a"], n_steps=1, step_size=1.0,
-                                     scope="shared_across_batch")
+        pgd = jitted(losses.pgd_recon, n_steps=5, step_size=0.1, scope=scope,
+                     delta=True)(params, ctx, key)
+        assert float(pgd) > 1.5 * float(random), (scope, float(pgd), float(random))
+    shared = jax.jit(lambda p, c, k: adversarial.pgd_sources(
+        p, c, k, ["a"], n_steps=1, step_size=1.0, scope="shared_across_batch"))(params, ctx, key)
     assert shared["a"].shape == (1, d.C["a"])
     assert set(np.unique(np.asarray(shared["a"]))) <= {0.0, 1.0}  # one step of 1: binary
 
@@ -123,9 +130,8 @@ def test_pgd_sources_get_no_gradient_in_the_final_loss(setup):
 def test_pgd_subset_and_layerwise_run_and_are_bounded_by_the_full_one(setup):
     _, _, params, _, ctx = setup
     key = jax.random.key(7)
-    full = losses.pgd_recon(params, ctx, key, n_steps=2, step_size=0.5)
-    sub = losses.pgd_recon_subset(params, ctx, key, n_steps=2, step_size=0.5)
-    layer = losses.pgd_recon_layerwise(params, ctx, key, n_steps=2, step_size=0.5)
+    full, sub, layer = (jitted(fn, n_steps=2, step_size=0.5)(params, ctx, key) for fn in (
+        losses.pgd_recon, losses.pgd_recon_subset, losses.pgd_recon_layerwise))
     assert 0 < float(sub) < float(full) and 0 < float(layer) < float(full)
 
 
