@@ -57,7 +57,12 @@ def measure(name: str, steps: int, overrides: dict) -> dict:
     from spdjax import configs
     from spdjax.training import loop
 
+    overrides = dict(overrides)
+    losses = overrides.pop("losses", None)  # a whole loss set: replaces the config's
     config = configs.load(name, overrides)  # dotted keys reach nested fields
+    if losses is not None:
+        with config.unlocked():
+            config.losses = losses
     run = loop.setup(config)  # the CLI's experiment, method, state and jitted step, in memory
     step, state, target_params = run.step_fn, run.state, run.target_params
     key = jax.random.key(1)

@@ -115,9 +115,11 @@ class Decomposition:
     def check_params(self, params: Params) -> None:
         """Params must be this decomposition's: its sites, and factors of shapes
         ``V (d_in, C)``, ``U (C, d_out)`` (a shape check; free under ``jit``)."""
-        if not isinstance(params, Mapping) or set(params) != {"components", "ci"}:
+        if not isinstance(params, Mapping) or not {"components", "ci"} <= set(params) or (
+                set(params) - {"components", "ci", "adversary"}):
             raise ValueError("Decomposition params must be {'components': ..., 'ci': ...} as "
-                             f"from Decomposition.init; got {type(params).__name__} "
+                             "from Decomposition.init (plus 'adversary', the state of "
+                             f"persistent PGD terms); got {type(params).__name__} "
                              f"{sorted(params) if isinstance(params, Mapping) else ''}.")
         if set(params["components"]) != set(self.owners) or set(params["ci"]) != set(
                 self.site_names):

@@ -72,6 +72,7 @@ def test_table1_reuses_recorded_runs_without_training(tmp_path, capsys):
     assert "5-2 seed 3: reusing the run recorded" in capsys.readouterr().out
     assert json.loads((tmp_path / "t.json").read_text())["5-2"]["runs"] == [run]
     assert "| TMS 5-2 | 1 | 40000 | 0.9999 ± 0.0000 |" in (tmp_path / "t.md").read_text()
+    assert "| 0 | 1 of 1 |" in (tmp_path / "t.md").read_text()  # CI errors, ground truth found
 
 
 def test_table1_save_keeps_rows_written_meanwhile_by_another_invocation(tmp_path):
@@ -122,3 +123,16 @@ def test_resid_mlp_verdict_is_the_papers_solution():
     assert verdict(good, 50)["solved"]
     assert not verdict({**good, "alive": {"layers_0/mlp_out": 51}}, 50)["solved"]
     assert not verdict({**good, "contribution_r": {"all": 0.98}}, 50)["solved"]
+
+
+def test_term_cost_loss_sets_are_valid_and_tabulate():
+    from benchmarks import term_costs
+    from spdjax.losses import terms_from_config
+
+    for imp in term_costs.IMP.values():
+        for losses in term_costs.loss_sets(imp).values():
+            terms_from_config(losses)
+    rows = [{"config": "tms:5-2", "loss_set": "paper", "s_per_step": 0.010, "flops_per_step": 1e9},
+            {"config": "tms:5-2", "loss_set": "pgd", "s_per_step": 0.025, "flops_per_step": 3e9}]
+    info = {"device": "cpu", "cpu_count": 2, "jax": "x", "commit": "c", "date": "d"}
+    assert "| tms:5-2 | pgd | 25.0 | 2.50 | 3.000 |" in term_costs.to_markdown(rows, info)

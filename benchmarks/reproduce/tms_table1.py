@@ -65,6 +65,11 @@ def recorded_run(table: dict, row: str, seed: int, overrides: list[str],
     return None
 
 
+def found(run: dict) -> bool:
+    """The run found the ground truth: MMCS >= 0.999 and no CI errors at tol 0.1."""
+    return run["mmcs"] >= 0.999 and run["ci_errors"]["total"] == 0
+
+
 def _l0(runs: list[dict], key: str) -> str:
     """Mean over seeds of a CI-L0 of ``linear1`` (``-`` if a run did not record it)."""
     values = [r[key]["linear1"] for r in runs if key in r]
@@ -78,9 +83,9 @@ def _mean_std(values):
 def tabulate(results: dict[str, list[dict]]) -> tuple[dict, str]:
     table, lines = {}, [
         "| model | seeds | steps | MMCS (mean ± std over seeds) | ML2R (mean ± std over seeds) "
-        "| ML2R std over features (per seed) | CI errors (tol 0.1, per seed) "
+        "| ML2R std over features (per seed) | CI errors (tol 0.1, per seed) | ground truth found "
         "| CI-L0 linear1 at 0.1 / 0.01 | minutes/run | paper MMCS | paper ML2R |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, runs in results.items():
         mmcs, ml2r = _mean_std([r["mmcs"] for r in runs]), _mean_std([r["ml2r"] for r in runs])
@@ -95,6 +100,7 @@ def tabulate(results: dict[str, list[dict]]) -> tuple[dict, str]:
         lines.append(
             f"| TMS {variant} | {len(runs)} | {runs[0]['steps']} | {mmcs[0]:.4f} ± {mmcs[1]:.4f} "
             f"| {ml2r[0]:.4f} ± {ml2r[1]:.4f} | {feat_std} | {errors} "
+            f"| {sum(found(r) for r in runs)} of {len(runs)} "
             f"| {_l0(runs, 'ci_l0')} / {_l0(runs, 'ci_l0_at_0.01')} | {minutes:.1f} "
             f"| {PAPER[variant.split('+')[0]][0]} | {PAPER[variant.split('+')[0]][1]} |"
         )

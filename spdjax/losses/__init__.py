@@ -11,7 +11,8 @@
 Normalisations follow the reference (spec section 3); see each module.
 """
 
-from spdjax.losses.adversarial import pgd_masks, pgd_recon, pgd_recon_layerwise, pgd_recon_subset
+from spdjax.losses.adversarial import (persistent_pgd_recon, pgd_masks, pgd_recon,
+                                      pgd_recon_layerwise, pgd_recon_subset)
 from spdjax.losses.context import Context, make_context
 from spdjax.losses.divergences import DIVERGENCES, kl, mse
 from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise,
@@ -26,7 +27,7 @@ from spdjax.losses.total import (LOSSES, Term, make_total_loss, term, term_key, 
 __all__ = [
     "Context", "DIVERGENCES", "LOSSES", "Term", "annealed_p", "ci_masked_recon",
     "ci_masked_recon_layerwise", "faithfulness", "frequency_minimality", "importance_minimality",
-    "kl", "make_context", "make_total_loss", "mse", "pgd_masks", "pgd_recon",
+    "kl", "make_context", "make_total_loss", "mse", "persistent_pgd_recon", "pgd_masks", "pgd_recon",
     "pgd_recon_layerwise", "pgd_recon_subset", "stochastic_hidden_acts_recon",
     "stochastic_recon", "stochastic_recon_layerwise", "stochastic_recon_subset", "term",
     "term_key", "terms_from_config", "total_loss", "unmasked_recon",

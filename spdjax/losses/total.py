@@ -21,7 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 
 from spdjax.losses import adversarial
-from spdjax.losses.adversarial import pgd_recon, pgd_recon_layerwise, pgd_recon_subset
+from spdjax.losses.adversarial import (persistent_pgd_recon, pgd_recon, pgd_recon_layerwise,
+                                      pgd_recon_subset)
 from spdjax.losses.context import Context
 from spdjax.losses.divergences import DIVERGENCES
 from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise,
@@ -50,6 +51,7 @@ LOSSES: Registry[LossFn] = Registry("loss", {
     "pgd_recon": pgd_recon,
     "pgd_recon_subset": pgd_recon_subset,
     "pgd_recon_layerwise": pgd_recon_layerwise,
+    "persistent_pgd_recon": persistent_pgd_recon,
 })
 # Options whose string values name a registered value.
 _NAMED_OPTIONS = {"sampling": SAMPLERS, "divergence": DIVERGENCES}
@@ -112,8 +114,10 @@ def term(fn: str | LossFn, coeff: float, *, name: str | None = None, **options) 
                              f"got {value!r}.")
     options = {k: (_NAMED_OPTIONS[k].resolve(v) if k in _NAMED_OPTIONS else v)
                for k, v in options.items()}
-    if "router" in options or "routing_p" in options:  # resolved together, checked here
+    if options.get("router") is not None or "routing_p" in options:  # checked together here
         make_router(options.get("router", "uniform_k"), options.get("routing_p"))
+    if hasattr(fn, "adversary_init"):  # its state lives in params["adversary"][name]
+        options["term_name"] = name or label
     try:
         inspect.signature(fn).bind(None, None, None, **options)
     except TypeError as e:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -21,7 +22,11 @@ from spdjax.analysis.metrics import alive_components
 from spdjax.decomposition import Decomposition, ci_l0, decompose
 from spdjax.losses import Context, Term, faithfulness, make_context, terms_from_config, total_loss
 from spdjax.components import COMPONENT_INITS, ComponentInit, init_paper
+from spdjax.losses.adversarial import ADVERSARY
+from spdjax.methods import adversary
 from spdjax.methods.base import Method, Objective
+
+ADVERSARY_KEY = 0x41445653  # fold_in index of the adversaries' init key ("ADVS")
 
 Array = jax.Array
 
@@ -129,12 +134,16 @@ def faithfulness_warmup(
 
 def init_fn(
     decomposition: Decomposition, *, init: ComponentInit = init_paper, warmup_steps: int = 0,
-    warmup_lr: float = 0.01, warmup_weight_decay: float = 0.1,
+    warmup_lr: float = 0.01, warmup_weight_decay: float = 0.1, terms: Sequence[Term] = (),
 ) -> Callable[[Array, Any], dict]:
-    """``(key, target_params) -> params``: factors + CI functions, then the warm-up if any."""
+    """``(key, target_params) -> params``: factors + CI functions, then the warm-up if any, and
+    the persistent state of adversarial ``terms`` (:mod:`spdjax.methods.adversary`)."""
 
     def fn(key, target_params):
         params = decomposition.init(key, target_params, init=init)
+        if adversary.adversarial_terms(terms):
+            params[ADVERSARY] = adversary.init_adversary(decomposition, terms,
+                                                         jax.random.fold_in(key, ADVERSARY_KEY))
         if warmup_steps > 0:
             ctx = Context(decomposition=decomposition, target_params=target_params, batch=None,
                           target_out=None, site_inputs={}, ci={}, step_frac=jnp.float32(0))
@@ -207,15 +216,18 @@ def method(
     """SPD on ``decomposition`` with loss ``terms``; ``learning_rate`` a float or schedule;
     ``eval_terms`` are computed by the final evaluation only."""
     obj = objective(decomposition, terms, l0_threshold=l0_threshold)
+    optimizer = make_optimizer(decomposition, learning_rate, clip_components=clip_components,
+                               clip_ci=clip_ci)
+    if adversary.adversarial_terms(terms):
+        optimizer = adversary.with_adversary(optimizer)
     return Method(
         name="spd",
         decomposition=decomposition,
         init=init_fn(decomposition, init=COMPONENT_INITS.resolve(init), warmup_steps=warmup_steps,
-                     warmup_lr=warmup_lr, warmup_weight_decay=warmup_weight_decay),
+                     warmup_lr=warmup_lr, warmup_weight_decay=warmup_weight_decay, terms=terms),
         objective=obj,
-        optimizer=make_optimizer(decomposition, learning_rate, clip_components=clip_components,
-                                 clip_ci=clip_ci),
-        partition_specs=decomposition.partition_specs,
+        optimizer=optimizer,
+        partition_specs=functools.partial(adversary.partition_specs, decomposition),
         evaluate=evaluate_fn(decomposition, obj, l0_threshold=l0_threshold,
                              eval_terms=eval_terms),
     )

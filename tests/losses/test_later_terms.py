@@ -201,3 +201,44 @@ def test_gradient_clipping_per_group():
     clipped, _ = clip_groups({"components": 1.0}).update(grads, None)
     assert float(jnp.linalg.norm(clipped["components"]["a"]["V"])) == pytest.approx(1.0, 1e-5)
     np.testing.assert_array_equal(clipped["ci"]["a"], grads["ci"]["a"])  # not clipped
+
+
+def _persistent_config(**overrides):
+    config = spdjax.configs.load("tms:5-2", {"steps": 10, "log_every": 5, "checkpoint_every": 5,
+                                            "batch_size": 64, "eval_batch_size": 128,
+                                            "figures": False, **overrides})
+    with config.unlocked():
+        config.losses.persistent_pgd_recon = {"coeff": 1.0, "n_steps": 2, "step_size": 0.1,
+                                              "delta": True}
+    return config
+
+
+def test_persistent_pgd_sources_ascend_stay_in_the_unit_box_and_survive_a_resume(tmp_path):
+    from spdjax.training import loop
+
+    straight = loop.setup(_persistent_config())
+    start = jax.device_get(straight.params["adversary"]["persistent_pgd_recon"])
+    assert {n: s.shape for n, s in start.items()} == {"linear1": (21,), "linear2": (21,)}
+    loop.train(straight)
+    end = jax.device_get(straight.params["adversary"]["persistent_pgd_recon"])
+    assert all(((s >= 0) & (s <= 1)).all() for s in end.values())
+    assert not all(np.allclose(start[n], end[n]) for n in start)  # they moved
+
+    stopped = loop.setup(_persistent_config(), tmp_path / "run")
+    loop.train(stopped, 5)
+    loop.close(stopped)
+    resumed = loop.setup(_persistent_config(), tmp_path / "run")  # as after a kill
+    assert resumed.step == 5
+    loop.train(resumed)
+    loop.close(resumed)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params),
+                 jax.device_get(straight.params))
+
+
+def test_the_adversary_optimizer_ascends_and_clips():
+    from spdjax.methods.adversary import ascend_in_unit_box
+
+    tx = ascend_in_unit_box(learning_rate=0.3)
+    params = jnp.array([0.5, 0.9, 0.1])
+    updates, _ = tx.update(jnp.array([1.0, 1.0, -1.0]), tx.init(params), params)
+    np.testing.assert_allclose(params + updates, [0.8, 1.0, 0.0], atol=1e-6)  # up the gradient
