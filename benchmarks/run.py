@@ -149,12 +149,16 @@ def main():
         row = run_in_subprocess(name, args.steps, overrides)
         print(f"{name}: {1e3 * row['s_per_step']:.1f} ms/step", flush=True)
         rows.append(row)
+    write_results(pathlib.Path(args.out), rows, to_markdown)
+
+
+def write_results(out: pathlib.Path, rows: list[dict], markdown) -> None:
+    """``out.json`` (rows + this machine) and ``out.md`` (``markdown(rows, machine)``), printed."""
     info = machine()
-    out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
-    out.with_suffix(".md").write_text(to_markdown(rows, info))
-    print(to_markdown(rows, info))
+    out.with_suffix(".md").write_text(markdown(rows, info))
+    print(markdown(rows, info))
 
 
 if __name__ == "__main__":

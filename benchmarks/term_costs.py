@@ -11,10 +11,9 @@ measured against ``n_steps``; the ratio column is the step time over the paper r
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 
-from benchmarks.run import ROOT, machine, run_in_subprocess
+from benchmarks.run import ROOT, run_in_subprocess, write_results
 
 IMP = {"tms:5-2": {"coeff": 3e-3, "pnorm": 1.0}, "resid_mlp:1": {"coeff": 1e-5, "pnorm": 2.0}}
 
@@ -72,12 +71,7 @@ def main(argv=None):
             row["loss_set"] = label
             print(f"{name} | {label}: {1e3 * row['s_per_step']:.1f} ms/step", flush=True)
             rows.append(row)
-    info = machine()
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
-    out.with_suffix(".md").write_text(to_markdown(rows, info))
-    print(to_markdown(rows, info))
+    write_results(pathlib.Path(args.out), rows, to_markdown)
 
 
 if __name__ == "__main__":
