@@ -9,7 +9,9 @@ steps (spdjax/training/init_selection.py); modifiers combine, e.g. ``5-2+gaussia
 Append ``+head`` for the later reference's recipe (its HEAD toy YAMLs, spec 5.3): 10k steps
 (40-10-id: 20k), half-cosine lr, gaussian init + warm-up, clamped sigmoid, stochastic and
 layerwise recon with the delta component and no faithfulness term, hidden-activation and
-20-step PGD recon as eval metrics.
+20-step PGD recon as eval metrics. Append ``+apd`` to decompose the same target with APD
+(spdjax/methods/apd.py) with the reference code's hyperparameters (5-2: C 5, rank 3, top-k
+0.211, coefficients 1 / 1 / 0.7, p 1, lr 3e-2 constant, 5% warm-up, 20k steps, batch 2048).
 
     python -m spdjax.main --config=configs/tms.py --workdir=workdir/tms_5-2
     python -m spdjax.main --config=configs/tms.py:40-10-id --config.steps=2000 --workdir=/tmp/x
@@ -28,8 +30,9 @@ _VARIANTS = {
     "40-10-id": (200, 1e-4, 2.0, 16),
 }
 
-_MODIFIERS = {  # "+name" suffix -> config overrides ("+head": _head below)
+_MODIFIERS = {  # "+name" suffix -> config overrides ("+head", "+apd": functions below)
     "head": {},
+    "apd": {},
     "gaussian": {"init": "gaussian", "faithfulness_warmup_steps": 200},
     # Best of 3 inits by mean training loss over the first 8k steps (20% of the run); the loss
     # there separated all 3 merged-feature seeds of 5-2 from the 4 good ones
@@ -60,9 +63,29 @@ def get_config(arg: str = "5-2"):
     for name in modifiers:
         if name == "head":
             _head(c, variant)
+        elif name == "apd":
+            _apd(c, variant)
         else:
             c.update(_MODIFIERS[name])
     return c
+
+
+# APD (methods-and-numbers 1.6, the reference code's configs): variant family -> (C, top-k,
+# coeffs faithfulness / top-k recon / Schatten, Schatten p, lr, lr schedule)
+_APD = {"5-2": (5, 0.211, (1.0, 1.0, 0.7), 1.0, 3e-2, "constant"),
+        "40-10": (40, 2.0, (1.0, 10.0, 15.0), 0.9, 1e-3, "cosine")}
+
+
+def _apd(c, variant: str) -> None:
+    """APD with the reference's hyperparameters; +ID variants use their base model's."""
+    base = variant.removesuffix("-id")
+    C, topk, (faith, recon, simp), p, lr, schedule = _APD[base]
+    c.method = "apd"
+    c.C, c.steps, c.batch_size, c.lr, c.lr_schedule = C, 20_000, 2048, lr, schedule
+    c.lr_warmup_frac, c.microbatches = 0.05, 1  # top-k is over the whole batch
+    n_hidden = int(base.split("-")[1])
+    c.apd.update({"topk": topk, "rank": n_hidden + 1, "schatten_p": p, "faithfulness_coeff": faith,
+                  "topk_recon_coeff": recon, "schatten_coeff": simp})
 
 
 def _head(c, variant: str) -> None:

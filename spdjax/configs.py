@@ -68,6 +68,13 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     # the later reference's grad_clip_norm_components / grad_clip_norm_ci_fns).
     c.grad_clip_norm_components = 0.0
     c.grad_clip_norm_ci = 0.0
+    # APD (config.method = "apd"; spdjax/methods/apd.py): C = config.C components spanning every
+    # site, batch top-k fraction per example, per-site rank (0 = min(d_in, d_out)), gradient
+    # attributions from the "target" (reference code) or the "apd" model, loss coefficients.
+    c.apd = ml_collections.ConfigDict({
+        "topk": 0.211, "rank": 0, "attribution": "target", "schatten_p": 1.0,
+        "faithfulness_coeff": 1.0, "topk_recon_coeff": 1.0, "schatten_coeff": 0.7,
+    })
     # Terms computed only by the final evaluation, reported as eval_loss/<name>: {name: options}
     # (no coeff), e.g. {"stochastic_hidden_acts_recon": {}, "pgd_recon": {"n_steps": 20,
     # "step_size": 0.1}} (the later reference's eval metrics).

@@ -136,6 +136,11 @@ class Decomposition:
                     f"this decomposition (V ({site.d_in}, {C}), U ({C}, {site.d_out})): params "
                     "built for another decomposition?")
 
+    def component_weights(self, params: Params, name: str) -> Array:
+        """``(C, d_in, d_out)``: every rank-one subcomponent ``V[:, c] U[c, :]`` of a site."""
+        V, U = self.factors(params, name)
+        return jnp.einsum("ic,co->cio", V, U)
+
     def component_weight(self, params: Params, name: str) -> Array:
         """``V @ U`` with shape ``(d_in, d_out)``: the sum of all subcomponents of a site."""
         V, U = self.factors(params, name)

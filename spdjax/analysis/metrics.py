@@ -50,8 +50,12 @@ def mmcs_ml2r(W: Any, V: Any, U: Any, *, eps: float = 1e-12) -> dict[str, Any]:
     ``cos (C, n_features)``, ``max_cos (n_features,)``, ``l2_ratio (n_features,)``,
     ``argmax (n_features,)``.
     """
-    W = f64(W)
-    P = subnet_tensor(V, U)
+    return mmcs_ml2r_components(W, subnet_tensor(V, U), eps=eps)
+
+
+def mmcs_ml2r_components(W: Any, P: Any, *, eps: float = 1e-12) -> dict[str, Any]:
+    """:func:`mmcs_ml2r` of any components ``P (C, d_in, d_out)`` (rank one or not: APD's)."""
+    W, P = f64(W), f64(P)
     if P.shape[1:] != W.shape:
         raise ValueError(f"Factors give (d_in, d_out) = {P.shape[1:]} but W has shape {W.shape}.")
     p_norm = np.linalg.norm(P, axis=-1)  # (C, F)

@@ -5,9 +5,11 @@ A method is built from a config and a target problem by a function registered in
 """
 
 from spdjax.methods.base import Method, Objective
-from spdjax.methods import spd
+from spdjax.methods import apd, spd
 from spdjax.registry import Registry
 
-METHODS: Registry = Registry("method", {"spd": spd.from_config})
+METHODS: Registry = Registry("method", {"spd": spd.from_config, "apd": apd.from_config})
+# Each method's own config checks (the loop's validation runs the one of config.method).
+CONFIG_CHECKS = {"spd": spd.check_config, "apd": apd.check_config}
 
-__all__ = ["METHODS", "Method", "Objective", "spd"]
+__all__ = ["CONFIG_CHECKS", "METHODS", "Method", "Objective", "apd", "spd"]

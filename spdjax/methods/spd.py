@@ -261,3 +261,9 @@ def eval_terms_from_config(eval_losses: dict) -> list[Term]:
     if not eval_losses:
         return []
     return terms_from_config({n: {"coeff": 0.0, **o} for n, o in eval_losses.items()})
+
+
+def check_config(config) -> None:
+    """SPD's config fields (its loss terms and evaluation-only terms), before any work."""
+    terms_from_config(config.losses.to_dict())
+    eval_terms_from_config(config.eval_losses.to_dict())

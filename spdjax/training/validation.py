@@ -10,8 +10,7 @@ import math
 
 import jax
 
-from spdjax.losses import terms_from_config
-from spdjax.methods import METHODS
+from spdjax.methods import CONFIG_CHECKS, METHODS
 from spdjax.training import init_selection
 from spdjax.training.schedules import make_schedule
 
@@ -70,7 +69,5 @@ def validate(config) -> None:
     COMPONENT_INITS.get(config.init)
     if config.tie_mode not in TIE_MODES:
         raise ValueError(f"Unknown tie_mode {config.tie_mode!r}; expected one of {TIE_MODES}.")
-    terms_from_config(config.losses.to_dict())
-    from spdjax.methods.spd import eval_terms_from_config
-    eval_terms_from_config(config.eval_losses.to_dict())
+    CONFIG_CHECKS[config.method](config)  # the method's own fields (SPD: its loss terms)
     init_selection.check_config(config)

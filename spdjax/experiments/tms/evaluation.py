@@ -61,9 +61,15 @@ def evaluate(decomp, params, target_params, cfg: TMSConfig, *, steps: int | None
     """MMCS/ML2R on linear1, one-hot CI pattern errors and peaks, subcomponents per site, and
     the warnings (``steps``: how long the params trained, for the warnings' advice)."""
     W = np.asarray(target_params["linear1"]["kernel"])
-    V, U = (np.asarray(a) for a in decomp.factors(params, "linear1"))
-    mm = metrics.mmcs_ml2r(W, V, U)
+    mm = metrics.mmcs_ml2r_components(W, decomp.component_weights(params, "linear1"))
     out = {k: mm[k] for k in ("mmcs", "mmcs_std", "ml2r", "ml2r_std")}
+    if not hasattr(decomp, "causal_importance"):  # APD: no CI patterns; components by norm
+        norms = np.linalg.norm(np.asarray(decomp.component_weights(params, "linear1")),
+                               axis=(1, 2))
+        out["norm_threshold"] = NORM_THRESHOLD
+        out["components_above_norm"] = int(np.sum(norms > NORM_THRESHOLD))
+        out["warnings"] = []
+        return out
 
     roles = site_roles(cfg)
     identity_sites = [n for n, role in roles.items() if role == "identity"]

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from spdjax.analysis import ci_patterns
-from spdjax.analysis.metrics import mmcs_ml2r, one_hot_ci, subnet_tensor
+from spdjax.analysis.metrics import mmcs_ml2r, mmcs_ml2r_components, one_hot_ci, subnet_tensor
 from spdjax.analysis.plots import (PathLike, heatmap, plot_ci_heatmaps, plot_max_cosine,
                                    save_figure, sym_colorbar)
 from spdjax.experiments.tms.model import TMSConfig, site_roles
@@ -78,7 +78,10 @@ def significant_subnets(
     V: Any, U: Any, *, threshold: float = SUBNET_NORM_THRESHOLD, max_components: int | None = None
 ) -> np.ndarray:
     """Indices of the subcomponents to draw: ``Σ_f |P[c, f]| > threshold``, largest first."""
-    P = subnet_tensor(V, U)
+    return _significant(subnet_tensor(V, U), threshold, max_components)
+
+
+def _significant(P: np.ndarray, threshold: float, max_components: int | None) -> np.ndarray:
     mass = np.linalg.norm(P, axis=-1).sum(axis=-1)
     order = np.argsort(-mass, kind="stable")
     order = order[mass[order] > threshold]
@@ -126,9 +129,16 @@ def plot_tms_combined(
     For n_hidden = 2 the panels draw the ``n_features`` vectors, with (``network=True``) a
     network diagram of ``|P[c]|`` below each; otherwise the matrices are heatmaps.
     """
-    W = np.asarray(W, dtype=np.float64)
-    P = subnet_tensor(V, U)
-    keep = significant_subnets(V, U, threshold=threshold, max_components=max_components)
+    return plot_tms_components(W, subnet_tensor(V, U), path, threshold=threshold,
+                               max_components=max_components, network=network, dpi=dpi)
+
+
+def plot_tms_components(W: Any, P: Any, path: PathLike, *,
+                        threshold: float = SUBNET_NORM_THRESHOLD, max_components: int | None = 12,
+                        network: bool = True, dpi: int = 150) -> Path:
+    """:func:`plot_tms_combined` of any components ``P (C, n_features, n_hidden)``."""
+    W, P = np.asarray(W, dtype=np.float64), np.asarray(P, dtype=np.float64)
+    keep = _significant(P, threshold, max_components)
     mats = [W, P.sum(axis=0)] + [P[c] for c in keep]
     titles = ["Target model", "Sum of components"] + [f"Subcomponent {c}" for c in keep]
     n = len(mats)
@@ -192,6 +202,12 @@ def plot_hidden_layer_components(
 def plot_run(decomp, params, target_params, cfg: TMSConfig, figures_dir: Path) -> list[Path]:
     """Every TMS figure of a trained decomposition, into ``figures_dir``."""
     W = np.asarray(target_params["linear1"]["kernel"])
+    if not hasattr(decomp, "causal_importance"):  # APD: its components, no CI
+        P = np.asarray(decomp.component_weights(params, "linear1"))
+        return [plot_tms_vectors(W, figures_dir / "target.png"),
+                plot_tms_components(W, P, figures_dir / "combined_diagram.png"),
+                plot_max_cosine(mmcs_ml2r_components(W, P)["max_cos"],
+                                figures_dir / "max_cosine.png")]
     V, U = (np.asarray(a) for a in decomp.factors(params, "linear1"))
     identity = [n for n, role in site_roles(cfg).items() if role == "identity"]
     paths = [plot_tms_vectors(W, figures_dir / "target.png"),

@@ -1,0 +1,263 @@
+"""APD, Attribution-based Parameter Decomposition (Braun et al. 2025): the method SPD replaced.
+
+``C`` parameter components, each spanning *every* decomposed matrix, held in factorised form:
+component ``c`` of site ``l`` is ``P_{c,l} = A_{c,l} B_{c,l}`` with ``A (C, d_in, m)``, ``B (C, m,
+d_out)`` (``m``: the per-component rank). Per input, the components that matter are chosen by
+gradient attributions and a batch top-k (methods-and-numbers section 1):
+
+* attribution (1.2): ``a_c(x) = sum_o (sum_l <df_o/dh_l, x_l P_{c,l}>)^2``, the squared
+  attribution-patching estimate of ablating ``P_c``, summed over the output dims ``o``; the
+  gradients come from the target (``attribution="target"``, the reference code) or from the
+  APD model's unmasked forward (``"apd"``, what the paper needed for TMS 5-2);
+* batch top-k (1.3): the ``int(topk * batch)`` largest attributions of the whole ``[batch, C]``
+  matrix are active;
+* losses (1.4): faithfulness ``sum_l ||W_l - sum_c P_{c,l}||^2 / N``; minimality, the MSE of the
+  forward with only the active components against the target's output; simplicity, the
+  factorised Schatten-p norm of the active components,
+  ``(1/(N B)) sum_b sum_c s_bc sum_l sum_m (|A_{c,l,:,m}|^2 |B_{c,l,m,:}|^2 + 1e-16)^(p/2)``.
+
+Biases are not decomposed (they stay the target's). A tied site (TMS ``linear2 = linear1ᵀ``)
+uses the transposed factors of its owner, so a component spans both, and counts twice in the
+faithfulness and simplicity sums, as in the reference. Not implemented yet: the L_p formulation,
+activation reconstruction (ResidMLP) and the unit-norm constraint of its 1-layer config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from spdjax import components as comp_lib
+from spdjax.decomposition import match_sites
+from spdjax.methods.base import Method
+from spdjax.target import Target
+
+Array = jax.Array
+ATTRIBUTIONS = ("target", "apd")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class APDDecomposition:
+    """The static structure of an APD decomposition: sites, C, per-site rank, ties."""
+
+    target: Target
+    site_names: tuple[str, ...]
+    C: int
+    rank: Mapping[str, int]
+    ties: Mapping[str, str]
+
+    def site(self, name):
+        return self.target.sites[name]
+
+    @property
+    def owners(self) -> tuple[str, ...]:
+        return tuple(n for n in self.site_names if n not in self.ties)
+
+    def factors(self, params, name: str) -> tuple[Array, Array]:
+        """``(A (C, d_in, m), B (C, m, d_out))`` of a site, a tied one from its owner's."""
+        if name in self.ties:
+            owner = params["components"][self.ties[name]]
+            return jnp.swapaxes(owner["B"], 1, 2), jnp.swapaxes(owner["A"], 1, 2)
+        return params["components"][name]["A"], params["components"][name]["B"]
+
+    def component_weights(self, params, name: str) -> Array:
+        """``(C, d_in, d_out)``: every component's matrix at this site."""
+        A, B = self.factors(params, name)
+        return jnp.einsum("cim,cmo->cio", A, B)
+
+    def component_weight(self, params, name: str) -> Array:
+        """``(d_in, d_out)``: the sum of all components at this site."""
+        return jnp.sum(self.component_weights(params, name), axis=0)
+
+    def init(self, key, target_params) -> dict:
+        """Xavier-normal ``A`` and ``B`` (the reference's TMS init), per owner site."""
+        comps = {}
+        for i, name in enumerate(self.owners):
+            site, m = self.site(name), self.rank[name]
+            ka, kb = jax.random.split(jax.random.fold_in(key, i))
+            comps[name] = {
+                "A": jax.random.normal(ka, (self.C, site.d_in, m)) * np.sqrt(2 / (site.d_in + m)),
+                "B": jax.random.normal(kb, (self.C, m, site.d_out)) * np.sqrt(2 / (m + site.d_out)),
+            }
+        return {"components": comps}
+
+    def partition_specs(self, params, model_axis: str) -> dict:
+        return {"components": {n: {"A": P(model_axis, None, None), "B": P(model_axis, None, None)}
+                               for n in params["components"]}}
+
+    def clean_forward(self, target_params, x):
+        out, inputs = self.target.forward(target_params, x, {})
+        return out, {n: inputs[n] for n in self.site_names}
+
+    def _site_out(self, params, target_params, name, x, mask):
+        A, B = self.factors(params, name)
+        acts = (jnp.take(A, x, axis=1).transpose(1, 0, 2) if self.site(name).kind == "embed"
+                else jnp.einsum("...i,cim->...cm", x, A))
+        if mask is not None:
+            acts = acts * mask[..., None]
+        y = jnp.einsum("...cm,cmo->...o", acts, B)
+        bias = self.site(name).bias
+        return y if bias is None else y + bias(target_params)
+
+    def forward(self, target_params, params, x, masks: Mapping[str, Array | None]):
+        """Forward with the sites in ``masks`` replaced by their (masked) components."""
+        replace = {n: (lambda a, n=n, m=m: self._site_out(params, target_params, n, a, m))
+                   for n, m in masks.items()}
+        return self.target.forward(target_params, x, replace)[0]
+
+
+def decompose_apd(target: Target, sites: Mapping[str, int], C: int, *, rank: int = 0,
+                  ties: Mapping[str, str] | None = None) -> APDDecomposition:
+    """An APD decomposition of the sites matched by ``sites`` (their C values are ignored: APD's
+    ``C`` components span every site). ``rank`` 0: ``min(d_in, d_out)`` per site."""
+    if not isinstance(C, int) or C < 1:
+        raise ValueError(f"APD: C must be a positive integer, got {C!r}.")
+    if not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"APD: rank must be an integer >= 0 (0: full rank), got {rank!r}.")
+    names = tuple(match_sites(target, sites))
+    ties = dict(ties or {})
+    ranks = {n: rank or min(target.sites[n].d_in, target.sites[n].d_out) for n in names}
+    for tied, owner in ties.items():
+        ranks[tied] = ranks[owner]
+    return APDDecomposition(target=target, site_names=names, C=C, rank=ranks, ties=ties)
+
+
+def attributions(d: APDDecomposition, target_params, params, x, *, source: str = "target"):
+    """``[batch, C]`` gradient attributions (module docstring), outputs ``[batch, d_L]``."""
+    _, inputs = d.clean_forward(target_params, x)
+    inputs = jax.lax.stop_gradient(inputs)
+    weights = {n: (d.site(n).weight(target_params) if source == "target"
+                   else d.component_weight(params, n)) for n in d.site_names}
+
+    def out_with_probes(probes):
+        def site(n):
+            bias = d.site(n).bias
+            return lambda a: (comp_lib.inner_acts(d.site(n).kind, weights[n], a)
+                              + (0.0 if bias is None else bias(target_params)) + probes[n])
+        return d.target.forward(target_params, x, {n: site(n) for n in d.site_names})[0]
+
+    probes = {n: jnp.zeros(inputs[n].shape[:-1] + (d.site(n).d_out,)) if d.site(n).kind != "embed"
+              else jnp.zeros(inputs[n].shape + (d.site(n).d_out,)) for n in d.site_names}
+    out, vjp = jax.vjp(out_with_probes, probes)
+    d_out = out.shape[-1]
+    cotangents = jnp.broadcast_to(jnp.eye(d_out)[:, None, :], (d_out, *out.shape))
+    grads = jax.vmap(lambda c: vjp(c)[0])(cotangents)  # {site: [d_L, batch, d_out_l]}
+    total = 0.0
+    for n in d.site_names:
+        A, B = d.factors(jax.lax.stop_gradient(params), n)
+        acts = (jnp.take(A, inputs[n], axis=1).transpose(1, 0, 2) if d.site(n).kind == "embed"
+                else jnp.einsum("bi,cim->bcm", inputs[n], A))
+        comp_out = jnp.einsum("bcm,cmo->bco", acts, B)
+        total = total + jnp.einsum("lbo,bco->lbc", grads[n], comp_out)
+    return jax.lax.stop_gradient(jnp.sum(total**2, axis=0))
+
+
+def batch_topk(attr: Array, topk: float) -> Array:
+    """Boolean ``[batch, C]``: the ``int(topk * batch)`` largest entries of the whole matrix."""
+    b, c = attr.shape
+    k = int(topk * b)
+    if not 1 <= k <= b * c:
+        raise ValueError(f"APD top-k {topk} with batch {b} keeps {k} of {b * c} entries; "
+                         f"expected at least 1 and at most batch x C.")
+    _, idx = jax.lax.top_k(attr.reshape(-1), k)
+    return jnp.zeros(b * c, bool).at[idx].set(True).reshape(b, c)
+
+
+def _n_params(d: APDDecomposition) -> int:
+    return sum(d.site(n).d_in * d.site(n).d_out for n in d.site_names)
+
+
+def faithfulness(d: APDDecomposition, params, target_params) -> Array:
+    sq = sum(jnp.sum((d.site(n).weight(target_params) - d.component_weight(params, n)) ** 2)
+             for n in d.site_names)
+    return sq / _n_params(d)
+
+
+def schatten(d: APDDecomposition, params, active: Array, pnorm: float) -> Array:
+    """The factorised Schatten-p norm of the active components (module docstring)."""
+    per_component = 0.0
+    for n in d.site_names:
+        A, B = d.factors(params, n)
+        lam_sq = jnp.sum(A**2, axis=1) * jnp.sum(B**2, axis=2)  # (C, m)
+        per_component = per_component + jnp.sum((lam_sq + 1e-16) ** (pnorm / 2), axis=-1)
+    return jnp.sum(active.astype(jnp.float32) * per_component) / (_n_params(d) * active.shape[0])
+
+
+def objective(d: APDDecomposition, *, topk: float, coeffs: Mapping[str, float], pnorm: float,
+              attribution: str = "target"):
+    """``(params, target_params, batch, key, step_frac) -> (total, metrics)``."""
+    if attribution not in ATTRIBUTIONS:
+        raise ValueError(f"Unknown APD attribution {attribution!r}; expected one of "
+                         f"{ATTRIBUTIONS}.")
+    if not 0 < pnorm <= 1:
+        raise ValueError(f"APD: the Schatten p must be in (0, 1], got {pnorm!r}.")
+
+    def fn(params, target_params, batch, key, step_frac):
+        del key, step_frac
+        target_out = jax.lax.stop_gradient(d.clean_forward(target_params, batch)[0])
+        active = batch_topk(attributions(d, target_params, params, batch, source=attribution),
+                            topk)
+        mask = active.astype(jnp.float32)
+        out = d.forward(target_params, params, batch, {n: mask for n in d.site_names})
+        values = {"faithfulness": faithfulness(d, params, target_params),
+                  "topk_recon": jnp.mean((out - target_out) ** 2),
+                  "schatten": schatten(d, params, active, pnorm)}
+        total = sum(coeffs[k] * values[k] for k in values)
+        return total, {"loss": {"total": total, **values},
+                       "active_per_example": jnp.mean(jnp.sum(mask, axis=-1))}
+
+    return fn
+
+
+def evaluate_fn(d: APDDecomposition, objective_fn, *, topk: float, attribution: str):
+    """The objective's metrics and the components ever active on the evaluation batch."""
+    objective_jit = jax.jit(objective_fn)
+    active_jit = jax.jit(lambda p, tp, b: batch_topk(
+        attributions(d, tp, p, b, source=attribution), topk))
+
+    def fn(params, target_params, batch, key, *, microbatches: int = 1) -> dict:
+        del microbatches  # top-k is over the whole batch: evaluated in one piece
+        _, metrics = objective_jit(params, target_params, batch, key, 1.0)
+        summary: dict[str, Any] = jax.tree.map(float, jax.device_get(metrics))
+        summary["alive"] = int(np.sum(np.any(np.asarray(active_jit(params, target_params,
+                                                                   batch)), axis=0)))
+        return summary
+
+    return fn
+
+
+def from_config(config, problem, learning_rate) -> Method:
+    """APD from a run config (``config.apd``: C from ``config.C``) on an experiment's target."""
+    a = config.apd
+    d = decompose_apd(problem.target, problem.sites, config.C, rank=a.rank, ties=problem.ties)
+    coeffs = {"faithfulness": a.faithfulness_coeff, "topk_recon": a.topk_recon_coeff,
+              "schatten": a.schatten_coeff}
+    obj = objective(d, topk=a.topk, coeffs=coeffs, pnorm=a.schatten_p, attribution=a.attribution)
+    return Method(name="apd", decomposition=d, init=d.init, objective=obj,
+                  optimizer=optax.adam(learning_rate), partition_specs=d.partition_specs,
+                  evaluate=evaluate_fn(d, obj, topk=a.topk, attribution=a.attribution))
+
+
+def check_config(config) -> None:
+    """APD's config fields, before any work."""
+    a = config.apd
+    if a.attribution not in ATTRIBUTIONS:
+        raise ValueError(f"apd.attribution must be one of {ATTRIBUTIONS}, got {a.attribution!r}.")
+    if not (isinstance(a.schatten_p, (int, float)) and 0 < a.schatten_p <= 1):
+        raise ValueError(f"apd.schatten_p must be in (0, 1], got {a.schatten_p!r}.")
+    k = int(a.topk * config.batch_size)
+    if not 1 <= k <= config.batch_size * config.C:
+        raise ValueError(f"apd.topk={a.topk} keeps int(topk x batch_size {config.batch_size}) = "
+                         f"{k} components per batch; expected 1 to batch_size x C "
+                         f"({config.batch_size * config.C}).")
+    if not isinstance(a.rank, int) or a.rank < 0:
+        raise ValueError(f"apd.rank must be an integer >= 0 (0: full rank), got {a.rank!r}.")
+    if config.microbatches != 1:
+        raise ValueError(f"APD takes its top-k over the whole batch: microbatches must be 1, got "
+                         f"{config.microbatches}.")

@@ -1,0 +1,114 @@
+"""APD's pieces against NumPy on small shapes: the attribution identity, batch top-k, the
+factorised Schatten norm, faithfulness, ties; its config errors; a short run end to end."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import spdjax
+from spdjax.methods import apd
+
+from helpers import two_site_target
+
+B, C = 6, 4
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target, tp = two_site_target(d_in=3, d_hidden=5, d_out=2)
+    d = apd.decompose_apd(target, {"a": 1, "b": 1}, C, rank=2)
+    params = d.init(jax.random.key(0), tp)
+    x = jax.random.normal(jax.random.key(1), (B, 3))
+    return d, tp, params, x
+
+
+def test_attributions_are_the_papers_parameter_gradient_form(setup):
+    """sum_o (sum_{l,i,j} df_o/dW_{l,ij} P_{c,l,ij})^2 per example, by the Jacobian in W."""
+    d, tp, params, x = setup
+
+    def f(weights, xb):
+        p = {"a": {"kernel": weights["a"], "bias": tp["a"]["bias"]}, "b": {"kernel": weights["b"]}}
+        return d.target.forward(p, xb[None], {})[0][0]
+
+    weights = {n: tp[n]["kernel"] for n in ("a", "b")}
+    P = {n: np.asarray(d.component_weights(params, n)) for n in ("a", "b")}
+    expected = np.zeros((B, C))
+    for b in range(B):
+        J = jax.jacrev(f)(weights, x[b])  # {site: (d_L, d_in, d_out)}
+        per_output = sum(np.einsum("oij,cij->oc", np.asarray(J[n]), P[n]) for n in ("a", "b"))
+        expected[b] = np.sum(per_output**2, axis=0)
+    got = apd.attributions(d, tp, params, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_batch_topk_keeps_the_largest_entries_of_the_whole_batch():
+    attr = jnp.asarray(np.random.default_rng(0).permutation(24).reshape(B, C), jnp.float32)
+    mask = np.asarray(apd.batch_topk(attr, 1.5))  # int(1.5 * 6) = 9 of 24
+    assert mask.sum() == 9 and (np.asarray(attr)[mask] >= 15).all()
+    with pytest.raises(ValueError, match="keeps 0 of 24"):
+        apd.batch_topk(attr, 0.1)
+
+
+def test_schatten_and_faithfulness_against_numpy(setup):
+    d, tp, params, x = setup
+    active = jnp.asarray(np.random.default_rng(1).random((B, C)) < 0.5)
+    expected, n_params = 0.0, 3 * 5 + 5 * 2
+    for n in ("a", "b"):
+        A, Bf = (np.asarray(t, np.float64) for t in d.factors(params, n))
+        for c in range(C):
+            for m in range(A.shape[2]):
+                lam_p = ((A[c, :, m] ** 2).sum() * (Bf[c, m] ** 2).sum() + 1e-16) ** 0.45
+                expected += np.asarray(active)[:, c].sum() * lam_p
+    np.testing.assert_allclose(apd.schatten(d, params, active, 0.9), expected / (n_params * B),
+                               rtol=1e-5)
+    faith = sum(((np.asarray(tp[n]["kernel"]) - np.asarray(d.component_weight(params, n))) ** 2
+                 ).sum() for n in ("a", "b")) / n_params
+    np.testing.assert_allclose(apd.faithfulness(d, params, tp), faith, rtol=1e-5)
+
+
+def test_a_tied_site_is_its_owners_transpose():
+    from spdjax.experiments.tms import model as tms
+
+    cfg = tms.TMS_VARIANTS["5-2"]
+    tp = tms.init_tms_params(jax.random.key(0), cfg)
+    d = apd.decompose_apd(tms.tms_target(cfg), {"linear1": 1, "linear2": 1}, 5, rank=3,
+                          ties=tms.TMS_TIES)
+    params = d.init(jax.random.key(1), tp)
+    assert list(params["components"]) == ["linear1"]
+    np.testing.assert_allclose(d.component_weights(params, "linear2"),
+                               jnp.swapaxes(d.component_weights(params, "linear1"), 1, 2),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"apd.topk": 0.0001}, r"apd.topk=0.0001 keeps int\(topk x batch_size 2048\) = 0"),
+    ({"apd.attribution": "ablation"}, "apd.attribution must be one of"),
+    ({"apd.schatten_p": 1.5}, r"apd.schatten_p must be in \(0, 1\]"),
+    ({"microbatches": 2}, "microbatches must be 1"),
+])
+def test_bad_apd_settings_fail_before_any_work(override, match):
+    from spdjax.training.validation import validate
+
+    with pytest.raises(ValueError, match=match):
+        validate(spdjax.configs.load("tms:5-2+apd", override))
+
+
+def test_an_apd_run_trains_evaluates_and_resumes(tmp_path):
+    from spdjax.training import loop
+
+    config = spdjax.configs.load("tms:5-2+apd", {"steps": 40, "log_every": 20,
+                                                "checkpoint_every": 20, "batch_size": 256,
+                                                "eval_batch_size": 512, "figures": False})
+    run = loop.setup(config, tmp_path / "run")
+    loop.train(run, 20)
+    loop.close(run)
+    run = loop.setup(config, tmp_path / "run")
+    assert run.step == 20 and run.method.name == "apd"
+    loop.train(run)
+    summary = loop.evaluate(run)
+    paths = loop.plot(run)
+    loop.close(run)
+    assert summary["active_per_example"] == pytest.approx(0.211, abs=0.01)
+    assert 0.5 < summary["mmcs"] <= 1.0 and summary["alive"] <= 5
+    assert {p.name for p in paths} >= {"combined_diagram.png", "target.png"}
