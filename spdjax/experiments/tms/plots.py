@@ -135,12 +135,13 @@ def plot_tms_combined(
 
 def plot_tms_components(W: Any, P: Any, path: PathLike, *,
                         threshold: float = SUBNET_NORM_THRESHOLD, max_components: int | None = 12,
-                        network: bool = True, dpi: int = 150) -> Path:
-    """:func:`plot_tms_combined` of any components ``P (C, n_features, n_hidden)``."""
+                        network: bool = True, dpi: int = 150, label: str = "Subcomponent") -> Path:
+    """:func:`plot_tms_combined` of any components ``P (C, n_features, n_hidden)`` (APD's:
+    ``label="Component"``)."""
     W, P = np.asarray(W, dtype=np.float64), np.asarray(P, dtype=np.float64)
     keep = _significant(P, threshold, max_components)
     mats = [W, P.sum(axis=0)] + [P[c] for c in keep]
-    titles = ["Target model", "Sum of components"] + [f"Subcomponent {c}" for c in keep]
+    titles = ["Target model", "Sum of components"] + [f"{label} {c}" for c in keep]
     n = len(mats)
     if W.shape[1] == 2:
         rows = 2 if network else 1
@@ -205,7 +206,8 @@ def plot_run(decomp, params, target_params, cfg: TMSConfig, figures_dir: Path) -
     if not hasattr(decomp, "causal_importance"):  # APD: its components, no CI
         P = np.asarray(decomp.component_weights(params, "linear1"))
         return [plot_tms_vectors(W, figures_dir / "target.png"),
-                plot_tms_components(W, P, figures_dir / "combined_diagram.png"),
+                plot_tms_components(W, P, figures_dir / "combined_diagram.png",
+                                    label="Component"),
                 plot_max_cosine(mmcs_ml2r_components(W, P)["max_cos"],
                                 figures_dir / "max_cosine.png")]
     V, U = (np.asarray(a) for a in decomp.factors(params, "linear1"))
