@@ -1,7 +1,6 @@
 """Smoke tests of the benchmark scripts that are not exercised elsewhere (a few steps each)."""
 
 import json
-import pathlib
 
 import numpy as np
 
@@ -133,11 +132,7 @@ def test_resid_mlp_verdict_is_the_papers_solution():
     assert verdict(good, 50)["solved"]
     assert not verdict({**good, "alive": {"layers_0/mlp_out": 51}}, 50)["solved"]
     assert not verdict({**good, "contribution_r": {"all": 0.98}}, 50)["solved"]
-    # A real run's summary (the regression fixture: 300 steps) has every key the verdict reads.
-    real = json.loads((pathlib.Path(__file__).parent / "fixtures" / "regression"
-                       / "resid_mlp_1_300steps_summary.json").read_text())
-    checks = verdict(real, 50)
-    assert checks["solved"] is False and checks["identity_errors"] >= 0
+    # A real run's summary: tests/test_regression.py applies the verdict to its ResidMLP run.
 
 
 def test_term_cost_loss_sets_are_valid_and_tabulate():

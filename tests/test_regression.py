@@ -82,6 +82,12 @@ def test_resid_mlp_1_run_and_summary_are_unchanged(runs):
     assert new["ci_errors"]["loose_total"] == old["ci_errors"]["total_0p2"]
     assert new["ci_errors"]["per_site"] == {k: v for k, v in old["ci_errors"].items()
                                             if k.startswith("layers_")}
+    # The seed study's verdict reads a real summary (benchmarks/reproduce/resid_mlp_seeds.py).
+    from benchmarks.reproduce.resid_mlp_seeds import verdict
+
+    checks = verdict(new, 50)
+    assert checks["identity_errors"] == old["ci_errors"]["layers_0/mlp_in"]
+    assert checks["alive_mlp_out"] == [100] and checks["solved"] is False
 
 
 if __name__ == "__main__":
