@@ -80,7 +80,7 @@ def measure(name: str, steps: int, overrides: dict) -> dict:
     for _ in range(steps):
         state, metrics = step(state, target_params, key)
     jax.block_until_ready(metrics)
-    s_per_step = (time.perf_counter() - t) / steps
+    s_per_step = (time.perf_counter() - t) / (steps * config.steps_per_call)  # K steps a call
     peak = matmul_peak_flops()
     return {
         "config": name, "batch_size": config.batch_size, "C": config.C,

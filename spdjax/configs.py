@@ -80,6 +80,12 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     # "step_size": 0.1}} (the later reference's eval metrics).
     c.eval_losses = ml_collections.ConfigDict()
     c.microbatches = 1  # split each batch into chunks, average grads (same gradient)
+    # Steps per jitted call (a scan; log_every / checkpoint_every must be multiples of it): > 1
+    # keeps small models from being dispatch-bound on an accelerator.
+    c.steps_per_call = 1
+    # Matmul precision in the train step: highest (float32, the default) | tensorfloat32 |
+    # bfloat16 (one bf16 pass, float32 accumulation) | default (the platform's: TF32 on GPU).
+    c.matmul_precision = "highest"
     c.mesh_model = 1  # devices along the component axis C (the rest go to the data axis)
     c.log_every = 500  # steps between metric lines / progress reports
     c.checkpoint_every = 5000  # steps between checkpoints (and always at the end)

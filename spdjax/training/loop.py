@@ -31,15 +31,15 @@ from spdjax.methods import METHODS, Method
 from spdjax.training import init_selection, workdir as wd
 from spdjax.training import sharding as shard_lib
 from spdjax.training.checkpoints import Checkpointer
-from spdjax.training.health import DivergenceError, check_health
+from spdjax.training.health import DivergenceError
 from spdjax.training.interrupts import StopRequest
 from spdjax.training.schedules import make_schedule
-from spdjax.training.step import TrainState, init_train_state, make_train_step
+from spdjax.training.step import TrainState, init_train_state
+from spdjax.training.stepping import OnStep, advance, build_step, write_sink
 from spdjax.training.validation import validate
 from spdjax.training.workdir import ConfigMismatchError, Progress, log_to
 
 log = logging.getLogger("spdjax")
-OnStep = Callable[[int, dict], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,7 @@ class Run:
     compiled: bool = False  # the step has run once (compilation is reported once)
     lock: Any = None  # the workdir lock, released by close()
     recent_losses: list = dataclasses.field(default_factory=list)  # logged totals: divergence
+    other_step_fns: dict = dataclasses.field(default_factory=dict)  # remainder chunks, by size
 
     @property
     def step(self) -> int:
@@ -104,14 +105,6 @@ def state_from_params(run: Run, params: Any) -> TrainState:
 def initial_state(run: Run, key: jax.Array) -> TrainState:
     """A fresh train state from ``key`` (the method's init), laid out on the run's mesh."""
     return state_from_params(run, run.method.init(key, run.experiment.target_params))
-
-
-def build_step(run: Run, *, microbatches: int | None = None) -> Callable:
-    """The run's jitted ``step(state, target_params, key) -> (state, metrics)``."""
-    return make_train_step(
-        run.method.objective, run.method.optimizer, run.experiment.batch_fn,
-        total_steps=run.config.steps, mesh=run.mesh, state_sharding=run.state_sharding,
-        microbatches=run.config.microbatches if microbatches is None else microbatches)
 
 
 def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = False,
@@ -207,50 +200,6 @@ def _resume(run: Run) -> None:
     run.writer = wd.JsonlWriter(workdir / "metrics.jsonl", resume_step=start if start else None)
 
 
-def _steps(run: Run, state: TrainState, *, stop: int, progress: Progress, sink, checkpoint: bool,
-           on_step: OnStep | None, t0: float, history: list,
-           interrupt: StopRequest) -> TrainState:
-    """Steps ``state`` to ``stop``: ``sink(step, values)`` every ``log_every`` steps and at
-    ``stop``, checkpoints (if ``checkpoint``) every ``checkpoint_every``, at the end and when
-    ``interrupt`` was requested (then raises ``KeyboardInterrupt``). The state's health is
-    checked at every log step and before every save."""
-    config = run.config
-    for step in range(int(state.step) + 1, stop + 1):
-        state, metrics = run.step_fn(state, run.target_params, run.keys.train)
-        if step == progress.start + 1:  # exclude compilation / candidate switch from steps/s
-            jax.block_until_ready(state)
-            if not run.compiled:
-                log.info("Compiled in %.1fs.", time.perf_counter() - t0)
-                run.compiled = True
-            progress.mark(step)
-        if on_step is not None:
-            on_step(step, metrics)
-        log_now = step % config.log_every == 0 or step == stop
-        save_now = checkpoint and (step % config.checkpoint_every == 0 or interrupt.requested
-                                   or step in (stop, config.steps))
-        if log_now or save_now:
-            values = wd.flatten_metrics(jax.device_get(metrics))
-            check_health(run.config, run.checkpointer, step, values, state.params, history)
-        if save_now:
-            run.checkpointer.save(step, state, run.checkpoint_meta())
-        if log_now:
-            values["lr"] = max(float(run.schedule(step - 1)), 0.0)
-            values["steps_per_sec"] = progress.mark(step)
-            values["wall_time_s"] = run.wall_time_s + time.perf_counter() - t0
-            sink(step, values)
-            progress.report(step, values["loss/total"])
-        if interrupt.requested:
-            raise KeyboardInterrupt
-    return state
-
-
-def _write(run: Run):
-    def sink(step, values):
-        run.writer.write_scalars(step, values)
-        run.writer.flush()
-    return sink
-
-
 def _select_init(run: Run, t0: float, interrupt: StopRequest) -> None:
     """Best-of-K initialisation (:mod:`spdjax.training.init_selection`), then a checkpoint."""
     n_cand, n_select = run.config.init_candidates, run.config.init_select_steps
@@ -260,7 +209,7 @@ def _select_init(run: Run, t0: float, interrupt: StopRequest) -> None:
             run, init_selection.candidate_key(run.keys.init, index))
         lines, tail = [], init_selection.TailMean(n_select)
         progress = Progress(n_select, 0, label=f"init candidate {index + 1}/{n_cand}")
-        state = _steps(run, state, stop=n_select, progress=progress,
+        state = advance(run, state, stop=n_select, progress=progress,
                        sink=lambda *line: lines.append(line), checkpoint=False,
                        on_step=tail, t0=t0, history=[], interrupt=interrupt)
         return init_selection.Probe(index, tail.value(), state, lines)
@@ -268,7 +217,7 @@ def _select_init(run: Run, t0: float, interrupt: StopRequest) -> None:
     best, record = init_selection.select(n_cand, probe, report=log.info)
     run.state = best.state
     for line in best.lines:
-        _write(run)(*line)
+        write_sink(run)(*line)
     record["steps"] = n_select
     run.init_record = record
     if run.workdir is not None:
@@ -294,8 +243,8 @@ def train(run: Run, until_step: int | None = None, *, on_step: OnStep | None = N
         with StopRequest() as interrupt:
             if run.step == 0 and run.config.init_candidates > 1:
                 _select_init(run, t0, interrupt)
-            run.state = _steps(run, run.state, stop=until,
-                               progress=Progress(run.config.steps, run.step), sink=_write(run),
+            run.state = advance(run, run.state, stop=until,
+                               progress=Progress(run.config.steps, run.step), sink=write_sink(run),
                                checkpoint=run.checkpointer is not None, on_step=on_step, t0=t0,
                                history=run.recent_losses, interrupt=interrupt)
     except BaseException:  # diverged, interrupted, ...: the workdir must agree with itself

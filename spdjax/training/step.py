@@ -20,6 +20,7 @@ from spdjax.methods.base import Objective
 from spdjax.training import sharding as shard_lib
 
 Array = jax.Array
+MATMUL_PRECISIONS = ("highest", "tensorfloat32", "bfloat16", "default")
 
 
 @flax.struct.dataclass
@@ -54,6 +55,8 @@ def make_train_step(
     state_sharding: Any = None,
     donate: bool = True,
     microbatches: int = 1,
+    matmul_precision: str = "highest",
+    steps_per_call: int = 1,
 ) -> Callable[[TrainState, Any, Array], tuple[TrainState, dict[str, Array]]]:
     """Returns jitted ``step(state, target_params, root_key) -> (state, metrics)``.
 
@@ -66,9 +69,22 @@ def make_train_step(
     (a ``lax.scan``). Every SPD loss term is a mean over examples, so this is the full-batch
     gradient, with each chunk drawing its own masks; it keeps the ``[batch, C, hidden]`` CI
     tensors in cache on CPU, which is several times faster for large C (benchmarks/README.md).
+
+    ``matmul_precision`` (:data:`MATMUL_PRECISIONS`) is every matmul's precision: ``"highest"``
+    (float32, as the fp32 reference; GPUs and TPUs otherwise take TF32 / bf16 passes),
+    ``"tensorfloat32"``, ``"bfloat16"`` (one bf16 pass, float32 accumulation: close to the
+    reference's bf16 autocast) or ``"default"`` (the platform's).
+
+    ``steps_per_call = K > 1`` runs K steps per call (a ``lax.scan`` over the same step, so small
+    models are not dispatch-bound on an accelerator); the metrics are then stacked ``[K, ...]``.
     """
     if microbatches < 1:
         raise ValueError(f"microbatches must be >= 1, got {microbatches}.")
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"Unknown matmul_precision {matmul_precision!r}; expected one of "
+                         f"{MATMUL_PRECISIONS}.")
+    if not isinstance(steps_per_call, int) or steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}.")
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def grads_and_metrics(params, target_params, batch, key, step_frac):
@@ -102,7 +118,7 @@ def make_train_step(
         (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(microbatches), chunks))
         return jax.tree.map(lambda a: a / microbatches, (grads, metrics))
 
-    def step(state: TrainState, target_params, root_key):
+    def one_step(state: TrainState, target_params, root_key):
         key = jax.random.fold_in(root_key, state.step)
         k_batch, k_loss = jax.random.split(key)
         batch = batch_fn(k_batch)
@@ -118,6 +134,13 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def step(state: TrainState, target_params, root_key):
+        with jax.default_matmul_precision(matmul_precision):
+            if steps_per_call == 1:
+                return one_step(state, target_params, root_key)
+            return jax.lax.scan(lambda s, _: one_step(s, target_params, root_key), state, None,
+                                length=steps_per_call)
 
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if mesh is not None and state_sharding is not None:

@@ -47,6 +47,14 @@ def validate(config) -> None:
         _positive_int(config, name)
     for name in ("seed", "target_seed", "target_steps", "faithfulness_warmup_steps"):
         _positive_int(config, name, minimum=0)
+    k = _positive_int(config, "steps_per_call")
+    for name in ("log_every", "checkpoint_every", "init_select_steps"):
+        if config[name] % k:
+            raise ValueError(f"{name}={config[name]} is not a multiple of steps_per_call={k}.")
+    from spdjax.training.step import MATMUL_PRECISIONS
+    if config.matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got "
+                         f"{config.matmul_precision!r}.")
     for size, chunks in (("batch_size", "microbatches"), ("eval_batch_size", "eval_microbatches")):
         if config[size] % config[chunks]:
             raise ValueError(f"{size}={config[size]} is not divisible by {chunks}="

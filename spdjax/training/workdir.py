@@ -73,7 +73,7 @@ class WorkdirLock:
 # Fields that change what a run reports or keeps, not what it trains: a resume may change them
 # freely (e.g. to re-evaluate a finished run with a smaller evaluation batch).
 SAFE_CHANGES = ("log_every", "checkpoint_every", "eval_batch_size", "eval_microbatches",
-                "divergence_factor", "figures")
+                "steps_per_call", "divergence_factor", "figures")
 
 
 def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[tuple[str, Any, Any]]:

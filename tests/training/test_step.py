@@ -1,5 +1,7 @@
 """The jitted train step: traces once, trains, and gives the same numbers on 1 and 8 devices."""
 
+import json
+
 import jax
 import numpy as np
 import optax
@@ -128,3 +130,51 @@ def test_microbatched_gradient_equals_full_batch_gradient():
     with pytest.raises(ValueError, match="not divisible by microbatches=5"):
         spdjax.make_train_step(objective, opt, batch_fn, total_steps=10, microbatches=5)(
             spdjax.init_train_state(params, opt), tp, jax.random.key(0))
+
+
+def test_several_steps_per_call_train_the_same_run_and_resume_at_any_step(tmp_path):
+    import spdjax
+    from spdjax.training import loop
+
+    def config(k):
+        return spdjax.configs.load("tms:5-2", {"steps": 20, "C": 6, "batch_size": 64,
+                                               "log_every": 5, "checkpoint_every": 10,
+                                               "eval_batch_size": 64, "figures": False,
+                                               "steps_per_call": k})
+
+    one = loop.setup(config(1))
+    loop.train(one)
+    seen = []
+    five = loop.setup(config(5), tmp_path / "run")
+    loop.train(five, 7, on_step=lambda step, m: seen.append((step, float(m["loss"]["total"]))))
+    loop.close(five)
+    assert [s for s, _ in seen] == list(range(1, 8))  # every step reported, one at a time
+    five = loop.setup(config(5), tmp_path / "run")  # resumes at step 7: chunks 7-10, 10-15, ...
+    assert five.step == 7
+    loop.train(five)
+    loop.close(five)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+              .splitlines()]
+    assert [r["step"] for r in logged] == [5, 7, 10, 15, 20]  # 7: where the first call stopped
+    np.testing.assert_allclose([r["loss/total"] for r in logged if r["step"] != 7],
+                               [r["loss/total"] for r in one.writer.rows], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 jax.device_get(five.params), jax.device_get(one.params))
+    assert [r["step"] for r in one.writer.rows] == [5, 10, 15, 20]
+    with pytest.raises(ValueError, match="log_every=5 is not a multiple of steps_per_call=4"):
+        loop.setup(config(4))
+
+
+def test_matmul_precision_reaches_the_compiled_step():
+    import spdjax
+    from spdjax.training import loop
+
+    texts = {}
+    for precision in ("highest", "bfloat16"):
+        run = loop.setup(spdjax.configs.load("tms:5-2", {"steps": 4, "C": 4, "batch_size": 16,
+                                                        "matmul_precision": precision}))
+        texts[precision] = run.step_fn.lower(run.state, run.target_params,
+                                             run.keys.train).as_text()
+    assert "HIGHEST" in texts["highest"] and "HIGHEST" not in texts["bfloat16"]
+    with pytest.raises(ValueError, match="matmul_precision must be one of"):
+        loop.setup(spdjax.configs.load("tms:5-2", {"matmul_precision": "fp8"}))
