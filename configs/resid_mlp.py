@@ -12,6 +12,10 @@ gaussian init + warm-up, clamped sigmoid, the delta component; 1 and 3 layers wi
 layerwise recon, 2 layers with subset-routed stochastic recon and subset PGD recon (1 signed step
 of size 1, sources shared across the batch), shared CI MLP [256] and faithfulness logged only.
 
+Append ``+apd`` (``1+apd``, ``2+apd``) for APD with the reference code's hyperparameters (C 130 /
+200, batch top-k 1.28, Schatten p 0.9, activation reconstruction, unit-norm A for 1 layer,
+kaiming-uniform init x 2, 10k steps of batch 256, lr 1e-3 cosine with 1% warm-up).
+
 Expected for 1 layer (see RESULTS.md): one W_in subcomponent per feature (identity CI errors 0),
 W_out one dense block of 50 subcomponents, neuron-contribution correlation >= 0.95. Shared
 fields: spdjax/configs.py.
@@ -39,13 +43,15 @@ _HEAD = {
 
 def get_config(arg: str = "1"):
     variant, *modifiers = arg.split("+")
-    if variant not in _VARIANTS or any(m != "head" for m in modifiers):
+    if variant not in _VARIANTS or modifiers not in ([], ["head"], ["apd"]):
         raise ValueError(
             f"Unknown ResidMLP variant {arg!r}; expected one of {sorted(_VARIANTS)}, optionally "
-            "followed by +head."
+            "followed by +head or +apd."
         )
-    if modifiers:
+    if modifiers == ["head"]:
         return _head(variant)
+    if modifiers == ["apd"]:
+        return _apd(variant)
     C, steps, lr, imp_coeff, ci_hidden = _VARIANTS[variant]
     c = base_config("resid_mlp", variant)  # variant: the number of layers
     c.steps = steps
@@ -79,4 +85,23 @@ def _head(variant: str):
             "stochastic_recon_layerwise": {"coeff": 1.0, "delta": True},
             "importance_minimality": imp,
         })
+    return c
+
+
+# APD (methods-and-numbers 1.6, the reference code's configs): layers -> (C, coefficients
+# faithfulness / top-k recon / Schatten, unit-norm A)
+_APD = {"1": (130, (1.0, 1.0, 10.0), True), "2": (200, (1.0, 2.0, 7.0), False)}
+
+
+def _apd(variant: str):
+    if variant not in _APD:
+        raise ValueError(f"ResidMLP +apd has the reference's 1- and 2-layer configs; got {variant!r}.")
+    C, (faith, recon, simp), unit_norm = _APD[variant]
+    c = get_config(variant)
+    c.method, c.C, c.steps, c.batch_size = "apd", C, 10_000, 256
+    c.lr, c.lr_schedule, c.lr_warmup_frac = 1e-3, "cosine", 0.01
+    c.eval_batch_size = 2048
+    c.apd.update({"topk": 1.28, "rank": 0, "schatten_p": 0.9, "faithfulness_coeff": faith,
+                  "topk_recon_coeff": recon, "schatten_coeff": simp, "act_recon_coeff": 1.0,
+                  "unit_norm": unit_norm, "init": "kaiming_uniform", "init_scale": 2.0})
     return c

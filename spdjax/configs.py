@@ -74,6 +74,8 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     c.apd = ml_collections.ConfigDict({
         "topk": 0.211, "rank": 0, "attribution": "target", "schatten_p": 1.0,
         "faithfulness_coeff": 1.0, "topk_recon_coeff": 1.0, "schatten_coeff": 0.7,
+        "act_recon_coeff": 0.0, "act_sites": "*mlp_out",  # inputs of these sites (hidden acts)
+        "unit_norm": False, "init": "xavier_normal", "init_scale": 1.0,
     })
     # Terms computed only by the final evaluation, reported as eval_loss/<name>: {name: options}
     # (no coeff), e.g. {"stochastic_hidden_acts_recon": {}, "pgd_recon": {"n_steps": 20,

@@ -111,6 +111,18 @@ def subcomponent_neuron_contributions(
     return full[np.arange(full.shape[0]), chosen], chosen
 
 
+def component_neuron_contributions(W_E: Any, P_in: Any, W_out: Any
+                                   ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`subcomponent_neuron_contributions` of any components ``P_in (C, d_embed, d_mlp)``
+    (APD's): contribution ``(W_E[f] @ P_in[c])[n] * (W_out @ W_E[f])[n]``, the best ``c`` per
+    feature. Returns ``(contrib (n_features, d_mlp), chosen (n_features,))``."""
+    W_E = f64(W_E)
+    read = W_E @ f64(W_out).T  # (F, N)
+    full = np.einsum("fcn,fn->fcn", np.einsum("fe,cen->fcn", W_E, f64(P_in)), read)
+    chosen = np.argmax(full.max(axis=2), axis=1)
+    return full[np.arange(full.shape[0]), chosen], chosen
+
+
 def pearson_r(a: Any, b: Any) -> float:
     """Pearson correlation of two arrays of equal size (flattened)."""
     a, b = f64(a).ravel(), f64(b).ravel()

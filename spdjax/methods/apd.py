@@ -18,8 +18,9 @@ gradient attributions and a batch top-k (methods-and-numbers section 1):
 
 Biases are not decomposed (they stay the target's). A tied site (TMS ``linear2 = linear1ᵀ``)
 uses the transposed factors of its owner, so a component spans both, and counts twice in the
-faithfulness and simplicity sums, as in the reference. Not implemented yet: the L_p formulation,
-activation reconstruction (ResidMLP) and the unit-norm constraint of its 1-layer config.
+faithfulness and simplicity sums, as in the reference. ResidMLP adds the activation
+reconstruction (:func:`act_recon`) and keeps ``A``'s columns at unit norm (:func:`unit_norm_A`).
+Not implemented yet: the L_p formulation.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from spdjax.target import Target
 
 Array = jax.Array
 ATTRIBUTIONS = ("target", "apd")
+APD_INITS = ("xavier_normal", "kaiming_uniform")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -75,16 +77,27 @@ class APDDecomposition:
         """``(d_in, d_out)``: the sum of all components at this site."""
         return jnp.sum(self.component_weights(params, name), axis=0)
 
-    def init(self, key, target_params) -> dict:
-        """Xavier-normal ``A`` and ``B`` (the reference's TMS init), per owner site."""
+    def init(self, key, target_params, *, init: str = "xavier_normal",
+             init_scale: float = 1.0) -> dict:
+        """``A`` and ``B`` per owner site: ``"xavier_normal"`` (the reference's TMS init) or
+        ``"kaiming_uniform"`` (its ResidMLP init, ``U(±sqrt(6 / fan_in))``), times
+        ``init_scale``; fans are those of each component's matrix (d_in, m) and (m, d_out)."""
+        if init not in APD_INITS:
+            raise ValueError(f"Unknown APD init {init!r}; expected one of {APD_INITS}.")
         comps = {}
         for i, name in enumerate(self.owners):
             site, m = self.site(name), self.rank[name]
             ka, kb = jax.random.split(jax.random.fold_in(key, i))
-            comps[name] = {
-                "A": jax.random.normal(ka, (self.C, site.d_in, m)) * np.sqrt(2 / (site.d_in + m)),
-                "B": jax.random.normal(kb, (self.C, m, site.d_out)) * np.sqrt(2 / (m + site.d_out)),
-            }
+            shapes = {"A": (ka, (self.C, site.d_in, m), site.d_in, m),
+                      "B": (kb, (self.C, m, site.d_out), m, site.d_out)}
+            comps[name] = {}
+            for leaf, (k, shape, fan_in, fan_out) in shapes.items():
+                if init == "xavier_normal":
+                    w = jax.random.normal(k, shape) * np.sqrt(2 / (fan_in + fan_out))
+                else:
+                    bound = np.sqrt(6 / fan_in)
+                    w = jax.random.uniform(k, shape, minval=-bound, maxval=bound)
+                comps[name][leaf] = w * init_scale
         return {"components": comps}
 
     def partition_specs(self, params, model_axis: str) -> dict:
@@ -105,11 +118,14 @@ class APDDecomposition:
         bias = self.site(name).bias
         return y if bias is None else y + bias(target_params)
 
-    def forward(self, target_params, params, x, masks: Mapping[str, Array | None]):
-        """Forward with the sites in ``masks`` replaced by their (masked) components."""
+    def forward(self, target_params, params, x, masks: Mapping[str, Array | None], *,
+                with_inputs: bool = False):
+        """Forward with the sites in ``masks`` replaced by their (masked) components
+        (``with_inputs``: also every site's input in that forward)."""
         replace = {n: (lambda a, n=n, m=m: self._site_out(params, target_params, n, a, m))
                    for n, m in masks.items()}
-        return self.target.forward(target_params, x, replace)[0]
+        out, inputs = self.target.forward(target_params, x, replace)
+        return (out, inputs) if with_inputs else out
 
 
 def decompose_apd(target: Target, sites: Mapping[str, int], C: int, *, rank: int = 0,
@@ -189,9 +205,19 @@ def schatten(d: APDDecomposition, params, active: Array, pnorm: float) -> Array:
     return jnp.sum(active.astype(jnp.float32) * per_component) / (_n_params(d) * active.shape[0])
 
 
+def act_recon(d: APDDecomposition, inputs: Mapping[str, Array], clean: Mapping[str, Array],
+              sites: tuple[str, ...]) -> Array:
+    """The squared error of the ``sites``' inputs (ResidMLP: each ``mlp_out``'s input, the MLP's
+    post-ReLU hidden activations) in the top-k forward against the target's, summed over units,
+    divided by all those units, averaged over the batch (methods-and-numbers 1.4)."""
+    sq = sum(jnp.sum((inputs[n] - clean[n]) ** 2, axis=-1) for n in sites)
+    return jnp.mean(sq) / sum(d.site(n).d_in for n in sites)
+
+
 def objective(d: APDDecomposition, *, topk: float, coeffs: Mapping[str, float], pnorm: float,
-              attribution: str = "target"):
-    """``(params, target_params, batch, key, step_frac) -> (total, metrics)``."""
+              attribution: str = "target", act_sites: tuple[str, ...] = ()):
+    """``(params, target_params, batch, key, step_frac) -> (total, metrics)``; ``act_sites``
+    (with ``coeffs["act_recon"]``) adds the activation reconstruction."""
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"Unknown APD attribution {attribution!r}; expected one of "
                          f"{ATTRIBUTIONS}.")
@@ -200,14 +226,17 @@ def objective(d: APDDecomposition, *, topk: float, coeffs: Mapping[str, float], 
 
     def fn(params, target_params, batch, key, step_frac):
         del key, step_frac
-        target_out = jax.lax.stop_gradient(d.clean_forward(target_params, batch)[0])
+        target_out, clean = jax.lax.stop_gradient(d.clean_forward(target_params, batch))
         active = batch_topk(attributions(d, target_params, params, batch, source=attribution),
                             topk)
         mask = active.astype(jnp.float32)
-        out = d.forward(target_params, params, batch, {n: mask for n in d.site_names})
+        out, inputs = d.forward(target_params, params, batch, {n: mask for n in d.site_names},
+                                with_inputs=True)
         values = {"faithfulness": faithfulness(d, params, target_params),
                   "topk_recon": jnp.mean((out - target_out) ** 2),
                   "schatten": schatten(d, params, active, pnorm)}
+        if act_sites:
+            values["act_recon"] = act_recon(d, inputs, clean, act_sites)
         total = sum(coeffs[k] * values[k] for k in values)
         return total, {"loss": {"total": total, **values},
                        "active_per_example": jnp.mean(jnp.sum(mask, axis=-1))}
@@ -232,15 +261,57 @@ def evaluate_fn(d: APDDecomposition, objective_fn, *, topk: float, attribution: 
     return fn
 
 
+def unit_norm_A() -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """``(project, renormalise)`` around Adam, so each ``A`` column (over ``d_in``) keeps unit
+    norm (the reference's ``unit_norm_matrices``): the gradient's part along the column is
+    removed before Adam and the column renormalised after the update."""
+
+    def each_A(fn, *trees):
+        return {"components": {n: {"A": fn(*(t["components"][n]["A"] for t in trees)),
+                                   "B": trees[0]["components"][n]["B"]}
+                               for n in trees[0]["components"]}}
+
+    def unit(A):
+        return A / jnp.linalg.norm(A, axis=1, keepdims=True)
+
+    def project(g, A):
+        a = unit(A)
+        return g - jnp.sum(g * a, axis=1, keepdims=True) * a
+
+    def renormalise(u, A):
+        return unit(A + u) - A
+
+    def update_fn(updates, state, params):
+        return each_A(renormalise, updates, params), state
+
+    return (optax.GradientTransformation(lambda p: optax.EmptyState(),
+                                         lambda u, s, p: (each_A(project, u, p), s)),
+            optax.GradientTransformation(lambda p: optax.EmptyState(), update_fn))
+
+
 def from_config(config, problem, learning_rate) -> Method:
     """APD from a run config (``config.apd``: C from ``config.C``) on an experiment's target."""
     a = config.apd
     d = decompose_apd(problem.target, problem.sites, config.C, rank=a.rank, ties=problem.ties)
     coeffs = {"faithfulness": a.faithfulness_coeff, "topk_recon": a.topk_recon_coeff,
-              "schatten": a.schatten_coeff}
-    obj = objective(d, topk=a.topk, coeffs=coeffs, pnorm=a.schatten_p, attribution=a.attribution)
-    return Method(name="apd", decomposition=d, init=d.init, objective=obj,
-                  optimizer=optax.adam(learning_rate), partition_specs=d.partition_specs,
+              "schatten": a.schatten_coeff, "act_recon": a.act_recon_coeff}
+    act_sites = tuple(match_sites(problem.target, {a.act_sites: 1})) if a.act_recon_coeff else ()
+    obj = objective(d, topk=a.topk, coeffs=coeffs, pnorm=a.schatten_p, attribution=a.attribution,
+                    act_sites=act_sites)
+    optimizer = optax.adam(learning_rate)
+    if a.unit_norm:
+        project, renormalise = unit_norm_A()
+        optimizer = optax.chain(project, optimizer, renormalise)
+
+    def init(key, target_params):
+        params = d.init(key, target_params, init=a.init, init_scale=a.init_scale)
+        if a.unit_norm:  # start on the constraint
+            for f in params["components"].values():
+                f["A"] = f["A"] / jnp.linalg.norm(f["A"], axis=1, keepdims=True)
+        return params
+
+    return Method(name="apd", decomposition=d, init=init, objective=obj, optimizer=optimizer,
+                  partition_specs=d.partition_specs,
                   evaluate=evaluate_fn(d, obj, topk=a.topk, attribution=a.attribution))
 
 
@@ -258,6 +329,13 @@ def check_config(config) -> None:
                          f"({config.batch_size * config.C}).")
     if not isinstance(a.rank, int) or a.rank < 0:
         raise ValueError(f"apd.rank must be an integer >= 0 (0: full rank), got {a.rank!r}.")
+    if a.init not in APD_INITS:
+        raise ValueError(f"apd.init must be one of {APD_INITS}, got {a.init!r}.")
+    if a.act_recon_coeff:
+        from spdjax.experiments.registry import get_family
+
+        family = get_family(config.experiment)
+        match_sites(family.target(family.model_config(config)), {a.act_sites: 1})
     if config.microbatches != 1:
         raise ValueError(f"APD takes its top-k over the whole batch: microbatches must be 1, got "
                          f"{config.microbatches}.")

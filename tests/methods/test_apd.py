@@ -112,3 +112,32 @@ def test_an_apd_run_trains_evaluates_and_resumes(tmp_path):
     assert summary["active_per_example"] == pytest.approx(0.211, abs=0.01)
     assert 0.5 < summary["mmcs"] <= 1.0 and summary["alive"] <= 5
     assert {p.name for p in paths} >= {"combined_diagram.png", "target.png"}
+
+
+def test_unit_norm_keeps_A_columns_unit_and_resid_apd_runs(tmp_path):
+    from spdjax.methods.apd import unit_norm_A
+    from spdjax.training import loop
+
+    project, renormalise = unit_norm_A()
+    A = jax.random.normal(jax.random.key(0), (3, 4, 2))
+    A = A / jnp.linalg.norm(A, axis=1, keepdims=True)
+    params = {"components": {"s": {"A": A, "B": jnp.ones((3, 2, 5))}}}
+    g = jax.tree.map(jnp.ones_like, params)
+    g, _ = project.update(g, None, params)
+    assert float(jnp.max(jnp.abs(jnp.sum(g["components"]["s"]["A"] * A, axis=1)))) < 1e-6
+    u = jax.tree.map(lambda x: 0.3 * x, g)
+    u, _ = renormalise.update(u, None, params)
+    new = params["components"]["s"]["A"] + u["components"]["s"]["A"]
+    np.testing.assert_allclose(jnp.linalg.norm(new, axis=1), 1.0, rtol=1e-5)
+
+    config = spdjax.configs.load("resid_mlp:1+apd", {"steps": 6, "log_every": 3,
+                                                    "target_steps": 5, "eval_batch_size": 256,
+                                                    "figures": False})
+    run = loop.setup(config)
+    loop.train(run)
+    summary = loop.evaluate(run)
+    assert {"act_recon", "schatten", "topk_recon"} <= set(summary["loss"])
+    assert summary["active_per_example"] == pytest.approx(1.28, abs=0.01)
+    assert -1 <= summary["contribution_r"]["all"] <= 1 and "ci_errors" not in summary
+    A = run.params["components"]["layers_0/mlp_in"]["A"]
+    np.testing.assert_allclose(jnp.linalg.norm(A, axis=1), 1.0, rtol=1e-4)

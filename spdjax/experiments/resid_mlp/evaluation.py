@@ -23,9 +23,13 @@ def contributions(decomp, params, target_params, cfg) -> dict[int, dict[str, np.
     out = {}
     for i in range(cfg.n_layers):
         layer = target_params[f"layers_{i}"]
-        V_in, U_in = decomp.factors(params, f"layers_{i}/mlp_in")
         W_out_sum = np.asarray(decomp.component_weight(params, f"layers_{i}/mlp_out"))
-        spd, chosen = metrics.subcomponent_neuron_contributions(W_E, V_in, U_in, W_out_sum)
+        if hasattr(decomp, "causal_importance"):  # SPD: rank-one subcomponents
+            V_in, U_in = decomp.factors(params, f"layers_{i}/mlp_in")
+            spd, chosen = metrics.subcomponent_neuron_contributions(W_E, V_in, U_in, W_out_sum)
+        else:  # APD: each component's mlp_in slice
+            spd, chosen = metrics.component_neuron_contributions(
+                W_E, decomp.component_weights(params, f"layers_{i}/mlp_in"), W_out_sum)
         target = metrics.neuron_contributions(W_E, layer["mlp_in"]["kernel"],
                                                  layer["mlp_out"]["kernel"])
         out[i] = {"target": target, "spd": spd, "chosen": chosen}
@@ -36,13 +40,14 @@ def evaluate(decomp, params, target_params, cfg: ResidMLPConfig, *,
              steps: int | None = None) -> dict:
     """CI-pattern errors (identity on ``mlp_in``, dense on ``mlp_out``) and neuron-contribution
     correlations per layer and pooled (``steps`` is not used: no warnings here)."""
-    roles = site_roles(cfg)
-    lower = {n: c.lower for n, c in
-             metrics.one_hot_ci(decomp, params, target_params, cfg.n_features).items()}
-    errors = ci_patterns.ci_solution_errors(
-        lower, identity={n: cfg.n_features for n, r in roles.items() if r == "features"},
-        dense={n: cfg.d_mlp for n, r in roles.items() if r == "dense"})
-    out: dict = {"ci_errors": errors}
+    out: dict = {}
+    if hasattr(decomp, "causal_importance"):  # SPD's CI patterns (APD has no CI)
+        roles = site_roles(cfg)
+        lower = {n: c.lower for n, c in
+                 metrics.one_hot_ci(decomp, params, target_params, cfg.n_features).items()}
+        out["ci_errors"] = ci_patterns.ci_solution_errors(
+            lower, identity={n: cfg.n_features for n, r in roles.items() if r == "features"},
+            dense={n: cfg.d_mlp for n, r in roles.items() if r == "dense"})
 
     contrib = contributions(decomp, params, target_params, cfg)
     out["contribution_r"] = {

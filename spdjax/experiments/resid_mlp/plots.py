@@ -115,6 +115,8 @@ def plot_run(decomp, params, target_params, cfg: ResidMLPConfig, figures_dir: Pa
         title=f"{cfg.n_features} input features, {cfg.n_layers} "
               f"layer{'s' if cfg.n_layers > 1 else ''}",
     ))
+    if not hasattr(decomp, "causal_importance"):  # APD: no CI to draw
+        return paths
     ci = one_hot_ci(decomp, params, target_params, cfg.n_features)
     dense = [n for n, role in site_roles(cfg).items() if role == "dense"]
     titles = [f"Layer {n.split('/')[0].split('_')[1]} - W_{n.split('_')[-1]}" for n in ci]
