@@ -146,3 +146,15 @@ def test_term_cost_loss_sets_are_valid_and_tabulate():
             {"config": "tms:5-2", "loss_set": "pgd", "s_per_step": 0.025, "flops_per_step": 3e9}]
     info = {"device": "cpu", "cpu_count": 2, "jax": "x", "commit": "c", "date": "d"}
     assert "| tms:5-2 | pgd | 25.0 | 2.50 | 3.000 |" in term_costs.to_markdown(rows, info)
+
+
+def test_apd_vs_spd_draws_one_row_per_run(tmp_path):
+    import pathlib
+
+    import spdjax
+    from benchmarks.reproduce import apd_vs_spd
+
+    fixture = pathlib.Path(__file__).parent / "fixtures" / "checkpoint_format1"
+    run = spdjax.load(fixture)
+    path = apd_vs_spd.plot({"SPD": run, "SPD again": run}, tmp_path / "side.png")
+    assert path.exists() and path.stat().st_size > 10_000

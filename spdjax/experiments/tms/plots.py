@@ -30,13 +30,13 @@ HIDDEN_NORM_THRESHOLD = 0.009  # min Frobenius norm for a hidden-layer subcompon
 PANEL_BG = "#f6f6f6"
 
 
-def _feature_colors(n: int) -> np.ndarray:
+def feature_colors(n: int) -> np.ndarray:
     from matplotlib import colormaps
 
     return colormaps["viridis"](np.linspace(0, 1, n))
 
 
-def _draw_vectors(ax: Axes, vecs: np.ndarray, colors: np.ndarray, lim: float) -> None:
+def draw_vectors(ax: Axes, vecs: np.ndarray, colors: np.ndarray, lim: float) -> None:
     """Rows of ``vecs (n, 2)`` as lines from the origin ending in dots (the TMS polygon)."""
     ax.add_collection(LineCollection([[(0, 0), tuple(v)] for v in vecs], colors=colors, lw=1.5))
     ax.scatter(vecs[:, 0], vecs[:, 1], c=colors, s=28, zorder=3)
@@ -78,10 +78,10 @@ def significant_subnets(
     V: Any, U: Any, *, threshold: float = SUBNET_NORM_THRESHOLD, max_components: int | None = None
 ) -> np.ndarray:
     """Indices of the subcomponents to draw: ``Σ_f |P[c, f]| > threshold``, largest first."""
-    return _significant(subnet_tensor(V, U), threshold, max_components)
+    return significant_components(subnet_tensor(V, U), threshold, max_components)
 
 
-def _significant(P: np.ndarray, threshold: float, max_components: int | None) -> np.ndarray:
+def significant_components(P: np.ndarray, threshold: float, max_components: int | None) -> np.ndarray:
     mass = np.linalg.norm(P, axis=-1).sum(axis=-1)
     order = np.argsort(-mass, kind="stable")
     order = order[mass[order] > threshold]
@@ -98,7 +98,7 @@ def plot_tms_vectors(
         fig = Figure(figsize=(3.2, 3.2))
         ax = fig.add_subplot()
         lim = 1.15 * max(float(np.abs(W).max()), 1e-6)
-        _draw_vectors(ax, W, _feature_colors(W.shape[0]), lim)
+        draw_vectors(ax, W, feature_colors(W.shape[0]), lim)
     else:
         fig = Figure(figsize=(4.4, 3.6))
         ax = fig.add_subplot()
@@ -139,7 +139,7 @@ def plot_tms_components(W: Any, P: Any, path: PathLike, *,
     """:func:`plot_tms_combined` of any components ``P (C, n_features, n_hidden)`` (APD's:
     ``label="Component"``)."""
     W, P = np.asarray(W, dtype=np.float64), np.asarray(P, dtype=np.float64)
-    keep = _significant(P, threshold, max_components)
+    keep = significant_components(P, threshold, max_components)
     mats = [W, P.sum(axis=0)] + [P[c] for c in keep]
     titles = ["Target model", "Sum of components"] + [f"{label} {c}" for c in keep]
     n = len(mats)
@@ -147,11 +147,11 @@ def plot_tms_components(W: Any, P: Any, path: PathLike, *,
         rows = 2 if network else 1
         fig = Figure(figsize=(2.6 * n, 2.6 * rows + (0.6 if network else 0.0)))
         axs = fig.subplots(rows, n, squeeze=False, gridspec_kw={"hspace": 0.05})
-        colors = _feature_colors(W.shape[0])
+        colors = feature_colors(W.shape[0])
         lim = 1.15 * max(float(np.abs(W).max()), 1e-6)
         w_max = max(float(np.abs(np.stack(mats)).max()), 1e-12)
         for i, (m, t) in enumerate(zip(mats, titles)):
-            _draw_vectors(axs[0, i], m, colors, lim)
+            draw_vectors(axs[0, i], m, colors, lim)
             axs[0, i].set_title(t, pad=10)
             if network:
                 _draw_network(axs[1, i], m, w_max, labels=i == 0)

@@ -1,0 +1,69 @@
+"""APD and SPD side by side on one TMS target: one figure, one row per method.
+
+    python -m benchmarks.reproduce.apd_vs_spd --spd=workdir/table1/5-2_seed0 \\
+        --apd=workdir/table1/5-2+apd_seed0 --out=benchmarks/results/apd_vs_spd_5-2.png
+
+Each row draws the target's feature vectors, the sum of the method's components and each
+component (``linear1`` slice, largest first), with the method's MMCS and ML2R in the row title;
+both runs must decompose the same target (checked). The runs are made by
+``benchmarks.reproduce.tms_table1`` (``--variants=5-2,5-2+apd``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import numpy as np
+from matplotlib.figure import Figure
+
+import spdjax
+from spdjax.analysis.metrics import mmcs_ml2r_components
+from spdjax.analysis.plots import save_figure
+from spdjax.experiments.tms.plots import draw_vectors, feature_colors, significant_components
+
+
+def components(run) -> np.ndarray:
+    return np.asarray(run.decomposition.component_weights(run.params, "linear1"), np.float64)
+
+
+def plot(runs: dict[str, object], path: pathlib.Path, *, max_components: int = 6) -> pathlib.Path:
+    """One row per ``{label: loaded run}``: target, sum, components (n_hidden = 2 only)."""
+    targets = [np.asarray(r.target_params["linear1"]["kernel"]) for r in runs.values()]
+    if any(not np.array_equal(t, targets[0]) for t in targets):
+        raise ValueError("The runs decompose different targets; compare runs of one target.")
+    W = targets[0].astype(np.float64)
+    if W.shape[1] != 2:
+        raise ValueError(f"apd_vs_spd draws 2-D TMS models (n_hidden 2); got {W.shape}.")
+    cols = 2 + max_components
+    fig = Figure(figsize=(2.2 * cols, 2.5 * len(runs)))
+    axs = fig.subplots(len(runs), cols, squeeze=False)
+    colors, lim = feature_colors(W.shape[0]), 1.15 * float(np.abs(W).max())
+    for row, (label, run) in zip(axs, runs.items()):
+        P = components(run)
+        mm = mmcs_ml2r_components(W, P)
+        keep = significant_components(P, 0.1, max_components)
+        panels = [(W, f"{label}: target"),
+                  (P.sum(0), f"sum (MMCS {mm['mmcs']:.4f}, ML2R {mm['ml2r']:.3f})")]
+        panels += [(P[c], f"component {c}") for c in keep]
+        for ax, (m, title) in zip(row, panels):
+            draw_vectors(ax, m, colors, lim)
+            ax.set_title(title, fontsize=9)
+        for ax in row[len(panels):]:
+            ax.axis("off")
+    fig.suptitle("TMS: components of each method (linear1), largest first")
+    return save_figure(fig, path, 150)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spd", required=True, help="workdir of an SPD run")
+    parser.add_argument("--apd", required=True, help="workdir of an APD run of the same target")
+    parser.add_argument("--out", default="benchmarks/results/apd_vs_spd.png")
+    args = parser.parse_args(argv)
+    runs = {"SPD": spdjax.load(args.spd), "APD": spdjax.load(args.apd)}
+    print(plot(runs, pathlib.Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()
