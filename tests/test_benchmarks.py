@@ -158,3 +158,15 @@ def test_apd_vs_spd_draws_one_row_per_run(tmp_path):
     run = spdjax.load(fixture)
     path = apd_vs_spd.plot({"SPD": run, "SPD again": run}, tmp_path / "side.png")
     assert path.exists() and path.stat().st_size > 10_000
+
+
+def test_the_gpu_script_is_valid_bash_and_names_existing_modules():
+    import pathlib
+    import re
+    import subprocess
+
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    root = script.parents[1]
+    for module in re.findall(r"python -m ([\w.]+)", script.read_text()):
+        assert (root / (module.replace(".", "/") + ".py")).exists(), module
