@@ -130,9 +130,9 @@ def test_unit_norm_keeps_A_columns_unit_and_resid_apd_runs(tmp_path):
     new = params["components"]["s"]["A"] + u["components"]["s"]["A"]
     np.testing.assert_allclose(jnp.linalg.norm(new, axis=1), 1.0, rtol=1e-5)
 
-    config = spdjax.configs.load("resid_mlp:1+apd", {"steps": 6, "log_every": 3,
-                                                    "target_steps": 5, "eval_batch_size": 256,
-                                                    "figures": False})
+    config = spdjax.configs.load("resid_mlp:1+apd", {"steps": 4, "log_every": 2, "C": 20,
+                                                    "batch_size": 64, "target_steps": 5,
+                                                    "eval_batch_size": 128, "figures": False})
     run = loop.setup(config)
     loop.train(run)
     summary = loop.evaluate(run)
