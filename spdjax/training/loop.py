@@ -37,7 +37,8 @@ from spdjax.training.schedules import make_schedule
 from spdjax.training.step import TrainState, init_train_state
 from spdjax.training.stepping import OnStep, advance, build_step, write_sink
 from spdjax.training.validation import validate
-from spdjax.training.workdir import ConfigMismatchError, Progress, log_to
+from spdjax.training.progress import Progress, log_to
+from spdjax.training.workdir import ConfigMismatchError
 
 log = logging.getLogger("spdjax")
 

@@ -18,7 +18,7 @@ from spdjax.training import workdir as wd
 from spdjax.training.health import check_health
 from spdjax.training.interrupts import StopRequest
 from spdjax.training.step import TrainState, make_train_step
-from spdjax.training.workdir import Progress
+from spdjax.training.progress import Progress
 
 log = logging.getLogger("spdjax")
 OnStep = Callable[[int, dict], None]

@@ -1,4 +1,4 @@
-"""A run's directory and what the loop writes and says: config check, metric lines, progress.
+"""A run's directory and what the loop writes: lock, config check and history, metric lines.
 
     workdir/config.json         the resolved config (a resume must match it)
     workdir/metrics.jsonl       one JSON line per log step (writer: the clu vocabulary,
@@ -7,23 +7,19 @@
     workdir/checkpoints/        self-describing checkpoints (:mod:`spdjax.training.checkpoints`)
     workdir/summary.json        the final evaluation;  workdir/figures/*.png
 
-Progress and notes go to the ``"spdjax"`` logger; :func:`log_to` attaches a plain handler for
-scripts and notebooks (the CLI does this too).
+Progress and notes go to the ``"spdjax"`` logger (:mod:`spdjax.training.progress`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import os
 import pathlib
 import shutil
 import socket
-import sys
 import time
-from typing import Any, Iterator, Mapping, TextIO
+from typing import Any, Mapping
 
 log = logging.getLogger("spdjax")
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "init_selection.json",
@@ -254,70 +250,3 @@ class MemoryWriter:
 
     def close(self) -> None:
         pass
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-class Progress:
-    """Logs ``step i/N | loss | steps/s | ETA`` lines; measures rate since the last mark."""
-
-    def __init__(self, total_steps: int, start_step: int = 0, *, label: str = ""):
-        self.total, self.start = total_steps, start_step
-        self.prefix = f"{label}: " if label else ""
-        self._last_step, self._last_time = start_step, time.perf_counter()
-        self.steps_per_sec = float("nan")
-
-    def mark(self, step: int) -> float:
-        """Updates the rate estimate at ``step`` and returns steps/s since the last mark."""
-        now = time.perf_counter()
-        if step > self._last_step:
-            self.steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
-        self._last_step, self._last_time = step, now
-        return self.steps_per_sec
-
-    def line(self, step: int, loss: float) -> str:
-        eta = (self.total - step) / self.steps_per_sec if self.steps_per_sec > 0 else float("nan")
-        return (f"{self.prefix}step {step:>{len(str(self.total))}}/{self.total} | loss {loss:.4e} "
-                f"| {self.steps_per_sec:7.1f} steps/s | ETA {format_duration(eta)}")
-
-    def report(self, step: int, loss: float) -> None:
-        log.info(self.line(step, loss))
-
-
-class _Formatter(logging.Formatter):
-    """The message alone; ``WARNING: message`` from warnings up."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        msg = super().format(record)
-        return f"{record.levelname}: {msg}" if record.levelno >= logging.WARNING else msg
-
-
-@contextlib.contextmanager
-def log_to(stream: TextIO | None = None, level: int = logging.INFO) -> Iterator[None]:
-    """Prints the ``"spdjax"`` logger's records to ``stream`` (default stdout) while active.
-
-    Does nothing if the logger already has a handler (an application configured it).
-    """
-    if log.handlers:
-        yield
-        return
-    handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(_Formatter("%(message)s"))
-    old_level, old_propagate = log.level, log.propagate
-    log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
-    try:
-        yield
-    finally:
-        handler.flush()
-        log.removeHandler(handler)
-        log.setLevel(old_level)
-        log.propagate = old_propagate

@@ -9,7 +9,7 @@ import pytest
 
 from spdjax import configs
 from spdjax.training import init_selection, loop
-from spdjax.training.workdir import log_to
+from spdjax.training.progress import log_to
 
 
 def tms_config(**overrides):

@@ -1,3 +1,4 @@
+import io
 import json
 import math
 
@@ -5,7 +6,8 @@ import numpy as np
 import pytest
 
 from spdjax.training.schedules import make_schedule
-from spdjax.training.workdir import JsonlWriter, format_duration
+from spdjax.training.progress import format_duration
+from spdjax.training.workdir import JsonlWriter
 
 
 def test_paper_cosine_is_quarter_period():
@@ -56,3 +58,32 @@ def test_jsonl_writer_truncates_on_resume(tmp_path):
     lines = [json.loads(l) for l in path.read_text().splitlines()]
     assert [l["step"] for l in lines] == [10, 20, 30] and lines[-1]["loss"] == 9.0
     assert format_duration(3725) == "1h02m05s" and format_duration(65) == "1m05s"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_is_a_live_bar_on_a_terminal_and_plain_lines_elsewhere(terminal):
+    import logging
+
+    from spdjax.training.progress import Progress, log_to
+
+    stream = _Terminal() if terminal else io.StringIO()
+    with log_to(stream):
+        progress = Progress(100, 0)
+        for step in (50, 100):
+            progress.mark(step)
+            progress.report(step, 0.5)
+            if step == 50:
+                logging.getLogger("spdjax").warning("something to say")
+    text = stream.getvalue()
+    assert "step  50/100 | loss 5.0000e-01" in text and "WARNING: something to say" in text
+    if terminal:  # redrawn in place with a bar, the warning printed above it
+        assert "\r\033[K[############............] step  50/100" in text
+        assert "[########################] step 100/100" in text and text.endswith("\n")
+        assert text.count("\n") == 2  # the warning's line and the finished bar's
+    else:
+        assert "\r" not in text and "[#" not in text and len(text.splitlines()) == 3
