@@ -94,3 +94,16 @@ def test_eval_losses_take_options_but_no_coeff():
         c.eval_losses = {"pgd_recon": {"n_steps": -2}}
     with pytest.raises(ValueError, match="n_steps must be an integer >= 0"):
         validate(c)
+
+
+def test_adversaries_that_share_sources_refuse_microbatches_and_eval_only_use():
+    from spdjax.training.validation import validate
+
+    c = configs.load("resid_mlp:2+head", {"microbatches": 2})
+    with pytest.raises(ValueError, match=r"\['pgd_recon_subset'\] share their adversarial"):
+        validate(c)
+    c = configs.load("tms:5-2")
+    with c.unlocked():
+        c.eval_losses = {"persistent_pgd_recon": {"n_steps": 1}}
+    with pytest.raises(ValueError, match="keep state across training steps"):
+        validate(c)

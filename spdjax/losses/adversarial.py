@@ -158,7 +158,8 @@ def persistent_pgd_recon(params, ctx: Context, key, *, n_steps: int = 2, step_si
     Each step starts from them, takes ``n_steps`` signed warm-up steps (not kept), and the final
     loss is evaluated there; its gradient reaches the persistent sources (and, as in every PGD
     term, the model), and the optimizer moves the sources *up* that gradient
-    (:func:`spdjax.methods.spd.make_optimizer`: Adam β = (0.5, 0.99), lr 0.01, clipped to
+    (:func:`spdjax.methods.adversary.ascend_in_unit_box`, chained in by
+    :func:`~spdjax.methods.adversary.with_adversary`: Adam β = (0.5, 0.99), lr 0.01, clipped to
     [0, 1]). ``router`` (e.g. ``"uniform_k"``) routes a subset of sites per position.
     """
     _check(n_steps, step_size, "ones", "shared_across_batch")

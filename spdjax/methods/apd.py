@@ -81,7 +81,11 @@ class APDDecomposition:
              init_scale: float = 1.0) -> dict:
         """``A`` and ``B`` per owner site: ``"xavier_normal"`` (the reference's TMS init) or
         ``"kaiming_uniform"`` (its ResidMLP init, ``U(±sqrt(6 / fan_in))``), times
-        ``init_scale``; fans are those of each component's matrix (d_in, m) and (m, d_out)."""
+        ``init_scale``; fans are those of each component's matrix (d_in, m) and (m, d_out).
+        The reference applies torch's init to the whole ``[(instances,) C, d_in, m]`` tensor,
+        whose fans include C (and its instance count): its scales are smaller (TMS 5-2's ``A``:
+        std ~0.26 or less against 0.5 here). The TMS 5-2 numbers reproduce with this init
+        (RESULTS.md); the difference is a known deviation."""
         if init not in APD_INITS:
             raise ValueError(f"Unknown APD init {init!r}; expected one of {APD_INITS}.")
         comps = {}
@@ -138,6 +142,14 @@ def decompose_apd(target: Target, sites: Mapping[str, int], C: int, *, rank: int
         raise ValueError(f"APD: rank must be an integer >= 0 (0: full rank), got {rank!r}.")
     names = tuple(match_sites(target, sites))
     ties = dict(ties or {})
+    for tied, owner in ties.items():
+        if tied not in names or owner not in names or owner in ties:
+            raise ValueError(f"APD tie {tied!r} -> {owner!r}: both must be decomposed sites "
+                             f"{list(names)} and the owner not itself tied.")
+        a, b = target.sites[tied], target.sites[owner]
+        if (a.d_in, a.d_out) != (b.d_out, b.d_in):
+            raise ValueError(f"Cannot tie {tied!r} {(a.d_in, a.d_out)} to the transpose of "
+                             f"{owner!r} {(b.d_in, b.d_out)}.")
     ranks = {n: rank or min(target.sites[n].d_in, target.sites[n].d_out) for n in names}
     for tied, owner in ties.items():
         ranks[tied] = ranks[owner]
@@ -145,9 +157,15 @@ def decompose_apd(target: Target, sites: Mapping[str, int], C: int, *, rank: int
 
 
 def attributions(d: APDDecomposition, target_params, params, x, *, source: str = "target"):
-    """``[batch, C]`` gradient attributions (module docstring), outputs ``[batch, d_L]``."""
-    _, inputs = d.clean_forward(target_params, x)
-    inputs = jax.lax.stop_gradient(inputs)
+    """``[batch, C]`` gradient attributions (module docstring), outputs ``[batch, d_L]``.
+
+    Gradients and site inputs come from one forward: the target's (``source="target"``) or the
+    APD model's unmasked one (``"apd"``). Nothing here is differentiated further.
+    """
+    if jnp.ndim(x) != 2:
+        raise ValueError(f"APD's attributions take a batch of shape [batch, features]; got "
+                         f"{jnp.shape(x)}.")
+    params = jax.lax.stop_gradient(params)
     weights = {n: (d.site(n).weight(target_params) if source == "target"
                    else d.component_weight(params, n)) for n in d.site_names}
 
@@ -156,17 +174,17 @@ def attributions(d: APDDecomposition, target_params, params, x, *, source: str =
             bias = d.site(n).bias
             return lambda a: (comp_lib.inner_acts(d.site(n).kind, weights[n], a)
                               + (0.0 if bias is None else bias(target_params)) + probes[n])
-        return d.target.forward(target_params, x, {n: site(n) for n in d.site_names})[0]
+        out, inputs = d.target.forward(target_params, x, {n: site(n) for n in d.site_names})
+        return out, {n: inputs[n] for n in d.site_names}
 
-    probes = {n: jnp.zeros(inputs[n].shape[:-1] + (d.site(n).d_out,)) if d.site(n).kind != "embed"
-              else jnp.zeros(inputs[n].shape + (d.site(n).d_out,)) for n in d.site_names}
-    out, vjp = jax.vjp(out_with_probes, probes)
+    probes = {n: jnp.zeros((x.shape[0], d.site(n).d_out)) for n in d.site_names}
+    out, vjp, inputs = jax.vjp(out_with_probes, probes, has_aux=True)
     d_out = out.shape[-1]
     cotangents = jnp.broadcast_to(jnp.eye(d_out)[:, None, :], (d_out, *out.shape))
     grads = jax.vmap(lambda c: vjp(c)[0])(cotangents)  # {site: [d_L, batch, d_out_l]}
     total = 0.0
     for n in d.site_names:
-        A, B = d.factors(jax.lax.stop_gradient(params), n)
+        A, B = d.factors(params, n)
         acts = (jnp.take(A, inputs[n], axis=1).transpose(1, 0, 2) if d.site(n).kind == "embed"
                 else jnp.einsum("bi,cim->bcm", inputs[n], A))
         comp_out = jnp.einsum("bcm,cmo->bco", acts, B)
@@ -296,6 +314,9 @@ def from_config(config, problem, learning_rate) -> Method:
     coeffs = {"faithfulness": a.faithfulness_coeff, "topk_recon": a.topk_recon_coeff,
               "schatten": a.schatten_coeff, "act_recon": a.act_recon_coeff}
     act_sites = tuple(match_sites(problem.target, {a.act_sites: 1})) if a.act_recon_coeff else ()
+    if set(act_sites) - set(d.site_names):
+        raise ValueError(f"apd.act_sites {a.act_sites!r} matches sites that are not decomposed: "
+                         f"{sorted(set(act_sites) - set(d.site_names))}.")
     obj = objective(d, topk=a.topk, coeffs=coeffs, pnorm=a.schatten_p, attribution=a.attribution,
                     act_sites=act_sites)
     optimizer = optax.adam(learning_rate)
@@ -336,6 +357,12 @@ def check_config(config) -> None:
 
         family = get_family(config.experiment)
         match_sites(family.target(family.model_config(config)), {a.act_sites: 1})
+    spd_only = {"faithfulness_warmup_steps": 0, "init": "paper", "grad_clip_norm_components": 0.0,
+                "grad_clip_norm_ci": 0.0}
+    changed = [f"{k}={config[k]!r}" for k, v in spd_only.items() if config[k] != v]
+    if changed or config.eval_losses:
+        raise ValueError(f"APD does not use {', '.join(changed) or 'eval_losses'} (SPD-only "
+                         "settings); leave them at their defaults with method 'apd'.")
     if config.microbatches != 1:
         raise ValueError(f"APD takes its top-k over the whole batch: microbatches must be 1, got "
                          f"{config.microbatches}.")

@@ -265,5 +265,15 @@ def eval_terms_from_config(eval_losses: dict) -> list[Term]:
 
 def check_config(config) -> None:
     """SPD's config fields (its loss terms and evaluation-only terms), before any work."""
-    terms_from_config(config.losses.to_dict())
-    eval_terms_from_config(config.eval_losses.to_dict())
+    terms = terms_from_config(config.losses.to_dict())
+    eval_terms = eval_terms_from_config(config.eval_losses.to_dict())
+    stateful = [t.name for t in adversary.adversarial_terms(eval_terms)]
+    if stateful:
+        raise ValueError(f"eval_losses {stateful} keep state across training steps; they can "
+                         "only be training terms (losses).")
+    shared = [t.name for t in terms if hasattr(t.fn, "adversary_init")
+              or t.options.get("scope") == "shared_across_batch"]
+    if shared and config.microbatches > 1:
+        raise ValueError(f"Loss terms {shared} share their adversarial sources across the batch; "
+                         f"with microbatches={config.microbatches} each chunk would get its own "
+                         "(a weaker adversary): use microbatches=1.")

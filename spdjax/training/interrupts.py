@@ -31,11 +31,17 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self._installed = False
         self._previous = None
+
+    def _restore(self) -> None:
+        # signal.signal returns None for a handler installed from C: put the default back then.
+        signal.signal(signal.SIGINT,
+                      signal.SIG_DFL if self._previous is None else self._previous)
 
     def _handle(self, signum, frame):
         if self.requested:  # the second Ctrl-C: stop now
-            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+            self._restore()
             raise KeyboardInterrupt
         self.requested = True
         log.warning("Interrupt received: stopping after this step's checkpoint (press Ctrl-C "
@@ -44,9 +50,10 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        if self._installed:
+            self._restore()
+            self._installed = False

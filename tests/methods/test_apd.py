@@ -141,3 +141,31 @@ def test_unit_norm_keeps_A_columns_unit_and_resid_apd_runs(tmp_path):
     assert -1 <= summary["contribution_r"]["all"] <= 1 and "ci_errors" not in summary
     A = run.params["components"]["layers_0/mlp_in"]["A"]
     np.testing.assert_allclose(jnp.linalg.norm(A, axis=1), 1.0, rtol=1e-4)
+
+
+def test_apd_refuses_settings_it_would_ignore_and_bad_ties():
+    from spdjax.training.validation import validate
+
+    with pytest.raises(ValueError, match="APD does not use faithfulness_warmup_steps=200"):
+        validate(spdjax.configs.load("tms:5-2+apd+gaussian"))
+    target, tp = two_site_target(d_in=3, d_hidden=5, d_out=2)
+    with pytest.raises(ValueError, match="Cannot tie 'b'"):
+        apd.decompose_apd(target, {"a": 1, "b": 1}, 4, ties={"b": "a"})
+
+
+def test_apd_attributions_from_the_apd_model_use_its_own_activations(setup):
+    d, tp, params, x = setup
+    # One component that is exactly the target (A = I, B = W): both sources see the same model.
+    exact = {"components": {}}
+    for n in ("a", "b"):
+        W = tp[n]["kernel"]
+        exact["components"][n] = {"A": jnp.zeros((C, W.shape[0], W.shape[0])).at[0].set(
+                                      jnp.eye(W.shape[0])),
+                                  "B": jnp.zeros((C, W.shape[0], W.shape[1])).at[0].set(W)}
+    exact_d = apd.APDDecomposition(target=d.target, site_names=d.site_names, C=C,
+                                   rank={"a": 3, "b": 5}, ties={})
+    np.testing.assert_allclose(apd.attributions(exact_d, tp, exact, x, source="apd"),
+                               apd.attributions(exact_d, tp, exact, x, source="target"),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(apd.attributions(d, tp, params, x, source="apd"),
+                           apd.attributions(d, tp, params, x, source="target"))
