@@ -100,6 +100,7 @@ def test_every_variant_config_is_valid():
 
 
 # 1 layer runs end to end in tests/test_regression.py; 2 layers take the same code paths as 3.
+@pytest.mark.slow  # ~15 s (full-size 3-layer model): run with -m slow
 @pytest.mark.parametrize("variant", ["3"])
 def test_tiny_run_of_every_variant(variant, tmp_path, monkeypatch):
     # An untrained target at the variant's full size (training is tested in test_resid_mlp.py).

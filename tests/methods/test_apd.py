@@ -114,9 +114,8 @@ def test_an_apd_run_trains_evaluates_and_resumes(tmp_path):
     assert {p.name for p in paths} >= {"combined_diagram.png", "target.png"}
 
 
-def test_unit_norm_keeps_A_columns_unit_and_resid_apd_runs(tmp_path):
+def test_unit_norm_keeps_A_columns_unit():
     from spdjax.methods.apd import unit_norm_A
-    from spdjax.training import loop
 
     project, renormalise = unit_norm_A()
     A = jax.random.normal(jax.random.key(0), (3, 4, 2))
@@ -129,6 +128,11 @@ def test_unit_norm_keeps_A_columns_unit_and_resid_apd_runs(tmp_path):
     u, _ = renormalise.update(u, None, params)
     new = params["components"]["s"]["A"] + u["components"]["s"]["A"]
     np.testing.assert_allclose(jnp.linalg.norm(new, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.slow  # ~11 s: the full-width ResidMLP compiles APD's 100 attribution passes
+def test_a_resid_mlp_apd_run_keeps_A_unit_and_reports_contributions():
+    from spdjax.training import loop
 
     config = spdjax.configs.load("resid_mlp:1+apd", {"steps": 4, "log_every": 2, "C": 20,
                                                     "batch_size": 64, "target_steps": 5,
