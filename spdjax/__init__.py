@@ -2,7 +2,7 @@
 
 Library use in three lines::
 
-    target, target_params = spdjax.from_linen(model, variables)
+    target, target_params = spdjax.from_linen(model, variables, example_batch)
     decomp = spdjax.decompose(target, {"layers_*/mlp_in": 100})
     params = decomp.init(key, target_params)
 
@@ -14,6 +14,7 @@ finished runs: :func:`load`.
 
 from spdjax import configs
 from spdjax.adapters import from_linen, from_nnx
+from spdjax.tracing import from_jax
 from spdjax.analysis.load import LoadedRun, load
 from spdjax.ci import CI_FUNCTIONS, MLP, SharedMLP, VectorMLP
 from spdjax.components import COMPONENT_INITS, init_gaussian, init_paper
@@ -61,7 +62,7 @@ __all__ = [
     "ROUTERS", "SiteMask", "frequency_minimality", "pgd_recon", "pgd_recon_layerwise",
     "pgd_recon_subset", "static_probability", "stochastic_hidden_acts_recon",
     "stochastic_recon_subset",
-    "faithfulness", "from_function", "from_linen", "from_nnx", "importance_minimality",
+    "faithfulness", "from_function", "from_jax", "from_linen", "from_nnx", "importance_minimality",
     "init_gaussian", "init_paper", "init_train_state", "load", "make_context", "make_mesh",
     "make_optimizer", "make_total_loss", "make_train_step", "match_sites", "sample_masks",
     "setup", "shard_params", "sparse_features", "spd_method", "spd_objective",

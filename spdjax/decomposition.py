@@ -66,6 +66,11 @@ def match_sites(target: Target, patterns: Mapping[str, int]) -> dict[str, int]:
         if not isinstance(C, int) or isinstance(C, bool) or C <= 0:
             raise ValueError(f"Site pattern {pattern!r}: C must be a positive int, got {C!r}.")
         hits = [name for name in target.sites if fnmatch.fnmatchcase(name, pattern)]
+        bad = [n for n in target.unsupported if fnmatch.fnmatchcase(n, pattern)]
+        if not hits and bad:
+            raise ValueError(f"Site pattern {pattern!r} matches only weights that cannot be "
+                             "decomposed: " + "; ".join(
+                                 f"{n!r}: {target.unsupported[n]}" for n in bad))
         if not hits:
             raise ValueError(
                 f"Site pattern {pattern!r} matches no decomposable site. "
@@ -179,13 +184,17 @@ class Decomposition:
     # -- forward passes ---------------------------------------------------------------------
     def clean_forward(self, target_params: Any, x: Any) -> tuple[Any, dict[str, Array]]:
         """Target output and the input of every decomposed site."""
+        for leaf in jax.tree.leaves(x):
+            if getattr(leaf, "size", 1) == 0:
+                raise ValueError(f"The batch is an empty input of shape {tuple(leaf.shape)}: it "
+                                 "holds no examples.")
         out, inputs = self.target.forward(target_params, x, {})
         missing = [n for n in self.site_names if n not in inputs]
         if missing:
             raise ValueError(
-                f"Sites {missing} were never called in the target's forward pass (for a linen/nnx "
-                "model: they are not applied as Dense/Linear/Embed layers)."
-            )
+                f"Sites {missing} were never called in the target's forward pass on this input "
+                "(a hand-written forward that skips them, or a traced model whose path depends "
+                "on the input's shape).")
         for name in self.site_names:
             _check_site_input(self.site(name), inputs[name])
         return out, {n: inputs[n] for n in self.site_names}

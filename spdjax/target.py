@@ -58,10 +58,15 @@ class Site:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Target:
-    """A pure forward function plus the catalogue of its decomposable sites."""
+    """A pure forward function plus the catalogue of its decomposable sites.
+
+    ``unsupported`` names weight applications that were found but cannot be sites, with why
+    (a site pattern that matches only those is an error that says so).
+    """
 
     forward: ForwardFn
     sites: Mapping[str, Site]
+    unsupported: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __call__(self, params: Params, x: Any) -> Any:
         """Clean forward pass: the target's output alone."""

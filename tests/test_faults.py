@@ -223,8 +223,8 @@ def test_library_inputs_are_checked_at_the_boundary():
             return nn.Dense(7, name="out")(nn.Embed(7, 4, name="embed")(ids))
 
     model = LM()
-    target, tparams = spdjax.from_linen(model, model.init(jax.random.key(0), jnp.zeros((1, 3),
-                                                                                   jnp.int32)))
+    ids = jnp.zeros((1, 3), jnp.int32)
+    target, tparams = spdjax.from_linen(model, model.init(jax.random.key(0), ids), ids)
     decomp = spdjax.decompose(target, {"*": 4})
     params = decomp.init(jax.random.key(1), tparams)
     ctx = lambda batch, p=params: spdjax.make_context(decomp, tparams, p, batch)  # noqa: E731

@@ -12,7 +12,7 @@ import spdjax
 from spdjax import components
 from spdjax.methods.spd import aliased_tie_updates, faithfulness_warmup, init_fn
 
-from helpers import two_site_target
+from helpers import assert_reproduces_target, two_site_target
 
 
 class LinenMLP(nn.Module):
@@ -41,43 +41,10 @@ class LinenEmbedLM(nn.Module):
         return nn.Dense(11, name="unembed")(nn.relu(nn.Dense(8, name="mlp")(h)))
 
 
-def exact_params(d, tp):
-    """Factors with V U = W exactly: V = [W, 0], U = [I; 0] (needs C >= d_out)."""
-    params = d.init(jax.random.key(0), tp)
-    for name in d.owners:
-        W = d.site(name).weight(tp)
-        pad = d.C[name] - W.shape[1]
-        params["components"][name] = {
-            "V": jnp.pad(W, ((0, 0), (0, pad))),
-            "U": jnp.pad(jnp.eye(W.shape[1]), ((0, pad), (0, 0))),
-        }
-    return params
-
-
-def assert_reproduces_target(d, tp, x):
-    params = exact_params(d, tp)
-
-    @jax.jit
-    def compute(params, x):
-        ctx = spdjax.make_context(d, tp, params, x)
-        ones = {n: jnp.ones_like(c.lower) for n, c in ctx.ci.items()}
-        # Layerwise: one site at a time, the rest keep target weights; each equals the target.
-        layerwise = [d.forward(tp, params, x, {n: ones[n]}) for n in d.site_names]
-        return (d.target(tp, x), d.forward(tp, params, x, ones), layerwise,
-                spdjax.unmasked_recon(params, ctx), spdjax.faithfulness(params, ctx))
-
-    want, all_masked, layerwise, unmasked, faith = compute(params, x)
-    np.testing.assert_allclose(all_masked, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(unmasked, 0.0, atol=1e-10)
-    np.testing.assert_allclose(faith, 0.0, atol=1e-12)
-    for out in layerwise:
-        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
-
-
 def test_linen_model_reproduced_exactly():
     m = LinenMLP()
     x = jax.random.normal(jax.random.key(1), (5, 6))
-    target, tp = spdjax.from_linen(m, m.init(jax.random.key(0), x))
+    target, tp = spdjax.from_linen(m, m.init(jax.random.key(0), x), x)
     assert sorted(target.sites) == ["head", "layers_0", "layers_1"]
     d = spdjax.decompose(target, {"layers_*": 16, "head": 4})
     assert d.site_names == ("layers_0", "layers_1", "head")
@@ -88,9 +55,8 @@ def test_linen_model_reproduced_exactly():
 def test_nnx_model_reproduced_exactly():
     m = NnxMLP(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (5, 6))
-    target, tp = spdjax.from_nnx(m)
+    target, tp = spdjax.from_nnx(m, x)
     assert sorted(target.sites) == ["head", "layers/0", "layers/1"]
-    assert target.sites["head"].bias is None
     d = spdjax.decompose(target, {"layers/*": 20, "head": 4})
     assert_reproduces_target(d, tp, x)
     np.testing.assert_allclose(target(tp, x), m(x), rtol=1e-6)
@@ -99,7 +65,7 @@ def test_nnx_model_reproduced_exactly():
 def test_embedding_site_and_batch_by_sequence_dims():
     m = LinenEmbedLM()
     ids = jax.random.randint(jax.random.key(0), (3, 5), 0, 11)
-    target, tp = spdjax.from_linen(m, m.init(jax.random.key(1), ids))
+    target, tp = spdjax.from_linen(m, m.init(jax.random.key(1), ids), ids)
     assert target.sites["embed"].kind == "embed"
     d = spdjax.decompose(target, {"embed": 9, "mlp": 8, "unembed": 11})
     assert_reproduces_target(d, tp, ids)
@@ -130,15 +96,27 @@ def test_pattern_errors():
         spdjax.decompose(target, {"a": 3}, ci_hidden=())
 
 
-def test_site_never_called_is_an_error():
+def test_any_parameter_applied_as_a_matrix_is_a_site():
     class Custom(nn.Module):  # a 'kernel' param not applied through nn.Dense
         @nn.compact
         def __call__(self, x):
-            return x @ self.param("kernel", nn.initializers.ones, (3, 2))
+            return x @ self.param("kernel", nn.initializers.lecun_normal(), (3, 2))
 
-    m = Custom()
-    target, tp = spdjax.from_linen(m, m.init(jax.random.key(0), jnp.ones((1, 3))))
-    d = spdjax.decompose(target, {"*": 2})
+    m, x = Custom(), jnp.ones((1, 3))
+    target, tp = spdjax.from_linen(m, m.init(jax.random.key(0), x), x)
+    assert {n: (s.kind, s.d_in, s.d_out) for n, s in target.sites.items()} == {
+        "kernel": ("linear", 3, 2)}
+    assert_reproduces_target(spdjax.decompose(target, {"*": 2}), tp, x)
+
+
+def test_site_never_called_is_an_error():
+    def fn(p, x, hooks):  # a pure target whose forward skips a declared site
+        return hooks("a", x, lambda a: a @ p["a"])
+
+    sites = [spdjax.Site(n, "linear", 3, 3, spdjax.weight_at((n,))) for n in ("a", "b")]
+    target = spdjax.from_function(fn, sites)
+    tp = {"a": jnp.eye(3), "b": jnp.eye(3)}
+    d = spdjax.decompose(target, {"*": 3})
     with pytest.raises(ValueError, match="never called"):
         d.clean_forward(tp, jnp.ones((1, 3)))
 
