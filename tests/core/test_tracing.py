@@ -22,7 +22,8 @@ def check_exact(target, tp, x, want, C=None):
     """With V U = W at every site and all masks 1 the decomposed model is the model."""
     np.testing.assert_allclose(target(tp, x), want, rtol=1e-5, atol=1e-5)
     C = C or max(s.d_out for s in target.sites.values())
-    assert_reproduces_target(spdjax.decompose(target, {"*": C}), tp, x)
+    assert_reproduces_target(spdjax.decompose(target, {"*": C}), tp, x,
+                             layerwise=len(target.sites) <= 4)
 
 
 # ----------------------------------------------------------------------------------------- linen
