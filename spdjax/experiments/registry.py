@@ -114,9 +114,10 @@ class Experiment:
 
 
 def _families() -> Registry[Family]:
-    from spdjax.experiments import resid_mlp, tms
+    from spdjax.experiments import lm, resid_mlp, tms
 
-    return Registry("experiment", {"tms": tms.FAMILY, "resid_mlp": resid_mlp.FAMILY})
+    return Registry("experiment", {"tms": tms.FAMILY, "resid_mlp": resid_mlp.FAMILY,
+                                   "lm": lm.FAMILY})
 
 
 def get_family(name: str) -> Family:

@@ -14,7 +14,7 @@ Normalisations follow the reference (spec section 3); see each module.
 from spdjax.losses.adversarial import (persistent_pgd_recon, pgd_masks, pgd_recon,
                                       pgd_recon_layerwise, pgd_recon_subset)
 from spdjax.losses.context import Context, make_context
-from spdjax.losses.divergences import DIVERGENCES, kl, mse
+from spdjax.losses.divergences import DIVERGENCES, ce, kl, mse
 from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise,
                                  stochastic_hidden_acts_recon, stochastic_recon,
                                  stochastic_recon_layerwise, stochastic_recon_subset,

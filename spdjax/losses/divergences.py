@@ -1,7 +1,9 @@
 """Output divergences ``D(pred, target) -> scalar`` used by every reconstruction loss.
 
 ``mse`` is the mean over all output elements; ``kl`` is KL(target || pred) of the softmaxes,
-summed over the last axis and averaged over the leading ones (reference spec section 3). Any
+summed over the last axis (the vocabulary) and averaged over the leading ones (batch, positions;
+reference spec section 3); ``ce`` is the cross-entropy of the prediction against the target's
+softmax as soft labels, ``kl`` plus the target's entropy (same gradient, an absolute scale). Any
 function with this signature can be passed where a divergence is expected.
 """
 
@@ -30,4 +32,11 @@ def kl(pred: Array, target: Array) -> Array:
     return jnp.mean(jnp.sum(jnp.exp(logp_t) * (logp_t - logq), axis=-1))
 
 
-DIVERGENCES: Registry[Divergence] = Registry("output divergence", {"mse": mse, "kl": kl})
+def ce(pred: Array, target: Array) -> Array:
+    """-sum softmax(target) * log_softmax(pred) over the last axis, mean over the rest."""
+    p_t = jax.nn.softmax(target, axis=-1)
+    return jnp.mean(-jnp.sum(p_t * jax.nn.log_softmax(pred, axis=-1), axis=-1))
+
+
+DIVERGENCES: Registry[Divergence] = Registry("output divergence",
+                                             {"mse": mse, "kl": kl, "ce": ce})

@@ -40,9 +40,12 @@ def _layerwise(params, ctx, masks, divergence):
 
 
 def _over_mask_samples(fn, params, ctx, key, n_samples, sampling, divergence, delta=False,
-                       router: Router | None = None):
+                       router: Router | None = None, sample_chunk: int | None = None):
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+    if sample_chunk is not None and not 1 <= sample_chunk <= n_samples:
+        raise ValueError(f"sample_chunk must be in [1, n_samples={n_samples}] or None, got "
+                         f"{sample_chunk}.")
     lower = {n: c.lower for n, c in ctx.ci.items()}
     sampling = SAMPLERS.resolve(sampling)
 
@@ -54,39 +57,50 @@ def _over_mask_samples(fn, params, ctx, key, n_samples, sampling, divergence, de
                                               list(lower), leading))
         return fn(params, ctx, masks, divergence)
 
-    return jnp.mean(jax.vmap(one)(jax.random.split(key, n_samples)))
+    keys = jax.random.split(key, n_samples)
+    if sample_chunk is None or sample_chunk == n_samples:
+        return jnp.mean(jax.vmap(one)(keys))
+    # Rematerialised: the backward pass keeps one chunk's activations, not all S draws'.
+    return jnp.mean(jax.lax.map(jax.checkpoint(one), keys, batch_size=sample_chunk))
 
 
 def stochastic_recon(
     params, ctx: Context, key, *, n_samples: int = 1, sampling: MaskSampler = continuous,
-    divergence: Divergence = mse, delta: bool = False,
+    divergence: Divergence = mse, delta: bool = False, sample_chunk: int | None = None,
 ) -> Array:
-    """(1/S) sum_s D(f(x | all sites masked with m^(s)), f(x))."""
-    return _over_mask_samples(_recon, params, ctx, key, n_samples, sampling, divergence, delta)
+    """(1/S) sum_s D(f(x | all sites masked with m^(s)), f(x)).
+
+    ``sample_chunk=k`` evaluates the S mask draws k at a time (``lax.map``) instead of all at
+    once (``vmap``): peak memory ~ k/S of the full batch x positions x vocabulary x S, same value.
+    """
+    return _over_mask_samples(_recon, params, ctx, key, n_samples, sampling, divergence, delta,
+                              sample_chunk=sample_chunk)
 
 
 def stochastic_recon_layerwise(
     params, ctx: Context, key, *, n_samples: int = 1, sampling: MaskSampler = continuous,
-    divergence: Divergence = mse, delta: bool = False,
+    divergence: Divergence = mse, delta: bool = False, sample_chunk: int | None = None,
 ) -> Array:
-    """(1/(L S)) sum_s sum_l D(f(x | only site l masked with m_l^(s)), f(x))."""
+    """(1/(L S)) sum_s sum_l D(f(x | only site l masked with m_l^(s)), f(x)); ``sample_chunk``
+    as in :func:`stochastic_recon`."""
     return _over_mask_samples(_layerwise, params, ctx, key, n_samples, sampling, divergence,
-                              delta)
+                              delta, sample_chunk=sample_chunk)
 
 
 def stochastic_recon_subset(
     params, ctx: Context, key, *, n_samples: int = 1, sampling: MaskSampler = continuous,
     divergence: Divergence = mse, delta: bool = False, router: str | Router = "uniform_k",
-    routing_p: float | None = None,
+    routing_p: float | None = None, sample_chunk: int | None = None,
 ) -> Array:
     """(1/S) sum_s D(f(x | a routed subset of sites masked with m^(s) per position), f(x)).
 
     Each position replaces the sites its routing mask picks (``router``, :mod:`spdjax.routing`;
     ``"static_probability"`` with ``routing_p``); the others keep their target output. The
     component masks are the ones :func:`stochastic_recon` draws from the same key.
+    ``sample_chunk`` as in :func:`stochastic_recon`.
     """
     return _over_mask_samples(_recon, params, ctx, key, n_samples, sampling, divergence, delta,
-                              make_router(router, routing_p))
+                              make_router(router, routing_p), sample_chunk)
 
 
 def _hidden_acts(params, ctx: Context, masks, divergence) -> Array:

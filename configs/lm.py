@@ -1,0 +1,43 @@
+"""SPD on transformers: the induction-head toy (``ih``, default) and a small byte-level LM.
+
+Targets are trained by our own command (``python -m spdjax.lm --variant=ih``; also trained and
+cached by the first run below). Every site is found by tracing the model (spdjax/tracing.py):
+``ih`` decomposes all 8 attention projections (``blocks_<i>/attn/{q,k,v,out}``); ``bytes`` also
+the MLPs (``blocks_<i>/mlp_in``, ``mlp_out``). The output divergence is KL(target || masked) over
+the vocabulary at every position (the reference's choice for LMs, spec 3.0).
+
+    python -m spdjax.main --config=configs/lm.py:ih --workdir=workdir/lm_ih
+    python -m spdjax.main --config=configs/lm.py:bytes --workdir=workdir/lm_bytes
+
+Outputs as for the toy models (summary.json, metrics.jsonl, figures/ with CI per site and
+position; top_contexts.html for the byte LM). Numbers and timings: RESULTS.md. Shared fields:
+spdjax/configs.py.
+"""
+
+from spdjax.configs import base_config
+
+# variant -> (C, steps, batch, lr, importance-minimality coeff, p, CI hidden width)
+_VARIANTS = {
+    "ih": (32, 5000, 64, 1e-3, 1e-3, 1.0, 16),
+    "bytes": (64, 5000, 16, 1e-3, 1e-3, 1.0, 16),
+}
+
+
+def get_config(arg: str = "ih"):
+    if arg not in _VARIANTS:
+        raise ValueError(f"Unknown LM variant {arg!r}; expected one of {sorted(_VARIANTS)}.")
+    C, steps, batch, lr, imp_coeff, pnorm, ci_hidden = _VARIANTS[arg]
+    c = base_config("lm", arg)
+    c.C, c.steps, c.batch_size, c.lr = C, steps, batch, lr
+    c.lr_schedule, c.lr_warmup_frac = "cosine", 0.0
+    c.ci_hidden = (ci_hidden,)
+    c.tie_mode = "shared"  # no ties in these models
+    kl = {"coeff": 1.0, "n_samples": 1, "sampling": "continuous", "divergence": "kl"}
+    c.losses.stochastic_recon = dict(kl)
+    c.losses.stochastic_recon_layerwise = dict(kl)
+    c.losses.importance_minimality.coeff = imp_coeff
+    c.losses.importance_minimality.pnorm = pnorm
+    c.eval_batch_size = 256 if arg == "ih" else 32
+    c.log_every = 250
+    c.checkpoint_every = 1000
+    return c
