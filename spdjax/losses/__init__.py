@@ -25,7 +25,7 @@ from spdjax.losses.total import (LOSSES, Term, make_total_loss, term, term_key, 
                                  total_loss)
 
 __all__ = [
-    "Context", "DIVERGENCES", "LOSSES", "Term", "annealed_p", "ci_masked_recon",
+    "Context", "DIVERGENCES", "LOSSES", "Term", "annealed_p", "ce", "ci_masked_recon",
     "ci_masked_recon_layerwise", "faithfulness", "frequency_minimality", "importance_minimality",
     "kl", "make_context", "make_total_loss", "mse", "persistent_pgd_recon", "pgd_masks", "pgd_recon",
     "pgd_recon_layerwise", "pgd_recon_subset", "stochastic_hidden_acts_recon",

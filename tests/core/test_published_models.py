@@ -5,7 +5,6 @@ GPT-2 stores its projections torch-style as ``Conv1D`` kernels of shape ``(out, 
 its unembedding to ``wte``; Llama uses rotary positions and grouped key/value heads.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from transformers import FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM, GPT2Config, LlamaConfig

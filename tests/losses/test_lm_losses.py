@@ -3,7 +3,6 @@ and mask draws evaluated in chunks with bounded memory."""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.special import log_softmax
