@@ -37,6 +37,8 @@ def get_config(arg: str = "ih"):
     c.losses.stochastic_recon_layerwise = dict(kl)
     c.losses.importance_minimality.coeff = imp_coeff
     c.losses.importance_minimality.pnorm = pnorm
+    if arg == "bytes":
+        c.target_recipe.corpus_bytes = 8_000_000  # bytes of standard-library source to train on
     c.eval_batch_size = 256 if arg == "ih" else 32
     c.log_every = 250
     c.checkpoint_every = 1000

@@ -20,6 +20,8 @@ from spdjax.experiments.lm import model as lm_model
 from spdjax.losses import kl, make_context
 from spdjax.masks import sample_masks
 
+Array = jax.Array
+
 EVAL_KEY = 1234  # the evaluation batch: fixed, so runs compare on the same tokens
 EVAL_SEQUENCES = {"induction": 512, "bytes": 64}
 L0_THRESHOLD = 0.1
@@ -30,14 +32,19 @@ def eval_batch(cfg: lm_model.LMConfig):
     key = jax.random.key(EVAL_KEY)
     n = EVAL_SEQUENCES[cfg.data]
     if cfg.data == "induction":
-        return lm_model.induction(cfg, key, n)
-    return lm_data.window_batch(lm_model.corpus_tokens(cfg, "val"), key, n, cfg.seq_len), None
+        return jax.jit(lambda k: lm_model.induction(cfg, k, n))(key)
+    tokens = lm_model.corpus_tokens(cfg, "val")
+    return jax.jit(lambda t, k: lm_data.window_batch(t, k, n, cfg.seq_len))(tokens, key), None
 
 
-def _ce(cfg, logits, ids, labels) -> float:
+def _ce(cfg, logits, ids, labels) -> Array:
     if cfg.data == "induction":
-        return float(lm_model.last_position_ce(logits, labels))
-    return float(lm_model.next_token_ce(logits, ids))
+        return lm_model.last_position_ce(logits, labels)
+    return lm_model.next_token_ce(logits, ids)
+
+
+def _accuracy(logits, labels) -> Array:
+    return jnp.mean(jnp.argmax(logits[:, -1], -1) == labels)
 
 
 def target_quality(params: dict, cfg: lm_model.LMConfig, key=None) -> dict:
@@ -45,11 +52,17 @@ def target_quality(params: dict, cfg: lm_model.LMConfig, key=None) -> dict:
     position for the induction toy."""
     del key
     ids, labels = eval_batch(cfg)
-    logits = lm_model.Transformer(cfg).apply({"params": params}, ids)
-    out = {"target_ce": _ce(cfg, logits, ids, labels)}
-    if cfg.data == "induction":
-        out["target_induction_accuracy"] = float(jnp.mean(jnp.argmax(logits[:, -1], -1) == labels))
-    else:
+
+    @jax.jit
+    def quality(params, ids, labels):
+        logits = lm_model.Transformer(cfg).apply({"params": params}, ids)
+        out = {"target_ce": _ce(cfg, logits, ids, labels)}
+        if cfg.data == "induction":
+            out["target_induction_accuracy"] = _accuracy(logits, labels)
+        return out
+
+    out = {k: float(v) for k, v in quality(params, ids, labels).items()}
+    if cfg.data == "bytes":
         out["target_bits_per_byte"] = out["target_ce"] / float(np.log(2))
     return out
 
@@ -71,21 +84,24 @@ def evaluate(decomp, params, target_params, cfg: lm_model.LMConfig, *, steps=Non
     if not hasattr(decomp, "causal_importance"):
         return {"warnings": ["the LM evaluation measures SPD decompositions (CI); none here"]}
     ids, labels = eval_batch(cfg)
-    ctx, logits = jax.jit(lambda p, tp, i: masked_logits(decomp, p, tp, i, jax.random.key(0)))(
-        params, target_params, ids)
-    out = {"ce_target": _ce(cfg, ctx.target_out, ids, labels)}
-    for masking, lg in logits.items():
-        out[f"kl_{masking}"] = float(kl(lg, ctx.target_out))
-        out[f"ce_{masking}"] = _ce(cfg, lg, ids, labels)
-    out["ci_l0_per_token"] = {n: float(ci_l0(c.lower, L0_THRESHOLD)) for n, c in ctx.ci.items()}
-    if cfg.data == "induction":
-        out["target_induction_accuracy"] = float(
-            jnp.mean(jnp.argmax(ctx.target_out[:, -1], -1) == labels))
-        out["ci_masked_induction_accuracy"] = float(
-            jnp.mean(jnp.argmax(logits["ci_masked"][:, -1], -1) == labels))
-        out["ci_l0_induction_position"] = {
-            n: float(ci_l0(c.lower[:, -1], L0_THRESHOLD)) for n, c in ctx.ci.items()}
-        out["ci_l0_other_positions"] = {
-            n: float(ci_l0(c.lower[:, :-1], L0_THRESHOLD)) for n, c in ctx.ci.items()}
+
+    @jax.jit
+    def metrics(params, target_params, ids, labels):
+        ctx, logits = masked_logits(decomp, params, target_params, ids, jax.random.key(0))
+        out = {"ce_target": _ce(cfg, ctx.target_out, ids, labels)}
+        for masking, lg in logits.items():
+            out[f"kl_{masking}"] = kl(lg, ctx.target_out)
+            out[f"ce_{masking}"] = _ce(cfg, lg, ids, labels)
+        out["ci_l0_per_token"] = {n: ci_l0(c.lower, L0_THRESHOLD) for n, c in ctx.ci.items()}
+        if cfg.data == "induction":
+            out["target_induction_accuracy"] = _accuracy(ctx.target_out, labels)
+            out["ci_masked_induction_accuracy"] = _accuracy(logits["ci_masked"], labels)
+            out["ci_l0_induction_position"] = {
+                n: ci_l0(c.lower[:, -1], L0_THRESHOLD) for n, c in ctx.ci.items()}
+            out["ci_l0_other_positions"] = {
+                n: ci_l0(c.lower[:, :-1], L0_THRESHOLD) for n, c in ctx.ci.items()}
+        return out
+
+    out = jax.tree.map(float, metrics(params, target_params, ids, labels))
     out["warnings"] = []
     return out

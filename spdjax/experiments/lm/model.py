@@ -242,7 +242,8 @@ def _trainer(cfg: LMConfig) -> target_training.TargetTrainer:
         optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - warm, 1), alpha=cfg.final_lr_frac),
     ], [warm])
     return target_training.TargetTrainer(
-        init=lambda key: (init_params(key, cfg), {}), loss=loss, sample=sample_batch,
+        init=lambda key: (jax.jit(init_params, static_argnums=1)(key, cfg), {}), loss=loss,
+        sample=sample_batch,
         optimizer=optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 

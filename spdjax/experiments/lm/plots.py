@@ -98,6 +98,30 @@ def plot_induction_ci(ci: dict, path) -> pathlib.Path:
     return path
 
 
+def plot_ci_per_token(ci: dict, tokens: list[str], path=None, *, top: int = TOP):
+    """Heatmaps of one sequence's CI: per site (``ci[site]`` of shape ``[T, C]``), the ``top``
+    subcomponents with the largest CI anywhere, over the positions labelled by ``tokens``.
+    Saved to ``path`` if given; returns the figure."""
+    names = list(ci)
+    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, 0.18 * len(tokens)), 1.1 * len(names)
+                                                     + 0.4 * top * len(names) / 4),
+                             squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        c = np.asarray(ci[name])
+        order = np.argsort(-c.max(0))[:top]
+        ax.imshow(c[:, order].T, aspect="auto", cmap="Blues", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_yticks(range(len(order)), [str(i) for i in order], fontsize=6)
+        ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+        ax.set_xticks([])
+    axes[-1, 0].set_xticks(range(len(tokens)), tokens, fontsize=6, rotation=90)
+    fig.suptitle("causal importance per token (rows: subcomponents)")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
 def _byte_text(tokens) -> str:
     return html.escape(bytes(int(t) for t in tokens).decode("utf-8", "replace"))
 
@@ -115,6 +139,8 @@ def write_top_contexts(ci: dict, ids: np.ndarray, path) -> pathlib.Path:
             parts.append(f"<h3>subcomponent {comp}: mean CI {flat[:, comp].mean():.3f}, "
                          f"active on {np.mean(flat[:, comp] > 0.1):.1%} of tokens</h3>")
             for idx in np.argsort(-flat[:, comp])[:CONTEXTS]:
+                if flat[idx, comp] <= 0:
+                    break
                 seq, pos = divmod(int(idx), c.shape[1])
                 before = _byte_text(ids[seq, max(0, pos - WINDOW):pos])
                 parts.append(f"<pre>CI {flat[idx, comp]:.2f} | {before}<b>"
