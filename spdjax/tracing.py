@@ -81,11 +81,12 @@ class _Found:
     """A weight application seen while tracing: its key, kind and matrix shape."""
 
     key: tuple  # (leaf, layers, application number)
-    kind: str
+    kind: str  # "linear" | "embed" | "unsupported"
     d_in: int
     d_out: int
     src: _Src
-    to_matrix: Callable[[Array], Array]
+    to_matrix: Callable[[Array], Array] | None
+    reason: str = ""  # why an "unsupported" application cannot be a site
 
 
 class _Run:
@@ -158,10 +159,10 @@ class _Run:
         w, x = invals[w_side], invals[1 - w_side]
         cw, cx = (lc, rc) if w_side == 0 else (rc, lc)
         if lb or rb:
-            self.site(insrcs[w_side], "unsupported: the weight is applied with batch axes shared "
-                      f"with its input (dot_general batch dims {(tuple(lb), tuple(rb))}), so it "
-                      "is a stack of matrices, not one matrix; write the model with one weight "
-                      "per matrix", 0, 0, None)
+            self.site(insrcs[w_side], "unsupported", 0, 0, None, reason=(
+                "the weight is applied with batch axes shared with its input (dot_general batch "
+                f"dims {(tuple(lb), tuple(rb))}), so it is a stack of matrices, not one matrix; "
+                "write the model with one weight per matrix"))
             return _bind(eqn, invals), [None]
         fw = [a for a in range(w.ndim) if a not in cw]
         fx = [a for a in range(x.ndim) if a not in cx]
@@ -203,9 +204,9 @@ class _Run:
             return _bind(eqn, invals), [None]
         return [fn(site_x).astype(eqn.outvars[0].aval.dtype)], [None]
 
-    def site(self, src, kind, d_in, d_out, to_matrix) -> tuple:
+    def site(self, src, kind, d_in, d_out, to_matrix, reason="") -> tuple:
         key = self.application(src)
-        self.found.append(_Found(key, kind, int(d_in), int(d_out), src, to_matrix))
+        self.found.append(_Found(key, kind, int(d_in), int(d_out), src, to_matrix, reason))
         return key
 
     def record(self, key, site_x):
@@ -354,8 +355,8 @@ def from_jax(fn: Callable[[Any, Any], Any], params: Any, example_input: Any) -> 
     sites, unsupported = {}, {}
     for f in found:
         name = names[f.key]
-        if f.kind.startswith("unsupported"):
-            unsupported[name] = f.kind.removeprefix("unsupported: ")
+        if f.kind == "unsupported":
+            unsupported[name] = f.reason
             continue
         sites[name] = Site(name=name, kind=f.kind, d_in=f.d_in, d_out=f.d_out,
                            weight=_matrix_getter(f.src, f.to_matrix))

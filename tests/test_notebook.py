@@ -1,4 +1,4 @@
-"""The Colab quickstart runs headless, top to bottom, on a small step count."""
+"""The Colab notebooks run headless, top to bottom, on a small step count."""
 
 import pathlib
 
@@ -8,37 +8,32 @@ from nbclient import NotebookClient
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_tms_quickstart_notebook_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPDJAX_NOTEBOOK_STEPS", "100")
-    monkeypatch.setenv("SPDJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+def execute(name: str, monkeypatch, **env) -> tuple[str, list]:
+    """Runs ``colab/<name>`` headless with ``env`` set; returns (printed text, image outputs)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    nb = nbformat.read(ROOT / "colab" / "tms_quickstart.ipynb", as_version=4)
+    nb = nbformat.read(ROOT / "colab" / name, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT)}}).execute()
-    text = "\n".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-    )
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    text = "\n".join(o.get("text", "") for o in outputs)
+    return text, [o for o in outputs if "image/png" in o.get("data", {})]
+
+
+def test_tms_quickstart_notebook_runs(tmp_path, monkeypatch):
+    text, images = execute("tms_quickstart.ipynb", monkeypatch, SPDJAX_NOTEBOOK_STEPS="100",
+                           SPDJAX_NOTEBOOK_WORKDIR=str(tmp_path / "run"))
     assert "MMCS = " in text and "ML2R = " in text
     assert "params of" in text and "at step 100" in text  # the finished run reopened by spdjax.load
-    images = [o for c in nb.cells for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
     assert len(images) == 2
     assert (tmp_path / "run" / "summary.json").exists()
 
 
 def test_decompose_your_transformer_notebook_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPDJAX_NOTEBOOK_STEPS", "20")
-    monkeypatch.setenv("SPDJAX_NOTEBOOK_TARGET_STEPS", "50")
-    monkeypatch.setenv("SPDJAX_NOTEBOOK_WORKDIR", str(tmp_path))
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
-    nb = nbformat.read(ROOT / "colab" / "decompose_your_transformer.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT)}}).execute()
-    text = "\n".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-    )
+    text, images = execute("decompose_your_transformer.ipynb", monkeypatch,
+                           SPDJAX_NOTEBOOK_STEPS="20", SPDJAX_NOTEBOOK_TARGET_STEPS="50",
+                           SPDJAX_NOTEBOOK_WORKDIR=str(tmp_path))
     assert "blocks_1/attn/out" in text and "step    19" in text
     assert "KL(target || CI-masked model)" in text
-    images = [o for c in nb.cells for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
     assert len(images) == 1 and (tmp_path / "ci_per_token.png").exists()
