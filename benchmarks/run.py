@@ -70,6 +70,8 @@ def measure(name: str, steps: int, overrides: dict) -> dict:
     compiled = step.lower(state, target_params, key).compile()
     compile_s = time.perf_counter() - t
     flops = _flops(compiled)
+    memory = compiled.memory_analysis()
+    temp_mib = None if memory is None else memory.temp_size_in_bytes / 2**20
     if config.microbatches > 1:  # XLA counts a scan body once: count the same math unscanned
         flops = _flops(loop.build_step(run, microbatches=1)
                        .lower(state, target_params, key).compile())
@@ -88,6 +90,7 @@ def measure(name: str, steps: int, overrides: dict) -> dict:
         "steps_per_s": 1 / s_per_step, "compile_s": compile_s, "flops_per_step": flops,
         "achieved_flops": flops / s_per_step, "matmul_peak_flops": peak,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "xla_temp_mib": temp_mib,  # XLA's temporaries of one compiled step (its peak working set)
         "reference_s_per_step": REFERENCE_S_PER_STEP.get(name),
         "overrides": overrides,
     }

@@ -37,7 +37,12 @@ def get_config(arg: str = "ih"):
     c.losses.stochastic_recon_layerwise = dict(kl)
     c.losses.importance_minimality.coeff = imp_coeff
     c.losses.importance_minimality.pnorm = pnorm
-    if arg == "bytes":
+    # Target fields a user may change (a changed target is trained and cached apart):
+    c.target_recipe.seq_len = 64 if arg == "ih" else 128  # positions of the model and its data
+    if arg == "ih":
+        c.target_recipe.n_tokens = 128  # V: the model's vocabulary is V + 2
+        c.target_recipe.prefix_window = 61  # "S M" starts in [1, prefix_window) (< seq_len - 1)
+    else:
         c.target_recipe.corpus_bytes = 8_000_000  # bytes of standard-library source to train on
     c.eval_batch_size = 256 if arg == "ih" else 32
     c.log_every = 250

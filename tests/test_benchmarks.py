@@ -170,3 +170,20 @@ def test_the_gpu_script_is_valid_bash_and_names_existing_modules():
     root = script.parents[1]
     for module in re.findall(r"python -m ([\w.]+)", script.read_text()):
         assert (root / (module.replace(".", "/") + ".py")).exists(), module
+
+
+def test_lm_scaling_grid_is_valid_configs_and_tabulates():
+    from benchmarks import lm_scaling
+    from spdjax import configs
+    from spdjax.experiments.registry import get_family
+
+    cfgs = set()
+    for variant, _, overrides in lm_scaling.GRID:
+        config = configs.load(f"lm:{variant}", {"target_steps": 1, **overrides})
+        cfgs.add(get_family("lm").model_config(config))  # a valid target recipe
+    assert len(cfgs) == 7  # 5 ih targets (T 32 / 128, V 512 / 2048, default) + 2 bytes
+    row = {"config": "lm:ih", "label": "C 64", "batch_size": 64, "s_per_step": 0.01,
+           "steps_per_s": 100.0, "compile_s": 3.0, "xla_temp_mib": 12.0, "peak_rss_mib": 900.0}
+    info = {"device": "cpu", "cpu_count": 2, "jax": "x", "commit": "c", "date": "d"}
+    assert "| lm:ih | C 64 | 64 | 10.0 | 100.0 | 3.0 | 12 | 900 |" in lm_scaling.to_markdown(
+        [row], info)

@@ -25,6 +25,8 @@ residual stream (GPT-2 style). Variants (``VARIANTS``):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 
@@ -248,7 +250,11 @@ def _trainer(cfg: LMConfig) -> target_training.TargetTrainer:
 
 
 def cache_stem(cfg: LMConfig, seed: int, cache_dir) -> str:
-    name = next((k for k, v in VARIANTS.items() if v == cfg), "custom")
+    """``lm_<variant>_<steps>steps_seed<s>``; a changed recipe is ``lm_custom-<hash>_...``."""
+    name = next((k for k, v in VARIANTS.items() if v == cfg), None)
+    if name is None:
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+        name = f"custom-{digest.hexdigest()[:8]}"
     return os.path.join(os.fspath(cache_dir), f"lm_{name}_{cfg.steps}steps_seed{seed}")
 
 
