@@ -214,11 +214,11 @@ class Decomposition:
         W = site.weight(target_params) if m.delta is not None or m.routing is not None else None
 
         def fn(x):
-            y = comp_lib.masked_output(comp_lib.inner_acts(site.kind, V, x), U, m.component, bias)
+            y = comp_lib.masked_output(site.apply(V, x), U, m.component, bias)
             if m.delta is not None:
-                y = y + m.delta[..., None] * comp_lib.inner_acts(site.kind, W - V @ U, x)
+                y = y + m.delta[..., None] * site.apply(W - V @ U, x)
             if m.routing is not None:
-                target_y = comp_lib.inner_acts(site.kind, W, x)  # x @ W, or W[ids]
+                target_y = site.apply(W, x)  # x @ W, W[ids] or the convolution
                 target_y = target_y if bias is None else target_y + bias
                 y = jnp.where(m.routing[..., None], y, target_y)
             return y
@@ -249,7 +249,7 @@ class Decomposition:
             x = site_inputs[name]
             acts = None
             if self.ci_fn.uses_inner_acts:
-                acts = comp_lib.inner_acts(self.site(name).kind, self.factors(params, name)[0], x)
+                acts = self.site(name).apply(self.factors(params, name)[0], x)
             pre = self.ci_fn.apply(params["ci"][name], acts, x)
             out[name] = CausalImportance(lower=sig.lower(pre), upper=sig.upper(pre), pre=pre)
         return out
@@ -265,6 +265,8 @@ def _check_site_input(site: Site, x: Array) -> None:
     if site.kind == "embed":
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"Embedding site {site.name!r} needs integer token ids; got {x.dtype}.")
+    elif site.kind == "conv":
+        pass  # an image; its layout is the convolution's own (checked by the model's trace)
     elif x.ndim < 1 or x.shape[-1] != site.d_in:
         raise ValueError(
             f"Site {site.name!r} expects inputs [..., {site.d_in}] (its d_in) but got shape "
@@ -324,10 +326,11 @@ def decompose(
             )
     ci_fn = make_ci_fn(ci_fn, ci_hidden)
     sigmoid = SIGMOIDS.resolve(sigmoid)
-    embeds = [n for n in C if target.sites[n].kind == "embed"]
+    embeds = [n for n in C if target.sites[n].kind in ("embed", "conv")]
     if embeds and not ci_fn.uses_inner_acts:
-        raise ValueError(f"Embedding sites {embeds} need a CI function on inner activations "
-                         f"(e.g. ci_fn='mlp'): their input is token ids; got {ci_fn!r}.")
+        raise ValueError(f"Embedding and convolution sites {embeds} need a CI function on inner "
+                         "activations (e.g. ci_fn='mlp'): their input is token ids or an image, "
+                         f"not a [..., d_in] vector; got {ci_fn!r}.")
     return Decomposition(
         target=target,
         site_names=tuple(C),

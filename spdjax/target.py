@@ -28,7 +28,7 @@ Params = Any
 SiteFn = Callable[[Array], Array]
 ForwardFn = Callable[[Params, Any, Mapping[str, SiteFn]], tuple[Any, dict[str, Array]]]
 
-SITE_KINDS = ("linear", "embed")
+SITE_KINDS = ("linear", "embed", "conv")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -37,11 +37,14 @@ class Site:
 
     Attributes:
       name: path-like name used by site patterns, e.g. ``"layers_0/mlp_in"``.
-      kind: ``"linear"`` (``x @ W + b``) or ``"embed"`` (``W[ids]``).
+      kind: ``"linear"`` (``x @ W + b``), ``"embed"`` (``W[ids]``) or ``"conv"`` (a convolution
+        as its im2col matrix: ``W`` is (kernel window x in-channels, out-channels)).
       d_in: input width (the vocabulary size for an embedding).
       d_out: output width.
       weight: ``params -> W`` with shape ``(d_in, d_out)``.
       bias: ``params -> b`` with shape ``(d_out,)``, or None. Biases are never decomposed.
+      conv: for ``"conv"`` sites, ``(M (d_in, k), image) -> [..., k]``: the site's convolution
+        with the matrix ``M`` as its kernel, channels last.
     """
 
     name: str
@@ -50,10 +53,23 @@ class Site:
     d_out: int
     weight: Callable[[Params], Array]
     bias: Callable[[Params], Array] | None = None
+    conv: Callable[[Array, Array], Array] | None = None
 
     def __post_init__(self):
         if self.kind not in SITE_KINDS:
             raise ValueError(f"Site {self.name!r}: kind {self.kind!r} is not one of {SITE_KINDS}.")
+        if (self.kind == "conv") != (self.conv is not None):
+            raise ValueError(f"Site {self.name!r}: a 'conv' site needs its conv function and "
+                             "only a conv site has one.")
+
+    def apply(self, M: Array, x: Array) -> Array:
+        """``[..., k]``: the site's input ``x`` through a matrix ``M (d_in, k)`` in place of ``W``
+        (``x @ M``, ``M[ids]``, or the convolution with ``M`` as its kernel)."""
+        if self.kind == "conv":
+            return self.conv(M, x)
+        if self.kind == "embed":
+            return jax.numpy.take(M, x, axis=0)
+        return jax.numpy.einsum("...i,ic->...c", x, M)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

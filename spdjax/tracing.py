@@ -17,6 +17,9 @@ equinox models and plain functions decompose alike, with no hooks in the model:
                        round. The site input is the other operand with its free axes first and
                        the contracted ones flattened last: ``[..., d_in]``.
 ``gather`` of rows     an ``embed`` site (``W[ids]``, ``d_in`` = vocabulary).
+``conv_general_dilated``  a ``conv`` site: the kernel as its im2col matrix, (window x in-channels,
+                       out-channels); the site input is the image, and the masked site is the
+                       same convolution with the factors as kernels (``Site.apply``).
 =====================  ==========================================================================
 
 Names: the leaf's path without its last key (``"layers_0/mlp_in"`` for
@@ -29,8 +32,9 @@ application: the first keeps the name, later ones are ``name#2``, ``name#3`` (a 
 ``embed`` is the lookup and ``embed#2`` the unembedding).
 
 Not sites: weights used inside ``lax.cond``/``while_loop`` bodies, a ``dot_general`` of two
-parameters, and a weight with batch axes shared with the input (a per-head einsum that keeps the
-head axis on both sides); the last raises an error naming the leaf.
+parameters, a weight with batch axes shared with the input (a per-head einsum that keeps the
+head axis on both sides) and a grouped (depthwise) convolution; the last two are listed in
+``Target.unsupported`` with the reason, which a pattern that matches only them reports.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jcore
 
 from spdjax.target import Site, Target
@@ -87,6 +92,7 @@ class _Found:
     src: _Src
     to_matrix: Callable[[Array], Array] | None
     reason: str = ""  # why an "unsupported" application cannot be a site
+    conv: Callable[[Array, Array], Array] | None = None  # a conv site's (M, image) -> [..., k]
 
 
 class _Run:
@@ -143,6 +149,8 @@ class _Run:
             return self.dot(eqn, invals, insrcs)
         if name == "gather":
             return self.gather(eqn, invals, insrcs)
+        if name == "conv_general_dilated":
+            return self.conv(eqn, invals, insrcs)
         if name in _CALLS:
             jaxpr, consts = _body(eqn)
             return self.eval(jaxpr, consts, invals, insrcs)
@@ -204,9 +212,43 @@ class _Run:
             return _bind(eqn, invals), [None]
         return [fn(site_x).astype(eqn.outvars[0].aval.dtype)], [None]
 
-    def site(self, src, kind, d_in, d_out, to_matrix, reason="") -> tuple:
+    def conv(self, eqn, invals, insrcs):
+        image, w = invals
+        if insrcs[1] is None or insrcs[0] is not None:
+            return _bind(eqn, invals), [None]
+        p = _bind_params(eqn)
+        if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+            self.site(insrcs[1], "unsupported", 0, 0, None, reason=(
+                "a grouped (e.g. depthwise) convolution is a stack of matrices, not one"))
+            return _bind(eqn, invals), [None]
+        dn = p["dimension_numbers"]
+        o_dim, i_dim, *spatial = dn.rhs_spec
+        perm = (*spatial, i_dim, o_dim)  # kernel -> (window..., in, out)
+        d_in = math.prod(w.shape[a] for a in perm[:-1])
+        d_out = w.shape[o_dim]
+        window = tuple(w.shape[a] for a in perm[:-1])
+        unperm = tuple(int(i) for i in np.argsort(perm))
+        channel = dn.out_spec[1]
+        out_dtype = eqn.outvars[0].aval.dtype
+
+        def to_matrix(weight):
+            return jnp.transpose(weight, perm).reshape(d_in, d_out)
+
+        def conv_with(M, x):  # the same convolution with M (d_in, k) as its kernel, channels last
+            kernel = jnp.transpose(M.reshape(*window, M.shape[1]), unperm)
+            with eqn.ctx.manager:
+                y = eqn.primitive.bind(x, kernel.astype(w.dtype), **p)
+            return jnp.moveaxis(y, channel, -1)
+
+        key = self.site(insrcs[1], "conv", d_in, d_out, to_matrix, conv=conv_with)
+        fn = self.record(key, image)
+        if fn is None:
+            return _bind(eqn, invals), [None]
+        return [jnp.moveaxis(fn(image), -1, channel).astype(out_dtype)], [None]
+
+    def site(self, src, kind, d_in, d_out, to_matrix, reason="", conv=None) -> tuple:
         key = self.application(src)
-        self.found.append(_Found(key, kind, int(d_in), int(d_out), src, to_matrix, reason))
+        self.found.append(_Found(key, kind, int(d_in), int(d_out), src, to_matrix, reason, conv))
         return key
 
     def record(self, key, site_x):
@@ -359,7 +401,7 @@ def from_jax(fn: Callable[[Any, Any], Any], params: Any, example_input: Any) -> 
             unsupported[name] = f.reason
             continue
         sites[name] = Site(name=name, kind=f.kind, d_in=f.d_in, d_out=f.d_out,
-                           weight=_matrix_getter(f.src, f.to_matrix))
+                           weight=_matrix_getter(f.src, f.to_matrix), conv=f.conv)
 
     def forward(p, x, replace):
         unknown = [n for n in replace if n not in keys]

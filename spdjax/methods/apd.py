@@ -141,6 +141,10 @@ def decompose_apd(target: Target, sites: Mapping[str, int], C: int, *, rank: int
     if not isinstance(rank, int) or rank < 0:
         raise ValueError(f"APD: rank must be an integer >= 0 (0: full rank), got {rank!r}.")
     names = tuple(match_sites(target, sites))
+    convs = [n for n in names if target.sites[n].kind == "conv"]
+    if convs:
+        raise ValueError(f"APD decomposes linear and embedding sites; {convs} are convolutions "
+                         "(use SPD, or leave them out of the patterns).")
     ties = dict(ties or {})
     for tied, owner in ties.items():
         if tied not in names or owner not in names or owner in ties:

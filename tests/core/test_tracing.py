@@ -143,6 +143,49 @@ def test_nnx_transformer_every_weight_is_a_site():
     check_exact(target, tp, ids, m(ids))
 
 
+# ---------------------------------------------------------------------------------- convolutions
+
+
+class LinenCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x: (B, 8, 8, 4)
+        x = nn.relu(nn.Conv(6, (3, 3), strides=2, padding="SAME", name="conv2d")(x))
+        x = nn.relu(nn.Conv(5, (2,), name="conv1d")(x.reshape(x.shape[0], -1, 6)))
+        return nn.Dense(3, name="head")(x.mean(1))
+
+
+class NnxCNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(4, 6, (3, 3), padding="VALID", rngs=rngs)
+        self.depthwise = nnx.Conv(6, 6, (3, 3), feature_group_count=6, rngs=rngs)
+
+    def __call__(self, x):
+        return self.depthwise(jax.nn.relu(self.conv(x))).sum((1, 2))
+
+
+def test_convolutions_are_sites_as_their_im2col_matrix():
+    m = LinenCNN()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    variables = m.init(jax.random.key(1), x)
+    target, tp = spdjax.from_linen(m, variables, x)
+    assert shapes(target) == {"conv2d": ("conv", 3 * 3 * 4, 6), "conv1d": ("conv", 2 * 6, 5),
+                              "head": ("linear", 5, 3)}
+    np.testing.assert_array_equal(target.sites["conv2d"].weight(tp),
+                                  tp["conv2d"]["kernel"].reshape(36, 6))
+    check_exact(target, tp, x, m.apply(variables, x), C=8)
+    d = spdjax.decompose(target, {"conv2d": 8})
+    ctx = spdjax.make_context(d, tp, d.init(jax.random.key(2), tp), x)
+    assert ctx.ci["conv2d"].lower.shape == (2, 4, 4, 8)  # a CI per output position, channels last
+    with pytest.raises(ValueError, match="need a CI function on inner activations"):
+        spdjax.decompose(target, {"conv2d": 8}, ci_fn="vector_mlp")
+
+    nnx_model = NnxCNN(nnx.Rngs(0))
+    target, tp = spdjax.from_nnx(nnx_model, x)
+    assert shapes(target) == {"conv": ("conv", 36, 6)}
+    assert "grouped" in target.unsupported["depthwise"]
+    check_exact(target, tp, x, nnx_model(x), C=8)
+
+
 # ------------------------------------------------------------------------------- plain functions
 
 
