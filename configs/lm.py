@@ -2,8 +2,8 @@
 
 Targets are trained by our own command (``python -m spdjax.lm --variant=ih``; also trained and
 cached by the first run below). Every site is found by tracing the model (spdjax/tracing.py):
-``ih`` decomposes all 8 attention projections (``blocks_<i>/attn/{q,k,v,out}``); ``bytes`` also
-the MLPs (``blocks_<i>/mlp_in``, ``mlp_out``). The output divergence is KL(target || masked) over
+``ih`` decomposes all 8 attention projections (``blocks_<i>/attn/{q,k,v,out}``, 16 x 16, C 32
+each); ``bytes`` also the MLPs (``blocks_<i>/mlp_in``, ``mlp_out``; C 96 each, ranks <= 64). The output divergence is KL(target || masked) over
 the vocabulary at every position (the reference's choice for LMs, spec 3.0).
 
     python -m spdjax.main --config=configs/lm.py:ih --workdir=workdir/lm_ih
@@ -16,21 +16,23 @@ spdjax/configs.py.
 
 from spdjax.configs import base_config
 
-# variant -> (C, steps, batch, lr, importance-minimality coeff, p, CI hidden width)
+# variant -> (C, steps, batch, lr, importance-minimality coeff, p, CI function, hidden width)
+# ih: per-subcomponent CI MLPs on inner activations (the paper's); bytes: one MLP per site from
+# the site's input (vector_mlp, the reference's choice for LMs), cheaper at C = 96.
 _VARIANTS = {
-    "ih": (32, 5000, 64, 1e-3, 1e-3, 1.0, 16),
-    "bytes": (64, 5000, 16, 1e-3, 1e-3, 1.0, 16),
+    "ih": (32, 10_000, 64, 1e-3, 3e-3, 1.0, "mlp", 16),
+    "bytes": (96, 5000, 8, 1e-3, 1e-3, 1.0, "vector_mlp", 64),
 }
 
 
 def get_config(arg: str = "ih"):
     if arg not in _VARIANTS:
         raise ValueError(f"Unknown LM variant {arg!r}; expected one of {sorted(_VARIANTS)}.")
-    C, steps, batch, lr, imp_coeff, pnorm, ci_hidden = _VARIANTS[arg]
+    C, steps, batch, lr, imp_coeff, pnorm, ci_fn, ci_hidden = _VARIANTS[arg]
     c = base_config("lm", arg)
     c.C, c.steps, c.batch_size, c.lr = C, steps, batch, lr
     c.lr_schedule, c.lr_warmup_frac = "cosine", 0.0
-    c.ci_hidden = (ci_hidden,)
+    c.ci_fn, c.ci_hidden = ci_fn, (ci_hidden,)
     c.tie_mode = "shared"  # no ties in these models
     kl = {"coeff": 1.0, "n_samples": 1, "sampling": "continuous", "divergence": "kl"}
     c.losses.stochastic_recon = dict(kl)
