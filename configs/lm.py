@@ -3,8 +3,9 @@
 Targets are trained by our own command (``python -m spdjax.lm --variant=ih``; also trained and
 cached by the first run below). Every site is found by tracing the model (spdjax/tracing.py):
 ``ih`` decomposes all 8 attention projections (``blocks_<i>/attn/{q,k,v,out}``, 16 x 16, C 32
-each); ``bytes`` also the MLPs (``blocks_<i>/mlp_in``, ``mlp_out``; C 96 each, ranks <= 64). The output divergence is KL(target || masked) over
-the vocabulary at every position (the reference's choice for LMs, spec 3.0).
+each); ``bytes`` also the MLPs (``blocks_<i>/mlp_in``, ``mlp_out``; C 96 each, ranks <= 64).
+The output divergence is KL(target || masked) over the vocabulary at every position (the
+reference's choice for LMs, spec 3.0).
 
     python -m spdjax.main --config=configs/lm.py:ih --workdir=workdir/lm_ih
     python -m spdjax.main --config=configs/lm.py:bytes --workdir=workdir/lm_bytes
