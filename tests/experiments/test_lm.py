@@ -30,6 +30,7 @@ def test_induction_sequences_follow_the_reference_layout():
 
 def test_byte_corpus_is_built_once_memory_mapped_and_windowed(tmp_path):
     stem = lm_data.build_corpus(tmp_path, 20_000)
+    assert stem.with_suffix(".json").name.endswith("_20000b.json")  # the size is in the name
     data, meta = lm_data.load_corpus(tmp_path, 20_000)
     assert isinstance(data, np.memmap) and meta["bytes"] == len(data) == 20_000
     assert meta["files"] >= 1 and meta["vocab"] == 256 and 0 not in set(data[:100].tolist())

@@ -59,7 +59,8 @@ def stdlib_sources() -> list[pathlib.Path]:
 
 def corpus_stem(cache_dir: str | os.PathLike, max_bytes: int) -> pathlib.Path:
     v = sys.version_info
-    return pathlib.Path(cache_dir).expanduser() / f"stdlib_py{v.major}.{v.minor}_{max_bytes}b"
+    # No dots in the name: the files are the stem plus ".u8" / ".json".
+    return pathlib.Path(cache_dir).expanduser() / f"stdlib_py{v.major}{v.minor}_{max_bytes}b"
 
 
 def build_corpus(cache_dir: str | os.PathLike, max_bytes: int) -> pathlib.Path:
