@@ -62,7 +62,7 @@ def plot_ci_l0(ci: dict, cfg, path) -> pathlib.Path:
     else:
         ax.bar(x, [np.mean(np.sum(ci[n] > t, -1)) for n in names])
     ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel(f"active subcomponents per token (CI > {t})")
+    ax.set_ylabel(f"active subcomponents\nper token (CI > {t})")
     ax.set_title("CI-L0 per site")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
