@@ -267,7 +267,7 @@ class _Run:
                 s is not None and s.chain for s in xs_srcs):
             return _bind(eqn, invals), [None] * len(eqn.outvars)
         stacked = [self.paths[s.leaf] for s in xs_srcs if s is not None]
-        pos = _shared_prefix(stacked)
+        pos = _shared_prefix(stacked) if stacked else 0  # weights only as scan constants
         ys_steps = []
         order = range(length - 1, -1, -1) if p["reverse"] else range(length)
         for i in order:

@@ -116,9 +116,9 @@ def split(data: np.ndarray, which: str) -> np.ndarray:
 
 def window_batch(tokens: Array, key: Array, batch: int, seq_len: int) -> Array:
     """``[batch, seq_len]`` int32 windows of ``tokens`` (a device array) at uniform offsets."""
-    if tokens.shape[0] <= seq_len:
+    if tokens.shape[0] < seq_len:
         raise ValueError(f"The corpus split has {tokens.shape[0]} tokens, too few for windows of "
                          f"{seq_len}.")
-    starts = jax.random.randint(key, (batch,), 0, tokens.shape[0] - seq_len)
+    starts = jax.random.randint(key, (batch,), 0, tokens.shape[0] - seq_len + 1)
     idx = starts[:, None] + jnp.arange(seq_len)[None, :]
     return tokens[idx].astype(jnp.int32)
