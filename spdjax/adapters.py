@@ -58,6 +58,8 @@ def from_nnx(model: nnx.Module, example_input: Any, **call_kwargs) -> tuple[Targ
     def fn(p, x):
         state = jax.tree.map(lambda v: v, param_state)
         nnx.replace_by_pure_dict(state, p)
-        return nnx.merge(graphdef, state, rest)(x, **call_kwargs)
+        # fresh copies of the other state (rng counts, batch stats): a model in train mode
+        # updates them inside this trace, and the originals must stay untouched
+        return nnx.merge(graphdef, state, jax.tree.map(lambda v: v, rest))(x, **call_kwargs)
 
     return from_jax(fn, params, example_input)

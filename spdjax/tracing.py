@@ -62,8 +62,9 @@ _CALLS = {"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpo
 
 @dataclasses.dataclass(frozen=True)
 class _Src:
-    """Where a value comes from: parameter leaf ``leaf``, sliced at scan ``layers`` (``(insert
-    position in the path, index)`` per scan), then passed through ``chain``."""
+    """Where a value comes from: parameter leaf ``leaf`` passed through ``chain`` (views, casts
+    and scan slices, in order); ``layers`` names the scan slices (``(insert position in the
+    path, index)`` per scan, outermost first)."""
 
     leaf: int
     layers: tuple[tuple[int, int], ...] = ()
@@ -72,10 +73,13 @@ class _Src:
     def then(self, fn) -> "_Src":
         return dataclasses.replace(self, chain=self.chain + (fn,))
 
+    def layer(self, pos: int, i: int) -> "_Src":
+        """This value's slice ``i`` along axis 0, as a scan step sees it."""
+        return dataclasses.replace(self, layers=self.layers + ((pos, i),),
+                                   chain=self.chain + (lambda w: w[i],))
+
     def value(self, leaves: list[Array]) -> Array:
         w = leaves[self.leaf]
-        for _, i in self.layers:
-            w = w[i]
         for fn in self.chain:
             w = fn(w)
         return w
@@ -263,17 +267,19 @@ class _Run:
         consts, carry, xs = invals[:n_c], invals[n_c:n_c + n_carry], invals[n_c + n_carry:]
         c_srcs, carry_srcs = insrcs[:n_c], insrcs[n_c:n_c + n_carry]
         xs_srcs = insrcs[n_c + n_carry:]
-        if any(s is not None for s in carry_srcs) or any(
-                s is not None and s.chain for s in xs_srcs):
+        if any(s is not None for s in carry_srcs):
             return _bind(eqn, invals), [None] * len(eqn.outvars)
         stacked = [self.paths[s.leaf] for s in xs_srcs if s is not None]
-        pos = _shared_prefix(stacked) if stacked else 0  # weights only as scan constants
+        if not stacked:  # weights only as loop constants: a loop over time, not over layers
+            if length:
+                self.loop_constants(body, consts + carry + [x[0] for x in xs], c_srcs, n_c)
+            return _bind(eqn, invals), [None] * len(eqn.outvars)
+        pos = _shared_prefix(stacked)
         ys_steps = []
         order = range(length - 1, -1, -1) if p["reverse"] else range(length)
         for i in order:
             x_i = [x[i] for x in xs]
-            s_i = [None if s is None else dataclasses.replace(s, layers=s.layers + ((pos, i),))
-                   for s in xs_srcs]
+            s_i = [None if s is None else s.layer(pos, i) for s in xs_srcs]
             outs, _ = self.eval(body.jaxpr, body.consts, consts + carry + x_i,
                                 c_srcs + [None] * n_carry + s_i)
             carry, ys = outs[:n_carry], outs[n_carry:]
@@ -283,6 +289,22 @@ class _Run:
         stacked_ys = [jnp.stack(parts) for parts in zip(*ys_steps)] if ys_steps and ys_steps[0] \
             else [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars[n_carry:]]
         return list(carry) + stacked_ys, [None] * len(eqn.outvars)
+
+
+    def loop_constants(self, body, args, c_srcs, n_c):
+        """Lists the weights a scan body applies as loop constants (an RNN cell, a
+        ``fori_loop``) as unsupported: applied once per iteration, their sites would depend on
+        the sequence length."""
+        probe = _Run({}, self.paths)
+        probe.eval(body.jaxpr, body.consts, args, list(c_srcs) + [None] * (len(args) - n_c))
+        seen = set()
+        for f in probe.found:
+            if f.src.leaf not in seen:
+                seen.add(f.src.leaf)
+                self.site(f.src, "unsupported", 0, 0, None, reason=(
+                    "applied inside a lax.scan / fori_loop as a loop constant (e.g. an RNN cell "
+                    "unrolled over time), once per iteration: one site per step would depend on "
+                    "the sequence length"))
 
 
 def _bind_params(eqn) -> dict:
@@ -326,7 +348,9 @@ def _site_names(found: list[_Found], paths) -> dict[tuple, str]:
     """Readable, unique names for the found applications (module docstring)."""
     def with_layers(src, drop_leaf):
         parts = list(paths[src.leaf])
-        for pos, i in sorted(src.layers, key=lambda t: -t[0]):
+        # deepest position first, and at one position the inner scan first, so that the
+        # outermost index ends up leftmost
+        for _, (pos, i) in sorted(enumerate(src.layers), key=lambda t: (-t[1][0], -t[0])):
             parts.insert(pos, str(i))
         if drop_leaf and len(parts) > 1:
             parts = parts[:-1]
@@ -346,6 +370,11 @@ def _site_names(found: list[_Found], paths) -> dict[tuple, str]:
             base = with_layers(f.src, False)
         n = f.key[2]
         names[f.key] = base if n == 1 else f"{base}#{n}"
+    taken: dict[str, tuple] = {}
+    for key, name in list(names.items()):  # two paths that print alike (e.g. "a/b" vs "a", "b")
+        if name in taken and taken[name] != key:
+            names[key] = f"{name}~leaf{key[0]}"
+        taken.setdefault(names[key], key)
     return names
 
 

@@ -242,3 +242,87 @@ def test_gradients_flow_through_the_interpreter():
     assert np.isfinite(value) and value > 0
     norms = jax.tree.leaves(jax.tree.map(lambda g: float(jnp.abs(g).sum()), grads["components"]))
     assert all(n > 0 for n in norms)
+
+
+# ------------------------------------------------------------------------ edge cases of naming
+
+
+def test_nested_scans_name_the_outer_layer_first():
+    def nested(p, x):  # p["w"]: (outer 2, inner 3, d, d), both axes scanned
+        def outer(h, w_outer):
+            return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, w_outer)[0], None
+        return jax.lax.scan(outer, x, p["w"])[0]
+
+    w = jax.random.normal(jax.random.key(0), (2, 3, 4, 4)) / 2
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    target, tp = spdjax.from_jax(nested, {"w": w}, x)
+    assert sorted(target.sites) == [f"w/{i}/{j}" for i in range(2) for j in range(3)]
+    np.testing.assert_array_equal(target.sites["w/1/0"].weight(tp), w[1, 0])
+    check_exact(target, tp, x, nested({"w": w}, x))
+
+
+def test_paths_that_print_alike_stay_two_sites():
+    p = {"a/b": {"w": jnp.eye(3)}, "a": {"b": {"w": 2 * jnp.eye(3)}}}
+    x = jnp.ones((2, 3))
+
+    def fn(p, x):
+        return x @ p["a/b"]["w"] @ p["a"]["b"]["w"]
+
+    target, tp = spdjax.from_jax(fn, p, x)
+    assert len(target.sites) == 2  # neither hides the other
+    check_exact(target, tp, x, fn(p, x))
+
+
+def test_stacked_weights_cast_before_the_scan_are_sites():
+    def cast_then_scan(p, x):
+        w = p["w"].astype(jnp.bfloat16).astype(jnp.float32)
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, w)[0]
+
+    w = jax.random.normal(jax.random.key(0), (3, 4, 4)).astype(jnp.bfloat16).astype(jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    target, tp = spdjax.from_jax(cast_then_scan, {"w": w}, x)
+    assert sorted(target.sites) == ["w/0", "w/1", "w/2"]
+    check_exact(target, tp, x, cast_then_scan({"w": w}, x))
+
+
+def test_loop_constant_weights_are_unsupported_not_per_step_sites():
+    def rnn(p, xs):  # one cell applied at every time step
+        def cell(h, x):
+            h = jnp.tanh(h @ p["cell"]["w_h"] + x @ p["cell"]["w_x"])
+            return h, h
+        h = jax.lax.scan(cell, jnp.zeros((xs.shape[1], 4)), xs)[0]
+        return h @ p["head"]["w"]
+
+    k = jax.random.split(jax.random.key(0), 3)
+    p = {"cell": {"w_h": jax.random.normal(k[0], (4, 4)), "w_x": jax.random.normal(k[1], (3, 4))},
+         "head": {"w": jax.random.normal(k[2], (4, 2))}}
+    xs = jnp.ones((6, 2, 3))  # (time, batch, features)
+    target, tp = spdjax.from_jax(rnn, p, xs)
+    assert sorted(target.sites) == ["head"]
+    assert sorted(target.unsupported) == ["cell/w_h", "cell/w_x"]
+    assert "loop constant" in target.unsupported["cell/w_h"]
+    np.testing.assert_allclose(target(tp, jnp.ones((9, 2, 3))), rnn(p, jnp.ones((9, 2, 3))),
+                               rtol=1e-6)  # another sequence length: same sites, same model
+
+
+class DropoutMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(4, 8, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.out = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.drop(nnx.relu(self.fc(x))))
+
+
+def test_nnx_model_in_train_mode_with_dropout():
+    model = DropoutMLP(nnx.Rngs(0, dropout=1))
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    target, tp = spdjax.from_nnx(model, x)  # train mode: dropout draws from the model's rngs
+    assert sorted(target.sites) == ["fc", "out"]
+    y1, y2 = target(tp, x), target(tp, x)
+    np.testing.assert_array_equal(y1, y2)  # the model's rng state is not advanced by tracing
+    assert bool(jnp.all(jnp.isfinite(y1)))
+    model.eval()
+    target, tp = spdjax.from_nnx(model, x)
+    check_exact(target, tp, x, model(x))

@@ -10,6 +10,8 @@ per token, and for the induction toy CI-L0 at the induction position and elsewhe
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,8 +69,8 @@ def target_quality(params: dict, cfg: lm_model.LMConfig, key=None) -> dict:
     return out
 
 
-def masked_logits(decomp, params, target_params, ids, key) -> dict:
-    """``{masking: logits}`` for the CI-masked, stochastically masked and unmasked models."""
+def masked_logits(decomp, params, target_params, ids, key) -> tuple[Any, dict]:
+    """The context and ``{masking: logits}`` for the CI-masked, stochastically masked and unmasked models."""
     ctx = make_context(decomp, target_params, params, ids)
     lower = {n: c.lower for n, c in ctx.ci.items()}
     return ctx, {

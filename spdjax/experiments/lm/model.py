@@ -26,6 +26,7 @@ residual stream (GPT-2 style). Variants (``VARIANTS``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -180,8 +181,14 @@ def target(cfg: LMConfig) -> Target:
 
 
 def corpus_tokens(cfg: LMConfig, which: str) -> Array:
-    """A split of the byte corpus as a device array (built once into the target cache)."""
-    tokens, _ = lm_data.load_corpus(_corpus_dir(), cfg.corpus_bytes)
+    """A split of the byte corpus as a device array (built once into the target cache, read
+    from disk once per process)."""
+    return _corpus_split(_corpus_dir(), cfg.corpus_bytes, which)
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus_split(corpus_dir: str, corpus_bytes: int, which: str) -> Array:
+    tokens, _ = lm_data.load_corpus(corpus_dir, corpus_bytes)
     return jnp.asarray(np.asarray(lm_data.split(tokens, which)))
 
 
