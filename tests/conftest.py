@@ -11,9 +11,14 @@ import tempfile
 # One target cache for the whole session, seeded with the TMS 5-2 and 5-2-id targets that the
 # regression fixtures recorded (what `python -m spdjax.tms` trains for seed 0), so that no test
 # pays for the paper's 10k-step recipe x several seeds; other targets are trained once.
-os.environ["SPDJAX_CACHE"] = tempfile.mkdtemp(prefix="spdjax_test_cache_")
-shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "regression",
-                             "targets"), os.path.join(os.environ["SPDJAX_CACHE"], "targets"))
+# pytest-xdist workers inherit the cache the controller made (targets are written atomically, so
+# two workers training the same one is safe).
+if not (os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("SPDJAX_TEST_CACHE_SHARED")):
+    os.environ["SPDJAX_CACHE"] = tempfile.mkdtemp(prefix="spdjax_test_cache_")
+    os.environ["SPDJAX_TEST_CACHE_SHARED"] = "1"
+    shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                                 "regression", "targets"),
+                    os.path.join(os.environ["SPDJAX_CACHE"], "targets"))
 # One persistent XLA compilation cache for the session and the processes it starts: the CLI
 # processes and the many small runs of one config compile the same steps (halves e.g. the
 # kill-and-resume test). Results are the same executables, so nothing numerical changes.

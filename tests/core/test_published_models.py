@@ -7,6 +7,7 @@ its unembedding to ``wte``; Llama uses rotary positions and grouped key/value he
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from transformers import FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM, GPT2Config, LlamaConfig
 
 import spdjax
@@ -38,6 +39,7 @@ def test_hf_gpt2():
     assert_reproduces_target(spdjax.decompose(target, {"*": 64}), tp, IDS, layerwise=False)
 
 
+@pytest.mark.slow  # GPT-2 covers the published-library path in the default suite
 def test_hf_llama():
     config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)

@@ -68,7 +68,7 @@ def test_step_traces_once_and_reduces_loss():
     assert set(metrics["ci_l0"]) >= {"a", "b"}
 
 
-@pytest.mark.parametrize("ci_fn", ["mlp", "shared_mlp"])
+@pytest.mark.parametrize("ci_fn", ["mlp", pytest.param("shared_mlp", marks=pytest.mark.slow)])
 def test_same_loss_on_one_and_eight_devices(ci_fn):
     assert jax.device_count() == 8, "conftest must fake 8 CPU devices"
     results = []
