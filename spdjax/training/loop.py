@@ -28,7 +28,7 @@ from spdjax import configs as config_lib
 from spdjax.experiments import target_training
 from spdjax.experiments.registry import Experiment, build_experiment
 from spdjax.methods import METHODS, Method
-from spdjax.training import init_selection, workdir as wd
+from spdjax.training import init_selection, workdir as wd, writers
 from spdjax.training import sharding as shard_lib
 from spdjax.training.checkpoints import Checkpointer
 from spdjax.training.health import DivergenceError
@@ -198,7 +198,7 @@ def _resume(run: Run) -> None:
     if start < run.config.steps:  # a summary or figures of an earlier end no longer apply
         (workdir / "summary.json").unlink(missing_ok=True)
         shutil.rmtree(workdir / "figures", ignore_errors=True)
-    run.writer = wd.JsonlWriter(workdir / "metrics.jsonl", resume_step=start if start else None)
+    run.writer = writers.make_writer(run.config, workdir, start if start else None)
 
 
 def _select_init(run: Run, t0: float, interrupt: StopRequest) -> None:
@@ -333,7 +333,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = Fal
             try:
                 summary = evaluate(run)
                 if run.config.figures:
-                    plot(run)
+                    run.writer.write_images(run.step, [p for p in plot(run) if p.suffix == ".png"])
             except Exception as e:
                 raise EvaluationError(
                     f"Training finished and is saved (step {run.step} in {workdir}), but the "

@@ -11,7 +11,7 @@ import math
 import jax
 
 from spdjax.methods import CONFIG_CHECKS, METHODS
-from spdjax.training import init_selection
+from spdjax.training import init_selection, writers
 from spdjax.training.schedules import make_schedule
 
 
@@ -77,5 +77,6 @@ def validate(config) -> None:
     COMPONENT_INITS.get(config.init)
     if config.tie_mode not in TIE_MODES:
         raise ValueError(f"Unknown tie_mode {config.tie_mode!r}; expected one of {TIE_MODES}.")
+    writers.check_config(config)
     CONFIG_CHECKS[config.method](config)  # the method's own fields (SPD: its loss terms)
     init_selection.check_config(config)

@@ -69,7 +69,7 @@ class WorkdirLock:
 # Fields that change what a run reports or keeps, not what it trains: a resume may change them
 # freely (e.g. to re-evaluate a finished run with a smaller evaluation batch).
 SAFE_CHANGES = ("log_every", "checkpoint_every", "eval_batch_size", "eval_microbatches",
-                "steps_per_call", "divergence_factor", "figures")
+                "steps_per_call", "divergence_factor", "figures", "tensorboard", "wandb_project")
 
 
 def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -246,6 +246,9 @@ class MemoryWriter:
         self.rows.append({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
 
     def flush(self) -> None:
+        pass
+
+    def write_images(self, step: int, paths) -> None:
         pass
 
     def close(self) -> None:

@@ -104,3 +104,8 @@ def test_top_contexts_page_shows_where_each_subcomponent_matters(tmp_path):
     first_ctx = page.split("subcomponent 1:")[1]
     assert first_ctx.count("<pre>") == 1  # contexts where its CI is 0 are not listed
     assert "CI 0.90 | def f<b>(</b>" in first_ctx
+    assert "tokens with CI &gt; 0.5: <code>&#x27;(&#x27;</code> 100%" in first_ctx
+    # four identical sequences: every context of subcomponent 0 is shown once, not four times
+    zeroth = page.split("subcomponent 0:")[1].split("<h3>")[0]
+    shown = [line for line in zeroth.splitlines() if line.startswith("<pre>")]
+    assert len(shown) == plots.CONTEXTS and len(set(shown)) == len(shown)

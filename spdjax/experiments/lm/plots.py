@@ -27,6 +27,8 @@ from spdjax.losses import make_context  # noqa: E402
 TOP = 8  # subcomponents per site in the figures / report
 CONTEXTS = 6  # contexts per subcomponent in the report
 WINDOW = 40  # bytes of context before the token
+DEDUP = 12  # contexts that agree on this many bytes before the token are one corpus position
+ACTIVE = 0.5  # the token profile counts the tokens where a subcomponent's CI is above this
 
 
 def _ci(decomp, params, target_params, ids) -> dict[str, np.ndarray]:
@@ -126,6 +128,19 @@ def _byte_text(tokens) -> str:
     return html.escape(bytes(int(t) for t in tokens).decode("utf-8", "replace"))
 
 
+def _token_profile(tokens: np.ndarray, ci: np.ndarray, n: int = 6) -> str:
+    """One line: the tokens a subcomponent is important on most often (share of its tokens with
+    CI > ACTIVE), e.g. whether it is an indentation or a newline component."""
+    active = tokens[ci > ACTIVE]
+    if active.size == 0:
+        return f"<p>never above CI {ACTIVE}</p>"
+    values, counts = np.unique(active, return_counts=True)
+    top = np.argsort(-counts, kind="stable")[:n]
+    items = ", ".join(f"<code>{html.escape(repr(chr(int(values[i]))))}</code> "
+                      f"{counts[i] / active.size:.0%}" for i in top)
+    return f"<p>tokens with CI &gt; {ACTIVE}: {items}</p>"
+
+
 def write_top_contexts(ci: dict, ids: np.ndarray, path) -> pathlib.Path:
     """An HTML page: per site, the TOP subcomponents by mean CI, each with the CONTEXTS tokens
     where its CI is highest (the preceding WINDOW bytes, the token in bold)."""
@@ -135,13 +150,22 @@ def write_top_contexts(ci: dict, ids: np.ndarray, path) -> pathlib.Path:
     for name, c in ci.items():
         flat = c.reshape(-1, c.shape[-1])
         parts.append(f"<h2>{html.escape(name)}</h2>")
+        tokens = ids.reshape(-1)
         for comp in np.argsort(-flat.mean(0))[:TOP]:
             parts.append(f"<h3>subcomponent {comp}: mean CI {flat[:, comp].mean():.3f}, "
                          f"active on {np.mean(flat[:, comp] > 0.1):.1%} of tokens</h3>")
-            for idx in np.argsort(-flat[:, comp])[:CONTEXTS]:
-                if flat[idx, comp] <= 0:
+            parts.append(_token_profile(tokens, flat[:, comp]))
+            seen, shown = set(), 0
+            for idx in np.argsort(-flat[:, comp], kind="stable"):
+                if shown == CONTEXTS or flat[idx, comp] <= 0:
                     break
                 seq, pos = divmod(int(idx), c.shape[1])
+                # overlapping eval windows repeat one corpus position: show it once
+                where = ids[seq, max(0, pos - DEDUP):pos + 1].tobytes()
+                if where in seen:
+                    continue
+                seen.add(where)
+                shown += 1
                 before = _byte_text(ids[seq, max(0, pos - WINDOW):pos])
                 parts.append(f"<pre>CI {flat[idx, comp]:.2f} | {before}<b>"
                              f"{_byte_text(ids[seq, pos:pos + 1]) or ' '}</b></pre>")

@@ -1,0 +1,116 @@
+"""Metrics to TensorBoard (real event files, read back) and to W&B (a stand-in module)."""
+
+import io
+import pathlib
+import struct
+import sys
+import types
+
+import pytest
+
+from spdjax import configs
+from spdjax.training import loop
+from spdjax.training.progress import log_to
+
+
+def tms_config(**overrides):
+    return configs.load("tms:5-2", {"steps": 20, "batch_size": 64, "eval_batch_size": 512,
+                                    "log_every": 10, "checkpoint_every": 10, **overrides})
+
+
+def run(config, workdir, **kw):
+    with log_to(io.StringIO()):
+        return loop.train_and_evaluate(config, workdir, **kw)
+
+
+def read_events(logdir: pathlib.Path) -> list:
+    """Every Event of the TFRecord event files in ``logdir`` (length-prefixed protos)."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])  # after length and its crc
+            events.append(event)
+            i += 12 + n + 4  # payload and its crc
+    return events
+
+
+def test_tensorboard_event_files_hold_the_scalars_and_figures(tmp_path):
+    run(tms_config(tensorboard=True), tmp_path)
+    events = read_events(tmp_path / "tensorboard")
+    scalars = {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value
+               if v.HasField("simple_value")}
+    jsonl = [__import__("json").loads(line)
+             for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for row in jsonl:  # every metric line, to float32 precision
+        assert scalars[("loss/total", row["step"])] == pytest.approx(row["loss/total"], rel=1e-6)
+    images = {v.tag for e in events for v in e.summary.value if v.HasField("image")}
+    assert {"figures/combined_diagram", "figures/training_curves"} <= images
+
+    # A resumed run (10 more steps) adds its lines and tells TensorBoard where it resumed.
+    run(tms_config(tensorboard=True, steps=30), tmp_path, allow_changes=("steps",))
+    events = read_events(tmp_path / "tensorboard")
+    steps = {e.step for e in events for v in e.summary.value if v.tag == "loss/total"}
+    assert steps == {10, 20, 30}
+    assert any(e.HasField("session_log") and e.step == 20 for e in events)  # purge after 20
+
+
+class FakeWandb(types.ModuleType):
+    """Records what spdjax sends to W&B."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.calls = []
+        self.util = types.SimpleNamespace(generate_id=lambda: "run123")
+        fake = self
+
+        class Run:
+            def log(self, data, step):
+                fake.calls.append(("log", step, data))
+
+            def finish(self):
+                fake.calls.append(("finish",))
+
+        self._run = Run()
+
+    def init(self, **kw):
+        self.calls.append(("init", kw))
+        return self._run
+
+    def Image(self, path):
+        return ("image", pathlib.Path(path).name)
+
+
+def test_wandb_gets_scalars_figures_and_resumes_the_same_run(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run(tms_config(wandb_project="spd"), tmp_path)
+    init = fake.calls[0][1]
+    assert init["project"] == "spd" and init["id"] == "run123" and init["resume"] == "allow"
+    assert init["config"]["steps"] == 20
+    logged = [c for c in fake.calls if c[0] == "log"]
+    assert [c[1] for c in logged[:2]] == [10, 20] and "loss/total" in logged[0][2]
+    assert logged[-1][2]["figures/combined_diagram"] == ("image", "combined_diagram.png")
+    assert fake.calls[-1] == ("finish",)
+    fake.util.generate_id = lambda: "another"  # a resume keeps the id of the workdir's run
+    run(tms_config(wandb_project="spd", steps=30), tmp_path, allow_changes=("steps",))
+    assert [c[1]["id"] for c in fake.calls if c[0] == "init"] == ["run123", "run123"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"tensorboard": True}, r"tensorboard=True asks for tensorboardX, which is not installed: "
+                            r"pip install tensorboardX"),
+    ({"wandb_project": "spd"}, r"wandb_project='spd' asks for wandb, which is not installed"),
+    ({"tensorboard": "yes"}, r"Config field 'tensorboard': .*cannot be casted to type <class 'bool'>"),
+])
+def test_writer_settings_fail_early(overrides, match, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # None: import fails
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ValueError, match=match):
+        run(tms_config(**overrides), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()  # before any work
