@@ -26,7 +26,7 @@ GRID = [
     ("ih", "T 128", {"target_recipe.seq_len": 128, "target_recipe.prefix_window": 125}),
     ("ih", "V 512", {"target_recipe.n_tokens": 512}),
     ("ih", "V 2048", {"target_recipe.n_tokens": 2048}),
-    ("bytes", "default (C 64, T 128, vocab 256)", {}),
+    ("bytes", "default (C 96, T 128, vocab 256)", {}),
     ("bytes", "C 128", {"C": 128}),
     ("bytes", "T 256", {"target_recipe.seq_len": 256}),
 ]
