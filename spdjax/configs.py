@@ -89,6 +89,12 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     # bfloat16 (one bf16 pass, float32 accumulation) | default (the platform's: TF32 on GPU).
     c.matmul_precision = "highest"
     c.mesh_model = 1  # devices along the component axis C (the rest go to the data axis)
+    # Train this many decompositions of the target as one vmapped program, seeds seed ..
+    # seed + ensemble - 1 (spdjax/training/ensemble.py); each member equals its seed's run alone.
+    c.ensemble = 1
+    # How the members share the program: vmap (one batched step) | map (in turn, lax.map) |
+    # auto (vmap on GPU/TPU, map on CPU, where vmap measured slower).
+    c.ensemble_mode = "auto"
     c.log_every = 500  # steps between metric lines / progress reports
     c.checkpoint_every = 5000  # steps between checkpoints (and always at the end)
     c.eval_batch_size = 20_000  # examples for final CI-L0 / alive counts / loss terms

@@ -326,6 +326,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = Fal
     checkpointed: rerunning evaluates it without training (its evaluation settings, e.g.
     ``eval_microbatches``, may be changed for that).
     """
+    if config.ensemble > 1:  # N seeds as one vmapped program: the members' summaries
+        from spdjax.training import ensemble
+
+        with log_to():
+            return ensemble.train_and_evaluate(config, workdir, fresh=fresh,
+                                               allow_changes=allow_changes)
     with log_to():
         run = setup(config, workdir, fresh=fresh, allow_changes=allow_changes)
         try:

@@ -78,5 +78,14 @@ def validate(config) -> None:
     if config.tie_mode not in TIE_MODES:
         raise ValueError(f"Unknown tie_mode {config.tie_mode!r}; expected one of {TIE_MODES}.")
     writers.check_config(config)
+    if config.ensemble_mode not in ("auto", "vmap", "map"):
+        raise ValueError(f"ensemble_mode must be 'auto', 'vmap' or 'map', got "
+                         f"{config.ensemble_mode!r}.")
+    if _positive_int(config, "ensemble") > 1:
+        for name, single in (("init_candidates", 1), ("mesh_model", 1)):
+            if config[name] != single:
+                raise ValueError(f"ensemble={config.ensemble} trains every member on one device "
+                                 f"from its seed's init: {name} must be {single}, got "
+                                 f"{config[name]!r}.")
     CONFIG_CHECKS[config.method](config)  # the method's own fields (SPD: its loss terms)
     init_selection.check_config(config)

@@ -1,0 +1,84 @@
+"""Seed ensembles in one program (--config.ensemble=N): each member is its seed's run alone."""
+
+import io
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from spdjax import configs
+from spdjax.training import ensemble, loop
+from spdjax.training.progress import log_to
+
+
+def tms_config(**overrides):
+    return configs.load("tms:5-2", {"steps": 20, "batch_size": 64, "eval_batch_size": 512,
+                                    "log_every": 10, "checkpoint_every": 10, "figures": False,
+                                    **overrides})
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+TIMING = ("steps_per_sec", "wall_time_s")
+
+
+@pytest.mark.parametrize("mode, steps_per_call", [("vmap", 1), ("map", 5)])
+def test_each_member_equals_its_seed_run_alone(tmp_path, mode, steps_per_call):
+    with log_to(io.StringIO()):
+        summaries = loop.train_and_evaluate(
+            tms_config(ensemble=3, seed=4, ensemble_mode=mode, steps_per_call=steps_per_call),
+            tmp_path / "ens")
+        alone = [loop.train_and_evaluate(tms_config(seed=s), tmp_path / f"alone{s}")
+                 for s in (4, 5, 6)]
+    assert [s["steps"] for s in summaries] == [20, 20, 20]
+    for seed, ens_summary, single in zip((4, 5, 6), summaries, alone):
+        member = tmp_path / "ens" / f"seed_{seed}"
+        for a, b in zip(rows(member / "metrics.jsonl"), rows(tmp_path / f"alone{seed}" /
+                                                             "metrics.jsonl")):
+            assert a["step"] == b["step"]
+            for k in b:
+                if k not in TIMING:
+                    np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(ens_summary["mmcs"], single["mmcs"], rtol=1e-4)
+        np.testing.assert_allclose(ens_summary["loss"]["total"], single["loss"]["total"],
+                                   rtol=1e-3)
+        assert json.loads((member / "summary.json").read_text())["steps"] == 20
+    table = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    assert table["seeds"] == [4, 5, 6] and set(table["members"]) == {"4", "5", "6"}
+    # members differ from each other: different inits and data
+    assert summaries[0]["loss"]["total"] != summaries[1]["loss"]["total"]
+
+
+def test_a_stopped_ensemble_resumes_to_the_same_result(tmp_path):
+    config = tms_config(ensemble=2)
+    with log_to(io.StringIO()):
+        ens = ensemble.setup(config, tmp_path / "a")
+        ensemble.train(ens, until_step=10)  # stops after the step-10 checkpoint
+        ensemble.close(ens)
+        ens = ensemble.setup(config, tmp_path / "a")
+        assert ens.step == 10
+        ensemble.train(ens)
+        resumed = jax.device_get(ens.state.params)
+        ensemble.close(ens)
+        straight = ensemble.setup(config, tmp_path / "b")
+        ensemble.train(straight)
+        ensemble.close(straight)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), resumed,
+                 jax.device_get(straight.state.params))
+    assert [r["step"] for r in rows(tmp_path / "a" / "seed_0" / "metrics.jsonl")] == [10, 20]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"ensemble": 0}, "ensemble must be an integer >= 1, got 0"),
+    ({"ensemble": 2, "ensemble_mode": "pmap"}, "ensemble_mode must be 'auto', 'vmap' or 'map', got 'pmap'"),
+    ({"ensemble": 2, "init_candidates": 3, "init_select_steps": 8},
+     "init_candidates must be 1, got 3"),
+    ({"ensemble": 2, "mesh_model": 2}, "mesh_model must be 1, got 2"),
+])
+def test_bad_ensemble_settings_fail_early(overrides, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        with log_to(io.StringIO()):
+            loop.train_and_evaluate(tms_config(**overrides), tmp_path)
