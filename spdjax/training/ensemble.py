@@ -255,15 +255,8 @@ def evaluate(ens: Ensemble, *, figures: bool | None = None) -> list[dict]:
 
 
 def close(ens: Ensemble) -> None:
-    try:
-        if ens.checkpointer is not None:
-            ens.checkpointer.wait()
-            ens.checkpointer.close()
-        for w in ens.member_writers:
-            w.close()
-    finally:
-        if ens.lock is not None:
-            ens.lock.release()
+    """Waits for the checkpoint, closes the members' files and releases the workdir."""
+    loop.release(ens.checkpointer, ens.member_writers, ens.lock)
 
 
 def train_and_evaluate(config, workdir, *, fresh: bool = False,

@@ -303,14 +303,20 @@ def plot(run, figures_dir: str | pathlib.Path | None = None) -> list[pathlib.Pat
 
 def close(run: Run) -> None:
     """Waits for pending checkpoint writes, closes the run's files and releases its workdir."""
+    release(run.checkpointer, [run.writer], run.lock)
+
+
+def release(checkpointer: Checkpointer | None, writers_: list, lock) -> None:
+    """Waits for and closes ``checkpointer``, closes ``writers_``, then releases ``lock``."""
     try:
-        if run.checkpointer is not None:
-            run.checkpointer.wait()
-            run.checkpointer.close()
-        run.writer.close()
+        if checkpointer is not None:
+            checkpointer.wait()
+            checkpointer.close()
+        for w in writers_:
+            w.close()
     finally:
-        if run.lock is not None:
-            run.lock.release()
+        if lock is not None:
+            lock.release()
 
 
 class EvaluationError(RuntimeError):
