@@ -1,8 +1,11 @@
 """The Colab notebooks run headless, top to bottom, on a small step count."""
 
+import importlib.util
 import pathlib
+import subprocess
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,3 +40,29 @@ def test_decompose_your_transformer_notebook_runs(tmp_path, monkeypatch):
     assert "blocks_1/attn/out" in text and "step    19" in text
     assert "KL(target || CI-masked model)" in text
     assert len(images) == 1 and (tmp_path / "ci_per_token.png").exists()
+
+
+@pytest.mark.parametrize("name", ["tms_quickstart.ipynb", "decompose_your_transformer.ipynb"])
+def test_install_cell_installs_from_what_there_is(name, tmp_path, monkeypatch):
+    """The first code cell (what a fresh Colab runtime runs) installs from the checkout, else an
+    uploaded wheel, else SPDJAX_REPO, else says what to do; nothing hard-coded."""
+    source = nbformat.read(ROOT / "colab" / name, as_version=4).cells[1].source
+    find_spec, calls = importlib.util.find_spec, []
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n == "spdjax" else find_spec(n, *a))
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
+    monkeypatch.delenv("SPDJAX_REPO", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="nothing to install it from: .* upload a wheel"):
+        exec(source, {})
+    wheel = tmp_path / "spdjax-0.2.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    exec(source, {})
+    assert calls[-1][-1] == wheel.name and "-e" not in calls[-1]
+    wheel.unlink()
+    monkeypatch.setenv("SPDJAX_REPO", "https://example.org/spdjax.git")
+    exec(source, {})
+    assert calls[-1][-1] == "git+https://example.org/spdjax.git"
+    monkeypatch.chdir(ROOT / "colab")  # inside a checkout: an editable install of it
+    exec(source, {})
+    assert calls[-1][-2:] == ["-e", str(ROOT)]
