@@ -41,8 +41,33 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> Tr
     params = jax.tree.map(
         lambda x: jax.lax.convert_element_type(x, x.dtype) if getattr(x, "weak_type", False)
         else x, params)
-    opt_state = jax.jit(optimizer.init)(params)
+    opt_state = jax.jit(optimizer.init, out_shardings=_optimizer_shardings(optimizer, params))(
+        params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+
+def _optimizer_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any:
+    """Shardings for ``optimizer.init(params)``: a leaf that mirrors a parameter (Adam's moments:
+    its path ends in the parameter's path, same shape) takes that parameter's sharding, the rest
+    (step counts) are replicated. Left to the compiler, the moments of C-sharded factors came out
+    whole on one device and were then replicated: every device held all of them."""
+    leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "sharding")]
+    if not leaves:
+        return None
+    first = leaves[0].sharding
+    rest = (NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first)
+    by_path = {jax.tree_util.keystr(path): (x.shape, x.sharding)
+               for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+               if hasattr(x, "sharding")}
+
+    def pick(path, leaf):
+        text = jax.tree_util.keystr(path)
+        matches = [p_path for p_path, (shape, _) in by_path.items()
+                   if text.endswith(p_path) and tuple(leaf.shape) == tuple(shape)]
+        return by_path[max(matches, key=len)][1] if matches else rest
+
+    shapes = jax.eval_shape(optimizer.init, params)
+    return jax.tree_util.tree_map_with_path(pick, shapes)
 
 
 def make_train_step(
