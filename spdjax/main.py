@@ -16,6 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from spdjax.training import distributed
 from spdjax.training.loop import DivergenceError, EvaluationError, train_and_evaluate
 from spdjax.training.workdir import WorkdirLockedError
 
@@ -53,6 +54,10 @@ def main(argv):
     if _CONFIG.value is None:
         _fail(2, "--config is required, e.g. --config=configs/tms.py:5-2")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    try:
+        distributed.initialize()  # several processes, when the environment sets them up
+    except ValueError as e:
+        _fail(2, str(e))
     config = _CONFIG.value
     workdir = _WORKDIR.value or f"workdir/{config.experiment}_{config.variant}"
     try:

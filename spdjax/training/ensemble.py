@@ -80,6 +80,9 @@ def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = Fa
           allow_changes: tuple[str, ...] = ()) -> Ensemble:
     """Builds (or resumes from ``workdir``'s latest good checkpoint) the ensemble of ``config``."""
     validate(config)
+    if jax.process_count() > 1:
+        raise ValueError("ensemble > 1 runs in one process; run the seeds of a multi-process "
+                         "run one after another.")
     n = config.ensemble
     seeds = [config.seed + i for i in range(n)]
     lock = None

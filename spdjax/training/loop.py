@@ -31,6 +31,7 @@ from spdjax.methods import METHODS, Method
 from spdjax.training import init_selection, workdir as wd, writers
 from spdjax.training import sharding as shard_lib
 from spdjax.training.checkpoints import Checkpointer
+from spdjax.training.distributed import is_primary
 from spdjax.training.health import DivergenceError
 from spdjax.training.interrupts import StopRequest
 from spdjax.training.schedules import make_schedule
@@ -123,6 +124,7 @@ def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = Fa
     if workdir is not None:
         workdir = pathlib.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+    if workdir is not None and is_primary():  # one process owns the workdir's files
         lock = wd.WorkdirLock(workdir)
         try:
             wd.prepare(workdir, config_lib.to_dict(config), fresh=fresh,
@@ -181,8 +183,9 @@ def _build(config, workdir: pathlib.Path | None, schedule) -> Run:
 def _resume(run: Run) -> None:
     """Restores the newest good checkpoint of ``run.workdir`` (damaged ones are moved aside) and
     makes every file of the workdir agree with it."""
-    workdir = run.workdir
-    target_training.save_params(workdir / "target_params.npz", run.experiment.target_params)
+    workdir, primary = run.workdir, is_primary()
+    if primary:
+        target_training.save_params(workdir / "target_params.npz", run.experiment.target_params)
     run.checkpointer = Checkpointer(workdir / "checkpoints")
     state, start = run.checkpointer.restore_latest_valid(run.state,
                                                          quarantine=workdir / "damaged")
@@ -193,12 +196,13 @@ def _resume(run: Run) -> None:
         run.recent_losses = [r["loss/total"] for r in rows if "loss/total" in r]
         run.init_record = init_selection.load_record(workdir)
         log.info("Resuming from the checkpoint at step %d.", start)
-    else:
+    elif primary:
         (workdir / init_selection.RECORD_FILE).unlink(missing_ok=True)
-    if start < run.config.steps:  # a summary or figures of an earlier end no longer apply
+    if start < run.config.steps and primary:  # a summary or figures of an earlier end are stale
         (workdir / "summary.json").unlink(missing_ok=True)
         shutil.rmtree(workdir / "figures", ignore_errors=True)
-    run.writer = writers.make_writer(run.config, workdir, start if start else None)
+    run.writer = (writers.make_writer(run.config, workdir, start if start else None) if primary
+                  else wd.MemoryWriter())
 
 
 def _select_init(run: Run, t0: float, interrupt: StopRequest) -> None:
@@ -221,7 +225,7 @@ def _select_init(run: Run, t0: float, interrupt: StopRequest) -> None:
         write_sink(run)(*line)
     record["steps"] = n_select
     run.init_record = record
-    if run.workdir is not None:
+    if run.workdir is not None and is_primary():
         init_selection.save_record(run.workdir, record)
         run.checkpointer.save(n_select, run.state, run.checkpoint_meta())  # never redone
 
@@ -252,8 +256,9 @@ def train(run: Run, until_step: int | None = None, *, on_step: OnStep | None = N
         if run.checkpointer is not None:
             run.checkpointer.wait()
             run.writer.flush()
-            wd.set_aside_lines_after(run.workdir / "metrics.jsonl",
-                                     run.checkpointer.latest_step() or 0)
+            if is_primary():
+                wd.set_aside_lines_after(run.workdir / "metrics.jsonl",
+                                         run.checkpointer.latest_step() or 0)
         raise
     run.wall_time_s += time.perf_counter() - t0
     if run.checkpointer is not None:
@@ -273,7 +278,7 @@ def evaluate(run: Run) -> dict:
     summary.update(steps=run.step, wall_time_s=run.wall_time_s)
     if run.init_record is not None:
         summary["init_selection"] = run.init_record
-    if run.workdir is not None:
+    if run.workdir is not None and is_primary():
         wd.write_atomic(run.workdir / "summary.json",
                         json.dumps(summary, indent=2, sort_keys=True) + "\n")
     log.info("Summary: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
@@ -344,7 +349,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = Fal
             train(run)
             try:
                 summary = evaluate(run)
-                if run.config.figures:
+                if run.config.figures and is_primary():
                     run.writer.write_images(run.step, [p for p in plot(run) if p.suffix == ".png"])
             except Exception as e:
                 raise EvaluationError(
