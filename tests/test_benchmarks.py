@@ -204,3 +204,15 @@ def test_sensitivity_grid_runs_saves_and_plots(tmp_path):
     assert out.with_suffix(".png").exists() and "0 of 1" in out.with_suffix(".md").read_text()
     sensitivity.main(args)  # a rerun reuses every recorded run
     assert json.loads(out.with_suffix(".json").read_text()) == table
+
+
+def test_table1_trains_a_rows_seeds_as_one_ensemble(tmp_path):
+    args = ["--variants=5-2", "--seeds=0,1,3", "--steps=20", "--tag=+small",
+            "--set=eval_batch_size=512", "--set=batch_size=256", "--set=figures=false",
+            f"--root={tmp_path}", f"--out={tmp_path / 't'}"]
+    tms_table1.main(args)
+    assert (tmp_path / "5-2+small_seeds0-1" / "seed_1" / "summary.json").exists()
+    assert (tmp_path / "5-2+small_seed3" / "summary.json").exists()  # a lone seed: a plain run
+    runs = json.loads((tmp_path / "t.json").read_text())["5-2+small"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1, 3] and all(r["steps"] == 20 for r in runs)
+    assert tms_table1.consecutive([0, 1, 2, 5, 6, 9]) == [[0, 1, 2], [5, 6], [9]]

@@ -5,8 +5,10 @@
     python -m benchmarks.reproduce.tms_table1 --variants=5-2+gaussian    # a config modifier (configs/tms.py)
     python -m benchmarks.reproduce.tms_table1 --variants=5-2 --tag=+lr2e-3 --set=lr=2e-3
 
-Each (variant, seed) is one ordinary CLI-equivalent run in ``<root>/<variant>_seed<seed>`` (so it
-resumes if interrupted, and is skipped once its summary.json exists). A run already recorded in the
+A row's consecutive seeds are trained as one ensemble program (``config.ensemble``, each member
+equal to its seed's run alone) in ``<root>/<variant>_seeds<first>-<last>``; ``--no-ensemble``
+makes each (variant, seed) one ordinary CLI-equivalent run in ``<root>/<variant>_seed<seed>``.
+Either resumes if interrupted and is skipped once its summaries exist. A run already recorded in the
 results JSON (same row, seed, overrides and steps) is reused too, so a fresh checkout can add seeds
 to a row without retraining the recorded ones; ``--rerun`` trains them again. The table is written to
 ``benchmarks/results/tms_table1.{json,md}``: mean ± std over seeds, and per run the std over
@@ -47,6 +49,32 @@ def paper_numbers(row: str) -> tuple[str, str]:
     model = row.split("+")[0]
     table = APD_PAPER if "+apd" in row else PAPER
     return table.get(model, ("-", "-"))
+
+
+def consecutive(seeds: list[int]) -> list[list[int]]:
+    """``[0, 1, 2, 5, 6] -> [[0, 1, 2], [5, 6]]``: the groups an ensemble can train together."""
+    groups: list[list[int]] = []
+    for s in seeds:
+        if groups and s == groups[-1][-1] + 1:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def run_ensemble(variant: str, seeds: list[int], root: pathlib.Path, steps: int | None,
+                 overrides: list[str] = (), tag: str = "") -> list[dict]:
+    """Consecutive ``seeds`` as one ensemble program (``config.ensemble``) in
+    ``<root>/<variant><tag>_seeds<first>-<last>`` (it resumes if interrupted); their summaries."""
+    config = configs.load(f"tms:{variant}", configs.parse_assignments(list(overrides)))
+    config.seed, config.ensemble = seeds[0], len(seeds)
+    if steps is not None:
+        config.steps = steps
+    workdir = root / f"{variant}{tag}_seeds{seeds[0]}-{seeds[-1]}"
+    done = [workdir / f"seed_{s}" / "summary.json" for s in seeds]
+    if all(p.exists() for p in done):
+        return [json.loads(p.read_text()) for p in done]
+    return train_and_evaluate(config, workdir)
 
 
 def run(variant: str, seed: int, root: pathlib.Path, steps: int | None,
@@ -130,6 +158,9 @@ def main(argv=None):
     parser.add_argument("--tag", default="", help="row/workdir suffix for a changed recipe, e.g. +gaussian")
     parser.add_argument("--root", default=str(ROOT / "workdir" / "table1"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tms_table1"))
+    parser.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=True,
+                        help="train a row's consecutive seeds as one ensemble program "
+                             "(--no-ensemble: one run per seed)")
     parser.add_argument("--rerun", action="store_true",
                         help="train seeds already recorded in the results JSON again")
     args = parser.parse_args(argv)
@@ -144,6 +175,7 @@ def main(argv=None):
         rows = results[row] = []
         recipe = configs.load(f"tms:{variant}", configs.parse_assignments(list(args.set)))
         recipe = configs.to_dict(recipe)["target_recipe"]
+        to_train = []
         for seed in (int(s) for s in args.seeds.split(",")):
             recorded = recorded_run(existing, row, seed, args.set, args.steps, recipe)
             if (recorded and not args.rerun
@@ -151,10 +183,19 @@ def main(argv=None):
                 print(f"{row} seed {seed}: reusing the run recorded in {json_path} "
                       "(--rerun trains it again)", flush=True)
                 rows.append(recorded)
-                continue
-            summary = run(variant, seed, root, args.steps, args.set, args.tag)
-            rows.append({"seed": seed, "overrides": args.set, "target_recipe": recipe, **summary})
-            save(out, results)  # after every trained run: an interruption loses nothing
+            else:
+                to_train.append(seed)
+        groups = consecutive(to_train) if args.ensemble else [[s] for s in to_train]
+        for group in groups:
+            if len(group) == 1 or (root / f"{row}_seed{group[0]}" / "summary.json").exists():
+                summaries = [run(variant, s, root, args.steps, args.set, args.tag) for s in group]
+            else:  # the group's seeds as one program
+                summaries = run_ensemble(variant, group, root, args.steps, args.set, args.tag)
+            for seed, summary in zip(group, summaries):
+                rows.append({"seed": seed, "overrides": args.set, "target_recipe": recipe,
+                             **summary})
+            rows.sort(key=lambda r: r["seed"])
+            save(out, results)  # after every trained group: an interruption loses nothing
     save(out, results)
     print(tabulate(results)[1])
 
