@@ -58,7 +58,7 @@ def run_on(model: int, ci_fn: str):
     return memory, compiled, float(metrics["loss"]["total"]), jax.device_get(state.params)
 
 
-@pytest.mark.parametrize("ci_fn", ["vector_mlp", "mlp"])
+@pytest.mark.parametrize("ci_fn", ["vector_mlp", pytest.param("mlp", marks=pytest.mark.slow)])
 def test_memory_per_device_falls_with_the_model_axis_and_nothing_is_gathered(ci_fn):
     assert jax.device_count() == 8, "conftest must fake 8 CPU devices"
     base_mem, base_compiled, base_loss, base_params = run_on(1, ci_fn)
