@@ -95,6 +95,9 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     # How the members share the program: vmap (one batched step) | map (in turn, lax.map) |
     # auto (vmap on GPU/TPU, map on CPU, where vmap measured slower).
     c.ensemble_mode = "auto"
+    # A coefficient sweep in the same program: "dotted.key=v1,v2,..." (a float field, e.g.
+    # "losses.importance_minimality.coeff=1e-3,3e-3"); the members are every (value, seed) pair.
+    c.ensemble_sweep = ""
     c.log_every = 500  # steps between metric lines / progress reports
     c.checkpoint_every = 5000  # steps between checkpoints (and always at the end)
     c.eval_batch_size = 20_000  # examples for final CI-L0 / alive counts / loss terms

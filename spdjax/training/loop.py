@@ -337,7 +337,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = Fal
     checkpointed: rerunning evaluates it without training (its evaluation settings, e.g.
     ``eval_microbatches``, may be changed for that).
     """
-    if config.ensemble > 1:  # N seeds as one vmapped program: the members' summaries
+    if config.ensemble > 1 or config.ensemble_sweep:  # one program, several runs: a summary each
         from spdjax.training import ensemble
 
         with log_to():

@@ -81,10 +81,14 @@ def validate(config) -> None:
     if config.ensemble_mode not in ("auto", "vmap", "map"):
         raise ValueError(f"ensemble_mode must be 'auto', 'vmap' or 'map', got "
                          f"{config.ensemble_mode!r}.")
-    if _positive_int(config, "ensemble") > 1:
+    from spdjax.training.ensemble import parse_sweep
+
+    parse_sweep(config)
+    if _positive_int(config, "ensemble") > 1 or config.ensemble_sweep:
         for name, single in (("init_candidates", 1), ("mesh_model", 1)):
             if config[name] != single:
-                raise ValueError(f"ensemble={config.ensemble} trains every member on one device "
+                raise ValueError(f"An ensemble (ensemble={config.ensemble}, ensemble_sweep="
+                                 f"{config.ensemble_sweep!r}) trains every member on one device "
                                  f"from its seed's init: {name} must be {single}, got "
                                  f"{config[name]!r}.")
     CONFIG_CHECKS[config.method](config)  # the method's own fields (SPD: its loss terms)

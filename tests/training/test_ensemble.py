@@ -47,7 +47,7 @@ def test_each_member_equals_its_seed_run_alone(tmp_path, mode, steps_per_call):
                                    rtol=1e-3)
         assert json.loads((member / "summary.json").read_text())["steps"] == 20
     table = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
-    assert table["seeds"] == [4, 5, 6] and set(table["members"]) == {"4", "5", "6"}
+    assert table["seeds"] == [4, 5, 6] and set(table["members"]) == {"seed_4", "seed_5", "seed_6"}
     # members differ from each other: different inits and data
     assert summaries[0]["loss"]["total"] != summaries[1]["loss"]["total"]
 
@@ -74,6 +74,9 @@ def test_a_stopped_ensemble_resumes_to_the_same_result(tmp_path):
 @pytest.mark.parametrize("overrides, match", [
     ({"ensemble": 0}, "ensemble must be an integer >= 1, got 0"),
     ({"ensemble": 2, "ensemble_mode": "pmap"}, "ensemble_mode must be 'auto', 'vmap' or 'map', got 'pmap'"),
+    ({"ensemble_sweep": "lr=1e-3,x"}, "ensemble_sweep must be 'dotted.key=v1,v2,...' with numbers"),
+    ({"ensemble_sweep": "losses.nope.coeff=1,2"}, "the config has no field 'losses.nope.coeff'"),
+    ({"ensemble_sweep": "C=10,20"}, "only float fields"),
     ({"ensemble": 2, "init_candidates": 3, "init_select_steps": 8},
      "init_candidates must be 1, got 3"),
     ({"ensemble": 2, "mesh_model": 2}, "mesh_model must be 1, got 2"),
@@ -82,3 +85,20 @@ def test_bad_ensemble_settings_fail_early(overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         with log_to(io.StringIO()):
             loop.train_and_evaluate(tms_config(**overrides), tmp_path)
+
+
+def test_a_coefficient_sweep_is_one_program_of_every_value_and_seed(tmp_path):
+    key = "losses.importance_minimality.coeff"
+    with log_to(io.StringIO()):
+        summaries = loop.train_and_evaluate(
+            tms_config(ensemble=2, ensemble_sweep=f"{key}=1e-3,1e-2"), tmp_path / "sweep")
+        alone = loop.train_and_evaluate(tms_config(seed=1, **{key: 1e-2}), tmp_path / "alone")
+    assert len(summaries) == 4  # (1e-3, seed 0), (1e-3, 1), (1e-2, 0), (1e-2, 1)
+    member = tmp_path / "sweep" / f"seed_1_{key}=0.01"
+    for a, b in zip(rows(member / "metrics.jsonl"), rows(tmp_path / "alone" / "metrics.jsonl")):
+        for k in b:
+            if k not in TIMING:
+                np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(summaries[3]["loss"]["total"], alone["loss"]["total"], rtol=1e-3)
+    table = json.loads((tmp_path / "sweep" / "ensemble.json").read_text())
+    assert table["sweep"] == key and table["members"][f"seed_0_{key}=0.001"][key] == 1e-3
