@@ -12,9 +12,9 @@ one step function (vmapped or mapped over their seeds); the groups run one after
 the same compiled program.
 
 The workdir holds the ensemble (``config.json``, one checkpoint of all members, the lock) and one
-directory per member, ``seed_<s>/`` (``seed_<s>_<key>=<value>/`` in a sweep), with what a single run writes: ``metrics.jsonl`` (and
-TensorBoard / W&B when asked for), ``summary.json`` and ``figures/``. ``ensemble.json`` lists the
-members' headline numbers. A stopped ensemble resumes from its last checkpoint like a single run.
+directory per member, ``seed_<s>/`` (``seed_<s>_<key>=<value>/`` in a sweep), with what a
+single run writes: ``metrics.jsonl`` (and TensorBoard / W&B when asked for), ``summary.json``
+and ``figures/``. ``ensemble.json`` lists the members' headline numbers. A stopped ensemble resumes from its last checkpoint like a single run.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class Member:
     value: float | None = None
 
     def label(self, key: str) -> str:
-        return f"seed_{self.seed}" if self.value is None else f"seed_{self.seed}_{key}={self.value:g}"
+        base = f"seed_{self.seed}"
+        return base if self.value is None else f"{base}_{key}={self.value:g}"
 
 
 @dataclasses.dataclass(eq=False)
@@ -164,7 +165,8 @@ def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = Fa
         host = [jax.device_get(s) for s in states]
         state = _on_default_device(jax.tree.map(lambda *xs: np.stack(xs), *host))
         keys = jnp.stack([loop.RunKeys.from_seed(m.seed).train for m in members])
-        ens = Ensemble(config=config, runs=runs, members=members, state=state, keys=keys, workdir=workdir,
+        ens = Ensemble(config=config, runs=runs, members=members, state=state, keys=keys,
+                       workdir=workdir,
                        target_params=_on_default_device(runs[members[0].value].target_params),
                        histories=[[] for _ in members], lock=lock)
         start = 0
@@ -195,7 +197,8 @@ def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = Fa
 def ensemble_mode(config) -> str:
     """``config.ensemble_mode``, with ``auto`` resolved: ``vmap`` (the members as one batched
     step) on an accelerator, ``map`` (one after another inside the program) on a CPU, where the
-    batched step measured 3.3x slower than the members run in turn (benchmarks/README.md)."""
+    batched step measured 3.4x slower than the members run in turn
+    (``python -m benchmarks.ensemble``: benchmarks/results/ensemble_tms_5-2.md)."""
     mode = config.ensemble_mode
     if mode == "auto":
         return "map" if jax.devices()[0].platform == "cpu" else "vmap"
