@@ -217,3 +217,15 @@ def test_table1_trains_a_rows_seeds_as_one_ensemble(tmp_path):
     runs = json.loads((tmp_path / "t.json").read_text())["5-2+small"]["runs"]
     assert [r["seed"] for r in runs] == [0, 1, 3] and all(r["steps"] == 20 for r in runs)
     assert tms_table1.consecutive([0, 1, 2, 5, 6, 9]) == [[0, 1, 2], [5, 6], [9]]
+
+
+def test_step_time_rows_carry_their_floor_and_the_reference_anchor():
+    from benchmarks import run as bench
+
+    row = bench.measure("tms:5-2", 2, {"batch_size": 256})
+    assert row["floor_s_per_step"] == row["flops_per_step"] / row["matmul_peak_flops"]
+    assert row["all_bytes_from_dram_s"] == row["bytes_per_step"] / row["memory_bandwidth"] > 0
+    assert row["reference_s_per_step"] == (0.042, 0.054)
+    info = {"device": "cpu", "cpu_count": 2, "platform": "p", "jax": "j", "commit": "c", "date": "d"}
+    line = bench.to_markdown([row], info).splitlines()[-1]
+    assert "| 42-54 |" in line and line.count("|") == 17
