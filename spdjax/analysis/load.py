@@ -61,8 +61,11 @@ class LoadedRun:
         return plot(self, figures_dir)
 
 
-def load(workdir: str | pathlib.Path, *, step: int | None = None) -> LoadedRun:
-    """Reads the run in ``workdir`` at its latest checkpoint (or ``step``)."""
+def load(workdir: str | pathlib.Path, *, step: int | None = None,
+         member: str | None = None) -> LoadedRun:
+    """Reads the run in ``workdir`` at its latest checkpoint (or ``step``). For an ensemble
+    workdir, ``member`` names the member (its directory, e.g. ``"seed_1"``); the result is that
+    member as the run it equals (its config, params and directory)."""
     workdir = pathlib.Path(workdir)
     if not (workdir / "checkpoints").is_dir():
         raise FileNotFoundError(f"{workdir} holds no run: there is no checkpoints/ directory.")
@@ -80,10 +83,37 @@ def load(workdir: str | pathlib.Path, *, step: int | None = None) -> LoadedRun:
         target_file = workdir / "target_params.npz"
         experiment = build_experiment(
             config, target_params=load_params(target_file) if target_file.exists() else None)
+        index = None
+        if config.get("ensemble", 1) > 1 or config.get("ensemble_sweep", ""):
+            config, index, n, workdir = _member(config, workdir, member)
+        elif member is not None:
+            raise ValueError(f"{workdir} holds one run, not an ensemble: leave member out.")
         method = METHODS.get(config.get("method", "spd"))(config, experiment, config.lr)
         template = jax.eval_shape(method.init, jax.random.key(0), experiment.target_params)
-        params = ckpt.restore_subtree(template, "params", meta["step"])
+        if index is None:
+            params = ckpt.restore_subtree(template, "params", meta["step"])
+        else:  # the ensemble's params are stacked along a leading member axis
+            stacked = jax.tree.map(lambda t: jax.ShapeDtypeStruct((n,) + t.shape, t.dtype),
+                                   template)
+            params = jax.tree.map(lambda x: x[index],
+                                  ckpt.restore_subtree(stacked, "params", meta["step"]))
     finally:
         ckpt.close()
     return LoadedRun(workdir=workdir, config=config, experiment=experiment, method=method,
                      params=params, step=int(meta["step"]))
+
+
+def _member(config, workdir: pathlib.Path, member: str | None):
+    """``(member config, index, number of members, member directory)`` of ``member`` in an
+    ensemble workdir."""
+    from spdjax.training import ensemble
+
+    key, values = ensemble.parse_sweep(config)
+    members = [ensemble.Member(config.seed + i, v) for v in (values or [None])
+               for i in range(config.ensemble)]
+    labels = [m.label(key) for m in members]
+    if member not in labels:
+        raise ValueError(f"{workdir} holds an ensemble of {len(labels)} runs: pass member= one "
+                         f"of {labels}" + ("" if member is None else f" (got {member!r})") + ".")
+    i = labels.index(member)
+    return ensemble.member_config(config, members[i]), i, len(members), workdir / member

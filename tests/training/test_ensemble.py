@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+import spdjax
 from spdjax import configs
 from spdjax.training import ensemble, loop
 from spdjax.training.progress import log_to
@@ -69,6 +70,15 @@ def test_a_stopped_ensemble_resumes_to_the_same_result(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), resumed,
                  jax.device_get(straight.state.params))
     assert [r["step"] for r in rows(tmp_path / "a" / "seed_0" / "metrics.jsonl")] == [10, 20]
+    # spdjax.load reads one member as the run it equals
+    member = spdjax.load(tmp_path / "b", member="seed_1")
+    assert member.config.seed == 1 and member.step == 20
+    assert member.workdir == tmp_path / "b" / "seed_1"
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[1]), member.params,
+                 jax.device_get(straight.state.params))
+    with pytest.raises(ValueError, match=r"holds an ensemble of 2 runs: pass member= one of "
+                                         r"\['seed_0', 'seed_1'\]"):
+        spdjax.load(tmp_path / "b")
 
 
 @pytest.mark.parametrize("overrides, match", [
