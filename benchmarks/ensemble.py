@@ -19,32 +19,22 @@ from benchmarks.run import ROOT, write_results
 WARM = 10
 
 
-def time_single(name: str, seed: int, steps: int) -> tuple[float, float]:
+def timed(name: str, steps: int, overrides: dict) -> tuple[float, float]:
+    """(s/step after the warm-up, warm-up s incl. compilation) of ``name`` with ``overrides``: a
+    single run, or an ensemble when they ask for one."""
     from spdjax import configs
-    from spdjax.training import loop
+    from spdjax.training import ensemble, loop
 
-    run = loop.setup(configs.load(name, {"seed": seed, "steps": WARM + steps,
-                                         "log_every": WARM, "figures": False}))
+    config = configs.load(name, {**overrides, "steps": WARM + steps, "log_every": WARM,
+                                 "figures": False})
+    is_ensemble = config.ensemble > 1
+    run = ensemble.setup(config) if is_ensemble else loop.setup(config)
+    train = ensemble.train if is_ensemble else loop.train
     t = time.perf_counter()
-    loop.train(run, WARM)
+    train(run, WARM)
     compile_s = time.perf_counter() - t
     t = time.perf_counter()
-    loop.train(run)
-    return (time.perf_counter() - t) / steps, compile_s
-
-
-def time_ensemble(name: str, members: int, steps: int, mode: str) -> tuple[float, float]:
-    from spdjax import configs
-    from spdjax.training import ensemble
-
-    ens = ensemble.setup(configs.load(name, {"ensemble": members, "ensemble_mode": mode,
-                                             "steps": WARM + steps,
-                                             "log_every": WARM, "figures": False}))
-    t = time.perf_counter()
-    ensemble.train(ens, WARM)
-    compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    ensemble.train(ens)
+    train(run)
     return (time.perf_counter() - t) / steps, compile_s
 
 
@@ -68,11 +58,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    singles = [time_single(args.config, seed, args.steps) for seed in range(args.members)]
+    singles = [timed(args.config, args.steps, {"seed": seed}) for seed in range(args.members)]
     seq_s = sum(s for s, _ in singles)
     rows = []
     for mode in ("vmap", "map"):
-        ens_s, ens_compile = time_ensemble(args.config, args.members, args.steps, mode)
+        ens_s, ens_compile = timed(args.config, args.steps,
+                                   {"ensemble": args.members, "ensemble_mode": mode})
         rows.append({"config": args.config, "mode": mode, "members": args.members,
                      "steps": args.steps, "ensemble_s_per_step": ens_s,
                      "sequential_s_per_step": seq_s, "speedup": seq_s / ens_s,

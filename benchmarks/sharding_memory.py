@@ -26,7 +26,10 @@ LOSSES = {"faithfulness": {"coeff": 1.0}, "stochastic_recon": {"coeff": 1.0},
           "importance_minimality": {"coeff": 1e-3, "pnorm": 1.0}}
 
 
-def measure(C: int, ci_fn: str, model: int) -> dict:
+def build(C: int, ci_fn: str, model: int, *, d: int = D, h: int = H, batch: int = BATCH,
+          ci_hidden: int = 16, microbatches: int = 1):
+    """The tied autoencoder d -> h -> d decomposed with C per site (aliased ties) on a mesh with
+    ``model`` devices along C: ``(state, jitted step, replicated target params)``."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -39,22 +42,36 @@ def measure(C: int, ci_fn: str, model: int) -> dict:
         return jax.nn.relu(x @ p["w"] + p["b"]) @ p["w"].T
 
     rng = np.random.default_rng(0)
-    tp = {"w": jnp.asarray(rng.normal(size=(D, H)) / 8, jnp.float32), "b": jnp.zeros(H)}
-    target, tp = spdjax.from_jax(fn, tp, jnp.ones((2, D)))
-    d = spdjax.decompose(target, {"w": C, "w#2": C}, ties={"w#2": "w"}, tie_mode="aliased",
-                         ci_fn=ci_fn, ci_hidden=(16,))
+    tp = {"w": jnp.asarray(rng.normal(size=(d, h)) / np.sqrt(d), jnp.float32), "b": jnp.zeros(h)}
+    target, tp = spdjax.from_jax(fn, tp, jnp.ones((2, d)))
+    dec = spdjax.decompose(target, {"w": C, "w#2": C}, ties={"w#2": "w"}, tie_mode="aliased",
+                           ci_fn=ci_fn, ci_hidden=(ci_hidden,))
     mesh = sharding.make_mesh(jax.device_count() // model, model)
-    opt = spd.make_optimizer(d, 1e-3)
-    params = sharding.shard_params(d, d.init(jax.random.key(0), tp), mesh)
+    opt = spd.make_optimizer(dec, 1e-3)
+    params = sharding.shard_params(dec, dec.init(jax.random.key(0), tp), mesh)
     state, shardings = sharding.place_state(spdjax.init_train_state(params, opt), mesh)
     step = spdjax.make_train_step(
-        spd.objective(d, spdjax.losses.terms_from_config(LOSSES)), opt,
-        lambda k: jax.random.normal(k, (BATCH, D)), total_steps=10, mesh=mesh,
-        state_sharding=shardings)
-    compiled = step.lower(state, sharding.replicate(tp, mesh), jax.random.key(1)).compile()
+        spd.objective(dec, spdjax.losses.terms_from_config(LOSSES)), opt,
+        lambda k: jax.random.normal(k, (batch, d)), total_steps=10, mesh=mesh,
+        state_sharding=shardings, microbatches=microbatches)
+    return state, step, sharding.replicate(tp, mesh)
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes of ``tree``'s arrays held by the first device."""
+    import jax
+
     dev = jax.devices()[0]
-    state_bytes = sum(s.data.nbytes for leaf in jax.tree.leaves(state)
-                      for s in leaf.addressable_shards if s.device == dev)
+    return sum(s.data.nbytes for leaf in jax.tree.leaves(tree)
+               for s in leaf.addressable_shards if s.device == dev)
+
+
+def measure(C: int, ci_fn: str, model: int) -> dict:
+    import jax
+
+    state, step, tp = build(C, ci_fn, model)
+    compiled = step.lower(state, tp, jax.random.key(1)).compile()
+    state_bytes = per_device_bytes(state)
     memory, hlo = compiled.memory_analysis(), compiled.as_text()
     return {"C": C, "ci_fn": ci_fn, "model": model, "devices": jax.device_count(),
             "state_mib_per_device": state_bytes / 2**20,

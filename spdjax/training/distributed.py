@@ -34,8 +34,7 @@ def initialize() -> bool:
         missing = sorted(set(_ENV) - set(set_))
         raise ValueError(f"A multi-process run needs {', '.join(_ENV)}; {', '.join(missing)} "
                          "not set.")
-    if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu") or not jax.config.jax_platforms:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only
     if auto and not set_:
         jax.distributed.initialize()
     else:

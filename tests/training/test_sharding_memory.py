@@ -2,55 +2,23 @@
 per device falls with the number of devices, the result equals the one-device run, and the
 compiled step moves no factor between devices (no all-gather; two all-reduces).
 
-Covers aliased ties (a weight and its transpose, the reference's two copies), the per-site
+The model is the one of ``python -m benchmarks.sharding_memory``, smaller. Covers aliased ties (a weight and its transpose, the reference's two copies), the per-site
 ``vector_mlp`` and the per-component ``mlp`` CI functions, and micro-batching with a mesh.
 """
 
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import spdjax
-from spdjax.methods import spd
-from spdjax.training import sharding
+from benchmarks.sharding_memory import build, per_device_bytes
 
-D, H, C, BATCH = 32, 64, 256, 32
-LOSSES = {"faithfulness": {"coeff": 1.0}, "stochastic_recon": {"coeff": 1.0},
-          "stochastic_recon_layerwise": {"coeff": 1.0},
-          "importance_minimality": {"coeff": 1e-3, "pnorm": 1.0}}
-
-
-def tied_autoencoder(p, x):  # the weight and its transpose: sites "w" and "w#2", tied
-    return jax.nn.relu(x @ p["w"] + p["b"]) @ p["w"].T
-
-
-def batch_fn(key):
-    return jax.random.normal(key, (BATCH, D))
-
-
-def per_device_bytes(tree) -> int:
-    dev = jax.devices()[0]
-    return sum(s.data.nbytes for leaf in jax.tree.leaves(tree)
-               for s in leaf.addressable_shards if s.device == dev)
+C = 256
 
 
 def run_on(model: int, ci_fn: str):
-    rng = np.random.default_rng(0)
-    tp = {"w": jnp.asarray(rng.normal(size=(D, H)) / 6, jnp.float32), "b": jnp.zeros(H)}
-    target, tp = spdjax.from_jax(tied_autoencoder, tp, jnp.ones((2, D)))
-    d = spdjax.decompose(target, {"w": C, "w#2": C}, ties={"w#2": "w"}, tie_mode="aliased",
-                         ci_fn=ci_fn, ci_hidden=(8,))
-    mesh = sharding.make_mesh(jax.device_count() // model, model)
-    opt = spd.make_optimizer(d, 1e-3)
-    params = sharding.shard_params(d, d.init(jax.random.key(0), tp), mesh)
-    state, shardings = sharding.place_state(spdjax.init_train_state(params, opt), mesh)
-    step = spdjax.make_train_step(spd.objective(d, spdjax.losses.terms_from_config(LOSSES)), opt,
-                                  batch_fn, total_steps=10, mesh=mesh, state_sharding=shardings,
-                                  microbatches=2)
-    tp = sharding.replicate(tp, mesh)
+    state, step, tp = build(C, ci_fn, model, d=32, h=64, batch=32, ci_hidden=8, microbatches=2)
     compiled = step.lower(state, tp, jax.random.key(1)).compile()
     memory = per_device_bytes(state)
     for _ in range(2):
