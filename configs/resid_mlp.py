@@ -74,15 +74,16 @@ def _head(variant: str):
     if variant == "2":
         later_reference(c, {
             "faithfulness": {"coeff": 0.0},  # logged only
-            "stochastic_recon_subset": {"coeff": 2.0, "delta": True, "router": "uniform_k"},
+            "stochastic_recon_subset": {"coeff": 2.0, "delta": True, "router": "uniform_k",
+                                        "sampling": "continuous"},
             "pgd_recon_subset": {"coeff": 2.0, "delta": True, "init": "random", "n_steps": 1,
                                  "step_size": 1.0, "scope": "shared_across_batch"},
             "importance_minimality": imp,
         }, warmup_weight_decay=0.0)
     else:
         later_reference(c, {
-            "stochastic_recon": {"coeff": 1.0, "delta": True},
-            "stochastic_recon_layerwise": {"coeff": 1.0, "delta": True},
+            "stochastic_recon": {"coeff": 1.0, "delta": True, "sampling": "continuous"},
+            "stochastic_recon_layerwise": {"coeff": 1.0, "delta": True, "sampling": "continuous"},
             "importance_minimality": imp,
         })
     return c

@@ -88,10 +88,15 @@ def _apd(c, variant: str) -> None:
                   "topk_recon_coeff": recon, "schatten_coeff": simp})
 
 
+# Named so that --config.losses.<term>.sampling=binomial (with --config.ci_lower_noise=0.05: the
+# later reference's binomial mode) can be set from the command line.
+_SAMPLING = {"sampling": "continuous"}
+
+
 def _head(c, variant: str) -> None:
     later_reference(c, {
-        "stochastic_recon": {"coeff": 1.0, "n_samples": 1, "delta": True},
-        "stochastic_recon_layerwise": {"coeff": 1.0, "n_samples": 1, "delta": True},
+        "stochastic_recon": {"coeff": 1.0, "n_samples": 1, "delta": True, **_SAMPLING},
+        "stochastic_recon_layerwise": {"coeff": 1.0, "n_samples": 1, "delta": True, **_SAMPLING},
         "importance_minimality": dict(c.losses.importance_minimality),
     })
     c.steps = 20_000 if variant == "40-10-id" else 10_000

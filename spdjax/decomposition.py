@@ -239,19 +239,31 @@ class Decomposition:
 
     # -- causal importance -----------------------------------------------------------------
     def causal_importance(
-        self, params: Params, site_inputs: Mapping[str, Array]
+        self, params: Params, site_inputs: Mapping[str, Array], *,
+        lower_noise: float = 0.0, key: Array | None = None,
     ) -> dict[str, CausalImportance]:
-        """CI of every site from clean site inputs (gradients flow into V through inner acts)."""
+        """CI of every site from clean site inputs (gradients flow into V through inner acts).
+
+        ``lower_noise`` ε > 0 feeds ``σ_lo`` with ``(1 + ε) r − ε u``, ``u ~ U[0, 1)`` drawn
+        from ``key`` (site i: ``fold_in(key, i)``), while ``σ_up`` sees ``r``: the later
+        reference's binomial-sampling quirk (ε = 0.05, spec 2.3).
+        """
         self.check_params(params)
+        if lower_noise and key is None:
+            raise ValueError("causal_importance: lower_noise needs a PRNG key.")
         sig = self.sigmoid
         out = {}
-        for name in self.site_names:
+        for i, name in enumerate(self.site_names):
             x = site_inputs[name]
             acts = None
             if self.ci_fn.uses_inner_acts:
                 acts = self.site(name).apply(self.factors(params, name)[0], x)
             pre = self.ci_fn.apply(params["ci"][name], acts, x)
-            out[name] = CausalImportance(lower=sig.lower(pre), upper=sig.upper(pre), pre=pre)
+            lower_in = pre
+            if lower_noise:
+                u = jax.random.uniform(jax.random.fold_in(key, i), pre.shape, pre.dtype)
+                lower_in = (1.0 + lower_noise) * pre - lower_noise * u
+            out[name] = CausalImportance(lower=sig.lower(lower_in), upper=sig.upper(pre), pre=pre)
         return out
 
 

@@ -31,13 +31,16 @@ class Context:
 
 
 def make_context(
-    decomposition: Decomposition, target_params: Any, params: dict, batch: Any, step_frac=0.0
+    decomposition: Decomposition, target_params: Any, params: dict, batch: Any, step_frac=0.0,
+    *, ci_lower_noise: float = 0.0, key: Array | None = None,
 ) -> Context:
-    """Clean target forward (output and site inputs) and causal importances for ``batch``."""
+    """Clean target forward (output and site inputs) and causal importances for ``batch``
+    (``ci_lower_noise`` with ``key``: the noisy ``σ_lo`` input of
+    :meth:`~spdjax.decomposition.Decomposition.causal_importance`)."""
     target_out, site_inputs = decomposition.clean_forward(target_params, batch)
     target_out = jax.lax.stop_gradient(target_out)
     site_inputs = jax.lax.stop_gradient(site_inputs)
-    ci = decomposition.causal_importance(params, site_inputs)
+    ci = decomposition.causal_importance(params, site_inputs, lower_noise=ci_lower_noise, key=key)
     return Context(
         decomposition=decomposition,
         target_params=target_params,

@@ -362,7 +362,7 @@ def check_config(config) -> None:
         family = get_family(config.experiment)
         match_sites(family.target(family.model_config(config)), {a.act_sites: 1})
     spd_only = {"faithfulness_warmup_steps": 0, "init": "paper", "grad_clip_norm_components": 0.0,
-                "grad_clip_norm_ci": 0.0}
+                "grad_clip_norm_ci": 0.0, "ci_lower_noise": 0.0}
     changed = [f"{k}={config[k]!r}" for k, v in spd_only.items() if config[k] != v]
     if changed or config.eval_losses:
         raise ValueError(f"APD does not use {', '.join(changed) or 'eval_losses'} (SPD-only "

@@ -31,14 +31,25 @@ ADVERSARY_KEY = 0x41445653  # fold_in index of the adversaries' init key ("ADVS"
 Array = jax.Array
 
 
+CI_NOISE_KEY = 0x43494E5A  # fold_in index of the CI-input noise's key ("CINZ")
+
+
 def objective(
-    decomposition: Decomposition, terms: Sequence[Term], *, l0_threshold: float = 0.1
+    decomposition: Decomposition, terms: Sequence[Term], *, l0_threshold: float = 0.1,
+    ci_lower_noise: float = 0.0,
 ) -> Objective:
-    """The SPD objective: the weighted sum of ``terms`` (:func:`spdjax.losses.term`)."""
+    """The SPD objective: the weighted sum of ``terms`` (:func:`spdjax.losses.term`);
+    ``ci_lower_noise`` > 0 adds the binomial-sampling CI-input noise (spec 2.3) from the step's
+    key."""
+    if not isinstance(ci_lower_noise, (int, float)) or not 0 <= ci_lower_noise < 1:
+        raise ValueError(f"ci_lower_noise must be a number in [0, 1) (the reference uses 0.05 with "
+                         f"binomial sampling), got {ci_lower_noise!r}.")
     total_fn = total_loss(terms)
 
     def fn(params, target_params, batch, key, step_frac):
-        ctx = make_context(decomposition, target_params, params, batch, step_frac)
+        ctx = make_context(decomposition, target_params, params, batch, step_frac,
+                           ci_lower_noise=ci_lower_noise,
+                           key=jax.random.fold_in(key, CI_NOISE_KEY) if ci_lower_noise else None)
         total, values = total_fn(params, ctx, key)
         metrics = {
             "loss": {"total": total, **values},
@@ -211,11 +222,12 @@ def method(
     decomposition: Decomposition, terms: Sequence[Term], learning_rate, *,
     init: ComponentInit | str = init_paper, warmup_steps: int = 0, l0_threshold: float = 0.1,
     warmup_lr: float = 0.01, warmup_weight_decay: float = 0.1, clip_components: float = 0.0,
-    clip_ci: float = 0.0, eval_terms: Sequence[Term] = (),
+    clip_ci: float = 0.0, eval_terms: Sequence[Term] = (), ci_lower_noise: float = 0.0,
 ) -> Method:
     """SPD on ``decomposition`` with loss ``terms``; ``learning_rate`` a float or schedule;
     ``eval_terms`` are computed by the final evaluation only."""
-    obj = objective(decomposition, terms, l0_threshold=l0_threshold)
+    obj = objective(decomposition, terms, l0_threshold=l0_threshold,
+                    ci_lower_noise=ci_lower_noise)
     optimizer = make_optimizer(decomposition, learning_rate, clip_components=clip_components,
                                clip_ci=clip_ci)
     if adversary.adversarial_terms(terms):
@@ -249,6 +261,7 @@ def from_config(config, problem, learning_rate) -> Method:
                   l0_threshold=config.l0_threshold,
                   clip_components=config.grad_clip_norm_components,
                   clip_ci=config.grad_clip_norm_ci,
+                  ci_lower_noise=config.ci_lower_noise,
                   eval_terms=eval_terms_from_config(config.eval_losses.to_dict()))
 
 

@@ -162,6 +162,24 @@ def test_hidden_acts_recon_against_numpy(setup):
                                rtol=1e-4)
 
 
+def test_binomial_ci_input_noise_against_numpy(setup):
+    d, _, params, _, ctx = setup
+    key = jax.random.key(5)
+    noisy = d.causal_importance(params, ctx.site_inputs, lower_noise=0.05, key=key)
+    for i, n in enumerate(d.site_names):
+        pre = np.asarray(ctx.ci[n].pre)
+        u = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), pre.shape))
+        # sigma_lo sees 1.05 r - 0.05 u (spec 2.3); sigma_up and the pre-activation are untouched.
+        np.testing.assert_allclose(noisy[n].lower, d.sigmoid.lower(1.05 * pre - 0.05 * u),
+                                   rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(noisy[n].upper, ctx.ci[n].upper, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(noisy[n].lower, ctx.ci[n].lower)
+    with pytest.raises(ValueError, match="lower_noise needs a PRNG key"):
+        d.causal_importance(params, ctx.site_inputs, lower_noise=0.05)
+    with pytest.raises(ValueError, match=r"ci_lower_noise must be a number in \[0, 1\)"):
+        spdjax.methods.spd.objective(d, [], ci_lower_noise=-0.1)
+
+
 @pytest.mark.parametrize("name, options, match", [
     ("pgd_recon", {"scope": "global"}, "scope must be one of"),
     ("pgd_recon", {"n_steps": -1}, "n_steps must be an integer >= 0"),
@@ -181,7 +199,8 @@ def test_a_later_reference_run_trains_and_reports_its_eval_terms():
 
     config = spdjax.configs.load("tms:5-2+head", {
         "steps": 4, "log_every": 2, "batch_size": 64, "eval_batch_size": 128, "figures": False,
-        "grad_clip_norm_components": 0.01, "grad_clip_norm_ci": 0.1})
+        "grad_clip_norm_components": 0.01, "grad_clip_norm_ci": 0.1, "ci_lower_noise": 0.05,
+        "losses.stochastic_recon.sampling": "binomial"})
     run = loop.setup(config)
     loop.train(run)
     summary = loop.evaluate(run)
