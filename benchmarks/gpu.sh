@@ -4,7 +4,9 @@
 # seed runs are stopped at the deadline), run from the repository root on the GPU machine:
 #   0. a 100-step CLI smoke run (stops here if the installed jax/flax cannot run spdjax);
 #   1. step times (benchmarks.run) at K = 1, 10, 100 steps per jitted call;
-#   2. the matmul precisions (tensorfloat32 / bfloat16; highest is stage 1) at K = 100;
+#   2. the matmul precisions (tensorfloat32 / bfloat16; highest is stage 1) at K = 100, and their
+#      effect on the final numbers: TMS 5-2 in highest and bfloat16, ResidMLP 1 seed 0 in bfloat16
+#      (in the background, beside stage 3);
 #   3. the ResidMLP 1-layer seed table, its five seeds as five processes sharing the GPU
 #      (full paper recipe, K = 100 steps per call, float32 "highest").
 # Results go to $GPU_RESULTS (default benchmarks/results/gpu), run directories to $GPU_WORKDIR.
@@ -22,10 +24,11 @@
 # test of the script itself, e.g. on CPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEPS=200 SEED_ARGS=() LM_CONFIG=${GPU_LM:-}  # e.g. GPU_LM=lm:bytes (builds its target there)
+STEPS=200 SEED_ARGS=() TMS_ARGS=() LM_CONFIG=${GPU_LM:-}  # e.g. GPU_LM=lm:bytes (builds its target there)
 ALL=tms:5-2,tms:40-10,resid_mlp:1,resid_mlp:3 PAIR=tms:5-2,resid_mlp:1
 if [[ "${1:-}" == "--quick" ]]; then
   STEPS=20 SEED_ARGS=(--steps=300 --set=eval_batch_size=2000) LM_CONFIG= ALL=tms:5-2 PAIR=tms:5-2
+  TMS_ARGS=(--config.steps=300 --config.figures=false)
 fi
 DIR="${GPU_RESULTS:-benchmarks/results/gpu}"
 ROOT="${GPU_WORKDIR:-workdir/gpu}"
@@ -61,6 +64,16 @@ stage 2 matmul precision
 for P in tensorfloat32 bfloat16; do
   bench "precision_$P" 100 "$PAIR" "\"matmul_precision\": \"$P\""
 done
+stage 2b precision on the final numbers: TMS 5-2 paper runs and ResidMLP 1 seed 0 in bfloat16
+for P in highest bfloat16; do  # (the float32 ResidMLP seed 0 is stage 3)
+  budgeted python -m spdjax.main --config=configs/tms.py:5-2 --config.matmul_precision=$P \
+    --config.steps_per_call=100 "${TMS_ARGS[@]}" --workdir="$ROOT/precision_tms_5-2_$P" \
+    > "$DIR/precision_tms_5-2_$P.log" 2>&1 || echo "TMS 5-2 $P failed or timed out"
+  cp "$ROOT/precision_tms_5-2_$P/summary.json" "$DIR/precision_tms_5-2_$P.json" 2>/dev/null
+done
+budgeted python -m benchmarks.reproduce.resid_mlp_seeds --variant=1 --seeds=0 "${SEED_ARGS[@]}" \
+  --set=steps_per_call=100 --set=matmul_precision=bfloat16 --root="$ROOT/bf16" \
+  --out="$DIR/resid_mlp_seeds_bf16" > "$DIR/resid_mlp_bf16.log" 2>&1 &
 if [[ -n "$LM_CONFIG" ]]; then  # its target and corpus are built there first (about a minute)
   budgeted python -m benchmarks.run --configs="$LM_CONFIG" --steps=20 --out="$DIR/step_times_lm" \
     || echo "LM benchmark failed or timed out"

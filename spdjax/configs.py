@@ -79,6 +79,9 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
         "faithfulness_coeff": 1.0, "topk_recon_coeff": 1.0, "schatten_coeff": 0.7,
         "act_recon_coeff": 0.0, "act_sites": "*mlp_out",  # inputs of these sites (hidden acts)
         "unit_norm": False, "init": "xavier_normal", "init_scale": 1.0,
+        # "topk" (the paper's) | "lp": no top-k; minimality sum_c |A_c|^lp_p, Schatten weighted
+        # by it (the APD paper's appendix alternative)
+        "formulation": "topk", "lp_sparsity_coeff": 1.0, "lp_p": 1.0,
     })
     # Terms computed only by the final evaluation, reported as eval_loss/<name>: {name: options}
     # (no coeff), e.g. {"stochastic_hidden_acts_recon": {}, "pgd_recon": {"n_steps": 20,

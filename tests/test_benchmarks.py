@@ -148,6 +148,24 @@ def test_term_cost_loss_sets_are_valid_and_tabulate():
     assert "| tms:5-2 | pgd | 25.0 | 2.50 | 3.000 |" in term_costs.to_markdown(rows, info)
 
 
+def test_apd_cost_grid_is_valid_configs_and_pairs_the_methods():
+    from benchmarks import apd_cost
+    from spdjax.training.validation import validate
+
+    for name, Cs, batches in apd_cost.GRIDS["full"]:
+        for spec in (name, name + "+apd"):
+            validate(configs.load(spec, {"C": Cs[-1], "batch_size": batches[-1],
+                                                "microbatches": 1}))
+    row = {"config": "resid_mlp:1", "C": 100, "batch_size": 256, "flops_per_step": 2e9,
+           "xla_temp_mib": 10.0, "peak_rss_mib": 900.0}
+    rows = [{**row, "method": "SPD", "s_per_step": 0.02},
+            {**row, "config": "resid_mlp:1+apd", "method": "APD", "s_per_step": 0.3,
+             "xla_temp_mib": 300.0}]
+    info = {"device": "cpu", "cpu_count": 2, "jax": "x", "commit": "c", "date": "d"}
+    expected = "| resid_mlp:1 | 100 | 256 | 20.0 | 300.0 | 15.0x | 2.00 | 2.00 | 10 | 300 | 900 | 900 |"
+    assert expected in apd_cost.to_markdown(rows, info)
+
+
 def test_apd_vs_spd_draws_one_row_per_run(tmp_path):
     import pathlib
 
@@ -229,3 +247,25 @@ def test_step_time_rows_carry_their_floor_and_the_reference_anchor():
     info = {"device": "cpu", "cpu_count": 2, "platform": "p", "jax": "j", "commit": "c", "date": "d"}
     line = bench.to_markdown([row], info).splitlines()[-1]
     assert "| 42-54 |" in line and line.count("|") == 17
+
+
+def test_profile_groups_ops_by_what_they_compute():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import profile
+
+    def f(a, b):
+        return jax.scipy.special.erf(a @ b) * 2.0, jnp.transpose(a).copy()
+
+    a = jnp.ones((64, 32))
+    hlo = jax.jit(f).lower(a, jnp.ones((32, 16))).compile().as_text()
+    groups = {g for g, _ in profile.op_groups(hlo).values()}
+    assert {"matmul", "transcendental"} <= groups
+    p = {"config": "x", "steps": 2, "op_ms_per_step": 4.0,
+         "groups": {"matmul": 3.0, "transcendental": 1.0},
+         "ops": [("dot.1", "matmul", "f32[64,16]", 3.0), ("erf_fusion", "transcendental",
+                                                          "f32[64,16]", 1.0)]}
+    md = profile.to_markdown(p, top=1)
+    assert "| matmul | 3.00 | 75% |" in md and "| dot.1 | matmul | `f32[64,16]` | 3.00 |" in md
+    assert "erf_fusion" not in md

@@ -20,7 +20,7 @@ Biases are not decomposed (they stay the target's). A tied site (TMS ``linear2 =
 uses the transposed factors of its owner, so a component spans both, and counts twice in the
 faithfulness and simplicity sums, as in the reference. ResidMLP adds the activation
 reconstruction (:func:`act_recon`) and keeps ``A``'s columns at unit norm (:func:`unit_norm_A`).
-Not implemented yet: the L_p formulation.
+``formulation="lp"``: the paper's L_p alternative (:func:`objective`), without top-k.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from spdjax.target import Target
 
 Array = jax.Array
 ATTRIBUTIONS = ("target", "apd")
+FORMULATIONS = ("topk", "lp")
 APD_INITS = ("xavier_normal", "kaiming_uniform")
 
 
@@ -160,15 +161,19 @@ def decompose_apd(target: Target, sites: Mapping[str, int], C: int, *, rank: int
     return APDDecomposition(target=target, site_names=names, C=C, rank=ranks, ties=ties)
 
 
-def attributions(d: APDDecomposition, target_params, params, x, *, source: str = "target"):
+def attributions(d: APDDecomposition, target_params, params, x, *, source: str = "target",
+                 differentiable: bool = False):
     """``[batch, C]`` gradient attributions (module docstring), outputs ``[batch, d_L]``.
 
     Gradients and site inputs come from one forward: the target's (``source="target"``) or the
-    APD model's unmasked one (``"apd"``). Nothing here is differentiated further.
+    APD model's unmasked one (``"apd"``); they are constants. ``differentiable=False`` (top-k):
+    nothing here is differentiated; ``True`` (the L_p formulation): the gradient flows into the
+    components' outputs ``x_l P_{c,l}``, as in the reference's L_p sparsity loss.
     """
     if jnp.ndim(x) != 2:
         raise ValueError(f"APD's attributions take a batch of shape [batch, features]; got "
                          f"{jnp.shape(x)}.")
+    live = params
     params = jax.lax.stop_gradient(params)
     weights = {n: (d.site(n).weight(target_params) if source == "target"
                    else d.component_weight(params, n)) for n in d.site_names}
@@ -186,14 +191,24 @@ def attributions(d: APDDecomposition, target_params, params, x, *, source: str =
     d_out = out.shape[-1]
     cotangents = jnp.broadcast_to(jnp.eye(d_out)[:, None, :], (d_out, *out.shape))
     grads = jax.vmap(lambda c: vjp(c)[0])(cotangents)  # {site: [d_L, batch, d_out_l]}
+    grads, inputs = jax.lax.stop_gradient((grads, inputs))
     total = 0.0
     for n in d.site_names:
-        A, B = d.factors(params, n)
+        A, B = d.factors(live if differentiable else params, n)
         acts = (jnp.take(A, inputs[n], axis=1).transpose(1, 0, 2) if d.site(n).kind == "embed"
                 else jnp.einsum("bi,cim->bcm", inputs[n], A))
         comp_out = jnp.einsum("bcm,cmo->bco", acts, B)
         total = total + jnp.einsum("lbo,bco->lbc", grads[n], comp_out)
-    return jax.lax.stop_gradient(jnp.sum(total**2, axis=0))
+    attr = jnp.sum(total**2, axis=0)
+    return attr if differentiable else jax.lax.stop_gradient(attr)
+
+
+def lp_weights(attr: Array, d_out: int, p: float) -> Array:
+    """``[batch, C]``: ``(a / d_L + 1e-16)^(p/2)``, i.e. ``|A_c(x)|^p`` of the paper's L_p
+    formulation (``A_c`` the root-mean-square attribution over the ``d_L`` outputs); its sum over
+    C averaged over the batch is the L_p minimality loss, and it weights each component's
+    Schatten term in place of the top-k mask (methods-and-numbers 1.4)."""
+    return (attr / d_out + 1e-16) ** (p / 2)
 
 
 def batch_topk(attr: Array, topk: float) -> Array:
@@ -218,7 +233,8 @@ def faithfulness(d: APDDecomposition, params, target_params) -> Array:
 
 
 def schatten(d: APDDecomposition, params, active: Array, pnorm: float) -> Array:
-    """The factorised Schatten-p norm of the active components (module docstring)."""
+    """The factorised Schatten-p norm of the active components (module docstring); ``active``
+    ``[batch, C]`` is the top-k mask or, in the L_p formulation, the weights ``|A_c|^p``."""
     per_component = 0.0
     for n in d.site_names:
         A, B = d.factors(params, n)
@@ -237,14 +253,32 @@ def act_recon(d: APDDecomposition, inputs: Mapping[str, Array], clean: Mapping[s
 
 
 def objective(d: APDDecomposition, *, topk: float, coeffs: Mapping[str, float], pnorm: float,
-              attribution: str = "target", act_sites: tuple[str, ...] = ()):
+              attribution: str = "target", act_sites: tuple[str, ...] = (),
+              formulation: str = "topk", lp_p: float = 1.0):
     """``(params, target_params, batch, key, step_frac) -> (total, metrics)``; ``act_sites``
-    (with ``coeffs["act_recon"]``) adds the activation reconstruction."""
+    (with ``coeffs["act_recon"]``) adds the activation reconstruction.
+
+    ``formulation="lp"`` is the APD paper's L_p alternative (its appendix; no top-k): the
+    faithfulness, ``coeffs["lp_sparsity"]`` times the L_p minimality ``mean_b sum_c |A_c|^lp_p``
+    (:func:`lp_weights`, differentiable in the components) and the Schatten term weighted by
+    ``|A_c|^lp_p`` instead of the top-k mask.
+    """
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"Unknown APD attribution {attribution!r}; expected one of "
                          f"{ATTRIBUTIONS}.")
     if not 0 < pnorm <= 1:
         raise ValueError(f"APD: the Schatten p must be in (0, 1], got {pnorm!r}.")
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"Unknown APD formulation {formulation!r}; expected one of "
+                         f"{FORMULATIONS}.")
+    if formulation == "lp":
+        if not 0 < lp_p <= 1:
+            raise ValueError(f"APD: the L_p formulation's p must be in (0, 1], got {lp_p!r}.")
+        if act_sites:
+            raise ValueError("APD's L_p formulation has no sparse forward to reconstruct "
+                             "activations from: set act_recon_coeff to 0.")
+        return _lp_objective(d, coeffs=coeffs, pnorm=pnorm, attribution=attribution, lp_p=lp_p,
+                             topk=topk)
 
     def fn(params, target_params, batch, key, step_frac):
         del key, step_frac
@@ -262,6 +296,25 @@ def objective(d: APDDecomposition, *, topk: float, coeffs: Mapping[str, float], 
         total = sum(coeffs[k] * values[k] for k in values)
         return total, {"loss": {"total": total, **values},
                        "active_per_example": jnp.mean(jnp.sum(mask, axis=-1))}
+
+    return fn
+
+
+def _lp_objective(d: APDDecomposition, *, coeffs, pnorm: float, attribution: str, lp_p: float,
+                  topk: float):
+    def fn(params, target_params, batch, key, step_frac):
+        del key, step_frac
+        target_out = jax.lax.stop_gradient(d.clean_forward(target_params, batch)[0])
+        weights = lp_weights(attributions(d, target_params, params, batch, source=attribution,
+                                          differentiable=True), target_out.shape[-1], lp_p)
+        values = {"faithfulness": faithfulness(d, params, target_params),
+                  "lp_sparsity": jnp.mean(jnp.sum(weights, axis=-1)),
+                  "schatten": schatten(d, params, weights, pnorm)}
+        total = sum(coeffs[k] * values[k] for k in values)
+        # What top-k would keep: a reading of the attributions, not part of the loss.
+        active = batch_topk(jax.lax.stop_gradient(weights), topk)
+        return total, {"loss": {"total": total, **values},
+                       "active_per_example": jnp.mean(jnp.sum(active, axis=-1))}
 
     return fn
 
@@ -316,13 +369,14 @@ def from_config(config, problem, learning_rate) -> Method:
     a = config.apd
     d = decompose_apd(problem.target, problem.sites, config.C, rank=a.rank, ties=problem.ties)
     coeffs = {"faithfulness": a.faithfulness_coeff, "topk_recon": a.topk_recon_coeff,
-              "schatten": a.schatten_coeff, "act_recon": a.act_recon_coeff}
+              "schatten": a.schatten_coeff, "act_recon": a.act_recon_coeff,
+              "lp_sparsity": a.lp_sparsity_coeff}
     act_sites = tuple(match_sites(problem.target, {a.act_sites: 1})) if a.act_recon_coeff else ()
     if set(act_sites) - set(d.site_names):
         raise ValueError(f"apd.act_sites {a.act_sites!r} matches sites that are not decomposed: "
                          f"{sorted(set(act_sites) - set(d.site_names))}.")
     obj = objective(d, topk=a.topk, coeffs=coeffs, pnorm=a.schatten_p, attribution=a.attribution,
-                    act_sites=act_sites)
+                    act_sites=act_sites, formulation=a.formulation, lp_p=a.lp_p)
     optimizer = optax.adam(learning_rate)
     if a.unit_norm:
         project, renormalise = unit_norm_A()
@@ -356,6 +410,14 @@ def check_config(config) -> None:
         raise ValueError(f"apd.rank must be an integer >= 0 (0: full rank), got {a.rank!r}.")
     if a.init not in APD_INITS:
         raise ValueError(f"apd.init must be one of {APD_INITS}, got {a.init!r}.")
+    if a.formulation not in FORMULATIONS:
+        raise ValueError(f"apd.formulation must be one of {FORMULATIONS}, got "
+                         f"{a.formulation!r}.")
+    if a.formulation == "lp" and not (isinstance(a.lp_p, (int, float)) and 0 < a.lp_p <= 1):
+        raise ValueError(f"apd.lp_p must be in (0, 1], got {a.lp_p!r}.")
+    if a.formulation == "lp" and a.act_recon_coeff:
+        raise ValueError("apd.formulation='lp' has no sparse forward to reconstruct activations "
+                         "from: set apd.act_recon_coeff=0.")
     if a.act_recon_coeff:
         from spdjax.experiments.registry import get_family
 

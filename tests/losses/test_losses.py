@@ -188,3 +188,40 @@ def test_unknown_divergence(setup):
     d, tp, params, x, ctx, npp = setup
     with pytest.raises(ValueError, match="Unknown output divergence 'l1'"):
         losses.unmasked_recon(params, ctx, divergence="l1")
+
+
+def test_layerwise_recon_reuses_the_clean_prefix():
+    """Replacing site k leaves everything before it equal to the clean forward: the compiled
+    layerwise term must pay only for each site's components and the layers after it, not replay
+    the prefix (XLA's common-subexpression pass merges it with the clean forward; this test
+    fails if a change ever defeats that)."""
+    L, d, C, batch = 6, 128, 4, 256
+    names = [f"l{i}" for i in range(L)]
+
+    def fn(p, x, hooks):
+        for n in names:
+            x = jnp.tanh(hooks(n, x, lambda a, n=n: a @ p[n]))
+        return x
+
+    sites = [spdjax.Site(n, "linear", d, d, spdjax.weight_at((n,))) for n in names]
+    rng = np.random.default_rng(0)
+    tp = {n: jnp.asarray(rng.normal(size=(d, d)) / np.sqrt(d), jnp.float32) for n in names}
+    dec = spdjax.decompose(spdjax.from_function(fn, sites), {"l*": C}, ci_hidden=(2,))
+    params = dec.init(jax.random.key(0), tp)
+    x = jax.random.normal(jax.random.key(1), (batch, d))
+
+    def flops(with_layerwise):
+        def loss(p):
+            ctx = spdjax.make_context(dec, tp, p, x)
+            return losses.ci_masked_recon_layerwise(p, ctx) if with_layerwise else (
+                jnp.sum(ctx.target_out) + sum(jnp.sum(c.lower) for c in ctx.ci.values()))
+        cost = jax.jit(jax.value_and_grad(loss)).lower(params).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    layer = 2 * batch * d * d  # one target layer's matmul, forward
+    added = (flops(True) - flops(False)) / layer
+    suffix_fwd = L * (L - 1) / 2  # layers after each replaced site: 5 + 4 + ... + 0
+    # Forward: the suffixes; backward: the suffixes' input gradients (the same again); the
+    # components' own matmuls are ~C/d of a layer each. A replayed prefix would add another
+    # L (L - 1) / 2 = 15 layers.
+    assert 2 * suffix_fwd - 1 <= added <= 2 * suffix_fwd + 3, added
