@@ -12,6 +12,8 @@ layerwise recon with the delta component and no faithfulness term, hidden-activa
 20-step PGD recon as eval metrics. Append ``+apd`` to decompose the same target with APD
 (spdjax/methods/apd.py) with the reference code's hyperparameters (5-2: C 5, rank 3, top-k
 0.211, coefficients 1 / 1 / 0.7, p 1, lr 3e-2 constant, 5% warm-up, 20k steps, batch 2048).
+Append ``+pgd`` to add the later reference's subset-routed PGD recon (1 step of size 1, random
+sources shared across the batch; with the delta component under ``+head``), e.g. ``5-2-id+head+pgd``.
 
     python -m spdjax.main --config=configs/tms.py --workdir=workdir/tms_5-2
     python -m spdjax.main --config=configs/tms.py:40-10-id --config.steps=2000 --workdir=/tmp/x
@@ -38,6 +40,10 @@ _MODIFIERS = {  # "+name" suffix -> config overrides ("+head", "+apd": functions
     # there separated all 3 merged-feature seeds of 5-2 from the 4 good ones
     # (benchmarks/results/tms_seed_probe_5-2_loss_curves.json).
     "select3": {"init_candidates": 3, "init_select_steps": 8000},
+    # + the later reference's adversarial term, as its resid_mlp2 / LM YAMLs use it (spec 3.7,
+    # 5.3): subset-routed PGD recon, 1 signed-gradient step of size 1 from random sources
+    # shared across the batch (with the delta component when the recipe has it, e.g. +head+pgd)
+    "pgd": {},
 }
 
 
@@ -65,6 +71,11 @@ def get_config(arg: str = "5-2"):
             _head(c, variant)
         elif name == "apd":
             _apd(c, variant)
+        elif name == "pgd":
+            c.losses.pgd_recon_subset = {
+                "coeff": 1.0, "n_steps": 1, "step_size": 1.0, "init": "random",
+                "scope": "shared_across_batch", "router": "uniform_k",
+                "delta": "faithfulness" not in c.losses}
         else:
             c.update(_MODIFIERS[name])
     return c

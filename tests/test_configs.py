@@ -70,6 +70,8 @@ def test_the_target_recipe_defaults_to_the_reference_and_the_old_one_is_selectab
                           "stochastic_recon_layerwise"]),
     ("resid_mlp:2+head", ["faithfulness", "importance_minimality", "pgd_recon_subset",
                           "stochastic_recon_subset"]),
+    ("tms:5-2-id+head+pgd", ["importance_minimality", "pgd_recon_subset", "stochastic_recon",
+                             "stochastic_recon_layerwise"]),
 ])
 def test_the_later_reference_recipes_are_valid_configs(spec, terms):
     from spdjax.training.validation import validate
