@@ -34,8 +34,9 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from spdjax import components as comp_lib
 from spdjax.decomposition import match_sites
+from spdjax.methods.apd_terms import (act_recon, attributions, batch_topk, faithfulness,
+                                     lp_weights, schatten)
 from spdjax.methods.base import Method
 from spdjax.target import Target
 
@@ -159,97 +160,6 @@ def decompose_apd(target: Target, sites: Mapping[str, int], C: int, *, rank: int
     for tied, owner in ties.items():
         ranks[tied] = ranks[owner]
     return APDDecomposition(target=target, site_names=names, C=C, rank=ranks, ties=ties)
-
-
-def attributions(d: APDDecomposition, target_params, params, x, *, source: str = "target",
-                 differentiable: bool = False):
-    """``[batch, C]`` gradient attributions (module docstring), outputs ``[batch, d_L]``.
-
-    Gradients and site inputs come from one forward: the target's (``source="target"``) or the
-    APD model's unmasked one (``"apd"``); they are constants. ``differentiable=False`` (top-k):
-    nothing here is differentiated; ``True`` (the L_p formulation): the gradient flows into the
-    components' outputs ``x_l P_{c,l}``, as in the reference's L_p sparsity loss.
-    """
-    if jnp.ndim(x) != 2:
-        raise ValueError(f"APD's attributions take a batch of shape [batch, features]; got "
-                         f"{jnp.shape(x)}.")
-    live = params
-    params = jax.lax.stop_gradient(params)
-    weights = {n: (d.site(n).weight(target_params) if source == "target"
-                   else d.component_weight(params, n)) for n in d.site_names}
-
-    def out_with_probes(probes):
-        def site(n):
-            bias = d.site(n).bias
-            return lambda a: (comp_lib.inner_acts(d.site(n).kind, weights[n], a)
-                              + (0.0 if bias is None else bias(target_params)) + probes[n])
-        out, inputs = d.target.forward(target_params, x, {n: site(n) for n in d.site_names})
-        return out, {n: inputs[n] for n in d.site_names}
-
-    probes = {n: jnp.zeros((x.shape[0], d.site(n).d_out)) for n in d.site_names}
-    out, vjp, inputs = jax.vjp(out_with_probes, probes, has_aux=True)
-    d_out = out.shape[-1]
-    cotangents = jnp.broadcast_to(jnp.eye(d_out)[:, None, :], (d_out, *out.shape))
-    grads = jax.vmap(lambda c: vjp(c)[0])(cotangents)  # {site: [d_L, batch, d_out_l]}
-    grads, inputs = jax.lax.stop_gradient((grads, inputs))
-    total = 0.0
-    for n in d.site_names:
-        A, B = d.factors(live if differentiable else params, n)
-        acts = (jnp.take(A, inputs[n], axis=1).transpose(1, 0, 2) if d.site(n).kind == "embed"
-                else jnp.einsum("bi,cim->bcm", inputs[n], A))
-        comp_out = jnp.einsum("bcm,cmo->bco", acts, B)
-        total = total + jnp.einsum("lbo,bco->lbc", grads[n], comp_out)
-    attr = jnp.sum(total**2, axis=0)
-    return attr if differentiable else jax.lax.stop_gradient(attr)
-
-
-def lp_weights(attr: Array, d_out: int, p: float) -> Array:
-    """``[batch, C]``: ``(a / d_L + 1e-16)^(p/2)``, i.e. ``|A_c(x)|^p`` of the paper's L_p
-    formulation (``A_c`` the root-mean-square attribution over the ``d_L`` outputs); its sum over
-    C averaged over the batch is the L_p minimality loss, and it weights each component's
-    Schatten term in place of the top-k mask (methods-and-numbers 1.4)."""
-    return (attr / d_out + 1e-16) ** (p / 2)
-
-
-def batch_topk(attr: Array, topk: float) -> Array:
-    """Boolean ``[batch, C]``: the ``int(topk * batch)`` largest entries of the whole matrix."""
-    b, c = attr.shape
-    k = int(topk * b)
-    if not 1 <= k <= b * c:
-        raise ValueError(f"APD top-k {topk} with batch {b} keeps {k} of {b * c} entries; "
-                         f"expected at least 1 and at most batch x C.")
-    _, idx = jax.lax.top_k(attr.reshape(-1), k)
-    return jnp.zeros(b * c, bool).at[idx].set(True).reshape(b, c)
-
-
-def _n_params(d: APDDecomposition) -> int:
-    return sum(d.site(n).d_in * d.site(n).d_out for n in d.site_names)
-
-
-def faithfulness(d: APDDecomposition, params, target_params) -> Array:
-    sq = sum(jnp.sum((d.site(n).weight(target_params) - d.component_weight(params, n)) ** 2)
-             for n in d.site_names)
-    return sq / _n_params(d)
-
-
-def schatten(d: APDDecomposition, params, active: Array, pnorm: float) -> Array:
-    """The factorised Schatten-p norm of the active components (module docstring); ``active``
-    ``[batch, C]`` is the top-k mask or, in the L_p formulation, the weights ``|A_c|^p``."""
-    per_component = 0.0
-    for n in d.site_names:
-        A, B = d.factors(params, n)
-        lam_sq = jnp.sum(A**2, axis=1) * jnp.sum(B**2, axis=2)  # (C, m)
-        per_component = per_component + jnp.sum((lam_sq + 1e-16) ** (pnorm / 2), axis=-1)
-    return jnp.sum(active.astype(jnp.float32) * per_component) / (_n_params(d) * active.shape[0])
-
-
-def act_recon(d: APDDecomposition, inputs: Mapping[str, Array], clean: Mapping[str, Array],
-              sites: tuple[str, ...]) -> Array:
-    """The squared error of the ``sites``' inputs (ResidMLP: each ``mlp_out``'s input, the MLP's
-    post-ReLU hidden activations) in the top-k forward against the target's, summed over units,
-    divided by all those units, averaged over the batch (methods-and-numbers 1.4)."""
-    sq = sum(jnp.sum((inputs[n] - clean[n]) ** 2, axis=-1) for n in sites)
-    return jnp.mean(sq) / sum(d.site(n).d_in for n in sites)
 
 
 def objective(d: APDDecomposition, *, topk: float, coeffs: Mapping[str, float], pnorm: float,

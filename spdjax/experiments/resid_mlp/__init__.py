@@ -3,7 +3,8 @@
 * :mod:`~spdjax.experiments.resid_mlp.model`: the model, variants, the reference's target recipe,
   the naive monosemantic baseline and the target cache;
 * :mod:`~spdjax.experiments.resid_mlp.evaluation`: CI-pattern errors, neuron contributions;
-* :mod:`~spdjax.experiments.resid_mlp.plots`: the paper's figures.
+* :mod:`~spdjax.experiments.resid_mlp.plots`: the paper's figures;
+* :mod:`~spdjax.experiments.resid_mlp.scrubbing`: APD's scrubbed / anti-scrubbed ablations.
 
 Sites: ``layers_<i>/mlp_in`` and ``layers_<i>/mlp_out`` of every layer, all with ``config.C``;
 ``W_E`` / ``W_U = W_Eᵀ`` are frozen and not decomposed. The SPD data is the target's input
