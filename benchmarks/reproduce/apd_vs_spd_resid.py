@@ -88,8 +88,9 @@ def main(argv=None):
     for r in rows:
         s = r.get("scrub_mean_mse", {})
         fmt = {k: f"{v:.2e}" for k, v in s.items()}
+        ci = r.get("ci_errors")
         md.append(f"| {r['method']} | {r['steps']} | {r['C']} | {r['contribution_r']:.4f} "
-                  f"| {r['distinct_chosen_in_layer0']} | {r.get('ci_errors', '')} "
+                  f"| {r['distinct_chosen_in_layer0']} | {'' if ci is None else ci['total']} "
                   f"| {fmt.get('topk', '')} | {fmt.get('scrubbed', '')} "
                   f"| {fmt.get('anti_scrubbed', '')} |")
     md.append(f"\nMonosemantic baseline loss: {baseline:.2e}; ablations of {args.n_ablate} "
