@@ -5,8 +5,8 @@
 #   0. a 100-step CLI smoke run (stops here if the installed jax/flax cannot run spdjax);
 #   1. step times (benchmarks.run) at K = 1, 10, 100 steps per jitted call;
 #   2. the matmul precisions (tensorfloat32 / bfloat16; highest is stage 1) at K = 100, and their
-#      effect on the final numbers: TMS 5-2 in highest and bfloat16, ResidMLP 1 seed 0 in bfloat16
-#      (in the background, beside stage 3);
+#      effect on the final numbers: TMS 5-2 runs in highest and bfloat16 (ResidMLP 1 seed 0 in
+#      bfloat16 runs beside stage 3's float32 seeds);
 #   3. the ResidMLP 1-layer seed table, its five seeds as five processes sharing the GPU
 #      (full paper recipe, K = 100 steps per call, float32 "highest").
 # Results go to $GPU_RESULTS (default benchmarks/results/gpu), run directories to $GPU_WORKDIR.
@@ -64,22 +64,22 @@ stage 2 matmul precision
 for P in tensorfloat32 bfloat16; do
   bench "precision_$P" 100 "$PAIR" "\"matmul_precision\": \"$P\""
 done
-stage 2b precision on the final numbers: TMS 5-2 paper runs and ResidMLP 1 seed 0 in bfloat16
+stage 2b precision on the final numbers: TMS 5-2 paper runs in highest and bfloat16
 for P in highest bfloat16; do  # (the float32 ResidMLP seed 0 is stage 3)
   budgeted python -m spdjax.main --config=configs/tms.py:5-2 --config.matmul_precision=$P \
     --config.steps_per_call=100 "${TMS_ARGS[@]}" --workdir="$ROOT/precision_tms_5-2_$P" \
     > "$DIR/precision_tms_5-2_$P.log" 2>&1 || echo "TMS 5-2 $P failed or timed out"
   cp "$ROOT/precision_tms_5-2_$P/summary.json" "$DIR/precision_tms_5-2_$P.json" 2>/dev/null
 done
-budgeted python -m benchmarks.reproduce.resid_mlp_seeds --variant=1 --seeds=0 "${SEED_ARGS[@]}" \
-  --set=steps_per_call=100 --set=matmul_precision=bfloat16 --root="$ROOT/bf16" \
-  --out="$DIR/resid_mlp_seeds_bf16" > "$DIR/resid_mlp_bf16.log" 2>&1 &
 if [[ -n "$LM_CONFIG" ]]; then  # its target and corpus are built there first (about a minute)
   budgeted python -m benchmarks.run --configs="$LM_CONFIG" --steps=20 --out="$DIR/step_times_lm" \
     || echo "LM benchmark failed or timed out"
 fi
 
-stage 3 ResidMLP 1-layer seeds, in parallel
+stage 3 ResidMLP 1-layer seeds, in parallel, and seed 0 in bfloat16 beside them
+budgeted python -m benchmarks.reproduce.resid_mlp_seeds --variant=1 --seeds=0 "${SEED_ARGS[@]}" \
+  --set=steps_per_call=100 --set=matmul_precision=bfloat16 --root="$ROOT/bf16" \
+  --out="$DIR/resid_mlp_seeds_bf16" > "$DIR/resid_mlp_bf16.log" 2>&1 &
 for SEED in 0 1 2 3 4; do
   budgeted python -m benchmarks.reproduce.resid_mlp_seeds --variant=1 --seeds="$SEED" "${SEED_ARGS[@]}" \
     --set=steps_per_call=100 --root="$ROOT" --out="$DIR/resid_mlp_seeds_s$SEED" \

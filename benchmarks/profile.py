@@ -8,7 +8,8 @@ For each config (built with ``loop.setup`` as the CLI does) the step is compiled
 traced for ``--steps`` steps (a Perfetto trace). Every op event of the compiled program is summed
 by name, and each op is put in a group from its HLO: ``matmul`` (a dot or convolution inside),
 ``transcendental`` (erf, exp, log, tanh, power, ... and no dot), ``elementwise / reduce`` (other
-fusions), ``data movement`` (copy, transpose, slice, concatenate, ...), ``other``. The table
+fusions), ``data movement`` (copy, transpose, slice, concatenate, ...), ``control flow`` (a
+loop's own event; its body's ops are timed one by one). The table
 (``results/profile_<config>.md``) lists each group's share of the traced op time and the
 ``--top`` ops with their group and what they produce, so "where does the time go" has a number.
 Op times are summed over XLA's threads (and include the tracer's overhead), so their total
@@ -34,49 +35,59 @@ MOVEMENT = ("copy", "transpose", "slice", "concatenate", "broadcast", "reshape",
             "dynamic-slice", "dynamic-update-slice", "gather", "scatter", "bitcast")
 
 
-def _computations(hlo: str) -> dict[str, str]:
-    """HLO computation name -> its body text."""
-    comps, name, body = {}, None, []
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+_PLUMBING = {"parameter", "constant", "tuple", "get-tuple-element"}
+CONTROL = {"while", "conditional", "call"}
+
+
+def _instructions(hlo: str) -> dict[str, list[tuple[str, str, str, str]]]:
+    """HLO computation name -> its instructions ``(name, result shape, opcode, rest of line)``."""
+    comps: dict[str, list] = {}
+    current = None
     for line in hlo.splitlines():
-        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if m:
-            name, body = m.group(1), []
-        elif line.startswith("}") and name is not None:
-            comps[name] = "\n".join(body)
-            name = None
-        elif name is not None:
-            body.append(line)
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line)
+        if head:
+            current = comps.setdefault(head.group(1), [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            m = _INSTR.match(line)
+            if m:
+                current.append(m.groups())
     return comps
 
 
 def op_groups(hlo: str) -> dict[str, tuple[str, str]]:
-    """Instruction name -> (group, its result shape) for every instruction of the program."""
-    comps = _computations(hlo)
+    """Instruction name -> (group, its result shape) for every instruction of the program. An
+    op's group comes from its own opcode and backend config and from the opcodes of the
+    computations it calls (never from its operands or metadata)."""
+    comps = _instructions(hlo)
 
-    def group_of(text: str, seen=()) -> str:
-        called = re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", text)
-        inner = text + "".join(comps.get(c, "") for c in called if c not in seen)
-        if re.search(r"\b(dot|convolution)\(", inner) or "__onednn$matmul" in inner \
-                or "ynn" in inner.lower():
+    def opcodes(name: str, seen: frozenset = frozenset()) -> set[str]:
+        out = set()
+        for _, _, op, rest in comps.get(name, []):
+            out.add(op)
+            for called in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", rest):
+                if called not in seen:
+                    out |= opcodes(called, seen | {name})
+        return out
+
+    def group_of(op: str, rest: str) -> str:
+        if op in CONTROL:
+            return "control flow"
+        inner = {op}
+        for called in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", rest):
+            inner |= opcodes(called)
+        if inner & {"dot", "convolution"} or "__ynn_fusion" in rest or "matmul" in rest:
             return "matmul"
-        if any(re.search(rf"\b{t}\(", inner) for t in TRANSCENDENTAL):
+        if inner & set(TRANSCENDENTAL):
             return "transcendental"
-        ops = set(re.findall(r"\b([a-z][a-z\-]*)\(", inner))
-        if ops and ops <= set(MOVEMENT) | {"parameter", "tuple", "get-tuple-element",
-                                             "constant"}:
+        if inner - {"fusion"} <= set(MOVEMENT) | _PLUMBING:
             return "data movement"
-        if re.search(r"\bfusion\(|\b(add|multiply|subtract|divide|maximum|minimum|select|"
-                     r"compare|reduce|negate|abs)\(", inner):
-            return "elementwise / reduce"
-        return "other"
+        return "elementwise / reduce"
 
-    groups = {}
-    for text in comps.values():
-        for line in text.splitlines():
-            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+)", line)
-            if m:
-                groups[m.group(1)] = (group_of(line), m.group(2))
-    return groups
+    return {name: (group_of(op, rest), shape)
+            for body in comps.values() for name, shape, op, rest in body}
 
 
 def profile(name: str, steps: int) -> dict:

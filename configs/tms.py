@@ -66,12 +66,16 @@ def get_config(arg: str = "5-2"):
     # The target's tied W gets two Adam updates per step, as the reference's storage-shared
     # Parameters do; False: one update on the summed gradient (spdjax before 0.3).
     c.target_recipe.double_update = True
-    for name in modifiers:
+    if "pgd" in modifiers and "apd" in modifiers:
+        raise ValueError(f"+pgd adds an SPD loss term; APD has none ({arg!r}).")
+    for name in sorted(modifiers, key=lambda m: m == "pgd"):  # +pgd last: after +head's losses
         if name == "head":
             _head(c, variant)
         elif name == "apd":
             _apd(c, variant)
         elif name == "pgd":
+            # shared sources need the whole batch in one piece
+            c.microbatches = 1
             c.losses.pgd_recon_subset = {
                 "coeff": 1.0, "n_steps": 1, "step_size": 1.0, "init": "random",
                 "scope": "shared_across_batch", "router": "uniform_k",

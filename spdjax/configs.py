@@ -46,8 +46,9 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     c.ci_fn = "mlp"  # mlp (paper) | vector_mlp | shared_mlp
     c.ci_hidden = (16,)  # CI-function hidden widths
     c.sigmoid = "leaky_hard"  # leaky_hard (paper) | leaky_hard_clamped | hard | ...
-    # eps > 0: sigma_lo sees (1 + eps) r - eps U[0,1) (training only): the later reference's
-    # binomial-sampling quirk, which it pairs with sampling="binomial" (there eps = 0.05).
+    # eps > 0: sigma_lo sees (1 + eps) r - eps U[0,1) in the objective (its losses and logged
+    # ci_l0 too, as the reference's CI-L0): the later reference's binomial-sampling quirk, which
+    # it pairs with sampling="binomial" (there eps = 0.05).
     c.ci_lower_noise = 0.0
     c.init = "paper"  # component init: paper | gaussian
     # Tied sites (TMS linear2 = linear1ᵀ): "aliased" keeps two copies with two Adam updates per

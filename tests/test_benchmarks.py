@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts that are not exercised elsewhere (a few steps each)."""
 
 import json
+import re
 
 import numpy as np
 
@@ -256,12 +257,18 @@ def test_profile_groups_ops_by_what_they_compute():
     from benchmarks import profile
 
     def f(a, b):
-        return jax.scipy.special.erf(a @ b) * 2.0, jnp.transpose(a).copy()
+        return jax.scipy.special.erf(a @ b) * 2.0 + 1.0, jnp.transpose(a).copy()
 
-    a = jnp.ones((64, 32))
-    hlo = jax.jit(f).lower(a, jnp.ones((32, 16))).compile().as_text()
-    groups = {g for g, _ in profile.op_groups(hlo).values()}
-    assert {"matmul", "transcendental"} <= groups
+    a = jnp.ones((512, 256))
+    hlo = jax.jit(f).lower(a, jnp.ones((256, 128))).compile().as_text()
+    groups = profile.op_groups(hlo)
+    entry = hlo[hlo.index("ENTRY"):]
+    # every op of the entry computation, by the group of what it computes (not its operands)
+    top = {groups[n][0] for n in re.findall(r"%([\w.\-]+) = \S+ fusion\(", entry)}
+    assert top == {"matmul", "transcendental", "data movement"}, top
+    erf_op = next(n for n in re.findall(r"%([\w.\-]+) = \S+ fusion\(", entry)
+                  if groups[n][0] == "transcendental")
+    assert groups[erf_op][1].startswith("f32[512,128]")
     p = {"config": "x", "steps": 2, "op_ms_per_step": 4.0,
          "groups": {"matmul": 3.0, "transcendental": 1.0},
          "ops": [("dot.1", "matmul", "f32[64,16]", 3.0), ("erf_fusion", "transcendental",

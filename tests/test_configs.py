@@ -34,7 +34,7 @@ def test_select3_modifier_sets_a_valid_best_of_3_init_and_nothing_else():
 
 
 @pytest.mark.parametrize("arg, named", [("5-3", "'5-3'"), ("5-2+gausian", "+gausian"),
-                                        ("+gaussian", "''")])
+                                        ("+gaussian", "''"), ("5-2+apd+pgd", "'5-2+apd+pgd'")])
 def test_unknown_variant_or_modifier_is_named(arg, named):
     with pytest.raises(ValueError, match=re.escape(named)):
         load_config(arg)
@@ -72,6 +72,8 @@ def test_the_target_recipe_defaults_to_the_reference_and_the_old_one_is_selectab
                           "stochastic_recon_subset"]),
     ("tms:5-2-id+head+pgd", ["importance_minimality", "pgd_recon_subset", "stochastic_recon",
                              "stochastic_recon_layerwise"]),
+    ("tms:40-10+pgd+head", ["importance_minimality", "pgd_recon_subset", "stochastic_recon",
+                            "stochastic_recon_layerwise"]),
 ])
 def test_the_later_reference_recipes_are_valid_configs(spec, terms):
     from spdjax.training.validation import validate

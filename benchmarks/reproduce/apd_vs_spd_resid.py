@@ -9,7 +9,7 @@ components / subcomponents the features choose in ``W_in`` (the paper's 1-layer 
 per feature, 100), and for SPD its CI errors (identity on ``mlp_in``, dense on ``mlp_out``).
 For APD, :mod:`spdjax.experiments.resid_mlp.scrubbing` on 2000 training inputs: the mean MSE
 against the target of the top-k forward, of scrubbed and of anti-scrubbed ablations of half the
-components (``--n_ablate``), next to the monosemantic baseline's loss. Writes ``OUT.json``,
+components (``--n_ablate``, default half of C), next to the monosemantic model's loss. Writes ``OUT.json``,
 ``OUT.md``, ``OUT_contributions.png`` and ``OUT_scrub.png``.
 """
 
@@ -62,7 +62,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spd", required=True, help="workdir of an SPD ResidMLP run")
     parser.add_argument("--apd", required=True, help="workdir of an APD run of the same target")
-    parser.add_argument("--n_ablate", type=int, default=50)
+    parser.add_argument("--n_ablate", type=int, default=None, help="default: half of C")
+    parser.add_argument("--n_examples", type=int, default=2000)
     parser.add_argument("--out", default="benchmarks/results/apd_vs_spd_resid_mlp_1")
     args = parser.parse_args(argv)
     runs = {"SPD": spdjax.load(args.spd), "APD": spdjax.load(args.apd)}
@@ -75,12 +76,14 @@ def main(argv=None):
     cfg = apd_run.experiment.model_config
     losses = scrubbing.scrub_losses(
         apd_run.decomposition, apd_run.params, apd_run.target_params, cfg, jax.random.key(0),
-        topk=apd_run.config.apd.topk, n_ablate=args.n_ablate,
+        topk=apd_run.config.apd.topk, n_ablate=args.n_ablate, n_examples=args.n_examples,
         attribution=apd_run.config.apd.attribution)
+    n_ablate = apd_run.config.C // 2 if args.n_ablate is None else args.n_ablate
     baseline = float(model.naive_baseline_loss(cfg, apd_run.target_params["W_E"],
                                                key=jax.random.key(1)))
     rows[1]["scrub_mean_mse"] = {k: float(v.mean()) for k, v in losses.items()}
-    result = {"rows": rows, "monosemantic_baseline_loss": baseline, "n_ablate": args.n_ablate}
+    result = {"rows": rows, "monosemantic_baseline_loss": baseline, "n_ablate": n_ablate,
+              "n_examples": int(losses["topk"].size)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     md = ["| method | steps | C | contribution r | distinct W_in choices | CI errors (SPD) "
@@ -93,8 +96,10 @@ def main(argv=None):
                   f"| {r['distinct_chosen_in_layer0']} | {'' if ci is None else ci['total']} "
                   f"| {fmt.get('topk', '')} | {fmt.get('scrubbed', '')} "
                   f"| {fmt.get('anti_scrubbed', '')} |")
-    md.append(f"\nMonosemantic baseline loss: {baseline:.2e}; ablations of {args.n_ablate} "
-              "components on 2000 training inputs with an active feature.")
+    md.append(f"\nMSEs against the target's output, means over {losses['topk'].size} training "
+              f"inputs with an active feature; ablations of {n_ablate} of {apd_run.config.C} "
+              f"components. The monosemantic model's loss (against the labels, all inputs): "
+              f"{baseline:.2e}.")
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(plot_contributions(runs, out.with_name(out.name + "_contributions.png")))

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from spdjax.decomposition import match_sites
 from spdjax.methods.apd_terms import (act_recon, attributions, batch_topk, faithfulness,
-                                     lp_weights, schatten)
+                                     lp_weights, schatten, schatten_weighted)
 from spdjax.methods.base import Method
 from spdjax.target import Target
 
@@ -171,7 +171,8 @@ def objective(d: APDDecomposition, *, topk: float, coeffs: Mapping[str, float], 
     ``formulation="lp"`` is the APD paper's L_p alternative (its appendix; no top-k): the
     faithfulness, ``coeffs["lp_sparsity"]`` times the L_p minimality ``mean_b sum_c |A_c|^lp_p``
     (:func:`lp_weights`, differentiable in the components) and the Schatten term weighted by
-    ``|A_c|^lp_p`` instead of the top-k mask.
+    ``|A_c|^lp_p`` instead of the top-k mask (:func:`schatten_weighted`, the reference code's
+    placement of the weight).
     """
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"Unknown APD attribution {attribution!r}; expected one of "
@@ -219,7 +220,7 @@ def _lp_objective(d: APDDecomposition, *, coeffs, pnorm: float, attribution: str
                                           differentiable=True), target_out.shape[-1], lp_p)
         values = {"faithfulness": faithfulness(d, params, target_params),
                   "lp_sparsity": jnp.mean(jnp.sum(weights, axis=-1)),
-                  "schatten": schatten(d, params, weights, pnorm)}
+                  "schatten": schatten_weighted(d, params, weights, pnorm)}
         total = sum(coeffs[k] * values[k] for k in values)
         # What top-k would keep: a reading of the attributions, not part of the loss.
         active = batch_topk(jax.lax.stop_gradient(weights), topk)
@@ -323,6 +324,10 @@ def check_config(config) -> None:
     if a.formulation not in FORMULATIONS:
         raise ValueError(f"apd.formulation must be one of {FORMULATIONS}, got "
                          f"{a.formulation!r}.")
+    for name in ("faithfulness_coeff", "topk_recon_coeff", "schatten_coeff", "act_recon_coeff",
+                 "lp_sparsity_coeff"):
+        if not (isinstance(a[name], (int, float)) and 0 <= a[name] < float("inf")):
+            raise ValueError(f"apd.{name} must be a finite number >= 0, got {a[name]!r}.")
     if a.formulation == "lp" and not (isinstance(a.lp_p, (int, float)) and 0 < a.lp_p <= 1):
         raise ValueError(f"apd.lp_p must be in (0, 1], got {a.lp_p!r}.")
     if a.formulation == "lp" and a.act_recon_coeff:

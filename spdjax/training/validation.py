@@ -67,6 +67,7 @@ def validate(config) -> None:
     _number_in(config, "lr_warmup_frac", 0.0, 1.0, hi_open=True)
     _number_in(config, "lr_final_frac", 0.0, 1.0)
     _number_in(config, "l0_threshold", 0.0, 1.0)
+    _number_in(config, "ci_lower_noise", 0.0, 1.0, hi_open=True)
     _number_in(config, "divergence_factor", 0.0, math.inf)
     for name in ("grad_clip_norm_components", "grad_clip_norm_ci", "faithfulness_warmup_lr",
                  "faithfulness_warmup_weight_decay"):

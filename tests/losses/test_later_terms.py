@@ -208,6 +208,16 @@ def test_a_later_reference_run_trains_and_reports_its_eval_terms():
     assert summary["eval_loss"]["pgd_recon"] > summary["loss"]["stochastic_recon"] > 0
     assert set(summary["ci_l0_at_0.01"]) == {"linear1", "linear2"}
     assert all(summary["ci_l0_at_0.01"][n] >= summary["ci_l0"][n] for n in ("linear1", "linear2"))
+    # The config's noise reaches the run's objective: same key, noise 0 gives another loss.
+    from spdjax.losses import terms_from_config
+
+    params, batch, key = run.state.params, run.experiment.batch_fn(jax.random.key(3)), \
+        jax.random.key(4)
+    noisy = run.method.objective(params, run.target_params, batch, key, 0.5)[0]
+    clean = spdjax.spd_objective(run.method.decomposition, terms_from_config(
+        config.losses.to_dict()))(params, run.target_params, batch, key, 0.5)[0]
+    again = run.method.objective(params, run.target_params, batch, key, 0.5)[0]
+    assert noisy == again and abs(float(noisy) - float(clean)) > 1e-9 * abs(float(clean))
 
 
 def test_gradient_clipping_per_group():

@@ -195,13 +195,23 @@ def test_lp_formulation_against_numpy_and_its_gradient(setup):
     weights = {n: tp[n]["kernel"] for n in ("a", "b")}
     J = [jax.jacrev(f)(weights, x[b]) for b in range(B)]  # constants
 
+    n_params = 3 * 5 + 5 * 2
+
     def reference(params):
         attr = jnp.stack([sum(jnp.einsum("oij,cij->oc", J[b][n], d.component_weights(params, n))
                               for n in ("a", "b")) for b in range(B)])  # (B, d_L, C)
         w = (jnp.sum(attr**2, axis=1) / d_L + 1e-16) ** (p1 / 2)
-        return (coeffs["faithfulness"] * apd.faithfulness(d, params, tp)
-                + coeffs["lp_sparsity"] * jnp.mean(jnp.sum(w, axis=-1))
-                + coeffs["schatten"] * apd.schatten(d, params, w, p2)), w
+        simp = 0.0  # the reference's placement: the weight inside the power, per rank-one pair
+        for n in ("a", "b"):
+            A, Bf = params["components"][n]["A"], params["components"][n]["B"]
+            for c in range(C):
+                for m in range(A.shape[2]):
+                    lam_sq = jnp.sum(A[c, :, m] ** 2) * jnp.sum(Bf[c, m] ** 2)
+                    simp = simp + jnp.sum((w[:, c] * lam_sq + 1e-16) ** (p2 / 2))
+        faith = sum(jnp.sum((tp[n]["kernel"] - jnp.einsum("cim,cmo->io", *(
+            params["components"][n][k] for k in "AB"))) ** 2) for n in ("a", "b")) / n_params
+        return (coeffs["faithfulness"] * faith + coeffs["lp_sparsity"] * jnp.mean(jnp.sum(w, -1))
+                + coeffs["schatten"] * simp / (n_params * B)), w
 
     expected, w = reference(params)
     np.testing.assert_allclose(total, expected, rtol=1e-5)
@@ -211,11 +221,13 @@ def test_lp_formulation_against_numpy_and_its_gradient(setup):
     g_ref = jax.grad(lambda p: reference(p)[0])(params)
     for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-    # the top-k objective's attributions carry no gradient; the L_p one's do
-    lp_only = apd.objective(d, topk=1.0, coeffs={"faithfulness": 0.0, "lp_sparsity": 1.0,
-                                                  "schatten": 0.0}, pnorm=p2, formulation="lp")
-    g_lp = jax.grad(lambda p: lp_only(p, tp, x, jax.random.key(0), 0.0)[0])(params)
-    assert max(float(jnp.max(jnp.abs(t))) for t in jax.tree.leaves(g_lp)) > 1e-3
+    # the top-k attributions carry no gradient; the L_p ones do
+    def attr_sum(p, differentiable):
+        return jnp.sum(apd.attributions(d, tp, p, x, differentiable=differentiable))
+
+    for differentiable, nonzero in ((False, False), (True, True)):
+        g = jax.grad(attr_sum)(params, differentiable)
+        assert (max(float(jnp.max(jnp.abs(t))) for t in jax.tree.leaves(g)) > 1e-3) == nonzero
 
 
 def test_an_lp_apd_run_trains():
@@ -263,4 +275,5 @@ def test_scrub_losses_on_a_small_resid_mlp():
     np.testing.assert_array_equal(scrubbing.feature_components(d, params, tp, cfg), np.arange(6))
     losses = scrubbing.scrub_losses(d, params, tp, cfg, jax.random.key(1), topk=2.0,
                                     n_examples=64, n_ablate=3)
-    assert losses["scrubbed"].mean() < 1e-10 < 1e-4 < losses["anti_scrubbed"].mean()
+    assert max(losses["topk"].mean(), losses["scrubbed"].mean()) < 1e-10
+    assert losses["anti_scrubbed"].mean() > 1e-4

@@ -36,7 +36,10 @@ def feature_components(d, params, target_params, cfg: ResidMLPConfig, *,
 def scrub_masks(active: np.ndarray, owner: np.ndarray, C: int, n_ablate: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``(scrubbed, anti)`` masks ``[batch, C]`` (1 keeps, 0 ablates) for the boolean ``active``
-    features ``[batch, n_features]`` and each feature's component ``owner``."""
+    features ``[batch, n_features]`` and each feature's component ``owner``. An example whose
+    active features own more than ``n_ablate`` components has all of them ablated in the
+    anti-scrubbed mask (more than ``n_ablate``); one with fewer than ``n_ablate`` others
+    ablates all the others in the scrubbed mask."""
     if not 0 < n_ablate < C:
         raise ValueError(f"n_ablate must be in (0, C={C}), got {n_ablate}.")
     scrubbed, anti = np.ones((len(active), C)), np.ones((len(active), C))
@@ -50,17 +53,21 @@ def scrub_masks(active: np.ndarray, owner: np.ndarray, C: int, n_ablate: int,
 
 
 def scrub_losses(d, params, target_params, cfg: ResidMLPConfig, key, *, topk: float,
-                 n_examples: int = 2000, n_ablate: int = 50,
+                 n_examples: int = 2000, n_ablate: int | None = None,
                  attribution: str = "target") -> dict[str, np.ndarray]:
     """Per-example MSE against the target's output of the top-k, scrubbed and anti-scrubbed
-    forwards, on ``n_examples`` training inputs with at least one active feature."""
+    forwards, on ``n_examples`` training inputs with at least one active feature
+    (``n_ablate``: default half of the components). The top-k mask is chosen on the whole
+    sampled batch, empty examples included, as in training, and then restricted."""
+    n_ablate = d.C // 2 if n_ablate is None else n_ablate
     k_x, k_mask = jax.random.split(key)
-    x = np.asarray(sample_inputs(cfg, k_x, 4 * n_examples))
-    x = jnp.asarray(x[np.any(x != 0, axis=-1)][:n_examples])
-    owner = feature_components(d, params, target_params, cfg, attribution=attribution)
-    target_out, _ = d.clean_forward(target_params, x)
+    x = sample_inputs(cfg, k_x, 4 * n_examples)
     topk_mask = apd.batch_topk(apd.attributions(d, target_params, params, x, source=attribution),
                                topk).astype(jnp.float32)
+    keep = np.flatnonzero(np.any(np.asarray(x) != 0, axis=-1))[:n_examples]
+    x, topk_mask = x[keep], topk_mask[keep]
+    owner = feature_components(d, params, target_params, cfg, attribution=attribution)
+    target_out, _ = d.clean_forward(target_params, x)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(k_mask)).ravel())
     scrubbed, anti = scrub_masks(np.asarray(x != 0), owner, d.C, n_ablate, rng)
 
@@ -92,7 +99,7 @@ def plot_scrub_histogram(losses: dict[str, np.ndarray], path, *, baseline: float
         ax.hist(np.maximum(v, lo), bins=bins, alpha=0.5, color=colors.get(name), label=name)
         ax.axvline(v.mean(), color=colors.get(name), ls="--", lw=1)
     if baseline is not None:
-        ax.axvline(baseline, color="grey", lw=1.5, label="monosemantic baseline")
+        ax.axvline(baseline, color="grey", lw=1.5, label="monosemantic model's loss (vs labels)")
     ax.set(xscale="log", xlabel="MSE vs target output (per example)", ylabel="examples",
            title="APD: ablating half the components, scrubbed vs anti-scrubbed")
     ax.legend()
