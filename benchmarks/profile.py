@@ -8,8 +8,9 @@ For each config (built with ``loop.setup`` as the CLI does) the step is compiled
 traced for ``--steps`` steps (a Perfetto trace). Every op event of the compiled program is summed
 by name, and each op is put in a group from its HLO: ``matmul`` (a dot or convolution inside),
 ``transcendental`` (erf, exp, log, tanh, power, ... and no dot), ``elementwise / reduce`` (other
-fusions), ``data movement`` (copy, transpose, slice, concatenate, ...), ``control flow`` (a
-loop's own event; its body's ops are timed one by one). The table
+fusions), ``data movement`` (copy, transpose, slice, concatenate, ...), ``random numbers`` (a
+loop over uint32 state: threefry's rounds, drawing masks and batches), ``control flow`` (other
+loops' own events; their bodies' ops are timed one by one). The table
 (``results/profile_<config>.md``) lists each group's share of the traced op time and the
 ``--top`` ops with their group and what they produce, so "where does the time go" has a number.
 Op times are summed over XLA's threads (and include the tracer's overhead), so their total
@@ -72,7 +73,9 @@ def op_groups(hlo: str) -> dict[str, tuple[str, str]]:
                     out |= opcodes(called, seen | {name})
         return out
 
-    def group_of(op: str, rest: str) -> str:
+    def group_of(op: str, shape: str, rest: str) -> str:
+        if op == "while" and "u32[" in shape and "f32[" not in shape:
+            return "random numbers"  # threefry's rounds: a loop over uint32 state
         if op in CONTROL:
             return "control flow"
         inner = {op}
@@ -86,7 +89,7 @@ def op_groups(hlo: str) -> dict[str, tuple[str, str]]:
             return "data movement"
         return "elementwise / reduce"
 
-    return {name: (group_of(op, rest), shape)
+    return {name: (group_of(op, shape, rest), shape)
             for body in comps.values() for name, shape, op, rest in body}
 
 
@@ -129,7 +132,8 @@ def to_markdown(p: dict, top: int) -> str:
              "steps)", "", "| group | ms/step | share |", "|---|---|---|"]
     lines += [f"| {g} | {ms:.2f} | {100 * ms / total:.0f}% |" for g, ms in p["groups"].items()]
     lines += ["", f"| top-{top} op | group | result | ms/step |", "|---|---|---|---|"]
-    lines += [f"| {op} | {g} | `{shape}` | {ms:.2f} |" for op, g, shape, ms in p["ops"][:top]]
+    lines += [f"| {op} | {g} | `{shape if len(shape) < 48 else shape[:45] + '...'}` | {ms:.2f} |"
+              for op, g, shape, ms in p["ops"][:top]]
     return "\n".join(lines) + "\n"
 
 
