@@ -104,5 +104,6 @@ def _apd(variant: str):
     c.eval_batch_size = 2048
     c.apd.update({"topk": 1.28, "rank": 0, "schatten_p": 0.9, "faithfulness_coeff": faith,
                   "topk_recon_coeff": recon, "schatten_coeff": simp, "act_recon_coeff": 1.0,
-                  "unit_norm": unit_norm, "init": "kaiming_uniform", "init_scale": 2.0})
+                  "unit_norm": unit_norm, "init": "kaiming_uniform", "init_scale": 2.0,
+                  "init_fans": "torch"})
     return c

@@ -80,6 +80,9 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
         "faithfulness_coeff": 1.0, "topk_recon_coeff": 1.0, "schatten_coeff": 0.7,
         "act_recon_coeff": 0.0, "act_sites": "*mlp_out",  # inputs of these sites (hidden acts)
         "unit_norm": False, "init": "xavier_normal", "init_scale": 1.0,
+        # fans of the init: "component" (each component's matrix) | "torch" (the reference's
+        # whole [1, C, d_in, m] tensor: fan-in C d_in m)
+        "init_fans": "component",
         # "topk" (the paper's) | "lp": no top-k; minimality sum_c |A_c|^lp_p, Schatten weighted
         # by it (the APD paper's appendix alternative)
         "formulation": "topk", "lp_sparsity_coeff": 1.0, "lp_p": 1.0,
@@ -186,6 +189,10 @@ def _upgrade(recorded: Mapping[str, Any]) -> dict:
     if "target_recipe" not in recorded and recorded["experiment"] == "tms":
         # Before 0.3 the TMS target took one AdamW update of the tied W per step.
         recorded["target_recipe"] = {"double_update": False}
+    apd = recorded.get("apd")
+    if isinstance(apd, Mapping) and "init_fans" not in apd:
+        # Before init_fans every APD run used each component's own fans.
+        recorded["apd"] = {**apd, "init_fans": "component"}
     return recorded
 
 

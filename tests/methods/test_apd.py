@@ -277,3 +277,20 @@ def test_scrub_losses_on_a_small_resid_mlp():
                                     n_examples=64, n_ablate=3)
     assert max(losses["topk"].mean(), losses["scrubbed"].mean()) < 1e-10
     assert losses["anti_scrubbed"].mean() > 1e-4
+
+
+def test_torch_fans_init_is_the_references_whole_tensor_rule():
+    """fans="torch": torch's kaiming_uniform on [1, C, d_in, m] has fan-in C d_in m; the
+    ResidMLP +apd config uses it, and records written before the option keep their fans."""
+    target, tp = two_site_target(d_in=30, d_hidden=20, d_out=10)
+    d = apd.decompose_apd(target, {"a": 1, "b": 1}, 40, rank=5)
+    for fans, bound_A in (("component", np.sqrt(6 / 30)), ("torch", np.sqrt(6 / (40 * 30 * 5)))):
+        A = np.asarray(d.init(jax.random.key(0), tp, init="kaiming_uniform", init_scale=2.0,
+                              fans=fans)["components"]["a"]["A"])
+        assert 0.9 * 2 * bound_A < np.abs(A).max() <= 2 * bound_A
+    with pytest.raises(ValueError, match="Unknown APD init fans"):
+        d.init(jax.random.key(0), tp, fans="per_site")
+    assert spdjax.configs.load("resid_mlp:1+apd").apd.init_fans == "torch"
+    recorded = spdjax.configs.load("resid_mlp:1+apd").to_dict()
+    del recorded["apd"]["init_fans"]
+    assert spdjax.configs.from_dict(recorded).apd.init_fans == "component"
