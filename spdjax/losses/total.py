@@ -92,6 +92,23 @@ class Term:
         return self.fn(params, ctx, term_key(key, self.name), **self.options)
 
 
+def is_default_option(term_name: str, option: str, value: Any) -> bool:
+    """Whether ``value`` is what the loss term ``term_name`` uses when ``option`` is not given
+    (so a config that spells it out and one that leaves it out train the same)."""
+    if term_name not in LOSSES:
+        return False
+    param = inspect.signature(LOSSES.get(term_name)).parameters.get(option)
+    if param is None or param.default is inspect.Parameter.empty:
+        return False
+    if option in _NAMED_OPTIONS and isinstance(value, str):
+        try:
+            value = _NAMED_OPTIONS[option].resolve(value)
+        except (KeyError, ValueError):
+            return False
+    return value is param.default or (type(value) is type(param.default)
+                                       and value == param.default)
+
+
 def term(fn: str | LossFn, coeff: float, *, name: str | None = None, **options) -> Term:
     """Binds a loss (a name in :data:`LOSSES` or any ``loss(params, ctx, key, **options)``).
 

@@ -84,6 +84,18 @@ def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[tuple[str,
     return out
 
 
+def _spelled_default(change: tuple[str, Any, Any]) -> bool:
+    """A loss option one side leaves out and the other sets to the term's default (a config
+    file that now names it, e.g. ``sampling="continuous"``): no change to the run."""
+    from spdjax.losses.total import is_default_option
+
+    key, a, b = change
+    parts = key.split(".")
+    if len(parts) != 3 or parts[0] not in ("losses", "eval_losses") or "<absent>" not in (a, b):
+        return False
+    return is_default_option(parts[1], parts[2], b if a == "<absent>" else a)
+
+
 def _allowed(key: str, allow: tuple[str, ...]) -> bool:
     return any(key == a or key.startswith(a + ".") for a in allow)
 
@@ -153,7 +165,7 @@ def prepare(workdir: pathlib.Path, resolved: dict, *, fresh: bool,
                 f"{workdir} holds checkpoints but no readable config (config.json and the "
                 "checkpoints' metadata are missing or damaged); use another --workdir, or pass "
                 "--fresh to discard that run.")
-        changes = config_diff(_upgraded(old), resolved)
+        changes = [c for c in config_diff(_upgraded(old), resolved) if not _spelled_default(c)]
         refused = [c for c in changes if not _allowed(c[0], SAFE_CHANGES + tuple(allow_changes))]
         if refused:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)

@@ -87,3 +87,28 @@ def test_progress_is_a_live_bar_on_a_terminal_and_plain_lines_elsewhere(terminal
         assert text.count("\n") == 2  # the warning's line and the finished bar's
     else:
         assert "\r" not in text and "[#" not in text and len(text.splitlines()) == 3
+
+
+def test_a_loss_option_spelled_at_its_default_is_no_config_change(tmp_path):
+    """A run recorded before its config file named an option (``sampling="continuous"`` in the
+    +head terms) resumes; setting the option to something else is still refused."""
+    from spdjax import configs
+    from spdjax.losses.total import is_default_option
+    from spdjax.training.workdir import ConfigMismatchError, prepare
+
+    assert is_default_option("stochastic_recon", "sampling", "continuous")
+    assert not is_default_option("stochastic_recon", "sampling", "binomial")
+    assert is_default_option("stochastic_recon", "n_samples", 1)
+    assert not is_default_option("stochastic_recon", "n_samples", True)
+    assert not is_default_option("no_such_term", "sampling", "continuous")
+    new = configs.to_dict(configs.load("tms:5-2+head"))
+    old = json.loads(json.dumps(new))
+    del old["losses"]["stochastic_recon"]["sampling"]
+    (tmp_path / "checkpoints" / "100").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert prepare(tmp_path, new, fresh=False) == []
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    binomial = json.loads(json.dumps(new))
+    binomial["losses"]["stochastic_recon"]["sampling"] = "binomial"
+    with pytest.raises(ConfigMismatchError, match="losses.stochastic_recon.sampling"):
+        prepare(tmp_path, binomial, fresh=False)
