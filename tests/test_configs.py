@@ -60,6 +60,15 @@ def test_the_target_recipe_defaults_to_the_reference_and_the_old_one_is_selectab
         bad.target_recipe.bogus = 1
     with pytest.raises(ValueError, match=r"target_recipe fields \['bogus'\] are not fields"):
         validate(bad)
+    # Any recipe field can be overridden by name (the APD paper's 40-10 target: batch 2048);
+    # a name that is not one reaches the same check.
+    apd_era = configs.load("tms:40-10", {"target_recipe.batch_size": 2048, "target_steps": 2000})
+    cfg = family.model_config(apd_era)
+    assert (cfg.batch_size, cfg.steps, cfg.double_update) == (2048, 2000, True)
+    # ... and is cached under its own name, not over the variant's target
+    assert tms.cache_stem(cfg, 0, tmp_path).endswith("tms_40-10_steps2000_batch_size2048_seed0")
+    with pytest.raises(ValueError, match=r"target_recipe fields \['bogus'\] are not fields"):
+        validate(configs.load("tms:5-2", {"target_recipe.bogus": 1}))
 
 
 @pytest.mark.parametrize("spec, terms", [

@@ -257,8 +257,15 @@ def load_or_train_target(
 
 
 def cache_stem(cfg: TMSConfig, seed: int, cache_dir: str | os.PathLike) -> str:
-    """``cache_dir/tms_<variant>[_single-update]_seed<seed>`` (add ``.npz`` / ``.json``)."""
+    """``cache_dir/tms_<variant>[_single-update][_<field><value>...]_seed<seed>`` (add ``.npz`` /
+    ``.json``): a recipe changed from its variant's names the changed fields, so that it does not
+    overwrite the variant's cached target."""
     recipe = "" if cfg.double_update else "_single-update"
+    default = TMS_VARIANTS.get(cfg.variant)
+    if default is not None:
+        recipe += "".join(f"_{f.name}{getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                          if f.name != "double_update"
+                          and getattr(cfg, f.name) != getattr(default, f.name))
     return os.path.join(os.fspath(cache_dir), f"tms_{cfg.variant}{recipe}_seed{seed}")
 
 
