@@ -49,7 +49,7 @@ from spdjax.methods.spd import make_optimizer
 from spdjax.methods.spd import method as spd_method
 from spdjax.methods.spd import objective as spd_objective
 from spdjax.sigmoids import SIGMOIDS, SigmoidPair
-from spdjax.target import Site, SiteHooks, Target, from_function, weight_at
+from spdjax.target import Mapped, Site, SiteHooks, Target, dense_input, from_function, weight_at
 from spdjax.training.loop import Run, close, evaluate, setup, train, train_and_evaluate
 from spdjax.training.sharding import make_mesh, shard_params
 from spdjax.training.step import TrainState, init_train_state, make_train_step
@@ -57,7 +57,7 @@ from spdjax.training.step import TrainState, init_train_state, make_train_step
 __all__ = [
     "CI_FUNCTIONS", "COMPONENT_INITS", "CausalImportance", "Context", "Decomposition", "LOSSES",
     "LoadedRun", "METHODS", "MLP", "Method", "Run", "SAMPLERS", "SIGMOIDS", "SharedMLP",
-    "SigmoidPair", "Site", "SiteHooks", "Target", "Term", "TrainState", "VectorMLP", "ci_l0",
+    "Mapped", "SigmoidPair", "Site", "SiteHooks", "Target", "Term", "dense_input", "TrainState", "VectorMLP", "ci_l0",
     "ci_masked_recon", "ci_masked_recon_layerwise", "close", "configs", "decompose", "evaluate",
     "ROUTERS", "SiteMask", "frequency_minimality", "pgd_recon", "pgd_recon_layerwise",
     "pgd_recon_subset", "static_probability", "stochastic_hidden_acts_recon",

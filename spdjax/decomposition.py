@@ -33,7 +33,7 @@ from spdjax import components as comp_lib
 from spdjax.ci import CIFunction, make_ci_fn
 from spdjax.masks import SiteMask
 from spdjax.sigmoids import SIGMOIDS, SigmoidPair
-from spdjax.target import Site, Target
+from spdjax.target import Mapped, Site, Target, dense_input
 
 Array = jax.Array
 Params = dict
@@ -213,13 +213,14 @@ class Decomposition:
         m = mask if isinstance(mask, SiteMask) else SiteMask(component=mask)
         W = site.weight(target_params) if m.delta is not None or m.routing is not None else None
 
-        def fn(x):
-            y = comp_lib.masked_output(site.apply(V, x), U, m.component, bias)
+        def fn(x):  # site.out: the output's coordinates (a Mapped input's post map)
+            b = site.out(bias, x)
+            y = comp_lib.masked_output(site.apply(V, x), site.out(U, x), m.component, b)
             if m.delta is not None:
-                y = y + m.delta[..., None] * site.apply(W - V @ U, x)
+                y = y + m.delta[..., None] * site.apply(site.out(W - V @ U, x), x)
             if m.routing is not None:
-                target_y = site.apply(W, x)  # x @ W, W[ids] or the convolution
-                target_y = target_y if bias is None else target_y + bias
+                target_y = site.apply(site.out(W, x), x)  # x @ W, W[ids] or the convolution
+                target_y = target_y if b is None else target_y + b
                 y = jnp.where(m.routing[..., None], y, target_y)
             return y
 
@@ -258,7 +259,8 @@ class Decomposition:
             acts = None
             if self.ci_fn.uses_inner_acts:
                 acts = self.site(name).apply(self.factors(params, name)[0], x)
-            pre = self.ci_fn.apply(params["ci"][name], acts, x)
+            pre = self.ci_fn.apply(params["ci"][name], acts,
+                                   x if self.ci_fn.uses_inner_acts else dense_input(x))
             lower_in = pre
             if lower_noise:
                 u = jax.random.uniform(jax.random.fold_in(key, i), pre.shape, pre.dtype)
@@ -267,10 +269,22 @@ class Decomposition:
         return out
 
 
-def _check_site_input(site: Site, x: Array) -> None:
+def _check_site_input(site: Site, x: Array | Mapped) -> None:
     """A site's input must fit its weight: ``[..., d_in]`` floats, or integer ids for an
     embedding; never empty. Concrete (not traced) inputs are also checked for values: finite
-    floats, ids in ``[0, vocab)``."""
+    floats, ids in ``[0, vocab)``. A :class:`~spdjax.target.Mapped` input is checked as the
+    ``x @ pre`` it stands for (its maps must fit ``d_in`` / ``d_out``)."""
+    if isinstance(x, Mapped):
+        pre_out = site.d_in if x.pre is None else x.pre.shape[-1]
+        post_in = site.d_out if x.post is None else x.post.shape[0]
+        if site.kind != "linear" or (pre_out, post_in) != (site.d_in, site.d_out):
+            raise ValueError(
+                f"Site {site.name!r} ({site.kind}, {site.d_in} -> {site.d_out}) got a Mapped input "
+                f"whose maps give {pre_out} -> {post_in}: only a linear site takes one, and its "
+                "pre map must end in d_in and its post map start at d_out.")
+        # the values are those of x; its width must be pre's rows (or d_in)
+        return _check_site_input(site if x.pre is None else dataclasses.replace(
+            site, d_in=x.pre.shape[0]), x.x)
     if x.size == 0:
         raise ValueError(f"Site {site.name!r} got an empty input of shape {tuple(x.shape)}: "
                          "the batch holds no examples.")

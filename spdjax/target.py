@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 
 Array = jax.Array
 Params = Any
@@ -62,14 +63,65 @@ class Site:
             raise ValueError(f"Site {self.name!r}: a 'conv' site needs its conv function and "
                              "only a conv site has one.")
 
-    def apply(self, M: Array, x: Array) -> Array:
+    def apply(self, M: Array, x: Array | Mapped) -> Array:
         """``[..., k]``: the site's input ``x`` through a matrix ``M (d_in, k)`` in place of ``W``
-        (``x @ M``, ``M[ids]``, or the convolution with ``M`` as its kernel)."""
+        (``x @ M``, ``M[ids]``, or the convolution with ``M`` as its kernel; for a
+        :class:`Mapped` input ``z @ (pre @ M)``)."""
+        if isinstance(x, Mapped):
+            if self.kind != "linear":
+                raise ValueError(f"Site {self.name!r}: only a linear site takes a Mapped input.")
+            return x.apply(M)
         if self.kind == "conv":
             return self.conv(M, x)
         if self.kind == "embed":
             return jax.numpy.take(M, x, axis=0)
         return jax.numpy.einsum("...i,ic->...c", x, M)
+
+
+    def out(self, M: Array | None, x: Array | Mapped) -> Array | None:
+        """``M`` (``(..., d_out)``: a weight, ``U`` or a bias) in the coordinates the site's output
+        is read in: ``M @ post`` for a :class:`Mapped` input with an output map, else ``M``."""
+        post = x.post if isinstance(x, Mapped) else None
+        return M if M is None or post is None else M @ post
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mapped:
+    """A linear site's input and output in factored form, for less work per step.
+
+    The site's real input is ``x @ pre`` (``pre (d_x, d_in)``; None: ``x`` itself) and its output
+    ``y (..., d_out)`` is only ever read through ``y @ post`` (``post (d_out, d_y)``; None: as
+    it is). A target whose site input is a fixed linear map of something narrower (ResidMLP's
+    first ``mlp_in`` reads the embedding ``x @ W_E``) or whose site output is only read through
+    one (its last ``mlp_out``, through the unembedding) passes ``hooks(name, Mapped(x, pre,
+    post), default)``: every product with the site's weight, components, delta or bias is then
+    folded as ``x @ (pre @ M @ post)``, never materialising the wide ``[..., d_in]`` input or
+    ``[..., d_out]`` output. The same numbers up to float rounding (``tests/test_target.py``).
+    """
+
+    x: Array
+    pre: Array | None = None
+    post: Array | None = None
+
+    def apply(self, M: Array) -> Array:
+        """``x @ (pre @ M)``: the input through ``M (d_in, k)``."""
+        return jnp.einsum("...i,ic->...c", self.x, M if self.pre is None else self.pre @ M)
+
+    def matmul(self, W: Array) -> Array:
+        """The site's output through ``W (d_in, d_out)`` in the read-out coordinates:
+        ``x @ (pre @ W @ post)`` (a target's default site function)."""
+        return self.apply(W if self.post is None else W @ self.post)
+
+    def dense(self) -> Array:
+        """The real input ``x @ pre`` (for what needs it whole: a CI function of the raw input,
+        the hidden-activation reconstruction)."""
+        return self.x if self.pre is None else self.x @ self.pre
+
+
+def dense_input(x: Array | Mapped) -> Array:
+    """A site input as a plain array (:meth:`Mapped.dense` for a factored one)."""
+    return x.dense() if isinstance(x, Mapped) else x
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

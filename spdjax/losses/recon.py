@@ -23,6 +23,7 @@ from spdjax.losses.context import Context
 from spdjax.losses.divergences import DIVERGENCES, Divergence, mse
 from spdjax.masks import SAMPLERS, MaskSampler, continuous, sample_masks, with_routing
 from spdjax.routing import Router, make_router, route
+from spdjax.target import dense_input
 
 Array = jax.Array
 ROUTING_STREAM = 0x7FFFFFF0  # fold_in index of a mask draw's routing key (sites use 0, 1, ...)
@@ -107,9 +108,10 @@ def _hidden_acts(params, ctx: Context, masks, divergence) -> Array:
     del divergence  # a squared error on the site inputs, as the reference
     _, inputs = ctx.decomposition.forward(ctx.target_params, params, ctx.batch, masks,
                                           with_inputs=True)
-    sq = sum(jnp.sum((inputs[n].astype(jnp.float32) - x.astype(jnp.float32)) ** 2)
-             for n, x in ctx.site_inputs.items())
-    return sq / sum(x.size for x in ctx.site_inputs.values())
+    clean = {n: dense_input(x).astype(jnp.float32) for n, x in ctx.site_inputs.items()}
+    sq = sum(jnp.sum((dense_input(inputs[n]).astype(jnp.float32) - x) ** 2)
+             for n, x in clean.items())
+    return sq / sum(x.size for x in clean.values())
 
 
 def stochastic_hidden_acts_recon(

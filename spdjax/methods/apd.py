@@ -35,7 +35,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from spdjax.decomposition import match_sites
-from spdjax.methods.apd_terms import (act_recon, attributions, batch_topk, faithfulness,
+from spdjax.methods.apd_terms import (act_recon, attributions, batch_topk, faithfulness, site_acts,
                                      lp_weights, schatten, schatten_weighted)
 from spdjax.methods.base import Method
 from spdjax.target import Target
@@ -121,14 +121,12 @@ class APDDecomposition:
         return out, {n: inputs[n] for n in self.site_names}
 
     def _site_out(self, params, target_params, name, x, mask):
-        A, B = self.factors(params, name)
-        acts = (jnp.take(A, x, axis=1).transpose(1, 0, 2) if self.site(name).kind == "embed"
-                else jnp.einsum("...i,cim->...cm", x, A))
+        site = self.site(name)
+        acts, B = site_acts(site, *self.factors(params, name), x)
         if mask is not None:
             acts = acts * mask[..., None]
         y = jnp.einsum("...cm,cmo->...o", acts, B)
-        bias = self.site(name).bias
-        return y if bias is None else y + bias(target_params)
+        return y if site.bias is None else y + site.out(site.bias(target_params), x)
 
     def forward(self, target_params, params, x, masks: Mapping[str, Array | None], *,
                 with_inputs: bool = False):

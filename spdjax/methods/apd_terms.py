@@ -12,11 +12,26 @@ import jax
 import jax.numpy as jnp
 
 from spdjax import components as comp_lib
+from spdjax.target import Mapped, Site, dense_input
 
 if TYPE_CHECKING:
     from spdjax.methods.apd import APDDecomposition
 
 Array = jax.Array
+
+
+def site_acts(site: Site, A: Array, B: Array, x: Array | Mapped) -> tuple[Array, Array]:
+    """``(acts [..., C, m], B)``: components ``(A, B)``'s inner activations on a site input
+    (``x A_c``, or ``A_c[ids]`` for an embedding) and the ``B`` that maps them to the site's
+    output; a :class:`~spdjax.target.Mapped` input folds its maps in (``pre A_c``, ``B_c post``)."""
+    if site.kind == "embed":
+        return jnp.take(A, x, axis=1).transpose(1, 0, 2), B
+    if isinstance(x, Mapped):
+        A = A if x.pre is None else jnp.einsum("ji,cim->cjm", x.pre, A)
+        B = B if x.post is None else jnp.einsum("cmo,oy->cmy", B, x.post)
+        x = x.x
+    return jnp.einsum("...i,cim->...cm", x, A), B
+
 
 def attributions(d: APDDecomposition, target_params, params, x, *, source: str = "target",
                  differentiable: bool = False):
@@ -37,13 +52,18 @@ def attributions(d: APDDecomposition, target_params, params, x, *, source: str =
 
     def out_with_probes(probes):
         def site(n):
-            bias = d.site(n).bias
-            return lambda a: (comp_lib.inner_acts(d.site(n).kind, weights[n], a)
-                              + (0.0 if bias is None else bias(target_params)) + probes[n])
+            s, bias = d.site(n), d.site(n).bias
+            bias = None if bias is None else bias(target_params)
+            return lambda a: (s.apply(s.out(weights[n], a), a) if isinstance(a, Mapped)
+                              else comp_lib.inner_acts(s.kind, weights[n], a)) + (
+                0.0 if bias is None else s.out(bias, a)) + probes[n]
         out, inputs = d.target.forward(target_params, x, {n: site(n) for n in d.site_names})
         return out, {n: inputs[n] for n in d.site_names}
 
-    probes = {n: jnp.zeros((x.shape[0], d.site(n).d_out)) for n in d.site_names}
+    # a probe per site output, in the coordinates it is read in (a Mapped input's post map)
+    clean = jax.eval_shape(lambda: d.clean_forward(target_params, x)[1])
+    probes = {n: jnp.zeros((x.shape[0], d.site(n).d_out if getattr(clean[n], "post", None) is None
+                            else clean[n].post.shape[-1])) for n in d.site_names}
     out, vjp, inputs = jax.vjp(out_with_probes, probes, has_aux=True)
     d_out = out.shape[-1]
     cotangents = jnp.broadcast_to(jnp.eye(d_out)[:, None, :], (d_out, *out.shape))
@@ -52,8 +72,7 @@ def attributions(d: APDDecomposition, target_params, params, x, *, source: str =
     total = 0.0
     for n in d.site_names:
         A, B = d.factors(live if differentiable else params, n)
-        acts = (jnp.take(A, inputs[n], axis=1).transpose(1, 0, 2) if d.site(n).kind == "embed"
-                else jnp.einsum("bi,cim->bcm", inputs[n], A))
+        acts, B = site_acts(d.site(n), A, B, inputs[n])
         comp_out = jnp.einsum("bcm,cmo->bco", acts, B)
         total = total + jnp.einsum("lbo,bco->lbc", grads[n], comp_out)
     attr = jnp.sum(total**2, axis=0)
@@ -119,5 +138,6 @@ def act_recon(d: APDDecomposition, inputs: Mapping[str, Array], clean: Mapping[s
     """The squared error of the ``sites``' inputs (ResidMLP: each ``mlp_out``'s input, the MLP's
     post-ReLU hidden activations) in the top-k forward against the target's, summed over units,
     divided by all those units, averaged over the batch (methods-and-numbers 1.4)."""
-    sq = sum(jnp.sum((inputs[n] - clean[n]) ** 2, axis=-1) for n in sites)
+    sq = sum(jnp.sum((dense_input(inputs[n]) - dense_input(clean[n])) ** 2, axis=-1)
+             for n in sites)
     return jnp.mean(sq) / sum(d.site(n).d_in for n in sites)

@@ -36,10 +36,11 @@ def _sparse_x(cfg, n=16, seed=1, features=None):
     return jnp.asarray(x, jnp.float32)
 
 
-def test_forward_matches_numpy():
+@pytest.mark.parametrize("fold", [True, False])
+def test_forward_matches_numpy(fold):
     params = _random_params(TINY)
     x = _sparse_x(TINY)
-    target = rm.resid_mlp_target(TINY)
+    target = rm.resid_mlp_target(TINY, fold=fold)
     out, inputs = jax.jit(lambda p, x: target.forward(p, x, {}))(params, x)
 
     p = jax.tree.map(np.asarray, params)
@@ -51,8 +52,8 @@ def test_forward_matches_numpy():
         r = r + h @ p[f"layers_{i}"]["mlp_out"]["kernel"]
     np.testing.assert_allclose(out, r @ p["W_E"].T, rtol=1e-4, atol=1e-4)
     assert set(inputs) == set(expected_inputs) == set(target.sites)
-    for site, value in expected_inputs.items():
-        np.testing.assert_allclose(inputs[site], value, rtol=1e-4, atol=1e-4)
+    for site, value in expected_inputs.items():  # folded: the Mapped inputs stand for these
+        np.testing.assert_allclose(spdjax.dense_input(inputs[site]), value, rtol=1e-4, atol=1e-4)
 
 
 def test_sites_init_and_recipe():
@@ -185,3 +186,56 @@ def test_cache_round_trip_and_cli(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "target loss" in printed and "naive monosemantic baseline" in printed
     assert calls[-1] == ("6-8-3x2", 0)
+
+
+FOLD_TERMS = [  # (name, options): every term that touches the sites' inputs or outputs
+    ("faithfulness", {}), ("importance_minimality", {"pnorm": 2.0}),
+    ("stochastic_recon", {"n_samples": 2}), ("stochastic_recon_layerwise", {"n_samples": 2}),
+    ("stochastic_recon", {"n_samples": 1, "delta": True}),
+    ("stochastic_recon_subset", {"n_samples": 1}), ("stochastic_hidden_acts_recon", {}),
+    ("ci_masked_recon", {}), ("unmasked_recon", {}),
+    ("pgd_recon_subset", {"n_steps": 2, "delta": True}),
+]
+
+
+@pytest.mark.parametrize("n_layers, ci_fn", [(1, "mlp"), (2, "vector_mlp")])
+def test_the_folded_forward_gives_the_plain_forwards_losses_and_gradients(n_layers, ci_fn):
+    # fold=True hands the first mlp_in Mapped(x, pre=W_E) and the last mlp_out Mapped(h,
+    # post=W_E.T): each term's value and gradient must equal the plain forward's (float32).
+    cfg = rm.ResidMLPConfig(6, 40, 3, n_layers, batch_size=64)
+    params = rm.init_resid_mlp_params(jax.random.key(2), cfg)
+    x = _sparse_x(cfg, n=32)
+    folded, plain = rm.resid_mlp_target(cfg), rm.resid_mlp_target(cfg, fold=False)
+    _, inputs = folded.forward(params, x, {})
+    assert isinstance(inputs["layers_0/mlp_in"], spdjax.Mapped)
+    assert isinstance(inputs[f"layers_{n_layers - 1}/mlp_out"], spdjax.Mapped)
+    np.testing.assert_allclose(folded(params, x), plain(params, x), rtol=1e-5, atol=1e-5)
+    sites = {"layers_*/mlp_in": 5, "layers_*/mlp_out": 4}
+    decomps = [spdjax.decompose(t, sites, ci_fn=ci_fn) for t in (folded, plain)]
+    comps = decomps[1].init(jax.random.key(0), params)
+    terms = [spdjax.term(n, 1.0, name=f"{n}_{i}", **o) for i, (n, o) in enumerate(FOLD_TERMS)]
+    results = []
+    for d in decomps:  # one objective of all terms: each term's value and the total's gradient
+        objective = spdjax.spd_objective(d, terms)
+        loss_fn = lambda c: objective(c, params, x, jax.random.key(3), 0.5)  # noqa: E731
+        results.append(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(comps))
+    ((_, fold), g_fold), ((_, plain), g_plain) = results
+    for name, value in plain["loss"].items():
+        assert np.isfinite(value) and (value > 0 or name.startswith("faithfulness")), name
+        np.testing.assert_allclose(fold["loss"][name], value, rtol=2e-5, atol=1e-8, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max())), g_fold, g_plain)
+
+
+def test_a_mapped_input_that_does_not_fit_its_site_is_an_error():
+    cfg = rm.ResidMLPConfig(6, 40, 3, 1, batch_size=64)
+    params = _random_params(cfg)
+    site = rm.resid_mlp_target(cfg).sites["layers_0/mlp_in"]
+    from spdjax.decomposition import _check_site_input
+    _check_site_input(site, spdjax.Mapped(jnp.ones((2, 6)), pre=params["W_E"]))
+    with pytest.raises(ValueError, match="pre map must end in d_in"):
+        _check_site_input(site, spdjax.Mapped(jnp.ones((2, 6)), pre=params["W_E"][:, :5]))
+    with pytest.raises(ValueError, match=r"expects inputs \[..., 6\]"):
+        _check_site_input(site, spdjax.Mapped(jnp.ones((2, 7)), pre=params["W_E"]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        _check_site_input(site, spdjax.Mapped(jnp.full((2, 6), jnp.nan), pre=params["W_E"]))

@@ -294,3 +294,32 @@ def test_torch_fans_init_is_the_references_whole_tensor_rule():
     recorded = spdjax.configs.load("resid_mlp:1+apd").to_dict()
     del recorded["apd"]["init_fans"]
     assert spdjax.configs.from_dict(recorded).apd.init_fans == "component"
+
+
+@pytest.mark.parametrize("formulation", ["topk", "lp"])
+def test_apd_on_the_folded_resid_mlp_equals_the_plain_forward(formulation):
+    # The folded ResidMLP (Mapped first mlp_in / last mlp_out): APD's attributions, every loss
+    # value and the gradient are the plain forward's.
+    from spdjax.experiments.resid_mlp import model
+
+    cfg = model.ResidMLPConfig(n_features=6, d_embed=40, d_mlp=4, n_layers=1)
+    tp = model.init_resid_mlp_params(jax.random.key(0), cfg)
+    x = model.sample_inputs(cfg, jax.random.key(1), 32)
+    ds = [apd.decompose_apd(model.resid_mlp_target(cfg, fold=f), {"layers_0/*": 1}, 5, rank=2)
+          for f in (True, False)]
+    params = ds[1].init(jax.random.key(2), tp)
+    np.testing.assert_allclose(apd.attributions(ds[0], tp, params, x),
+                               apd.attributions(ds[1], tp, params, x), rtol=1e-4, atol=1e-9)
+    coeffs = {"faithfulness": 1.0, "topk_recon": 1.0, "schatten": 0.5, "act_recon": 1.0,
+              "lp_sparsity": 0.1}
+    out = []
+    for d in ds:
+        fn = apd.objective(d, topk=1.5, coeffs=coeffs, pnorm=0.9, formulation=formulation,
+                           act_sites=("layers_0/mlp_out",) if formulation == "topk" else ())
+        out.append(jax.value_and_grad(lambda p: fn(p, tp, x, None, 0.0), has_aux=True)(params))
+    ((_, folded), g_folded), ((_, plain), g_plain) = out
+    for name, value in plain["loss"].items():
+        assert value > 0, name
+        np.testing.assert_allclose(folded["loss"][name], value, rtol=2e-5, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max())), g_folded, g_plain)
