@@ -3,7 +3,11 @@ exactly, on one CPU device (8 fake devices would change reduction orders).
 
 * TMS 5-2 seed 0, the first 300 steps of the paper's 40k-step run (metrics every 100 steps;
   the fixture holds 2000, of which the first 300 are compared to keep the suite short);
-* ResidMLP 1 layer (target trained 100 steps, batch 256, 300 SPD steps) and its summary.
+* ResidMLP 1 layer (target trained 100 steps, batch 256, 300 SPD steps) and its summary: since
+  the ResidMLP target folds its embedding into its first and last sites (``Mapped``, less work
+  per step), its products are summed in another order, so its numbers are compared to float
+  rounding (largest change seen: 6e-6 relative in a loss, one CI value crossing a threshold in
+  9011 checks); ``fold=False`` reproduced them exactly.
 
 (The TMS evaluation of a stored run is checked against its recorded summary in
 ``training/test_checkpoints.py``; ``fixtures/regression/tms_5-2-id_300steps_summary.json`` keeps
@@ -59,13 +63,13 @@ def runs():
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def _assert_rows_equal(rows, recorded_file, until=None):
+def _assert_rows_equal(rows, recorded_file, until=None, rtol=0.0):
     recorded = [json.loads(line) for line in (FIX / recorded_file).read_text().splitlines()]
     recorded = [r for r in recorded if until is None or r["step"] <= until]
     assert [r["step"] for r in rows] == [r["step"] for r in recorded]
     for new, old in zip(rows, recorded):
         new = {k: v for k, v in new.items() if k not in TIMING}
-        assert new == old, f"step {old['step']}: " + ", ".join(
+        assert new == pytest.approx(old, rel=rtol, abs=0), f"step {old['step']}: " + ", ".join(
             f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in old if new.get(k) != old[k])
 
 
@@ -74,22 +78,24 @@ def test_tms_5_2_first_300_steps_are_unchanged(runs):
 
 
 def test_resid_mlp_1_run_and_summary_are_unchanged(runs):
-    _assert_rows_equal(runs["resid_mlp_1"]["rows"], "resid_mlp_1_300steps.jsonl")
+    _assert_rows_equal(runs["resid_mlp_1"]["rows"], "resid_mlp_1_300steps.jsonl", rtol=1e-4)
     new = runs["resid_mlp_1"]["summary"]
     old = json.loads((FIX / "resid_mlp_1_300steps_summary.json").read_text())
-    # Recorded in the old flat/keyed summary layout; the values must be identical.
-    assert new["loss"] == {k[5:]: v for k, v in old.items() if k.startswith("loss/")}
+    # Recorded in the old flat/keyed summary layout; the same values to float rounding.
+    close = lambda v: pytest.approx(v, rel=1e-4, abs=0)  # noqa: E731
+    assert new["loss"] == close({k[5:]: v for k, v in old.items() if k.startswith("loss/")})
     for key in ("ci_l0", "alive", "contribution_r", "distinct_chosen_subcomponents"):
-        assert new[key] == old[key], key
-    assert new["ci_errors"]["total"] == old["ci_errors"]["total"]
-    assert new["ci_errors"]["loose_total"] == old["ci_errors"]["total_0p2"]
-    assert new["ci_errors"]["per_site"] == {k: v for k, v in old["ci_errors"].items()
-                                            if k.startswith("layers_")}
+        assert new[key] == close(old[key]), key
+    # CI error counts: a CI value on a tolerance's edge may cross it
+    assert abs(new["ci_errors"]["total"] - old["ci_errors"]["total"]) <= 2
+    assert abs(new["ci_errors"]["loose_total"] - old["ci_errors"]["total_0p2"]) <= 2
+    for site, count in new["ci_errors"]["per_site"].items():
+        assert abs(count - old["ci_errors"][site]) <= 2, site
     # The seed study's verdict reads a real summary (benchmarks/reproduce/resid_mlp_seeds.py).
     from benchmarks.reproduce.resid_mlp_seeds import verdict
 
     checks = verdict(new, 50)
-    assert checks["identity_errors"] == old["ci_errors"]["layers_0/mlp_in"]
+    assert abs(checks["identity_errors"] - old["ci_errors"]["layers_0/mlp_in"]) <= 2
     assert checks["alive_mlp_out"] == [100] and checks["solved"] is False
 
 
