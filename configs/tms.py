@@ -23,7 +23,6 @@ CPU cores (the exact time is recorded in RESULTS.md). Shared fields: spdjax/conf
 """
 
 from spdjax.configs import base_config, later_reference
-from spdjax.experiments.tms.model import TMS_VARIANTS
 
 # variant -> (C, importance-minimality coeff, p, gradient micro-batches on CPU)
 _VARIANTS = {
@@ -67,13 +66,6 @@ def get_config(arg: str = "5-2"):
     # The target's tied W gets two Adam updates per step, as the reference's storage-shared
     # Parameters do; False: one update on the summed gradient (spdjax before 0.3).
     c.target_recipe.double_update = True
-    # The target recipe's other knobs, settable from the command line (--config.target_recipe.
-    # batch_size=2048 with --config.target_steps=2000: the APD paper's 40-10 target); a changed
-    # recipe is cached under its own name.
-    recipe = TMS_VARIANTS[variant]
-    c.target_recipe.batch_size = recipe.batch_size
-    c.target_recipe.lr = recipe.lr
-    c.target_recipe.weight_decay = recipe.weight_decay
     if "pgd" in modifiers and "apd" in modifiers:
         raise ValueError(f"+pgd adds an SPD loss term; APD has none ({arg!r}).")
     for name in sorted(modifiers, key=lambda m: m == "pgd"):  # +pgd last: after +head's losses

@@ -65,8 +65,6 @@ def test_the_target_recipe_defaults_to_the_reference_and_the_old_one_is_selectab
     apd_era = configs.load("tms:40-10", {"target_recipe.batch_size": 2048, "target_steps": 2000})
     cfg = family.model_config(apd_era)
     assert (cfg.batch_size, cfg.steps, cfg.double_update) == (2048, 2000, True)
-    # the CLI's --config.target_recipe.batch_size reaches the same field
-    assert load_config("40-10").target_recipe.batch_size == 8192
     # ... and is cached under its own name, not over the variant's target
     assert tms.cache_stem(cfg, 0, tmp_path).endswith("tms_40-10_steps2000_batch_size2048_seed0")
     with pytest.raises(ValueError, match=r"target_recipe fields \['bogus'\] are not fields"):
