@@ -148,6 +148,7 @@ def main(argv=None):
         p = profile(name, args.steps)
         md = to_markdown(p, args.top)
         stem = pathlib.Path(args.out) / f"profile_{name.replace(':', '_')}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(p, indent=1))
         stem.with_suffix(".md").write_text(md)
         print(md, flush=True)

@@ -214,6 +214,8 @@ class Decomposition:
         W = site.weight(target_params) if m.delta is not None or m.routing is not None else None
 
         def fn(x):  # site.out: the output's coordinates (a Mapped input's post map)
+            if isinstance(x, Mapped) and x.factored:
+                return _factored_output(site.apply(V, x), U, m, x, W, V, bias)
             b = site.out(bias, x)
             y = comp_lib.masked_output(site.apply(V, x), site.out(U, x), m.component, b)
             if m.delta is not None:
@@ -269,22 +271,43 @@ class Decomposition:
         return out
 
 
+def _factored_output(acts: Array, U: Array, m: SiteMask, x: Mapped, W: Array | None, V: Array,
+                     bias: Array | None) -> Mapped:
+    """:meth:`Decomposition.site_fn`'s output for a ``factored`` input: the same sum as the
+    dense output, ``(acts * m) U [+ m_delta x (W - V U)] [routed: + (1 - r) x W] + b``, kept as
+    its narrow terms ``(coefficients, rows)`` for the sites that read it."""
+    coef = acts if m.component is None else acts * m.component
+    terms = [(coef, U)]
+    if m.delta is not None:
+        D = W - V @ U
+        terms += [(m.delta[..., None] * xj, D if pj is None else pj @ D) for xj, pj in x.terms]
+    if m.routing is not None:  # r * (components) + (1 - r) * (target), r in {0, 1} per example
+        r = m.routing[..., None].astype(coef.dtype)
+        terms = [(c * r, B) for c, B in terms] + [
+            ((1.0 - r) * xj, W if pj is None else pj @ W) for xj, pj in x.terms]
+    return Mapped.sum(terms, bias)  # both routing branches add the bias
+
+
 def _check_site_input(site: Site, x: Array | Mapped) -> None:
     """A site's input must fit its weight: ``[..., d_in]`` floats, or integer ids for an
     embedding; never empty. Concrete (not traced) inputs are also checked for values: finite
     floats, ids in ``[0, vocab)``. A :class:`~spdjax.target.Mapped` input is checked as the
     ``x @ pre`` it stands for (its maps must fit ``d_in`` / ``d_out``)."""
     if isinstance(x, Mapped):
-        pre_out = site.d_in if x.pre is None else x.pre.shape[-1]
+        pre_out = sorted({site.d_in if pre is None else pre.shape[-1] for _, pre in x.terms})
         post_in = site.d_out if x.post is None else x.post.shape[0]
-        if site.kind != "linear" or (pre_out, post_in) != (site.d_in, site.d_out):
+        if site.kind != "linear" or (pre_out, post_in) != ([site.d_in], site.d_out):
             raise ValueError(
                 f"Site {site.name!r} ({site.kind}, {site.d_in} -> {site.d_out}) got a Mapped input "
                 f"whose maps give {pre_out} -> {post_in}: only a linear site takes one, and its "
-                "pre map must end in d_in and its post map start at d_out.")
-        # the values are those of x; its width must be pre's rows (or d_in)
-        return _check_site_input(site if x.pre is None else dataclasses.replace(
-            site, d_in=x.pre.shape[0]), x.x)
+                "pre maps must end in d_in and its post map start at d_out.")
+        if x.factored and x.post is not None:
+            raise ValueError(f"Site {site.name!r}: a Mapped input is either read through a post "
+                             "map or factored, not both.")
+        for xj, pre in x.terms:  # the values are those of x_j; its width must be pre_j's rows
+            _check_site_input(site if pre is None else dataclasses.replace(
+                site, d_in=pre.shape[0]), xj)
+        return
     if x.size == 0:
         raise ValueError(f"Site {site.name!r} got an empty input of shape {tuple(x.shape)}: "
                          "the batch holds no examples.")

@@ -19,6 +19,8 @@ Weights are always in Flax layout: ``W`` has shape ``(d_in, d_out)`` and a linea
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import Any, Callable, Mapping
 
 import jax
@@ -90,33 +92,84 @@ class Site:
 class Mapped:
     """A linear site's input and output in factored form, for less work per step.
 
-    The site's real input is ``x @ pre`` (``pre (d_x, d_in)``; None: ``x`` itself) and its output
-    ``y (..., d_out)`` is only ever read through ``y @ post`` (``post (d_out, d_y)``; None: as
-    it is). A target whose site input is a fixed linear map of something narrower (ResidMLP's
-    first ``mlp_in`` reads the embedding ``x @ W_E``) or whose site output is only read through
-    one (its last ``mlp_out``, through the unembedding) passes ``hooks(name, Mapped(x, pre,
-    post), default)``: every product with the site's weight, components, delta or bias is then
-    folded as ``x @ (pre @ M @ post)``, never materialising the wide ``[..., d_in]`` input or
-    ``[..., d_out]`` output. The same numbers up to float rounding (``tests/test_target.py``).
+    The site's real input is ``x @ pre`` (``pre (d_x, d_in)``; None: ``x`` itself), or for
+    tuples ``x = (x_1, ..., x_k)``, ``pre = (pre_1, ..., pre_k)`` the sum ``Σ_j x_j @ pre_j``
+    (a residual stream kept as the narrow pieces written into it). Its output ``y (..., d_out)``
+    is only ever read through ``y @ post`` (``post (d_out, d_y)``; None: as it is), or, with
+    ``factored=True``, is wanted back factored: a sum-form ``Mapped`` whose terms are the
+    narrow coefficients the site multiplies into its (masked) rows, ``(acts * m) @ U + ...``,
+    for later sites to read through their own weights.
+
+    A target whose site input is a fixed linear map of something narrower (ResidMLP's first
+    ``mlp_in`` reads the embedding ``x @ W_E``), whose site output is only read through one (its
+    last ``mlp_out``, through the unembedding), or whose wide stream is only the sum of narrow
+    writes (its middle residual stream) passes ``hooks(name, Mapped(...), lambda a:
+    a.matmul(W))``: every product with the site's weight, components, delta or bias is then
+    folded as ``x_j @ (pre_j @ M @ post)``, never materialising the wide ``[..., d_in]`` input
+    or ``[..., d_out]`` output. The same numbers up to float rounding
+    (``tests/experiments/test_resid_mlp.py``).
     """
 
-    x: Array
-    pre: Array | None = None
+    x: Array | tuple[Array, ...]
+    pre: Array | None | tuple[Array | None, ...] = None
     post: Array | None = None
+    factored: bool = dataclasses.field(default=False, metadata={"static": True})
+
+    @property
+    def terms(self) -> tuple[tuple[Array, Array | None], ...]:
+        """``((x_j, pre_j), ...)``: the input is ``Σ_j x_j @ pre_j``."""
+        if isinstance(self.x, tuple):
+            return tuple(zip(self.x, self.pre))
+        return ((self.x, self.pre),)
 
     def apply(self, M: Array) -> Array:
-        """``x @ (pre @ M)``: the input through ``M (d_in, k)``."""
-        return jnp.einsum("...i,ic->...c", self.x, M if self.pre is None else self.pre @ M)
+        """``Σ_j x_j @ (pre_j @ M)``: the input through ``M (d_in, k)``."""
+        return _total(jnp.einsum("...i,ic->...c", x, M if pre is None else pre @ M)
+                      for x, pre in self.terms)
 
-    def matmul(self, W: Array) -> Array:
-        """The site's output through ``W (d_in, d_out)`` in the read-out coordinates:
-        ``x @ (pre @ W @ post)`` (a target's default site function)."""
+    def matmul(self, W: Array) -> Array | Mapped:
+        """The site's output through ``W (d_in, d_out)`` as the site gives it (a target's default
+        site function): ``Σ_j x_j @ (pre_j @ W @ post)``, or factored, the terms
+        ``(x_j, pre_j @ W)``."""
+        if self.factored:
+            return Mapped.sum([(x, W if pre is None else pre @ W) for x, pre in self.terms])
         return self.apply(W if self.post is None else W @ self.post)
 
     def dense(self) -> Array:
-        """The real input ``x @ pre`` (for what needs it whole: a CI function of the raw input,
-        the hidden-activation reconstruction)."""
-        return self.x if self.pre is None else self.x @ self.pre
+        """The real input ``Σ_j x_j @ pre_j`` (for what needs it whole: a CI function of the
+        raw input, the hidden-activation reconstruction)."""
+        return _total(x if pre is None else x @ pre for x, pre in self.terms)
+
+    @staticmethod
+    def sum(terms, bias: Array | None = None) -> Mapped | Array:
+        """``Σ_j x_j @ pre_j (+ bias)`` from ``[(x_j, pre_j), ...]`` (``pre_j`` None: ``x_j``
+        itself; the bias ``(d,)`` becomes the term ``(ones [..., 1], bias[None])``), kept
+        factored, or as the plain array where the terms are together at least as wide as the
+        sum itself (factoring would then cost more than it saves)."""
+        if bias is not None:
+            x0 = terms[0][0]
+            terms = [*terms, (jnp.ones(x0.shape[:-1] + (1,), x0.dtype), bias[None, :])]
+        xs, pres = zip(*terms)
+        widths = [x.shape[-1] if pre is not None else None for x, pre in terms]
+        if None not in widths and sum(widths) >= terms[0][1].shape[-1]:
+            return Mapped(tuple(xs), tuple(pres)).dense()
+        return Mapped(tuple(xs), tuple(pres))
+
+    def __add__(self, other: Array | Mapped) -> Mapped:
+        """The sum of two inputs (a residual stream plus a site's write), still factored."""
+        if self.post is not None or self.factored or (
+                isinstance(other, Mapped) and (other.post is not None or other.factored)):
+            raise ValueError("Only plain sum-form Mapped values (no post map, not factored) add.")
+        more = other.terms if isinstance(other, Mapped) else ((other, None),)
+        return Mapped.sum(self.terms + more)
+
+    __radd__ = __add__
+
+
+def _total(arrays) -> Array:
+    """The sum of a non-empty iterable of arrays (no ``0 +`` in front: one term is returned
+    as it is)."""
+    return functools.reduce(operator.add, arrays)
 
 
 def dense_input(x: Array | Mapped) -> Array:

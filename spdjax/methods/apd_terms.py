@@ -27,9 +27,10 @@ def site_acts(site: Site, A: Array, B: Array, x: Array | Mapped) -> tuple[Array,
     if site.kind == "embed":
         return jnp.take(A, x, axis=1).transpose(1, 0, 2), B
     if isinstance(x, Mapped):
-        A = A if x.pre is None else jnp.einsum("ji,cim->cjm", x.pre, A)
         B = B if x.post is None else jnp.einsum("cmo,oy->cmy", B, x.post)
-        x = x.x
+        C, d_in, m = A.shape  # x @ (pre @ A_c) for all c at once, as one (d_in, C m) matrix
+        acts = x.apply(A.transpose(1, 0, 2).reshape(d_in, C * m))
+        return acts.reshape(*acts.shape[:-1], C, m), B
     return jnp.einsum("...i,cim->...cm", x, A), B
 
 

@@ -285,3 +285,81 @@ def test_fused_scalar_mlp_gradient_matches_autodiff():
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
     check_grads(scalar_mlp, args, order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def _stream_target(factored: bool, d: int = 40):
+    """x -> r = x P (width d) -> h = relu(r Wa + ba) -> r + (h Wb + bb) -> (that) Wc: with
+    ``factored``, r is Mapped(x, pre=P) and site "b" returns its write factored."""
+    from spdjax.target import Mapped
+
+    def site(a, W, b=0.0):
+        return (a.matmul(W) if isinstance(a, Mapped) else a @ W) + b
+
+    def fn(p, x, hooks):
+        r = Mapped(x, pre=p["P"]) if factored else x @ p["P"]
+        h = jax.nn.relu(hooks("a", r, lambda a: site(a, p["a"]["w"], p["a"]["b"])))
+        r = r + hooks("b", Mapped(h, factored=True) if factored else h,
+                      lambda a: site(a, p["b"]["w"], p["b"]["b"]))
+        return hooks("c", r, lambda a: site(a, p["c"]["w"]))
+
+    shapes = {"a": (d, 8), "b": (8, d), "c": (d, 5)}
+    sites = [spdjax.Site(n, "linear", i, o, spdjax.weight_at((n, "w")),
+                         None if n == "c" else spdjax.weight_at((n, "b")))
+             for n, (i, o) in shapes.items()]
+    ks = iter(jax.random.split(jax.random.key(7), 8))
+    params = {n: {"w": jax.random.normal(next(ks), s) / np.sqrt(s[0]),
+                  "b": 0.1 * jax.random.normal(next(ks), s[1:])} for n, s in shapes.items()}
+    params["P"] = jax.random.normal(next(ks), (6, d))
+    return spdjax.from_function(fn, sites), params
+
+
+def test_a_stream_kept_factored_gives_the_plain_forward_with_bias_delta_and_routing():
+    # Site "b" returns (acts * m) U + m_delta h (W - V U) routed against h W, plus its bias, as
+    # narrow terms that site "c" reads through its own matrices: the same output and gradients.
+    from spdjax.masks import SiteMask
+    x = jax.random.normal(jax.random.key(1), (16, 6))
+    (folded, tp), (plain, _) = _stream_target(True), _stream_target(False)
+    _, inputs = folded.forward(tp, x, {})
+    assert isinstance(inputs["c"], spdjax.Mapped) and len(inputs["c"].terms) == 3
+    ds = [spdjax.decompose(t, {"*": 3}) for t in (folded, plain)]
+    comps = ds[1].init(jax.random.key(0), tp)
+    km, kd, kr = jax.random.split(jax.random.key(2), 3)
+    masks = {n: SiteMask(component=jax.random.uniform(jax.random.fold_in(km, i), (16, 3)),
+                         delta=jax.random.uniform(jax.random.fold_in(kd, i), (16,)),
+                         routing=jax.random.bernoulli(jax.random.fold_in(kr, i), 0.5, (16,)))
+             for i, n in enumerate("abc")}
+    outs = [jax.value_and_grad(lambda c, d=d: jnp.sum(d.forward(tp, c, x, masks) ** 2))(comps)
+            for d in ds]
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), outs[0][1],
+                 outs[1][1])
+    for n in "abc":  # and each site's input, as the plain forward sees it
+        _, got = ds[0].forward(tp, comps, x, masks, with_inputs=True)
+        _, want = ds[1].forward(tp, comps, x, masks, with_inputs=True)
+        np.testing.assert_allclose(spdjax.dense_input(got[n]), want[n], rtol=1e-4, atol=1e-5)
+
+
+def test_mapped_sums_add_read_and_fall_back_to_the_plain_array_when_wide():
+    from spdjax.decomposition import _check_site_input
+    k = iter(jax.random.split(jax.random.key(3), 6))
+    x, P, h, B = (jax.random.normal(next(k), s) for s in ((4, 3), (3, 10), (4, 2), (2, 10)))
+    r = spdjax.Mapped(x, pre=P) + spdjax.Mapped(h, pre=B)
+    M = jax.random.normal(next(k), (10, 5))
+    np.testing.assert_allclose(r.dense(), x @ P + h @ B, rtol=1e-5)
+    np.testing.assert_allclose(r.apply(M), (x @ P + h @ B) @ M, rtol=1e-4, atol=1e-5)
+    y = jnp.ones((4, 10))
+    np.testing.assert_allclose((y + r).dense(), y + x @ P + h @ B, rtol=1e-5)
+    out = spdjax.Mapped(h, factored=True).matmul(B)  # factored: the terms (h, B)
+    assert isinstance(out, spdjax.Mapped) and out.terms[0][0] is h
+    # terms at least as wide as the sum they stand for come back as the plain array
+    wide = spdjax.Mapped.sum([(jnp.ones((4, 8)), jnp.ones((8, 10))), (h, B)], jnp.ones(10))
+    assert not isinstance(wide, spdjax.Mapped)
+    np.testing.assert_allclose(wide, 8.0 + h @ B + 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="Only plain sum-form"):
+        spdjax.Mapped(h, post=B) + r
+    site = spdjax.Site("s", "linear", 10, 5, lambda p: M)
+    _check_site_input(site, r)
+    with pytest.raises(ValueError, match=r"maps give \[7, 10\]"):
+        _check_site_input(site, r + spdjax.Mapped(h, pre=B[:, :7]))
+    with pytest.raises(ValueError, match="either read through a post map or factored"):
+        _check_site_input(site, spdjax.Mapped(x, pre=P, post=jnp.ones((5, 2)), factored=True))

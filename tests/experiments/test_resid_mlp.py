@@ -198,10 +198,11 @@ FOLD_TERMS = [  # (name, options): every term that touches the sites' inputs or 
 ]
 
 
-@pytest.mark.parametrize("n_layers, ci_fn", [(1, "mlp"), (2, "vector_mlp")])
+@pytest.mark.parametrize("n_layers, ci_fn", [(1, "mlp"), (2, "vector_mlp"), (3, "mlp")])
 def test_the_folded_forward_gives_the_plain_forwards_losses_and_gradients(n_layers, ci_fn):
-    # fold=True hands the first mlp_in Mapped(x, pre=W_E) and the last mlp_out Mapped(h,
-    # post=W_E.T): each term's value and gradient must equal the plain forward's (float32).
+    # fold=True hands the first mlp_in Mapped(x, pre=W_E), the last mlp_out Mapped(h,
+    # post=W_E.T) and keeps the residual stream between them as its narrow writes (every other
+    # mlp_out factored): each term's value and gradient must equal the plain forward's (float32).
     cfg = rm.ResidMLPConfig(6, 40, 3, n_layers, batch_size=64)
     params = rm.init_resid_mlp_params(jax.random.key(2), cfg)
     x = _sparse_x(cfg, n=32)
@@ -209,6 +210,7 @@ def test_the_folded_forward_gives_the_plain_forwards_losses_and_gradients(n_laye
     _, inputs = folded.forward(params, x, {})
     assert isinstance(inputs["layers_0/mlp_in"], spdjax.Mapped)
     assert isinstance(inputs[f"layers_{n_layers - 1}/mlp_out"], spdjax.Mapped)
+    assert len(inputs[f"layers_{n_layers - 1}/mlp_in"].terms) == n_layers  # x W_E + the writes
     np.testing.assert_allclose(folded(params, x), plain(params, x), rtol=1e-5, atol=1e-5)
     sites = {"layers_*/mlp_in": 5, "layers_*/mlp_out": 4}
     decomps = [spdjax.decompose(t, sites, ci_fn=ci_fn) for t in (folded, plain)]
@@ -233,7 +235,7 @@ def test_a_mapped_input_that_does_not_fit_its_site_is_an_error():
     site = rm.resid_mlp_target(cfg).sites["layers_0/mlp_in"]
     from spdjax.decomposition import _check_site_input
     _check_site_input(site, spdjax.Mapped(jnp.ones((2, 6)), pre=params["W_E"]))
-    with pytest.raises(ValueError, match="pre map must end in d_in"):
+    with pytest.raises(ValueError, match="pre maps must end in d_in"):
         _check_site_input(site, spdjax.Mapped(jnp.ones((2, 6)), pre=params["W_E"][:, :5]))
     with pytest.raises(ValueError, match=r"expects inputs \[..., 6\]"):
         _check_site_input(site, spdjax.Mapped(jnp.ones((2, 7)), pre=params["W_E"]))

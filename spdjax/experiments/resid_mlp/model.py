@@ -91,31 +91,33 @@ def get_resid_config(name_or_cfg: str | ResidMLPConfig) -> ResidMLPConfig:
 def resid_mlp_target(cfg: ResidMLPConfig, *, fold: bool = True) -> Target:
     """The ResidMLP as a :class:`~spdjax.target.Target`; ``[..., n_features]`` in and out.
 
-    ``fold=True`` (default) passes the first ``mlp_in`` its input as ``Mapped(x, pre=W_E)`` and
-    the last ``mlp_out`` its as ``Mapped(h, post=W_E.T)``: the embedding and unembedding are
-    folded into those sites' weights and components (``x @ (W_E @ V)``, ``(acts * m) @ (U @
-    W_E.T)``), so no product of width ``d_embed`` is left in a 1-layer model (the same numbers
-    up to float rounding; 9.7 -> GFLOP per ResidMLP 1 step, benchmarks/README.md). ``False``:
-    the plain forward (site inputs ``[..., d_embed]``).
+    ``fold=True`` (default) never forms the ``d_embed``-wide residual stream: it is kept as the
+    narrow pieces written into it (:class:`~spdjax.target.Mapped` in sum form: ``x @ W_E + h_0
+    @ W_out_0 + ...``, each ``mlp_out`` but the last returning its output factored), every
+    ``mlp_in`` reads it piece by piece (``x @ (W_E @ V) + (acts_0 * m) @ (U_0 @ V) + ...``), and
+    the last ``mlp_out`` is read only through the unembedding (``Mapped(h, post=W_E.T)``). The
+    same numbers up to float rounding; 9.7 -> 1.8 GFLOP per ResidMLP 1 step, 2 layers
+    benchmarks/README.md. ``False``: the plain forward (site inputs ``[..., d_embed]``).
     """
     act = ACTIVATIONS[cfg.act]
     last = cfg.n_layers - 1
 
+    def through(a, W):  # a @ W (a Mapped value folds W in; a wide sum may come back plain)
+        return a.matmul(W) if isinstance(a, Mapped) else a @ W
+
     def fn(params, x, hooks):
         W_E = params["W_E"]
-        r = x @ W_E if (cfg.n_layers > 1 or not fold) else None
+        r = Mapped(x, pre=W_E) if fold else x @ W_E
         for i in range(cfg.n_layers):
             W_in, W_out = (params[f"layers_{i}"][m]["kernel"] for m in ("mlp_in", "mlp_out"))
             name = f"layers_{i}"
-            if fold and i == 0:
-                h = act(hooks(f"{name}/mlp_in", Mapped(x, pre=W_E), lambda a, W=W_in: a.matmul(W)))
-            else:
-                h = act(hooks(f"{name}/mlp_in", r, lambda a, W=W_in: a @ W))
+            h = act(hooks(f"{name}/mlp_in", r, lambda a, W=W_in: through(a, W)))
             if fold and i == last:  # read only through the unembedding
                 y = hooks(f"{name}/mlp_out", Mapped(h, post=W_E.T),
-                          lambda a, W=W_out: a.matmul(W))
-                return (x @ (W_E @ W_E.T) if r is None else r @ W_E.T) + y
-            r = r + hooks(f"{name}/mlp_out", h, lambda a, W=W_out: a @ W)
+                          lambda a, W=W_out: through(a, W))
+                return through(r, W_E.T) + y
+            h = Mapped(h, factored=True) if fold else h
+            r = r + hooks(f"{name}/mlp_out", h, lambda a, W=W_out: through(a, W))
         return r @ W_E.T
 
     shapes = {"mlp_in": (cfg.d_embed, cfg.d_mlp), "mlp_out": (cfg.d_mlp, cfg.d_embed)}
