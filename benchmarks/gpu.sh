@@ -9,6 +9,7 @@
 #      bfloat16 runs beside stage 3's float32 seeds);
 #   3. the ResidMLP 1-layer seed table, its five seeds as five processes sharing the GPU
 #      (full paper recipe, K = 100 steps per call, float32 "highest").
+# Everything runs with microbatches = 1 (the configs' micro-batching is for CPU caches).
 # Results go to $GPU_RESULTS (default benchmarks/results/gpu), run directories to $GPU_WORKDIR.
 # On the project's lent H100 (python with jax 0.11.2 at /opt/torch/.venv/bin, no ml_collections;
 # nothing can be fetched there) the device call was, carrying .whl (the ml_collections wheel) and
@@ -54,7 +55,7 @@ budgeted python -m spdjax.main --config=configs/tms.py:5-2 --config.steps=100 --
 bench() {  # bench OUT_NAME K CONFIGS [extra JSON overrides]
   local calls=$(( STEPS / $2 > 2 ? STEPS / $2 : 2 ))
   budgeted python -m benchmarks.run --configs="$3" --steps="$calls" --out="$DIR/$1" \
-    --overrides="{\"steps_per_call\": $2${4:+, $4}}" || echo "benchmark $1 failed"
+    --overrides="{\"steps_per_call\": $2, \"microbatches\": 1${4:+, $4}}" || echo "benchmark $1 failed"
 }
 stage 1 steps per call
 bench step_times_k1 1 "$ALL"
@@ -78,11 +79,11 @@ fi
 
 stage 3 ResidMLP 1-layer seeds, in parallel, and seed 0 in bfloat16 beside them
 budgeted python -m benchmarks.reproduce.resid_mlp_seeds --variant=1 --seeds=0 "${SEED_ARGS[@]}" \
-  --set=steps_per_call=100 --set=matmul_precision=bfloat16 --root="$ROOT/bf16" \
+  --set=steps_per_call=100 --set=microbatches=1 --set=matmul_precision=bfloat16 --root="$ROOT/bf16" \
   --out="$DIR/resid_mlp_seeds_bf16" > "$DIR/resid_mlp_bf16.log" 2>&1 &
 for SEED in 0 1 2 3 4; do
   budgeted python -m benchmarks.reproduce.resid_mlp_seeds --variant=1 --seeds="$SEED" "${SEED_ARGS[@]}" \
-    --set=steps_per_call=100 --root="$ROOT" --out="$DIR/resid_mlp_seeds_s$SEED" \
+    --set=steps_per_call=100 --set=microbatches=1 --root="$ROOT" --out="$DIR/resid_mlp_seeds_s$SEED" \
     > "$DIR/resid_mlp_seed$SEED.log" 2>&1 &
 done
 wait
