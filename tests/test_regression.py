@@ -2,7 +2,10 @@
 exactly, on one CPU device (8 fake devices would change reduction orders).
 
 * TMS 5-2 seed 0, the first 300 steps of the paper's 40k-step run (metrics every 100 steps;
-  the fixture holds 2000, of which the first 300 are compared to keep the suite short);
+  the fixture holds 2000, of which the first 300 are compared to keep the suite short); exact
+  until the CI MLPs' GELU became torch's ``x * 0.5 * (1 + erf(x / √2))`` (``jax.nn.gelu`` uses
+  ``erfc``, several times slower on XLA:CPU), which differs in the last bits: now compared to
+  float rounding (3e-6 relative in a loss at step 100);
 * ResidMLP 1 layer (target trained 100 steps, batch 256, 300 SPD steps) and its summary: since
   the ResidMLP target folds its embedding into its first and last sites (``Mapped``, less work
   per step), its products are summed in another order, so its numbers are compared to float
@@ -75,7 +78,8 @@ def _assert_rows_equal(rows, recorded_file, until=None, rtol=0.0):
 
 
 def test_tms_5_2_first_300_steps_are_unchanged(runs):
-    _assert_rows_equal(runs["tms_5-2"]["rows"], "tms_5-2_seed0_first2000.jsonl", TMS_STEPS)
+    _assert_rows_equal(runs["tms_5-2"]["rows"], "tms_5-2_seed0_first2000.jsonl", TMS_STEPS,
+                       rtol=1e-4)
 
 
 def test_resid_mlp_1_run_and_summary_are_unchanged(runs):
