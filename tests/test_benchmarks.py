@@ -177,6 +177,10 @@ def test_apd_vs_spd_draws_one_row_per_run(tmp_path):
     run = spdjax.load(fixture)
     path = apd_vs_spd.plot({"SPD": run, "SPD again": run}, tmp_path / "side.png")
     assert path.exists() and path.stat().st_size > 10_000
+    # the per-feature view that wider models (40-10) get, drawn here on the 5-2 run
+    W = np.asarray(run.target_params["linear1"]["kernel"], np.float64)
+    path = apd_vs_spd.plot_features({"SPD": run, "APD": run}, W, tmp_path / "features.png")
+    assert path.exists() and path.stat().st_size > 10_000
 
 
 def test_the_gpu_script_is_valid_bash_and_names_existing_modules():
