@@ -77,8 +77,6 @@ def _apply_parallel(layers, a):
     return jnp.einsum("...ci,ci->...c", a, last["w"][..., 0]) + last["b"][..., 0]
 
 
-
-
 def _scalar_mlp(h, w1, b1, w2, b2):
     """``r[..., c] = sum_j w2[c, j] GELU(h[..., c] w1[c, j] + b1[c, j]) + b2[c]``."""
     return jnp.einsum("...cj,cj->...c", _gelu(h[..., None] * w1 + b1), w2) + b2

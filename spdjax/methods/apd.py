@@ -38,7 +38,7 @@ from spdjax.decomposition import match_sites
 from spdjax.methods.apd_terms import (act_recon, attributions, batch_topk, faithfulness, site_acts,
                                      lp_weights, schatten, schatten_weighted)
 from spdjax.methods.base import Method
-from spdjax.target import Mapped, Target
+from spdjax.target import Target
 
 Array = jax.Array
 ATTRIBUTIONS = ("target", "apd")
@@ -125,13 +125,9 @@ class APDDecomposition:
         acts, B = site_acts(site, *self.factors(params, name), x)
         if mask is not None:
             acts = acts * mask[..., None]
-        bias = None if site.bias is None else site.bias(target_params)
-        if isinstance(x, Mapped) and x.factored:  # kept as its C * m narrow terms
-            C, m, d_out = B.shape
-            return Mapped.sum([(acts.reshape(*acts.shape[:-2], C * m), B.reshape(C * m, d_out))],
-                              bias)
-        y = jnp.einsum("...cm,cmo->...o", acts, B)
-        return y if bias is None else y + site.out(bias, x)
+        y = jnp.einsum("...cm,cmo->...o", acts, B)  # plain even for a factored input: its
+        # C x rank terms are wider than a residual stream (the forward adds it as one term)
+        return y if site.bias is None else y + site.out(site.bias(target_params), x)
 
     def forward(self, target_params, params, x, masks: Mapping[str, Array | None], *,
                 with_inputs: bool = False):

@@ -298,11 +298,12 @@ def test_torch_fans_init_is_the_references_whole_tensor_rule():
 
 @pytest.mark.parametrize("formulation", ["topk", "lp"])
 def test_apd_on_the_folded_resid_mlp_equals_the_plain_forward(formulation):
-    # The folded ResidMLP (Mapped first mlp_in / last mlp_out): APD's attributions, every loss
-    # value and the gradient are the plain forward's.
+    # The folded ResidMLP (Mapped first mlp_in / last mlp_out, residual stream kept factored):
+    # APD's attributions, every loss value and the gradient are the plain forward's.
     from spdjax.experiments.resid_mlp import model
 
-    cfg = model.ResidMLPConfig(n_features=6, d_embed=40, d_mlp=4, n_layers=1)
+    # 2 layers: layer 0's mlp_out writes into the factored residual stream
+    cfg = model.ResidMLPConfig(n_features=6, d_embed=40, d_mlp=4, n_layers=2)
     tp = model.init_resid_mlp_params(jax.random.key(0), cfg)
     x = model.sample_inputs(cfg, jax.random.key(1), 32)
     ds = [apd.decompose_apd(model.resid_mlp_target(cfg, fold=f), {"layers_0/*": 1}, 5, rank=2)
