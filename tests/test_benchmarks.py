@@ -280,3 +280,32 @@ def test_profile_groups_ops_by_what_they_compute():
     md = profile.to_markdown(p, top=1)
     assert "| matmul | 3.00 | 75% |" in md and "| dot.1 | matmul | `f32[64,16]` | 3.00 |" in md
     assert "erf_fusion" not in md
+
+
+def test_apd_vs_spd_resid_tables_and_draws_every_layer(tmp_path, monkeypatch):
+    """Both methods on one small 2-layer target: a row per method with per-layer numbers, the
+    contributions figure with a strip per layer and method, the scrubbing histogram."""
+    from benchmarks.reproduce import apd_vs_spd_resid
+    from spdjax.training.loop import train_and_evaluate
+
+    monkeypatch.setenv("SPDJAX_CACHE", str(tmp_path / "cache"))
+    small = {"target_recipe.n_features": 12, "target_recipe.d_embed": 24,
+             "target_recipe.d_mlp": 6, "target_steps": 20, "steps": 4, "C": 16,
+             "batch_size": 32, "eval_batch_size": 256, "log_every": 2, "checkpoint_every": 4,
+             "figures": False}
+    for name, extra in (("spd", {"microbatches": 1}), ("apd", {"apd.topk": 2.0})):
+        config = configs.load(f"resid_mlp:2{'+apd' if name == 'apd' else ''}", {**small, **extra})
+        train_and_evaluate(config, tmp_path / name)
+    out = tmp_path / "side"
+    apd_vs_spd_resid.main([f"--spd={tmp_path / 'spd'}", f"--apd={tmp_path / 'apd'}",
+                           f"--out={out}", "--n_examples=64"])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["SPD", "APD"]
+    assert all(len(r["contribution_r_per_layer"]) == len(r["distinct_chosen_per_layer"]) == 2
+               for r in rows)
+    assert "ci_errors" in rows[0] and set(rows[1]["scrub_mean_mse"]) == {
+        "topk", "scrubbed", "anti_scrubbed"}
+    md = out.with_suffix(".md").read_text()
+    assert "\n| SPD | 4 | 16 | " in md and "\n| APD | 4 | 16 | " in md
+    for suffix in ("_contributions.png", "_scrub.png"):
+        assert (tmp_path / f"side{suffix}").stat().st_size > 10_000

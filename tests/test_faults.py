@@ -140,7 +140,10 @@ def test_a_damaged_target_cache_file_is_retrained(tmp_path, caplog):
 
 def test_a_diverging_run_stops_keeps_only_good_checkpoints_and_resumes_on_purpose(tmp_path):
     wd = tmp_path / "run"
-    config = small(lr=3.0, C=20, batch_size=256, steps=300, log_every=10, checkpoint_every=20)
+    # lr 3 reached over a warm-up: the first steps train (the checkpoints it keeps are a state a
+    # smaller lr recovers from), then the run blows up (at step 40 here)
+    config = small(lr=3.0, lr_warmup_frac=0.3, C=20, batch_size=256, steps=300, log_every=10,
+                   checkpoint_every=20)
     with pytest.raises(loop.DivergenceError, match=r"diverged at step \d+: .*loss/") as err:
         finish(config, wd)
     assert "--allow_config_change=lr" in str(err.value)
@@ -160,10 +163,10 @@ def test_a_diverging_run_stops_keeps_only_good_checkpoints_and_resumes_on_purpos
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
     ckpt.close()
     with pytest.raises(ConfigMismatchError, match="--allow_config_change=lr"):
-        loop.setup(small(lr=1e-3, C=20, batch_size=256, steps=300, log_every=10,
-                         checkpoint_every=20), wd)
-    run = loop.setup(small(lr=1e-3, C=20, batch_size=256, steps=300, log_every=10,
-                           checkpoint_every=20), wd, allow_changes=("lr",))
+        loop.setup(small(lr=1e-3, lr_warmup_frac=0.3, C=20, batch_size=256, steps=300,
+                         log_every=10, checkpoint_every=20), wd)
+    run = loop.setup(small(lr=1e-3, lr_warmup_frac=0.3, C=20, batch_size=256, steps=300,
+                           log_every=10, checkpoint_every=20), wd, allow_changes=("lr",))
     assert run.step == steps[-1]
     loop.train(run, run.step + 20)  # trains on from the good checkpoint with the smaller lr
     loop.close(run)

@@ -32,29 +32,38 @@ from spdjax.experiments.resid_mlp.plots import _neuron_strip
 
 def method_row(run) -> dict:
     ev = run.evaluate()
+    chosen = ev["distinct_chosen_subcomponents"]
     row = {"method": run.method.name.upper(), "workdir": str(run.workdir), "steps": run.step,
            "C": run.config.C, "contribution_r": ev["contribution_r"]["all"],
-           "distinct_chosen_in_layer0": ev["distinct_chosen_subcomponents"]["layers_0"]}
+           "contribution_r_per_layer": [v for k, v in sorted(ev["contribution_r"].items())
+                                        if k != "all"],
+           "distinct_chosen_per_layer": [chosen[k] for k in sorted(chosen)]}
     if "ci_errors" in ev:
         row["ci_errors"] = ev["ci_errors"]
     return row
 
 
 def plot_contributions(runs: dict, path: pathlib.Path, n_features: int = 10) -> pathlib.Path:
-    """Target, SPD and APD neuron contributions (layer 0) of the first ``n_features``."""
+    """Per layer: the target's and each method's neuron contributions of the first
+    ``n_features`` features (one strip each)."""
     first = next(iter(runs.values()))
     cfg = first.experiment.model_config
-    per = {label: contributions(r.decomposition, r.params, r.target_params, cfg)[0]
+    per = {label: contributions(r.decomposition, r.params, r.target_params, cfg)
            for label, r in runs.items()}
-    fig = Figure(figsize=(11, 3 * (1 + len(runs))), layout="constrained")
-    axs = fig.subplots(1 + len(runs), 1, sharey=True)
-    target = next(iter(per.values()))["target"][:n_features]
-    _neuron_strip(axs[0], target, [str(i) for i in range(n_features)], 2)
-    axs[0].set_title("Target model: neuron contributions of features 0-9 (layer 0)")
-    for ax, (label, c) in zip(axs[1:], per.items()):
-        _neuron_strip(ax, c["spd"][:n_features], [str(int(i)) for i in c["chosen"][:n_features]],
-                      2)
-        ax.set_title(f"{label}: each feature's chosen W_in (sub)component")
+    rows = 1 + len(runs)
+    fig = Figure(figsize=(11, 3 * rows * cfg.n_layers), layout="constrained")
+    axs = fig.subplots(rows * cfg.n_layers, 1, sharey=True)
+    for layer in range(cfg.n_layers):
+        top = axs[layer * rows:(layer + 1) * rows]
+        target = next(iter(per.values()))[layer]["target"][:n_features]
+        _neuron_strip(top[0], target, [str(i) for i in range(n_features)], 2)
+        top[0].set_title(f"Target model: neuron contributions of features 0-{n_features - 1} "
+                         f"(layer {layer})")
+        for ax, (label, c) in zip(top[1:], per.items()):
+            c = c[layer]
+            _neuron_strip(ax, c["spd"][:n_features],
+                          [str(int(i)) for i in c["chosen"][:n_features]], 2)
+            ax.set_title(f"{label}: each feature's chosen W_in (sub)component (layer {layer})")
     return save_figure(fig, path, 150)
 
 
@@ -86,14 +95,17 @@ def main(argv=None):
               "n_examples": int(losses["topk"].size)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    md = ["| method | steps | C | contribution r | distinct W_in choices | CI errors (SPD) "
+    md = ["| method | steps | C | contribution r (per layer) | distinct W_in choices per layer "
+          "| CI errors (SPD) "
           "| top-k MSE | scrubbed MSE | anti-scrubbed MSE |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r.get("scrub_mean_mse", {})
         fmt = {k: f"{v:.2e}" for k, v in s.items()}
         ci = r.get("ci_errors")
+        per_layer = ", ".join(f"{v:.4f}" for v in r["contribution_r_per_layer"])
         md.append(f"| {r['method']} | {r['steps']} | {r['C']} | {r['contribution_r']:.4f} "
-                  f"| {r['distinct_chosen_in_layer0']} | {'' if ci is None else ci['total']} "
+                  f"({per_layer}) | {', '.join(map(str, r['distinct_chosen_per_layer']))} "
+                  f"| {'' if ci is None else ci['total']} "
                   f"| {fmt.get('topk', '')} | {fmt.get('scrubbed', '')} "
                   f"| {fmt.get('anti_scrubbed', '')} |")
     md.append(f"\nMSEs against the target's output, means over {losses['topk'].size} training "
