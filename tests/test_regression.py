@@ -5,7 +5,10 @@ exactly, on one CPU device (8 fake devices would change reduction orders).
   the fixture holds 2000, of which the first 300 are compared to keep the suite short); exact
   until the CI MLPs' GELU became torch's ``x * 0.5 * (1 + erf(x / √2))`` (``jax.nn.gelu`` uses
   ``erfc``, several times slower on XLA:CPU), which differs in the last bits: now compared to
-  float rounding (3e-6 relative in a loss at step 100);
+  float rounding (3e-6 relative in a loss at step 100). XLA:CPU's code also differs between
+  CPUs: on an AVX2-only AMD EPYC (Zen 3) host the rounding grows to 2.2e-4 relative in a loss
+  by step 300 and moves CI-L0 by 1.2e-3 (a few CI values crossing 0.1), so its losses are
+  compared to 1e-3 relative and CI-L0 to 5e-3 absolute (4x the largest seen);
 * ResidMLP 1 layer (target trained 100 steps, batch 256, 300 SPD steps) and its summary: since
   the ResidMLP target folds its embedding into its first and last sites (``Mapped``, less work
   per step), its products are summed in another order, so its numbers are compared to float
@@ -68,19 +71,23 @@ def runs():
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def _assert_rows_equal(rows, recorded_file, until=None, rtol=0.0):
+def _assert_rows_equal(rows, recorded_file, until=None, rtol=0.0, ci_l0_atol=0.0):
+    """Every logged value as recorded, to ``rtol``; a ``ci_l0`` (a mean count of CI values
+    above a threshold) to ``ci_l0_atol``: float rounding moves a few values across it."""
     recorded = [json.loads(line) for line in (FIX / recorded_file).read_text().splitlines()]
     recorded = [r for r in recorded if until is None or r["step"] <= until]
     assert [r["step"] for r in rows] == [r["step"] for r in recorded]
     for new, old in zip(rows, recorded):
         new = {k: v for k, v in new.items() if k not in TIMING}
-        assert new == pytest.approx(old, rel=rtol, abs=0), f"step {old['step']}: " + ", ".join(
+        expected = {k: pytest.approx(v, rel=rtol, abs=ci_l0_atol if k.startswith("ci_l0") else 0)
+                    for k, v in old.items()}
+        assert new == expected, f"step {old['step']}: " + ", ".join(
             f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in old if new.get(k) != old[k])
 
 
 def test_tms_5_2_first_300_steps_are_unchanged(runs):
     _assert_rows_equal(runs["tms_5-2"]["rows"], "tms_5-2_seed0_first2000.jsonl", TMS_STEPS,
-                       rtol=1e-4)
+                       rtol=1e-3, ci_l0_atol=5e-3)
 
 
 def test_resid_mlp_1_run_and_summary_are_unchanged(runs):
