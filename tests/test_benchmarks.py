@@ -282,6 +282,7 @@ def test_profile_groups_ops_by_what_they_compute():
     assert "erf_fusion" not in md
 
 
+@pytest.mark.slow  # ~50-100 s of compiles (SPD and APD, 2 layers); the 1-layer path is the same code
 def test_apd_vs_spd_resid_tables_and_draws_every_layer(tmp_path, monkeypatch):
     """Both methods on one small 2-layer target: a row per method with per-layer numbers, the
     contributions figure with a strip per layer and method, the scrubbing histogram."""

@@ -345,6 +345,7 @@ def test_a_second_ctrl_c_interrupts_at_once(tmp_path):
 
 # ------------------------------------------------------------------ processes on a workdir
 
+@pytest.mark.slow  # ~35-70 s; a killed CLI run resuming is in the default suite (test_cli.py)
 def test_second_process_interrupt_and_resume_with_real_processes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONUNBUFFERED"] = "1"

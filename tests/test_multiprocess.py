@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from spdjax import configs
 from spdjax.training import loop
@@ -51,6 +52,7 @@ def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # ~70-140 s (four 2-process CLI runs); sharding itself: training/test_step.py
 def test_two_processes_train_resume_and_write_once(tmp_path):
     two_processes(tmp_path / "two", ["--config.steps=20"])  # stops at 20 ...
     outs = two_processes(tmp_path / "two", ["--allow_config_change=steps"])  # ... resumes to 40

@@ -33,6 +33,7 @@ def test_tms_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.slow  # ~40-70 s; the TMS quickstart notebook runs in the default suite
 def test_decompose_your_transformer_notebook_runs(tmp_path, monkeypatch):
     text, images = execute("decompose_your_transformer.ipynb", monkeypatch,
                            SPDJAX_NOTEBOOK_STEPS="20", SPDJAX_NOTEBOOK_TARGET_STEPS="50",

@@ -198,7 +198,8 @@ FOLD_TERMS = [  # (name, options): every term that touches the sites' inputs or 
 ]
 
 
-@pytest.mark.parametrize("n_layers, ci_fn", [(1, "mlp"), (2, "vector_mlp"), (3, "mlp")])
+@pytest.mark.parametrize("n_layers, ci_fn", [(1, "mlp"), (2, "vector_mlp"),
+                                              pytest.param(3, "mlp", marks=pytest.mark.slow)])
 def test_the_folded_forward_gives_the_plain_forwards_losses_and_gradients(n_layers, ci_fn):
     # fold=True hands the first mlp_in Mapped(x, pre=W_E), the last mlp_out Mapped(h,
     # post=W_E.T) and keeps the residual stream between them as its narrow writes (every other
