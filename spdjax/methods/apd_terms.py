@@ -51,21 +51,41 @@ def attributions(d: APDDecomposition, target_params, params, x, *, source: str =
     weights = {n: (d.site(n).weight(target_params) if source == "target"
                    else d.component_weight(params, n)) for n in d.site_names}
 
-    def out_with_probes(probes):
+    def forward(probes, term=None):
+        """The forward (target weights, or the APD model's summed components), each site's
+        output plus ``probes[n]``; ``term = (n, q, B)`` adds ``q @ B`` to factored site n's."""
         def site(n):
             s, bias = d.site(n), d.site(n).bias
             bias = None if bias is None else bias(target_params)
-            return lambda a: (s.apply(s.out(weights[n], a), a) if isinstance(a, Mapped)
-                              else comp_lib.inner_acts(s.kind, weights[n], a)) + (
-                0.0 if bias is None else s.out(bias, a)) + probes[n]
+
+            def fn(a):
+                if isinstance(a, Mapped):  # a factored input's output stays factored
+                    y = a.matmul(weights[n])
+                    if bias is not None:
+                        y = (Mapped.sum(y.terms, bias=bias) if isinstance(y, Mapped)
+                             else y + s.out(bias, a))
+                else:
+                    y = comp_lib.inner_acts(s.kind, weights[n], a)
+                    y = y if bias is None else y + bias
+                if term is not None and term[0] == n:
+                    y = y + Mapped((term[1],), (term[2],))
+                return y if n not in probes else y + probes[n]
+            return fn
         out, inputs = d.target.forward(target_params, x, {n: site(n) for n in d.site_names})
         return out, {n: inputs[n] for n in d.site_names}
 
-    # a probe per site output, in the coordinates it is read in (a Mapped input's post map)
+    # A site whose output is handed back factored (a residual stream kept as narrow writes) is
+    # attributed forward: per component, the directional derivative of the outputs along its
+    # output ``acts_c @ B_c``, kept factored, so the wide gradient [d_L, batch, d_out] is never
+    # formed (ResidMLP 2: layer 0's mlp_out in the 1000-wide stream). Every other site by the
+    # d_L backward passes, with a probe in the coordinates its output is read in (a Mapped
+    # input's post map). Both give sum_o (d out_l / d y_o) (x P_c)_o.
     clean = jax.eval_shape(lambda: d.clean_forward(target_params, x)[1])
+    forward_sites = [n for n in d.site_names if getattr(clean[n], "factored", False)]
     probes = {n: jnp.zeros((x.shape[0], d.site(n).d_out if getattr(clean[n], "post", None) is None
-                            else clean[n].post.shape[-1])) for n in d.site_names}
-    out, vjp, inputs = jax.vjp(out_with_probes, probes, has_aux=True)
+                            else clean[n].post.shape[-1]))
+              for n in d.site_names if n not in forward_sites}
+    out, vjp, inputs = jax.vjp(forward, probes, has_aux=True)
     d_out = out.shape[-1]
     cotangents = jnp.broadcast_to(jnp.eye(d_out)[:, None, :], (d_out, *out.shape))
     grads = jax.vmap(lambda c: vjp(c)[0])(cotangents)  # {site: [d_L, batch, d_out_l]}
@@ -74,6 +94,13 @@ def attributions(d: APDDecomposition, target_params, params, x, *, source: str =
     for n in d.site_names:
         A, B = d.factors(live if differentiable else params, n)
         acts, B = site_acts(d.site(n), A, B, inputs[n])
+        if n in forward_sites:
+            q = jnp.zeros_like(acts[:, 0])
+
+            def along(acts_c, B_c, n=n, q=q):  # [batch, d_L]: d out / d (acts_c @ B_c)
+                return jax.jvp(lambda q: forward({}, (n, q, B_c))[0], (q,), (acts_c,))[1]
+            total = total + jax.vmap(along, in_axes=(1, 0), out_axes=2)(acts, B).transpose(1, 0, 2)
+            continue
         comp_out = jnp.einsum("bcm,cmo->bco", acts, B)
         total = total + jnp.einsum("lbo,bco->lbc", grads[n], comp_out)
     attr = jnp.sum(total**2, axis=0)

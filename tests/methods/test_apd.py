@@ -309,6 +309,9 @@ def test_apd_on_the_folded_resid_mlp_equals_the_plain_forward(formulation):
     ds = [apd.decompose_apd(model.resid_mlp_target(cfg, fold=f), {"layers_0/*": 1}, 5, rank=2)
           for f in (True, False)]
     params = ds[1].init(jax.random.key(2), tp)
+    # layer 0's mlp_out writes factored: attributed forward (a JVP per component), the plain
+    # model's by the backward passes
+    assert jax.eval_shape(lambda: ds[0].clean_forward(tp, x)[1])["layers_0/mlp_out"].factored
     np.testing.assert_allclose(apd.attributions(ds[0], tp, params, x),
                                apd.attributions(ds[1], tp, params, x), rtol=1e-4, atol=1e-9)
     coeffs = {"faithfulness": 1.0, "topk_recon": 1.0, "schatten": 0.5, "act_recon": 1.0,
