@@ -34,10 +34,22 @@ def test_select3_modifier_sets_a_valid_best_of_3_init_and_nothing_else():
 
 
 @pytest.mark.parametrize("arg, named", [("5-3", "'5-3'"), ("5-2+gausian", "+gausian"),
-                                        ("+gaussian", "''"), ("5-2+apd+pgd", "'5-2+apd+pgd'")])
+                                        ("+gaussian", "''"), ("5-2+apd+pgd", "'5-2+apd+pgd'"),
+                                        ("5-2+apd+apd_paper", "'5-2+apd+apd_paper'")])
 def test_unknown_variant_or_modifier_is_named(arg, named):
     with pytest.raises(ValueError, match=re.escape(named)):
         load_config(arg)
+
+
+def test_apd_paper_is_the_apd_papers_40_10_settings_and_5_2_the_codes():
+    code, paper = load_config("40-10+apd"), load_config("40-10-id+apd_paper")
+    assert (code.C, code.apd.topk, code.apd.schatten_coeff) == (40, 2.0, 15.0)
+    assert (paper.C, paper.apd.topk, paper.apd.schatten_coeff, paper.apd.init_fans) == (
+        50, 1.0, 20.0, "torch")
+    same = ("C", "apd")  # everything else as +apd
+    assert {k: v for k, v in paper.items() if k not in same} == {
+        k: v for k, v in load_config("40-10-id+apd").items() if k not in same}
+    assert load_config("5-2+apd_paper").to_dict() == load_config("5-2+apd").to_dict()
 
 
 def test_the_target_recipe_defaults_to_the_reference_and_the_old_one_is_selectable(tmp_path):
