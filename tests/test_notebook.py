@@ -29,8 +29,10 @@ def test_tms_quickstart_notebook_runs(tmp_path, monkeypatch):
                            SPDJAX_NOTEBOOK_WORKDIR=str(tmp_path / "run"))
     assert "MMCS = " in text and "ML2R = " in text
     assert "params of" in text and "at step 100" in text  # the finished run reopened by spdjax.load
-    assert len(images) == 2
+    assert "SPD: MMCS" in text and "APD: MMCS" in text  # the same target decomposed by APD
+    assert len(images) == 3
     assert (tmp_path / "run" / "summary.json").exists()
+    assert (tmp_path / "run_apd" / "summary.json").exists()
 
 
 @pytest.mark.slow  # ~40-70 s; the TMS quickstart notebook runs in the default suite
