@@ -282,6 +282,22 @@ def test_profile_groups_ops_by_what_they_compute():
     assert "erf_fusion" not in md
 
 
+def test_contribution_norm_ratio_is_residmlps_ml2r():
+    """Each (feature, layer) row's norm over the target's; rows with a ~zero target are left out."""
+    from benchmarks.reproduce.apd_vs_spd_resid import contribution_norm_ratio
+
+    rng = np.random.default_rng(0)
+    t0, t1 = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    t1[2] = 1e-6  # a feature this layer does not compute: no ratio
+    scale0, scale1 = np.array([1.0, 0.9, 0.8, 0.7]), np.array([0.5, 1.0, 123.0, 1.0])
+    out = contribution_norm_ratio({0: {"target": t0, "spd": -t0 * scale0[:, None]},
+                                   1: {"target": t1, "spd": t1 * scale1[:, None]}})
+    expected = np.array([1.0, 0.9, 0.8, 0.7, 0.5, 1.0, 1.0])
+    assert out["n"] == 7
+    np.testing.assert_allclose([out["mean"], out["std"], out["median"]],
+                               [expected.mean(), expected.std(), np.median(expected)], rtol=1e-6)
+
+
 @pytest.mark.slow  # ~50-100 s of compiles (SPD and APD, 2 layers); the 1-layer path is the same code
 def test_apd_vs_spd_resid_tables_and_draws_every_layer(tmp_path, monkeypatch):
     """Both methods on one small 2-layer target: a row per method with per-layer numbers, the
@@ -304,6 +320,7 @@ def test_apd_vs_spd_resid_tables_and_draws_every_layer(tmp_path, monkeypatch):
     assert [r["method"] for r in rows] == ["SPD", "APD"]
     assert all(len(r["contribution_r_per_layer"]) == len(r["distinct_chosen_per_layer"]) == 2
                for r in rows)
+    assert all(r["contribution_norm_ratio"]["n"] > 0 for r in rows)
     assert "ci_errors" in rows[0] and set(rows[1]["scrub_mean_mse"]) == {
         "topk", "scrubbed", "anti_scrubbed"}
     md = out.with_suffix(".md").read_text()

@@ -4,7 +4,9 @@ contributions of both next to the target's, and APD's scrubbed / anti-scrubbed a
     python -m benchmarks.reproduce.apd_vs_spd_resid --spd=workdir/resid_mlp_seeds/1_seed0 \\
         --apd=workdir/apd_resid_mlp_1 --out=benchmarks/results/apd_vs_spd_resid_mlp_1
 
-Per method: the neuron-contribution correlation with the target (pooled r), how many distinct
+Per method: the neuron-contribution correlation with the target (pooled r), the contribution
+norm ratio (each feature's chosen piece against the target, ResidMLP's ML2R: shrinkage shows
+as a ratio below 1), how many distinct
 components / subcomponents the features choose in ``W_in`` (the paper's 1-layer solution: one
 per feature, 100), and for SPD its CI errors (identity on ``mlp_in``, dense on ``mlp_out``).
 For APD, :mod:`spdjax.experiments.resid_mlp.scrubbing` on 2000 training inputs: the mean MSE
@@ -30,11 +32,27 @@ from spdjax.experiments.resid_mlp.evaluation import contributions
 from spdjax.experiments.resid_mlp.plots import _neuron_strip
 
 
+def contribution_norm_ratio(per_layer: dict) -> dict:
+    """ResidMLP's ML2R: per feature and layer, the norm of the chosen piece's neuron contributions
+    over the target's (below 1: the piece is shrunk). Mean, std and median over the (feature,
+    layer) rows whose target norm is at least 1% of the largest (a near-zero row has no ratio)."""
+    t = np.concatenate([np.asarray(c["target"]) for c in per_layer.values()])
+    m = np.concatenate([np.asarray(c["spd"]) for c in per_layer.values()])
+    t_norm, m_norm = np.linalg.norm(t, axis=1), np.linalg.norm(m, axis=1)
+    keep = t_norm >= 0.01 * t_norm.max()
+    ratio = m_norm[keep] / t_norm[keep]
+    return {"mean": float(ratio.mean()), "std": float(ratio.std()),
+            "median": float(np.median(ratio)), "n": int(keep.sum())}
+
+
 def method_row(run) -> dict:
     ev = run.evaluate()
     chosen = ev["distinct_chosen_subcomponents"]
+    per_layer = contributions(run.decomposition, run.params, run.target_params,
+                              run.experiment.model_config)
     row = {"method": run.method.name.upper(), "workdir": str(run.workdir), "steps": run.step,
            "C": run.config.C, "contribution_r": ev["contribution_r"]["all"],
+           "contribution_norm_ratio": contribution_norm_ratio(per_layer),
            "contribution_r_per_layer": [v for k, v in sorted(ev["contribution_r"].items())
                                         if k != "all"],
            "distinct_chosen_per_layer": [chosen[k] for k in sorted(chosen)]}
@@ -95,16 +113,19 @@ def main(argv=None):
               "n_examples": int(losses["topk"].size)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    md = ["| method | steps | C | contribution r (per layer) | distinct W_in choices per layer "
-          "| CI errors (SPD) "
-          "| top-k MSE | scrubbed MSE | anti-scrubbed MSE |", "|---|---|---|---|---|---|---|---|---|"]
+    md = ["| method | steps | C | contribution r (per layer) | contribution norm ratio "
+          "(mean ± std; median) | distinct W_in choices per layer | CI errors (SPD) "
+          "| top-k MSE | scrubbed MSE | anti-scrubbed MSE |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r.get("scrub_mean_mse", {})
         fmt = {k: f"{v:.2e}" for k, v in s.items()}
         ci = r.get("ci_errors")
         per_layer = ", ".join(f"{v:.4f}" for v in r["contribution_r_per_layer"])
+        nr = r["contribution_norm_ratio"]
         md.append(f"| {r['method']} | {r['steps']} | {r['C']} | {r['contribution_r']:.4f} "
-                  f"({per_layer}) | {', '.join(map(str, r['distinct_chosen_per_layer']))} "
+                  f"({per_layer}) | {nr['mean']:.3f} ± {nr['std']:.3f}; {nr['median']:.3f} "
+                  f"| {', '.join(map(str, r['distinct_chosen_per_layer']))} "
                   f"| {'' if ci is None else ci['total']} "
                   f"| {fmt.get('topk', '')} | {fmt.get('scrubbed', '')} "
                   f"| {fmt.get('anti_scrubbed', '')} |")
