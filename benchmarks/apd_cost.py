@@ -60,7 +60,8 @@ def to_markdown(rows: list[dict], info: dict) -> str:
         lines.append(
             f"| {name} | {C} | {batch} | {1e3 * s['s_per_step']:.1f} | {1e3 * a['s_per_step']:.1f} "
             f"| {a['s_per_step'] / s['s_per_step']:.1f}x | {s['flops_per_step'] / 1e9:.2f} "
-            f"| {a['flops_per_step'] / 1e9:.2f} | {s['xla_temp_mib']:.0f} | {a['xla_temp_mib']:.0f} "
+            f"| {a['flops_per_step'] / 1e9:.2f} | {s['xla_temp_mib']:.0f} "
+            f"| {a['xla_temp_mib']:.0f} "
             f"| {s['peak_rss_mib']:.0f} | {a['peak_rss_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 

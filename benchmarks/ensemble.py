@@ -15,6 +15,7 @@ import pathlib
 import time
 
 from benchmarks.run import ROOT, write_results
+import spdjax
 
 WARM = 10
 
@@ -22,13 +23,13 @@ WARM = 10
 def timed(name: str, steps: int, overrides: dict) -> tuple[float, float]:
     """(s/step after the warm-up, warm-up s incl. compilation) of ``name`` with ``overrides``: a
     single run, or an ensemble when they ask for one."""
-    from spdjax import configs
+    from spdjax.config import files as configs
     from spdjax.training import ensemble, loop
 
     config = configs.load(name, {**overrides, "steps": WARM + steps, "log_every": WARM,
                                  "figures": False})
     is_ensemble = config.ensemble > 1
-    run = ensemble.setup(config) if is_ensemble else loop.setup(config)
+    run = spdjax.setup_ensemble(config) if is_ensemble else spdjax.setup(config)
     train = ensemble.train if is_ensemble else loop.train
     t = time.perf_counter()
     train(run, WARM)
@@ -41,11 +42,13 @@ def timed(name: str, steps: int, overrides: dict) -> tuple[float, float]:
 def to_markdown(rows: list[dict], info: dict) -> str:
     lines = [f"Machine: {info['device']}, {info['cpu_count']} cores; jax {info['jax']}; commit "
              f"{info['commit']}; {info['date']}", "",
-             "| config | mode | members | one program: ms/step (all members) | one after another: ms/step "
-             "(sum of members) | speed-up | compile s (program / each run) |",
+             "| config | mode | members | one program: ms/step (all members) "
+             "| one after another: ms/step (sum of members) | speed-up "
+             "| compile s (program / each run) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['mode']} | {r['members']} | {1e3 * r['ensemble_s_per_step']:.1f} "
+        lines.append(f"| {r['config']} | {r['mode']} | {r['members']} "
+                     f"| {1e3 * r['ensemble_s_per_step']:.1f} "
                      f"| {1e3 * r['sequential_s_per_step']:.1f} | {r['speedup']:.2f}x "
                      f"| {r['ensemble_compile_s']:.1f} / {r['single_compile_s']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@
 # Results go to $GPU_RESULTS (default benchmarks/results/gpu), run directories to $GPU_WORKDIR.
 # On the project's lent H100 (python with jax 0.11.2 at /opt/torch/.venv/bin, no ml_collections;
 # nothing can be fetched there) the device call was, carrying .whl (the ml_collections wheel) and
-# .gpucache (targets trained here: SPDJAX_CACHE=.gpucache python -c "...loop.setup(config)"):
+# .gpucache (targets trained here: SPDJAX_CACHE=.gpucache python -c "...spdjax.setup(config)"):
 #   export PATH=/opt/torch/.venv/bin:$PATH SPDJAX_CACHE=$PWD/.gpucache GPU_RESULTS=/tmp/res
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/ml_collections-*.whl
 #   export PYTHONPATH=/tmp/site:$PWD; bash benchmarks/gpu.sh 2>&1 | tee $OUT/log.txt

@@ -29,6 +29,7 @@ import re
 import tempfile
 
 from benchmarks.run import ROOT
+import spdjax
 
 TRANSCENDENTAL = ("erf", "exponential", "log", "tanh", "power", "sqrt", "rsqrt", "logistic",
                   "sine", "cosine", "exponential-minus-one", "log-plus-one")
@@ -96,11 +97,11 @@ def op_groups(hlo: str) -> dict[str, tuple[str, str]]:
 def profile(name: str, steps: int) -> dict:
     import jax
 
-    from spdjax import configs
+    from spdjax.config import files as configs
     from spdjax.training import loop
 
     config = configs.load(name, {"figures": False})
-    run = loop.setup(config)
+    run = spdjax.setup(config)
     step, state, tp = run.step_fn, run.state, run.target_params
     key = jax.random.key(1)
     groups = op_groups(step.lower(state, tp, key).compile().as_text())

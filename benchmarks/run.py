@@ -1,6 +1,6 @@
 """Step-time benchmark of the full SPD training step, per config, in a fresh process each.
 
-    python -m benchmarks.run                      # TMS + ResidMLP configs, writes benchmarks/results/
+    python -m benchmarks.run                    # TMS + ResidMLP configs, writes benchmarks/results/
     python -m benchmarks.run --configs=tms:5-2 --steps=300
 
 Per config: steady-state seconds/step of the jitted train step (compile excluded, reported
@@ -20,6 +20,7 @@ import resource
 import subprocess
 import sys
 import time
+import spdjax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The PyTorch reference's *training step alone* on this machine kind (2 CPU cores, torch CPU, its
@@ -75,7 +76,7 @@ def measure(name: str, steps: int, overrides: dict) -> dict:
     """Times the real train step of ``name`` (run inside a child process)."""
     import jax
 
-    from spdjax import configs
+    from spdjax.config import files as configs
     from spdjax.training import loop
 
     overrides = dict(overrides)
@@ -84,7 +85,7 @@ def measure(name: str, steps: int, overrides: dict) -> dict:
     if losses is not None:
         with config.unlocked():
             config.losses = losses
-    run = loop.setup(config)  # the CLI's experiment, method, state and jitted step, in memory
+    run = spdjax.setup(config)  # the CLI's experiment, method, state and jitted step, in memory
     step, state, target_params = run.step_fn, run.state, run.target_params
     key = jax.random.key(1)
     t = time.perf_counter()

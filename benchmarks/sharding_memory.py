@@ -1,6 +1,6 @@
 """Memory per device against the model axis, on 8 fake CPU devices (or the real ones).
 
-    python -m benchmarks.sharding_memory                     # C = 1024, writes results/sharding_memory.*
+    python -m benchmarks.sharding_memory            # C = 1024, writes results/sharding_memory.*
     python -m benchmarks.sharding_memory --C=4096
 
 A tied autoencoder 64 -> 256 -> 64 (sites ``w`` and ``w#2``, aliased ties) decomposed with C per

@@ -1,6 +1,6 @@
 """What each training term costs: step time of TMS 5-2 and ResidMLP 1 with different loss sets.
 
-    python -m benchmarks.term_costs                       # -> benchmarks/results/term_costs.{json,md}
+    python -m benchmarks.term_costs                     # -> benchmarks/results/term_costs.{json,md}
     python -m benchmarks.term_costs --configs=tms:5-2 --steps=100
 
 Each loss set is timed by ``benchmarks.run`` (the real jitted train step, compile excluded, in a
@@ -48,7 +48,8 @@ def loss_sets(imp: dict) -> dict[str, dict]:
 def to_markdown(rows: list[dict], info: dict) -> str:
     lines = [f"Machine: {info['device']}, {info['cpu_count']} cores; jax {info['jax']}; commit "
              f"{info['commit']}; {info['date']}", "",
-             "| config | loss set | ms/step | x paper recipe | GFLOP/step |", "|---|---|---|---|---|"]
+             "| config | loss set | ms/step | x paper recipe | GFLOP/step |",
+             "|---|---|---|---|---|"]
     base = {}
     for r in rows:
         base.setdefault(r["config"], r["s_per_step"])

@@ -1,9 +1,10 @@
 """SPD on transformers: the induction-head toy (``ih``, default) and a small byte-level LM.
 
-Targets are trained by our own command (``python -m spdjax.lm --variant=ih``; also trained and
-cached by the first run below). Every site is found by tracing the model (spdjax/tracing.py):
-``ih`` decomposes all 8 attention projections (``blocks_<i>/attn/{q,k,v,out}``, 16 x 16, C 32
-each); ``bytes`` also the MLPs (``blocks_<i>/mlp_in``, ``mlp_out``; C 96 each, ranks <= 64).
+Targets are trained by our own command (``python -m spdjax.cli.target --family=lm --variant=ih``;
+also trained and cached by the first run below). Every site is found by tracing the model
+(spdjax/core/tracing.py): ``ih`` decomposes all 8 attention projections
+(``blocks_<i>/attn/{q,k,v,out}``, 16 x 16, C 32 each); ``bytes`` also the MLPs
+(``blocks_<i>/mlp_in``, ``mlp_out``; C 96 each, ranks <= 64).
 The output divergence is KL(target || masked) over the vocabulary at every position (the
 reference's choice for LMs, spec 3.0).
 
@@ -15,7 +16,7 @@ position; top_contexts.html for the byte LM). Numbers and timings: RESULTS.md. S
 spdjax/configs.py.
 """
 
-from spdjax.configs import base_config
+from spdjax.config import base_config
 
 # variant -> (C, steps, batch, lr, importance-minimality coeff, p, CI function, hidden width)
 # ih: per-subcomponent CI MLPs on inner activations (the paper's); bytes: one MLP per site from

@@ -21,7 +21,7 @@ W_out one dense block of 50 subcomponents, neuron-contribution correlation >= 0.
 fields: spdjax/configs.py.
 """
 
-from spdjax.configs import base_config, later_reference
+from spdjax.config import base_config, later_reference
 
 # variant -> (C, steps, lr, importance-minimality coeff, CI hidden width, micro-batches)
 # 2 layers: the paper-branch config's 2e-5 (the paper's text says 1e-5); 3 layers: the config's
@@ -101,7 +101,8 @@ _APD = {"1": (130, (1.0, 1.0, 10.0), True), "2": (200, (1.0, 2.0, 7.0), False)}
 
 def _apd(variant: str):
     if variant not in _APD:
-        raise ValueError(f"ResidMLP +apd has the reference's 1- and 2-layer configs; got {variant!r}.")
+        raise ValueError(f"ResidMLP +apd has the reference's 1- and 2-layer configs; "
+                         f"got {variant!r}.")
     C, (faith, recon, simp), unit_norm = _APD[variant]
     c = get_config(variant)
     c.method, c.C, c.steps, c.batch_size = "apd", C, 10_000, 256

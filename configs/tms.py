@@ -16,7 +16,8 @@ layerwise recon with the delta component and no faithfulness term, hidden-activa
 20, and the reference's whole-tensor init fans; 5-2: the same as ``+apd``), with which 40-10 seeds
 1 and 2 reproduce the APD paper's MMCS 0.996 / ML2R 0.935 (RESULTS.md, "APD on TMS").
 Append ``+pgd`` to add the later reference's subset-routed PGD recon (1 step of size 1, random
-sources shared across the batch; with the delta component under ``+head``), e.g. ``5-2-id+head+pgd``.
+sources shared across the batch; with the delta component under ``+head``), e.g.
+``5-2-id+head+pgd``.
 
     python -m spdjax.main --config=configs/tms.py --workdir=workdir/tms_5-2
     python -m spdjax.main --config=configs/tms.py:40-10-id --config.steps=2000 --workdir=/tmp/x
@@ -25,7 +26,7 @@ Expected (see RESULTS.md): MMCS 1.000, ML2R ~0.99-1.03; the 40k-step 5-2 run tak
 CPU cores (the exact time is recorded in RESULTS.md). Shared fields: spdjax/configs.py.
 """
 
-from spdjax.configs import base_config, later_reference
+from spdjax.config import base_config, later_reference
 
 # variant -> (C, importance-minimality coeff, p, gradient micro-batches on CPU)
 _VARIANTS = {

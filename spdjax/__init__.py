@@ -8,18 +8,24 @@ Library use in three lines::
 
 then build ``ctx = spdjax.make_context(decomp, target_params, params, batch)`` inside your loss and
 compose the pure loss functions of :mod:`spdjax.losses` (or bind them with :func:`term`). Runs
-from configs: :func:`setup` / :func:`train` / :func:`evaluate` (:mod:`spdjax.training.loop`);
-finished runs: :func:`load`.
+from configs: :func:`setup` / :func:`train` / :func:`evaluate` (names resolved by
+:mod:`spdjax.config.runs`; values taken by :mod:`spdjax.training.loop`); a model of your own
+gets the managed run through a :class:`Family`; finished runs: :func:`load`.
+
+The layers, bottom to top (an upward import fails CI): :mod:`spdjax.core` -> :mod:`spdjax.losses`
+-> :mod:`spdjax.methods` -> :mod:`spdjax.analysis` -> :mod:`spdjax.training` ->
+:mod:`spdjax.families` -> :mod:`spdjax.config` -> :mod:`spdjax.cli`.
 """
 
-from spdjax import configs
-from spdjax.adapters import from_linen, from_nnx
-from spdjax.tracing import from_jax
-from spdjax.analysis.load import LoadedRun, load
-from spdjax.ci import CI_FUNCTIONS, MLP, SharedMLP, VectorMLP
-from spdjax.components import COMPONENT_INITS, init_gaussian, init_paper
-from spdjax.data import sparse_features
-from spdjax.decomposition import CausalImportance, Decomposition, ci_l0, decompose, match_sites
+from spdjax import config
+from spdjax import config as configs  # also spdjax.configs: scripts call spdjax.configs.load
+from spdjax.core.adapters import from_linen, from_nnx
+from spdjax.core.tracing import from_jax
+from spdjax.config.runs import LoadedRun, load, setup, setup_ensemble, train_and_evaluate
+from spdjax.core.ci import CI_FUNCTIONS, MLP, SharedMLP, VectorMLP
+from spdjax.core.components import COMPONENT_INITS, init_gaussian, init_paper
+from spdjax.core.data import sparse_features
+from spdjax.core.decomposition import CausalImportance, Decomposition, ci_l0, decompose, match_sites
 from spdjax.losses import (
     LOSSES,
     Context,
@@ -42,19 +48,22 @@ from spdjax.losses import (
     total_loss,
     unmasked_recon,
 )
-from spdjax.masks import SAMPLERS, SiteMask, sample_masks
-from spdjax.routing import ROUTERS, static_probability
-from spdjax.methods import METHODS, Method
+from spdjax.core.masks import SAMPLERS, SiteMask, sample_masks
+from spdjax.core.routing import ROUTERS, static_probability
+from spdjax.methods import METHODS, DecompositionView, Method, MethodSpec
 from spdjax.methods.spd import make_optimizer
 from spdjax.methods.spd import method as spd_method
 from spdjax.methods.spd import objective as spd_objective
-from spdjax.sigmoids import SIGMOIDS, SigmoidPair
-from spdjax.target import Mapped, Site, SiteHooks, Target, dense_input, from_function, weight_at
-from spdjax.training.loop import Run, close, evaluate, setup, train, train_and_evaluate
+from spdjax.core.sigmoids import SIGMOIDS, SigmoidPair
+from spdjax.core.target import Mapped, Site, SiteHooks, Target, dense_input, from_function, weight_at
+from spdjax.training.family import FAMILIES, Experiment, Family
+from spdjax.training.loop import Run, close, evaluate, plot, train
 from spdjax.training.sharding import make_mesh, shard_params
 from spdjax.training.step import TrainState, init_train_state, make_train_step
 
 __all__ = [
+    "DecompositionView", "Experiment", "FAMILIES", "Family", "MethodSpec", "config", "plot",
+    "setup_ensemble",
     "CI_FUNCTIONS", "COMPONENT_INITS", "CausalImportance", "Context", "Decomposition", "LOSSES",
     "LoadedRun", "METHODS", "MLP", "Method", "Run", "SAMPLERS", "SIGMOIDS", "SharedMLP",
     "Mapped", "SigmoidPair", "Site", "SiteHooks", "Target", "Term", "dense_input", "TrainState", "VectorMLP", "ci_l0",

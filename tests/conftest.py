@@ -9,8 +9,9 @@ import shutil
 import tempfile
 
 # One target cache for the whole session, seeded with the TMS 5-2 and 5-2-id targets that the
-# regression fixtures recorded (what `python -m spdjax.tms` trains for seed 0), so that no test
-# pays for the paper's 10k-step recipe x several seeds; other targets are trained once.
+# regression fixtures recorded (what `python -m spdjax.cli.target --family=tms` trains for seed 0),
+# so that no test pays for the paper's 10k-step recipe x several seeds; other targets are trained
+# once.
 # pytest-xdist workers inherit the cache the controller made (targets are written atomically, so
 # two workers training the same one is safe).
 if not (os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("SPDJAX_TEST_CACHE_SHARED")):

@@ -6,7 +6,7 @@ import numpy as np
 from scipy.special import erf
 
 import spdjax
-from spdjax.target import Site, weight_at
+from spdjax.core.target import Site, weight_at
 
 
 def two_site_target(d_in=3, d_hidden=4, d_out=2, seed=0):

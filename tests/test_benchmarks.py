@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from benchmarks.reproduce import tms_seed_probe, tms_table1
-from spdjax import configs
+import spdjax
+from spdjax.config import files as configs
 from spdjax.training import loop
 
 
 def test_seed_probe_mixes_init_streams_and_reports():
     config = configs.load("tms:5-2")
-    run = loop.setup(config)
+    run = spdjax.setup(config)
     out = tms_seed_probe.probe(run, 2, 0, 1, steps=20)
     assert (out["comp_seed"], out["ci_seed"], out["train_seed"], out["steps"]) == (2, 0, 1, 20)
     assert out["loss_block_steps"] == 2 and len(out["loss_blocks"]) == 10
@@ -69,7 +70,8 @@ def test_table1_reuses_recorded_runs_without_training(tmp_path, capsys):
     assert tms_table1.recorded_run(table, "5-2", 4, [], None, recipe) is None  # other overrides
     assert tms_table1.recorded_run(table, "5-2-id", 3, [], None, recipe) is None  # old target
     assert tms_table1.recorded_run(table, "5-2-id", 3, [], None, {"double_update": False}) == old
-    tms_table1.main(["--variants=5-2", "--seeds=3", f"--root={tmp_path}", f"--out={tmp_path / 't'}"])
+    tms_table1.main(["--variants=5-2", "--seeds=3", f"--root={tmp_path}",
+                     f"--out={tmp_path / 't'}"])
     assert "5-2 seed 3: reusing the run recorded" in capsys.readouterr().out
     assert json.loads((tmp_path / "t.json").read_text())["5-2"]["runs"] == [run]
     assert "| TMS 5-2 | 1 | 40000 | 0.9999 ± 0.0000 |" in (tmp_path / "t.md").read_text()
@@ -151,7 +153,7 @@ def test_term_cost_loss_sets_are_valid_and_tabulate():
 
 def test_apd_cost_grid_is_valid_configs_and_pairs_the_methods():
     from benchmarks import apd_cost
-    from spdjax.training.validation import validate
+    from spdjax.config.runs import validate
 
     for name, Cs, batches in apd_cost.GRIDS["full"]:
         for spec in (name, name + "+apd"):
@@ -163,7 +165,8 @@ def test_apd_cost_grid_is_valid_configs_and_pairs_the_methods():
             {**row, "config": "resid_mlp:1+apd", "method": "APD", "s_per_step": 0.3,
              "xla_temp_mib": 300.0}]
     info = {"device": "cpu", "cpu_count": 2, "jax": "x", "commit": "c", "date": "d"}
-    expected = "| resid_mlp:1 | 100 | 256 | 20.0 | 300.0 | 15.0x | 2.00 | 2.00 | 10 | 300 | 900 | 900 |"
+    expected = ("| resid_mlp:1 | 100 | 256 | 20.0 | 300.0 | 15.0x | 2.00 | 2.00 | 10 | 300 "
+                "| 900 | 900 |")
     assert expected in apd_cost.to_markdown(rows, info)
 
 
@@ -197,13 +200,13 @@ def test_the_gpu_script_is_valid_bash_and_names_existing_modules():
 
 def test_lm_scaling_grid_is_valid_configs_and_tabulates():
     from benchmarks import lm_scaling
-    from spdjax import configs
-    from spdjax.experiments.registry import get_family
+    from spdjax.config import files as configs
+    from spdjax.training.family import FAMILIES
 
     cfgs = set()
     for variant, _, overrides in lm_scaling.GRID:
         config = configs.load(f"lm:{variant}", {"target_steps": 1, **overrides})
-        cfgs.add(get_family("lm").model_config(config))  # a valid target recipe
+        cfgs.add(FAMILIES.get("lm").model_config(config))  # a valid target recipe
     assert len(cfgs) == 7  # 5 ih targets (T 32 / 128, V 512 / 2048, default) + 2 bytes
     row = {"config": "lm:ih", "label": "C 64", "batch_size": 64, "s_per_step": 0.01,
            "steps_per_s": 100.0, "compile_s": 3.0, "xla_temp_mib": 12.0, "peak_rss_mib": 900.0}
@@ -249,7 +252,8 @@ def test_step_time_rows_carry_their_floor_and_the_reference_anchor():
     assert row["floor_s_per_step"] == row["flops_per_step"] / row["matmul_peak_flops"]
     assert row["all_bytes_from_dram_s"] == row["bytes_per_step"] / row["memory_bandwidth"] > 0
     assert row["reference_s_per_step"] == (0.042, 0.054)
-    info = {"device": "cpu", "cpu_count": 2, "platform": "p", "jax": "j", "commit": "c", "date": "d"}
+    info = {"device": "cpu", "cpu_count": 2, "platform": "p", "jax": "j", "commit": "c",
+            "date": "d"}
     line = bench.to_markdown([row], info).splitlines()[-1]
     assert "| 42-54 |" in line and line.count("|") == 17
 
@@ -298,12 +302,12 @@ def test_contribution_norm_ratio_is_residmlps_ml2r():
                                [expected.mean(), expected.std(), np.median(expected)], rtol=1e-6)
 
 
-@pytest.mark.slow  # ~50-100 s of compiles (SPD and APD, 2 layers); the 1-layer path is the same code
+@pytest.mark.slow  # ~50-100 s of compiles (SPD and APD, 2 layers); 1 layer is the same code
 def test_apd_vs_spd_resid_tables_and_draws_every_layer(tmp_path, monkeypatch):
     """Both methods on one small 2-layer target: a row per method with per-layer numbers, the
     contributions figure with a strip per layer and method, the scrubbing histogram."""
     from benchmarks.reproduce import apd_vs_spd_resid
-    from spdjax.training.loop import train_and_evaluate
+    from spdjax.config.runs import train_and_evaluate
 
     monkeypatch.setenv("SPDJAX_CACHE", str(tmp_path / "cache"))
     small = {"target_recipe.n_features": 12, "target_recipe.d_embed": 24,

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from spdjax import configs
+from spdjax.config import files as configs
 
 
 def load_config(arg):
@@ -53,11 +53,11 @@ def test_apd_paper_is_the_apd_papers_40_10_settings_and_5_2_the_codes():
 
 
 def test_the_target_recipe_defaults_to_the_reference_and_the_old_one_is_selectable(tmp_path):
-    from spdjax.experiments.registry import get_family
-    from spdjax.experiments.tms import model as tms
-    from spdjax.training.validation import validate
+    from spdjax.training.family import FAMILIES
+    from spdjax.families.tms import model as tms
+    from spdjax.config.runs import validate
 
-    family = get_family("tms")
+    family = FAMILIES.get("tms")
     default = family.model_config(load_config("5-2"))
     old = family.model_config(configs.load("tms:5-2", {"target_recipe.double_update": False}))
     assert default.double_update and not old.double_update
@@ -97,7 +97,7 @@ def test_the_target_recipe_defaults_to_the_reference_and_the_old_one_is_selectab
                             "stochastic_recon_layerwise"]),
 ])
 def test_the_later_reference_recipes_are_valid_configs(spec, terms):
-    from spdjax.training.validation import validate
+    from spdjax.config.runs import validate
 
     c = configs.load(spec)
     validate(c)
@@ -108,7 +108,7 @@ def test_the_later_reference_recipes_are_valid_configs(spec, terms):
 
 
 def test_eval_losses_take_options_but_no_coeff():
-    from spdjax.training.validation import validate
+    from spdjax.config.runs import validate
 
     c = configs.load("tms:5-2")
     with c.unlocked():
@@ -122,7 +122,7 @@ def test_eval_losses_take_options_but_no_coeff():
 
 
 def test_adversaries_that_share_sources_refuse_microbatches_and_eval_only_use():
-    from spdjax.training.validation import validate
+    from spdjax.config.runs import validate
 
     c = configs.load("resid_mlp:2+head", {"microbatches": 2})
     with pytest.raises(ValueError, match=r"\['pgd_recon_subset'\] share their adversarial"):

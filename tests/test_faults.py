@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 import spdjax
-from spdjax.experiments import target_training
-from spdjax.experiments.tms import evaluation as tms_evaluation
-from spdjax.experiments.tms import model as tms
+from spdjax.training import targets as target_training
+from spdjax.families.tms import evaluation as tms_evaluation
+from spdjax.families.tms import model as tms
 from spdjax.training import loop
 from spdjax.training.checkpoints import Checkpointer
 from spdjax.training.workdir import ConfigMismatchError
@@ -35,11 +35,11 @@ SMALL = {"steps": 30, "C": 6, "batch_size": 64, "eval_batch_size": 256, "log_eve
 
 
 def small(**overrides):
-    return spdjax.configs.load("tms:5-2", {**SMALL, **overrides})
+    return spdjax.config.load("tms:5-2", {**SMALL, **overrides})
 
 
 def finish(config, workdir, **kwargs):
-    run = loop.setup(config, workdir, **kwargs)
+    run = spdjax.setup(config, workdir, **kwargs)
     try:
         loop.train(run)
         return loop.evaluate(run), run.step
@@ -84,7 +84,7 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_used(co
                                                                                 caplog):
     damage(copy / "checkpoints" / "30")
     with caplog.at_level(logging.WARNING, logger="spdjax"):
-        run = loop.setup(small(), copy)
+        run = spdjax.setup(small(), copy)
     assert run.step == 20
     assert any("Checkpoint" in r.message and "damaged" in r.message for r in caplog.records)
     assert [p.name.split("_")[0] for p in (copy / "damaged").iterdir()] == ["30"]
@@ -101,7 +101,7 @@ def test_a_truncated_metrics_line_is_dropped_on_resume(copy, caplog):
     (copy / "metrics.jsonl").write_text(text + '{"step": 35, "loss/to')
     shutil.rmtree(copy / "checkpoints" / "30")  # resume at 20, rewrite the file
     with caplog.at_level(logging.WARNING, logger="spdjax"):
-        run = loop.setup(small(), copy)
+        run = spdjax.setup(small(), copy)
     loop.close(run)
     assert any("damaged" in r.message and "metrics.jsonl" in r.message for r in caplog.records)
     rows = [json.loads(l) for l in (copy / "metrics.jsonl").read_text().splitlines()]
@@ -113,9 +113,9 @@ def test_an_empty_or_missing_config_json_is_repaired_from_the_checkpoint(copy, c
     path = copy / "config.json"
     path.unlink() if content is None else path.write_text(content)
     with pytest.raises(ConfigMismatchError, match=r"lr: 0.001 -> 0.5"):  # still refuses changes
-        loop.setup(small(lr=0.5), copy)
+        spdjax.setup(small(lr=0.5), copy)
     with caplog.at_level(logging.WARNING, logger="spdjax"):
-        run = loop.setup(small(), copy)
+        run = spdjax.setup(small(), copy)
     loop.close(run)
     assert run.step == 30
     assert json.loads(path.read_text())["lr"] == 0.001
@@ -156,16 +156,17 @@ def test_a_diverging_run_stops_keeps_only_good_checkpoints_and_resumes_on_purpos
     # first log step after it; where it falls moves with the last bits of the numerics)
     diverged = int(re.search(r"diverged at step (\d+)", str(err.value)).group(1))
     aside = wd / "metrics_after_last_checkpoint.jsonl"
-    after = [json.loads(l)["step"] for l in aside.read_text().splitlines()] if aside.exists() else []
+    after = ([json.loads(l)["step"] for l in aside.read_text().splitlines()]
+             if aside.exists() else [])
     assert after == list(range(steps[-1] + 10, diverged, 10))
     for step in steps:
         params = ckpt.restore_arrays(step)["params"]
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
     ckpt.close()
     with pytest.raises(ConfigMismatchError, match="--allow_config_change=lr"):
-        loop.setup(small(lr=1e-3, lr_warmup_frac=0.3, C=20, batch_size=256, steps=300,
+        spdjax.setup(small(lr=1e-3, lr_warmup_frac=0.3, C=20, batch_size=256, steps=300,
                          log_every=10, checkpoint_every=20), wd)
-    run = loop.setup(small(lr=1e-3, lr_warmup_frac=0.3, C=20, batch_size=256, steps=300,
+    run = spdjax.setup(small(lr=1e-3, lr_warmup_frac=0.3, C=20, batch_size=256, steps=300,
                            log_every=10, checkpoint_every=20), wd, allow_changes=("lr",))
     assert run.step == steps[-1]
     loop.train(run, run.step + 20)  # trains on from the good checkpoint with the smaller lr
@@ -175,7 +176,7 @@ def test_a_diverging_run_stops_keeps_only_good_checkpoints_and_resumes_on_purpos
 
 
 def test_a_finite_but_exploding_loss_stops_before_it_is_saved(tmp_path):
-    run = loop.setup(small(steps=60), tmp_path / "run")
+    run = spdjax.setup(small(steps=60), tmp_path / "run")
     step_fn = run.step_fn
 
     def exploding(state, target_params, key):  # the loss goes to 1e20x after step 25
@@ -206,7 +207,7 @@ def test_a_finite_but_exploding_loss_stops_before_it_is_saved(tmp_path):
 ])
 def test_every_config_field_is_validated_before_any_work(override, message):
     with pytest.raises(ValueError, match=message):
-        loop.validate(small(**override))
+        spdjax.config.runs.validate(small(**override))
 
 
 def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path):
@@ -290,9 +291,9 @@ def test_a_failed_evaluation_keeps_the_trained_run(tmp_path, monkeypatch):
     def broken(self, *args, **kwargs):
         raise MemoryError("out of memory (simulated)")
 
-    monkeypatch.setattr(spdjax.experiments.registry.Experiment, "evaluate", broken)
+    monkeypatch.setattr(spdjax.training.family.Experiment, "evaluate", broken)
     with pytest.raises(loop.EvaluationError, match="Training finished and is saved"):
-        loop.train_and_evaluate(small(), tmp_path / "run")
+        spdjax.train_and_evaluate(small(), tmp_path / "run")
     monkeypatch.undo()
     assert Checkpointer(tmp_path / "run" / "checkpoints").latest_step() == 30
     summary, step = finish(small(), tmp_path / "run")  # evaluates, no training
@@ -301,7 +302,7 @@ def test_a_failed_evaluation_keeps_the_trained_run(tmp_path, monkeypatch):
 
 def test_a_finished_run_is_extended_on_purpose(copy):
     with pytest.raises(ConfigMismatchError, match="steps: 30 -> 40"):
-        loop.setup(small(steps=40), copy)
+        spdjax.setup(small(steps=40), copy)
     summary, step = finish(small(steps=40), copy, allow_changes=("steps",))
     assert step == 40 and summary["steps"] == 40
     steps = [json.loads(l)["step"] for l in (copy / "metrics.jsonl").read_text().splitlines()]
@@ -311,7 +312,7 @@ def test_a_finished_run_is_extended_on_purpose(copy):
 def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_identically(finished,
                                                                                    tmp_path):
     wd = tmp_path / "run"
-    run = loop.setup(small(), wd)
+    run = spdjax.setup(small(), wd)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when launched in the background with &
 
     def ctrl_c(step, _):
@@ -331,7 +332,7 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_identical
 
 
 def test_a_second_ctrl_c_interrupts_at_once(tmp_path):
-    run = loop.setup(small(), tmp_path / "run")
+    run = spdjax.setup(small(), tmp_path / "run")
 
     def ctrl_c_twice(step, _):
         if step == 3:
@@ -370,14 +371,15 @@ def test_second_process_interrupt_and_resume_with_real_processes(tmp_path):
     out, err = first.communicate(timeout=60)
     assert first.returncode == 130, out + err
     assert "Traceback" not in err and "Traceback" not in out, out + err
-    assert err.strip().splitlines()[-1].startswith("error: interrupted; rerun the same command"), err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted; rerun the same command"), err
     assert "Interrupt received: stopping after this step's checkpoint" in out + err
     # (A lock left by a SIGKILLed process: tests/test_cli.py resumes such a run.)
     latest = max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
-    config = spdjax.configs.load("tms:5-2", {"steps": latest + 50, "batch_size": 64,
+    config = spdjax.config.load("tms:5-2", {"steps": latest + 50, "batch_size": 64,
                                              "log_every": 100, "checkpoint_every": 200,
                                              "eval_batch_size": 256})
-    run = loop.setup(config, wd, allow_changes=("steps",))  # the interrupted run resumes
+    run = spdjax.setup(config, wd, allow_changes=("steps",))  # the interrupted run resumes
     assert run.step == latest and not (wd / "damaged").exists()  # no save was cut short
     loop.train(run)
     loop.close(run)

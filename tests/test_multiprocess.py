@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from spdjax import configs
+import spdjax
+from spdjax.config import files as configs
 from spdjax.training import loop
 from spdjax.training.progress import log_to
 
@@ -61,9 +62,9 @@ def test_two_processes_train_resume_and_write_once(tmp_path):
     config = configs.load("tms:5-2", {"batch_size": 256, "eval_batch_size": 512, "log_every": 10,
                                       "checkpoint_every": 20, "figures": False, "steps": 20})
     with log_to(io.StringIO()):
-        loop.train_and_evaluate(config, tmp_path / "one")
+        spdjax.train_and_evaluate(config, tmp_path / "one")
         config.steps = 40
-        loop.train_and_evaluate(config, tmp_path / "one", allow_changes=("steps",))
+        spdjax.train_and_evaluate(config, tmp_path / "one", allow_changes=("steps",))
     two, one = rows(tmp_path / "two" / "metrics.jsonl"), rows(tmp_path / "one" / "metrics.jsonl")
     assert [r["step"] for r in two] == [10, 20, 30, 40] == [r["step"] for r in one]
     for a, b in zip(two, one):

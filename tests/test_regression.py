@@ -47,12 +47,12 @@ def _runs() -> dict:
     cache = tempfile.mkdtemp(prefix="spdjax_regression_")
     shutil.copytree(FIX / "targets", f"{cache}/tms")
     out = {}
-    run = loop.setup(spdjax.configs.load(
+    run = spdjax.setup(spdjax.configs.load(
         "tms:5-2", {"target_cache_dir": f"{cache}/tms", "log_every": 100,
                     "target_recipe.double_update": False}))  # the recording's target recipe
     loop.train(run, TMS_STEPS)  # of the 40k-step schedule
     out["tms_5-2"] = {"rows": run.writer.rows}
-    run = loop.setup(spdjax.configs.load("resid_mlp:1", {
+    run = spdjax.setup(spdjax.configs.load("resid_mlp:1", {
         "target_cache_dir": f"{cache}/resid", "target_steps": 100, "batch_size": 256,
         "steps": 300, "log_every": 50, "eval_batch_size": 1000,
         "microbatches": 1}))  # the recording's (the config's default is now 4)

@@ -1,1 +1,2 @@
-"""Reproductions of the paper's numbers (Table 1, seed studies): long runs, results in benchmarks/results/."""
+"""Reproductions of the paper's numbers (Table 1, seed studies): long runs, results in
+benchmarks/results/."""

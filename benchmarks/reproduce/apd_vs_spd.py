@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 import spdjax
 from spdjax.analysis.metrics import mmcs_ml2r_components
 from spdjax.analysis.plots import save_figure
-from spdjax.experiments.tms.plots import draw_vectors, feature_colors, significant_components
+from spdjax.families.tms.plots import draw_vectors, feature_colors, significant_components
 
 
 def components(run) -> np.ndarray:

@@ -9,10 +9,10 @@ norm ratio (each feature's chosen piece against the target, ResidMLP's ML2R: shr
 as a ratio below 1), how many distinct
 components / subcomponents the features choose in ``W_in`` (the paper's 1-layer solution: one
 per feature, 100), and for SPD its CI errors (identity on ``mlp_in``, dense on ``mlp_out``).
-For APD, :mod:`spdjax.experiments.resid_mlp.scrubbing` on 2000 training inputs: the mean MSE
+For APD, :mod:`spdjax.families.resid_mlp.scrubbing` on 2000 training inputs: the mean MSE
 against the target of the top-k forward, of scrubbed and of anti-scrubbed ablations of half the
-components (``--n_ablate``, default half of C), next to the monosemantic model's loss. Writes ``OUT.json``,
-``OUT.md``, ``OUT_contributions.png`` and ``OUT_scrub.png``.
+components (``--n_ablate``, default half of C), next to the monosemantic model's loss. Writes
+``OUT.json``, ``OUT.md``, ``OUT_contributions.png`` and ``OUT_scrub.png``.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from matplotlib.figure import Figure
 
 import spdjax
 from spdjax.analysis.plots import save_figure
-from spdjax.experiments.resid_mlp import model, scrubbing
-from spdjax.experiments.resid_mlp.evaluation import contributions
-from spdjax.experiments.resid_mlp.plots import _neuron_strip
+from spdjax.families.resid_mlp import model, scrubbing
+from spdjax.families.resid_mlp.evaluation import contributions
+from spdjax.families.resid_mlp.plots import _neuron_strip
 
 
 def contribution_norm_ratio(per_layer: dict) -> dict:

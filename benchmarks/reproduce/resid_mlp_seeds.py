@@ -21,9 +21,9 @@ import argparse
 import json
 import pathlib
 
-from spdjax import configs
-from spdjax.experiments.registry import get_family
-from spdjax.training.loop import train_and_evaluate
+from spdjax.config import files as configs
+from spdjax.training.family import FAMILIES
+from spdjax.config.runs import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MIN_R = 0.99
@@ -87,7 +87,7 @@ def main(argv=None):
     row = args.variant + (f"@{args.steps}" if args.steps is not None else "")
     for seed in (int(s) for s in args.seeds.split(",")):
         config = configs.load(f"resid_mlp:{args.variant}", {**overrides, "seed": seed})
-        d_mlp = get_family("resid_mlp").model_config(config).d_mlp
+        d_mlp = FAMILIES.get("resid_mlp").model_config(config).d_mlp
         workdir = pathlib.Path(args.root) / f"{row}_seed{seed}"
         done = workdir / "summary.json"
         summary = json.loads(done.read_text()) if done.exists() else train_and_evaluate(

@@ -10,9 +10,10 @@ coefficient of the APD paper's recipe), and APD's top-k fraction too; every sett
 seeds. A run *finds the ground truth* when MMCS >= 0.995 and 0.85 <= ML2R <= 1.15: every feature
 has a subcomponent pointing its way, at about its size. The APD paper's own recipe reaches MMCS
 0.997-0.999 and ML2R ~0.89 here (Table 1's MMCS >= 0.999 would call every APD run a failure); the
-runs that miss it sit at MMCS 0.88-0.98 (a merged or missing feature) or ML2R < 0.75. Runs live in ``<root>/<row>_seed<s>`` (reused once they have
-a summary, so an interrupted grid continues), results are saved after every run to
-``benchmarks/results/sensitivity_5-2.{json,md}`` and plotted to ``sensitivity_5-2.png``.
+runs that miss it sit at MMCS 0.88-0.98 (a merged or missing feature) or ML2R < 0.75. Runs live
+in ``<root>/<row>_seed<s>`` (reused once they have a summary, so an interrupted grid continues),
+results are saved after every run to ``benchmarks/results/sensitivity_5-2.{json,md}`` and plotted
+to ``sensitivity_5-2.png``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import pathlib
 
 from benchmarks.reproduce.tms_table1 import run
-from spdjax import configs
+from spdjax.config import files as configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MULTIPLIERS = (0.5, 1.0, 2.0)

@@ -1,6 +1,7 @@
 """Which part of the seed decides whether a TMS run finds one subcomponent per feature?
 
-    python -m benchmarks.reproduce.tms_seed_probe --variant=5-2 --pairs=2:2,2:0,0:2 --probe_steps=8000
+    python -m benchmarks.reproduce.tms_seed_probe --variant=5-2 --pairs=2:2,2:0,0:2 \
+        --probe_steps=8000
 
 A run's seed feeds independent streams: ``init`` (components and CI functions) and ``train``
 (data and masks). Each ``init:train`` pair (or ``components:ci:train`` triple, which takes the
@@ -25,9 +26,10 @@ import jax
 import numpy as np
 
 from benchmarks.reproduce.tms_table1 import ROOT
-from spdjax import configs
+import spdjax
+from spdjax.config import files as configs
 from spdjax.analysis import ci_patterns, metrics
-from spdjax.experiments.tms import model as tms
+from spdjax.families.tms import model as tms
 from spdjax.training import loop
 
 
@@ -103,7 +105,7 @@ def main(argv=None) -> None:
     if args.target_double_update:
         tms.TMS_VARIANTS[args.variant] = dataclasses.replace(
             tms.TMS_VARIANTS[args.variant], double_update=True)
-    run = loop.setup(config)
+    run = spdjax.setup(config)
     results = [probe(run, *seeds, args.probe_steps) for seeds in runs]
     path = ROOT / "benchmarks" / "results" / f"tms_seed_probe_{args.variant}{args.tag}.json"
     path.write_text(json.dumps({"overrides": args.set,

@@ -2,7 +2,7 @@
 
     python -m benchmarks.reproduce.tms_table1 --variants=5-2,5-2-id --seeds=0,1,2,3,4
     python -m benchmarks.reproduce.tms_table1 --variants=40-10 --seeds=0 --steps=40000
-    python -m benchmarks.reproduce.tms_table1 --variants=5-2+gaussian    # a config modifier (configs/tms.py)
+    python -m benchmarks.reproduce.tms_table1 --variants=5-2+gaussian  # a modifier (configs/tms.py)
     python -m benchmarks.reproduce.tms_table1 --variants=5-2 --tag=+lr2e-3 --set=lr=2e-3
 
 A row's consecutive seeds are trained as one ensemble program (``config.ensemble``, each member
@@ -10,10 +10,11 @@ equal to its seed's run alone) in ``<root>/<variant>_seeds<first>-<last>``; ``--
 makes each (variant, seed) one ordinary CLI-equivalent run in ``<root>/<variant>_seed<seed>``.
 Either resumes if interrupted and is skipped once its summaries exist. A run already recorded in the
 results JSON (same row, seed, overrides and steps) is reused too, so a fresh checkout can add seeds
-to a row without retraining the recorded ones; ``--rerun`` trains them again. The table is written to
-``benchmarks/results/tms_table1.{json,md}``: mean ± std over seeds, and per run the std over
+to a row without retraining the recorded ones; ``--rerun`` trains them again. The table is written
+to ``benchmarks/results/tms_table1.{json,md}``: mean ± std over seeds, and per run the std over
 features (the paper's "±"). ``--set key=value`` changes the recipe; such runs need a ``--tag``
-(starting with ``+``), which names their rows and workdirs so they never mix with the paper recipe's.
+(starting with ``+``), which names their rows and workdirs so they never mix with the paper
+recipe's.
 
 Each run records its target recipe (``config.target_recipe``); a recorded run is reused only
 with the same recipe. Rows made before spdjax 0.3 (targets with one Adam update of the tied W
@@ -28,8 +29,8 @@ import json
 import pathlib
 import statistics
 
-from spdjax import configs
-from spdjax.training.loop import train_and_evaluate
+from spdjax.config import files as configs
+from spdjax.config.runs import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PAPER = {  # SPD paper Table 1: MMCS, ML2R (mean ± std over features)
@@ -124,7 +125,8 @@ def tabulate(results: dict[str, list[dict]]) -> tuple[dict, str]:
     table, lines = {}, [
         "| model | seeds | steps | MMCS (mean ± std over seeds) | ML2R (mean ± std over seeds) "
         "| ML2R std over features (per seed) | CI errors (tol 0.1, per seed) | ground truth found "
-        "| CI-L0 linear1 at 0.1 / 0.01 | minutes/run | paper MMCS | paper ML2R (APD rows: APD paper) |",
+        "| CI-L0 linear1 at 0.1 / 0.01 | minutes/run | paper MMCS "
+        "| paper ML2R (APD rows: APD paper) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, runs in results.items():
@@ -155,7 +157,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="override the config's steps")
     parser.add_argument("--set", action="append", default=[],
                         help="config override key=value (JSON literal), e.g. --set=init=gaussian")
-    parser.add_argument("--tag", default="", help="row/workdir suffix for a changed recipe, e.g. +gaussian")
+    parser.add_argument("--tag", default="",
+                        help="row/workdir suffix for a changed recipe, e.g. +gaussian")
     parser.add_argument("--root", default=str(ROOT / "workdir" / "table1"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tms_table1"))
     parser.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=True,

@@ -4,5 +4,5 @@
   one-hot inputs, alive subcomponents;
 * :mod:`~spdjax.analysis.ci_patterns`: permutations and the paper's CI-pattern error counts;
 * :mod:`~spdjax.analysis.plots`: figures every decomposition has (CI heatmaps, training curves);
-* :mod:`~spdjax.analysis.load`: :func:`load` a run's workdir for analysis.
+* :mod:`~spdjax.config.runs`: :func:`load` a run's workdir for analysis.
 """

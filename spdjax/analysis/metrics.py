@@ -1,5 +1,6 @@
 """Offline metrics of a trained decomposition: MMCS/ML2R, norms, neuron contributions, CI on
-one-hot inputs, alive subcomponents. CI patterns and permutations: :mod:`spdjax.analysis.ci_patterns`.
+one-hot inputs, alive subcomponents. CI patterns and permutations:
+:mod:`spdjax.analysis.ci_patterns`.
 
 Everything here runs on the host in NumPy (float64) at eval time, never inside a train step
 (style point 10). Inputs may be NumPy or JAX arrays.
@@ -18,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from spdjax.decomposition import CausalImportance, Decomposition
+from spdjax.core.decomposition import CausalImportance, Decomposition, alive_components  # noqa: F401 (re-exported)
 
 
 def f64(x: Any) -> np.ndarray:
@@ -127,7 +128,8 @@ def pearson_r(a: Any, b: Any) -> float:
     """Pearson correlation of two arrays of equal size (flattened)."""
     a, b = f64(a).ravel(), f64(b).ravel()
     if a.size != b.size or a.size < 2:
-        raise ValueError(f"pearson_r needs two arrays of the same size >= 2; got {a.size}, {b.size}.")
+        raise ValueError(f"pearson_r needs two arrays of the same size >= 2; "
+                         f"got {a.size}, {b.size}.")
     return float(np.corrcoef(a, b)[0, 1])
 
 
@@ -148,12 +150,3 @@ def one_hot_ci(
     _, site_inputs = decomposition.clean_forward(target_params, x)
     ci = decomposition.causal_importance(params, site_inputs)
     return {n: CausalImportance(*(np.asarray(a) for a in c)) for n, c in ci.items()}
-
-
-def alive_components(ci_lower_batch: Any, threshold: float = 0.1) -> np.ndarray:
-    """``(C,)`` bool: components whose CI exceeds ``threshold`` on at least one example.
-
-    Pass a large eval batch ``[..., C]``; ``.sum()`` is the number of alive components.
-    """
-    g = f64(ci_lower_batch)
-    return np.any(g.reshape(-1, g.shape[-1]) > threshold, axis=0)

@@ -4,7 +4,7 @@ Every ``plot_*`` function takes arrays (or a metrics file) and an output path, w
 and returns the path. Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas,
 never through ``pyplot``, so they touch no global matplotlib state (safe in scripts, tests and
 notebooks alike). Family-specific figures (TMS vectors, ResidMLP neuron contributions) live with
-their family in :mod:`spdjax.experiments`, built from the helpers here.
+their family in :mod:`spdjax.families`, built from the helpers here.
 """
 
 from __future__ import annotations

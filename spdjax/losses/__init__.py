@@ -27,8 +27,8 @@ from spdjax.losses.total import (LOSSES, Term, make_total_loss, term, term_key, 
 __all__ = [
     "Context", "DIVERGENCES", "LOSSES", "Term", "annealed_p", "ce", "ci_masked_recon",
     "ci_masked_recon_layerwise", "faithfulness", "frequency_minimality", "importance_minimality",
-    "kl", "make_context", "make_total_loss", "mse", "persistent_pgd_recon", "pgd_masks", "pgd_recon",
-    "pgd_recon_layerwise", "pgd_recon_subset", "stochastic_hidden_acts_recon",
+    "kl", "make_context", "make_total_loss", "mse", "persistent_pgd_recon", "pgd_masks",
+    "pgd_recon", "pgd_recon_layerwise", "pgd_recon_subset", "stochastic_hidden_acts_recon",
     "stochastic_recon", "stochastic_recon_layerwise", "stochastic_recon_subset", "term",
     "term_key", "terms_from_config", "total_loss", "unmasked_recon",
 ]

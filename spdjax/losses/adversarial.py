@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from spdjax.losses.context import Context
 from spdjax.losses.divergences import DIVERGENCES, Divergence, mse
 from spdjax.losses.recon import ROUTING_STREAM
-from spdjax.masks import SiteMask
-from spdjax.routing import Router, make_router, route
+from spdjax.core.masks import SiteMask
+from spdjax.core.routing import Router, make_router, route
 
 Array = jax.Array
 INITS = ("random", "ones", "zeroes")

@@ -12,7 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from spdjax.decomposition import CausalImportance, Decomposition
+from spdjax.core.decomposition import CausalImportance, Decomposition
 
 Array = jax.Array
 
@@ -36,7 +36,7 @@ def make_context(
 ) -> Context:
     """Clean target forward (output and site inputs) and causal importances for ``batch``
     (``ci_lower_noise`` with ``key``: the noisy ``σ_lo`` input of
-    :meth:`~spdjax.decomposition.Decomposition.causal_importance`)."""
+    :meth:`~spdjax.core.decomposition.Decomposition.causal_importance`)."""
     target_out, site_inputs = decomposition.clean_forward(target_params, batch)
     target_out = jax.lax.stop_gradient(target_out)
     site_inputs = jax.lax.stop_gradient(site_inputs)

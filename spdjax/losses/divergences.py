@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from spdjax.registry import Registry
+from spdjax.core.registry import Registry
 
 Array = jax.Array
 Divergence = Callable[[Array, Array], Array]

@@ -3,13 +3,13 @@
 Every term is ``loss(params, ctx, key, **options) -> scalar``: the divergence ``D``
 (:mod:`spdjax.losses.divergences`) averaged over ``n_samples`` stochastic mask draws (and over
 sites, for the layerwise terms, where every other site keeps the target weight). Masks come from
-:func:`spdjax.masks.sample_masks` with an explicit key; each draw uses its own split of it.
+:func:`spdjax.core.masks.sample_masks` with an explicit key; each draw uses its own split of it.
 
 Options of the later reference (spec 1.3, 3.4, 3.8): ``delta=True`` adds the delta component
 ``W - V U`` with its own ``U[0, 1)`` mask to the stochastic terms (never to the CI-masked ones);
 :func:`stochastic_recon_subset` routes a random subset of sites per position
-(:mod:`spdjax.routing`); :func:`stochastic_hidden_acts_recon` compares the sites' inputs instead
-of the output.
+(:mod:`spdjax.core.routing`); :func:`stochastic_hidden_acts_recon` compares the sites' inputs
+instead of the output.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import jax.numpy as jnp
 
 from spdjax.losses.context import Context
 from spdjax.losses.divergences import DIVERGENCES, Divergence, mse
-from spdjax.masks import SAMPLERS, MaskSampler, continuous, sample_masks, with_routing
-from spdjax.routing import Router, make_router, route
-from spdjax.target import dense_input
+from spdjax.core.masks import SAMPLERS, MaskSampler, continuous, sample_masks, with_routing
+from spdjax.core.routing import Router, make_router, route
+from spdjax.core.target import dense_input
 
 Array = jax.Array
 ROUTING_STREAM = 0x7FFFFFF0  # fold_in index of a mask draw's routing key (sites use 0, 1, ...)
@@ -95,7 +95,7 @@ def stochastic_recon_subset(
 ) -> Array:
     """(1/S) sum_s D(f(x | a routed subset of sites masked with m^(s) per position), f(x)).
 
-    Each position replaces the sites its routing mask picks (``router``, :mod:`spdjax.routing`;
+    Each position replaces the sites its routing mask picks (``router``, :mod:`spdjax.core.routing`;
     ``"static_probability"`` with ``routing_p``); the others keep their target output. The
     component masks are the ones :func:`stochastic_recon` draws from the same key.
     ``sample_chunk`` as in :func:`stochastic_recon`.

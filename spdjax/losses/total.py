@@ -30,9 +30,9 @@ from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise,
                                  stochastic_recon_layerwise, stochastic_recon_subset,
                                  unmasked_recon)
 from spdjax.losses.regularisers import faithfulness, frequency_minimality, importance_minimality
-from spdjax.masks import SAMPLERS
-from spdjax.registry import Registry
-from spdjax.routing import make_router
+from spdjax.core.masks import SAMPLERS
+from spdjax.core.registry import Registry
+from spdjax.core.routing import make_router
 
 Array = jax.Array
 LossFn = Callable[..., Array]
@@ -151,7 +151,11 @@ def term_key(key: Array, name: str) -> Array:
 
 
 def total_loss(terms: Sequence[Term]):
-    """``total(params, ctx, key) -> (sum_t coeff_t * value_t, {name: value_t})``."""
+    """``total(params, ctx, key, coeffs=None) -> (sum_t coeff_t * value_t, {name: value_t})``.
+
+    ``coeffs`` (``{term name: value}``, e.g. traced arrays) replaces the bound coefficients of the
+    terms it names, so the coefficients can be inputs of a compiled step rather than constants.
+    """
     terms = list(terms)
     if not terms:
         raise ValueError("No loss terms: name at least one loss term with a coeff.")
@@ -159,9 +163,16 @@ def total_loss(terms: Sequence[Term]):
     if len(set(names)) != len(names):
         raise ValueError(f"Loss term names must be unique; got {names}.")
 
-    def total(params, ctx: Context, key):
+    def total(params, ctx: Context, key, coeffs: Mapping[str, Any] | None = None):
         values = {t.name: t(params, ctx, key) for t in terms}
-        return sum(t.coeff * values[t.name] for t in terms), values
+        weights = {t.name: t.coeff for t in terms}
+        if coeffs is not None:  # traced values: a coefficient sweep is one compiled program
+            unknown = sorted(set(coeffs) - set(weights))
+            if unknown:
+                raise ValueError(f"coeffs for {unknown}, which are not loss terms; expected "
+                                 f"some of {sorted(weights)}.")
+            weights.update(coeffs)
+        return sum(weights[t.name] * values[t.name] for t in terms), values
 
     return total
 

@@ -1,15 +1,13 @@
-"""Decomposition methods: :class:`Method` (what the loop needs) and the registry by name.
+"""Decomposition methods: :class:`Method` (what the run layer needs), :class:`MethodSpec` (how a
+config builds one) and the open registry :data:`METHODS` (``config.method``).
 
-A method is built from a config and a target problem by a function registered in
-:data:`METHODS` (``config.method``): ``build(config, problem, learning_rate) -> Method``.
+SPD and APD register themselves when this package is imported; a method of your own registers
+with :func:`register` (docs: "Extending").
 """
 
-from spdjax.methods.base import Method, Objective
-from spdjax.methods import apd, spd
-from spdjax.registry import Registry
+from spdjax.methods.base import (METHODS, DecompositionView, Method, MethodSpec, Objective,
+                                 register)
+from spdjax.methods import apd, spd  # noqa: E402,F401 (registers "spd" and "apd")
 
-METHODS: Registry = Registry("method", {"spd": spd.from_config, "apd": apd.from_config})
-# Each method's own config checks (the loop's validation runs the one of config.method).
-CONFIG_CHECKS = {"spd": spd.check_config, "apd": apd.check_config}
-
-__all__ = ["CONFIG_CHECKS", "METHODS", "Method", "Objective", "apd", "spd"]
+__all__ = ["DecompositionView", "METHODS", "Method", "MethodSpec", "Objective", "apd",
+           "register", "spd"]

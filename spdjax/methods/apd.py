@@ -34,11 +34,11 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from spdjax.decomposition import match_sites
+from spdjax.core.decomposition import match_sites
 from spdjax.methods.apd_terms import (act_recon, attributions, batch_topk, faithfulness, site_acts,
                                      lp_weights, schatten, schatten_weighted)
-from spdjax.methods.base import Method
-from spdjax.target import Target
+from spdjax.methods.base import Method, MethodSpec, register
+from spdjax.core.target import Target
 
 Array = jax.Array
 ATTRIBUTIONS = ("target", "apd")
@@ -56,6 +56,10 @@ class APDDecomposition:
     C: int
     rank: Mapping[str, int]
     ties: Mapping[str, str]
+    # The view evaluations use (:class:`spdjax.methods.base.DecompositionView`): components
+    # of rank m, and no causal-importance function.
+    rank_one = False
+    causal_importance = None
 
     def site(self, name):
         return self.target.sites[name]
@@ -170,7 +174,8 @@ def decompose_apd(target: Target, sites: Mapping[str, int], C: int, *, rank: int
 def objective(d: APDDecomposition, *, topk: float, coeffs: Mapping[str, float], pnorm: float,
               attribution: str = "target", act_sites: tuple[str, ...] = (),
               formulation: str = "topk", lp_p: float = 1.0):
-    """``(params, target_params, batch, key, step_frac) -> (total, metrics)``; ``act_sites``
+    """``(params, target_params, batch, key, step_frac, hparams=None) -> (total, metrics)``;
+    ``hparams`` (``{term: coefficient}``, may be traced) replace ``coeffs``; ``act_sites``
     (with ``coeffs["act_recon"]``) adds the activation reconstruction.
 
     ``formulation="lp"`` is the APD paper's L_p alternative (its appendix; no top-k): the
@@ -196,8 +201,9 @@ def objective(d: APDDecomposition, *, topk: float, coeffs: Mapping[str, float], 
         return _lp_objective(d, coeffs=coeffs, pnorm=pnorm, attribution=attribution, lp_p=lp_p,
                              topk=topk)
 
-    def fn(params, target_params, batch, key, step_frac):
+    def fn(params, target_params, batch, key, step_frac, hparams=None):
         del key, step_frac
+        c = {**coeffs, **(hparams or {})}
         target_out, clean = jax.lax.stop_gradient(d.clean_forward(target_params, batch))
         active = batch_topk(attributions(d, target_params, params, batch, source=attribution),
                             topk)
@@ -209,7 +215,7 @@ def objective(d: APDDecomposition, *, topk: float, coeffs: Mapping[str, float], 
                   "schatten": schatten(d, params, active, pnorm)}
         if act_sites:
             values["act_recon"] = act_recon(d, inputs, clean, act_sites)
-        total = sum(coeffs[k] * values[k] for k in values)
+        total = sum(c[k] * values[k] for k in values)
         return total, {"loss": {"total": total, **values},
                        "active_per_example": jnp.mean(jnp.sum(mask, axis=-1))}
 
@@ -218,15 +224,16 @@ def objective(d: APDDecomposition, *, topk: float, coeffs: Mapping[str, float], 
 
 def _lp_objective(d: APDDecomposition, *, coeffs, pnorm: float, attribution: str, lp_p: float,
                   topk: float):
-    def fn(params, target_params, batch, key, step_frac):
+    def fn(params, target_params, batch, key, step_frac, hparams=None):
         del key, step_frac
+        c = {**coeffs, **(hparams or {})}
         target_out = jax.lax.stop_gradient(d.clean_forward(target_params, batch)[0])
         weights = lp_weights(attributions(d, target_params, params, batch, source=attribution,
                                           differentiable=True), target_out.shape[-1], lp_p)
         values = {"faithfulness": faithfulness(d, params, target_params),
                   "lp_sparsity": jnp.mean(jnp.sum(weights, axis=-1)),
                   "schatten": schatten_weighted(d, params, weights, pnorm)}
-        total = sum(coeffs[k] * values[k] for k in values)
+        total = sum(c[k] * values[k] for k in values)
         # What top-k would keep: a reading of the attributions, not part of the loss.
         active = batch_topk(jax.lax.stop_gradient(weights), topk)
         return total, {"loss": {"total": total, **values},
@@ -280,14 +287,14 @@ def unit_norm_A() -> tuple[optax.GradientTransformation, optax.GradientTransform
             optax.GradientTransformation(lambda p: optax.EmptyState(), update_fn))
 
 
-def from_config(config, problem, learning_rate) -> Method:
+def from_config(config, experiment, learning_rate) -> Method:
     """APD from a run config (``config.apd``: C from ``config.C``) on an experiment's target."""
     a = config.apd
-    d = decompose_apd(problem.target, problem.sites, config.C, rank=a.rank, ties=problem.ties)
+    d = decompose_apd(experiment.target, experiment.sites, config.C, rank=a.rank, ties=experiment.ties)
     coeffs = {"faithfulness": a.faithfulness_coeff, "topk_recon": a.topk_recon_coeff,
               "schatten": a.schatten_coeff, "act_recon": a.act_recon_coeff,
               "lp_sparsity": a.lp_sparsity_coeff}
-    act_sites = tuple(match_sites(problem.target, {a.act_sites: 1})) if a.act_recon_coeff else ()
+    act_sites = tuple(match_sites(experiment.target, {a.act_sites: 1})) if a.act_recon_coeff else ()
     if set(act_sites) - set(d.site_names):
         raise ValueError(f"apd.act_sites {a.act_sites!r} matches sites that are not decomposed: "
                          f"{sorted(set(act_sites) - set(d.site_names))}.")
@@ -306,13 +313,15 @@ def from_config(config, problem, learning_rate) -> Method:
                 f["A"] = f["A"] / jnp.linalg.norm(f["A"], axis=1, keepdims=True)
         return params
 
+    config_hparams = {f"apd.{k}_coeff": k for k in coeffs}
     return Method(name="apd", decomposition=d, init=init, objective=obj, optimizer=optimizer,
+                  hparams=dict(coeffs), config_hparams=config_hparams,
                   partition_specs=d.partition_specs,
                   evaluate=evaluate_fn(d, obj, topk=a.topk, attribution=a.attribution))
 
 
-def check_config(config) -> None:
-    """APD's config fields, before any work."""
+def check_config(config, target: Target | None = None) -> None:
+    """APD's config fields, before any work (``target``: the structure, for ``act_sites``)."""
     a = config.apd
     if a.attribution not in ATTRIBUTIONS:
         raise ValueError(f"apd.attribution must be one of {ATTRIBUTIONS}, got {a.attribution!r}.")
@@ -341,11 +350,8 @@ def check_config(config) -> None:
     if a.formulation == "lp" and a.act_recon_coeff:
         raise ValueError("apd.formulation='lp' has no sparse forward to reconstruct activations "
                          "from: set apd.act_recon_coeff=0.")
-    if a.act_recon_coeff:
-        from spdjax.experiments.registry import get_family
-
-        family = get_family(config.experiment)
-        match_sites(family.target(family.model_config(config)), {a.act_sites: 1})
+    if a.act_recon_coeff and target is not None:
+        match_sites(target, {a.act_sites: 1})
     spd_only = {"faithfulness_warmup_steps": 0, "init": "paper", "grad_clip_norm_components": 0.0,
                 "grad_clip_norm_ci": 0.0, "ci_lower_noise": 0.0}
     changed = [f"{k}={config[k]!r}" for k, v in spd_only.items() if config[k] != v]
@@ -355,3 +361,6 @@ def check_config(config) -> None:
     if config.microbatches != 1:
         raise ValueError(f"APD takes its top-k over the whole batch: microbatches must be 1, got "
                          f"{config.microbatches}.")
+
+
+SPEC = register(MethodSpec("apd", build=from_config, check_config=check_config))

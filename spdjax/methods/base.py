@@ -1,27 +1,58 @@
-"""What a decomposition method is to the training loop: :class:`Method`.
+"""What a decomposition method is to the run layer: :class:`Method`, built by a
+:class:`MethodSpec` registered in :data:`METHODS`.
 
-The loop (:mod:`spdjax.training.loop`) knows nothing about SPD. It asks a method for initial
+The run layer (:mod:`spdjax.training`) knows nothing about SPD. It asks a method for initial
 parameters, an objective to differentiate, an optimizer, a sharding layout and an evaluation of
-its own, and treats the parameters as an opaque pytree. SPD (:mod:`spdjax.methods.spd`) is the
-first method; a second one (APD) fills in the same fields.
+its own, and treats the parameters as an opaque pytree. SPD (:mod:`spdjax.methods.spd`) and APD
+(:mod:`spdjax.methods.apd`) fill in the same fields; a new method is one module that builds a
+:class:`Method` and registers its :class:`MethodSpec` (docs: "Extending").
 
 The objective's metrics are a nested dict of scalars with at least ``metrics["loss"]["total"]``;
-the loop writes them flattened with ``/`` (``loss/total``, ``ci_l0/linear1``) to
+the run layer writes them flattened with ``/`` (``loss/total``, ``ci_l0/linear1``) to
 ``metrics.jsonl``.
+
+Evaluations and figures see a method's decomposition through :class:`DecompositionView` only, so
+none of them asks which method trained it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Protocol
 
 import jax
 import optax
 
+from spdjax.core.registry import Registry
+
 Array = jax.Array
 Params = Any
-# (params, target_params, batch, key, step_frac) -> (loss, metrics)
-Objective = Callable[[Params, Any, Any, Array, Array], tuple[Array, dict]]
+# (params, target_params, batch, key, step_frac[, hparams]) -> (loss, metrics); the sixth
+# argument is passed when the method declares ``hparams``.
+Objective = Callable[..., tuple[Array, dict]]
+
+
+class DecompositionView(Protocol):
+    """What every method's decomposition offers evaluations, figures and analysis.
+
+    Attributes:
+      target: the decomposed :class:`~spdjax.core.target.Target`.
+      site_names: the decomposed sites.
+      rank_one: whether components are rank one (then ``factors(params, site)`` is ``(V, U)``).
+      causal_importance: ``(params, site_inputs) -> {site: CausalImportance}``, or None for a
+        method without a CI function (APD).
+    """
+
+    target: Any
+    site_names: tuple[str, ...]
+    rank_one: bool
+    causal_importance: Callable[..., Mapping[str, Any]] | None
+
+    def component_weights(self, params: Params, name: str) -> Array:
+        """``(C, d_in, d_out)``: every component's matrix at site ``name``."""
+
+    def component_weight(self, params: Params, name: str) -> Array:
+        """``(d_in, d_out)``: the sum of the components at site ``name``."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -30,14 +61,18 @@ class Method:
 
     Attributes:
       name: registry name (``"spd"``), recorded in checkpoints.
-      decomposition: the method's static structure (sites, C, ...), for evaluation and analysis.
+      decomposition: the method's static structure (a :class:`DecompositionView`).
       init: ``(key, target_params) -> params``.
       objective: see :data:`Objective`; pure, differentiated with respect to ``params``.
       optimizer: the optax transformation that trains ``params``.
       partition_specs: ``(params, model_axis) -> PartitionSpec pytree`` (C on ``model_axis``).
       evaluate: ``(params, target_params, batch, key, *, microbatches=1) -> summary dict``: the
         method's own final metrics on an evaluation batch, in ``microbatches`` chunks (the
-        experiment adds its ground-truth ones).
+        target family adds its ground-truth ones).
+      hparams: ``{name: float}`` given to the objective as its sixth argument, as traced
+        values: runs that differ only in them (a coefficient sweep) share one compiled step.
+      config_hparams: ``{dotted config key: hparams name}``: which config fields are hparams
+        (``"losses.importance_minimality.coeff" -> "importance_minimality"``).
     """
 
     name: str
@@ -46,4 +81,45 @@ class Method:
     objective: Objective
     optimizer: optax.GradientTransformation
     partition_specs: Callable[[Params, str], Any]
-    evaluate: Callable[[Params, Any, Any, Array], dict]
+    evaluate: Callable[..., dict]
+    hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    config_hparams: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def hparams_of(self, config) -> dict[str, float]:
+        """This method's hparams with the values ``config`` gives its config keys."""
+        out = dict(self.hparams)
+        for dotted, name in self.config_hparams.items():
+            node = config
+            for part in dotted.split("."):
+                node = node[part]
+            out[name] = float(node)
+        return out
+
+
+def _no_checks(config, target) -> None:
+    del config, target
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """How a run config becomes a :class:`Method` (what :data:`METHODS` holds).
+
+    Attributes:
+      name: the registry name (``config.method``).
+      build: ``(config, experiment, learning_rate) -> Method``; ``experiment`` has ``target``,
+        ``sites`` and ``ties``; ``learning_rate`` is a float or an optax schedule.
+      check_config: ``(config, target) -> None``: the method's own config fields, checked
+        before any target is trained (``target``: the structure only). Raises ``ValueError``.
+    """
+
+    name: str
+    build: Callable[[Any, Any, Any], Method]
+    check_config: Callable[[Any, Any], None] = _no_checks
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Adds ``spec`` to :data:`METHODS` under its name and returns it."""
+    return METHODS.register(spec.name, spec)

@@ -1,7 +1,7 @@
 """Stochastic Parameter Decomposition as a :class:`~spdjax.methods.base.Method`.
 
 * init: component factors (``paper`` or ``gaussian``) and CI functions
-  (:meth:`~spdjax.decomposition.Decomposition.init`), then an optional faithfulness warm-up;
+  (:meth:`~spdjax.core.decomposition.Decomposition.init`), then an optional faithfulness warm-up;
 * objective: the weighted sum of loss terms (:mod:`spdjax.losses`) on one context per step;
   metrics ``loss/total``, ``loss/<term>`` (unweighted) and ``ci_l0/<site>``;
 * optimizer: Adam (the paper's), plus the tied-copy sync for ``tie_mode="aliased"``;
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -18,13 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spdjax.analysis.metrics import alive_components
-from spdjax.decomposition import Decomposition, ci_l0, decompose
+from spdjax.core.decomposition import Decomposition, alive_components, ci_l0, decompose
 from spdjax.losses import Context, Term, faithfulness, make_context, terms_from_config, total_loss
-from spdjax.components import COMPONENT_INITS, ComponentInit, init_paper
+from spdjax.core.components import COMPONENT_INITS, ComponentInit, init_paper
 from spdjax.losses.adversarial import ADVERSARY
 from spdjax.methods import adversary
-from spdjax.methods.base import Method, Objective
+from spdjax.methods.base import Method, MethodSpec, Objective, register
 
 ADVERSARY_KEY = 0x41445653  # fold_in index of the adversaries' init key ("ADVS")
 
@@ -38,19 +38,21 @@ def objective(
     decomposition: Decomposition, terms: Sequence[Term], *, l0_threshold: float = 0.1,
     ci_lower_noise: float = 0.0,
 ) -> Objective:
-    """The SPD objective: the weighted sum of ``terms`` (:func:`spdjax.losses.term`);
-    ``ci_lower_noise`` > 0 adds the binomial-sampling CI-input noise (spec 2.3) from the step's
-    key."""
+    """The SPD objective ``(params, target_params, batch, key, step_frac, hparams=None) ->
+    (total, metrics)``: the weighted sum of ``terms`` (:func:`spdjax.losses.term`), with the
+    coefficients ``hparams`` (``{term name: value}``, may be traced) gives in place of the bound
+    ones. ``ci_lower_noise`` > 0 adds the later reference's binomial-sampling CI-input noise
+    (``(1 + eps) r - eps u`` into the lower sigmoid) from the step's key."""
     if not isinstance(ci_lower_noise, (int, float)) or not 0 <= ci_lower_noise < 1:
         raise ValueError(f"ci_lower_noise must be a number in [0, 1) (the reference uses 0.05 with "
                          f"binomial sampling), got {ci_lower_noise!r}.")
     total_fn = total_loss(terms)
 
-    def fn(params, target_params, batch, key, step_frac):
+    def fn(params, target_params, batch, key, step_frac, hparams=None):
         ctx = make_context(decomposition, target_params, params, batch, step_frac,
                            ci_lower_noise=ci_lower_noise,
                            key=jax.random.fold_in(key, CI_NOISE_KEY) if ci_lower_noise else None)
-        total, values = total_fn(params, ctx, key)
+        total, values = total_fn(params, ctx, key, hparams)
         metrics = {
             "loss": {"total": total, **values},
             "ci_l0": {n: ci_l0(c.lower, l0_threshold) for n, c in ctx.ci.items()},
@@ -234,6 +236,7 @@ def method(
         optimizer = adversary.with_adversary(optimizer)
     return Method(
         name="spd",
+        hparams={t.name: t.coeff for t in terms},
         decomposition=decomposition,
         init=init_fn(decomposition, init=COMPONENT_INITS.resolve(init), warmup_steps=warmup_steps,
                      warmup_lr=warmup_lr, warmup_weight_decay=warmup_weight_decay, terms=terms),
@@ -245,24 +248,28 @@ def method(
     )
 
 
-def from_config(config, problem, learning_rate) -> Method:
+def from_config(config, experiment, learning_rate) -> Method:
     """SPD from a run config (names resolved here) on an experiment's target and sites."""
     if not isinstance(config.faithfulness_warmup_steps, int) or config.faithfulness_warmup_steps < 0:
         raise ValueError("faithfulness_warmup_steps must be an integer >= 0, got "
                          f"{config.faithfulness_warmup_steps!r}.")
-    decomp = decompose(problem.target, problem.sites, ties=problem.ties, ci_fn=config.ci_fn,
+    decomp = decompose(experiment.target, experiment.sites, ties=experiment.ties,
+                       ci_fn=config.ci_fn,
                        ci_hidden=tuple(config.ci_hidden), sigmoid=config.sigmoid,
                        tie_mode=config.tie_mode)
-    return method(decomp, terms_from_config(config.losses.to_dict()), learning_rate,
-                  init=COMPONENT_INITS.get(config.init),
-                  warmup_steps=config.faithfulness_warmup_steps,
-                  warmup_lr=config.faithfulness_warmup_lr,
-                  warmup_weight_decay=config.faithfulness_warmup_weight_decay,
-                  l0_threshold=config.l0_threshold,
-                  clip_components=config.grad_clip_norm_components,
-                  clip_ci=config.grad_clip_norm_ci,
-                  ci_lower_noise=config.ci_lower_noise,
-                  eval_terms=eval_terms_from_config(config.eval_losses.to_dict()))
+    built = method(decomp, terms_from_config(config.losses.to_dict()), learning_rate,
+                   init=COMPONENT_INITS.get(config.init),
+                   warmup_steps=config.faithfulness_warmup_steps,
+                   warmup_lr=config.faithfulness_warmup_lr,
+                   warmup_weight_decay=config.faithfulness_warmup_weight_decay,
+                   l0_threshold=config.l0_threshold,
+                   clip_components=config.grad_clip_norm_components,
+                   clip_ci=config.grad_clip_norm_ci,
+                   ci_lower_noise=config.ci_lower_noise,
+                   eval_terms=eval_terms_from_config(config.eval_losses.to_dict()))
+    # every loss coefficient of the config is a traced hparam (a sweep shares one step)
+    return dataclasses.replace(built, config_hparams={f"losses.{name}.coeff": name
+                                                      for name in config.losses})
 
 
 def eval_terms_from_config(eval_losses: dict) -> list[Term]:
@@ -276,8 +283,9 @@ def eval_terms_from_config(eval_losses: dict) -> list[Term]:
     return terms_from_config({n: {"coeff": 0.0, **o} for n, o in eval_losses.items()})
 
 
-def check_config(config) -> None:
+def check_config(config, target=None) -> None:
     """SPD's config fields (its loss terms and evaluation-only terms), before any work."""
+    del target
     terms = terms_from_config(config.losses.to_dict())
     eval_terms = eval_terms_from_config(config.eval_losses.to_dict())
     stateful = [t.name for t in adversary.adversarial_terms(eval_terms)]
@@ -290,3 +298,6 @@ def check_config(config) -> None:
         raise ValueError(f"Loss terms {shared} share their adversarial sources across the batch; "
                          f"with microbatches={config.microbatches} each chunk would get its own "
                          "(a weaker adversary): use microbatches=1.")
+
+
+SPEC = register(MethodSpec("spd", build=from_config, check_config=check_config))

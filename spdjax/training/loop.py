@@ -1,12 +1,16 @@
-"""The training loop: ``setup(config) -> Run``, ``train(run, until_step)``, ``evaluate(run)``.
+"""The managed run: ``setup(config, workdir, family=..., method=...) -> Run``,
+``train(run, until_step)``, ``evaluate(run)``, ``plot(run)``, ``close(run)``.
 
-A config becomes a run in four moves, readable top to bottom in :func:`setup`: the experiment
-(target, data, ground-truth evaluation; :mod:`spdjax.experiments`), the method (init, objective,
-optimizer; :mod:`spdjax.methods`), the mesh and the train state (fresh, or resumed from the
-workdir's latest checkpoint), and one jitted step. :func:`train` steps it with logging,
-checkpoints and finite checks; :func:`evaluate` writes the summary; :func:`plot` the figures.
-:func:`train_and_evaluate` does all of it (the CLI). Benchmarks, notebooks, init selection and
-tests call these functions instead of assembling a run themselves.
+The run layer takes values: a target :class:`~spdjax.training.family.Family` and a
+:class:`~spdjax.methods.base.MethodSpec` (names are resolved one layer up, in
+:mod:`spdjax.config.runs`, which is what ``spdjax.setup`` and the CLI call). A config becomes a
+run in four moves, readable top to bottom in :func:`setup`: the experiment (target, data,
+ground-truth evaluation), the method (init, objective, optimizer), the mesh and the train state
+(fresh, or resumed from the workdir's latest checkpoint), and one jitted step. :func:`train`
+steps it with the one stepping loop (:func:`spdjax.training.stepping.advance`): logging,
+checkpoints, finite and divergence checks, Ctrl-C; :func:`evaluate` writes the summary;
+:func:`plot` the figures. :func:`train_and_evaluate` does all of it. An ensemble
+(:mod:`spdjax.training.ensemble`) is a run with a member axis, stepped by the same loop.
 
 Nothing here knows which method it trains: params are an opaque pytree, the metrics a nested
 dict with ``loss/total``.
@@ -24,11 +28,10 @@ from typing import Any, Callable
 
 import jax
 
-from spdjax import configs as config_lib
-from spdjax.experiments import target_training
-from spdjax.experiments.registry import Experiment, build_experiment
-from spdjax.methods import METHODS, Method
+from spdjax.analysis.plots import plot_training_curves
+from spdjax.methods.base import Method, MethodSpec
 from spdjax.training import init_selection, workdir as wd, writers
+from spdjax.training import targets as target_training
 from spdjax.training import sharding as shard_lib
 from spdjax.training.checkpoints import Checkpointer
 from spdjax.training.distributed import is_primary
@@ -36,9 +39,11 @@ from spdjax.training.health import DivergenceError
 from spdjax.training.interrupts import StopRequest
 from spdjax.training.schedules import make_schedule
 from spdjax.training.step import TrainState, init_train_state
-from spdjax.training.stepping import OnStep, advance, build_step, write_sink
-from spdjax.training.validation import validate
+from spdjax.training.family import Experiment, Family, build_experiment
 from spdjax.training.progress import Progress, log_to
+from spdjax.training.step import make_train_step
+from spdjax.training.stepping import OnStep, advance, one_per_step, writer_sink
+from spdjax.training.validation import validate
 from spdjax.training.workdir import ConfigMismatchError
 
 log = logging.getLogger("spdjax")
@@ -70,6 +75,7 @@ class Run:
     workdir: pathlib.Path | None
     experiment: Experiment
     method: Method
+    method_spec: MethodSpec
     schedule: Callable
     mesh: jax.sharding.Mesh
     target_params: Any
@@ -85,6 +91,7 @@ class Run:
     lock: Any = None  # the workdir lock, released by close()
     recent_losses: list = dataclasses.field(default_factory=list)  # logged totals: divergence
     other_step_fns: dict = dataclasses.field(default_factory=dict)  # remainder chunks, by size
+    hparams: dict | None = None  # the method's traced hparams (None: it has none)
 
     @property
     def step(self) -> int:
@@ -94,8 +101,47 @@ class Run:
     def params(self) -> Any:
         return self.state.params
 
-    def checkpoint_meta(self) -> dict:
-        return {"method": self.method.name, "config": config_lib.to_dict(self.config)}
+    # -- what the stepping loop needs (spdjax.training.stepping.Steppable) ---------------------
+    def step_call(self, n: int) -> Callable:
+        if n == self.config.steps_per_call:
+            fn = self.step_fn
+        else:  # a remainder chunk (resume, stop): compiled once
+            if n not in self.other_step_fns:
+                self.other_step_fns[n] = build_step(self, steps_per_call=n)
+            fn = self.other_step_fns[n]
+
+        def call(state):
+            state, per_step = fn(state, self.target_params, self.keys.train, self.hparams)
+            return state, one_per_step(per_step, n)
+        return call
+
+    def member_metrics(self, metrics: dict) -> list[dict]:
+        return [wd.flatten_metrics(metrics)]
+
+    def member_params(self, state: TrainState, i: int) -> Any:
+        return state.params
+
+    def member_label(self, i: int) -> str | None:
+        return None
+
+    def lr(self, i: int, step: int) -> float:
+        return float(self.schedule(step))
+
+    def checkpoint_meta(self, wall_time_s: float | None = None) -> dict:
+        return {"method": self.method.name, "config": wd.config_dict(self.config)}
+
+
+def build_step(run: Run, *, microbatches: int | None = None,
+               steps_per_call: int | None = None) -> Callable:
+    """The run's jitted ``step(state, target_params, key, hparams) -> (state, metrics)`` (K
+    steps per call with stacked metrics for ``steps_per_call`` K > 1)."""
+    config = run.config
+    return make_train_step(
+        run.method.objective, run.method.optimizer, run.experiment.batch_fn,
+        total_steps=config.steps, mesh=run.mesh, state_sharding=run.state_sharding,
+        microbatches=config.microbatches if microbatches is None else microbatches,
+        matmul_precision=config.matmul_precision,
+        steps_per_call=config.steps_per_call if steps_per_call is None else steps_per_call)
 
 
 def state_from_params(run: Run, params: Any) -> TrainState:
@@ -109,31 +155,25 @@ def initial_state(run: Run, key: jax.Array) -> TrainState:
     return state_from_params(run, run.method.init(key, run.experiment.target_params))
 
 
-def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = False,
-          allow_changes: tuple[str, ...] = ()) -> Run:
-    """Builds (or, from ``workdir``'s latest good checkpoint, resumes) a run of ``config``.
+def setup(config, workdir: str | pathlib.Path | None = None, *, family: Family,
+          method: MethodSpec, fresh: bool = False, allow_changes: tuple[str, ...] = (),
+          target_params: Any = None, upgrade_record: Callable[[dict], dict] | None = None
+          ) -> Run:
+    """Builds (or, from ``workdir``'s latest good checkpoint, resumes) a run of ``config`` that
+    decomposes ``family``'s target with ``method``.
 
-    The workdir is locked for this process until :func:`close`. A resume with a changed config
-    is refused unless the changed fields are in ``allow_changes`` (e.g. ``("lr", "steps")``) or
-    only change reporting (:data:`spdjax.training.workdir.SAFE_CHANGES`).
+    ``target_params`` (optional) are the target's params, instead of the family's
+    ``load_target_params``. The workdir is locked for this process until :func:`close`. A
+    resume with a changed config is refused unless the changed fields are in ``allow_changes``
+    (e.g. ``("lr", "steps")``) or only change reporting
+    (:data:`spdjax.training.workdir.SAFE_CHANGES`); ``upgrade_record`` gives an older run's
+    recorded config the fields added since (the config layer passes its own).
     """
-    validate(config)
-    schedule = make_schedule(config.lr_schedule, config.lr, config.steps,
-                             warmup_frac=config.lr_warmup_frac, final_frac=config.lr_final_frac)
-    lock = None
-    if workdir is not None:
-        workdir = pathlib.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-    if workdir is not None and is_primary():  # one process owns the workdir's files
-        lock = wd.WorkdirLock(workdir)
-        try:
-            wd.prepare(workdir, config_lib.to_dict(config), fresh=fresh,
-                       allow_changes=tuple(allow_changes))
-        except BaseException:
-            lock.release()
-            raise
+    validate(config, family, method)
+    lock, workdir = open_workdir(config, workdir, fresh=fresh, allow_changes=allow_changes,
+                                 upgrade=upgrade_record)
     try:
-        run = _build(config, workdir, schedule)
+        run = _build(config, workdir, family, method, target_params)
         run.lock = lock
         if workdir is not None:
             _resume(run)
@@ -142,6 +182,39 @@ def setup(config, workdir: str | pathlib.Path | None = None, *, fresh: bool = Fa
             lock.release()
         raise
     return run
+
+
+def build_method(run: Run, config) -> Method:
+    """``run``'s method built anew for ``config`` (same target; e.g. an ensemble member's own
+    coefficients)."""
+    return run.method_spec.build(config, run.experiment, run.schedule)
+
+
+def open_workdir(config, workdir, *, fresh: bool, allow_changes=(), upgrade=None):
+    """``(lock, workdir path)``: ``workdir`` created, locked for this process and checked
+    against ``config`` (:func:`spdjax.training.workdir.prepare`, with ``upgrade`` for old
+    records); ``(None, None)`` in memory. Only the primary process of a multi-process run owns
+    the workdir's files."""
+    if workdir is None:
+        return None, None
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not is_primary():
+        return None, workdir
+    lock = wd.WorkdirLock(workdir)
+    try:
+        wd.prepare(workdir, wd.config_dict(config), fresh=fresh,
+                   allow_changes=tuple(allow_changes), upgrade=upgrade)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, workdir
+
+
+def make_lr_schedule(config) -> Callable:
+    """The learning-rate schedule of ``config`` (``lr``, ``lr_schedule``, warm-up, final)."""
+    return make_schedule(config.lr_schedule, config.lr, config.steps,
+                         warmup_frac=config.lr_warmup_frac, final_frac=config.lr_final_frac)
 
 
 def _saved_target(workdir: pathlib.Path | None) -> Any:
@@ -156,20 +229,26 @@ def _saved_target(workdir: pathlib.Path | None) -> Any:
         return None
 
 
-def _build(config, workdir: pathlib.Path | None, schedule) -> Run:
-    log.info("spdjax: %s %s -> %s (devices: %d x %s)", config.experiment, config.variant,
+def _build(config, workdir: pathlib.Path | None, family: Family, spec: MethodSpec,
+           target_params: Any = None) -> Run:
+    log.info("spdjax: %s %s -> %s (devices: %d x %s)", family.name, config.variant,
              workdir or "memory", jax.device_count(), jax.devices()[0].platform)
-    experiment = build_experiment(config, target_params=_saved_target(workdir))
-    method = METHODS.get(config.method)(config, experiment, schedule)
+    saved = _saved_target(workdir)
+    experiment = build_experiment(config, family,
+                                  target_params=saved if saved is not None else target_params)
+    schedule = make_lr_schedule(config)
+    method = spec.build(config, experiment, schedule)
     mesh = shard_lib.make_mesh(model=config.mesh_model)
     keys = RunKeys.from_seed(config.seed)
     shapes = jax.eval_shape(method.init, keys.init, experiment.target_params)
     shard_lib.check_divisible(shapes, method.partition_specs(shapes, shard_lib.MODEL), mesh,
                               config.batch_size)
     run = Run(config=config, workdir=workdir, experiment=experiment, method=method,
+              method_spec=spec,
               schedule=schedule, mesh=mesh,
               target_params=shard_lib.replicate(experiment.target_params, mesh), keys=keys,
-              state=None, state_sharding=None, step_fn=None, checkpointer=None, writer=None)
+              state=None, state_sharding=None, step_fn=None, checkpointer=None, writer=None,
+              hparams=method.hparams_of(config) or None)
     # One batch through the target before compiling anything: shapes, NaN/inf, token ids.
     method.decomposition.clean_forward(experiment.target_params,
                                        experiment.batch_fn(jax.random.key(0)))
@@ -215,14 +294,14 @@ def _select_init(run: Run, t0: float, interrupt: StopRequest) -> None:
         lines, tail = [], init_selection.TailMean(n_select)
         progress = Progress(n_select, 0, label=f"init candidate {index + 1}/{n_cand}")
         state = advance(run, state, stop=n_select, progress=progress,
-                       sink=lambda *line: lines.append(line), checkpoint=False,
-                       on_step=tail, t0=t0, history=[], interrupt=interrupt)
+                        sinks=[lambda *line: lines.append(line)], checkpoint=False,
+                        on_step=tail, t0=t0, histories=[[]], interrupt=interrupt)
         return init_selection.Probe(index, tail.value(), state, lines)
 
     best, record = init_selection.select(n_cand, probe, report=log.info)
     run.state = best.state
     for line in best.lines:
-        write_sink(run)(*line)
+        writer_sink(run.writer)(*line)
     record["steps"] = n_select
     run.init_record = record
     if run.workdir is not None and is_primary():
@@ -249,9 +328,10 @@ def train(run: Run, until_step: int | None = None, *, on_step: OnStep | None = N
             if run.step == 0 and run.config.init_candidates > 1:
                 _select_init(run, t0, interrupt)
             run.state = advance(run, run.state, stop=until,
-                               progress=Progress(run.config.steps, run.step), sink=write_sink(run),
-                               checkpoint=run.checkpointer is not None, on_step=on_step, t0=t0,
-                               history=run.recent_losses, interrupt=interrupt)
+                                progress=Progress(run.config.steps, run.step),
+                                sinks=[writer_sink(run.writer)],
+                                checkpoint=run.checkpointer is not None, on_step=on_step, t0=t0,
+                                histories=[run.recent_losses], interrupt=interrupt)
     except BaseException:  # diverged, interrupted, ...: the workdir must agree with itself
         if run.checkpointer is not None:
             run.checkpointer.wait()
@@ -291,8 +371,6 @@ def evaluate(run: Run) -> dict:
 def plot(run, figures_dir: str | pathlib.Path | None = None) -> list[pathlib.Path]:
     """The experiment's figures of a :class:`Run`'s (or :func:`spdjax.load`'s) params, and the
     training curves when there is a ``metrics.jsonl`` (default: into ``workdir/figures``)."""
-    from spdjax.analysis.plots import plot_training_curves
-
     if figures_dir is None:
         if run.workdir is None:
             raise ValueError("plot(run) of a run without a workdir needs a figures_dir.")
@@ -328,8 +406,10 @@ class EvaluationError(RuntimeError):
     """Training finished (and is saved) but the final evaluation failed."""
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = False,
-                       allow_changes: tuple[str, ...] = ()) -> dict:
+def train_and_evaluate(config, workdir: str | pathlib.Path, *, family: Family,
+                       method: MethodSpec, fresh: bool = False,
+                       allow_changes: tuple[str, ...] = (),
+                       upgrade_record: Callable[[dict], dict] | None = None) -> dict:
     """Trains (or resumes) a run in ``workdir``, evaluates and plots it; returns the summary.
 
     Progress goes to the ``"spdjax"`` logger, printed to stdout unless the application set up a
@@ -337,14 +417,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = Fal
     checkpointed: rerunning evaluates it without training (its evaluation settings, e.g.
     ``eval_microbatches``, may be changed for that).
     """
-    if config.ensemble > 1 or config.ensemble_sweep:  # one program, several runs: a summary each
-        from spdjax.training import ensemble
-
-        with log_to():
-            return ensemble.train_and_evaluate(config, workdir, fresh=fresh,
-                                               allow_changes=allow_changes)
     with log_to():
-        run = setup(config, workdir, fresh=fresh, allow_changes=allow_changes)
+        run = setup(config, workdir, family=family, method=method, fresh=fresh,
+                    allow_changes=allow_changes, upgrade_record=upgrade_record)
         try:
             train(run)
             try:
@@ -363,5 +438,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, fresh: bool = Fal
 
 
 __all__ = ["ConfigMismatchError", "DivergenceError", "EvaluationError", "Run", "RunKeys",
-           "build_step", "close", "evaluate", "initial_state", "plot", "setup",
-           "state_from_params", "train", "train_and_evaluate", "validate"]
+           "build_step", "close", "evaluate", "initial_state", "make_lr_schedule",
+           "open_workdir", "plot", "setup", "state_from_params", "train", "train_and_evaluate",
+           "validate"]

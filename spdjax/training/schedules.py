@@ -17,7 +17,7 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from spdjax.registry import Registry
+from spdjax.core.registry import Registry
 
 
 # Each shape maps (i, n, f) -> the lr factor: step i in [0, n) of the n post-warm-up steps.

@@ -52,7 +52,7 @@ def check_divisible(params: Any, specs: Any, mesh: Mesh, batch_size: int) -> Non
 def shard_params(layout: Any, params: Any, mesh: Mesh) -> Any:
     """Places params on the mesh by ``layout.partition_specs(params, MODEL)``.
 
-    ``layout`` is a :class:`~spdjax.decomposition.Decomposition` or a
+    ``layout`` is a :class:`~spdjax.core.decomposition.Decomposition` or a
     :class:`~spdjax.methods.Method`: anything that knows where its component axis is.
     """
     specs = layout.partition_specs(params, MODEL)

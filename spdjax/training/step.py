@@ -82,8 +82,11 @@ def make_train_step(
     microbatches: int = 1,
     matmul_precision: str = "highest",
     steps_per_call: int = 1,
-) -> Callable[[TrainState, Any, Array], tuple[TrainState, dict[str, Array]]]:
-    """Returns jitted ``step(state, target_params, root_key) -> (state, metrics)``.
+) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """Returns jitted ``step(state, target_params, root_key, hparams=None) -> (state, metrics)``.
+
+    ``hparams`` (e.g. a method's loss coefficients, :attr:`Method.hparams`) reach the objective
+    as its sixth argument, as traced values: steps that differ only in them share one program.
 
     The step draws its own batch with ``batch_fn(key)`` on device; the step key is
     ``fold_in(root_key, state.step)``, so a run is a pure function of its seed and can resume.
@@ -110,11 +113,16 @@ def make_train_step(
                          f"{MATMUL_PRECISIONS}.")
     if not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}.")
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    def loss(params, target_params, batch, key, step_frac, hparams):
+        if hparams is None:  # a method without hparams: the five-argument objective
+            return objective(params, target_params, batch, key, step_frac)
+        return objective(params, target_params, batch, key, step_frac, hparams)
 
-    def grads_and_metrics(params, target_params, batch, key, step_frac):
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+    def grads_and_metrics(params, target_params, batch, key, step_frac, hparams):
         if microbatches == 1:
-            (_, metrics), grads = grad_fn(params, target_params, batch, key, step_frac)
+            (_, metrics), grads = grad_fn(params, target_params, batch, key, step_frac, hparams)
             return grads, metrics
 
         def split(x):
@@ -129,7 +137,7 @@ def make_train_step(
         def body(acc, inputs):
             i, chunk = inputs
             (_, metrics), grads = grad_fn(
-                params, target_params, chunk, jax.random.fold_in(key, i), step_frac
+                params, target_params, chunk, jax.random.fold_in(key, i), step_frac, hparams
             )
             return jax.tree.map(jnp.add, acc, (grads, metrics)), None
 
@@ -137,13 +145,14 @@ def make_train_step(
         zeros = jax.tree.map(
             jnp.zeros_like,
             jax.eval_shape(lambda: grad_fn(params, target_params,
-                                           jax.tree.map(lambda x: x[0], chunks), key, step_frac)),
+                                           jax.tree.map(lambda x: x[0], chunks), key, step_frac,
+                                           hparams)),
         )
         init = (zeros[1], zeros[0][1])
         (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(microbatches), chunks))
         return jax.tree.map(lambda a: a / microbatches, (grads, metrics))
 
-    def one_step(state: TrainState, target_params, root_key):
+    def one_step(state: TrainState, target_params, root_key, hparams):
         key = jax.random.fold_in(root_key, state.step)
         k_batch, k_loss = jax.random.split(key)
         batch = batch_fn(k_batch)
@@ -155,17 +164,18 @@ def make_train_step(
                 batch,
             )
         step_frac = state.step.astype(jnp.float32) / max(total_steps, 1)
-        grads, metrics = grads_and_metrics(state.params, target_params, batch, k_loss, step_frac)
+        grads, metrics = grads_and_metrics(state.params, target_params, batch, k_loss, step_frac,
+                                           hparams)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def step(state: TrainState, target_params, root_key):
+    def step(state: TrainState, target_params, root_key, hparams=None):
         with jax.default_matmul_precision(matmul_precision):
             if steps_per_call == 1:
-                return one_step(state, target_params, root_key)
-            return jax.lax.scan(lambda s, _: one_step(s, target_params, root_key), state, None,
-                                length=steps_per_call)
+                return one_step(state, target_params, root_key, hparams)
+            return jax.lax.scan(lambda s, _: one_step(s, target_params, root_key, hparams), state,
+                                None, length=steps_per_call)
 
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if mesh is not None and state_sharding is not None:

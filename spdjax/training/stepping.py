@@ -1,58 +1,73 @@
-"""Advancing a run: the jitted step of a :class:`~spdjax.training.loop.Run` and the stepping
-loop that logs, checks health, checkpoints and honours Ctrl-C at step boundaries.
+"""The one stepping loop: :func:`advance` steps a run (a single one or an ensemble, whose state
+has a leading member axis) while it logs, checks health, checkpoints and honours Ctrl-C at step
+boundaries.
 
 :func:`advance` steps a train state to a given step in chunks of ``config.steps_per_call`` steps
 per jitted call (chunk ends aligned to multiples of it, so log and checkpoint steps are chunk
-ends); :func:`build_step` compiles the run's step for a chunk size.
+ends, and a run resumed at any step rejoins the same boundaries). What differs between a single
+run and an ensemble is behind the small :class:`Steppable` interface that both implement.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 
 from spdjax.training import workdir as wd
 from spdjax.training.health import check_health
 from spdjax.training.interrupts import StopRequest
-from spdjax.training.step import TrainState, make_train_step
 from spdjax.training.progress import Progress
+from spdjax.training.step import TrainState
 
 log = logging.getLogger("spdjax")
 OnStep = Callable[[int, dict], None]
+Sink = Callable[[int, dict], None]
 
 
-def build_step(run, *, microbatches: int | None = None,
-               steps_per_call: int | None = None) -> Callable:
-    """The run's jitted ``step(state, target_params, key) -> (state, metrics)`` (K steps per
-    call with stacked metrics for ``steps_per_call`` K > 1)."""
+class Steppable(Protocol):
+    """What :func:`advance` needs of a run (:class:`~spdjax.training.loop.Run` and
+    :class:`~spdjax.training.ensemble.Ensemble`)."""
+
+    config: Any
+    checkpointer: Any
+    wall_time_s: float
+    compiled: bool
+
+    def step_call(self, n: int) -> Callable[[TrainState], tuple[TrainState, dict]]:
+        """``state -> (state, metrics stacked [n, ...])``: ``n`` steps in one jitted call."""
+
+    def member_metrics(self, metrics: dict) -> list[dict]:
+        """One flat ``{name: value}`` dict per member (a single run: one) of host metrics."""
+
+    def member_params(self, state: TrainState, i: int) -> Any:
+        """Member ``i``'s params (health checks)."""
+
+    def member_label(self, i: int) -> str | None:
+        """How errors name member ``i`` (None for a single run)."""
+
+    def lr(self, i: int, step: int) -> float:
+        """Member ``i``'s learning rate at ``step``."""
+
+    def checkpoint_meta(self, wall_time_s: float) -> dict:
+        """The metadata saved with a checkpoint."""
+
+
+def advance(run: Steppable, state: TrainState, *, stop: int, progress: Progress,
+            sinks: Sequence[Sink], checkpoint: bool, on_step: OnStep | None, t0: float,
+            histories: Sequence[list], interrupt: StopRequest) -> TrainState:
+    """Steps ``state`` to ``stop``: ``sinks[i](step, values)`` of each member every
+    ``log_every`` steps and at ``stop``, checkpoints (if ``checkpoint``) every
+    ``checkpoint_every``, at the end and when ``interrupt`` was requested (then raises
+    ``KeyboardInterrupt``). Every member's health is checked at every log step and before every
+    save (``histories[i]``: its logged totals, for the divergence check)."""
     config = run.config
-    return make_train_step(
-        run.method.objective, run.method.optimizer, run.experiment.batch_fn,
-        total_steps=config.steps, mesh=run.mesh, state_sharding=run.state_sharding,
-        microbatches=config.microbatches if microbatches is None else microbatches,
-        matmul_precision=config.matmul_precision,
-        steps_per_call=config.steps_per_call if steps_per_call is None else steps_per_call)
-
-
-def advance(run, state: TrainState, *, stop: int, progress: Progress, sink, checkpoint: bool,
-           on_step: OnStep | None, t0: float, history: list,
-           interrupt: StopRequest) -> TrainState:
-    """Steps ``state`` to ``stop``: ``sink(step, values)`` every ``log_every`` steps and at
-    ``stop``, checkpoints (if ``checkpoint``) every ``checkpoint_every``, at the end and when
-    ``interrupt`` was requested (then raises ``KeyboardInterrupt``). The state's health is
-    checked at every log step and before every save."""
-    config = run.config
-    step, first = int(state.step), True
+    step, first = int(jax.tree.leaves(state.step)[0].reshape(-1)[0]), True
     while step < stop:
-        # Chunks of steps_per_call steps, their ends aligned to its multiples (log and checkpoint
-        # steps are such multiples), so a run resumed at any step rejoins the same boundaries.
         end = min(stop, (step // config.steps_per_call + 1) * config.steps_per_call)
-        state, per_step = _step_fn(run, end - step)(state, run.target_params, run.keys.train)
-        if end - step == 1:
-            per_step = jax.tree.map(lambda m: m[None], per_step)
+        state, per_step = run.step_call(end - step)(state)
         if first:  # exclude compilation / candidate switch from steps/s
             jax.block_until_ready(state)
             if not run.compiled:
@@ -64,37 +79,45 @@ def advance(run, state: TrainState, *, stop: int, progress: Progress, sink, chec
             for i in range(end - step):
                 on_step(step + 1 + i, jax.tree.map(lambda m, i=i: m[i], per_step))
         step = end
-        metrics = jax.tree.map(lambda m: m[-1], per_step)
         log_now = step % config.log_every == 0 or step == stop
         save_now = checkpoint and (step % config.checkpoint_every == 0 or interrupt.requested
                                    or step in (stop, config.steps))
         if log_now or save_now:
-            values = wd.flatten_metrics(jax.device_get(metrics))
-            check_health(run.config, run.checkpointer, step, values, state.params, history)
+            lines = run.member_metrics(jax.device_get(jax.tree.map(lambda m: m[-1], per_step)))
+            for i, values in enumerate(lines):
+                try:
+                    check_health(config, run.checkpointer, step, values,
+                                 run.member_params(state, i), histories[i])
+                except Exception as e:
+                    label = run.member_label(i)
+                    if label is None:
+                        raise
+                    raise type(e)(f"Ensemble member {label}: {e}") from e
+        wall = run.wall_time_s + time.perf_counter() - t0
         if save_now:
-            run.checkpointer.save(step, state, run.checkpoint_meta())
+            run.checkpointer.save(step, state, run.checkpoint_meta(wall))
         if log_now:
-            values["lr"] = max(float(run.schedule(step - 1)), 0.0)
-            values["steps_per_sec"] = progress.mark(step)
-            values["wall_time_s"] = run.wall_time_s + time.perf_counter() - t0
-            sink(step, values)
-            progress.report(step, values["loss/total"])
+            rate = progress.mark(step)
+            for i, values in enumerate(lines):
+                values["lr"] = max(float(run.lr(i, step - 1)), 0.0)
+                values["steps_per_sec"] = rate
+                values["wall_time_s"] = wall
+                sinks[i](step, values)
+            progress.report(step, sum(v["loss/total"] for v in lines) / len(lines))
         if interrupt.requested:
             raise KeyboardInterrupt
     return state
 
 
-def _step_fn(run, n: int) -> Callable:
-    """The jitted step that advances ``n`` steps per call (the run's own for steps_per_call)."""
-    if n == run.config.steps_per_call:
-        return run.step_fn
-    if n not in run.other_step_fns:  # a remainder chunk (resume, stop): compiled once
-        run.other_step_fns[n] = build_step(run, steps_per_call=n)
-    return run.other_step_fns[n]
-
-
-def write_sink(run):
+def writer_sink(writer) -> Sink:
+    """A sink that writes each metric line to ``writer`` and flushes it."""
     def sink(step, values):
-        run.writer.write_scalars(step, values)
-        run.writer.flush()
+        writer.write_scalars(step, values)
+        writer.flush()
     return sink
+
+
+def one_per_step(per_step, n: int):
+    """Metrics of an ``n``-step call with the step axis leading even for ``n = 1``."""
+    return jax.tree.map(lambda m: m[None], per_step) if n == 1 else per_step
+

@@ -10,9 +10,15 @@ import math
 
 import jax
 
-from spdjax.methods import CONFIG_CHECKS, METHODS
+from spdjax.core.ci import make_ci_fn
+from spdjax.core.components import COMPONENT_INITS
+from spdjax.core.decomposition import TIE_MODES
+from spdjax.core.sigmoids import SIGMOIDS
+from spdjax.methods.base import MethodSpec
 from spdjax.training import init_selection, writers
+from spdjax.training.family import Family
 from spdjax.training.schedules import make_schedule
+from spdjax.training.step import MATMUL_PRECISIONS
 
 
 def _positive_int(config, name: str, minimum: int = 1) -> int:
@@ -31,17 +37,11 @@ def _number_in(config, name: str, lo: float, hi: float, *, hi_open: bool = False
                          f"got {value!r}.")
 
 
-def validate(config) -> None:
+def validate(config, family: Family, method: MethodSpec) -> None:
     """Every field of a run config, before any target is trained or loaded: a ``ValueError``
-    naming the field, its value and what was expected."""
-    from spdjax.ci import make_ci_fn
-    from spdjax.components import COMPONENT_INITS
-    from spdjax.decomposition import TIE_MODES
-    from spdjax.experiments.registry import get_family
-    from spdjax.sigmoids import SIGMOIDS
-
-    get_family(config.experiment).model_config(config)  # variant and target_recipe fields
-    METHODS.get(config.method)
+    naming the field, its value and what was expected. ``family`` checks the variant and
+    target-recipe fields, ``method`` its own fields."""
+    cfg = family.model_config(config)  # variant and target_recipe fields
     for name in ("steps", "batch_size", "eval_batch_size", "log_every", "checkpoint_every", "C",
                  "microbatches", "eval_microbatches", "mesh_model"):
         _positive_int(config, name)
@@ -51,7 +51,6 @@ def validate(config) -> None:
     for name in ("log_every", "checkpoint_every", "init_select_steps"):
         if config[name] % k:
             raise ValueError(f"{name}={config[name]} is not a multiple of steps_per_call={k}.")
-    from spdjax.training.step import MATMUL_PRECISIONS
     if config.matmul_precision not in MATMUL_PRECISIONS:
         raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got "
                          f"{config.matmul_precision!r}.")
@@ -82,9 +81,6 @@ def validate(config) -> None:
     if config.ensemble_mode not in ("auto", "vmap", "map"):
         raise ValueError(f"ensemble_mode must be 'auto', 'vmap' or 'map', got "
                          f"{config.ensemble_mode!r}.")
-    from spdjax.training.ensemble import parse_sweep
-
-    parse_sweep(config)
     if _positive_int(config, "ensemble") > 1 or config.ensemble_sweep:
         for name, single in (("init_candidates", 1), ("mesh_model", 1)):
             if config[name] != single:
@@ -92,5 +88,5 @@ def validate(config) -> None:
                                  f"{config.ensemble_sweep!r}) trains every member on one device "
                                  f"from its seed's init: {name} must be {single}, got "
                                  f"{config[name]!r}.")
-    CONFIG_CHECKS[config.method](config)  # the method's own fields (SPD: its loss terms)
+    method.check_config(config, family.target(cfg))  # its own fields (SPD: its loss terms)
     init_selection.check_config(config)

@@ -19,7 +19,10 @@ import pathlib
 import shutil
 import socket
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from spdjax.losses.total import is_default_option
+from spdjax.training.checkpoints import Checkpointer
 
 log = logging.getLogger("spdjax")
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "init_selection.json",
@@ -87,8 +90,6 @@ def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[tuple[str,
 def _spelled_default(change: tuple[str, Any, Any]) -> bool:
     """A loss option one side leaves out and the other sets to the term's default (a config
     file that now names it, e.g. ``sampling="continuous"``): no change to the run."""
-    from spdjax.losses.total import is_default_option
-
     key, a, b = change
     parts = key.split(".")
     if len(parts) != 3 or parts[0] not in ("losses", "eval_losses") or "<absent>" not in (a, b):
@@ -113,8 +114,6 @@ def recorded_config(workdir: pathlib.Path) -> dict | None:
         return json.loads((workdir / "config.json").read_text())
     except (OSError, ValueError):
         pass
-    from spdjax.training.checkpoints import Checkpointer
-
     ckpt = Checkpointer(workdir / "checkpoints")
     try:
         for step in reversed(ckpt.all_steps()):
@@ -131,20 +130,29 @@ def recorded_config(workdir: pathlib.Path) -> dict | None:
     return None
 
 
-def _upgraded(recorded: dict) -> dict:
-    """A recorded config with the fields added since it was written (see
-    :func:`spdjax.configs.from_dict`), so that only real differences count."""
-    from spdjax import configs
+def config_dict(config) -> dict:
+    """A JSON-ready plain dict of a config (tuples as lists), as written to ``config.json``."""
+    return json.loads(json.dumps(config.to_dict(), default=lambda o: list(o)
+                                 if isinstance(o, tuple) else str(o)))
 
+
+def _upgraded(recorded: dict, upgrade: Callable[[dict], dict] | None) -> dict:
+    if upgrade is None:
+        return recorded
     try:
-        return configs.to_dict(configs.from_dict(recorded))
+        return upgrade(recorded)
     except Exception:  # noqa: BLE001 - an unknown experiment or variant: compare as written
         return recorded
 
 
 def prepare(workdir: pathlib.Path, resolved: dict, *, fresh: bool,
-            allow_changes: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+            allow_changes: tuple[str, ...] = (),
+            upgrade: Callable[[dict], dict] | None = None) -> list[tuple[str, Any, Any]]:
     """Checks ``resolved`` against the run already in ``workdir`` and writes ``config.json``.
+
+    ``upgrade(recorded) -> dict`` gives a record the fields added to configs since it was
+    written (:func:`spdjax.config.files.upgrade_record`), so that only real differences count;
+    without it the record is compared as written.
 
     A resume with another config is refused (:class:`ConfigMismatchError`) unless every changed
     field is in :data:`SAFE_CHANGES` or ``allow_changes`` (dotted prefixes, e.g. ``"lr"``,
@@ -165,7 +173,8 @@ def prepare(workdir: pathlib.Path, resolved: dict, *, fresh: bool,
                 f"{workdir} holds checkpoints but no readable config (config.json and the "
                 "checkpoints' metadata are missing or damaged); use another --workdir, or pass "
                 "--fresh to discard that run.")
-        changes = [c for c in config_diff(_upgraded(old), resolved) if not _spelled_default(c)]
+        changes = [c for c in config_diff(_upgraded(old, upgrade), resolved)
+                   if not _spelled_default(c)]
         refused = [c for c in changes if not _allowed(c[0], SAFE_CHANGES + tuple(allow_changes))]
         if refused:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)

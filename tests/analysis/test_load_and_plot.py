@@ -1,4 +1,4 @@
-"""A finished run reopened from its workdir: ``python -m spdjax.plot`` redraws every figure."""
+"""A finished run reopened from its workdir: ``python -m spdjax.cli.plot`` redraws every figure."""
 
 import os
 import pathlib
@@ -20,7 +20,7 @@ def test_plot_cli_redraws_every_figure_of_a_finished_run(tmp_path):
     wd = tmp_path / "run"
     shutil.copytree(FIXTURE, wd)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    p = subprocess.run([sys.executable, "-m", "spdjax.plot", f"--workdir={wd}"], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "spdjax.cli.plot", f"--workdir={wd}"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     drawn = {pathlib.Path(line).name for line in p.stdout.split()}

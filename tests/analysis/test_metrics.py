@@ -7,7 +7,7 @@ from helpers import two_site_target
 import spdjax
 from spdjax.analysis import ci_patterns as cp
 from spdjax.analysis import metrics as ev
-from spdjax.decomposition import ci_l0
+from spdjax.core.decomposition import ci_l0
 
 
 def pentagon(n=5, scale=1.0):

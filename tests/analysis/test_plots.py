@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from spdjax.analysis import plots
-from spdjax.experiments.resid_mlp import plots as rm_plots
-from spdjax.experiments.tms import plots as tms_plots
+from spdjax.families.resid_mlp import plots as rm_plots
+from spdjax.families.tms import plots as tms_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

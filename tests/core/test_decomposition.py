@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import spdjax
-from spdjax import components
+from spdjax.core import components
 from spdjax.methods.spd import aliased_tie_updates, faithfulness_warmup, init_fn
 
 from helpers import assert_reproduces_target, two_site_target
@@ -258,7 +258,7 @@ def test_ci_function_kinds_shapes(ci_fn, hidden):
 
 
 def test_mlp_ci_init_scales():
-    from spdjax.ci import make_ci_fn
+    from spdjax.core.ci import make_ci_fn
 
     layers = make_ci_fn("mlp", (16,)).init(jax.random.key(0), C=400, d_in=3)
     np.testing.assert_allclose(np.std(layers[0]["w"]), np.sqrt(2.0), rtol=0.05)
@@ -269,7 +269,7 @@ def test_mlp_ci_init_scales():
 def test_fused_scalar_mlp_gradient_matches_autodiff():
     from jax.test_util import check_grads
 
-    from spdjax.ci import _scalar_mlp, scalar_mlp
+    from spdjax.core.ci import _scalar_mlp, scalar_mlp
 
     k = jax.random.split(jax.random.key(0), 5)
     args = (jax.random.normal(k[0], (3, 4, 5)), jax.random.normal(k[1], (5, 6)),
@@ -290,7 +290,7 @@ def test_fused_scalar_mlp_gradient_matches_autodiff():
 def _stream_target(factored: bool, d: int = 40):
     """x -> r = x P (width d) -> h = relu(r Wa + ba) -> r + (h Wb + bb) -> (that) Wc: with
     ``factored``, r is Mapped(x, pre=P) and site "b" returns its write factored."""
-    from spdjax.target import Mapped
+    from spdjax.core.target import Mapped
 
     def site(a, W, b=0.0):
         return (a.matmul(W) if isinstance(a, Mapped) else a @ W) + b
@@ -316,7 +316,7 @@ def _stream_target(factored: bool, d: int = 40):
 def test_a_stream_kept_factored_gives_the_plain_forward_with_bias_delta_and_routing():
     # Site "b" returns (acts * m) U + m_delta h (W - V U) routed against h W, plus its bias, as
     # narrow terms that site "c" reads through its own matrices: the same output and gradients.
-    from spdjax.masks import SiteMask
+    from spdjax.core.masks import SiteMask
     x = jax.random.normal(jax.random.key(1), (16, 6))
     (folded, tp), (plain, _) = _stream_target(True), _stream_target(False)
     _, inputs = folded.forward(tp, x, {})
@@ -340,7 +340,7 @@ def test_a_stream_kept_factored_gives_the_plain_forward_with_bias_delta_and_rout
 
 
 def test_mapped_sums_add_read_and_fall_back_to_the_plain_array_when_wide():
-    from spdjax.decomposition import _check_site_input
+    from spdjax.core.decomposition import _check_site_input
     k = iter(jax.random.split(jax.random.key(3), 6))
     x, P, h, B = (jax.random.normal(next(k), s) for s in ((4, 3), (3, 10), (4, 2), (2, 10)))
     r = spdjax.Mapped(x, pre=P) + spdjax.Mapped(h, pre=B)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import spdjax
-from spdjax.masks import sample_masks
+from spdjax.core.masks import sample_masks
 
 
 def test_continuous_masks_are_uniform_between_g_and_1():

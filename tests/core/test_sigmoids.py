@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from spdjax import sigmoids
+from spdjax.core import sigmoids
 
 from helpers import np_lower, np_upper
 

@@ -1,5 +1,5 @@
-"""Sites found by tracing (spdjax.tracing): every weight application of linen, nnx and plain JAX
-models, checked against the model's own output with all masks 1."""
+"""Sites found by tracing (spdjax.core.tracing): every weight application of linen, nnx and plain
+JAX models, checked against the model's own output with all masks 1."""
 
 import flax.linen as nn
 import jax

@@ -11,7 +11,7 @@ import pytest
 import spdjax
 from spdjax import losses, routing
 from spdjax.losses import adversarial
-from spdjax.masks import SiteMask, sample_masks
+from spdjax.core.masks import SiteMask, sample_masks
 
 from helpers import two_site_target
 
@@ -197,11 +197,11 @@ def test_bad_options_fail_when_bound(name, options, match):
 def test_a_later_reference_run_trains_and_reports_its_eval_terms():
     from spdjax.training import loop
 
-    config = spdjax.configs.load("tms:5-2+head", {
+    config = spdjax.config.load("tms:5-2+head", {
         "steps": 4, "log_every": 2, "batch_size": 64, "eval_batch_size": 128, "figures": False,
         "grad_clip_norm_components": 0.01, "grad_clip_norm_ci": 0.1, "ci_lower_noise": 0.05,
         "losses.stochastic_recon.sampling": "binomial"})
-    run = loop.setup(config)
+    run = spdjax.setup(config)
     loop.train(run)
     summary = loop.evaluate(run)
     assert sorted(summary["eval_loss"]) == ["pgd_recon", "stochastic_hidden_acts_recon"]
@@ -230,7 +230,7 @@ def test_gradient_clipping_per_group():
 
 
 def _persistent_config(**overrides):
-    config = spdjax.configs.load("tms:5-2", {"steps": 10, "log_every": 5, "checkpoint_every": 5,
+    config = spdjax.config.load("tms:5-2", {"steps": 10, "log_every": 5, "checkpoint_every": 5,
                                             "batch_size": 64, "eval_batch_size": 128,
                                             "figures": False, **overrides})
     with config.unlocked():
@@ -242,7 +242,7 @@ def _persistent_config(**overrides):
 def test_persistent_pgd_sources_ascend_stay_in_the_unit_box_and_survive_a_resume(tmp_path):
     from spdjax.training import loop
 
-    straight = loop.setup(_persistent_config())
+    straight = spdjax.setup(_persistent_config())
     start = jax.device_get(straight.params["adversary"]["persistent_pgd_recon"])
     assert {n: s.shape for n, s in start.items()} == {"linear1": (21,), "linear2": (21,)}
     loop.train(straight)
@@ -250,10 +250,10 @@ def test_persistent_pgd_sources_ascend_stay_in_the_unit_box_and_survive_a_resume
     assert all(((s >= 0) & (s <= 1)).all() for s in end.values())
     assert not all(np.allclose(start[n], end[n]) for n in start)  # they moved
 
-    stopped = loop.setup(_persistent_config(), tmp_path / "run")
+    stopped = spdjax.setup(_persistent_config(), tmp_path / "run")
     loop.train(stopped, 5)
     loop.close(stopped)
-    resumed = loop.setup(_persistent_config(), tmp_path / "run")  # as after a kill
+    resumed = spdjax.setup(_persistent_config(), tmp_path / "run")  # as after a kill
     assert resumed.step == 5
     loop.train(resumed)
     loop.close(resumed)

@@ -7,7 +7,7 @@ import pytest
 
 import spdjax
 from spdjax import losses
-from spdjax.masks import sample_masks
+from spdjax.core.masks import sample_masks
 
 from helpers import np_lower, np_mlp_ci, np_upper, two_site_target
 

@@ -68,7 +68,7 @@ def test_schatten_and_faithfulness_against_numpy(setup):
 
 
 def test_a_tied_site_is_its_owners_transpose():
-    from spdjax.experiments.tms import model as tms
+    from spdjax.families.tms import model as tms
 
     cfg = tms.TMS_VARIANTS["5-2"]
     tp = tms.init_tms_params(jax.random.key(0), cfg)
@@ -91,22 +91,22 @@ def test_a_tied_site_is_its_owners_transpose():
     ({"apd.formulation": "lp", "apd.act_recon_coeff": 1.0}, "no sparse forward"),
 ])
 def test_bad_apd_settings_fail_before_any_work(override, match):
-    from spdjax.training.validation import validate
+    from spdjax.config.runs import validate
 
     with pytest.raises(ValueError, match=match):
-        validate(spdjax.configs.load("tms:5-2+apd", override))
+        validate(spdjax.config.load("tms:5-2+apd", override))
 
 
 def test_an_apd_run_trains_evaluates_and_resumes(tmp_path):
     from spdjax.training import loop
 
-    config = spdjax.configs.load("tms:5-2+apd", {"steps": 40, "log_every": 20,
+    config = spdjax.config.load("tms:5-2+apd", {"steps": 40, "log_every": 20,
                                                 "checkpoint_every": 20, "batch_size": 256,
                                                 "eval_batch_size": 512, "figures": False})
-    run = loop.setup(config, tmp_path / "run")
+    run = spdjax.setup(config, tmp_path / "run")
     loop.train(run, 20)
     loop.close(run)
-    run = loop.setup(config, tmp_path / "run")
+    run = spdjax.setup(config, tmp_path / "run")
     assert run.step == 20 and run.method.name == "apd"
     loop.train(run)
     summary = loop.evaluate(run)
@@ -137,10 +137,10 @@ def test_unit_norm_keeps_A_columns_unit():
 def test_a_resid_mlp_apd_run_keeps_A_unit_and_reports_contributions():
     from spdjax.training import loop
 
-    config = spdjax.configs.load("resid_mlp:1+apd", {"steps": 4, "log_every": 2, "C": 20,
+    config = spdjax.config.load("resid_mlp:1+apd", {"steps": 4, "log_every": 2, "C": 20,
                                                     "batch_size": 64, "target_steps": 5,
                                                     "eval_batch_size": 128, "figures": False})
-    run = loop.setup(config)
+    run = spdjax.setup(config)
     loop.train(run)
     summary = loop.evaluate(run)
     assert {"act_recon", "schatten", "topk_recon"} <= set(summary["loss"])
@@ -151,10 +151,10 @@ def test_a_resid_mlp_apd_run_keeps_A_unit_and_reports_contributions():
 
 
 def test_apd_refuses_settings_it_would_ignore_and_bad_ties():
-    from spdjax.training.validation import validate
+    from spdjax.config.runs import validate
 
     with pytest.raises(ValueError, match="APD does not use faithfulness_warmup_steps=200"):
-        validate(spdjax.configs.load("tms:5-2+apd+gaussian"))
+        validate(spdjax.config.load("tms:5-2+apd+gaussian"))
     target, tp = two_site_target(d_in=3, d_hidden=5, d_out=2)
     with pytest.raises(ValueError, match="Cannot tie 'b'"):
         apd.decompose_apd(target, {"a": 1, "b": 1}, 4, ties={"b": "a"})
@@ -233,10 +233,10 @@ def test_lp_formulation_against_numpy_and_its_gradient(setup):
 def test_an_lp_apd_run_trains():
     from spdjax.training import loop
 
-    config = spdjax.configs.load("tms:5-2+apd", {
+    config = spdjax.config.load("tms:5-2+apd", {
         "steps": 20, "log_every": 10, "batch_size": 256, "eval_batch_size": 512,
         "figures": False, "apd.formulation": "lp", "apd.lp_sparsity_coeff": 0.1})
-    run = loop.setup(config)
+    run = spdjax.setup(config)
     loop.train(run)
     summary = loop.evaluate(run)
     assert set(summary["loss"]) == {"total", "faithfulness", "lp_sparsity", "schatten"}
@@ -244,7 +244,7 @@ def test_an_lp_apd_run_trains():
 
 
 def test_scrub_masks_keep_or_ablate_the_active_features_components():
-    from spdjax.experiments.resid_mlp import scrubbing
+    from spdjax.families.resid_mlp import scrubbing
 
     owner = np.array([0, 1, 2, 2, 3])  # feature -> component; C = 8
     active = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 1, 1, 1, 1]], bool)
@@ -260,7 +260,7 @@ def test_scrub_masks_keep_or_ablate_the_active_features_components():
 def test_scrub_losses_on_a_small_resid_mlp():
     """Components built to be exact per-feature pieces: scrubbing leaves the output at the top-k
     one, anti-scrubbing (the active feature's piece ablated) breaks it."""
-    from spdjax.experiments.resid_mlp import model, scrubbing
+    from spdjax.families.resid_mlp import model, scrubbing
 
     cfg = model.ResidMLPConfig(n_features=6, d_embed=12, d_mlp=6, n_layers=1,
                                feature_probability=0.3)
@@ -290,17 +290,17 @@ def test_torch_fans_init_is_the_references_whole_tensor_rule():
         assert 0.9 * 2 * bound_A < np.abs(A).max() <= 2 * bound_A
     with pytest.raises(ValueError, match="Unknown APD init fans"):
         d.init(jax.random.key(0), tp, fans="per_site")
-    assert spdjax.configs.load("resid_mlp:1+apd").apd.init_fans == "torch"
-    recorded = spdjax.configs.load("resid_mlp:1+apd").to_dict()
+    assert spdjax.config.load("resid_mlp:1+apd").apd.init_fans == "torch"
+    recorded = spdjax.config.load("resid_mlp:1+apd").to_dict()
     del recorded["apd"]["init_fans"]
-    assert spdjax.configs.from_dict(recorded).apd.init_fans == "component"
+    assert spdjax.config.from_dict(recorded).apd.init_fans == "component"
 
 
 @pytest.mark.parametrize("formulation", ["topk", "lp"])
 def test_apd_on_the_folded_resid_mlp_equals_the_plain_forward(formulation):
     # The folded ResidMLP (Mapped first mlp_in / last mlp_out, residual stream kept factored):
     # APD's attributions, every loss value and the gradient are the plain forward's.
-    from spdjax.experiments.resid_mlp import model
+    from spdjax.families.resid_mlp import model
 
     # 2 layers: layer 0's mlp_out writes into the factored residual stream
     cfg = model.ResidMLPConfig(n_features=6, d_embed=40, d_mlp=4, n_layers=2)

@@ -64,7 +64,8 @@ def test_restore_into_a_different_state_names_the_differences(tmp_path):
 
 def test_format0_positional_checkpoints_still_restore(tmp_path):
     """Checkpoints written before format 1 (a list of leaves, no meta) restore by position."""
-    manager = ocp.CheckpointManager(tmp_path / "c", options=ocp.CheckpointManagerOptions(create=True))
+    manager = ocp.CheckpointManager(tmp_path / "c",
+                                    options=ocp.CheckpointManagerOptions(create=True))
     manager.save(7, args=ocp.args.StandardSave(jax.tree.leaves(_state())))
     manager.wait_until_finished()
     manager.close()
@@ -92,7 +93,7 @@ def test_the_format1_fixture_resumes_its_full_train_state(tmp_path):
     wd = tmp_path / "run"
     shutil.copytree(FIXTURE, wd)
     # Fields added since the fixture was written get their defaults (and only change reporting).
-    config = spdjax.configs.from_dict(Checkpointer(wd / "checkpoints").read_meta()["config"])
+    config = spdjax.config.from_dict(Checkpointer(wd / "checkpoints").read_meta()["config"])
     run = spdjax.setup(config, wd)  # restores step, params and optimizer state by name
     assert run.step == 20
     chex.assert_trees_all_close(jax.device_get(run.params), spdjax.load(wd).params)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import spdjax
-from spdjax import configs
+from spdjax.config import files as configs
 from spdjax.training import ensemble, loop
 from spdjax.training.progress import log_to
 
@@ -29,10 +29,10 @@ TIMING = ("steps_per_sec", "wall_time_s")
 @pytest.mark.parametrize("mode, steps_per_call", [("vmap", 1), ("map", 5)])
 def test_each_member_equals_its_seed_run_alone(tmp_path, mode, steps_per_call):
     with log_to(io.StringIO()):
-        summaries = loop.train_and_evaluate(
+        summaries = spdjax.train_and_evaluate(
             tms_config(ensemble=3, seed=4, ensemble_mode=mode, steps_per_call=steps_per_call),
             tmp_path / "ens")
-        alone = [loop.train_and_evaluate(tms_config(seed=s), tmp_path / f"alone{s}")
+        alone = [spdjax.train_and_evaluate(tms_config(seed=s), tmp_path / f"alone{s}")
                  for s in (4, 5, 6)]
     assert [s["steps"] for s in summaries] == [20, 20, 20]
     for seed, ens_summary, single in zip((4, 5, 6), summaries, alone):
@@ -56,15 +56,15 @@ def test_each_member_equals_its_seed_run_alone(tmp_path, mode, steps_per_call):
 def test_a_stopped_ensemble_resumes_to_the_same_result(tmp_path):
     config = tms_config(ensemble=2)
     with log_to(io.StringIO()):
-        ens = ensemble.setup(config, tmp_path / "a")
+        ens = spdjax.setup_ensemble(config, tmp_path / "a")
         ensemble.train(ens, until_step=10)  # stops after the step-10 checkpoint
         ensemble.close(ens)
-        ens = ensemble.setup(config, tmp_path / "a")
+        ens = spdjax.setup_ensemble(config, tmp_path / "a")
         assert ens.step == 10
         ensemble.train(ens)
         resumed = jax.device_get(ens.state.params)
         ensemble.close(ens)
-        straight = ensemble.setup(config, tmp_path / "b")
+        straight = spdjax.setup_ensemble(config, tmp_path / "b")
         ensemble.train(straight)
         ensemble.close(straight)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), resumed,
@@ -83,7 +83,8 @@ def test_a_stopped_ensemble_resumes_to_the_same_result(tmp_path):
 
 @pytest.mark.parametrize("overrides, match", [
     ({"ensemble": 0}, "ensemble must be an integer >= 1, got 0"),
-    ({"ensemble": 2, "ensemble_mode": "pmap"}, "ensemble_mode must be 'auto', 'vmap' or 'map', got 'pmap'"),
+    ({"ensemble": 2, "ensemble_mode": "pmap"},
+     "ensemble_mode must be 'auto', 'vmap' or 'map', got 'pmap'"),
     ({"ensemble_sweep": "lr=1e-3,x"}, "ensemble_sweep must be 'dotted.key=v1,v2,...' with numbers"),
     ({"ensemble_sweep": "losses.nope.coeff=1,2"}, "the config has no field 'losses.nope.coeff'"),
     ({"ensemble_sweep": "C=10,20"}, "only float fields"),
@@ -94,15 +95,15 @@ def test_a_stopped_ensemble_resumes_to_the_same_result(tmp_path):
 def test_bad_ensemble_settings_fail_early(overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         with log_to(io.StringIO()):
-            loop.train_and_evaluate(tms_config(**overrides), tmp_path)
+            spdjax.train_and_evaluate(tms_config(**overrides), tmp_path)
 
 
 def test_a_coefficient_sweep_is_one_program_of_every_value_and_seed(tmp_path):
     key = "losses.importance_minimality.coeff"
     with log_to(io.StringIO()):
-        summaries = loop.train_and_evaluate(
+        summaries = spdjax.train_and_evaluate(
             tms_config(ensemble=2, ensemble_sweep=f"{key}=1e-3,1e-2"), tmp_path / "sweep")
-        alone = loop.train_and_evaluate(tms_config(seed=1, **{key: 1e-2}), tmp_path / "alone")
+        alone = spdjax.train_and_evaluate(tms_config(seed=1, **{key: 1e-2}), tmp_path / "alone")
     assert len(summaries) == 4  # (1e-3, seed 0), (1e-3, 1), (1e-2, 0), (1e-2, 1)
     member = tmp_path / "sweep" / f"seed_1_{key}=0.01"
     for a, b in zip(rows(member / "metrics.jsonl"), rows(tmp_path / "alone" / "metrics.jsonl")):

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from spdjax import configs
+import spdjax
+from spdjax.config import files as configs
 from spdjax.training import init_selection, loop
 from spdjax.training.progress import log_to
 
@@ -21,7 +22,7 @@ def tms_config(**overrides):
 def train_and_evaluate(config, workdir, out=None):
     """``loop.train_and_evaluate`` with the ``"spdjax"`` log captured in ``out``."""
     with log_to(out if out is not None else io.StringIO()):
-        return loop.train_and_evaluate(config, workdir)
+        return spdjax.train_and_evaluate(config, workdir)
 
 
 def test_select_keeps_the_lowest_loss_and_records_all():
@@ -46,7 +47,8 @@ def test_candidate_zero_is_the_runs_own_init_key():
 
 @pytest.mark.parametrize("overrides, match", [
     ({"init_candidates": 0}, "init_candidates must be an integer >= 1, got 0"),
-    ({"init_candidates": 2, "init_select_steps": 0}, r"init_select_steps=0 must be .* \[4, steps=24\)"),
+    ({"init_candidates": 2, "init_select_steps": 0},
+     r"init_select_steps=0 must be .* \[4, steps=24\)"),
     ({"init_candidates": 2, "init_select_steps": 24}, "init_select_steps=24 must be"),
 ])
 def test_bad_selection_settings_fail_early(overrides, match, tmp_path):

@@ -92,7 +92,7 @@ def test_progress_is_a_live_bar_on_a_terminal_and_plain_lines_elsewhere(terminal
 def test_a_loss_option_spelled_at_its_default_is_no_config_change(tmp_path):
     """A run recorded before its config file named an option (``sampling="continuous"`` in the
     +head terms) resumes; setting the option to something else is still refused."""
-    from spdjax import configs
+    from spdjax.config import files as configs
     from spdjax.losses.total import is_default_option
     from spdjax.training.workdir import ConfigMismatchError, prepare
 

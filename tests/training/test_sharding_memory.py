@@ -2,8 +2,9 @@
 per device falls with the number of devices, the result equals the one-device run, and the
 compiled step moves no factor between devices (no all-gather; two all-reduces).
 
-The model is the one of ``python -m benchmarks.sharding_memory``, smaller. Covers aliased ties (a weight and its transpose, the reference's two copies), the per-site
-``vector_mlp`` and the per-component ``mlp`` CI functions, and micro-batching with a mesh.
+The model is the one of ``python -m benchmarks.sharding_memory``, smaller. Covers aliased ties (a
+weight and its transpose, the reference's two copies), the per-site ``vector_mlp`` and the
+per-component ``mlp`` CI functions, and micro-batching with a mesh.
 """
 
 import re

@@ -137,19 +137,19 @@ def test_several_steps_per_call_train_the_same_run_and_resume_at_any_step(tmp_pa
     from spdjax.training import loop
 
     def config(k):
-        return spdjax.configs.load("tms:5-2", {"steps": 20, "C": 6, "batch_size": 64,
+        return spdjax.config.load("tms:5-2", {"steps": 20, "C": 6, "batch_size": 64,
                                                "log_every": 5, "checkpoint_every": 10,
                                                "eval_batch_size": 64, "figures": False,
                                                "steps_per_call": k})
 
-    one = loop.setup(config(1))
+    one = spdjax.setup(config(1))
     loop.train(one)
     seen = []
-    five = loop.setup(config(5), tmp_path / "run")
+    five = spdjax.setup(config(5), tmp_path / "run")
     loop.train(five, 7, on_step=lambda step, m: seen.append((step, float(m["loss"]["total"]))))
     loop.close(five)
     assert [s for s, _ in seen] == list(range(1, 8))  # every step reported, one at a time
-    five = loop.setup(config(5), tmp_path / "run")  # resumes at step 7: chunks 7-10, 10-15, ...
+    five = spdjax.setup(config(5), tmp_path / "run")  # resumes at step 7: chunks 7-10, 10-15, ...
     assert five.step == 7
     loop.train(five)
     loop.close(five)
@@ -162,7 +162,7 @@ def test_several_steps_per_call_train_the_same_run_and_resume_at_any_step(tmp_pa
                  jax.device_get(five.params), jax.device_get(one.params))
     assert [r["step"] for r in one.writer.rows] == [5, 10, 15, 20]
     with pytest.raises(ValueError, match="log_every=5 is not a multiple of steps_per_call=4"):
-        loop.setup(config(4))
+        spdjax.setup(config(4))
 
 
 def test_matmul_precision_reaches_the_compiled_step():
@@ -171,10 +171,10 @@ def test_matmul_precision_reaches_the_compiled_step():
 
     texts = {}
     for precision in ("highest", "bfloat16"):
-        run = loop.setup(spdjax.configs.load("tms:5-2", {"steps": 4, "C": 4, "batch_size": 16,
+        run = spdjax.setup(spdjax.config.load("tms:5-2", {"steps": 4, "C": 4, "batch_size": 16,
                                                         "matmul_precision": precision}))
         texts[precision] = run.step_fn.lower(run.state, run.target_params,
                                              run.keys.train).as_text()
     assert "HIGHEST" in texts["highest"] and "HIGHEST" not in texts["bfloat16"]
     with pytest.raises(ValueError, match="matmul_precision must be one of"):
-        loop.setup(spdjax.configs.load("tms:5-2", {"matmul_precision": "fp8"}))
+        spdjax.setup(spdjax.config.load("tms:5-2", {"matmul_precision": "fp8"}))

@@ -8,7 +8,8 @@ import types
 
 import pytest
 
-from spdjax import configs
+import spdjax
+from spdjax.config import files as configs
 from spdjax.training import loop
 from spdjax.training.progress import log_to
 
@@ -20,7 +21,7 @@ def tms_config(**overrides):
 
 def run(config, workdir, **kw):
     with log_to(io.StringIO()):
-        return loop.train_and_evaluate(config, workdir, **kw)
+        return spdjax.train_and_evaluate(config, workdir, **kw)
 
 
 def read_events(logdir: pathlib.Path) -> list:
@@ -106,7 +107,8 @@ def test_wandb_gets_scalars_figures_and_resumes_the_same_run(tmp_path, monkeypat
     ({"tensorboard": True}, r"tensorboard=True asks for tensorboardX, which is not installed: "
                             r"pip install tensorboardX"),
     ({"wandb_project": "spd"}, r"wandb_project='spd' asks for wandb, which is not installed"),
-    ({"tensorboard": "yes"}, r"Config field 'tensorboard': .*cannot be casted to type <class 'bool'>"),
+    ({"tensorboard": "yes"},
+     r"Config field 'tensorboard': .*cannot be casted to type <class 'bool'>"),
 ])
 def test_writer_settings_fail_early(overrides, match, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # None: import fails

@@ -1,0 +1,40 @@
+"""Train (or load from the cache) a family's target with its recipe, and report it::
+
+    python -m spdjax.cli.target --family=tms --variant=5-2 --seed=0
+    python -m spdjax.cli.target --family=resid_mlp --variant=1
+    python -m spdjax.cli.target --family=lm --variant=ih
+
+Any family in :data:`spdjax.training.family.FAMILIES` with a target cache works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from spdjax import families  # noqa: F401 (registers the built-in families)
+from spdjax.training.family import FAMILIES
+from spdjax.training.targets import default_cache_dir, read_meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses ``argv`` (default: the command line), trains or loads the target, prints a report."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(
+        description="Train (or load from the cache) a target family's target with its recipe.")
+    parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
+    parser.add_argument("--variant", default=None, help="default: the family's default variant")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()))
+    args = parser.parse_args(argv)
+    family = FAMILIES.get(args.family)
+    if family.cache_stem is None or family.report is None:
+        parser.error(f"family {args.family!r} has no target cache to train into.")
+    cfg = family.variant(args.variant or family.default_variant)
+    params = family.load_target_params(cfg, args.seed, args.cache_dir)
+    stem = family.cache_stem(cfg, args.seed, args.cache_dir)
+    print(family.report(params, cfg, read_meta(stem), stem))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The fields every run config has (:func:`base_config`) and the later reference's recipe."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import ml_collections
+
+
+def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
+    """The fields every run has, with the paper-era SPD defaults (one comment per field)."""
+    c = ml_collections.ConfigDict()
+    c.experiment = experiment  # target family (spdjax.families)
+    c.variant = variant  # target variant within the family
+    c.method = "spd"  # decomposition method (spdjax.methods.METHODS)
+    c.seed = 0  # run seed: component/CI init, data and masks, evaluation batch
+    c.target_seed = 0  # seed for training the target (cached per seed)
+    c.target_steps = 0  # target training steps; 0 = the family recipe's
+    c.target_cache_dir = ""  # where trained targets are cached; "" = ~/.cache/spdjax/targets
+    # Fields of the family's target recipe to change (e.g. TMS double_update); a config file
+    # lists the ones its users may set, so --config.target_recipe.<field>=... works for those.
+    c.target_recipe = ml_collections.ConfigDict()
+
+    c.steps = 40_000  # optimizer steps
+    c.batch_size = 4096  # examples per step
+    c.lr = 1e-3  # peak learning rate (Adam, no weight decay)
+    # constant | linear (paper-era, 1 - t/T) | linear_head (later, ends at final_frac)
+    # | cosine (quarter period, paper) | cosine_half (later reference)
+    c.lr_schedule = "cosine"
+    c.lr_warmup_frac = 0.0  # fraction of steps of linear warm-up from 0
+    c.lr_final_frac = 0.0  # final lr fraction for linear / cosine_half
+
+    c.C = 20  # subcomponents per decomposed site
+    c.ci_fn = "mlp"  # mlp (paper) | vector_mlp | shared_mlp
+    c.ci_hidden = (16,)  # CI-function hidden widths
+    c.sigmoid = "leaky_hard"  # leaky_hard (paper) | leaky_hard_clamped | hard | ...
+    # eps > 0: sigma_lo sees (1 + eps) r - eps U[0,1) in the objective (its losses and logged
+    # ci_l0 too, as the reference's CI-L0): the later reference's binomial-sampling quirk, which
+    # it pairs with sampling="binomial" (there eps = 0.05).
+    c.ci_lower_noise = 0.0
+    c.init = "paper"  # component init: paper | gaussian
+    # Tied sites (TMS linear2 = linear1ᵀ): "aliased" keeps two copies with two Adam updates per
+    # step (the reference, torch Parameters sharing storage); "shared" has one pair, one update.
+    c.tie_mode = "aliased"
+    c.faithfulness_warmup_steps = 0  # later reference: 200 (AdamW lr 0.01, wd 0.1)
+    c.faithfulness_warmup_lr = 0.01
+    c.faithfulness_warmup_weight_decay = 0.1
+    c.init_candidates = 1  # > 1: best-of-K init by loss (spdjax/training/init_selection.py)
+    c.init_select_steps = 0  # steps each init candidate trains before the choice
+
+    # Loss terms: name -> {coeff, **options} (spdjax.losses.LOSSES).
+    c.losses = ml_collections.ConfigDict({
+        "faithfulness": {"coeff": 1.0},
+        "stochastic_recon": {"coeff": 1.0, "n_samples": 1, "sampling": "continuous"},
+        "stochastic_recon_layerwise": {"coeff": 1.0, "n_samples": 1, "sampling": "continuous"},
+        "importance_minimality": {"coeff": 3e-3, "pnorm": 1.0},
+    })
+
+    # Clip the gradient's L2 norm of the factors / of the CI functions before Adam (0 = off;
+    # the later reference's grad_clip_norm_components / grad_clip_norm_ci_fns).
+    c.grad_clip_norm_components = 0.0
+    c.grad_clip_norm_ci = 0.0
+    # APD (config.method = "apd"; spdjax/methods/apd.py): C = config.C components spanning every
+    # site, batch top-k fraction per example, per-site rank (0 = min(d_in, d_out)), gradient
+    # attributions from the "target" (reference code) or the "apd" model, loss coefficients.
+    c.apd = ml_collections.ConfigDict({
+        "topk": 0.211, "rank": 0, "attribution": "target", "schatten_p": 1.0,
+        "faithfulness_coeff": 1.0, "topk_recon_coeff": 1.0, "schatten_coeff": 0.7,
+        "act_recon_coeff": 0.0, "act_sites": "*mlp_out",  # inputs of these sites (hidden acts)
+        "unit_norm": False, "init": "xavier_normal", "init_scale": 1.0,
+        # fans of the init: "component" (each component's matrix) | "torch" (the reference's
+        # whole [1, C, d_in, m] tensor: fan-in C d_in m)
+        "init_fans": "component",
+        # "topk" (the paper's) | "lp": no top-k; minimality sum_c |A_c|^lp_p, Schatten weighted
+        # by it (the APD paper's appendix alternative)
+        "formulation": "topk", "lp_sparsity_coeff": 1.0, "lp_p": 1.0,
+    })
+    # Terms computed only by the final evaluation, reported as eval_loss/<name>: {name: options}
+    # (no coeff), e.g. {"stochastic_hidden_acts_recon": {}, "pgd_recon": {"n_steps": 20,
+    # "step_size": 0.1}} (the later reference's eval metrics).
+    c.eval_losses = ml_collections.ConfigDict()
+    c.microbatches = 1  # split each batch into chunks, average grads (same gradient)
+    # Steps per jitted call (a scan; log_every / checkpoint_every must be multiples of it): > 1
+    # keeps small models from being dispatch-bound on an accelerator.
+    c.steps_per_call = 1
+    # Matmul precision in the train step: highest (float32, the default) | tensorfloat32 |
+    # bfloat16 (one bf16 pass, float32 accumulation) | default (the platform's: TF32 on GPU).
+    c.matmul_precision = "highest"
+    c.mesh_model = 1  # devices along the component axis C (the rest go to the data axis)
+    # Train this many decompositions of the target as one vmapped program, seeds seed ..
+    # seed + ensemble - 1 (spdjax/training/ensemble.py); each member equals its seed's run alone.
+    c.ensemble = 1
+    # How the members share the program: vmap (one batched step) | map (in turn, lax.map) |
+    # auto (vmap on GPU/TPU, map on CPU, where vmap measured slower).
+    c.ensemble_mode = "auto"
+    # A coefficient sweep in the same program: "dotted.key=v1,v2,..." (a float field, e.g.
+    # "losses.importance_minimality.coeff=1e-3,3e-3"); the members are every (value, seed) pair.
+    c.ensemble_sweep = ""
+    c.log_every = 500  # steps between metric lines / progress reports
+    c.checkpoint_every = 5000  # steps between checkpoints (and always at the end)
+    c.eval_batch_size = 20_000  # examples for final CI-L0 / alive counts / loss terms
+    c.eval_microbatches = 1  # evaluate the eval batch in this many chunks (bounds its memory)
+    c.figures = True  # draw the figures at the end (python -m spdjax.cli.plot redraws them any time)
+    c.tensorboard = False  # also write TensorBoard event files to workdir/tensorboard (tensorboardX)
+    c.wandb_project = ""  # also log to this Weights & Biases project ("" = off; needs wandb)
+    # Stop when the logged total loss exceeds this many times the run's lowest logged total
+    # (a jump or a steady climb); 0 disables. Non-finite losses or params always stop a run.
+    c.divergence_factor = 1e3
+    c.l0_threshold = 0.1  # CI above this counts as active (L0, alive)
+    return c
+
+
+def later_reference(c: ml_collections.ConfigDict, losses: Mapping[str, Any], *,
+                    warmup_weight_decay: float = 0.1) -> ml_collections.ConfigDict:
+    """Switches ``c`` to the later reference's toy recipe (spec 0.1, 5.3): gaussian init with a
+    200-step faithfulness warm-up, the clamped lower-leaky sigmoid, ``losses`` (its stochastic
+    terms with the delta component instead of faithfulness) and its eval metrics."""
+    c.init = "gaussian"
+    c.faithfulness_warmup_steps = 200
+    c.faithfulness_warmup_lr = 0.01
+    c.faithfulness_warmup_weight_decay = warmup_weight_decay
+    c.sigmoid = "leaky_hard_clamped"
+    c.losses = ml_collections.ConfigDict(dict(losses))
+    c.eval_losses = ml_collections.ConfigDict({
+        "stochastic_hidden_acts_recon": {"delta": True},
+        "pgd_recon": {"n_steps": 20, "step_size": 0.1, "delta": True},
+    })
+    return c

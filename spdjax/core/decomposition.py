@@ -1,0 +1,407 @@
+"""A decomposition: which sites of a target are split into how many subcomponents, and how.
+
+:class:`Decomposition` is static structure (hashable, safe to close over under ``jax.jit``). The
+trainable state is a plain pytree::
+
+    params = {"components": {owner_site: {"V": (d_in, C), "U": (C, d_out)}},
+              "ci":         {site: <CI-function params>}}
+
+Tied sites (e.g. TMS, whose second layer is the transpose of the first) use
+``V_tied = U_ownerᵀ`` and ``U_tied = V_ownerᵀ``; every site has its own CI function. Two ways to
+hold them (``tie_mode``):
+
+* ``"shared"``: the tied site has no factors of its own; one pair, one gradient (the sum of both
+  uses), one optimizer update.
+* ``"aliased"`` (the reference, spec 1.4): the tied site keeps its own copy, initialised to the
+  owner's transpose, with its own gradient and optimizer state; the two updates are added to both
+  copies by :func:`spdjax.step.make_optimizer`, so the copies stay equal. The reference's torch
+  code does exactly this (two Parameters sharing storage, two Adam updates per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from spdjax.core import components as comp_lib
+from spdjax.core.ci import CIFunction, make_ci_fn
+from spdjax.core.masks import SiteMask
+from spdjax.core.sigmoids import SIGMOIDS, SigmoidPair
+from spdjax.core.target import Mapped, Site, Target, dense_input
+
+Array = jax.Array
+Params = dict
+TIE_MODES = ("shared", "aliased")
+
+
+class CausalImportance(NamedTuple):
+    """CI of one site, each ``[..., C]``: ``lower`` (for masks), ``upper`` (imp-min), ``pre``."""
+
+    lower: Array
+    upper: Array
+    pre: Array
+
+
+def ci_l0(ci_lower: Array, threshold: float) -> Array:
+    """Mean over examples of the number of components with CI above ``threshold`` (``[..., C]``)."""
+    return jnp.mean(jnp.sum((ci_lower > threshold).astype(jnp.float32), axis=-1))
+
+
+def alive_components(ci_lower_batch: Any, threshold: float = 0.1) -> np.ndarray:
+    """``(C,)`` bool: components whose CI exceeds ``threshold`` on at least one example.
+
+    Pass a large eval batch ``[..., C]``; ``.sum()`` is the number of alive components.
+    """
+    g = np.asarray(ci_lower_batch, dtype=np.float64)
+    return np.any(g.reshape(-1, g.shape[-1]) > threshold, axis=0)
+
+
+def match_sites(target: Target, patterns: Mapping[str, int]) -> dict[str, int]:
+    """Expands ``{glob pattern: C}`` over the target's site names, in pattern order.
+
+    Raises if a pattern matches nothing or a site is matched by two patterns.
+    """
+    if not patterns:
+        raise ValueError("No sites to decompose: pass at least one {pattern: C} entry.")
+    chosen: dict[str, int] = {}
+    by: dict[str, str] = {}
+    for pattern, C in patterns.items():
+        if not isinstance(C, int) or isinstance(C, bool) or C <= 0:
+            raise ValueError(f"Site pattern {pattern!r}: C must be a positive int, got {C!r}.")
+        hits = [name for name in target.sites if fnmatch.fnmatchcase(name, pattern)]
+        bad = [n for n in target.unsupported if fnmatch.fnmatchcase(n, pattern)]
+        if not hits and bad:
+            raise ValueError(f"Site pattern {pattern!r} matches only weights that cannot be "
+                             "decomposed: " + "; ".join(
+                                 f"{n!r}: {target.unsupported[n]}" for n in bad))
+        if not hits:
+            raise ValueError(
+                f"Site pattern {pattern!r} matches no decomposable site. "
+                f"Available sites: {sorted(target.sites)}."
+            )
+        for name in hits:
+            if name in chosen:
+                raise ValueError(f"Site {name!r} is matched by both {by[name]!r} and {pattern!r}.")
+            chosen[name], by[name] = C, pattern
+    return chosen
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Decomposition:
+    """Static description of an SPD decomposition of ``target``.
+
+    Build it with :func:`decompose`. All methods are pure functions of their array arguments.
+    """
+
+    target: Target
+    site_names: tuple[str, ...]
+    C: Mapping[str, int]
+    ties: Mapping[str, str]
+    ci_fn: CIFunction
+    sigmoid: SigmoidPair
+    tie_mode: str = "shared"
+    # What evaluations and figures may rely on (the view every method's decomposition gives,
+    # :class:`spdjax.methods.base.DecompositionView`): components are rank one, with
+    # ``factors``, and :meth:`causal_importance` exists.
+    rank_one = True
+
+    # -- structure -------------------------------------------------------------------------
+    def site(self, name: str) -> Site:
+        return self.target.sites[name]
+
+    @property
+    def owners(self) -> tuple[str, ...]:
+        """Sites that hold their own factors: all but the tied ones, unless
+        ``tie_mode="aliased"``."""
+        if self.tie_mode == "aliased":
+            return self.site_names
+        return tuple(n for n in self.site_names if n not in self.ties)
+
+    def factors(self, params: Params, name: str) -> tuple[Array, Array]:
+        """``(V (d_in, C), U (C, d_out))`` of a site, resolving ties."""
+        if name in self.ties and self.tie_mode == "shared":
+            owner = params["components"][self.ties[name]]
+            return owner["U"].T, owner["V"].T
+        f = params["components"][name]
+        return f["V"], f["U"]
+
+    def check_params(self, params: Params) -> None:
+        """Params must be this decomposition's: its sites, and factors of shapes
+        ``V (d_in, C)``, ``U (C, d_out)`` (a shape check; free under ``jit``)."""
+        if not isinstance(params, Mapping) or not {"components", "ci"} <= set(params) or (
+                set(params) - {"components", "ci", "adversary"}):
+            raise ValueError("Decomposition params must be {'components': ..., 'ci': ...} as "
+                             "from Decomposition.init (plus 'adversary', the state of "
+                             f"persistent PGD terms); got {type(params).__name__} "
+                             f"{sorted(params) if isinstance(params, Mapping) else ''}.")
+        if set(params["components"]) != set(self.owners) or set(params["ci"]) != set(
+                self.site_names):
+            raise ValueError(
+                f"These params were built for another decomposition: factors for "
+                f"{sorted(params['components'])} and CI for {sorted(params['ci'])}, but this one "
+                f"has sites {list(self.site_names)} (factors for {list(self.owners)}).")
+        for name in self.owners:
+            site, C = self.site(name), self.C[name]
+            V, U = params["components"][name]["V"], params["components"][name]["U"]
+            if tuple(V.shape) != (site.d_in, C) or tuple(U.shape) != (C, site.d_out):
+                raise ValueError(
+                    f"Site {name!r}: factors V {tuple(V.shape)}, U {tuple(U.shape)} do not fit "
+                    f"this decomposition (V ({site.d_in}, {C}), U ({C}, {site.d_out})): params "
+                    "built for another decomposition?")
+
+    def component_weights(self, params: Params, name: str) -> Array:
+        """``(C, d_in, d_out)``: every rank-one subcomponent ``V[:, c] U[c, :]`` of a site."""
+        V, U = self.factors(params, name)
+        return jnp.einsum("ic,co->cio", V, U)
+
+    def component_weight(self, params: Params, name: str) -> Array:
+        """``V @ U`` with shape ``(d_in, d_out)``: the sum of all subcomponents of a site."""
+        V, U = self.factors(params, name)
+        return V @ U
+
+    # -- init -------------------------------------------------------------------------------
+    def init(
+        self, key: Array, target_params: Any, *,
+        init: str | comp_lib.ComponentInit = comp_lib.init_paper,
+    ) -> Params:
+        """Initial factors (``init``: a :data:`~spdjax.core.components.ComponentInit`, e.g.
+        ``init_paper`` or ``init_gaussian``, or its name) and CI functions."""
+        init_fn = comp_lib.COMPONENT_INITS.resolve(init)
+        kc, kg = jax.random.split(key)
+        comps = {}
+        for i, name in enumerate(n for n in self.owners if n not in self.ties):
+            W = self.site(name).weight(target_params)
+            comps[name] = init_fn(jax.random.fold_in(kc, i), W, self.C[name])
+        for tied, owner in self.ties.items():
+            if tied in self.owners:  # aliased: a copy of the owner's transpose
+                comps[tied] = {"V": comps[owner]["U"].T, "U": comps[owner]["V"].T}
+        cis = {}
+        for i, name in enumerate(self.site_names):
+            cis[name] = self.ci_fn.init(
+                jax.random.fold_in(kg, i), C=self.C[name], d_in=self.site(name).d_in
+            )
+        return {"components": comps, "ci": cis}
+
+    def partition_specs(self, params: Params, model_axis: str) -> dict:
+        """PartitionSpecs with the component axis C on ``model_axis`` (factors and CI params)."""
+        comps = {n: {"V": P(None, model_axis), "U": P(model_axis, None)}
+                 for n in params["components"]}
+        cis = {n: self.ci_fn.partition_specs(p, model_axis) for n, p in params["ci"].items()}
+        return {"components": comps, "ci": cis}
+
+    # -- forward passes ---------------------------------------------------------------------
+    def clean_forward(self, target_params: Any, x: Any) -> tuple[Any, dict[str, Array]]:
+        """Target output and the input of every decomposed site."""
+        for leaf in jax.tree.leaves(x):
+            if getattr(leaf, "size", 1) == 0:
+                raise ValueError(f"The batch is an empty input of shape {tuple(leaf.shape)}: it "
+                                 "holds no examples.")
+        out, inputs = self.target.forward(target_params, x, {})
+        missing = [n for n in self.site_names if n not in inputs]
+        if missing:
+            raise ValueError(
+                f"Sites {missing} were never called in the target's forward pass on this input "
+                "(a hand-written forward that skips them, or a traced model whose path depends "
+                "on the input's shape).")
+        for name in self.site_names:
+            _check_site_input(self.site(name), inputs[name])
+        return out, {n: inputs[n] for n in self.site_names}
+
+    def site_fn(self, params: Params, target_params: Any, name: str,
+                mask: Array | SiteMask | None):
+        """``site_input -> ((acts * mask) @ U + bias)`` for one site; ``mask=None`` means all ones.
+
+        A :class:`~spdjax.core.masks.SiteMask` may add the delta component,
+        ``m_delta * (x @ (W - V U))`` (differentiable in V and U, spec 1.3), and route: where its
+        routing mask is False the site gives its target output ``x @ W + bias`` instead.
+        """
+        V, U = self.factors(params, name)
+        site = self.site(name)
+        bias = None if site.bias is None else site.bias(target_params)
+        m = mask if isinstance(mask, SiteMask) else SiteMask(component=mask)
+        W = site.weight(target_params) if m.delta is not None or m.routing is not None else None
+
+        def fn(x):  # site.out: the output's coordinates (a Mapped input's post map)
+            if isinstance(x, Mapped) and x.factored:
+                return _factored_output(site.apply(V, x), U, m, x, W, V, bias)
+            b = site.out(bias, x)
+            y = comp_lib.masked_output(site.apply(V, x), site.out(U, x), m.component, b)
+            if m.delta is not None:
+                y = y + m.delta[..., None] * site.apply(site.out(W - V @ U, x), x)
+            if m.routing is not None:
+                target_y = site.apply(site.out(W, x), x)  # x @ W, W[ids] or the convolution
+                target_y = target_y if b is None else target_y + b
+                y = jnp.where(m.routing[..., None], y, target_y)
+            return y
+
+        return fn
+
+    def forward(
+        self, target_params: Any, params: Params, x: Any,
+        masks: Mapping[str, Array | SiteMask | None], *, with_inputs: bool = False,
+    ) -> Any:
+        """Forward with the sites in ``masks`` replaced by masked components; others use ``W``.
+
+        ``with_inputs=True`` returns ``(output, {site: its input in this forward})``.
+        """
+        replace = {n: self.site_fn(params, target_params, n, m) for n, m in masks.items()}
+        out, inputs = self.target.forward(target_params, x, replace)
+        return (out, inputs) if with_inputs else out
+
+    # -- causal importance -----------------------------------------------------------------
+    def causal_importance(
+        self, params: Params, site_inputs: Mapping[str, Array], *,
+        lower_noise: float = 0.0, key: Array | None = None,
+    ) -> dict[str, CausalImportance]:
+        """CI of every site from clean site inputs (gradients flow into V through inner acts).
+
+        ``lower_noise`` ε > 0 feeds ``σ_lo`` with ``(1 + ε) r − ε u``, ``u ~ U[0, 1)`` drawn
+        from ``key`` (site i: ``fold_in(key, i)``), while ``σ_up`` sees ``r``: the later
+        reference's binomial-sampling quirk (ε = 0.05, spec 2.3).
+        """
+        self.check_params(params)
+        if lower_noise and key is None:
+            raise ValueError("causal_importance: lower_noise needs a PRNG key.")
+        sig = self.sigmoid
+        out = {}
+        for i, name in enumerate(self.site_names):
+            x = site_inputs[name]
+            acts = None
+            if self.ci_fn.uses_inner_acts:
+                acts = self.site(name).apply(self.factors(params, name)[0], x)
+            pre = self.ci_fn.apply(params["ci"][name], acts,
+                                   x if self.ci_fn.uses_inner_acts else dense_input(x))
+            lower_in = pre
+            if lower_noise:
+                u = jax.random.uniform(jax.random.fold_in(key, i), pre.shape, pre.dtype)
+                lower_in = (1.0 + lower_noise) * pre - lower_noise * u
+            out[name] = CausalImportance(lower=sig.lower(lower_in), upper=sig.upper(pre), pre=pre)
+        return out
+
+
+def _factored_output(acts: Array, U: Array, m: SiteMask, x: Mapped, W: Array | None, V: Array,
+                     bias: Array | None) -> Mapped:
+    """:meth:`Decomposition.site_fn`'s output for a ``factored`` input: the same sum as the
+    dense output, ``(acts * m) U [+ m_delta x (W - V U)] [routed: + (1 - r) x W] + b``, kept as
+    its narrow terms ``(coefficients, rows)`` for the sites that read it."""
+    coef = acts if m.component is None else acts * m.component
+    terms = [(coef, U)]
+    if m.delta is not None:
+        D = W - V @ U
+        terms += [(m.delta[..., None] * xj, D if pj is None else pj @ D) for xj, pj in x.terms]
+    if m.routing is not None:  # r * (components) + (1 - r) * (target), r in {0, 1} per example
+        r = m.routing[..., None].astype(coef.dtype)
+        terms = [(c * r, B) for c, B in terms] + [
+            ((1.0 - r) * xj, W if pj is None else pj @ W) for xj, pj in x.terms]
+    return Mapped.sum(terms, bias)  # both routing branches add the bias
+
+
+def _check_site_input(site: Site, x: Array | Mapped) -> None:
+    """A site's input must fit its weight: ``[..., d_in]`` floats, or integer ids for an
+    embedding; never empty. Concrete (not traced) inputs are also checked for values: finite
+    floats, ids in ``[0, vocab)``. A :class:`~spdjax.core.target.Mapped` input is checked as the
+    ``x @ pre`` it stands for (its maps must fit ``d_in`` / ``d_out``)."""
+    if isinstance(x, Mapped):
+        pre_out = sorted({site.d_in if pre is None else pre.shape[-1] for _, pre in x.terms})
+        post_in = site.d_out if x.post is None else x.post.shape[0]
+        if site.kind != "linear" or (pre_out, post_in) != ([site.d_in], site.d_out):
+            raise ValueError(
+                f"Site {site.name!r} ({site.kind}, {site.d_in} -> {site.d_out}) got a Mapped input "
+                f"whose maps give {pre_out} -> {post_in}: only a linear site takes one, and its "
+                "pre maps must end in d_in and its post map start at d_out.")
+        if x.factored and x.post is not None:
+            raise ValueError(f"Site {site.name!r}: a Mapped input is either read through a post "
+                             "map or factored, not both.")
+        for xj, pre in x.terms:  # the values are those of x_j; its width must be pre_j's rows
+            _check_site_input(site if pre is None else dataclasses.replace(
+                site, d_in=pre.shape[0]), xj)
+        return
+    if x.size == 0:
+        raise ValueError(f"Site {site.name!r} got an empty input of shape {tuple(x.shape)}: "
+                         "the batch holds no examples.")
+    if site.kind == "embed":
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"Embedding site {site.name!r} needs integer token ids; "
+                             f"got {x.dtype}.")
+    elif site.kind == "conv":
+        pass  # an image; its layout is the convolution's own (checked by the model's trace)
+    elif x.ndim < 1 or x.shape[-1] != site.d_in:
+        raise ValueError(
+            f"Site {site.name!r} expects inputs [..., {site.d_in}] (its d_in) but got shape "
+            f"{tuple(x.shape)}: does the batch's last axis match the model's input width?"
+        )
+    if isinstance(x, jax.core.Tracer):
+        return
+    x = np.asarray(x)  # concrete: checked on the host, outside any trace
+    if site.kind == "embed":
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= site.d_in:
+            raise ValueError(f"Embedding site {site.name!r}: token ids must be in [0, "
+                             f"{site.d_in}); got ids from {lo} to {hi}.")
+    elif not np.isfinite(x).all():
+        raise ValueError(f"Site {site.name!r}: its input holds NaN or inf (from the batch, or from "
+                         "the target before it).")
+
+
+def decompose(
+    target: Target,
+    sites: Mapping[str, int],
+    *,
+    ties: Mapping[str, str] | None = None,
+    ci_fn: str | CIFunction = "mlp",
+    ci_hidden: Sequence[int] = (16,),
+    sigmoid: str | SigmoidPair = "leaky_hard",
+    tie_mode: str = "shared",
+) -> Decomposition:
+    """Chooses the sites to decompose by glob pattern and validates the whole setup up front.
+
+    Args:
+      target: the model (see :mod:`spdjax.core.target`, :mod:`spdjax.core.adapters`).
+      sites: ``{pattern: C}``, e.g. ``{"layers_*/mlp_in": 100, "layers_*/mlp_out": 100}``.
+      ties: ``{tied_site: owner_site}``; the tied site's weight must be the owner's transpose.
+      ci_fn: a CI function value (:mod:`spdjax.core.ci`, or your own with its protocol) or the name
+        of a registered one: ``"mlp"`` (paper), ``"vector_mlp"`` or ``"shared_mlp"``.
+      ci_hidden: hidden widths, used only when ``ci_fn`` is a name (paper: ``(16,)``).
+      sigmoid: a :class:`~spdjax.core.sigmoids.SigmoidPair` or a registered name (paper:
+        ``"leaky_hard"``).
+      tie_mode: ``"shared"`` or ``"aliased"`` (the reference's two updates; module docstring).
+    """
+    if tie_mode not in TIE_MODES:
+        raise ValueError(f"Unknown tie_mode {tie_mode!r}; expected one of {TIE_MODES}.")
+    C = match_sites(target, sites)
+    ties = dict(ties or {})
+    for tied, owner in ties.items():
+        for n in (tied, owner):
+            if n not in C:
+                raise ValueError(f"Tied site {n!r} is not among the decomposed sites {sorted(C)}.")
+        if owner in ties:
+            raise ValueError(f"Tie chain {tied!r} -> {owner!r} -> {ties[owner]!r} "
+                             f"is not supported.")
+        a, b = target.sites[tied], target.sites[owner]
+        if (a.d_in, a.d_out) != (b.d_out, b.d_in) or C[tied] != C[owner]:
+            raise ValueError(
+                f"Cannot tie {tied!r} {(a.d_in, a.d_out)}, C={C[tied]} to the transpose of "
+                f"{owner!r} {(b.d_in, b.d_out)}, C={C[owner]}."
+            )
+    ci_fn = make_ci_fn(ci_fn, ci_hidden)
+    sigmoid = SIGMOIDS.resolve(sigmoid)
+    embeds = [n for n in C if target.sites[n].kind in ("embed", "conv")]
+    if embeds and not ci_fn.uses_inner_acts:
+        raise ValueError(f"Embedding and convolution sites {embeds} need a CI function on inner "
+                         "activations (e.g. ci_fn='mlp'): their input is token ids or an image, "
+                         f"not a [..., d_in] vector; got {ci_fn!r}.")
+    return Decomposition(
+        target=target,
+        site_names=tuple(C),
+        C=C,
+        ties=ties,
+        ci_fn=ci_fn,
+        sigmoid=sigmoid,
+        tie_mode=tie_mode,
+    )

@@ -1,0 +1,290 @@
+"""Transformer targets: the induction-head toy and a small byte-level language model.
+
+One linen model, written with standard layers and decomposed through tracing
+(:func:`spdjax.from_linen`), so its sites are module paths:
+
+    embed                      token embedding (an ``embed`` site)
+    blocks_<i>/attn/{q,k,v,out}  causal multi-head attention projections, no biases
+    blocks_<i>/mlp_in, mlp_out   GELU MLP (when ``d_mlp > 0``)
+    unembed                    the unembedding, no bias
+
+Positions: ``"qk_sinusoidal"`` adds Shortformer-style sinusoids to the inputs of Q and K only
+(the reference's induction toy, spec 6.4); ``"learned"`` adds a learned ``pos_embed`` to the
+residual stream (GPT-2 style). Variants (``VARIANTS``):
+
+* ``ih``: the reference's ``train_ih.py`` defaults: V = 128 (+ BOS and the induction token),
+  sequences of 64, d_model 16, 1 head, 2 attention-only layers, no LayerNorm; AdamW lr 1e-3,
+  wd 0.01, 1000-step linear warm-up, CE on the last position only. We train 4000 steps of 256
+  (the reference: 100k of 1024): enough for accuracy 1.000 at the induction position
+  (RESULTS.md).
+* ``bytes``: 2 pre-LN blocks, d_model 64, 4 heads, MLP 256, sequences of 128 bytes of the
+  standard library's source (:mod:`spdjax.families.lm.data`); next-token CE on every
+  position; AdamW lr 3e-3 (warm-up 200, cosine to 10%), wd 0.1, 4000 steps of batch 32. Small
+  enough that SPD with C above every matrix's rank runs on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from spdjax.core.adapters import from_linen
+from spdjax.training import targets as target_training
+from spdjax.families.lm import data as lm_data
+from spdjax.core.target import Target
+
+Array = jax.Array
+POSITIONS = ("qk_sinusoidal", "learned")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """A transformer target, its data and its training recipe."""
+
+    data: str  # "induction" | "bytes"
+    n_tokens: int  # induction: V (model vocabulary V + 2); bytes: 256
+    seq_len: int
+    d_model: int
+    n_heads: int
+    n_layers: int
+    d_mlp: int = 0  # 0: attention only
+    layer_norm: bool = False
+    positions: str = "qk_sinusoidal"
+    prefix_window: int = 61  # induction: "S M" starts in [1, prefix_window)
+    corpus_bytes: int = 8_000_000  # bytes: corpus size
+    steps: int = 4000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 1000
+    final_lr_frac: float = 1.0  # cosine decay after warm-up to this fraction (1.0: constant)
+
+    def __post_init__(self):
+        if self.data not in ("induction", "bytes"):
+            raise ValueError(f"Unknown LM data {self.data!r}; expected 'induction' or 'bytes'.")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"Unknown positions {self.positions!r}; expected one of {POSITIONS}.")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}.")
+        if self.data == "induction" and not 1 < self.prefix_window <= self.seq_len - 2:
+            raise ValueError(f"prefix_window must be in (1, seq_len - 2]; got {self.prefix_window}.")
+
+    @property
+    def vocab(self) -> int:
+        """The model's vocabulary: V + BOS + induction token, or the byte alphabet."""
+        return self.n_tokens + 2 if self.data == "induction" else self.n_tokens
+
+
+VARIANTS = {
+    "ih": LMConfig("induction", 128, 64, 16, 1, 2),
+    "bytes": LMConfig("bytes", 256, 128, 64, 4, 2, d_mlp=256, layer_norm=True,
+                      positions="learned", steps=4000, batch_size=32, lr=3e-3,
+                      weight_decay=0.1, warmup_steps=200, final_lr_frac=0.1),
+}
+
+
+def sinusoids(n: int, d: int) -> Array:
+    """``[n, d]`` sinusoidal position codes (sin on even, cos on odd features)."""
+    pos = jnp.arange(n)[:, None]
+    freq = jnp.exp(-math.log(10_000.0) * jnp.arange(0, d, 2) / d)
+    codes = jnp.zeros((n, d))
+    codes = codes.at[:, 0::2].set(jnp.sin(pos * freq))
+    return codes.at[:, 1::2].set(jnp.cos(pos * freq[: d // 2]))
+
+
+class Attention(nn.Module):
+    cfg: LMConfig
+
+    @nn.compact
+    def __call__(self, x, qk_pos):
+        cfg = self.cfg
+        *lead, T, D = x.shape
+        H = cfg.n_heads
+        heads = lambda a: a.reshape(*lead, T, H, D // H)  # noqa: E731
+        q = heads(nn.Dense(D, use_bias=False, name="q")(x + qk_pos))
+        k = heads(nn.Dense(D, use_bias=False, name="k")(x + qk_pos))
+        v = heads(nn.Dense(D, use_bias=False, name="v")(x))
+        scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(D // H)
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        weights = jax.nn.softmax(jnp.where(causal, scores, -1e30), axis=-1)
+        mixed = jnp.einsum("...hqk,...khd->...qhd", weights, v).reshape(*lead, T, D)
+        return nn.Dense(D, use_bias=False, name="out")(mixed)
+
+
+class Block(nn.Module):
+    cfg: LMConfig
+
+    @nn.compact
+    def __call__(self, x, qk_pos):
+        cfg = self.cfg
+        norm = (lambda name: nn.LayerNorm(name=name)) if cfg.layer_norm else (
+            lambda name: (lambda a: a))
+        x = x + Attention(cfg, name="attn")(norm("ln_attn")(x), qk_pos)
+        if cfg.d_mlp:
+            h = nn.gelu(nn.Dense(cfg.d_mlp, name="mlp_in")(norm("ln_mlp")(x)))
+            x = x + nn.Dense(cfg.d_model, name="mlp_out")(h)
+        return x
+
+
+class Transformer(nn.Module):
+    """``ids [..., T] -> logits [..., T, vocab]``."""
+
+    cfg: LMConfig
+
+    @nn.compact
+    def __call__(self, ids):
+        cfg = self.cfg
+        T = ids.shape[-1]
+        if T > cfg.seq_len:
+            raise ValueError(f"Sequences of {T} tokens are longer than the model's {cfg.seq_len} "
+                             "positions.")
+        x = nn.Embed(cfg.vocab, cfg.d_model, name="embed")(ids)
+        qk_pos = 0.0
+        if cfg.positions == "learned":
+            x = x + nn.Embed(cfg.seq_len, cfg.d_model, name="pos_embed")(jnp.arange(T))
+        else:
+            qk_pos = sinusoids(T, cfg.d_model)
+        for i in range(cfg.n_layers):
+            x = Block(cfg, name=f"blocks_{i}")(x, qk_pos)
+        if cfg.layer_norm:
+            x = nn.LayerNorm(name="ln_final")(x)
+        return nn.Dense(cfg.vocab, use_bias=False, name="unembed")(x)
+
+
+def example_ids(cfg: LMConfig, batch: int = 1) -> Array:
+    return jnp.zeros((batch, cfg.seq_len), jnp.int32)
+
+
+def init_params(key: Array, cfg: LMConfig) -> dict:
+    return Transformer(cfg).init(key, example_ids(cfg))["params"]
+
+
+def target(cfg: LMConfig) -> Target:
+    """The transformer as a traced :class:`~spdjax.core.target.Target` (``[B, T]`` ids in)."""
+    model = Transformer(cfg)
+    params = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    return from_linen(model, {"params": params}, example_ids(cfg))[0]
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def corpus_tokens(cfg: LMConfig, which: str) -> Array:
+    """A split of the byte corpus as a device array (built once into the target cache, read
+    from disk once per process)."""
+    return _corpus_split(_corpus_dir(), cfg.corpus_bytes, which)
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus_split(corpus_dir: str, corpus_bytes: int, which: str) -> Array:
+    tokens, _ = lm_data.load_corpus(corpus_dir, corpus_bytes)
+    return jnp.asarray(np.asarray(lm_data.split(tokens, which)))
+
+
+def _corpus_dir():
+    return os.path.join(os.path.dirname(target_training.default_cache_dir()), "corpora")
+
+
+def sample(cfg: LMConfig, key: Array, batch_size: int, which: str = "train") -> Array:
+    """``[batch, seq_len]`` ids: SPD's training data (the target's input distribution)."""
+    if cfg.data == "induction":
+        return induction(cfg, key, batch_size)[0]
+    return lm_data.window_batch(corpus_tokens(cfg, which), key, batch_size, cfg.seq_len)
+
+
+def induction(cfg: LMConfig, key: Array, batch_size: int) -> tuple[Array, Array]:
+    return lm_data.induction_batch(key, batch_size, vocab=cfg.n_tokens, seq_len=cfg.seq_len,
+                                   prefix_window=cfg.prefix_window)
+
+
+def sites(cfg: LMConfig, config) -> dict[str, int]:
+    """Every attention projection, and the MLPs when there are any, with ``config.C`` each."""
+    patterns = {"blocks_*/attn/*": config.C}
+    if cfg.d_mlp:
+        patterns["blocks_*/mlp_*"] = config.C
+    return patterns
+
+
+# -------------------------------------------------------------------------------- training
+
+
+def next_token_ce(logits: Array, ids: Array) -> Array:
+    """Mean CE of predicting ``ids[:, t+1]`` from position ``t``."""
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+
+
+def last_position_ce(logits: Array, labels: Array) -> Array:
+    logp = jax.nn.log_softmax(logits[:, -1], axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+
+def _trainer(cfg: LMConfig) -> target_training.TargetTrainer:
+    model = Transformer(cfg)
+    tokens = corpus_tokens(cfg, "train") if cfg.data == "bytes" else None
+
+    def loss(params, frozen, batch):
+        del frozen
+        if cfg.data == "induction":
+            ids, labels = batch
+            return last_position_ce(model.apply({"params": params}, ids), labels)
+        return next_token_ce(model.apply({"params": params}, batch), batch)
+
+    def sample_batch(key):
+        if cfg.data == "induction":
+            return induction(cfg, key, cfg.batch_size)
+        return lm_data.window_batch(tokens, key, cfg.batch_size, cfg.seq_len)
+
+    warm = max(cfg.warmup_steps, 1)
+    schedule = optax.join_schedules([
+        optax.linear_schedule(0.0, cfg.lr, warm),
+        optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - warm, 1), alpha=cfg.final_lr_frac),
+    ], [warm])
+    return target_training.TargetTrainer(
+        init=lambda key: (jax.jit(init_params, static_argnums=1)(key, cfg), {}), loss=loss,
+        sample=sample_batch,
+        optimizer=optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def cache_stem(cfg: LMConfig, seed: int, cache_dir) -> str:
+    """``lm_<variant>_<steps>steps_seed<s>``; a changed recipe is ``lm_custom-<hash>_...``."""
+    name = next((k for k, v in VARIANTS.items() if v == cfg), None)
+    if name is None:
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+        name = f"custom-{digest.hexdigest()[:8]}"
+    return os.path.join(os.fspath(cache_dir), f"lm_{name}_{cfg.steps}steps_seed{seed}")
+
+
+def load_or_train_target(cfg: LMConfig, seed: int, cache_dir) -> dict:
+    """The trained target params for ``cfg`` and ``seed`` (cached, recipe-checked)."""
+    from spdjax.families.lm import evaluation
+
+    def train():
+        params, info = target_training.train(_trainer, cfg, cfg.steps, seed,
+                                             what=f"LM {cfg.data}", chunk_steps=500)
+        meta = {"seconds": info["seconds"], "final_loss": info["final_loss"],
+                "losses": info["losses"],
+                **evaluation.target_quality(params, cfg, info["eval_key"])}
+        return params, meta
+
+    return target_training.load_or_train(
+        cache_stem(cfg, seed, cache_dir), dataclasses.asdict(cfg), f"LM {cfg.data}", train)
+
+
+def report(params: dict, cfg: LMConfig, meta: dict, stem: str) -> str:
+    n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    quality = ", ".join(f"{k} {v:.4g}" for k, v in meta.items()
+                        if k.startswith("target_") and isinstance(v, float))
+    return (f"LM target {cfg.data} ({n} params) cached at {stem}.npz: trained "
+            f"{meta['seconds']:.0f} s, final training loss {meta['final_loss']:.4g}; {quality}.")

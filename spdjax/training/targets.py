@@ -1,0 +1,191 @@
+"""Training the toy targets: one chunked trainer and one on-disk cache for every toy family.
+
+A family describes its target training as a :class:`TargetTrainer` (init, loss, batches,
+optimizer); :func:`train` runs it as jitted ``lax.scan`` chunks of ``chunk_steps`` steps, step
+``i`` drawing its batch from ``fold_in(data_key, i)`` with ``(init, data, eval)`` keys split from
+the seed. Trained targets are cached as ``<stem>.npz`` (params) + ``<stem>.json`` (recipe,
+metadata): a cached target is reused only if the recipe in its sidecar equals the one asked for;
+writes are write-then-rename, npz first, so a sidecar on disk always describes a complete npz.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Callable, Hashable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+log = logging.getLogger("spdjax")
+
+
+def default_cache_dir() -> pathlib.Path:
+    """Where trained targets are cached: ``$SPDJAX_CACHE/targets``, else ``~/.cache/spdjax/targets``."""
+    return pathlib.Path(os.environ.get("SPDJAX_CACHE", "~/.cache/spdjax")).expanduser() / "targets"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dict of arrays -> ``{"a/b/c": array}``."""
+    flat = {}
+    for k, v in tree.items():
+        flat.update(flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: v})
+    return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def unflatten(flat: Any) -> dict:
+    """Inverse of :func:`flatten` (values become jax arrays)."""
+    tree: dict = {}
+    for path in flat:
+        *parents, leaf = path.split("/")
+        functools.reduce(lambda node, p: node.setdefault(p, {}), parents, tree)[leaf] = (
+            jnp.asarray(flat[path]))
+    return tree
+
+
+def save_params(path: str | os.PathLike, params: dict) -> None:
+    """Writes a nested dict of arrays to ``path`` (``.npz``, keys ``a/b/c``), atomically."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **flatten(params))
+    os.replace(path + ".tmp", path)
+
+
+def load_params(path: str | os.PathLike) -> dict:
+    """Reads what :func:`save_params` wrote."""
+    with np.load(os.fspath(path)) as flat:
+        return unflatten(flat)
+
+
+def load(stem: str, recipe: dict, what: str) -> dict | None:
+    """The cached params at ``stem`` if its sidecar holds ``recipe``, else None (says why).
+
+    A damaged cache file (truncated, garbled) is reported and treated as absent: the target is
+    retrained and the files rewritten.
+    """
+    if not (os.path.exists(stem + ".npz") and os.path.exists(stem + ".json")):
+        return None
+    try:
+        with open(stem + ".json") as f:
+            meta = json.load(f)
+        if meta.get("recipe") != json.loads(json.dumps(recipe)):  # tuples as lists, as read back
+            log.warning("%s cache %s.json has another recipe; retraining.", what, stem)
+            return None
+        return load_params(stem + ".npz")
+    except Exception as e:  # noqa: BLE001 - any unreadable cache file is damage
+        log.warning("%s cache %s is damaged (%s: %s); retraining.", what, stem,
+                    type(e).__name__, e)
+        return None
+
+
+def save(stem: str, params: dict, meta: dict) -> None:
+    """Writes ``stem.npz`` then ``stem.json`` (``meta`` should hold the ``recipe``)."""
+    save_params(stem + ".npz", params)
+    with open(stem + ".json.tmp", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(stem + ".json.tmp", stem + ".json")
+
+
+def read_meta(stem: str) -> dict:
+    with open(stem + ".json") as f:
+        return json.load(f)
+
+
+def load_or_train(stem: str, recipe: dict, what: str,
+                  train_fn: Callable[[], tuple[dict, dict]]) -> dict:
+    """The params cached at ``stem`` for ``recipe``, else ``train_fn() -> (params, meta)``, cached.
+
+    ``meta`` is written to the sidecar next to the ``recipe``.
+    """
+    cached = load(stem, recipe, what)
+    if cached is not None:
+        return cached
+    log.info("Training the %s target (cached afterwards in %s.npz).", what, stem)
+    params, meta = train_fn()
+    save(stem, params, {"recipe": recipe, **meta})
+    return params
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetTrainer:
+    """How to train one toy target.
+
+    Attributes:
+      init: ``key -> (trainable, frozen)`` param dicts.
+      loss: ``(trainable, frozen, batch) -> scalar``.
+      sample: ``key -> batch``.
+      optimizer: trains ``trainable``.
+      apply: ``(trainable, updates) -> trainable`` (default ``optax.apply_updates``).
+      finish: ``(trainable, frozen) -> params`` of the trained target (default: merged dicts).
+    """
+
+    init: Callable[[jax.Array], tuple[dict, dict]]
+    loss: Callable[[dict, dict, Any], jax.Array]
+    sample: Callable[[jax.Array], Any]
+    optimizer: optax.GradientTransformation
+    apply: Callable[[dict, dict], dict] = optax.apply_updates
+    finish: Callable[[dict, dict], dict] | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk(make_trainer: Callable[[Hashable], TargetTrainer], recipe: Hashable, n_steps: int):
+    """Jitted ``(trainable, frozen, opt_state, root_key, start) -> (trainable, opt_state,
+    losses[n_steps])``, cached per recipe so that retries with other seeds do not recompile."""
+    trainer = make_trainer(recipe)
+    opt = trainer.optimizer
+
+    def step(carry, i):
+        trainable, frozen, opt_state, root = carry
+        batch = trainer.sample(jax.random.fold_in(root, i))
+        loss, grads = jax.value_and_grad(trainer.loss)(trainable, frozen, batch)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        return (trainer.apply(trainable, updates), frozen, opt_state, root), loss
+
+    @jax.jit
+    def chunk(trainable, frozen, opt_state, root, start):
+        xs = start + jnp.arange(n_steps, dtype=jnp.int32)
+        carry, losses = jax.lax.scan(step, (trainable, frozen, opt_state, root), xs)
+        return carry[0], carry[2], losses
+
+    return trainer, chunk
+
+
+def train(make_trainer: Callable[[Hashable], TargetTrainer], recipe: Hashable, steps: int,
+          seed: int, *, what: str, chunk_steps: int = 1000) -> tuple[dict, dict]:
+    """Trains the target of ``make_trainer(recipe)`` for ``steps`` from ``seed``.
+
+    Returns ``(params, info)``: ``info`` holds ``seed``, ``losses`` (one mean per chunk),
+    ``final_loss`` (the last of them), ``seconds`` and ``eval_key`` (the seed's third key, for a
+    family's own report on fresh batches).
+    """
+    t0 = time.perf_counter()
+    k_init, k_data, k_eval = jax.random.split(jax.random.key(seed), 3)
+    chunk_steps = min(chunk_steps, steps)
+    trainer, chunk = _chunk(make_trainer, recipe, chunk_steps)
+    trainable, frozen = trainer.init(k_init)
+    opt_state = trainer.optimizer.init(trainable)
+    losses, done = [], 0
+    while done < steps:
+        if steps - done < chunk_steps:  # the remainder compiles once more
+            _, chunk = _chunk(make_trainer, recipe, steps - done)
+        trainable, opt_state, ls = chunk(trainable, frozen, opt_state, k_data, jnp.int32(done))
+        done += ls.shape[0]
+        losses.append(float(jnp.mean(ls)))
+        if not np.isfinite(losses[-1]):
+            raise FloatingPointError(f"{what} seed {seed}: loss {losses[-1]} at step {done}.")
+        log.debug("%s seed %d: step %d loss %.4e", what, seed, done, losses[-1])
+    finish = trainer.finish or (lambda t, f: {**t, **f})
+    info = {"seed": seed, "losses": losses, "final_loss": losses[-1],
+            "seconds": time.perf_counter() - t0, "eval_key": k_eval}
+    return finish(trainable, frozen), info
