@@ -98,7 +98,6 @@ def profile(name: str, steps: int) -> dict:
     import jax
 
     from spdjax.config import files as configs
-    from spdjax.training import loop
 
     config = configs.load(name, {"figures": False})
     run = spdjax.setup(config)

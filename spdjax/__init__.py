@@ -55,7 +55,8 @@ from spdjax.methods.spd import make_optimizer
 from spdjax.methods.spd import method as spd_method
 from spdjax.methods.spd import objective as spd_objective
 from spdjax.core.sigmoids import SIGMOIDS, SigmoidPair
-from spdjax.core.target import Mapped, Site, SiteHooks, Target, dense_input, from_function, weight_at
+from spdjax.core.target import (Mapped, Site, SiteHooks, Target, dense_input, from_function,
+                                weight_at)
 from spdjax.training.family import FAMILIES, Experiment, Family
 from spdjax.training.loop import Run, close, evaluate, plot, train
 from spdjax.training.sharding import make_mesh, shard_params
@@ -66,7 +67,8 @@ __all__ = [
     "setup_ensemble",
     "CI_FUNCTIONS", "COMPONENT_INITS", "CausalImportance", "Context", "Decomposition", "LOSSES",
     "LoadedRun", "METHODS", "MLP", "Method", "Run", "SAMPLERS", "SIGMOIDS", "SharedMLP",
-    "Mapped", "SigmoidPair", "Site", "SiteHooks", "Target", "Term", "dense_input", "TrainState", "VectorMLP", "ci_l0",
+    "Mapped", "SigmoidPair", "Site", "SiteHooks", "Target", "Term", "dense_input", "TrainState",
+    "VectorMLP", "ci_l0",
     "ci_masked_recon", "ci_masked_recon_layerwise", "close", "configs", "decompose", "evaluate",
     "ROUTERS", "SiteMask", "frequency_minimality", "pgd_recon", "pgd_recon_layerwise",
     "pgd_recon_subset", "static_probability", "stochastic_hidden_acts_recon",

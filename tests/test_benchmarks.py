@@ -10,7 +10,6 @@ import pytest
 from benchmarks.reproduce import tms_seed_probe, tms_table1
 import spdjax
 from spdjax.config import files as configs
-from spdjax.training import loop
 
 
 def test_seed_probe_mixes_init_streams_and_reports():

@@ -100,8 +100,8 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     c.checkpoint_every = 5000  # steps between checkpoints (and always at the end)
     c.eval_batch_size = 20_000  # examples for final CI-L0 / alive counts / loss terms
     c.eval_microbatches = 1  # evaluate the eval batch in this many chunks (bounds its memory)
-    c.figures = True  # draw the figures at the end (python -m spdjax.cli.plot redraws them any time)
-    c.tensorboard = False  # also write TensorBoard event files to workdir/tensorboard (tensorboardX)
+    c.figures = True  # draw the figures at the end (python -m spdjax.cli.plot redraws them)
+    c.tensorboard = False  # also write TensorBoard events to workdir/tensorboard (tensorboardX)
     c.wandb_project = ""  # also log to this Weights & Biases project ("" = off; needs wandb)
     # Stop when the logged total loss exceeds this many times the run's lowest logged total
     # (a jump or a steady climb); 0 disables. Non-finite losses or params always stop a run.

@@ -126,7 +126,8 @@ def _merge(config: ml_collections.ConfigDict, recorded: Mapping[str, Any]) -> No
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]):
     """Sets ``{"a.b": value}`` fields of a locked config; an unknown field or a value of the wrong
     type is a ``ValueError`` naming it. ``target_recipe.<field>`` may name any field of the
-    family's target recipe (e.g. TMS ``batch_size``): the family checks it when the target is built."""
+    family's target recipe (e.g. TMS ``batch_size``): the family checks it when the target is
+    built."""
     for key, value in overrides.items():
         head, _, field = key.partition(".")
         if head == "target_recipe" and field and field not in config.target_recipe:

@@ -290,7 +290,8 @@ def unit_norm_A() -> tuple[optax.GradientTransformation, optax.GradientTransform
 def from_config(config, experiment, learning_rate) -> Method:
     """APD from a run config (``config.apd``: C from ``config.C``) on an experiment's target."""
     a = config.apd
-    d = decompose_apd(experiment.target, experiment.sites, config.C, rank=a.rank, ties=experiment.ties)
+    d = decompose_apd(experiment.target, experiment.sites, config.C, rank=a.rank,
+                      ties=experiment.ties)
     coeffs = {"faithfulness": a.faithfulness_coeff, "topk_recon": a.topk_recon_coeff,
               "schatten": a.schatten_coeff, "act_recon": a.act_recon_coeff,
               "lp_sparsity": a.lp_sparsity_coeff}

@@ -23,7 +23,8 @@ Array = jax.Array
 def site_acts(site: Site, A: Array, B: Array, x: Array | Mapped) -> tuple[Array, Array]:
     """``(acts [..., C, m], B)``: components ``(A, B)``'s inner activations on a site input
     (``x A_c``, or ``A_c[ids]`` for an embedding) and the ``B`` that maps them to the site's
-    output; a :class:`~spdjax.core.target.Mapped` input folds its maps in (``pre A_c``, ``B_c post``)."""
+    output; a :class:`~spdjax.core.target.Mapped` input folds its maps in (``pre A_c``,
+    ``B_c post``)."""
     if site.kind == "embed":
         return jnp.take(A, x, axis=1).transpose(1, 0, 2), B
     if isinstance(x, Mapped):

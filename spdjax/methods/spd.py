@@ -64,7 +64,8 @@ def objective(
 
 def aliased_tie_updates(decomposition: Decomposition, *,
                         within: str | None = "components") -> optax.GradientTransformation:
-    """Adds the updates of each tied pair's two copies and gives both the sum (``tie_mode="aliased"``).
+    """Adds the updates of each tied pair's two copies and gives both the sum
+    (``tie_mode="aliased"``).
 
     Chained after the optimizer: ``u_owner + swap(u_tied)`` goes to the owner and its
     swap-transpose (``V <- Uᵀ``, ``U <- Vᵀ``) to the tied copy, so copies that start equal stay
@@ -250,7 +251,8 @@ def method(
 
 def from_config(config, experiment, learning_rate) -> Method:
     """SPD from a run config (names resolved here) on an experiment's target and sites."""
-    if not isinstance(config.faithfulness_warmup_steps, int) or config.faithfulness_warmup_steps < 0:
+    warmup = config.faithfulness_warmup_steps
+    if not isinstance(warmup, int) or warmup < 0:
         raise ValueError("faithfulness_warmup_steps must be an integer >= 0, got "
                          f"{config.faithfulness_warmup_steps!r}.")
     decomp = decompose(experiment.target, experiment.sites, ties=experiment.ties,

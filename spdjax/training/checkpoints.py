@@ -49,7 +49,8 @@ def _part(key) -> str:
 
 def leaf_names(tree: Any) -> list[str]:
     """The checkpoint name of every leaf of ``tree``, in flattening order."""
-    return [".".join(_part(k) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    return [".".join(_part(k) for k in path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def unflatten_names(flat: dict[str, Any]) -> dict:
@@ -73,7 +74,8 @@ class CheckpointDamagedError(RuntimeError):
 
 
 class Checkpointer:
-    """Saves and restores train states under ``directory`` keyed by step (keeps the last ``keep``)."""
+    """Saves and restores train states under ``directory`` keyed by step (keeps the last
+    ``keep``)."""
 
     def __init__(self, directory: str | pathlib.Path, *, keep: int = 2):
         self.directory = pathlib.Path(directory).absolute()
@@ -84,7 +86,8 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict | None = None) -> None:
-        """Writes ``state`` by leaf name, with ``meta`` (e.g. ``{"config": ..., "method": ...}``)."""
+        """Writes ``state`` by leaf name, with ``meta`` (e.g. ``{"config": ..., "method":
+        ...}``)."""
         names = leaf_names(state)
         flat = dict(zip(names, jax.tree.leaves(state)))
         meta = {"format_version": FORMAT_VERSION, "step": int(step), **(meta or {}),
@@ -115,7 +118,8 @@ class Checkpointer:
         step = self._step(step)
         if self._format(step) == 0:
             return {"format_version": 0, "step": step}
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return self._manager.restore(step, args=args).meta
 
     def restore(self, template: Any, step: int | None = None) -> Any:
         """Restores into the structure (and shardings) of ``template``, matching arrays by name."""

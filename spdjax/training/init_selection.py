@@ -13,8 +13,8 @@ to ``workdir/init_selection.json`` and copied into ``summary.json``.
 
 A continued candidate is the run it would have been on its own: the steps after the selection draw
 the same batches and masks, so ``init_candidates = 1`` (the default) and a selection that keeps
-candidate 0 give the same results up to float rounding. A run interrupted during the selection redoes it;
-after it, the run resumes from its checkpoints as usual.
+candidate 0 give the same results up to float rounding. A run interrupted during the selection
+redoes it; after it, the run resumes from its checkpoints as usual.
 """
 
 from __future__ import annotations

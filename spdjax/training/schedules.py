@@ -3,7 +3,7 @@
 With ``i = step - warmup`` of ``n = steps - warmup`` post-warm-up steps, ``t = i / (n - 1)``
 runs from 0 at the first to 1 at the last update step:
   ``constant``     lr
-  ``linear``       lr * (f + (1 - f) * (1 - i / n))        (paper-era code: 1 - t/T, lr/n at the end)
+  ``linear``       lr * (f + (1 - f) * (1 - i / n))        (paper-era: 1 - t/T, lr/n at the end)
   ``linear_head``  lr * (f + (1 - f) * (1 - t))            (later reference: exactly f at the end)
   ``cosine``       lr * cos(pi/2 * t)                    (paper: quarter period, 0 at the end)
   ``cosine_half``  lr * (f + (1 - f) * (1 + cos(pi t)) / 2)   (later reference)
@@ -57,7 +57,8 @@ SCHEDULES: Registry[Callable] = Registry("lr schedule", {
 def make_schedule(
     name: str, lr: float, total_steps: int, *, warmup_frac: float = 0.0, final_frac: float = 0.0
 ) -> Callable:
-    """An optax-compatible schedule. ``final_frac`` applies to ``linear[_head]``, ``cosine_half``."""
+    """An optax-compatible schedule. ``final_frac`` applies to ``linear[_head]`` and
+    ``cosine_half``."""
     if not 0.0 <= warmup_frac < 1.0:
         raise ValueError(f"warmup_frac must be in [0, 1), got {warmup_frac}.")
     if lr <= 0:

@@ -16,7 +16,6 @@ from typing import Any, Callable, Protocol, Sequence
 
 import jax
 
-from spdjax.training import workdir as wd
 from spdjax.training.health import check_health
 from spdjax.training.interrupts import StopRequest
 from spdjax.training.progress import Progress

@@ -28,7 +28,8 @@ log = logging.getLogger("spdjax")
 
 
 def default_cache_dir() -> pathlib.Path:
-    """Where trained targets are cached: ``$SPDJAX_CACHE/targets``, else ``~/.cache/spdjax/targets``."""
+    """Where trained targets are cached: ``$SPDJAX_CACHE/targets``, else
+    ``~/.cache/spdjax/targets``."""
     return pathlib.Path(os.environ.get("SPDJAX_CACHE", "~/.cache/spdjax")).expanduser() / "targets"
 
 

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 
 import spdjax
-from spdjax.training import targets as target_training
 from spdjax.cli import target as target_cli
-from spdjax.families.resid_mlp import FAMILY
 from spdjax.families.resid_mlp import model as rm
 
 TINY = rm.ResidMLPConfig(6, 8, 3, 2, batch_size=64)

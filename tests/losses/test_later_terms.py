@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import spdjax
-from spdjax import losses, routing
+from spdjax import losses
+from spdjax.core import routing
 from spdjax.losses import adversarial
 from spdjax.core.masks import SiteMask, sample_masks
 

@@ -9,7 +9,7 @@ import pytest
 
 import spdjax
 from spdjax.config import files as configs
-from spdjax.training import ensemble, loop
+from spdjax.training import ensemble
 from spdjax.training.progress import log_to
 
 

@@ -167,7 +167,6 @@ def test_several_steps_per_call_train_the_same_run_and_resume_at_any_step(tmp_pa
 
 def test_matmul_precision_reaches_the_compiled_step():
     import spdjax
-    from spdjax.training import loop
 
     texts = {}
     for precision in ("highest", "bfloat16"):

@@ -10,7 +10,6 @@ import pytest
 
 import spdjax
 from spdjax.config import files as configs
-from spdjax.training import loop
 from spdjax.training.progress import log_to
 
 
