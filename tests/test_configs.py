@@ -54,15 +54,15 @@ def test_apd_paper_is_the_apd_papers_40_10_settings_and_5_2_the_codes():
 
 def test_the_target_recipe_defaults_to_the_reference_and_the_old_one_is_selectable(tmp_path):
     from spdjax.training.family import FAMILIES
-    from spdjax.families.tms import model as tms
+    from spdjax.families.tms import cache as tms_cache
     from spdjax.config.runs import validate
 
     family = FAMILIES.get("tms")
     default = family.model_config(load_config("5-2"))
     old = family.model_config(configs.load("tms:5-2", {"target_recipe.double_update": False}))
     assert default.double_update and not old.double_update
-    assert tms.cache_stem(old, 0, tmp_path).endswith("tms_5-2_single-update_seed0")
-    assert tms.cache_stem(default, 0, tmp_path).endswith("tms_5-2_seed0")
+    assert tms_cache.cache_stem(old, 0, tmp_path).endswith("tms_5-2_single-update_seed0")
+    assert tms_cache.cache_stem(default, 0, tmp_path).endswith("tms_5-2_seed0")
     # A record written before the recipe was a config field ran on the old recipe.
     record = configs.to_dict(load_config("5-2"))
     del record["target_recipe"]
@@ -78,7 +78,8 @@ def test_the_target_recipe_defaults_to_the_reference_and_the_old_one_is_selectab
     cfg = family.model_config(apd_era)
     assert (cfg.batch_size, cfg.steps, cfg.double_update) == (2048, 2000, True)
     # ... and is cached under its own name, not over the variant's target
-    assert tms.cache_stem(cfg, 0, tmp_path).endswith("tms_40-10_steps2000_batch_size2048_seed0")
+    stem = tms_cache.cache_stem(cfg, 0, tmp_path)
+    assert stem.endswith("tms_40-10_steps2000_batch_size2048_seed0")
     with pytest.raises(ValueError, match=r"target_recipe fields \['bogus'\] are not fields"):
         validate(configs.load("tms:5-2", {"target_recipe.bogus": 1}))
 

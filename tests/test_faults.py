@@ -23,6 +23,7 @@ import pytest
 
 import spdjax
 from spdjax.training import targets as target_training
+from spdjax.families.tms import cache as tms_cache
 from spdjax.families.tms import evaluation as tms_evaluation
 from spdjax.families.tms import model as tms
 from spdjax.training import loop
@@ -124,12 +125,12 @@ def test_an_empty_or_missing_config_json_is_repaired_from_the_checkpoint(copy, c
 
 def test_a_damaged_target_cache_file_is_retrained(tmp_path, caplog):
     cfg = tms.TMSConfig(5, 2, steps=20, batch_size=64)
-    first = tms.load_or_train_target(cfg, 0, tmp_path, max_tries=1, tol=10.0)
-    stem = tms.cache_stem(cfg, 0, tmp_path)
+    first = tms_cache.load_or_train_target(cfg, 0, tmp_path, max_tries=1, tol=10.0)
+    stem = tms_cache.cache_stem(cfg, 0, tmp_path)
     for suffix, garbage in ((".npz", b"PK\x03\x04 truncated"), (".json", b"{oops")):
         pathlib.Path(stem + suffix).write_bytes(garbage)
         with caplog.at_level(logging.WARNING, logger="spdjax"):
-            again = tms.load_or_train_target(cfg, 0, tmp_path, max_tries=1, tol=10.0)
+            again = tms_cache.load_or_train_target(cfg, 0, tmp_path, max_tries=1, tol=10.0)
         assert any("damaged" in r.message for r in caplog.records)
         caplog.clear()
         jax.tree.map(np.testing.assert_array_equal, again, first)

@@ -78,19 +78,6 @@ class Family:
             raise ValueError(f"Family {self.name!r}: default_variant {self.default_variant!r} "
                              f"is not one of its variants {sorted(self.variants)}.")
 
-    @classmethod
-    def from_modules(cls, name: str, title: str, default_variant: str, model, evaluation, plots,
-                     **fields) -> "Family":
-        """A family from its package's three modules, by convention: ``model`` defines
-        ``VARIANTS``, ``target``, ``load_or_train_target``, ``cache_stem``, ``report``, ``sites``,
-        ``sample`` (and ``TIES`` if any); ``evaluation.evaluate``; ``plots.plot_run``."""
-        return cls(name=name, title=title, variants=model.VARIANTS,
-                   default_variant=default_variant, target=model.target,
-                   load_target_params=model.load_or_train_target, cache_stem=model.cache_stem,
-                   report=model.report, sites=model.sites, sample=model.sample,
-                   evaluate=evaluation.evaluate, plot=plots.plot_run,
-                   ties=getattr(model, "TIES", {}), **fields)
-
     def variant(self, name: str):
         if name not in self.variants:
             raise ValueError(f"Unknown {self.title} variant {name!r}; valid: {sorted(self.variants)}.")

@@ -11,6 +11,7 @@ import pytest
 
 import spdjax
 from spdjax.cli import target as target_cli
+from spdjax.families.resid_mlp import cache as rm_cache
 from spdjax.families.resid_mlp import model as rm
 
 TINY = rm.ResidMLPConfig(6, 8, 3, 2, batch_size=64)
@@ -164,8 +165,8 @@ def test_cache_round_trip_and_cli(tmp_path, monkeypatch, capsys):
         return params, {**info, **rm.target_report(params, cfg, n_batches=1)}
 
     monkeypatch.setattr(rm, "train_resid_mlp_target", fake_train)
-    first = rm.load_or_train_target(TINY, 3, tmp_path)
-    second = rm.load_or_train_target(TINY, 3, tmp_path)
+    first = rm_cache.load_or_train_target(TINY, 3, tmp_path)
+    second = rm_cache.load_or_train_target(TINY, 3, tmp_path)
     assert calls == [("6-8-3x2", 3)]
     jax.tree.map(np.testing.assert_array_equal, first, second)
     assert jax.tree.structure(first) == jax.tree.structure(_random_params(TINY))
@@ -176,7 +177,7 @@ def test_cache_round_trip_and_cli(tmp_path, monkeypatch, capsys):
     assert meta["ideal_baseline_loss"] == 0.0 and meta["final_loss"] > 0  # all 6 served
     assert np.isnan(meta["baseline_loss"])  # TINY has no room for the exact baseline
 
-    rm.load_or_train_target(dataclasses.replace(TINY, lr=1e-3), 3, tmp_path)  # another recipe
+    rm_cache.load_or_train_target(dataclasses.replace(TINY, lr=1e-3), 3, tmp_path)  # another recipe
     assert len(calls) == 2
 
     monkeypatch.setitem(rm.RESID_VARIANTS, "1", TINY)  # the CLI on a tiny, fake-trained model

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spdjax.families.tms import cache as tms_cache
 from spdjax.families.tms import model as tms
 
 
@@ -146,8 +147,8 @@ def test_cache_round_trip(tmp_path, monkeypatch):
         return params, info
 
     monkeypatch.setattr(tms, "train_checked_target", fake_train)
-    first = tms.load_or_train_target("5-2-id", 3, tmp_path)
-    second = tms.load_or_train_target(cfg, 3, tmp_path)
+    first = tms_cache.load_or_train_target("5-2-id", 3, tmp_path)
+    second = tms_cache.load_or_train_target(cfg, 3, tmp_path)
     assert calls == [3]
     jax.tree.map(np.testing.assert_array_equal, first, second)
     assert jax.tree.map(lambda a: a.dtype, second) == jax.tree.map(lambda a: a.dtype, first)
@@ -158,17 +159,17 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     meta = json.loads((tmp_path / "tms_5-2-id_seed3.json").read_text())
     assert meta["recipe"] == dataclasses.asdict(cfg) and meta["trained_seed"] == 1003
 
-    tms.load_or_train_target(dataclasses.replace(cfg, steps=5), 3, tmp_path)  # another recipe
+    tms_cache.load_or_train_target(dataclasses.replace(cfg, steps=5), 3, tmp_path)  # another recipe
     assert calls == [3, 3]
 
 
 def test_cache_skips_training_for_real(tmp_path):
     cfg = dataclasses.replace(tms.TMS_VARIANTS["5-2"], steps=2000)  # seed 1 learns all 5
     t0 = time.perf_counter()
-    params = tms.load_or_train_target(cfg, 1, tmp_path)
+    params = tms_cache.load_or_train_target(cfg, 1, tmp_path)
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
-    again = tms.load_or_train_target(cfg, 1, tmp_path)
+    again = tms_cache.load_or_train_target(cfg, 1, tmp_path)
     assert time.perf_counter() - t0 < t_train / 5
     jax.tree.map(np.testing.assert_array_equal, params, again)
 

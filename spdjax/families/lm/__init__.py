@@ -1,7 +1,8 @@
 """Transformer targets as an SPD experiment family: the induction-head toy and a byte-level LM.
 
 * :mod:`~spdjax.families.lm.model`: the transformer (standard linen layers, decomposed by
-  tracing), variants ``ih`` and ``bytes``, their training recipes and the target cache;
+  tracing), variants ``ih`` and ``bytes`` and their training recipes;
+* :mod:`~spdjax.families.lm.cache`: the target cache and the report of a cached target;
 * :mod:`~spdjax.families.lm.data`: induction sequences and the standard-library byte corpus
   (memory-mapped on disk, built once);
 * :mod:`~spdjax.families.lm.evaluation`: KL / CE of masked models, CI-L0 per token;
@@ -9,8 +10,22 @@
 """
 
 from spdjax.training.family import Family, register
-from spdjax.families.lm import evaluation, model, plots
+from spdjax.families.lm import cache, evaluation, model, plots
 
-FAMILY = register(Family.from_modules("lm", "transformer LM", "ih", model, evaluation, plots))
+FAMILY = register(Family(
+    name="lm",
+    title="transformer LM",
+    variants=model.VARIANTS,
+    default_variant="ih",
+    target=model.target,
+    load_target_params=cache.load_or_train_target,
+    sites=model.sites,
+    sample=model.sample,
+    evaluate=evaluation.evaluate,
+    plot=plots.plot_run,
+    ties={},
+    cache_stem=cache.cache_stem,
+    report=cache.report,
+))
 
-__all__ = ["FAMILY", "evaluation", "model", "plots"]
+__all__ = ["FAMILY", "cache", "evaluation", "model", "plots"]

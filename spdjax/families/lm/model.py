@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
 
@@ -230,7 +228,9 @@ def last_position_ce(logits: Array, labels: Array) -> Array:
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
 
 
-def _trainer(cfg: LMConfig) -> target_training.TargetTrainer:
+def make_trainer(cfg: LMConfig) -> target_training.TargetTrainer:
+    """The variant's target recipe: AdamW with linear warm-up and cosine decay on the
+    next-token CE (the induction toy: CE at the last position only)."""
     model = Transformer(cfg)
     tokens = corpus_tokens(cfg, "train") if cfg.data == "bytes" else None
 
@@ -255,36 +255,3 @@ def _trainer(cfg: LMConfig) -> target_training.TargetTrainer:
         init=lambda key: (jax.jit(init_params, static_argnums=1)(key, cfg), {}), loss=loss,
         sample=sample_batch,
         optimizer=optax.adamw(schedule, weight_decay=cfg.weight_decay))
-
-
-def cache_stem(cfg: LMConfig, seed: int, cache_dir) -> str:
-    """``lm_<variant>_<steps>steps_seed<s>``; a changed recipe is ``lm_custom-<hash>_...``."""
-    name = next((k for k, v in VARIANTS.items() if v == cfg), None)
-    if name is None:
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
-        name = f"custom-{digest.hexdigest()[:8]}"
-    return os.path.join(os.fspath(cache_dir), f"lm_{name}_{cfg.steps}steps_seed{seed}")
-
-
-def load_or_train_target(cfg: LMConfig, seed: int, cache_dir) -> dict:
-    """The trained target params for ``cfg`` and ``seed`` (cached, recipe-checked)."""
-    from spdjax.families.lm import evaluation
-
-    def train():
-        params, info = target_training.train(_trainer, cfg, cfg.steps, seed,
-                                             what=f"LM {cfg.data}", chunk_steps=500)
-        meta = {"seconds": info["seconds"], "final_loss": info["final_loss"],
-                "losses": info["losses"],
-                **evaluation.target_quality(params, cfg, info["eval_key"])}
-        return params, meta
-
-    return target_training.load_or_train(
-        cache_stem(cfg, seed, cache_dir), dataclasses.asdict(cfg), f"LM {cfg.data}", train)
-
-
-def report(params: dict, cfg: LMConfig, meta: dict, stem: str) -> str:
-    n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    quality = ", ".join(f"{k} {v:.4g}" for k, v in meta.items()
-                        if k.startswith("target_") and isinstance(v, float))
-    return (f"LM target {cfg.data} ({n} params) cached at {stem}.npz: trained "
-            f"{meta['seconds']:.0f} s, final training loss {meta['final_loss']:.4g}; {quality}.")

@@ -1,4 +1,5 @@
-"""ResidMLP targets ("compressed computation"): model, training recipe, naive baseline and cache.
+"""ResidMLP targets ("compressed computation"): model, training recipe and naive baseline (the
+target cache is :mod:`spdjax.families.resid_mlp.cache`).
 
 The model (reference spec sections 6.3 and 9.1), in Flax layout::
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -260,47 +260,6 @@ def target_report(params: dict, cfg: ResidMLPConfig, *, key: Array | None = None
     return {"final_loss": evaluate_loss(params, cfg, **kw),
             "baseline_loss": naive_baseline_loss(cfg, W_E, **kw) if fits else float("nan"),
             "ideal_baseline_loss": naive_baseline_loss(cfg, **kw)}
-
-
-def cache_stem(cfg: ResidMLPConfig, seed: int, cache_dir: str | os.PathLike) -> str:
-    """``cache_dir/resid_mlp_<variant>_<steps>steps_seed<seed>`` (add ``.npz`` / ``.json``)."""
-    return os.path.join(os.fspath(cache_dir), f"resid_mlp_{cfg.variant}_{cfg.steps}steps_seed{seed}")
-
-
-def load_or_train_target(
-    variant_or_cfg: str | ResidMLPConfig, seed: int, cache_dir: str | os.PathLike, **train_kwargs
-) -> dict:
-    """Trained params, from ``cache_dir/resid_mlp_<variant>_<steps>steps_seed<seed>.npz`` if its
-    recipe matches.
-
-    Otherwise trains with :func:`train_resid_mlp_target` and writes the ``.npz`` plus a ``.json``
-    sidecar (recipe, seed, final and baseline losses, training seconds).
-    """
-    cfg = get_resid_config(variant_or_cfg)
-
-    def train_fn():
-        params, info = train_resid_mlp_target(cfg, seed, **train_kwargs)
-        keys = ("final_loss", "baseline_loss", "ideal_baseline_loss", "seconds", "losses")
-        return params, {"seed": seed, **{k: info[k] for k in keys}}
-
-    return target_training.load_or_train(cache_stem(cfg, seed, cache_dir),
-                                         dataclasses.asdict(cfg), f"ResidMLP {cfg.variant}",
-                                         train_fn)
-
-
-def report(params: dict, cfg: ResidMLPConfig, meta: dict, stem: str) -> str:
-    """One line on a cached target: its loss next to the naive baselines."""
-    return (f"ResidMLP {cfg.variant} seed {meta['seed']} ({cfg.steps} steps, trained in "
-            f"{meta['seconds']:.1f} s): target loss {meta['final_loss']:.3e}; naive monosemantic "
-            f"baseline {meta['baseline_loss']:.3e} with the same W_E, "
-            f"{meta['ideal_baseline_loss']:.3e} without embedding interference; cached in "
-            f"{stem}.npz")
-
-
-# The names spdjax.training.family.Family.from_modules reads.
-VARIANTS = RESID_VARIANTS
-target = resid_mlp_target
-sample = sample_inputs
 
 
 def sites(cfg: ResidMLPConfig, config) -> dict[str, int]:

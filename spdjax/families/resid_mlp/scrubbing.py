@@ -20,7 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure
 
+from spdjax.analysis.plots import save_figure
 from spdjax.families.resid_mlp.model import ResidMLPConfig, sample_inputs
 from spdjax.methods import apd
 
@@ -83,14 +85,8 @@ def plot_scrub_histogram(losses: dict[str, np.ndarray], path, *, baseline: float
                          dpi: int = 150):
     """The paper's histogram of per-example MSEs (log x axis), means dashed; ``baseline``: the
     monosemantic model's loss (grey)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from spdjax.analysis.plots import save_figure
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     values = np.concatenate(list(losses.values()))
     lo = max(values[values > 0].min(), 1e-12)
     bins = np.logspace(np.log10(lo), np.log10(values.max() * 1.01), 60)
@@ -103,6 +99,4 @@ def plot_scrub_histogram(losses: dict[str, np.ndarray], path, *, baseline: float
     ax.set(xscale="log", xlabel="MSE vs target output (per example)", ylabel="examples",
            title="APD: ablating half the components, scrubbed vs anti-scrubbed")
     ax.legend()
-    path = save_figure(fig, path, dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi)

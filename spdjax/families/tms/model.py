@@ -1,4 +1,5 @@
-"""Toy Model of Superposition (TMS) targets: model, training recipe, feature check and cache.
+"""Toy Model of Superposition (TMS) targets: model, training recipe and feature check (the
+target cache is :mod:`spdjax.families.tms.cache`).
 
 The model (reference spec sections 6.2 and 9.1), in Flax layout with ``W`` of shape
 ``(n_features, n_hidden)``::
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -233,59 +233,6 @@ def train_checked_target(
         f"(tol {tol} around {PROBE_VALUE}). Tried: {'; '.join(failures)}. "
         "Raise max_tries or start from another seed."
     )
-
-
-def load_or_train_target(
-    cfg_name_or_cfg: str | TMSConfig, seed: int, cache_dir: str | os.PathLike, **train_kwargs
-) -> dict:
-    """Trained TMS params, from ``cache_dir/tms_<variant>_seed<seed>.npz`` if its recipe matches.
-
-    Otherwise trains with :func:`train_checked_target` and writes the ``.npz`` plus a ``.json``
-    sidecar (recipe, seed actually used, final loss, feature report).
-    """
-    cfg = get_tms_config(cfg_name_or_cfg)
-
-    def train_fn():
-        params, info = train_checked_target(cfg, seed, **train_kwargs)
-        meta = {"requested_seed": seed, "trained_seed": info["seed"]}
-        meta.update({k: info[k] for k in ("tried_seeds", "final_loss", "feature_report",
-                                          "seconds")})
-        return params, meta
-
-    return target_training.load_or_train(cache_stem(cfg, seed, cache_dir),
-                                         dataclasses.asdict(cfg), f"TMS {cfg.variant}", train_fn)
-
-
-def cache_stem(cfg: TMSConfig, seed: int, cache_dir: str | os.PathLike) -> str:
-    """``cache_dir/tms_<variant>[_single-update][_<field><value>...]_seed<seed>`` (add ``.npz`` /
-    ``.json``): a recipe changed from its variant's names the changed fields, so that it does not
-    overwrite the variant's cached target."""
-    recipe = "" if cfg.double_update else "_single-update"
-    default = TMS_VARIANTS.get(cfg.variant)
-    if default is not None:
-        recipe += "".join(f"_{f.name}{getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                          if f.name != "double_update"
-                          and getattr(cfg, f.name) != getattr(default, f.name))
-    return os.path.join(os.fspath(cache_dir), f"tms_{cfg.variant}{recipe}_seed{seed}")
-
-
-def report(params: dict, cfg: TMSConfig, meta: dict, stem: str) -> str:
-    """One line on a cached target, and its feature directions drawn next to the cache file."""
-    from spdjax.families.tms import plots
-
-    read_back = np.round(feature_report(params, cfg).astype(np.float64), 3).tolist()
-    path = plots.plot_tms_vectors(np.asarray(params["linear1"]["kernel"]), stem + ".png",
-                                  title=f"TMS {cfg.variant} target")
-    return (f"TMS {cfg.variant}: trained seed {meta['trained_seed']} (tried "
-            f"{meta['tried_seeds']}), loss {meta['final_loss']:.3e}; one-hot 0.75 read-back per "
-            f"feature: {read_back}\nSaved {stem}.npz and {path}")
-
-
-# The names spdjax.training.family.Family.from_modules reads.
-VARIANTS = TMS_VARIANTS
-TIES = TMS_TIES
-target = tms_target
-sample = sample_batch
 
 
 def sites(cfg: TMSConfig, config) -> dict[str, int]:
