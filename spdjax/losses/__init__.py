@@ -7,12 +7,15 @@
 * :mod:`~spdjax.losses.regularisers`: faithfulness, importance and frequency minimality.
 * :mod:`~spdjax.losses.divergences`: ``mse``, ``kl``.
 * :mod:`~spdjax.losses.total`: :func:`term`, :func:`total_loss`, the :data:`LOSSES` registry.
+* :mod:`~spdjax.losses.checks`: :func:`options`, the option checks a term declares next to its
+  definition (and :func:`term` runs when it binds that term).
 
 Normalisations follow the reference (spec section 3); see each module.
 """
 
 from spdjax.losses.adversarial import (persistent_pgd_recon, pgd_masks, pgd_recon,
                                       pgd_recon_layerwise, pgd_recon_subset)
+from spdjax.losses.checks import Check, options
 from spdjax.losses.context import Context, make_context
 from spdjax.losses.divergences import DIVERGENCES, ce, kl, mse
 from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise,
@@ -25,9 +28,9 @@ from spdjax.losses.total import (LOSSES, Term, make_total_loss, term, term_key, 
                                  total_loss)
 
 __all__ = [
-    "Context", "DIVERGENCES", "LOSSES", "Term", "annealed_p", "ce", "ci_masked_recon",
+    "Check", "Context", "DIVERGENCES", "LOSSES", "Term", "annealed_p", "ce", "ci_masked_recon",
     "ci_masked_recon_layerwise", "faithfulness", "frequency_minimality", "importance_minimality",
-    "kl", "make_context", "make_total_loss", "mse", "persistent_pgd_recon", "pgd_masks",
+    "kl", "make_context", "make_total_loss", "mse", "options", "persistent_pgd_recon", "pgd_masks",
     "pgd_recon", "pgd_recon_layerwise", "pgd_recon_subset", "stochastic_hidden_acts_recon",
     "stochastic_recon", "stochastic_recon_layerwise", "stochastic_recon_subset", "term",
     "term_key", "terms_from_config", "total_loss", "unmasked_recon",

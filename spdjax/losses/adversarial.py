@@ -26,13 +26,19 @@ import jax.numpy as jnp
 
 from spdjax.losses.context import Context
 from spdjax.losses.divergences import DIVERGENCES, Divergence, mse
-from spdjax.losses.recon import ROUTING_STREAM
+from spdjax.losses.checks import (boolean, nonnegative_int, one_of, optional_probability,
+                                   options, positive_finite, router_and_probability)
+from spdjax.losses.recon import DIVERGENCE_OPTION, ROUTING_STREAM
 from spdjax.core.masks import SiteMask
 from spdjax.core.routing import Router, make_router, route
 
 Array = jax.Array
 INITS = ("random", "ones", "zeroes")
 SCOPES = ("unique_per_datapoint", "shared_across_batch")
+# The options every PGD term checks when bound (spdjax.losses.term).
+STEP_OPTIONS = {"n_steps": nonnegative_int, "step_size": positive_finite, "delta": boolean,
+                **DIVERGENCE_OPTION}
+PGD_OPTIONS = {**STEP_OPTIONS, "init": one_of(INITS), "scope": one_of(SCOPES)}
 
 
 def _check(n_steps, step_size, init, scope) -> None:
@@ -111,6 +117,7 @@ def _pgd_loss(params, ctx, key, sites, routing, divergence, **pgd) -> Array:
     return DIVERGENCES.resolve(divergence)(out, ctx.target_out)
 
 
+@options(**PGD_OPTIONS)
 def pgd_recon(params, ctx: Context, key, *, n_steps: int = 1, step_size: float = 1.0,
               init: str = "random", scope: str = "unique_per_datapoint", delta: bool = False,
               divergence: Divergence = mse) -> Array:
@@ -119,6 +126,7 @@ def pgd_recon(params, ctx: Context, key, *, n_steps: int = 1, step_size: float =
                      step_size=step_size, init=init, scope=scope, delta=delta)
 
 
+@options(router_and_probability, **PGD_OPTIONS, routing_p=optional_probability)
 def pgd_recon_subset(params, ctx: Context, key, *, n_steps: int = 1, step_size: float = 1.0,
                      init: str = "random", scope: str = "unique_per_datapoint",
                      delta: bool = False, router: str | Router = "uniform_k",
@@ -132,6 +140,7 @@ def pgd_recon_subset(params, ctx: Context, key, *, n_steps: int = 1, step_size: 
                      step_size=step_size, init=init, scope=scope, delta=delta)
 
 
+@options(**PGD_OPTIONS)
 def pgd_recon_layerwise(params, ctx: Context, key, *, n_steps: int = 1, step_size: float = 1.0,
                         init: str = "random", scope: str = "unique_per_datapoint",
                         delta: bool = False, divergence: Divergence = mse) -> Array:
@@ -147,6 +156,7 @@ def pgd_recon_layerwise(params, ctx: Context, key, *, n_steps: int = 1, step_siz
 ADVERSARY = "adversary"  # params[ADVERSARY][term name]: a term's persistent sources
 
 
+@options(router_and_probability, **STEP_OPTIONS, routing_p=optional_probability)
 def persistent_pgd_recon(params, ctx: Context, key, *, n_steps: int = 2, step_size: float = 0.1,
                          delta: bool = False, router: str | Router | None = None,
                          routing_p: float | None = None, divergence: Divergence = mse,

@@ -21,12 +21,17 @@ import jax.numpy as jnp
 
 from spdjax.losses.context import Context
 from spdjax.losses.divergences import DIVERGENCES, Divergence, mse
+from spdjax.losses.checks import (boolean, named, optional_probability, options, positive_int,
+                                   router_and_probability)
 from spdjax.core.masks import SAMPLERS, MaskSampler, continuous, sample_masks, with_routing
 from spdjax.core.routing import Router, make_router, route
 from spdjax.core.target import dense_input
 
 Array = jax.Array
 ROUTING_STREAM = 0x7FFFFFF0  # fold_in index of a mask draw's routing key (sites use 0, 1, ...)
+# The options every stochastic term checks when bound (spdjax.losses.term).
+SAMPLING_OPTIONS = {"n_samples": positive_int, "sampling": named(SAMPLERS), "delta": boolean}
+DIVERGENCE_OPTION = {"divergence": named(DIVERGENCES)}
 
 
 def _recon(params, ctx: Context, masks: Mapping[str, Array | None], divergence) -> Array:
@@ -65,6 +70,7 @@ def _over_mask_samples(fn, params, ctx, key, n_samples, sampling, divergence, de
     return jnp.mean(jax.lax.map(jax.checkpoint(one), keys, batch_size=sample_chunk))
 
 
+@options(**SAMPLING_OPTIONS, **DIVERGENCE_OPTION)
 def stochastic_recon(
     params, ctx: Context, key, *, n_samples: int = 1, sampling: MaskSampler = continuous,
     divergence: Divergence = mse, delta: bool = False, sample_chunk: int | None = None,
@@ -78,6 +84,7 @@ def stochastic_recon(
                               sample_chunk=sample_chunk)
 
 
+@options(**SAMPLING_OPTIONS, **DIVERGENCE_OPTION)
 def stochastic_recon_layerwise(
     params, ctx: Context, key, *, n_samples: int = 1, sampling: MaskSampler = continuous,
     divergence: Divergence = mse, delta: bool = False, sample_chunk: int | None = None,
@@ -88,6 +95,8 @@ def stochastic_recon_layerwise(
                               delta, sample_chunk=sample_chunk)
 
 
+@options(router_and_probability, **SAMPLING_OPTIONS, **DIVERGENCE_OPTION,
+         routing_p=optional_probability)
 def stochastic_recon_subset(
     params, ctx: Context, key, *, n_samples: int = 1, sampling: MaskSampler = continuous,
     divergence: Divergence = mse, delta: bool = False, router: str | Router = "uniform_k",
@@ -114,6 +123,7 @@ def _hidden_acts(params, ctx: Context, masks, divergence) -> Array:
     return sq / sum(x.size for x in clean.values())
 
 
+@options(**SAMPLING_OPTIONS)
 def stochastic_hidden_acts_recon(
     params, ctx: Context, key, *, n_samples: int = 1, sampling: MaskSampler = continuous,
     delta: bool = False,
@@ -124,11 +134,13 @@ def stochastic_hidden_acts_recon(
     return _over_mask_samples(_hidden_acts, params, ctx, key, n_samples, sampling, None, delta)
 
 
+@options(**DIVERGENCE_OPTION)
 def ci_masked_recon(params, ctx: Context, key=None, *, divergence: Divergence = mse) -> Array:
     """D(f(x | all sites masked with m = g), f(x))."""
     return _recon(params, ctx, {n: c.lower for n, c in ctx.ci.items()}, divergence)
 
 
+@options(**DIVERGENCE_OPTION)
 def ci_masked_recon_layerwise(
     params, ctx: Context, key=None, *, divergence: Divergence = mse
 ) -> Array:
@@ -136,6 +148,7 @@ def ci_masked_recon_layerwise(
     return _layerwise(params, ctx, {n: c.lower for n, c in ctx.ci.items()}, divergence)
 
 
+@options(**DIVERGENCE_OPTION)
 def unmasked_recon(params, ctx: Context, key=None, *, divergence: Divergence = mse) -> Array:
     """D(f(x | every site replaced by the plain component sum V U), f(x))."""
     return _recon(params, ctx, {n: None for n in ctx.ci}, divergence)

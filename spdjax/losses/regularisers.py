@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from spdjax.losses.context import Context
+from spdjax.losses.checks import (nonnegative, nonnegative_finite, optional_positive, options,
+                                   positive_finite)
 
 Array = jax.Array
 
@@ -52,6 +54,8 @@ def _minimality(ctx: Context, p, eps: float, plain: float, frequency: float) -> 
     return total
 
 
+@options(pnorm=positive_finite, p_anneal_final_p=optional_positive, eps=nonnegative,
+         beta=nonnegative_finite)
 def importance_minimality(
     params, ctx: Context, key=None, *, pnorm: float, p_anneal_start_frac: float = 1.0,
     p_anneal_final_p: float | None = None, p_anneal_end_frac: float = 1.0, eps: float = 1e-12,
@@ -70,6 +74,7 @@ def importance_minimality(
     return _minimality(ctx, p, eps, 1.0, beta)
 
 
+@options(pnorm=positive_finite, p_anneal_final_p=optional_positive, eps=nonnegative)
 def frequency_minimality(
     params, ctx: Context, key=None, *, pnorm: float, p_anneal_start_frac: float = 1.0,
     p_anneal_final_p: float | None = None, p_anneal_end_frac: float = 1.0, eps: float = 1e-12,

@@ -2,7 +2,8 @@
 
 A loss term is any function ``loss(params, ctx, key, **options) -> scalar``. :func:`term`
 binds one (a registered name or your own function) to a coefficient and keyword options and
-checks the options against its signature; :func:`total_loss` sums bound terms. Configs name their
+checks the options against its signature and the checks the function declares
+(:mod:`spdjax.losses.checks`); :func:`total_loss` sums bound terms. Configs name their
 terms (``{"stochastic_recon": {"coeff": 1.0, "n_samples": 1}}``): :func:`make_total_loss`
 resolves those names (and option values that name a mask sampler or a divergence) once, here.
 
@@ -20,19 +21,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
-from spdjax.losses import adversarial
 from spdjax.losses.adversarial import (persistent_pgd_recon, pgd_recon, pgd_recon_layerwise,
                                       pgd_recon_subset)
 from spdjax.losses.context import Context
-from spdjax.losses.divergences import DIVERGENCES
+from spdjax.losses.checks import declared_checks
 from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise,
                                  stochastic_hidden_acts_recon, stochastic_recon,
                                  stochastic_recon_layerwise, stochastic_recon_subset,
                                  unmasked_recon)
 from spdjax.losses.regularisers import faithfulness, frequency_minimality, importance_minimality
-from spdjax.core.masks import SAMPLERS
 from spdjax.core.registry import Registry
-from spdjax.core.routing import make_router
 
 Array = jax.Array
 LossFn = Callable[..., Array]
@@ -53,31 +51,6 @@ LOSSES: Registry[LossFn] = Registry("loss", {
     "pgd_recon_layerwise": pgd_recon_layerwise,
     "persistent_pgd_recon": persistent_pgd_recon,
 })
-# Options whose string values name a registered value.
-_NAMED_OPTIONS = {"sampling": SAMPLERS, "divergence": DIVERGENCES}
-# Options with a valid range, checked when a term is bound: (test, what is expected).
-_OPTION_CHECKS = {
-    "n_samples": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                  "an integer >= 1"),
-    "pnorm": (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
-              "a finite number > 0"),
-    "p_anneal_final_p": (lambda v: v is None or (isinstance(v, (int, float)) and v > 0),
-                         "None or a number > 0"),
-    "eps": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
-    "beta": (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
-             "a finite number >= 0"),
-    "delta": (lambda v: isinstance(v, bool), "true or false"),
-    "n_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                "an integer >= 0"),
-    "step_size": (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
-                  "a finite number > 0"),
-    "init": (lambda v: v in adversarial.INITS, f"one of {adversarial.INITS}"),
-    "scope": (lambda v: v in adversarial.SCOPES, f"one of {adversarial.SCOPES}"),
-    "routing_p": (lambda v: v is None or (isinstance(v, (int, float)) and 0 <= v <= 1),
-                  "None or a number in [0, 1]"),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class Term:
     """A loss function bound to its weight and options; ``name`` keys its metrics and its PRNG."""
@@ -100,9 +73,10 @@ def is_default_option(term_name: str, option: str, value: Any) -> bool:
     param = inspect.signature(LOSSES.get(term_name)).parameters.get(option)
     if param is None or param.default is inspect.Parameter.empty:
         return False
-    if option in _NAMED_OPTIONS and isinstance(value, str):
+    check = declared_checks(LOSSES.get(term_name)).checks.get(option)
+    if check is not None and check.resolve is not None and isinstance(value, str):
         try:
-            value = _NAMED_OPTIONS[option].resolve(value)
+            value = check.resolve(value)
         except (KeyError, ValueError):
             return False
     return value is param.default or (type(value) is type(param.default)
@@ -112,8 +86,9 @@ def is_default_option(term_name: str, option: str, value: Any) -> bool:
 def term(fn: str | LossFn, coeff: float, *, name: str | None = None, **options) -> Term:
     """Binds a loss (a name in :data:`LOSSES` or any ``loss(params, ctx, key, **options)``).
 
-    Unknown names, option names the function does not take, missing required options and
-    unknown sampler/divergence names fail here, not mid-run.
+    Unknown names, option names the function does not take and missing required options fail
+    here, not mid-run; so do option values that fail the checks the function declared with
+    :func:`spdjax.losses.checks.options` (only its own: a user term's ``init`` is not PGD's).
     """
     label = fn if isinstance(fn, str) else (name or getattr(fn, "__name__", None))
     fn = LOSSES.resolve(fn)
@@ -125,23 +100,37 @@ def term(fn: str | LossFn, coeff: float, *, name: str | None = None, **options) 
         raise ValueError(f"Loss {label!r}: coeff must be a number, got {coeff!r}.") from None
     if not math.isfinite(coeff):
         raise ValueError(f"Loss {label!r}: coeff must be finite, got {coeff!r}.")
-    for key, value in options.items():
-        if key in _OPTION_CHECKS and not _OPTION_CHECKS[key][0](value):
-            raise ValueError(f"Loss {label!r}: {key} must be {_OPTION_CHECKS[key][1]}, "
-                             f"got {value!r}.")
-    options = {k: (_NAMED_OPTIONS[k].resolve(v) if k in _NAMED_OPTIONS else v)
-               for k, v in options.items()}
-    if options.get("router") is not None or "routing_p" in options:  # checked together here
-        make_router(options.get("router", "uniform_k"), options.get("routing_p"))
+    declared = declared_checks(fn)
+    options = dict(options)
+    for key, check in declared.checks.items():
+        if key not in options:
+            continue
+        value = options[key]
+        if not check.test(value):
+            raise ValueError(f"Loss {label!r}: {key} must be {check.expected}, got {value!r}.")
+        if check.resolve is not None:
+            try:
+                options[key] = check.resolve(value)
+            except ValueError as e:
+                raise ValueError(f"Loss {label!r}, option {key}: {e}") from None
     if hasattr(fn, "adversary_init"):  # its state lives in params["adversary"][name]
         options["term_name"] = name or label
+    signature = inspect.signature(fn)
     try:
-        inspect.signature(fn).bind(None, None, None, **options)
+        bound = signature.bind(None, None, None, **options)
     except TypeError as e:
-        allowed = [p.name for p in inspect.signature(fn).parameters.values()
+        allowed = [p.name for p in signature.parameters.values()
                    if p.kind == inspect.Parameter.KEYWORD_ONLY]
         raise ValueError(f"Loss {label!r}: bad options {sorted(options)} ({e}); "
                          f"allowed: {allowed}.") from None
+    if declared.together:
+        bound.apply_defaults()
+        given = dict(list(bound.arguments.items())[3:])
+        for check_together in declared.together:
+            try:
+                check_together(given)
+            except ValueError as e:
+                raise ValueError(f"Loss {label!r}: {e}") from None
     return Term(name=name or label, fn=fn, coeff=coeff, options=options)
 
 

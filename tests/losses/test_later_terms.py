@@ -195,6 +195,36 @@ def test_bad_options_fail_when_bound(name, options, match):
         spdjax.term(name, 1.0, **options)
 
 
+def test_a_user_term_option_named_like_a_builtin_one_is_not_checked_with_its_meaning():
+    """Checks belong to the term that declares them: a user term's ``init`` takes any value,
+    while PGD's ``init`` still must be one of PGD's inits."""
+    def warm_start(params, ctx, key, *, init):
+        del params, ctx, key
+        return jnp.asarray(0.0)
+
+    for value in ("anything", 3, None, {"scale": 2.0}):
+        assert spdjax.term(warm_start, 1.0, init=value).options == {"init": value}
+    with pytest.raises(ValueError, match=r"Loss 'pgd_recon': init must be one of "
+                                         r"\('random', 'ones', 'zeroes'\), got 'anything'"):
+        spdjax.term("pgd_recon", 1.0, init="anything")
+
+
+def test_a_user_term_declares_its_own_option_checks():
+    @losses.options(scale=losses.checks.positive_finite)
+    def weight_norm(params, ctx, key, *, scale=1.0):
+        del ctx, key
+        return scale * sum(jnp.sum(v ** 2) for v in jax.tree.leaves(params))
+
+    assert spdjax.term(weight_norm, 1.0, scale=2.0).options == {"scale": 2.0}
+    with pytest.raises(ValueError, match=r"Loss 'weight_norm': scale must be a finite number > 0, "
+                                         r"got -1"):
+        spdjax.term(weight_norm, 1.0, scale=-1)
+    with pytest.raises(ValueError, match="Loss 'weight_norm': bad options"):
+        spdjax.term(weight_norm, 1.0, scal=2.0)
+    with pytest.raises(TypeError, match=r"declares checks for \['scal'\]"):
+        losses.options(scal=losses.checks.positive_finite)(weight_norm)
+
+
 def test_a_later_reference_run_trains_and_reports_its_eval_terms():
     from spdjax.training import loop
 
