@@ -1,5 +1,8 @@
 """SPD on transformers: the induction-head toy (``ih``, default) and a small byte-level LM.
 
+The argument is the variant alone (the grammar of every config file,
+``<variant>[+<modifier>]...``, spdjax.config.parse_variant; this one has no modifiers).
+
 Targets are trained by our own command (``python -m spdjax.cli.target --family=lm --variant=ih``;
 also trained and cached by the first run below). Every site is found by tracing the model
 (spdjax/core/tracing.py): ``ih`` decomposes all 8 attention projections
@@ -16,7 +19,7 @@ position; top_contexts.html for the byte LM). Numbers and timings: RESULTS.md. S
 spdjax/configs.py.
 """
 
-from spdjax.config import base_config
+from spdjax.config import base_config, parse_variant
 
 # variant -> (C, steps, batch, lr, importance-minimality coeff, p, CI function, hidden width)
 # ih: per-subcomponent CI MLPs on inner activations (the paper's); bytes: one MLP per site from
@@ -28,8 +31,7 @@ _VARIANTS = {
 
 
 def get_config(arg: str = "ih"):
-    if arg not in _VARIANTS:
-        raise ValueError(f"Unknown LM variant {arg!r}; expected one of {sorted(_VARIANTS)}.")
+    arg, _ = parse_variant(arg, "LM", _VARIANTS)  # no modifiers: the variant alone
     C, steps, batch, lr, imp_coeff, pnorm, ci_fn, ci_hidden = _VARIANTS[arg]
     c = base_config("lm", arg)
     c.C, c.steps, c.batch_size, c.lr = C, steps, batch, lr

@@ -1,8 +1,9 @@
 """SPD on the residual-MLP toy models (paper-era recipe; spec 5.3 "Paper branch", 9.2).
 
-Variants: ``1`` (default; 100 features, 50 neurons: "compressed computation"), ``2`` (2 layers
-of 25 neurons) and ``3`` (102 features, 3 layers of 17): "cross-layer distributed
-representations".
+The argument is ``<variant>[+<modifier>]`` (spdjax.config.parse_variant, the grammar of every
+config file; at most one modifier here). Variants: ``1`` (default; 100 features, 50 neurons:
+"compressed computation"), ``2`` (2 layers of 25 neurons) and ``3`` (102 features, 3 layers of
+17): "cross-layer distributed representations".
 
     python -m spdjax.main --config=configs/resid_mlp.py --workdir=workdir/resid_mlp_1
     python -m spdjax.main --config=configs/resid_mlp.py:2 --config.steps=2000 --workdir=/tmp/x
@@ -21,7 +22,7 @@ W_out one dense block of 50 subcomponents, neuron-contribution correlation >= 0.
 fields: spdjax/configs.py.
 """
 
-from spdjax.config import base_config, later_reference
+from spdjax.config import base_config, later_reference, parse_variant
 
 # variant -> (C, steps, lr, importance-minimality coeff, CI hidden width, micro-batches)
 # 2 layers: the paper-branch config's 2e-5 (the paper's text says 1e-5); 3 layers: the config's
@@ -45,12 +46,8 @@ _HEAD = {
 
 
 def get_config(arg: str = "1"):
-    variant, *modifiers = arg.split("+")
-    if variant not in _VARIANTS or modifiers not in ([], ["head"], ["apd"]):
-        raise ValueError(
-            f"Unknown ResidMLP variant {arg!r}; expected one of {sorted(_VARIANTS)}, optionally "
-            "followed by +head or +apd."
-        )
+    variant, modifiers = parse_variant(arg, "ResidMLP", _VARIANTS, ["head", "apd"],
+                                       max_modifiers=1)
     if modifiers == ["head"]:
         return _head(variant)
     if modifiers == ["apd"]:

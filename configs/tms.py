@@ -1,9 +1,11 @@
 """SPD on the toy model of superposition (paper-era recipe, SPD paper appendix; spec 5.2/5.3).
 
-Variants: ``5-2`` (default), ``5-2-id``, ``40-10``, ``40-10-id``. Append ``+gaussian`` (e.g.
-``5-2+gaussian``) for the later reference's initialisation: gaussian factors and a 200-step
-faithfulness warm-up. On 5-2 it avoided the local minimum that 3 of 13 paper-init seeds reach
-(13 of 13 seeds fine); on 5-2-id it did worse than the paper init (RESULTS.md, "Seed sensitivity").
+The argument is ``<variant>[+<modifier>]...`` (spdjax.config.parse_variant, the grammar of
+every config file). Variants: ``5-2`` (default), ``5-2-id``, ``40-10``, ``40-10-id``. Append
+``+gaussian`` (e.g. ``5-2+gaussian``) for the later reference's initialisation: gaussian factors
+and a 200-step faithfulness warm-up. On 5-2 it avoided the local minimum that 3 of 13 paper-init
+seeds reach (13 of 13 seeds fine); on 5-2-id it did worse than the paper init (RESULTS.md, "Seed
+sensitivity").
 Append ``+select3`` for a best-of-3 initialisation chosen by the training loss over the first 8k
 steps (spdjax/training/init_selection.py); modifiers combine, e.g. ``5-2+gaussian+select3``.
 Append ``+head`` for the later reference's recipe (its HEAD toy YAMLs, spec 5.3): 10k steps
@@ -26,7 +28,7 @@ Expected (see RESULTS.md): MMCS 1.000, ML2R ~0.99-1.03; the 40k-step 5-2 run tak
 CPU cores (the exact time is recorded in RESULTS.md). Shared fields: spdjax/configs.py.
 """
 
-from spdjax.config import base_config, later_reference
+from spdjax.config import base_config, later_reference, parse_variant
 
 # variant -> (C, importance-minimality coeff, p, gradient micro-batches on CPU)
 _VARIANTS = {
@@ -53,14 +55,7 @@ _MODIFIERS = {  # "+name" suffix -> config overrides ("+head", "+apd": functions
 
 
 def get_config(arg: str = "5-2"):
-    variant, *modifiers = arg.split("+")
-    if variant not in _VARIANTS:
-        raise ValueError(f"Unknown TMS variant {variant!r} in {arg!r}; expected one of "
-                         f"{sorted(_VARIANTS)}, optionally followed by +{'/+'.join(_MODIFIERS)}.")
-    for name in modifiers:
-        if name not in _MODIFIERS:
-            raise ValueError(f"Unknown TMS variant modifier +{name} in {arg!r}; expected one of "
-                             f"{['+' + m for m in _MODIFIERS]}.")
+    variant, modifiers = parse_variant(arg, "TMS", _VARIANTS, list(_MODIFIERS))
     C, imp_coeff, pnorm, microbatches = _VARIANTS[variant]
     c = base_config("tms", variant)
     # The paper's recipe: 40k steps, batch 4096, Adam 1e-3 with the quarter cosine (the base).

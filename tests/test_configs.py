@@ -41,6 +41,23 @@ def test_unknown_variant_or_modifier_is_named(arg, named):
         load_config(arg)
 
 
+@pytest.mark.parametrize("name, family, variant, modifiers", [
+    ("tms", "TMS", "5-2", "'+head', '+apd', '+apd_paper', '+gaussian', '+select3', '+pgd'"),
+    ("resid_mlp", "ResidMLP", "1", "'+head', '+apd'"),
+    ("lm", "LM", "ih", ""),
+])
+def test_every_config_file_rejects_an_unknown_variant_or_modifier_alike(name, family, variant,
+                                                                        modifiers):
+    """One grammar, ``<variant>[+<modifier>]...`` (spdjax.config.parse_variant), one message."""
+    expected = re.escape(f"Unknown {family} modifier '+bogus' in '{variant}+bogus'; expected "
+                         f"one of [{modifiers}].")
+    with pytest.raises(ValueError, match=f"^{expected}$"):
+        configs.load(f"{name}:{variant}+bogus")
+    with pytest.raises(ValueError, match=rf"^Unknown {family} variant 'bogus' in 'bogus\+head'; "
+                                         r"expected one of \["):
+        configs.load(f"{name}:bogus+head")
+
+
 def test_apd_paper_is_the_apd_papers_40_10_settings_and_5_2_the_codes():
     code, paper = load_config("40-10+apd"), load_config("40-10-id+apd_paper")
     assert (code.C, code.apd.topk, code.apd.schatten_coeff) == (40, 2.0, 15.0)

@@ -1,8 +1,9 @@
-"""The fields every run config has (:func:`base_config`) and the later reference's recipe."""
+"""The fields every run config has (:func:`base_config`), the later reference's recipe, and the
+one grammar of a config file's argument (:func:`parse_variant`)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping, Sequence
 
 import ml_collections
 
@@ -126,3 +127,30 @@ def later_reference(c: ml_collections.ConfigDict, losses: Mapping[str, Any], *,
         "pgd_recon": {"n_steps": 20, "step_size": 0.1, "delta": True},
     })
     return c
+
+
+def parse_variant(arg: str, family: str, variants: Collection[str],
+                  modifiers: Sequence[str] = (), *,
+                  max_modifiers: int | None = None) -> tuple[str, list[str]]:
+    """``"<variant>[+<modifier>]..."`` (a config file's ``get_config`` argument, e.g. TMS's
+    ``5-2-id+head+pgd``) -> ``(variant, [modifier, ...])``, modifiers in the order given.
+
+    ``family`` names the config in errors; ``variants`` and ``modifiers`` are the accepted names
+    (``modifiers`` without their ``+``), ``max_modifiers`` how many one argument may have (None:
+    any number). An unknown name fails as ``Unknown <family> variant|modifier X in 'arg';
+    expected one of [...]``. Which modifiers combine is the config file's business.
+    """
+    variant, *given = arg.split("+")
+    options = [f"+{m}" for m in modifiers]
+    if variant not in variants:
+        then = f", optionally followed by {' / '.join(options)}" if options else ""
+        raise ValueError(f"Unknown {family} variant {variant!r} in {arg!r}; expected one of "
+                         f"{sorted(variants)}{then}.")
+    for name in given:
+        if name not in modifiers:
+            raise ValueError(f"Unknown {family} modifier {'+' + name!r} in {arg!r}; expected "
+                             f"one of {options}.")
+    if max_modifiers is not None and len(given) > max_modifiers:
+        raise ValueError(f"Too many {family} modifiers in {arg!r}: at most {max_modifiers} of "
+                         f"{options}.")
+    return variant, given
