@@ -8,15 +8,16 @@ also trained and cached by the first run below). Every site is found by tracing 
 (spdjax/core/tracing.py): ``ih`` decomposes all 8 attention projections
 (``blocks_<i>/attn/{q,k,v,out}``, 16 x 16, C 32 each); ``bytes`` also the MLPs
 (``blocks_<i>/mlp_in``, ``mlp_out``; C 96 each, ranks <= 64).
-The output divergence is KL(target || masked) over the vocabulary at every position (the
-reference's choice for LMs, spec 3.0).
+The output divergence is KL(target || masked) over the vocabulary at every position (the SPD
+paper's choice for language models, section "Method"; the later reference implementation,
+goodfire-ai/spd, uses it for its LMs).
 
     python -m spdjax.main --config=configs/lm.py:ih --workdir=workdir/lm_ih
     python -m spdjax.main --config=configs/lm.py:bytes --workdir=workdir/lm_bytes
 
 Outputs as for the toy models (summary.json, metrics.jsonl, figures/ with CI per site and
 position; top_contexts.html for the byte LM). Numbers and timings: RESULTS.md. Shared fields:
-spdjax/configs.py.
+spdjax/config/base.py.
 """
 
 from spdjax.config import base_config, parse_variant

@@ -1,4 +1,5 @@
-"""SPD on the residual-MLP toy models (paper-era recipe; spec 5.3 "Paper branch", 9.2).
+"""SPD on the residual-MLP toy models (the SPD paper's recipe: its appendix "Training details and
+hyperparameters", and its code's configs where they differ).
 
 The argument is ``<variant>[+<modifier>]`` (spdjax.config.parse_variant, the grammar of every
 config file; at most one modifier here). Variants: ``1`` (default; 100 features, 50 neurons:
@@ -8,7 +9,8 @@ config file; at most one modifier here). Variants: ``1`` (default; 100 features,
     python -m spdjax.main --config=configs/resid_mlp.py --workdir=workdir/resid_mlp_1
     python -m spdjax.main --config=configs/resid_mlp.py:2 --config.steps=2000 --workdir=/tmp/x
 
-Append ``+head`` (e.g. ``2+head``) for the later reference's recipe (its HEAD YAMLs, spec 5.3):
+Append ``+head`` (e.g. ``2+head``) for the recipe of the later reference implementation
+(goodfire-ai/spd: its ResidMLP YAML configs):
 gaussian init + warm-up, clamped sigmoid, the delta component; 1 and 3 layers with stochastic +
 layerwise recon, 2 layers with subset-routed stochastic recon and subset PGD recon (1 signed step
 of size 1, sources shared across the batch), shared CI MLP [256] and faithfulness logged only.
@@ -19,7 +21,7 @@ kaiming-uniform init x 2, 10k steps of batch 256, lr 1e-3 cosine with 1% warm-up
 
 Expected for 1 layer (see RESULTS.md): one W_in subcomponent per feature (identity CI errors 0),
 W_out one dense block of 50 subcomponents, neuron-contribution correlation >= 0.95. Shared
-fields: spdjax/configs.py.
+fields: spdjax/config/base.py.
 """
 
 from spdjax.config import base_config, later_reference, parse_variant
@@ -91,7 +93,7 @@ def _head(variant: str):
     return c
 
 
-# APD (methods-and-numbers 1.6, the reference code's configs): layers -> (C, coefficients
+# APD (the configs of the APD paper's code, ApolloResearch/apd): layers -> (C, coefficients
 # faithfulness / top-k recon / Schatten, unit-norm A)
 _APD = {"1": (130, (1.0, 1.0, 10.0), True), "2": (200, (1.0, 2.0, 7.0), False)}
 

@@ -1,4 +1,5 @@
-"""SPD on the toy model of superposition (paper-era recipe, SPD paper appendix; spec 5.2/5.3).
+"""SPD on the toy model of superposition (the SPD paper's recipe: its appendix "Training details
+and hyperparameters").
 
 The argument is ``<variant>[+<modifier>]...`` (spdjax.config.parse_variant, the grammar of
 every config file). Variants: ``5-2`` (default), ``5-2-id``, ``40-10``, ``40-10-id``. Append
@@ -8,7 +9,8 @@ seeds reach (13 of 13 seeds fine); on 5-2-id it did worse than the paper init (R
 sensitivity").
 Append ``+select3`` for a best-of-3 initialisation chosen by the training loss over the first 8k
 steps (spdjax/training/init_selection.py); modifiers combine, e.g. ``5-2+gaussian+select3``.
-Append ``+head`` for the later reference's recipe (its HEAD toy YAMLs, spec 5.3): 10k steps
+Append ``+head`` for the recipe of the later reference implementation (goodfire-ai/spd: its TMS
+YAML configs): 10k steps
 (40-10-id: 20k), half-cosine lr, gaussian init + warm-up, clamped sigmoid, stochastic and
 layerwise recon with the delta component and no faithfulness term, hidden-activation and
 20-step PGD recon as eval metrics. Append ``+apd`` to decompose the same target with APD
@@ -25,7 +27,7 @@ sources shared across the batch; with the delta component under ``+head``), e.g.
     python -m spdjax.main --config=configs/tms.py:40-10-id --config.steps=2000 --workdir=/tmp/x
 
 Expected (see RESULTS.md): MMCS 1.000, ML2R ~0.99-1.03; the 40k-step 5-2 run takes minutes on 2
-CPU cores (the exact time is recorded in RESULTS.md). Shared fields: spdjax/configs.py.
+CPU cores (the exact time is recorded in RESULTS.md). Shared fields: spdjax/config/base.py.
 """
 
 from spdjax.config import base_config, later_reference, parse_variant
@@ -47,9 +49,10 @@ _MODIFIERS = {  # "+name" suffix -> config overrides ("+head", "+apd": functions
     # there separated all 3 merged-feature seeds of 5-2 from the 4 good ones
     # (benchmarks/results/tms_seed_probe_5-2_loss_curves.json).
     "select3": {"init_candidates": 3, "init_select_steps": 8000},
-    # + the later reference's adversarial term, as its resid_mlp2 / LM YAMLs use it (spec 3.7,
-    # 5.3): subset-routed PGD recon, 1 signed-gradient step of size 1 from random sources
-    # shared across the batch (with the delta component when the recipe has it, e.g. +head+pgd)
+    # + the later reference implementation's adversarial term (goodfire-ai/spd's PGD loss), as its
+    # resid_mlp2 / LM YAML configs use it: subset-routed PGD recon, 1 signed-gradient step of
+    # size 1 from random sources shared across the batch (with the delta component when the
+    # recipe has it, e.g. +head+pgd)
     "pgd": {},
 }
 
@@ -87,13 +90,14 @@ def get_config(arg: str = "5-2"):
     return c
 
 
-# APD (methods-and-numbers 1.6, the reference code's configs): variant family -> (C, top-k,
+# APD (the configs of the APD paper's code, ApolloResearch/apd): variant family -> (C, top-k,
 # coeffs faithfulness / top-k recon / Schatten, Schatten p, lr, lr schedule)
 _APD = {"5-2": (5, 0.211, (1.0, 1.0, 0.7), 1.0, 3e-2, "constant"),
         "40-10": (40, 2.0, (1.0, 10.0, 15.0), 0.9, 1e-3, "cosine")}
 
 
-# The APD paper's settings where they differ from the code's (methods-and-numbers 1.6)
+# The APD paper's settings where they differ from the code's (APD paper, appendix on training
+# details and hyperparameters)
 _APD_PAPER = {"5-2": {}, "40-10": {"C": 50, "topk": 1.0, "schatten": 20.0, "init_fans": "torch"}}
 
 

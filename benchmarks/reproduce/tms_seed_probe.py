@@ -11,7 +11,7 @@ inputs: how many
 distinct subcomponents carry the features of ``linear1`` (argmax of the upper-leaky CI; 5 of 5 is
 the paper's solution), the identity-CI error count, MMCS and the subcomponents with norm > 0.1,
 and the mean total loss over each tenth of the probe (``loss_blocks``): whether the training loss
-alone tells a bad init apart early (the question behind ``spdjax/init_selection.py``).
+alone tells a bad init apart early (the question behind ``spdjax/training/init_selection.py``).
 Results go to ``benchmarks/results/tms_seed_probe_<variant><tag>.json``.
 """
 

@@ -39,7 +39,7 @@ PAPER = {  # SPD paper Table 1: MMCS, ML2R (mean ± std over features)
     "5-2-id": ("1.000 ± 0.000", "0.992 ± 0.010"),
     "40-10-id": ("1.000 ± 0.000", "1.031 ± 0.001"),
 }
-APD_PAPER = {  # APD paper (methods-and-numbers 1.7): MMCS, ML2R (mean ± std over features)
+APD_PAPER = {  # APD paper, TMS results table: MMCS, ML2R (mean ± std over features)
     "5-2": ("0.998 ± 0.000", "0.893 ± 0.004"),
     "40-10": ("0.996 ± 0.003", "0.935 ± 0.001"),
 }

@@ -1,8 +1,9 @@
 """CI patterns of a trained decomposition: permutations for plots, and the paper's error counts.
 
 A CI matrix on one-hot inputs is ``(n_features, C)``: row = input feature, column = subcomponent.
-The paper's solutions have two patterns (reference spec section 3.9, IdentityCIError): *identity*
-(each feature has its own subcomponent) and *dense* (k subcomponents important for every input).
+The paper's solutions have two patterns (SPD paper, "Results"; counted as in the later reference
+implementation's IdentityCIError metric, goodfire-ai/spd): *identity* (each feature has its own
+subcomponent) and *dense* (k subcomponents important for every input).
 Everything runs on the host in NumPy (float64).
 """
 

@@ -2,14 +2,15 @@
 one-hot inputs, alive subcomponents. CI patterns and permutations:
 :mod:`spdjax.analysis.ci_patterns`.
 
-Everything here runs on the host in NumPy (float64) at eval time, never inside a train step
-(style point 10). Inputs may be NumPy or JAX arrays.
+Everything here runs on the host in NumPy (float64) at eval time, never inside a train step.
+Inputs may be NumPy or JAX arrays.
 
 Shapes: a site's factors are ``V (d_in, C)`` and ``U (C, d_out)`` (Flax layout, ``W ≈ V @ U``);
 a CI matrix on one-hot inputs is ``(n_features, C)``: row = input feature, column = subcomponent.
 
-References (reference spec): MMCS/ML2R and neuron contributions §3.11; IdentityCIError,
-PermutedCIPlots, CI_L0 §3.9.
+References: MMCS/ML2R, SPD paper, "SPD Results: Toy Model of Superposition"; neuron contributions,
+SPD paper, "Toy Model of Compressed Computation"; IdentityCIError, PermutedCIPlots and CI_L0 as
+the later reference implementation (goodfire-ai/spd) computes them.
 """
 
 from __future__ import annotations

@@ -113,9 +113,10 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
 
 def later_reference(c: ml_collections.ConfigDict, losses: Mapping[str, Any], *,
                     warmup_weight_decay: float = 0.1) -> ml_collections.ConfigDict:
-    """Switches ``c`` to the later reference's toy recipe (spec 0.1, 5.3): gaussian init with a
-    200-step faithfulness warm-up, the clamped lower-leaky sigmoid, ``losses`` (its stochastic
-    terms with the delta component instead of faithfulness) and its eval metrics."""
+    """Switches ``c`` to the toy recipe of the later reference implementation (goodfire-ai/spd: its
+    toy YAML configs): gaussian init with a 200-step faithfulness warm-up, the clamped lower-leaky
+    sigmoid, ``losses`` (its stochastic terms with the delta component instead of faithfulness)
+    and its eval metrics."""
     c.init = "gaussian"
     c.faithfulness_warmup_steps = 200
     c.faithfulness_warmup_lr = 0.01

@@ -1,8 +1,9 @@
 """Causal-importance (CI) functions: raw, pre-sigmoid importance per subcomponent.
 
 A CI function is a value with the :class:`CIFunction` protocol (``init``, ``apply``,
-``partition_specs``, ``uses_inner_acts``). Provided (reference spec section 2.1; registered in
-:data:`CI_FUNCTIONS` under the config names):
+``partition_specs``, ``uses_inner_acts``). Provided (``mlp``: SPD paper, appendix "Architecture of
+Causal Importance Function MLPs"; the others: the later reference implementation, goodfire-ai/spd;
+registered in :data:`CI_FUNCTIONS` under the config names):
   :class:`MLP`        ``mlp``: one tiny MLP per subcomponent on its own inner activation
                       ``h_c = (x V)_c`` (the paper's gamma_c). Input: inner acts ``[..., C]``.
   :class:`VectorMLP`  ``vector_mlp``: one MLP per subcomponent on the whole site input ``x``.

@@ -5,7 +5,8 @@ Its inner activation on input ``x`` is ``(x @ V)_c``. A masked site computes
 ``((x @ V) * mask) @ U + bias`` (never a per-example weight); an embedding site uses the rows
 ``V[ids]`` instead of ``x @ V``. Biases are the target's, frozen.
 
-Inits (values; registered in :data:`COMPONENT_INITS`; reference spec section 1.2):
+Inits (values; registered in :data:`COMPONENT_INITS`; ``paper``: the SPD paper's code,
+``gaussian``: the later reference implementation, goodfire-ai/spd):
   ``paper``     unit-norm random columns of V and rows of U, each rank-one piece scaled by its
                 overlap with W: ``U[c] *= V[:, c]ᵀ W U[c]ᵀ``.
   ``gaussian``  V ~ N(0, 1/d_in), U ~ N(0, 1/C); usually followed by a faithfulness warm-up

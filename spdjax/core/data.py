@@ -1,6 +1,7 @@
 """Toy data as pure functions of a PRNG key, generated on device.
 
-Sparse features (reference spec section 6.1): values ``U[lo, hi)``, and either each feature active
+Sparse features (SPD paper, appendix "Training details and hyperparameters"): values ``U[lo, hi)``,
+and either each feature active
 independently with probability ``feature_probability`` (``at_least_zero_active``; all-zero rows
 allowed) or exactly ``n_active`` distinct features active (``exactly_n_active``).
 """

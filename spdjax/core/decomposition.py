@@ -12,10 +12,11 @@ hold them (``tie_mode``):
 
 * ``"shared"``: the tied site has no factors of its own; one pair, one gradient (the sum of both
   uses), one optimizer update.
-* ``"aliased"`` (the reference, spec 1.4): the tied site keeps its own copy, initialised to the
-  owner's transpose, with its own gradient and optimizer state; the two updates are added to both
-  copies by :func:`spdjax.step.make_optimizer`, so the copies stay equal. The reference's torch
-  code does exactly this (two Parameters sharing storage, two Adam updates per step).
+* ``"aliased"`` (the reference implementations): the tied site keeps its own copy, initialised to
+  the owner's transpose, with its own gradient and optimizer state; the two updates are added to
+  both copies by :func:`spdjax.methods.spd.make_optimizer`, so the copies stay equal. The
+  reference's torch code does exactly this (two Parameters sharing storage, two Adam updates per
+  step).
 """
 
 from __future__ import annotations
@@ -218,8 +219,9 @@ class Decomposition:
         """``site_input -> ((acts * mask) @ U + bias)`` for one site; ``mask=None`` means all ones.
 
         A :class:`~spdjax.core.masks.SiteMask` may add the delta component,
-        ``m_delta * (x @ (W - V U))`` (differentiable in V and U, spec 1.3), and route: where its
-        routing mask is False the site gives its target output ``x @ W + bias`` instead.
+        ``m_delta * (x @ (W - V U))`` (differentiable in V and U; the later reference
+        implementation's delta component), and route: where its routing mask is False the site
+        gives its target output ``x @ W + bias`` instead.
         """
         V, U = self.factors(params, name)
         site = self.site(name)
@@ -263,7 +265,7 @@ class Decomposition:
 
         ``lower_noise`` ε > 0 feeds ``σ_lo`` with ``(1 + ε) r − ε u``, ``u ~ U[0, 1)`` drawn
         from ``key`` (site i: ``fold_in(key, i)``), while ``σ_up`` sees ``r``: the later
-        reference's binomial-sampling quirk (ε = 0.05, spec 2.3).
+        reference's binomial-sampling quirk (ε = 0.05 in goodfire-ai/spd).
         """
         self.check_params(params)
         if lower_noise and key is None:

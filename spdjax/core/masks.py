@@ -10,7 +10,7 @@ other sites are added, and draws use the global shape, so they do not depend on 
 A site's mask is an array ``[..., C]`` or, for the later reference's extras, a :class:`SiteMask`:
 the component mask plus a delta-component mask ``[...]`` (the weight ``W - V U`` as one more
 channel, ``U[0, 1)`` per position) and a routing mask ``[...]`` (where False the site keeps its
-target output; spec 1.3).
+target output; both as in goodfire-ai/spd).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Routers: which sites use their components at each position (the later reference, spec 3.6).
+"""Routers: which sites use their components at each position (the later reference
+implementation, goodfire-ai/spd).
 
 A router is ``router(key, n_sites, leading_shape) -> bool [n_sites, *leading_shape]``; a site
 gives its component output where its entry is True and its target output elsewhere (see

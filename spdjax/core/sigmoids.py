@@ -4,8 +4,8 @@ Every sigmoid type is a :class:`SigmoidPair` value ``(lower, upper)``:
   * ``lower`` makes the values used for masks (stochastic, CI-masked, L0, plots);
   * ``upper`` makes the values penalised by importance minimality.
 
-Registered types (:data:`SIGMOIDS`; SPD paper appendix "Avoiding dead gradients"; reference spec
-section 2.3):
+Registered types (:data:`SIGMOIDS`; SPD paper, appendix "Avoiding dead gradients with leaky hard
+sigmoids"; the later reference implementation, goodfire-ai/spd, for the clamped one):
   ``leaky_hard``          paper: lower is leaky in the forward (0.01 x for x <= 0), upper-leaky
                           for imp-min.
   ``leaky_hard_clamped``  later reference: lower is clamped to [0, 1] in the forward, with a

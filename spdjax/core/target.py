@@ -107,7 +107,8 @@ class Mapped:
     a.matmul(W))``: every product with the site's weight, components, delta or bias is then
     folded as ``x_j @ (pre_j @ M @ post)``, never materialising the wide ``[..., d_in]`` input
     or ``[..., d_out]`` output. The same numbers up to float rounding
-    (``tests/experiments/test_resid_mlp.py``).
+    (``tests/families/test_resid_mlp.py``,
+    ``test_the_folded_forward_gives_the_plain_forwards_losses_and_gradients``).
     """
 
     x: Array | tuple[Array, ...]

@@ -10,7 +10,8 @@
 * :mod:`~spdjax.losses.checks`: :func:`options`, the option checks a term declares next to its
   definition (and :func:`term` runs when it binds that term).
 
-Normalisations follow the reference (spec section 3); see each module.
+Normalisations follow the SPD paper ("Method") and the later reference implementation
+(goodfire-ai/spd); see each module and the README's "Loss normalisations".
 """
 
 from spdjax.losses.adversarial import (persistent_pgd_recon, pgd_masks, pgd_recon,

@@ -1,4 +1,5 @@
-"""Adversarial (PGD) reconstruction: masks chosen to do the most damage (spec 3.7).
+"""Adversarial (PGD) reconstruction: masks chosen to do the most damage (the PGD losses of the
+later reference implementation, goodfire-ai/spd).
 
 Instead of drawing the mask sources ``s`` at random, PGD starts from ``init`` and takes
 ``n_steps`` signed-gradient *ascent* steps of ``step_size`` on the reconstruction loss, clipping

@@ -2,9 +2,10 @@
 
 ``mse`` is the mean over all output elements; ``kl`` is KL(target || pred) of the softmaxes,
 summed over the last axis (the vocabulary) and averaged over the leading ones (batch, positions;
-reference spec section 3); ``ce`` is the cross-entropy of the prediction against the target's
-softmax as soft labels, ``kl`` plus the target's entropy (same gradient, an absolute scale). Any
-function with this signature can be passed where a divergence is expected.
+as the later reference implementation, goodfire-ai/spd); ``ce`` is the cross-entropy of the
+prediction against the target's softmax as soft labels, ``kl`` plus the target's entropy (same
+gradient, an absolute scale). Any function with this signature can be passed where a divergence
+is expected.
 """
 
 from __future__ import annotations

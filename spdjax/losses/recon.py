@@ -5,7 +5,8 @@ Every term is ``loss(params, ctx, key, **options) -> scalar``: the divergence ``
 sites, for the layerwise terms, where every other site keeps the target weight). Masks come from
 :func:`spdjax.core.masks.sample_masks` with an explicit key; each draw uses its own split of it.
 
-Options of the later reference (spec 1.3, 3.4, 3.8): ``delta=True`` adds the delta component
+Options of the later reference implementation (goodfire-ai/spd): ``delta=True`` adds the delta
+component
 ``W - V U`` with its own ``U[0, 1)`` mask to the stochastic terms (never to the CI-masked ones);
 :func:`stochastic_recon_subset` routes a random subset of sites per position
 (:mod:`spdjax.core.routing`); :func:`stochastic_hidden_acts_recon` compares the sites' inputs
@@ -129,7 +130,8 @@ def stochastic_hidden_acts_recon(
     delta: bool = False,
 ) -> Array:
     """sum_l ||x_l(masked) - x_l(clean)||^2 / sum_l numel(x_l): how far every site's input moves
-    when all sites are masked with stochastic masks (spec 3.8; the first site's input never
+    when all sites are masked with stochastic masks (goodfire-ai/spd's hidden-activation
+    reconstruction; the first site's input never
     moves but counts in the denominator)."""
     return _over_mask_samples(_hidden_acts, params, ctx, key, n_samples, sampling, None, delta)
 

@@ -64,7 +64,7 @@ def importance_minimality(
     """sum_l sum_c mean_examples (sigma_up(gamma_c^l) + eps)^p   (paper eq. L_imp-min).
 
     ``eps`` (1e-12, as in the later reference) keeps the gradient finite for p < 1 at zero CI.
-    ``beta > 0`` adds the later reference's frequency term (spec 3.2):
+    ``beta > 0`` adds the later reference implementation's frequency term (goodfire-ai/spd):
     ``beta * M_c * log2(1 + S_c)`` per component, ``M_c``/``S_c`` the mean/sum over the batch
     (the global batch under ``jit``, so the reference's ``world_size`` scaling is not needed).
     """

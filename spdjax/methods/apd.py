@@ -3,15 +3,15 @@
 ``C`` parameter components, each spanning *every* decomposed matrix, held in factorised form:
 component ``c`` of site ``l`` is ``P_{c,l} = A_{c,l} B_{c,l}`` with ``A (C, d_in, m)``, ``B (C, m,
 d_out)`` (``m``: the per-component rank). Per input, the components that matter are chosen by
-gradient attributions and a batch top-k (methods-and-numbers section 1):
+gradient attributions and a batch top-k (APD paper, "Method"):
 
-* attribution (1.2): ``a_c(x) = sum_o (sum_l <df_o/dh_l, x_l P_{c,l}>)^2``, the squared
+* attribution: ``a_c(x) = sum_o (sum_l <df_o/dh_l, x_l P_{c,l}>)^2``, the squared
   attribution-patching estimate of ablating ``P_c``, summed over the output dims ``o``; the
   gradients come from the target (``attribution="target"``, the reference code) or from the
   APD model's unmasked forward (``"apd"``, what the paper needed for TMS 5-2);
-* batch top-k (1.3): the ``int(topk * batch)`` largest attributions of the whole ``[batch, C]``
+* batch top-k: the ``int(topk * batch)`` largest attributions of the whole ``[batch, C]``
   matrix are active;
-* losses (1.4): faithfulness ``sum_l ||W_l - sum_c P_{c,l}||^2 / N``; minimality, the MSE of the
+* losses: faithfulness ``sum_l ||W_l - sum_c P_{c,l}||^2 / N``; minimality, the MSE of the
   forward with only the active components against the target's output; simplicity, the
   factorised Schatten-p norm of the active components,
   ``(1/(N B)) sum_b sum_c s_bc sum_l sum_m (|A_{c,l,:,m}|^2 |B_{c,l,m,:}|^2 + 1e-16)^(p/2)``.

@@ -1,4 +1,4 @@
-"""APD's loss terms and attributions (methods-and-numbers 1.2-1.4), pure functions of an
+"""APD's loss terms and attributions (APD paper, "Method"), pure functions of an
 :class:`~spdjax.methods.apd.APDDecomposition`, its params and a batch: gradient attributions,
 batch top-k, the L_p weights, faithfulness, the factorised Schatten norm and the activation
 reconstruction. :mod:`spdjax.methods.apd` combines them into the objective (and re-exports
@@ -112,7 +112,7 @@ def lp_weights(attr: Array, d_out: int, p: float) -> Array:
     """``[batch, C]``: ``(a / d_L + 1e-16)^(p/2)``, i.e. ``|A_c(x)|^p`` of the paper's L_p
     formulation (``A_c`` the root-mean-square attribution over the ``d_L`` outputs); its sum over
     C averaged over the batch is the L_p minimality loss, and it weights each component's
-    Schatten term in place of the top-k mask (methods-and-numbers 1.4)."""
+    Schatten term in place of the top-k mask (APD paper, appendix on the L_p formulation)."""
     return (attr / d_out + 1e-16) ** (p / 2)
 
 
@@ -166,7 +166,8 @@ def act_recon(d: APDDecomposition, inputs: Mapping[str, Array], clean: Mapping[s
               sites: tuple[str, ...]) -> Array:
     """The squared error of the ``sites``' inputs (ResidMLP: each ``mlp_out``'s input, the MLP's
     post-ReLU hidden activations) in the top-k forward against the target's, summed over units,
-    divided by all those units, averaged over the batch (methods-and-numbers 1.4)."""
+    divided by all those units, averaged over the batch (as the APD paper's code,
+    ApolloResearch/apd)."""
     sq = sum(jnp.sum((dense_input(inputs[n]) - dense_input(clean[n])) ** 2, axis=-1)
              for n in sites)
     return jnp.mean(sq) / sum(d.site(n).d_in for n in sites)

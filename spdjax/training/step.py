@@ -91,7 +91,8 @@ def make_train_step(
     The step draws its own batch with ``batch_fn(key)`` on device; the step key is
     ``fold_in(root_key, state.step)``, so a run is a pure function of its seed and can resume.
     With a ``mesh`` the batch is sharded along ``data`` and the state keeps ``state_sharding``
-    (from :func:`~spdjax.sharding.place_state` after :func:`~spdjax.sharding.shard_params`).
+    (from :func:`~spdjax.training.sharding.place_state` after
+    :func:`~spdjax.training.sharding.shard_params`).
 
     ``microbatches > 1`` splits the batch into that many equal chunks and averages their gradients
     (a ``lax.scan``). Every SPD loss term is a mean over examples, so this is the full-batch

@@ -1,5 +1,5 @@
-"""The later reference's terms: delta component, subset routing, PGD masks, frequency
-minimality, hidden-activation reconstruction (spec 1.3, 3.2-3.8)."""
+"""The terms of the later reference implementation (goodfire-ai/spd): delta component, subset
+routing, PGD masks, frequency minimality, hidden-activation reconstruction."""
 
 import functools
 
@@ -37,7 +37,7 @@ def setup():
 def test_delta_component_restores_the_target(setup):
     d, tp, params, x, ctx = setup
     ones = {n: SiteMask(component=jnp.ones((B, d.C[n])), delta=jnp.ones((B,))) for n in "ab"}
-    # Every mask 1, the delta's too: V U + (W - V U) = W, the target exactly (spec 1.3).
+    # Every mask 1, the delta's too: V U + (W - V U) = W, the target exactly.
     np.testing.assert_allclose(d.forward(tp, params, x, ones), ctx.target_out, rtol=1e-5,
                                atol=1e-5)
     # Component masks 0, delta 1: each site applies only the residual W - V U.
@@ -170,7 +170,8 @@ def test_binomial_ci_input_noise_against_numpy(setup):
     for i, n in enumerate(d.site_names):
         pre = np.asarray(ctx.ci[n].pre)
         u = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), pre.shape))
-        # sigma_lo sees 1.05 r - 0.05 u (spec 2.3); sigma_up and the pre-activation are untouched.
+        # sigma_lo sees 1.05 r - 0.05 u (goodfire-ai/spd's quirk); sigma_up and the
+        # pre-activation are untouched.
         np.testing.assert_allclose(noisy[n].lower, d.sigmoid.lower(1.05 * pre - 0.05 * u),
                                    rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(noisy[n].upper, ctx.ci[n].upper, rtol=1e-6, atol=1e-7)

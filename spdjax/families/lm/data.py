@@ -2,7 +2,8 @@
 
 Both are ``key -> [batch, seq]`` int32 batches that run inside a jitted step.
 
-* :func:`induction_batch`: the reference's ``InductionDataset`` (spec 6.4): BOS = 0, tokens
+* :func:`induction_batch`: the later reference implementation's ``InductionDataset``
+  (goodfire-ai/spd, its induction-head experiment): BOS = 0, tokens
   ``1..V``, induction token ``S = V + 1``; ``[BOS, T..., S, M, T..., S]`` with ``S M`` at a
   uniform position in ``[1, prefix_window)``; the answer (label) is ``M``.
 * The byte corpus: the Python standard library's ``.py`` sources (on every machine with Python,

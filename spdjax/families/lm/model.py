@@ -9,8 +9,8 @@ One linen model, written with standard layers and decomposed through tracing
     unembed                    the unembedding, no bias
 
 Positions: ``"qk_sinusoidal"`` adds Shortformer-style sinusoids to the inputs of Q and K only
-(the reference's induction toy, spec 6.4); ``"learned"`` adds a learned ``pos_embed`` to the
-residual stream (GPT-2 style). Variants (``VARIANTS``):
+(the induction toy of the later reference implementation, goodfire-ai/spd); ``"learned"`` adds a
+learned ``pos_embed`` to the residual stream (GPT-2 style). Variants (``VARIANTS``):
 
 * ``ih``: the reference's ``train_ih.py`` defaults: V = 128 (+ BOS and the induction token),
   sequences of 64, d_model 16, 1 head, 2 attention-only layers, no LayerNorm; AdamW lr 1e-3,

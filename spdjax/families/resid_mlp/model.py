@@ -1,7 +1,8 @@
 """ResidMLP targets ("compressed computation"): model, training recipe and naive baseline (the
 target cache is :mod:`spdjax.families.resid_mlp.cache`).
 
-The model (reference spec sections 6.3 and 9.1), in Flax layout::
+The model (SPD paper, "Toy Model of Compressed Computation" and appendix "Training details and
+hyperparameters"), in Flax layout::
 
     r   = x @ W_E                                  # W_E (n_features, d_embed), fixed, not a site
     r   = r + act(r @ W_in_i) @ W_out_i            # sites "layers_<i>/mlp_in", "layers_<i>/mlp_out"

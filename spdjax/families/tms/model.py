@@ -1,7 +1,8 @@
 """Toy Model of Superposition (TMS) targets: model, training recipe and feature check (the
 target cache is :mod:`spdjax.families.tms.cache`).
 
-The model (reference spec sections 6.2 and 9.1), in Flax layout with ``W`` of shape
+The model (SPD paper, "Toy Model of Superposition" and appendix "Training details and
+hyperparameters"), in Flax layout with ``W`` of shape
 ``(n_features, n_hidden)``::
 
     h   = x @ W                       # site "linear1", no bias
