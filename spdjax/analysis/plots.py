@@ -27,6 +27,8 @@ PathLike = str | os.PathLike
 
 
 def save_figure(fig: Figure, path: PathLike, dpi: int) -> Path:
+    """Saves ``fig`` at ``path`` (creating its directory), trimmed to its content; returns the
+    path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
@@ -34,6 +36,8 @@ def save_figure(fig: Figure, path: PathLike, dpi: int) -> Path:
 
 
 def heatmap(ax: Axes, m: np.ndarray, vmax: float, cmap: str = "bwr"):
+    """Draws ``m`` on ``ax`` with a colour scale symmetric in ``[-vmax, vmax]`` and no ticks;
+    returns the image."""
     im = ax.imshow(m, cmap=cmap, vmin=-vmax, vmax=vmax)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -41,6 +45,8 @@ def heatmap(ax: Axes, m: np.ndarray, vmax: float, cmap: str = "bwr"):
 
 
 def sym_colorbar(fig: Figure, vmax: float, cmap: str, label: str) -> None:
+    """Adds a colour bar for ``[-vmax, vmax]`` in ``cmap``, labelled ``label``, at the right of
+    ``fig``."""
     cax = fig.add_axes((0.92, 0.15, 0.015, 0.7))
     sm = ScalarMappable(norm=Normalize(-vmax, vmax), cmap=cmap)
     fig.colorbar(sm, cax=cax).set_label(label)

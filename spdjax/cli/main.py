@@ -69,6 +69,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv):
+    """Trains and evaluates the run that ``--config`` and ``--workdir`` describe (absl entry point);
+    a user error exits with code 2 and one line."""
     if len(argv) > 1:
         _fail(2, f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:

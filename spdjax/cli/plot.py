@@ -14,6 +14,7 @@ _OUT = flags.DEFINE_string("out", None, "Figures directory (default: <workdir>/f
 
 
 def main(argv):
+    """Redraws the figures of the run in ``--workdir`` (absl entry point) and prints their paths."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)

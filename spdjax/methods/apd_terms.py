@@ -132,6 +132,8 @@ def _n_params(d: APDDecomposition) -> int:
 
 
 def faithfulness(d: APDDecomposition, params, target_params) -> Array:
+    """``sum_l ||W_l - sum_c P_{c,l}||^2 / N``: the components' sum against the target weights,
+    ``N`` the number of target weights."""
     sq = sum(jnp.sum((d.site(n).weight(target_params) - d.component_weight(params, n)) ** 2)
              for n in d.site_names)
     return sq / _n_params(d)

@@ -80,7 +80,8 @@ class Family:
 
     def variant(self, name: str):
         if name not in self.variants:
-            raise ValueError(f"Unknown {self.title} variant {name!r}; valid: {sorted(self.variants)}.")
+            raise ValueError(f"Unknown {self.title} variant {name!r}; "
+                             f"valid: {sorted(self.variants)}.")
         return self.variants[name]
 
     def model_config(self, config):
@@ -97,7 +98,8 @@ class Family:
         unknown = sorted(set(recipe) - {f.name for f in dataclasses.fields(cfg)})
         if unknown:
             raise ValueError(f"target_recipe fields {unknown} are not fields of the {self.title} "
-                             f"recipe; expected some of {[f.name for f in dataclasses.fields(cfg)]}.")
+                             f"recipe; expected some of "
+                             f"{[f.name for f in dataclasses.fields(cfg)]}.")
         if config.target_steps:
             recipe["steps"] = config.target_steps
         return dataclasses.replace(cfg, **recipe)

@@ -89,9 +89,11 @@ def select(
 
 
 def save_record(workdir: pathlib.Path, record: dict) -> None:
+    """Writes the init-selection ``record`` (chosen candidate, losses) into ``workdir``."""
     (workdir / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def load_record(workdir: pathlib.Path) -> dict | None:
+    """The init-selection record of the run in ``workdir``, or None if it chose no init."""
     path = workdir / RECORD_FILE
     return json.loads(path.read_text()) if path.exists() else None

@@ -20,6 +20,7 @@ BAR_WIDTH = 24
 
 
 def format_duration(seconds: float) -> str:
+    """``seconds`` as ``"1h02m03s"``, ``"2m03s"`` or ``"3s"`` (``"?"`` when not finite)."""
     if not math.isfinite(seconds):
         return "?"
     seconds = int(round(seconds))

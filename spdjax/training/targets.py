@@ -96,6 +96,7 @@ def save(stem: str, params: dict, meta: dict) -> None:
 
 
 def read_meta(stem: str) -> dict:
+    """The ``.json`` sidecar of the target cached at ``stem`` (recipe, seed, training info)."""
     with open(stem + ".json") as f:
         return json.load(f)
 

@@ -102,6 +102,8 @@ def _allowed(key: str, allow: tuple[str, ...]) -> bool:
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename, so a reader never sees
+    half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -59,6 +59,8 @@ def stdlib_sources() -> list[pathlib.Path]:
 
 
 def corpus_stem(cache_dir: str | os.PathLike, max_bytes: int) -> pathlib.Path:
+    """Where the byte corpus of at most ``max_bytes`` lives (add ``.u8`` / ``.json``), per Python
+    version: its standard library is the text."""
     v = sys.version_info
     # No dots in the name: the files are the stem plus ".u8" / ".json".
     return pathlib.Path(cache_dir).expanduser() / f"stdlib_py{v.major}{v.minor}_{max_bytes}b"

@@ -70,7 +70,8 @@ def target_quality(params: dict, cfg: lm_model.LMConfig, key=None) -> dict:
 
 
 def masked_logits(decomp, params, target_params, ids, key) -> tuple[Any, dict]:
-    """The context and ``{masking: logits}`` for the CI-masked, stochastically masked and unmasked models."""
+    """The context and ``{masking: logits}`` for the CI-masked, stochastically masked and
+    unmasked models."""
     ctx = make_context(decomp, target_params, params, ids)
     lower = {n: c.lower for n, c in ctx.ci.items()}
     return ctx, {

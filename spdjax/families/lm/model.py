@@ -75,7 +75,8 @@ class LMConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}.")
         if self.data == "induction" and not 1 < self.prefix_window <= self.seq_len - 2:
-            raise ValueError(f"prefix_window must be in (1, seq_len - 2]; got {self.prefix_window}.")
+            raise ValueError(f"prefix_window must be in (1, seq_len - 2]; "
+                             f"got {self.prefix_window}.")
 
     @property
     def vocab(self) -> int:
@@ -101,6 +102,9 @@ def sinusoids(n: int, d: int) -> Array:
 
 
 class Attention(nn.Module):
+    """Causal multi-head self-attention without biases; ``qk_pos`` is added to the inputs of Q and
+    K only (zero for learned positions)."""
+
     cfg: LMConfig
 
     @nn.compact
@@ -120,6 +124,9 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """One transformer block: attention, then (when ``cfg.d_mlp``) a GELU MLP, each residual,
+    pre-LayerNorm when ``cfg.layer_norm``."""
+
     cfg: LMConfig
 
     @nn.compact
@@ -160,10 +167,12 @@ class Transformer(nn.Module):
 
 
 def example_ids(cfg: LMConfig, batch: int = 1) -> Array:
+    """``[batch, seq_len]`` zeros: an input of the right shape for init and tracing."""
     return jnp.zeros((batch, cfg.seq_len), jnp.int32)
 
 
 def init_params(key: Array, cfg: LMConfig) -> dict:
+    """Freshly initialised (untrained) params of the :class:`Transformer` for ``cfg``."""
     return Transformer(cfg).init(key, example_ids(cfg))["params"]
 
 
@@ -202,6 +211,8 @@ def sample(cfg: LMConfig, key: Array, batch_size: int, which: str = "train") -> 
 
 
 def induction(cfg: LMConfig, key: Array, batch_size: int) -> tuple[Array, Array]:
+    """``(ids [batch, seq_len], labels [batch])``: induction sequences and the answer at the
+    last position (:func:`spdjax.families.lm.data.induction_batch`)."""
     return lm_data.induction_batch(key, batch_size, vocab=cfg.n_tokens, seq_len=cfg.seq_len,
                                    prefix_window=cfg.prefix_window)
 
@@ -224,6 +235,7 @@ def next_token_ce(logits: Array, ids: Array) -> Array:
 
 
 def last_position_ce(logits: Array, labels: Array) -> Array:
+    """Mean CE of predicting ``labels`` from the last position (the induction toy's loss)."""
     logp = jax.nn.log_softmax(logits[:, -1], axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
 

@@ -37,6 +37,8 @@ def _ci(decomp, params, target_params, ids) -> dict[str, np.ndarray]:
 
 
 def plot_run(decomp, params, target_params, cfg: lm_model.LMConfig, figures_dir) -> list:
+    """A finished run's figures on the evaluation batch: CI-L0 per site, and CI at the induction
+    position (induction toy) or the top contexts per subcomponent (byte LM); their paths."""
     if decomp.causal_importance is None:
         return []
     figures_dir = pathlib.Path(figures_dir)
@@ -51,6 +53,8 @@ def plot_run(decomp, params, target_params, cfg: lm_model.LMConfig, figures_dir)
 
 
 def plot_ci_l0(ci: dict, cfg, path) -> pathlib.Path:
+    """Bar chart of active subcomponents per token (CI above the L0 threshold) per site; the
+    induction toy splits the induction position from the others. Returns ``path``."""
     names = list(ci)
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 3.5))
     x = np.arange(len(names))

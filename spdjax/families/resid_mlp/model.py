@@ -165,7 +165,8 @@ def sample_batch(key: Array, cfg: ResidMLPConfig, batch_size: int | None = None)
 
 def make_trainer(cfg: ResidMLPConfig) -> target_training.TargetTrainer:
     """The reference recipe: AdamW with a quarter-cosine schedule on the ``readoff`` loss; ``W_E``
-    frozen. The plain forward (``fold=False``): cached targets stay bit-identical to earlier ones."""
+    frozen. The plain forward (``fold=False``): cached targets stay bit-identical to earlier
+    ones."""
     target = resid_mlp_target(cfg, fold=False)
 
     def init(key):

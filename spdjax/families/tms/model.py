@@ -94,7 +94,8 @@ def site_roles(cfg: TMSConfig) -> dict[str, str]:
 
 
 def tms_target(cfg: TMSConfig) -> Target:
-    """The TMS model as a :class:`~spdjax.core.target.Target`; input/output ``[..., n_features]``."""
+    """The TMS model as a :class:`~spdjax.core.target.Target`; input/output
+    ``[..., n_features]``."""
     nf, nh = cfg.n_features, cfg.n_hidden
     hidden = _hidden_names(cfg)
 

@@ -31,6 +31,7 @@ PANEL_BG = "#f6f6f6"
 
 
 def feature_colors(n: int) -> np.ndarray:
+    """``[n, 4]`` RGBA colours, one per feature (viridis), shared by every TMS figure."""
     from matplotlib import colormaps
 
     return colormaps["viridis"](np.linspace(0, 1, n))
@@ -81,7 +82,10 @@ def significant_subnets(
     return significant_components(subnet_tensor(V, U), threshold, max_components)
 
 
-def significant_components(P: np.ndarray, threshold: float, max_components: int | None) -> np.ndarray:
+def significant_components(P: np.ndarray, threshold: float,
+                           max_components: int | None) -> np.ndarray:
+    """Indices of the subcomponents of ``P [C, n_features, n_hidden]`` whose summed row norms
+    exceed ``threshold``, largest first, at most ``max_components`` (None: all)."""
     mass = np.linalg.norm(P, axis=-1).sum(axis=-1)
     order = np.argsort(-mass, kind="stable")
     order = order[mass[order] > threshold]
