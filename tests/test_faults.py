@@ -180,8 +180,8 @@ def test_a_finite_but_exploding_loss_stops_before_it_is_saved(tmp_path):
     run = spdjax.setup(small(steps=60), tmp_path / "run")
     step_fn = run.step_fn
 
-    def exploding(state, target_params, key):  # the loss goes to 1e20x after step 25
-        state, metrics = step_fn(state, target_params, key)
+    def exploding(state, target_params, key, hparams):  # the loss goes to 1e20x after step 25
+        state, metrics = step_fn(state, target_params, key, hparams)
         scale = jnp.where(state.step > 25, 1e20, 1.0)
         return state, {**metrics, "loss": {k: v * scale for k, v in metrics["loss"].items()}}
 

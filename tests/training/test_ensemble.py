@@ -113,3 +113,16 @@ def test_a_coefficient_sweep_is_one_program_of_every_value_and_seed(tmp_path):
     np.testing.assert_allclose(summaries[3]["loss"]["total"], alone["loss"]["total"], rtol=1e-3)
     table = json.loads((tmp_path / "sweep" / "ensemble.json").read_text())
     assert table["sweep"] == key and table["members"][f"seed_0_{key}=0.001"][key] == 1e-3
+
+
+def test_coefficients_are_traced_so_a_sweep_shares_one_step_and_other_fields_do_not():
+    """Loss coefficients enter the step as inputs (Method.hparams): every (value, seed) member of
+    a coefficient sweep goes through one traced step; an lr sweep needs a step per value."""
+    key = "losses.importance_minimality.coeff"
+    with log_to(io.StringIO()):
+        ens = spdjax.setup_ensemble(tms_config(ensemble=2, ensemble_sweep=f"{key}=1e-3,1e-2,3e-2"))
+        assert len(ens.members) == 6 and len(ens.groups) == 1
+        np.testing.assert_allclose(ens.hparams["importance_minimality"],
+                                   [1e-3, 1e-3, 1e-2, 1e-2, 3e-2, 3e-2], rtol=1e-6)
+        lr = spdjax.setup_ensemble(tms_config(ensemble_sweep="lr=1e-3,2e-3"))
+        assert [(a, b) for _, a, b in lr.groups] == [(0, 1), (1, 2)]
