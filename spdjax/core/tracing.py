@@ -6,21 +6,20 @@ casts, or a slice of a ``lax.scan`` over stacked layers). An interpreter then ev
 recording each site's input and calling the replacement where one is given. So linen, nnx,
 equinox models and plain functions decompose alike, with no hooks in the model:
 
-=====================  ==========================================================================
-``dot_general``        a ``linear`` site. The weight's contracted axes (in contraction order) form
-                       ``d_in``, its free axes ``d_out``: a ``DenseGeneral`` kernel
-                       ``(d_model, heads, head_dim)`` contracted on axis 0 is the matrix
-                       ``(d_model, heads*head_dim)``; an attention ``out`` kernel
-                       ``(heads, head_dim, d_model)`` contracted on axes 0, 1 is
-                       ``(heads*head_dim, d_model)``; a weight stored ``(out, in)`` and transposed
-                       before use (torch-style ``Conv1D``, ``Embed.attend``) is seen the right way
-                       round. The site input is the other operand with its free axes first and
-                       the contracted ones flattened last: ``[..., d_in]``.
-``gather`` of rows     an ``embed`` site (``W[ids]``, ``d_in`` = vocabulary).
-``conv_general_dilated``  a ``conv`` site: the kernel as its im2col matrix, (window x in-channels,
-                       out-channels); the site input is the image, and the masked site is the
-                       same convolution with the factors as kernels (``Site.apply``).
-=====================  ==========================================================================
+``dot_general``
+    a ``linear`` site. The weight's contracted axes (in contraction order) form ``d_in``, its
+    free axes ``d_out``: a ``DenseGeneral`` kernel ``(d_model, heads, head_dim)`` contracted on
+    axis 0 is the matrix ``(d_model, heads*head_dim)``; an attention ``out`` kernel ``(heads,
+    head_dim, d_model)`` contracted on axes 0, 1 is ``(heads*head_dim, d_model)``; a weight
+    stored ``(out, in)`` and transposed before use (torch-style ``Conv1D``, ``Embed.attend``) is
+    seen the right way round. The site input is the other operand with its free axes first and
+    the contracted ones flattened last: ``[..., d_in]``.
+``gather`` of rows
+    an ``embed`` site (``W[ids]``, ``d_in`` = vocabulary).
+``conv_general_dilated``
+    a ``conv`` site: the kernel as its im2col matrix, (window x in-channels, out-channels); the
+    site input is the image, and the masked site is the same convolution with the factors as
+    kernels (``Site.apply``).
 
 Names: the leaf's path without its last key (``"layers_0/mlp_in"`` for
 ``layers_0/mlp_in/kernel``; the full path where that would be ambiguous or the path has one key).

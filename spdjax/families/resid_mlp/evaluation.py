@@ -1,6 +1,7 @@
 """The paper's evaluation of SPD on ResidMLP: CI patterns and neuron contributions.
 
-What the paper shows, and what :func:`evaluate` measures (figures: :mod:`.plots`):
+What the paper shows, and what :func:`evaluate` measures (figures:
+:mod:`spdjax.families.resid_mlp.plots`):
   * each ``W_in`` subcomponent is important for exactly one feature (IdentityCIError on
     ``mlp_in``, one-hot inputs of 0.75, lower-leaky CI, tol 0.1);
   * ``W_out`` is one dense block of ``d_mlp`` always-important subcomponents (dense error, k =
