@@ -4,12 +4,14 @@
     python -m spdjax.cli.target --family=resid_mlp --variant=1
     python -m spdjax.cli.target --family=lm --variant=ih
 
-Any family in :data:`spdjax.training.family.FAMILIES` with a target cache works.
+Any family in :data:`spdjax.training.family.FAMILIES` with a target cache works; a family of
+your own through ``--import=my_module`` (the module registers it).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 
 from spdjax import families  # noqa: F401 (registers the built-in families)
@@ -22,12 +24,21 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(
         description="Train (or load from the cache) a target family's target with its recipe.")
-    parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
+    parser.add_argument("--family", required=True,
+                        help=f"a registered family: built in {sorted(FAMILIES)}, or one that an "
+                             "--import'ed module registers")
+    parser.add_argument("--import", dest="modules", action="append", default=[],
+                        metavar="MODULE", help="import MODULE first (it registers a family)")
     parser.add_argument("--variant", default=None, help="default: the family's default variant")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=str(default_cache_dir()))
     args = parser.parse_args(argv)
-    family = FAMILIES.get(args.family)
+    for module in args.modules:
+        importlib.import_module(module)
+    try:
+        family = FAMILIES.get(args.family)
+    except ValueError as e:
+        parser.error(str(e))
     if family.cache_stem is None or family.report is None:
         parser.error(f"family {args.family!r} has no target cache to train into.")
     cfg = family.variant(args.variant or family.default_variant)

@@ -101,16 +101,19 @@ def clip_groups(max_norms: dict[str, float]) -> optax.GradientTransformation:
 
 
 def make_optimizer(decomposition: Decomposition, learning_rate, *,
-                   clip_components: float = 0.0, clip_ci: float = 0.0
+                   clip_components: float = 0.0, clip_ci: float = 0.0,
+                   base: Callable[[Any], optax.GradientTransformation] = optax.adam
                    ) -> optax.GradientTransformation:
-    """Adam (β 0.9/0.999, eps 1e-8, no weight decay: the paper's), plus the tied-copy sync for
-    ``tie_mode="aliased"``. ``learning_rate`` is a float or an optax schedule. ``clip_*`` > 0
-    clip the gradient norm of the factors / the CI functions before Adam (0: no clipping)."""
+    """``base(learning_rate)`` (default Adam: β 0.9/0.999, eps 1e-8, no weight decay, the
+    paper's), plus the tied-copy sync for ``tie_mode="aliased"``. ``learning_rate`` is a float or
+    an optax schedule; ``base`` any optax optimizer factory (e.g.
+    ``functools.partial(optax.adamw, weight_decay=0.01)``). ``clip_*`` > 0 clip the gradient norm
+    of the factors / the CI functions before the optimizer (0: no clipping)."""
     parts = []
     norms = {g: float(n) for g, n in (("components", clip_components), ("ci", clip_ci)) if n}
     if norms:
         parts.append(clip_groups(norms))
-    parts.append(optax.adam(learning_rate))
+    parts.append(base(learning_rate))
     if decomposition.ties and decomposition.tie_mode == "aliased":
         parts.append(aliased_tie_updates(decomposition))
     return parts[0] if len(parts) == 1 else optax.chain(*parts)
