@@ -42,3 +42,15 @@ def test_an_upward_import_breaks_the_layers_contract(tmp_path):
     assert "spdjax layers" in out and "BROKEN" in out, out
     assert "spdjax.core is not allowed to import spdjax.training" in out, out
     assert "spdjax.core.masks -> spdjax.training.loop" in out, out
+
+
+def test_no_module_of_the_package_is_in_an_import_cycle():
+    """No two modules import each other, even indirectly and within one layer (grimp builds
+    the graph import-linter checks; imports under ``TYPE_CHECKING`` count too)."""
+    import grimp
+
+    graph = grimp.build_graph("spdjax")
+    cycles = [(a, b) for a in sorted(graph.modules) if a.startswith("spdjax.")
+              for b in graph.find_modules_directly_imported_by(a)
+              if b.startswith("spdjax.") and b != a and graph.chain_exists(importer=b, imported=a)]
+    assert not cycles, f"import cycles: {cycles}"

@@ -1,38 +1,22 @@
 """APD's loss terms and attributions (APD paper, "Method"), pure functions of an
-:class:`~spdjax.methods.apd.APDDecomposition`, its params and a batch: gradient attributions,
-batch top-k, the L_p weights, faithfulness, the factorised Schatten norm and the activation
-reconstruction. :mod:`spdjax.methods.apd` combines them into the objective (and re-exports
-them)."""
+:class:`~spdjax.methods.apd_decomposition.APDDecomposition`, its params and a batch: gradient
+attributions, batch top-k, the L_p weights, faithfulness, the factorised Schatten norm and the
+activation reconstruction. :mod:`spdjax.methods.apd` combines them into the objective (and
+re-exports them)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
 from spdjax.core import components as comp_lib
-from spdjax.core.target import Mapped, Site, dense_input
+from spdjax.core.target import Mapped, dense_input
+from spdjax.methods.apd_decomposition import APDDecomposition, site_acts
 
-if TYPE_CHECKING:
-    from spdjax.methods.apd import APDDecomposition
 
 Array = jax.Array
-
-
-def site_acts(site: Site, A: Array, B: Array, x: Array | Mapped) -> tuple[Array, Array]:
-    """``(acts [..., C, m], B)``: components ``(A, B)``'s inner activations on a site input
-    (``x A_c``, or ``A_c[ids]`` for an embedding) and the ``B`` that maps them to the site's
-    output; a :class:`~spdjax.core.target.Mapped` input folds its maps in (``pre A_c``,
-    ``B_c post``)."""
-    if site.kind == "embed":
-        return jnp.take(A, x, axis=1).transpose(1, 0, 2), B
-    if isinstance(x, Mapped):
-        B = B if x.post is None else jnp.einsum("cmo,oy->cmy", B, x.post)
-        C, d_in, m = A.shape  # x @ (pre @ A_c) for all c at once, as one (d_in, C m) matrix
-        acts = x.apply(A.transpose(1, 0, 2).reshape(d_in, C * m))
-        return acts.reshape(*acts.shape[:-1], C, m), B
-    return jnp.einsum("...i,cim->...cm", x, A), B
 
 
 def attributions(d: APDDecomposition, target_params, params, x, *, source: str = "target",
