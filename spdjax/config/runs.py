@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 from typing import Any
 
@@ -33,10 +34,13 @@ from spdjax.methods import METHODS
 from spdjax.methods.base import Method, MethodSpec
 from spdjax.training import ensemble as ensemble_lib
 from spdjax.training import loop
-from spdjax.training.checkpoints import Checkpointer
+from spdjax.training.checkpoints import (Checkpointer, CheckpointDamagedError,
+                                         CheckpointFormatError)
 from spdjax.training.family import FAMILIES, Experiment, Family, build_experiment
 from spdjax.training.progress import log_to
 from spdjax.training.targets import load_params
+
+log = logging.getLogger("spdjax")
 
 
 def resolve(config, family: Family | str | None = None,
@@ -134,42 +138,78 @@ def load(workdir: str | pathlib.Path, *, step: int | None = None, member: str | 
     """Reads the run in ``workdir`` at its latest checkpoint (or ``step``). For an ensemble
     workdir, ``member`` names the member (its directory, e.g. ``"seed_1"``); the result is that
     member as the run it equals (its config, params and directory). ``family`` / ``method``:
-    values for a run whose names are not registered (e.g. a model of your own)."""
+    values for a run whose names are not registered (e.g. a model of your own).
+
+    A damaged latest checkpoint is skipped with a warning (the one before is read); a damaged
+    ``step`` asked for, or no readable checkpoint at all, is a
+    :class:`~spdjax.training.checkpoints.CheckpointDamagedError` naming the steps and why."""
     workdir = pathlib.Path(workdir)
     if not (workdir / "checkpoints").is_dir():
         raise FileNotFoundError(f"{workdir} holds no run: there is no checkpoints/ directory.")
     ckpt = Checkpointer(workdir / "checkpoints")
     try:
-        meta = ckpt.read_meta(step)
-        if "config" in meta:
-            config_dict = meta["config"]
-        elif (workdir / "config.json").exists():
-            config_dict = json.loads((workdir / "config.json").read_text())
-        else:
-            raise FileNotFoundError(f"{workdir}: neither the checkpoint nor config.json holds "
-                                    "the run's config.")
-        config = configs.from_dict(config_dict)  # fields newer than the run get defaults
-        target_file = workdir / "target_params.npz"
-        family, spec = resolve(config, family, method)
-        experiment = build_experiment(
-            config, family,
-            target_params=load_params(target_file) if target_file.exists() else None)
-        index = None
-        if sweeps.is_ensemble(config):
-            config, index, n, workdir = _member(config, workdir, member)
-        elif member is not None:
-            raise ValueError(f"{workdir} holds one run, not an ensemble: leave member out.")
-        method = spec.build(config, experiment, config.lr)
-        template = jax.eval_shape(method.init, jax.random.key(0), experiment.target_params)
-        if index is None:
-            params = ckpt.restore_subtree(template, "params", meta["step"])
-        else:  # the ensemble's params are stacked along a leading member axis
-            stacked = jax.tree.map(lambda t: jax.ShapeDtypeStruct((n,) + t.shape, t.dtype),
-                                   template)
-            params = jax.tree.map(lambda x: x[index],
-                                  ckpt.restore_subtree(stacked, "params", meta["step"]))
+        steps = [step] if step is not None else list(reversed(ckpt.all_steps()))
+        if not steps:
+            raise FileNotFoundError(f"{workdir} holds no checkpoint yet.")
+        failed = []
+        for s in steps:
+            try:
+                loaded = _load_step(workdir, ckpt, s, member, family, method)
+            except CheckpointDamagedError as e:
+                failed.append(f"step {s}: {e}")
+                continue
+            if failed:
+                log.warning("%s: skipped damaged checkpoints (%s); loaded step %d.", workdir,
+                            "; ".join(failed), s)
+            return loaded
     finally:
         ckpt.close()
+    raise CheckpointDamagedError(
+        f"{workdir} holds no readable checkpoint" + (f" at step {step}" if step is not None
+                                                     else "") + f": {'; '.join(failed)}.")
+
+
+def _damage(step: int, read):
+    """``read()``; a failure to read the checkpoint's files is a CheckpointDamagedError."""
+    try:
+        return read()
+    except (CheckpointFormatError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable: damage
+        text = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointDamagedError(f"{type(e).__name__}: {text}") from e
+
+
+def _load_step(workdir: pathlib.Path, ckpt: Checkpointer, step: int, member, family,
+               method) -> LoadedRun:
+    meta = _damage(step, lambda: ckpt.read_meta(step))
+    if "config" in meta:
+        config_dict = meta["config"]
+    elif (workdir / "config.json").exists():
+        config_dict = json.loads((workdir / "config.json").read_text())
+    else:
+        raise FileNotFoundError(f"{workdir}: neither the checkpoint nor config.json holds "
+                                "the run's config.")
+    config = configs.from_dict(config_dict)  # fields newer than the run get defaults
+    target_file = workdir / "target_params.npz"
+    family, spec = resolve(config, family, method)
+    experiment = build_experiment(
+        config, family,
+        target_params=load_params(target_file) if target_file.exists() else None)
+    index = None
+    if sweeps.is_ensemble(config):
+        config, index, n, workdir = _member(config, workdir, member)
+    elif member is not None:
+        raise ValueError(f"{workdir} holds one run, not an ensemble: leave member out.")
+    method = spec.build(config, experiment, config.lr)
+    template = jax.eval_shape(method.init, jax.random.key(0), experiment.target_params)
+    if index is None:
+        params = _damage(step, lambda: ckpt.restore_subtree(template, "params", meta["step"]))
+    else:  # the ensemble's params are stacked along a leading member axis
+        stacked = jax.tree.map(lambda t: jax.ShapeDtypeStruct((n,) + t.shape, t.dtype),
+                               template)
+        params = jax.tree.map(lambda x: x[index], _damage(
+            step, lambda: ckpt.restore_subtree(stacked, "params", meta["step"])))
     return LoadedRun(workdir=workdir, config=config, experiment=experiment, method=method,
                      params=params, step=int(meta["step"]))
 

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 FORMAT_VERSION = 1
@@ -73,6 +74,11 @@ class CheckpointDamagedError(RuntimeError):
     """A checkpoint's files are missing, truncated or unreadable."""
 
 
+def _reason(e: Exception) -> str:
+    text = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 class Checkpointer:
     """Saves and restores train states under ``directory`` keyed by step (keeps the last
     ``keep``)."""
@@ -91,7 +97,7 @@ class Checkpointer:
         names = leaf_names(state)
         flat = dict(zip(names, jax.tree.leaves(state)))
         meta = {"format_version": FORMAT_VERSION, "step": int(step), **(meta or {}),
-                "names": names}
+                "names": names, "shapes": [list(np.shape(x)) for x in flat.values()]}
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)))
 
@@ -144,9 +150,29 @@ class Checkpointer:
                 f"Checkpoint {self.directory}/{step} does not fit this run's state: missing "
                 f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
                 f"{extra[:8]}{' ...' if len(extra) > 8 else ''}.")
+        shapes = self.saved_shapes(step, meta)
+        differ = [f"{n} {shapes[n]} -> {tuple(x.shape)}" for n, x in zip(names, abstract)
+                  if n in shapes and shapes[n] != tuple(x.shape)]
+        if differ:
+            raise CheckpointFormatError(
+                f"Checkpoint {self.directory}/{step} does not fit this run's state: other shapes "
+                f"({'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}).")
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(dict(zip(names, abstract))))).state
         return jax.tree.unflatten(treedef, [restored[n] for n in names])
+
+    def saved_shapes(self, step: int, meta: dict | None = None) -> dict[str, tuple]:
+        """``{name: shape}`` of a format-1 checkpoint's arrays: from its ``meta`` (written since
+        the shapes were recorded), else from orbax's array metadata ({} if that is unreadable:
+        restoring then says what is wrong)."""
+        meta = self.read_meta(step) if meta is None else meta
+        if "shapes" in meta:
+            return {n: tuple(s) for n, s in zip(meta["names"], meta["shapes"])}
+        try:
+            tree = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+            return {n: tuple(m.shape) for n, m in tree.items()}
+        except Exception:  # noqa: BLE001 - damaged: the restore reports it
+            return {}
 
     def restore_arrays(self, step: int | None = None, *, unflatten: bool = True) -> dict:
         """A checkpoint's arrays without a template: nested dicts by name (or flat by name)."""
@@ -171,23 +197,35 @@ class Checkpointer:
 
     def restore_latest_valid(self, template: Any, *, quarantine: pathlib.Path) -> tuple[Any, int]:
         """The newest checkpoint that restores into ``template``: ``(state, step)``, or
-        ``(None, 0)`` if there is none. Damaged ones (missing, truncated or garbled files, empty
-        step directories) are moved to ``quarantine`` with a one-line warning each, so that
-        nothing is deleted and a later save of the same step does not collide with them.
-        A checkpoint that reads but does not fit the template is not damage: that raises."""
+        ``(None, 0)`` if there is none. Damaged ones newer than it (missing, truncated or garbled
+        files, empty step directories) are moved to ``quarantine`` with a one-line warning each,
+        so that nothing is deleted and a later save of the same step does not collide with them.
+        A checkpoint that reads but does not fit the template is not damage: that raises
+        :class:`CheckpointFormatError`. When every checkpoint is damaged, nothing is moved and
+        :class:`CheckpointDamagedError` says so (a run must not silently restart at step 0)."""
+        failed: list[tuple[int, Exception]] = []
         for step in reversed(self.all_steps()):
             try:
-                return self.restore(template, step), step
+                state = self.restore(template, step)
             except CheckpointFormatError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read is damage
+                failed.append((step, e))
+                continue
+            for bad, e in failed:
                 quarantine.mkdir(parents=True, exist_ok=True)
-                target = quarantine / f"{step}_{int(time.time())}"
-                shutil.move(str(self.directory / str(step)), target)
-                log.warning("Checkpoint %s/%d is damaged (%s: %s); moved to %s, trying the "
-                            "previous one.", self.directory, step, type(e).__name__,
-                            str(e).splitlines()[0][:200] if str(e) else "", target)
-                self._reopen()  # forget the moved step
+                target = quarantine / f"{bad}_{int(time.time())}"
+                shutil.move(str(self.directory / str(bad)), target)
+                log.warning("Checkpoint %s/%d is damaged (%s); moved to %s, resuming from the "
+                            "one before.", self.directory, bad, _reason(e), target)
+            if failed:
+                self._reopen()  # forget the moved steps
+            return state, step
+        if failed:
+            raise CheckpointDamagedError(
+                f"Every checkpoint in {self.directory} is damaged ("
+                + "; ".join(f"step {s}: {_reason(e)}" for s, e in failed)
+                + "); nothing was moved or restarted.")
         return None, 0
 
     def _reopen(self) -> None:

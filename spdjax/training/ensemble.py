@@ -122,7 +122,8 @@ class Ensemble:
 
     def checkpoint_meta(self, wall_time_s: float) -> dict:
         return {"method": self.base.method.name, "config": wd.config_dict(self.config),
-                "members": [m.label for m in self.members], "wall_time_s": wall_time_s}
+                "members": [m.label for m in self.members], "wall_time_s": wall_time_s,
+                "target_sha256": self.base.target_fingerprint}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -158,8 +159,9 @@ def setup(config, members: Sequence[Member], workdir: str | pathlib.Path | None 
     labels = [m.label for m in members]
     if len(set(labels)) != len(labels):
         raise ValueError(f"Ensemble member labels must be unique; got {labels}.")
-    lock, workdir = loop.open_workdir(config, workdir, fresh=fresh, allow_changes=allow_changes,
-                                      upgrade=upgrade_record)
+    lock, workdir, changes = loop.open_workdir(config, workdir, fresh=fresh,
+                                               allow_changes=allow_changes,
+                                               upgrade=upgrade_record)
     try:
         first = loop.setup(members[0].config, family=family, method=method)  # in memory
         hparam_keys = tuple(first.method.config_hparams)
@@ -187,7 +189,7 @@ def setup(config, members: Sequence[Member], workdir: str | pathlib.Path | None 
                        keys=keys, hparams=stacked, workdir=workdir,
                        target_params=_on_default_device(groups[0][0].target_params),
                        histories=[[] for _ in members], lock=lock)
-        _resume(ens)
+        _resume(ens, changes)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -195,14 +197,22 @@ def setup(config, members: Sequence[Member], workdir: str | pathlib.Path | None 
     return ens
 
 
-def _resume(ens: Ensemble) -> None:
-    """Restores the newest good checkpoint and opens every member's directory and writer."""
+def _resume(ens: Ensemble, changes: list = ()) -> None:
+    """Restores the newest good checkpoint (:func:`spdjax.training.loop.restore`: a checkpoint
+    that does not fit, or of another target, is refused with nothing written), records the
+    start and opens every member's directory and writer."""
     if ens.workdir is None:
         ens.member_writers = [wd.MemoryWriter() for _ in ens.members]
         return
     ens.checkpointer = Checkpointer(ens.workdir / "checkpoints")
-    restored, start = ens.checkpointer.restore_latest_valid(
-        ens.state, quarantine=ens.workdir / "damaged")
+    try:
+        restored, start = loop.restore(ens.checkpointer, ens.state, ens.workdir,
+                                       fingerprint=ens.base.target_fingerprint,
+                                       target_source=ens.base.target_source)
+    except BaseException:
+        ens.checkpointer.close()
+        raise
+    wd.record_start(ens.workdir, wd.config_dict(ens.config), list(changes), start)
     if start:
         ens.state = _on_default_device(restored)
         log.info("Resuming the ensemble from the checkpoint at step %d.", start)

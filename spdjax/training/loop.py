@@ -19,6 +19,7 @@ dict with ``loss/total``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import pathlib
@@ -27,13 +28,15 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from spdjax.analysis.plots import plot_training_curves
 from spdjax.methods.base import Method, MethodSpec
 from spdjax.training import init_selection, workdir as wd, writers
 from spdjax.training import targets as target_training
 from spdjax.training import sharding as shard_lib
-from spdjax.training.checkpoints import Checkpointer
+from spdjax.training.checkpoints import (Checkpointer, CheckpointDamagedError,
+                                         CheckpointFormatError)
 from spdjax.training.distributed import is_primary
 from spdjax.training.health import DivergenceError
 from spdjax.training.interrupts import StopRequest
@@ -92,6 +95,9 @@ class Run:
     recent_losses: list = dataclasses.field(default_factory=list)  # logged totals: divergence
     other_step_fns: dict = dataclasses.field(default_factory=dict)  # remainder chunks, by size
     hparams: dict | None = None  # the method's traced hparams (None: it has none)
+    target_fingerprint: str | None = None  # sha256 of the target params (checkpoint meta)
+    target_source: str = "the target given"  # where the target was read from (for errors)
+    closed: bool = False  # close() released the workdir: no more training
 
     @property
     def step(self) -> int:
@@ -128,7 +134,8 @@ class Run:
         return float(self.schedule(step))
 
     def checkpoint_meta(self, wall_time_s: float | None = None) -> dict:
-        return {"method": self.method.name, "config": wd.config_dict(self.config)}
+        return {"method": self.method.name, "config": wd.config_dict(self.config),
+                "target_sha256": self.target_fingerprint}
 
 
 def build_step(run: Run, *, microbatches: int | None = None,
@@ -170,13 +177,13 @@ def setup(config, workdir: str | pathlib.Path | None = None, *, family: Family,
     recorded config the fields added since (the config layer passes its own).
     """
     validate(config, family, method)
-    lock, workdir = open_workdir(config, workdir, fresh=fresh, allow_changes=allow_changes,
-                                 upgrade=upgrade_record)
+    lock, workdir, changes = open_workdir(config, workdir, fresh=fresh,
+                                          allow_changes=allow_changes, upgrade=upgrade_record)
     try:
         run = _build(config, workdir, family, method, target_params)
         run.lock = lock
         if workdir is not None:
-            _resume(run)
+            _resume(run, changes)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -191,24 +198,68 @@ def build_method(run: Run, config) -> Method:
 
 
 def open_workdir(config, workdir, *, fresh: bool, allow_changes=(), upgrade=None):
-    """``(lock, workdir path)``: ``workdir`` created, locked for this process and checked
-    against ``config`` (:func:`spdjax.training.workdir.prepare`, with ``upgrade`` for old
-    records); ``(None, None)`` in memory. Only the primary process of a multi-process run owns
-    the workdir's files."""
+    """``(lock, workdir path, config changes)``: ``workdir`` checked (a directory, its run files
+    of the right kind), created, locked for this process and its run checked against ``config``
+    (:func:`spdjax.training.workdir.check_resume`, with ``upgrade`` for old records; ``fresh``
+    moves an old run aside first); ``(None, None, [])`` in memory. Nothing of the run is written
+    yet: ``config.json`` and ``history.jsonl`` are written once its checkpoints are known to fit
+    (:func:`restore`). Only the primary process of a multi-process run owns the workdir's
+    files."""
     if workdir is None:
-        return None, None
+        return None, None, []
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    wd.check_paths(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise wd.UnusableWorkdirError(f"--workdir {workdir} cannot be created: {e}.") from None
     if not is_primary():
-        return None, workdir
+        return None, workdir, []
     lock = wd.WorkdirLock(workdir)
     try:
-        wd.prepare(workdir, wd.config_dict(config), fresh=fresh,
-                   allow_changes=tuple(allow_changes), upgrade=upgrade)
+        if fresh:
+            wd.move_aside(workdir)
+        changes = wd.check_resume(workdir, wd.config_dict(config),
+                                  allow_changes=tuple(allow_changes), upgrade=upgrade)
     except BaseException:
         lock.release()
         raise
-    return lock, workdir
+    return lock, workdir, changes
+
+
+def restore(checkpointer: Checkpointer, template: Any, workdir: pathlib.Path, *,
+            fingerprint: str | None, target_source: str) -> tuple[Any, int]:
+    """``(state, step)`` of the newest good checkpoint in ``workdir`` (``(None, 0)``: none),
+    damaged newer ones moved to ``workdir/damaged``. Refused, with nothing moved, when the
+    checkpoints do not fit ``template`` (a config change of the state's shapes: not damage),
+    when every checkpoint is damaged, or when the checkpoint was trained on another target than
+    the one loaded (``fingerprint``, from ``target_source``)."""
+    try:
+        state, start = checkpointer.restore_latest_valid(template, quarantine=workdir / "damaged")
+    except CheckpointFormatError as e:
+        raise wd.structural_change_error(workdir, str(e)) from None
+    except CheckpointDamagedError as e:
+        raise wd.UnusableWorkdirError(
+            f"{e} The run does not restart at step 0 on its own: {wd.FRESH_HINT}.") from None
+    if start:
+        saved = checkpointer.read_meta(start).get("target_sha256")
+        if saved is not None and fingerprint is not None and saved != fingerprint:
+            raise wd.UnusableWorkdirError(
+                f"Checkpoint {start} in {workdir} was trained on another target (sha256 "
+                f"{saved[:12]}) than the one loaded from {target_source} ({fingerprint[:12]}); "
+                f"put back the run's own {workdir / 'target_params.npz'}, or {wd.FRESH_HINT}.")
+    return state, start
+
+
+def target_fingerprint(params: Any) -> str:
+    """sha256 of a target's arrays (dtypes, shapes and bytes, in pytree order): recorded in each
+    checkpoint, so a resume can tell that it decomposes the target the run was trained on."""
+    h = hashlib.sha256()
+    for x in jax.tree.leaves(jax.device_get(params)):
+        a = np.ascontiguousarray(np.asarray(x))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def make_lr_schedule(config) -> Callable:
@@ -217,25 +268,37 @@ def make_lr_schedule(config) -> Callable:
                          warmup_frac=config.lr_warmup_frac, final_frac=config.lr_final_frac)
 
 
-def _saved_target(workdir: pathlib.Path | None) -> Any:
-    """A resumed run decomposes the target it started with, kept in its workdir."""
+def _saved_target(workdir: pathlib.Path | None) -> tuple[Any, str | None]:
+    """A resumed run decomposes the target it started with, kept in its workdir: ``(params,
+    None)``, or ``(None, why not)`` (a damaged or missing file: the target is then loaded anew
+    and the checkpoint's fingerprint tells whether it is the same)."""
     path = workdir / "target_params.npz" if workdir is not None else None
-    if path is None or not path.exists() or not any((workdir / "checkpoints").glob("[0-9]*")):
-        return None
+    if path is None or not any((workdir / "checkpoints").glob("[0-9]*")):
+        return None, None
+    if not path.exists():
+        return None, f"{path} is missing"
     try:
-        return target_training.load_params(path)
-    except Exception as e:  # noqa: BLE001 - a damaged file: the cache has the same target
-        log.warning("%s is damaged (%s); using the target cache instead.", path, e)
-        return None
+        return target_training.load_params(path), None
+    except Exception as e:  # noqa: BLE001 - a damaged file: the cache may have the same target
+        log.warning("%s is damaged (%s); loading the target anew (its fingerprint is checked "
+                    "against the checkpoint's).", path, e)
+        return None, f"{path} is damaged"
 
 
 def _build(config, workdir: pathlib.Path | None, family: Family, spec: MethodSpec,
            target_params: Any = None) -> Run:
     log.info("spdjax: %s %s -> %s (devices: %d x %s)", family.name, config.variant,
              workdir or "memory", jax.device_count(), jax.devices()[0].platform)
-    saved = _saved_target(workdir)
+    saved, why_not = _saved_target(workdir)
     experiment = build_experiment(config, family,
                                   target_params=saved if saved is not None else target_params)
+    if saved is not None:
+        source = f"{workdir / 'target_params.npz'}"
+    else:
+        cache = config.get("target_cache_dir") or target_training.default_cache_dir()
+        source = ("the target_params given" if target_params is not None else
+                  f"the target cache ({cache})")
+        source += f", as {why_not}" if why_not else ""
     schedule = make_lr_schedule(config)
     method = spec.build(config, experiment, schedule)
     mesh = shard_lib.make_mesh(model=config.mesh_model)
@@ -248,7 +311,9 @@ def _build(config, workdir: pathlib.Path | None, family: Family, spec: MethodSpe
               schedule=schedule, mesh=mesh,
               target_params=shard_lib.replicate(experiment.target_params, mesh), keys=keys,
               state=None, state_sharding=None, step_fn=None, checkpointer=None, writer=None,
-              hparams=method.hparams_of(config) or None)
+              hparams=method.hparams_of(config) or None,
+              target_fingerprint=target_fingerprint(experiment.target_params),
+              target_source=source)
     # One batch through the target before compiling anything: shapes, NaN/inf, token ids.
     method.decomposition.clean_forward(experiment.target_params,
                                        experiment.batch_fn(jax.random.key(0)))
@@ -259,15 +324,21 @@ def _build(config, workdir: pathlib.Path | None, family: Family, spec: MethodSpe
     return run
 
 
-def _resume(run: Run) -> None:
-    """Restores the newest good checkpoint of ``run.workdir`` (damaged ones are moved aside) and
-    makes every file of the workdir agree with it."""
+def _resume(run: Run, changes: list = ()) -> None:
+    """Restores the newest good checkpoint of ``run.workdir`` (damaged ones are moved aside;
+    :func:`restore`), then records the start (``config.json``, ``history.jsonl``) and makes every
+    file of the workdir agree with it. Nothing is written when the checkpoints are refused."""
     workdir, primary = run.workdir, is_primary()
-    if primary:
-        target_training.save_params(workdir / "target_params.npz", run.experiment.target_params)
     run.checkpointer = Checkpointer(workdir / "checkpoints")
-    state, start = run.checkpointer.restore_latest_valid(run.state,
-                                                         quarantine=workdir / "damaged")
+    try:
+        state, start = restore(run.checkpointer, run.state, workdir,
+                               fingerprint=run.target_fingerprint, target_source=run.target_source)
+    except BaseException:
+        run.checkpointer.close()
+        raise
+    if primary:
+        wd.record_start(workdir, wd.config_dict(run.config), list(changes), start)
+        target_training.save_params(workdir / "target_params.npz", run.experiment.target_params)
     if start:
         run.state = state
         rows = [r for r in wd.read_metric_lines(workdir / "metrics.jsonl") if r["step"] <= start]
@@ -316,6 +387,9 @@ def train(run: Run, until_step: int | None = None, *, on_step: OnStep | None = N
     host sync unless it makes one). A run interrupted or stopped early resumes from its
     checkpoints with the same result as an uninterrupted one.
     """
+    if run.closed:
+        raise RuntimeError("This run is closed (close() released its workdir and files); set it "
+                           "up again (spdjax.setup with the same workdir resumes it) to train on.")
     until = run.config.steps if until_step is None else int(until_step)
     if not run.step <= until <= run.config.steps:
         raise ValueError(f"until_step={until_step} must be in [{run.step}, {run.config.steps}].")
@@ -385,7 +459,9 @@ def plot(run, figures_dir: str | pathlib.Path | None = None) -> list[pathlib.Pat
 
 
 def close(run: Run) -> None:
-    """Waits for pending checkpoint writes, closes the run's files and releases its workdir."""
+    """Waits for pending checkpoint writes, closes the run's files and releases its workdir;
+    :func:`train` refuses a closed run."""
+    run.closed = True
     release(run.checkpointer, [run.writer], run.lock)
 
 
@@ -439,5 +515,5 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, family: Family,
 
 __all__ = ["ConfigMismatchError", "DivergenceError", "EvaluationError", "Run", "RunKeys",
            "build_step", "close", "evaluate", "initial_state", "make_lr_schedule",
-           "open_workdir", "plot", "setup", "state_from_params", "train", "train_and_evaluate",
-           "validate"]
+           "open_workdir", "plot", "restore", "setup", "state_from_params", "target_fingerprint",
+           "train", "train_and_evaluate", "validate"]

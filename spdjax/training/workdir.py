@@ -34,6 +34,11 @@ class ConfigMismatchError(ValueError):
     """The workdir holds a run with a different config."""
 
 
+class UnusableWorkdirError(ValueError):
+    """The workdir cannot be used as it is (a path of the wrong kind, every checkpoint damaged,
+    a target that is not the one the checkpoints were trained on)."""
+
+
 class WorkdirLockedError(RuntimeError):
     """Another live process is running in the workdir."""
 
@@ -147,50 +152,129 @@ def _upgraded(recorded: dict, upgrade: Callable[[dict], dict] | None) -> dict:
         return recorded
 
 
-def prepare(workdir: pathlib.Path, resolved: dict, *, fresh: bool,
-            allow_changes: tuple[str, ...] = (),
-            upgrade: Callable[[dict], dict] | None = None) -> list[tuple[str, Any, Any]]:
-    """Checks ``resolved`` against the run already in ``workdir`` and writes ``config.json``.
+# Fields that define what the train state is (its structure and shapes) or which target and
+# members it trains: a resume may never change them, even when --allow_config_change names them
+# (the checkpoints cannot be restored into the new state); the shapes are compared as well
+# (:meth:`spdjax.training.checkpoints.Checkpointer.restore`), for any field not listed here.
+STRUCTURAL = ("experiment", "variant", "method", "C", "ci_fn", "ci_hidden", "ensemble",
+              "ensemble_sweep", "tie_mode")
+FRESH_HINT = ("use another --workdir, or pass --fresh to start over (the old run's files are "
+              "moved aside to <workdir>/old_<time>/, not deleted)")
 
-    ``upgrade(recorded) -> dict`` gives a record the fields added to configs since it was
-    written (:func:`spdjax.config.files.upgrade_record`), so that only real differences count;
-    without it the record is compared as written.
 
-    A resume with another config is refused (:class:`ConfigMismatchError`) unless every changed
-    field is in :data:`SAFE_CHANGES` or ``allow_changes`` (dotted prefixes, e.g. ``"lr"``,
-    ``"losses"``); accepted changes are returned and logged to ``history.jsonl``. ``fresh``
-    wipes the old run first.
-    """
-    workdir.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        for name in RUN_DIRS:
-            shutil.rmtree(workdir / name, ignore_errors=True)
-        for name in RUN_FILES:
-            (workdir / name).unlink(missing_ok=True)
-    changes: list[tuple[str, Any, Any]] = []
-    if any((workdir / "checkpoints").glob("[0-9]*")):
-        old = recorded_config(workdir)
-        if old is None:
-            raise ConfigMismatchError(
-                f"{workdir} holds checkpoints but no readable config (config.json and the "
-                "checkpoints' metadata are missing or damaged); use another --workdir, or pass "
-                "--fresh to discard that run.")
-        changes = [c for c in config_diff(_upgraded(old, upgrade), resolved)
-                   if not _spelled_default(c)]
-        refused = [c for c in changes if not _allowed(c[0], SAFE_CHANGES + tuple(allow_changes))]
-        if refused:
-            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
-            raise ConfigMismatchError(
-                f"{workdir} holds a run with a different config ({listed}). Use another "
-                "--workdir, pass --fresh to discard that run, or resume it with the change on "
-                f"purpose: --allow_config_change={','.join(sorted({k for k, _, _ in refused}))}.")
+def structural_change_error(workdir: pathlib.Path, what: str) -> ConfigMismatchError:
+    """The one-line refusal of a resume whose state cannot hold the checkpoints'."""
+    return ConfigMismatchError(
+        f"{workdir} holds a run whose checkpoints do not fit this config ({what}): it cannot be "
+        f"resumed with that change; {FRESH_HINT}.")
+
+
+def check_paths(workdir: pathlib.Path) -> None:
+    """A workdir that is a regular file, or a run file that is a directory (or the reverse), is
+    one :class:`UnusableWorkdirError` before any work."""
+    for parent in (workdir, *workdir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UnusableWorkdirError(
+                f"--workdir {workdir}: {parent} is a file, not a directory; pass a directory.")
+    if not workdir.exists():
+        return
+    for name in RUN_FILES + ("ensemble.json", ".lock"):
+        if (workdir / name).is_dir():
+            raise UnusableWorkdirError(
+                f"{workdir / name} is a directory where the run writes a file; move it away.")
+    for name in RUN_DIRS:
+        if (workdir / name).exists() and not (workdir / name).is_dir():
+            raise UnusableWorkdirError(
+                f"{workdir / name} is a file where the run keeps a directory; move it away.")
+
+
+def _is_member_dir(path: pathlib.Path) -> bool:
+    return path.is_dir() and not path.name.startswith("old_") and any(
+        (path / n).exists() for n in ("metrics.jsonl", "summary.json", "figures"))
+
+
+def move_aside(workdir: pathlib.Path) -> pathlib.Path | None:
+    """``--fresh``: the old run's files (and an ensemble's member directories) move to
+    ``workdir/old_<time>/``; nothing is deleted. Returns that directory (None: nothing to move)."""
+    names = [n for n in RUN_FILES + RUN_DIRS + ("ensemble.json", "tensorboard")
+             if (workdir / n).exists()]
+    names += sorted(p.name for p in workdir.iterdir() if p.name not in names and _is_member_dir(p))
+    if not names:
+        return None
+    aside = workdir / f"old_{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = workdir / f"old_{time.strftime('%Y%m%d-%H%M%S')}_{n}"
+    aside.mkdir()
+    for name in names:
+        shutil.move(str(workdir / name), aside / name)
+    log.warning("--fresh: moved the old run's files (%s) to %s.", ", ".join(names), aside)
+    return aside
+
+
+def check_resume(workdir: pathlib.Path, resolved: dict, *, allow_changes: tuple[str, ...] = (),
+                 upgrade: Callable[[dict], dict] | None = None) -> list[tuple[str, Any, Any]]:
+    """The config changes of a resume of the run in ``workdir`` with ``resolved`` (``[]`` when
+    there is no checkpoint): refused (:class:`ConfigMismatchError`) unless every changed field is
+    in :data:`SAFE_CHANGES` or ``allow_changes``; a change of a :data:`STRUCTURAL` field is
+    refused always. Writes nothing."""
+    if not any((workdir / "checkpoints").glob("[0-9]*")):
+        return []
+    old = recorded_config(workdir)
+    if old is None:
+        raise ConfigMismatchError(
+            f"{workdir} holds checkpoints but no readable config (config.json and the "
+            "checkpoints' metadata are missing or damaged); use another --workdir, or pass "
+            "--fresh to start over (the old files are moved aside).")
+    changes = [c for c in config_diff(_upgraded(old, upgrade), resolved)
+               if not _spelled_default(c)]
+    structural = [c for c in changes if _allowed(c[0], STRUCTURAL)]
+    if structural:
+        raise structural_change_error(
+            workdir, "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in structural))
+    refused = [c for c in changes if not _allowed(c[0], SAFE_CHANGES + tuple(allow_changes))]
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
+        raise ConfigMismatchError(
+            f"{workdir} holds a run with a different config ({listed}). Use another "
+            "--workdir, pass --fresh to start over (the old files are moved aside), or resume "
+            "it with the change on purpose: "
+            f"--allow_config_change={','.join(sorted({k for k, _, _ in refused}))}.")
+    return changes
+
+
+def record_start(workdir: pathlib.Path, resolved: dict, changes: list, step: int = 0) -> None:
+    """Logs a start or resume (at ``step``) and its config ``changes`` to ``history.jsonl`` and
+    writes ``config.json``: called once the checkpoints are known to fit the config."""
     if changes:
         log.warning("Resuming with config changes: %s.",
                     "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
     with open(workdir / "history.jsonl", "a") as f:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(),
-                            "config_changes": [list(c) for c in changes]}, default=str) + "\n")
+                            "step": int(step), "config_changes": [list(c) for c in changes]},
+                           default=str) + "\n")
     write_atomic(workdir / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+
+
+def prepare(workdir: pathlib.Path, resolved: dict, *, fresh: bool,
+            allow_changes: tuple[str, ...] = (),
+            upgrade: Callable[[dict], dict] | None = None) -> list[tuple[str, Any, Any]]:
+    """Checks ``resolved`` against the run already in ``workdir`` and writes ``config.json``
+    (:func:`check_resume`, then :func:`record_start`); ``fresh`` moves the old run aside first
+    (:func:`move_aside`).
+
+    ``upgrade(recorded) -> dict`` gives a record the fields added to configs since it was
+    written (:func:`spdjax.config.files.upgrade_record`), so that only real differences count;
+    without it the record is compared as written. The managed run
+    (:func:`spdjax.training.loop.setup`) calls the two halves itself, writing ``config.json``
+    only once the checkpoints are known to fit the new state.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        move_aside(workdir)
+    changes = check_resume(workdir, resolved, allow_changes=allow_changes, upgrade=upgrade)
+    record_start(workdir, resolved, changes)
     return changes
 
 
@@ -232,20 +316,17 @@ def set_aside_lines_after(metrics_path: pathlib.Path, step: int) -> None:
     if after:
         with open(metrics_path.with_name("metrics_after_last_checkpoint.jsonl"), "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in after)
-        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows
-                                           if r["step"] <= step))
+    write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
 
 
 class JsonlWriter:
-    """Appends ``{"step": s, **scalars}`` lines to ``path``; drops lines past ``resume_step``."""
+    """Appends ``{"step": s, **scalars}`` lines to ``path``; lines past ``resume_step`` (all of
+    them for a fresh start) move to ``metrics_after_last_checkpoint.jsonl``."""
 
     def __init__(self, path: str | pathlib.Path, *, resume_step: int | None = None):
         self.path = pathlib.Path(path)
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metric_lines(self.path) if r["step"] <= resume_step]
-            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+        if self.path.exists():  # lines past the checkpoint resumed are set aside, not deleted
+            set_aside_lines_after(self.path, -1 if resume_step is None else resume_step)
         self._file = self.path.open("a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
