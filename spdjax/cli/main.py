@@ -8,10 +8,17 @@ lr after a divergence, or more steps for a finished run).
 
 Exit codes: 0 done; 2 a user error (bad flag or config value, workdir in use or holding another
 run), printed as one ``error:`` line; 3 the run diverged (its good checkpoints are kept); 4 the
-evaluation failed after training (rerun to evaluate); 130 interrupted (rerun to resume).
+evaluation failed after training (rerun to evaluate); 130 interrupted by Ctrl-C, 143 stopped by
+SIGTERM (rerun to resume; either signal saves the current step first, a second one during the
+shutdown ends the process at once with one line). A full disk while writing ends with one
+``error:`` line naming the workdir and its disk (exit 2).
 """
 
+import errno
+import os
+import pathlib
 import re
+import shutil
 import sys
 
 from absl import app, flags, logging
@@ -19,8 +26,9 @@ from ml_collections import config_flags
 
 from spdjax.config import files as config_files
 from spdjax.config.runs import train_and_evaluate
-from spdjax.training import distributed
+from spdjax.training import distributed, interrupts, targets, writers
 from spdjax.training.loop import DivergenceError, EvaluationError
+from spdjax.training.progress import format_bytes, log_to
 from spdjax.training.workdir import WorkdirLockedError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tms.py:5-2.",
@@ -50,6 +58,9 @@ def _config_paths(argv: list[str]) -> list[str]:
                 except ValueError as e:
                     _fail(2, str(e))
                 arg = f"--config={name}{sep}{variant}"
+            elif name and not os.path.isfile(name):
+                _fail(2, f"config file {name} not found (--config takes a config file's path, "
+                         "e.g. configs/tms.py:5-2, or a config name, e.g. tms:5-2).")
         out.append(arg)
     return out
 
@@ -68,32 +79,99 @@ def parse_flags(argv: list[str]) -> list[str]:
         _fail(2, f"{type(e).__name__}: {e}")
 
 
+def _stopped_message(signum: int | None, workdir: str) -> str:
+    """The line of a run stopped by ``signum`` (SIGINT: Ctrl-C, or SIGTERM)."""
+    what = "terminated (SIGTERM)" if signum == interrupts.signal.SIGTERM else "interrupted"
+    return (f"{what}; rerun the same command to resume from the last checkpoint in "
+            f"{workdir}/checkpoints.")
+
+
+def _on_second_signal(workdir: str):
+    def on_second(first: int, signum: int) -> None:
+        print(f"error: {interrupts.signal_name(signum)} during the shutdown: stopped at once; "
+              f"rerun the same command to resume from the last complete checkpoint in "
+              f"{workdir}/checkpoints (a checkpoint cut short is set aside then).",
+              file=sys.stderr, flush=True)
+    return on_second
+
+
+def _errors(e: BaseException):
+    """``e`` and the exceptions it was raised from or during."""
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception behind it) is a full disk or an exceeded quota, as an
+    ``OSError`` or as a message (the checkpoint library rewraps its writers' errors)."""
+    for err in _errors(e):
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if re.search(r"no space left on device|disk quota exceeded", str(err), re.I):
+            return True
+    return False
+
+
+def disk_full_message(workdir: str | os.PathLike) -> str:
+    """One line: the disk of ``workdir`` is full (its mount point and free space), and what to
+    do."""
+    path = pathlib.Path(workdir).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    mount = path
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        usage = shutil.disk_usage(path)
+        free = f"{format_bytes(usage.free)} free of {format_bytes(usage.total)}"
+    except OSError:
+        free = "free space unknown"
+    return (f"no space left on the disk of {workdir} (the disk mounted at {mount}: {free}) "
+            f"while writing the run; free some space, then rerun the same command to resume "
+            f"from the last complete checkpoint in {workdir}/checkpoints.")
+
+
 def main(argv):
     """Trains and evaluates the run that ``--config`` and ``--workdir`` describe (absl entry point);
     a user error exits with code 2 and one line."""
     if len(argv) > 1:
         _fail(2, f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
+    try:
+        config = _CONFIG.value
+    except OSError as e:  # a config file that does not load
+        _fail(2, " ".join(str(e).split()))
+    if config is None:
         _fail(2, "--config is required, e.g. --config=configs/tms.py:5-2")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    try:
-        distributed.initialize()  # several processes, when the environment sets them up
-    except ValueError as e:
-        _fail(2, str(e))
-    config = _CONFIG.value
     workdir = _WORKDIR.value or f"workdir/{config.experiment}_{config.variant}"
+    interrupts.ShutdownGuard(_on_second_signal(workdir)).install()  # until the process ends
     try:
+        with log_to():  # "waiting for N processes" while the others connect
+            distributed.initialize()  # several processes, when the environment sets them up
+        writers.check_dirs(config, workdir)  # before any work
+        targets.check_cache_dir(config.get("target_cache_dir") or targets.default_cache_dir())
         train_and_evaluate(config, workdir, fresh=_FRESH.value,
                            allow_changes=tuple(_ALLOW.value))  # prints spdjax's log to stdout
     except KeyboardInterrupt:
-        _fail(130, f"interrupted; rerun the same command to resume from the last checkpoint in "
-                   f"{workdir}/checkpoints.")
+        signum = interrupts.received()
+        _fail(interrupts.exit_code(signum), _stopped_message(signum, workdir))
     except DivergenceError as e:
         _fail(3, str(e))
     except EvaluationError as e:
+        if disk_full(e):
+            _fail(2, disk_full_message(workdir))
         _fail(4, str(e))
     except (ValueError, WorkdirLockedError, FileNotFoundError) as e:
         _fail(2, str(e))
+    except Exception as e:
+        if disk_full(e):
+            _fail(2, disk_full_message(workdir))
+        if isinstance(e, OSError):
+            _fail(2, f"{type(e).__name__}: {e}")
+        raise
 
 
 def run() -> None:

@@ -29,6 +29,26 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def format_bytes(n: float) -> str:
+    """``n`` bytes as ``"1.5 GB"``, ``"20.0 MB"``, ``"512 B"`` (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # unreachable
+
+
+def evaluation_line(n_examples: int, microbatches: int = 1) -> str:
+    """``"Evaluating on N examples..."`` (``" in M chunks"`` when microbatched)."""
+    chunks = f" in {microbatches} chunks" if microbatches > 1 else ""
+    return f"Evaluating on {n_examples} examples{chunks}..."
+
+
+def announce_evaluation(n_examples: int, microbatches: int = 1) -> None:
+    """Logs :func:`evaluation_line` before a final evaluation starts (it can take a while)."""
+    log.info(evaluation_line(n_examples, microbatches))
+
+
 class Progress:
     """Logs ``step i/N | loss | steps/s | ETA`` lines; measures rate since the last mark."""
 
@@ -53,6 +73,11 @@ class Progress:
 
     def report(self, step: int, loss: float) -> None:
         log.info(self.line(step, loss), extra={"progress": (step, self.total)})
+
+    def report_chunk(self, step: int, loss: float) -> None:
+        """:meth:`mark` then :meth:`report`: one line per chunk of steps (e.g. target training)."""
+        self.mark(step)
+        self.report(step, loss)
 
 
 class _Formatter(logging.Formatter):

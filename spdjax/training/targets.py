@@ -6,6 +6,8 @@ optimizer); :func:`train` runs it as jitted ``lax.scan`` chunks of ``chunk_steps
 the seed. Trained targets are cached as ``<stem>.npz`` (params) + ``<stem>.json`` (recipe,
 metadata): a cached target is reused only if the recipe in its sidecar equals the one asked for;
 writes are write-then-rename, npz first, so a sidecar on disk always describes a complete npz.
+A cache directory that cannot hold files (below a regular file, read-only) is refused with one
+line before any training (:func:`check_cache_dir`); training reports one progress line per chunk.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spdjax.training.progress import Progress
+
 log = logging.getLogger("spdjax")
 
 
@@ -31,6 +35,37 @@ def default_cache_dir() -> pathlib.Path:
     """Where trained targets are cached: ``$SPDJAX_CACHE/targets``, else
     ``~/.cache/spdjax/targets``."""
     return pathlib.Path(os.environ.get("SPDJAX_CACHE", "~/.cache/spdjax")).expanduser() / "targets"
+
+
+def _blocking_file(path: pathlib.Path) -> pathlib.Path | None:
+    """The nearest of ``path`` and its ancestors that exists and is not a directory, if any."""
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            return None if p.is_dir() else p
+    return None
+
+
+def check_cache_dir(directory: str | os.PathLike, *, create: bool = False) -> pathlib.Path:
+    """Raises a one-line ``ValueError`` if ``directory`` cannot be a target cache: it, or a folder
+    it would be created in, is a regular file; with ``create`` (before training a target into it)
+    it is also created and must be writable. Returns it as a path."""
+    path = pathlib.Path(directory).expanduser()
+    hint = "set target_cache_dir (or SPDJAX_CACHE) to a folder that can hold the cached targets"
+    blocking = _blocking_file(path)
+    if blocking is not None:
+        what = "is a file" if blocking == path else f"is below {blocking}, which is a file"
+        raise ValueError(f"The target cache directory {directory} {what}, not a directory; "
+                         f"{hint}.")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"The target cache directory {directory} cannot be created "
+                             f"({e.strerror or e}); {hint}.") from e
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"The target cache directory {directory} is not writable; "
+                             f"{hint}.")
+    return path
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -107,9 +142,11 @@ def load_or_train(stem: str, recipe: dict, what: str,
 
     ``meta`` is written to the sidecar next to the ``recipe``.
     """
+    check_cache_dir(os.path.dirname(stem) or ".")
     cached = load(stem, recipe, what)
     if cached is not None:
         return cached
+    check_cache_dir(os.path.dirname(stem) or ".", create=True)  # before, not after, training
     log.info("Training the %s target (cached afterwards in %s.npz).", what, stem)
     params, meta = train_fn()
     save(stem, params, {"recipe": recipe, **meta})
@@ -178,6 +215,7 @@ def train(make_trainer: Callable[[Hashable], TargetTrainer], recipe: Hashable, s
     trainable, frozen = trainer.init(k_init)
     opt_state = trainer.optimizer.init(trainable)
     losses, done = [], 0
+    progress = Progress(steps, label=f"{what} target (seed {seed})")
     while done < steps:
         if steps - done < chunk_steps:  # the remainder compiles once more
             _, chunk = _chunk(make_trainer, recipe, steps - done)
@@ -186,7 +224,7 @@ def train(make_trainer: Callable[[Hashable], TargetTrainer], recipe: Hashable, s
         losses.append(float(jnp.mean(ls)))
         if not np.isfinite(losses[-1]):
             raise FloatingPointError(f"{what} seed {seed}: loss {losses[-1]} at step {done}.")
-        log.debug("%s seed %d: step %d loss %.4e", what, seed, done, losses[-1])
+        progress.report_chunk(done, losses[-1])  # one line per chunk
     finish = trainer.finish or (lambda t, f: {**t, **f})
     info = {"seed": seed, "losses": losses, "final_loss": losses[-1],
             "seconds": time.perf_counter() - t0, "eval_key": k_eval}

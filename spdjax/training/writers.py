@@ -13,10 +13,14 @@ Every writer has ``write_scalars(step, scalars)``, ``write_images(step, paths)``
   of the same id (kept in ``<workdir>/wandb_run_id``).
 
 Figures (PNG files written at the end of a run) go to TensorBoard and W&B as images.
+
+A TensorBoard folder that is a file or cannot be written is refused with one line
+(:func:`check_dirs`; the CLI checks before any work, :func:`make_writer` before training).
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
@@ -124,8 +128,33 @@ def check_config(config) -> None:
         _require("wandb", f"wandb_project={config.wandb_project!r}", "wandb")
 
 
+def check_writable_dir(path: str | os.PathLike, what: str) -> None:
+    """Raises a one-line ``ValueError`` unless ``path`` is a writable folder or can be created as
+    one (its nearest existing ancestor is a writable folder). ``what`` names it in the message."""
+    path = pathlib.Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"would be created below {existing}, a file"
+        raise ValueError(f"The {what} {path} {where}, not a folder; move it away or choose "
+                         "another workdir.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is" if existing == path else f"would be created in {existing}, which is"
+        raise ValueError(f"The {what} {path} {where} not writable (read-only); make it writable "
+                         "or choose another workdir.")
+
+
+def check_dirs(config, workdir: str | os.PathLike) -> None:
+    """The folders ``config``'s writers will write in ``workdir``, checked before any work
+    (:func:`check_writable_dir`): ``<workdir>/tensorboard`` when ``config.tensorboard``."""
+    if config.tensorboard:
+        check_writable_dir(pathlib.Path(workdir) / "tensorboard", "TensorBoard folder")
+
+
 def make_writer(config, workdir: pathlib.Path, resume_step: int | None) -> Writers:
     """The writer of a run in ``workdir`` resumed at ``resume_step`` (None: a fresh run)."""
+    check_dirs(config, workdir)
     writers: list[Any] = [wd.JsonlWriter(workdir / "metrics.jsonl", resume_step=resume_step)]
     if config.tensorboard:
         writers.append(TensorBoardWriter(workdir / "tensorboard", resume_step=resume_step))

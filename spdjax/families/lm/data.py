@@ -109,6 +109,31 @@ def load_corpus(cache_dir: str | os.PathLike, max_bytes: int) -> tuple[np.memmap
     return data, meta
 
 
+def split_sizes(n_bytes: int) -> tuple[int, int]:
+    """``(train, val)`` sizes of a corpus of ``n_bytes`` (:func:`split`)."""
+    cut = int(n_bytes * (1 - VAL_FRACTION))
+    return cut, n_bytes - cut
+
+
+def min_corpus_bytes(seq_len: int) -> int:
+    """The smallest corpus whose both splits hold a window of ``seq_len`` bytes."""
+    n = seq_len  # both sizes grow by 0 or 1 per byte: the first that fits is the threshold
+    while min(split_sizes(n)) < seq_len:
+        n += 1
+    return n
+
+
+def check_corpus_bytes(corpus_bytes, seq_len: int) -> None:
+    """Raises a one-line ``ValueError`` unless a corpus of ``corpus_bytes`` has room for windows
+    of ``seq_len`` in both splits (checked before a corpus is built or a target trained)."""
+    low = min_corpus_bytes(seq_len)
+    if isinstance(corpus_bytes, bool) or not isinstance(corpus_bytes, (int, np.integer)) or (
+            corpus_bytes < low):
+        raise ValueError(f"corpus_bytes must be an integer >= {low} (both corpus splits need "
+                         f"windows of seq_len={seq_len} bytes; the last {VAL_FRACTION:.0%} is "
+                         f"the validation split), got {corpus_bytes!r}.")
+
+
 def split(data: np.ndarray, which: str) -> np.ndarray:
     """``"train"`` (the first 95%) or ``"val"`` (the rest) of the corpus."""
     cut = int(len(data) * (1 - VAL_FRACTION))

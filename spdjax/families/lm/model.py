@@ -77,6 +77,8 @@ class LMConfig:
         if self.data == "induction" and not 1 < self.prefix_window <= self.seq_len - 2:
             raise ValueError(f"prefix_window must be in (1, seq_len - 2]; "
                              f"got {self.prefix_window}.")
+        if self.data == "bytes":  # before a corpus is built or a target trained
+            lm_data.check_corpus_bytes(self.corpus_bytes, self.seq_len)
 
     @property
     def vocab(self) -> int:
