@@ -294,3 +294,14 @@ def test_evaluation_announcement():
     assert progress.evaluation_line(2000) == "Evaluating on 2000 examples..."
     assert progress.evaluation_line(2000, 4) == "Evaluating on 2000 examples in 4 chunks..."
     assert progress.format_bytes(512) == "512 B" and progress.format_bytes(2.5e9) == "2.5 GB"
+
+
+def test_the_target_and_plot_commands_end_with_one_error_line(tmp_path, env):
+    (tmp_path / "file").write_text("")
+    for module, args, expected in (
+            ("spdjax.cli.target", ["--family=tms", f"--cache-dir={tmp_path / 'file' / 'sub'}"],
+             "which is a file, not a directory"),
+            ("spdjax.cli.plot", [f"--workdir={tmp_path / 'none'}"], "holds no run")):
+        p = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert_one_error_line(p, 2, expected)

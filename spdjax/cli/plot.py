@@ -1,8 +1,11 @@
 """Redraw every figure of a run: ``python -m spdjax.cli.plot --workdir=DIR [--step=N] [--out=DIR]``.
 
 Reads the run with :func:`spdjax.load` (config, target and params all from the workdir) and
-writes the experiment's figures and the training curves to ``DIR/figures`` (or ``--out``).
+writes the experiment's figures and the training curves to ``DIR/figures`` (or ``--out``). A
+workdir without a run, or a step without a checkpoint, is one ``error:`` line (exit 2).
 """
+
+import sys
 
 from absl import app, flags, logging
 
@@ -18,9 +21,20 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    run = load(_WORKDIR.value, step=_STEP.value)
-    for path in run.plot(_OUT.value):
-        print(path)
+    try:
+        run = load(_WORKDIR.value, step=_STEP.value)
+        for path in run.plot(_OUT.value):
+            print(path)
+    except KeyboardInterrupt:
+        _fail(130, "interrupted.")
+    except (ValueError, OSError) as e:
+        _fail(2, str(e) if isinstance(e, (ValueError, FileNotFoundError))
+              else f"{type(e).__name__}: {e}")
+
+
+def _fail(code: int, message: str):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def run() -> None:

@@ -5,7 +5,8 @@
     python -m spdjax.cli.target --family=lm --variant=ih
 
 Any family in :data:`spdjax.training.family.FAMILIES` with a target cache works; a family of
-your own through ``--import=my_module`` (the module registers it).
+your own through ``--import=my_module`` (the module registers it). A bad variant or cache folder
+is one ``error:`` line (exit 2); Ctrl-C exits 130 with one line.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import sys
 
 from spdjax import families  # noqa: F401 (registers the built-in families)
 from spdjax.training.family import FAMILIES
-from spdjax.training.targets import default_cache_dir, read_meta
+from spdjax.training.targets import check_cache_dir, default_cache_dir, read_meta
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,10 +43,21 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     if family.cache_stem is None or family.report is None:
         parser.error(f"family {args.family!r} has no target cache to train into.")
-    cfg = family.variant(args.variant or family.default_variant)
-    params = family.load_target_params(cfg, args.seed, args.cache_dir)
-    stem = family.cache_stem(cfg, args.seed, args.cache_dir)
-    print(family.report(params, cfg, read_meta(stem), stem))
+    try:
+        cfg = family.variant(args.variant or family.default_variant)
+        check_cache_dir(args.cache_dir)  # before any training
+        params = family.load_target_params(cfg, args.seed, args.cache_dir)
+        stem = family.cache_stem(cfg, args.seed, args.cache_dir)
+        print(family.report(params, cfg, read_meta(stem), stem))
+    except KeyboardInterrupt:
+        _fail(130, "interrupted; nothing was cached for this target (rerun to train it).")
+    except (ValueError, OSError, FloatingPointError) as e:
+        _fail(2, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+
+
+def _fail(code: int, message: str):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def check_cache_dir(directory: str | os.PathLike, *, create: bool = False) -> pa
     it would be created in, is a regular file; with ``create`` (before training a target into it)
     it is also created and must be writable. Returns it as a path."""
     path = pathlib.Path(directory).expanduser()
-    hint = "set target_cache_dir (or SPDJAX_CACHE) to a folder that can hold the cached targets"
+    hint = ("choose a folder that can hold the cached targets (config.target_cache_dir, "
+            "--cache-dir or SPDJAX_CACHE)")
     blocking = _blocking_file(path)
     if blocking is not None:
         what = "is a file" if blocking == path else f"is below {blocking}, which is a file"
