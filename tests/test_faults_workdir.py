@@ -120,6 +120,12 @@ def test_an_ensemble_size_change_is_refused_up_front(tmp_path):
     with pytest.raises(ConfigMismatchError, match=r"ensemble: 2 -> 3.*--fresh"):
         spdjax.train_and_evaluate(small(ensemble=3, steps=20), wd, allow_changes=("ensemble",))
     assert snapshot(wd) == before and not (wd / "damaged").exists()
+    ens = spdjax.setup_ensemble(small(ensemble=3, steps=20), wd, fresh=True)
+    spdjax.training.ensemble.close(ens)
+    (aside,) = [p for p in wd.iterdir() if p.name.startswith("old_")]
+    assert snapshot(aside) == before  # the members' directories too
+    assert ens.step == 0 and sorted(p.name for p in wd.iterdir() if p.name.startswith("seed")) \
+        == ["seed_0", "seed_1", "seed_2"]
 
 
 def test_a_shape_change_on_the_command_line_is_one_line_with_exit_code_2(finished, tmp_path):
@@ -171,6 +177,25 @@ def test_a_resume_refuses_a_target_other_than_its_checkpoints(copy):
     assert run.step == 30
     jax.tree.map(np.testing.assert_array_equal,
                  target_training.load_params(copy / "target_params.npz"), saved)
+
+
+def test_a_damaged_workdir_target_is_not_replaced_by_another_cached_one(copy, tmp_path,
+                                                                        monkeypatch):
+    """The issue's case: the workdir's target_params.npz is damaged and the target cache holds
+    another target (a different one under the same recipe)."""
+    cache = tmp_path / "cache" / "targets"
+    shutil.copytree(pathlib.Path(os.environ["SPDJAX_CACHE"]) / "targets", cache)
+    for npz in cache.glob("tms_5-2_seed0.npz"):
+        params = target_training.load_params(npz)
+        target_training.save_params(npz, jax.tree.map(lambda x: x * 1.5, params))
+    monkeypatch.setenv("SPDJAX_CACHE", str(tmp_path / "cache"))
+    (copy / "target_params.npz").write_bytes(b"")
+    before = snapshot(copy)
+    with pytest.raises(UnusableWorkdirError,
+                       match=r"another target .* from the target cache .*cache.*, as "
+                             r".*target_params.npz is damaged\); put back"):
+        spdjax.setup(small(), copy)
+    assert snapshot(copy) == before
 
 
 # ---------------------------------------------------------------------- no usable checkpoint

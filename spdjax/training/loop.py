@@ -246,8 +246,9 @@ def restore(checkpointer: Checkpointer, template: Any, workdir: pathlib.Path, *,
         if saved is not None and fingerprint is not None and saved != fingerprint:
             raise wd.UnusableWorkdirError(
                 f"Checkpoint {start} in {workdir} was trained on another target (sha256 "
-                f"{saved[:12]}) than the one loaded from {target_source} ({fingerprint[:12]}); "
-                f"put back the run's own {workdir / 'target_params.npz'}, or {wd.FRESH_HINT}.")
+                f"{saved[:12]}) than the one loaded now (sha256 {fingerprint[:12]}, from "
+                f"{target_source}); put back the run's own {workdir / 'target_params.npz'}, "
+                f"or {wd.FRESH_HINT}.")
     return state, start
 
 
