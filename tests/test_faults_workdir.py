@@ -209,6 +209,19 @@ def test_when_every_checkpoint_is_damaged_the_run_stops_instead_of_restarting(co
     assert snapshot(copy) == before and not (copy / "damaged").exists()
 
 
+def test_every_checkpoint_damaged_on_the_command_line_is_one_line_no_traceback(finished,
+                                                                              tmp_path):
+    wd = tmp_path / "run"
+    shutil.copytree(finished, wd)
+    for step in (20, 30):
+        _truncate_arrays(wd / "checkpoints" / str(step))
+    p = _cli("--config=configs/tms.py:5-2", f"--workdir={wd}",
+             *[f"--config.{k}={v}" for k, v in SMALL.items()])
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error: Every checkpoint") and len(p.stderr.splitlines()) == 1
+    assert "Traceback" not in p.stdout + p.stderr and "Event loop" not in p.stdout + p.stderr
+
+
 def test_metric_lines_are_set_aside_never_deleted(tmp_path):
     path = tmp_path / "metrics.jsonl"
     w = JsonlWriter(path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -72,6 +73,26 @@ class CheckpointFormatError(ValueError):
 
 class CheckpointDamagedError(RuntimeError):
     """A checkpoint's files are missing, truncated or unreadable."""
+
+
+_quiet = False
+
+
+def _quiet_late_callbacks() -> None:
+    """When a read fails, tensorstore's pending reads call back into orbax's finished asyncio
+    loop and Python prints each "Event loop is closed" as a raw traceback (dozens of them):
+    harmless, and the failure itself is reported once; those (only those) are silenced."""
+    global _quiet
+    if _quiet:
+        return
+    _quiet, previous = True, sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+    sys.unraisablehook = hook
 
 
 def _reason(e: Exception) -> str:
@@ -130,6 +151,7 @@ class Checkpointer:
     def restore(self, template: Any, step: int | None = None) -> Any:
         """Restores into the structure (and shardings) of ``template``, matching arrays by name."""
         step = self._step(step)
+        _quiet_late_callbacks()
         leaves, treedef = jax.tree.flatten(template)
         abstract = [ocp.utils.to_shape_dtype_struct(x) for x in leaves]
         if self._format(step) == 0:
@@ -177,6 +199,7 @@ class Checkpointer:
     def restore_arrays(self, step: int | None = None, *, unflatten: bool = True) -> dict:
         """A checkpoint's arrays without a template: nested dicts by name (or flat by name)."""
         step = self._step(step)
+        _quiet_late_callbacks()
         if self._format(step) == 0:
             raise CheckpointFormatError(
                 f"Checkpoint {self.directory}/{step} has format 0 (positional leaves, no names): "
