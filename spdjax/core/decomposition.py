@@ -21,20 +21,25 @@ hold them (``tie_mode``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
+import re
+import threading
+import warnings
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 from jax.sharding import PartitionSpec as P
 
 from spdjax.core import components as comp_lib
 from spdjax.core.ci import CIFunction, make_ci_fn
 from spdjax.core.masks import SiteMask
 from spdjax.core.sigmoids import SIGMOIDS, SigmoidPair
-from spdjax.core.target import Mapped, Site, Target, dense_input
+from spdjax.core.target import Mapped, Site, Target, check_batch, dense_input
 
 Array = jax.Array
 Params = dict
@@ -47,6 +52,35 @@ class CausalImportance(NamedTuple):
     lower: Array
     upper: Array
     pre: Array
+
+
+_TRACED = threading.local()
+
+
+@contextlib.contextmanager
+def traced_input_checks():
+    """While tracing inside this block, the value checks of :meth:`Decomposition.clean_forward`
+    (finite inputs, token ids in ``[0, vocab)``) are also emitted for traced inputs, as
+    ``jax.experimental.checkify`` checks: the traced function must then be run through
+    ``checkify.checkify`` (:func:`spdjax.losses.checked` and the managed run's train step do
+    both). Outside it, a traced input is checked for its shape and dtype only, so a plain
+    ``jax.jit`` of a loss keeps working unchanged."""
+    depth = getattr(_TRACED, "depth", 0)
+    _TRACED.depth = depth + 1
+    try:
+        yield
+    finally:
+        _TRACED.depth = depth
+
+
+def traced_checks_on() -> bool:
+    """Inside :func:`traced_input_checks`?"""
+    return getattr(_TRACED, "depth", 0) > 0
+
+
+def _literal(text: str) -> str:
+    """``text`` safe as a ``checkify.check`` format string (its braces doubled)."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def ci_l0(ci_lower: Array, threshold: float) -> Array:
@@ -90,7 +124,33 @@ def match_sites(target: Target, patterns: Mapping[str, int]) -> dict[str, int]:
             if name in chosen:
                 raise ValueError(f"Site {name!r} is matched by both {by[name]!r} and {pattern!r}.")
             chosen[name], by[name] = C, pattern
+    _warn_partly_chosen(target, chosen, by)
     return chosen
+
+
+_APPLICATION = re.compile(r"^(.*)#(\d+)$")
+
+
+def _warn_partly_chosen(target: Target, chosen: Mapping[str, int], by: Mapping[str, str]) -> None:
+    """Warns when the patterns choose some applications of a weight used more than once
+    (``shared``, ``shared#2``, ...; :mod:`spdjax.core.tracing`) but not all of them."""
+    groups: dict[str, list[str]] = {}
+    for name in target.sites:
+        m = _APPLICATION.match(name)
+        groups.setdefault(m.group(1) if m else name, []).append(name)
+    for base, names in groups.items():
+        if len(names) < 2:
+            continue
+        hit = [n for n in names if n in chosen]
+        missed = [n for n in names if n not in chosen]
+        if hit and missed:
+            patterns = sorted({by[n] for n in hit})
+            warnings.warn(
+                f"Site pattern {' and '.join(map(repr, patterns))} matches "
+                f"{', '.join(map(repr, hit))} but not {', '.join(map(repr, missed))}: the same "
+                f"weight {base!r} is applied {len(names)} times in one forward and only the "
+                f"matched applications are decomposed (add e.g. {base + '#*'!r} to decompose "
+                "the others too).", UserWarning, stacklevel=4)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -199,10 +259,14 @@ class Decomposition:
     # -- forward passes ---------------------------------------------------------------------
     def clean_forward(self, target_params: Any, x: Any) -> tuple[Any, dict[str, Array]]:
         """Target output and the input of every decomposed site."""
+        check_batch(self.target, x)
         for leaf in jax.tree.leaves(x):
             if getattr(leaf, "size", 1) == 0:
                 raise ValueError(f"The batch is an empty input of shape {tuple(leaf.shape)}: it "
                                  "holds no examples.")
+        embeds = [n for n in self.site_names if self.site(n).kind == "embed"]
+        if embeds:  # before the model runs: jnp.take wraps a negative id to vocab - |id|
+            _check_no_negative_ids(embeds, x)
         out, inputs = self.target.forward(target_params, x, {})
         missing = [n for n in self.site_names if n not in inputs]
         if missing:
@@ -252,6 +316,7 @@ class Decomposition:
 
         ``with_inputs=True`` returns ``(output, {site: its input in this forward})``.
         """
+        _check_masks_follow_ci_params(params, masks)
         replace = {n: self.site_fn(params, target_params, n, m) for n, m in masks.items()}
         out, inputs = self.target.forward(target_params, x, replace)
         return (out, inputs) if with_inputs else out
@@ -285,6 +350,49 @@ class Decomposition:
                 lower_in = (1.0 + lower_noise) * pre - lower_noise * u
             out[name] = CausalImportance(lower=sig.lower(lower_in), upper=sig.upper(pre), pre=pre)
         return out
+
+
+try:  # the traces of differentiation (private; without them the check below is skipped)
+    from jax._src.interpreters.ad import JVPTrace, LinearizeTrace
+    _AD_TRACES: tuple = (JVPTrace, LinearizeTrace)
+except ImportError:  # pragma: no cover
+    _AD_TRACES = ()
+
+
+def _ad_traces(tree: Any) -> set[int]:
+    """The differentiation traces (by id) that the leaves of ``tree`` carry, looking through
+    the tracers of other transformations (``vmap``, ``jit``) wrapped around them."""
+    found: set[int] = set()
+    stack = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.core.Tracer)]
+    while stack:
+        t = stack.pop()
+        trace = getattr(t, "_trace", None)
+        if isinstance(trace, _AD_TRACES):
+            found.add(id(trace))
+        for attr in ("val", "primal"):
+            inner = getattr(t, attr, None)
+            if isinstance(inner, jax.core.Tracer):
+                stack.append(inner)
+    return found
+
+
+def _check_masks_follow_ci_params(params: Params, masks: Mapping[str, Any]) -> None:
+    """The CI-gradient trap: the CI params are being differentiated, but the masks (from a
+    context's causal importances) do not depend on them, so the CI params would get exactly
+    zero gradient, silently. That happens when the context was built outside the differentiated
+    function; raises at trace time instead. A trace-time look at the tracers only: no numbers
+    change."""
+    mask_leaves = [m for m in jax.tree.leaves(dict(masks)) if m is not None]
+    if not _AD_TRACES or not mask_leaves or not isinstance(params, Mapping) or "ci" not in params:
+        return
+    ci_traces = _ad_traces(params["ci"])
+    if ci_traces and not ci_traces & _ad_traces(mask_leaves):
+        raise ValueError(
+            "The masks do not depend on the CI params being differentiated, so the CI functions "
+            "would get exactly zero gradient: the context was built outside the function you "
+            "differentiate (or from other params). Call spdjax.make_context(decomposition, "
+            "target_params, params, batch) inside the loss function, with the params it is "
+            "differentiated with.")
 
 
 def _factored_output(acts: Array, U: Array, m: SiteMask, x: Mapped, W: Array | None, V: Array,
@@ -339,6 +447,16 @@ def _check_site_input(site: Site, x: Array | Mapped) -> None:
             f"{tuple(x.shape)}: does the batch's last axis match the model's input width?"
         )
     if isinstance(x, jax.core.Tracer):
+        if traced_checks_on():  # the same checks as checkify checks (traced_input_checks)
+            if site.kind == "embed":
+                lo, hi = jnp.min(x), jnp.max(x)
+                checkify.check((lo >= 0) & (hi < site.d_in), _literal(
+                    f"Embedding site {site.name!r}: token ids must be in [0, {site.d_in}); got "
+                    "ids from ") + "{lo} to {hi}.", lo=lo, hi=hi)
+            else:
+                checkify.check(jnp.all(jnp.isfinite(x)), _literal(
+                    f"Site {site.name!r}: its input holds NaN or inf (from the batch, or from "
+                    "the target before it)."))
         return
     x = np.asarray(x)  # concrete: checked on the host, outside any trace
     if site.kind == "embed":
@@ -349,6 +467,24 @@ def _check_site_input(site: Site, x: Array | Mapped) -> None:
     elif not np.isfinite(x).all():
         raise ValueError(f"Site {site.name!r}: its input holds NaN or inf (from the batch, or from "
                          "the target before it).")
+
+
+def _check_no_negative_ids(embeds: list[str], x: Any) -> None:
+    """A batch for a target with embedding sites: its integer leaves (token ids) must not be
+    negative (checked on the host when concrete, by checkify under
+    :func:`traced_input_checks`)."""
+    for leaf in jax.tree.leaves(x):
+        if not jnp.issubdtype(leaf.dtype, jnp.integer) or leaf.size == 0:
+            continue
+        what = _literal(f"Embedding sites {embeds}: token ids must be >= 0; the batch holds ")
+        if isinstance(leaf, jax.core.Tracer):
+            if traced_checks_on():
+                lo = jnp.min(leaf)
+                checkify.check(lo >= 0, what + "the id {lo}.", lo=lo)
+            continue
+        lo = int(np.min(np.asarray(leaf)))
+        if lo < 0:
+            raise ValueError(what.format() + f"the id {lo}.")
 
 
 def decompose(

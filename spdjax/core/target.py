@@ -183,16 +183,73 @@ class Target:
     """A pure forward function plus the catalogue of its decomposable sites.
 
     ``unsupported`` names weight applications that were found but cannot be sites, with why
-    (a site pattern that matches only those is an error that says so).
+    (a site pattern that matches only those is an error that says so). ``example`` (a traced
+    target's example input, as ``jax.ShapeDtypeStruct`` leaves; None for a hand-written one) is
+    what a batch must look like: :func:`check_batch` refuses another structure or kind of dtype.
     """
 
     forward: ForwardFn
     sites: Mapping[str, Site]
     unsupported: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    example: Any = None
 
     def __call__(self, params: Params, x: Any) -> Any:
         """Clean forward pass: the target's output alone."""
         return self.forward(params, x, {})[0]
+
+
+def _describe(x: Any) -> str:
+    """A batch (or one of its leaves) in words: its type, and dtype and shape where it has them."""
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return f"array of dtype {x.dtype} and shape {tuple(x.shape)}"
+    if isinstance(x, (list, tuple)):
+        first = x[0] if x else None
+        inner = "" if not x else " of arrays" if hasattr(first, "dtype") else (
+            f" of {type(first).__name__}")
+        return f"Python {type(x).__name__}{inner}"
+    if isinstance(x, dict):
+        return f"dict with keys {sorted(map(str, x))}"
+    return f"{type(x).__name__}"
+
+
+def _kind(dtype) -> str:
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return "complex"
+    if jnp.issubdtype(dtype, jnp.floating):
+        return "float"
+    if jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+        return "integer"
+    return str(dtype)
+
+
+def check_batch(target: Target, x: Any) -> None:
+    """A batch must be arrays of real numbers (not Python lists or scalars, not complex) and,
+    for a traced target, have its example input's structure and kind of dtype (float inputs for
+    a float model, integer ids for a token model). Raises one ``ValueError`` naming the batch's
+    type and dtype and what was expected; a shape check only, so free under ``jit``."""
+    example = target.example
+    expected = ""
+    if example is not None:
+        ex_leaves = jax.tree.leaves(example)
+        ex = example if len(ex_leaves) != 1 or not hasattr(example, "dtype") else ex_leaves[0]
+        expected = (f"; the target was traced on a {_describe(ex)}: pass a batch of that "
+                    "structure and kind of dtype (any leading shape)")
+        if jax.tree.structure(x) != jax.tree.structure(example):
+            raise ValueError(f"The batch is a {_describe(x)}{expected}.")
+    else:
+        ex_leaves = [None] * len(jax.tree.leaves(x))
+    for leaf, ex in zip(jax.tree.leaves(x), ex_leaves):
+        if not (hasattr(leaf, "dtype") and hasattr(leaf, "shape")):
+            what = _describe(x) if leaf is x or isinstance(x, (list, tuple)) else _describe(leaf)
+            raise ValueError(f"The batch is a {what}, not an array{expected or ''}; pass a "
+                             "jax or numpy array (e.g. jnp.asarray(batch)).")
+        kind = _kind(leaf.dtype)
+        if kind not in ("float", "integer"):
+            raise ValueError(f"The batch is a {_describe(leaf)}: inputs must be real numbers "
+                             f"(float, or integer token ids){expected}.")
+        if ex is not None and kind != _kind(ex.dtype) and not (
+                kind == "integer" and _kind(ex.dtype) == "float"):
+            raise ValueError(f"The batch is a {_describe(leaf)}{expected}.")
 
 
 class SiteHooks:

@@ -440,7 +440,10 @@ def from_jax(fn: Callable[[Any, Any], Any], params: Any, example_input: Any) -> 
         return out, {names[k]: v for k, v in run.inputs.items() if k in names}
 
     target_params = jax.tree.unflatten(treedef, [leaf for _, leaf in flat])
-    return Target(forward=forward, sites=sites, unsupported=unsupported), target_params
+    example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
+                           example_input)
+    return Target(forward=forward, sites=sites, unsupported=unsupported,
+                  example=example), target_params
 
 
 def _matrix_getter(src: _Src, to_matrix):

@@ -18,7 +18,7 @@ from spdjax.losses.adversarial import (persistent_pgd_recon, pgd_masks, pgd_reco
                                       pgd_recon_layerwise, pgd_recon_subset)
 from spdjax.losses.checks import (Check, boolean, nonnegative, nonnegative_finite, nonnegative_int,
                                    one_of, options, positive_finite, positive_int)
-from spdjax.losses.context import Context, make_context
+from spdjax.losses.context import Context, checked, make_context
 from spdjax.losses.divergences import DIVERGENCES, ce, kl, mse
 from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise,
                                  stochastic_hidden_acts_recon, stochastic_recon,
@@ -32,7 +32,7 @@ from spdjax.losses.total import (LOSSES, Term, make_total_loss, term, term_key, 
 __all__ = [
     "Check", "Context", "boolean", "nonnegative", "nonnegative_finite", "nonnegative_int",
     "one_of", "positive_finite", "positive_int", "DIVERGENCES", "LOSSES", "Term", "annealed_p",
-    "ce", "ci_masked_recon",
+    "ce", "checked", "ci_masked_recon",
     "ci_masked_recon_layerwise", "faithfulness", "frequency_minimality", "importance_minimality",
     "kl", "make_context", "make_total_loss", "mse", "options", "persistent_pgd_recon", "pgd_masks",
     "pgd_recon", "pgd_recon_layerwise", "pgd_recon_subset", "stochastic_hidden_acts_recon",

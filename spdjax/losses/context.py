@@ -2,17 +2,34 @@
 
 Because the causal importances in a context are a function of ``params``, build the context
 *inside* the function you differentiate (:func:`make_context`).
+
+Input checks under ``jit``. :func:`make_context` refuses a bad batch with a ``ValueError``:
+at once, before any work, for what its shape and dtype show (another structure than the traced
+example, a Python list, a complex dtype, an empty batch, a wrong last axis), and, for concrete
+inputs, for its values (NaN or inf, token ids outside ``[0, vocab)``, negative ids included).
+Under ``jax.jit`` values are not known while tracing, so the value checks become
+``jax.experimental.checkify`` checks, emitted only where someone will read them: inside
+:func:`checked` (for your own step) and in the managed run's train step
+(:func:`spdjax.training.step.make_train_step`, on by default, raising a ``ValueError`` with the
+step). A plain ``jax.jit`` of a loss therefore compiles as before, without the value checks::
+
+    update = jax.jit(spdjax.losses.checked(update))   # returns (error, update's outputs)
+    err, (params, opt_state, loss) = update(params, opt_state, key)
+    err.throw()                                       # ValueError naming the site and values
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
-from spdjax.core.decomposition import CausalImportance, Decomposition
+from spdjax.core.decomposition import (CausalImportance, Decomposition,
+                                       traced_input_checks)
 
 Array = jax.Array
 
@@ -50,3 +67,18 @@ def make_context(
         ci=ci,
         step_frac=jnp.asarray(step_frac, jnp.float32),
     )
+
+
+def checked(fn: Callable) -> Callable:
+    """``fn`` with :func:`make_context`'s value checks kept under ``jax.jit``: returns
+    ``(error, fn's outputs)`` (``jax.experimental.checkify.checkify`` with the user checks,
+    traced inside :func:`~spdjax.core.decomposition.traced_input_checks`); ``error.throw()``
+    raises the first failed check, naming the site and the values. Jit the result
+    (``jax.jit(checked(update))``), not the other way round."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with traced_input_checks():
+            return checkify.checkify(fn, errors=checkify.user_checks)(*args, **kwargs)
+
+    return run

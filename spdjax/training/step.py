@@ -3,6 +3,14 @@
 A method supplies an ``objective(params, target_params, batch, key, step_frac) -> (loss,
 metrics)`` and an optimizer (:class:`spdjax.methods.Method`); this module turns them into
 ``step(state, target_params, root_key) -> (state, metrics)`` and knows nothing else about them.
+
+Input checks: the step is traced inside
+:func:`~spdjax.core.decomposition.traced_input_checks` and run through
+``jax.experimental.checkify``, so a batch with NaN or inf, or token ids outside ``[0, vocab)``,
+stops the run with a ``ValueError`` naming the steps, the site and the values, instead of a
+``nan`` loss that would read as a divergence. The check is read after every call (one small
+transfer; ``input_checks=False`` turns it off). Under an outer transformation (an ensemble's
+``vmap`` of the step) the checks are traced but not read.
 """
 
 from __future__ import annotations
@@ -13,9 +21,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import checkify
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from spdjax.core.decomposition import traced_input_checks
 from spdjax.methods.base import Objective
 from spdjax.training import sharding as shard_lib
 
@@ -82,6 +92,7 @@ def make_train_step(
     microbatches: int = 1,
     matmul_precision: str = "highest",
     steps_per_call: int = 1,
+    input_checks: bool = True,
 ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
     """Returns jitted ``step(state, target_params, root_key, hparams=None) -> (state, metrics)``.
 
@@ -106,6 +117,9 @@ def make_train_step(
 
     ``steps_per_call = K > 1`` runs K steps per call (a ``lax.scan`` over the same step, so small
     models are not dispatch-bound on an accelerator); the metrics are then stacked ``[K, ...]``.
+
+    ``input_checks`` (default True): the batch's values are checked in the program and a bad
+    one raises ``ValueError`` from the call (module docstring).
     """
     if microbatches < 1:
         raise ValueError(f"microbatches must be >= 1, got {microbatches}.")
@@ -181,4 +195,41 @@ def make_train_step(
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if mesh is not None and state_sharding is not None:
         kwargs["out_shardings"] = (state_sharding, NamedSharding(mesh, P()))
-    return jax.jit(step, **kwargs)
+    if not input_checks:
+        return jax.jit(step, **kwargs)
+
+    def checked_step(state: TrainState, target_params, root_key, hparams=None):
+        with traced_input_checks():
+            err, out = checkify.checkify(step, errors=checkify.user_checks)(
+                state, target_params, root_key, hparams)
+        return out, err
+
+    if "out_shardings" in kwargs:
+        kwargs["out_shardings"] = (kwargs["out_shardings"], NamedSharding(mesh, P()))
+    return CheckedStep(jax.jit(checked_step, **kwargs), steps_per_call, step)
+
+
+class CheckedStep:
+    """A train step whose input checks are read after each call (:func:`make_train_step`):
+    ``step(state, target_params, root_key, hparams=None) -> (state, metrics)`` as the plain
+    jitted step, ``lower`` as its ``jax.jit`` and ``__wrapped__`` the step without checks."""
+
+    def __init__(self, jitted, steps_per_call: int, unchecked: Callable):
+        self.jitted, self.steps_per_call, self.__wrapped__ = jitted, steps_per_call, unchecked
+
+    def __call__(self, state, target_params, root_key, hparams=None):
+        (state, metrics), err = self.jitted(state, target_params, root_key, hparams)
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(err)):
+            return state, metrics  # under an outer transformation: not readable here
+        message = err.get()
+        if message is not None:
+            end = int(jax.tree.leaves(state.step)[0].reshape(-1)[0])
+            span = (f"step {end}" if self.steps_per_call == 1 else
+                    f"steps {end - self.steps_per_call + 1} to {end}")
+            raise ValueError(f"Bad input at {span}: {message.split(' (`check` failed)')[0]} "
+                             "The data the run trains on is invalid (see the family's batch "
+                             "function); nothing of this step was saved.")
+        return state, metrics
+
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
