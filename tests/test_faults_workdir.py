@@ -271,3 +271,13 @@ def test_a_workdir_that_is_a_file_or_a_summary_that_is_a_directory_is_one_error(
     p = _cli("--config=configs/tms.py:5-2", f"--workdir={tmp_path / 'file'}")
     assert p.returncode == 2 and p.stderr.startswith("error: "), p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "is a file" in p.stderr, p.stderr
+
+
+def test_a_checkpoint_of_a_newer_format_is_not_called_a_config_change(copy):
+    for step in (20, 30):
+        path = copy / "checkpoints" / str(step) / "meta" / "metadata"
+        meta = json.loads(path.read_text())
+        path.write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(UnusableWorkdirError, match=r"format 99, newer than .*upgrade spdjax"):
+        spdjax.setup(small(), copy)
+    assert not (copy / "damaged").exists()

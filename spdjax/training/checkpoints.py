@@ -71,6 +71,10 @@ class CheckpointFormatError(ValueError):
     """A checkpoint does not fit the state it is restored into."""
 
 
+class CheckpointVersionError(CheckpointFormatError):
+    """A checkpoint written by a newer spdjax, in a format this one does not read."""
+
+
 class CheckpointDamagedError(RuntimeError):
     """A checkpoint's files are missing, truncated or unreadable."""
 
@@ -162,7 +166,7 @@ class Checkpointer:
         names = leaf_names(template)
         meta = self.read_meta(step)
         if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointFormatError(
+            raise CheckpointVersionError(
                 f"Checkpoint {self.directory}/{step} has format {meta['format_version']}, newer "
                 f"than this spdjax reads ({FORMAT_VERSION}); upgrade spdjax.")
         saved = set(meta["names"])

@@ -36,7 +36,7 @@ from spdjax.training import init_selection, workdir as wd, writers
 from spdjax.training import targets as target_training
 from spdjax.training import sharding as shard_lib
 from spdjax.training.checkpoints import (Checkpointer, CheckpointDamagedError,
-                                         CheckpointFormatError)
+                                         CheckpointFormatError, CheckpointVersionError)
 from spdjax.training.distributed import is_primary
 from spdjax.training.health import DivergenceError
 from spdjax.training.interrupts import StopRequest
@@ -236,6 +236,8 @@ def restore(checkpointer: Checkpointer, template: Any, workdir: pathlib.Path, *,
     the one loaded (``fingerprint``, from ``target_source``)."""
     try:
         state, start = checkpointer.restore_latest_valid(template, quarantine=workdir / "damaged")
+    except CheckpointVersionError as e:
+        raise wd.UnusableWorkdirError(str(e)) from None
     except CheckpointFormatError as e:
         raise wd.structural_change_error(workdir, str(e)) from None
     except CheckpointDamagedError as e:
