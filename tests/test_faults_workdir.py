@@ -79,7 +79,8 @@ def _cli(*args, timeout=180):
 # ------------------------------------------------------------------ config changes of shapes
 
 @pytest.mark.parametrize("override, field", [({"C": 4}, "C"), ({"ci_hidden": (8,)}, "ci_hidden"),
-                                             ({"ci_fn": "vector_mlp"}, "ci_fn")])
+                                             ({"ci_fn": "vector_mlp"}, "ci_fn"),
+                                             ({"target_seed": 1}, "target_seed")])
 def test_a_shape_change_is_refused_up_front_even_when_allowed(copy, override, field):
     before = snapshot(copy)
     with pytest.raises(ConfigMismatchError, match=rf"{field}: .*--fresh") as err:

@@ -153,11 +153,12 @@ def _upgraded(recorded: dict, upgrade: Callable[[dict], dict] | None) -> dict:
 
 
 # Fields that define what the train state is (its structure and shapes) or which target and
-# members it trains: a resume may never change them, even when --allow_config_change names them
-# (the checkpoints cannot be restored into the new state); the shapes are compared as well
+# members it trains (a resume decomposes the target saved in the workdir): a resume may never
+# change them, even when --allow_config_change names them (the checkpoints cannot be restored
+# into the new state, or were trained on another target); the shapes are compared as well
 # (:meth:`spdjax.training.checkpoints.Checkpointer.restore`), for any field not listed here.
 STRUCTURAL = ("experiment", "variant", "method", "C", "ci_fn", "ci_hidden", "ensemble",
-              "ensemble_sweep", "tie_mode")
+              "ensemble_sweep", "tie_mode", "target_seed", "target_steps", "target_recipe")
 FRESH_HINT = ("use another --workdir, or pass --fresh to start over (the old run's files are "
               "moved aside to <workdir>/old_<time>/, not deleted)")
 
