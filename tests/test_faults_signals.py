@@ -190,17 +190,24 @@ def test_a_tensorboard_folder_that_is_a_file_or_read_only_is_refused(tmp_path, m
 
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_naming_the_workdir(tmp_path, env):
     wd = tmp_path / "run"
-    prelude = """
-import errno
-from spdjax.training.checkpoints import Checkpointer
-def save(self, step, state, meta=None):
-    raise OSError(errno.ENOSPC, "No space left on device")
-Checkpointer.save = save
+    # Every file the checkpoint library opens for writing under checkpoints/ fails as on a full
+    # disk: the errors arise in its background threads, as they would.
+    prelude = f"""
+import builtins, errno, io
+_open = builtins.open
+def full_disk_open(file, mode="r", *args, **kwargs):
+    if any(m in mode for m in "wax") and {str(wd / "checkpoints")!r} in str(file):
+        raise OSError(errno.ENOSPC, "No space left on device", str(file))
+    return _open(file, mode, *args, **kwargs)
+builtins.open = io.open = full_disk_open
 """
     p = run_cli(wd, "--config.steps=20", "--config.checkpoint_every=10", env=env,
                 prelude=prelude)
     line = assert_one_error_line(p, 2, f"no space left on the disk of {wd}", "free some space")
     assert "the disk mounted at" in line
+    p = run_cli(wd, "--config.steps=20", "--config.checkpoint_every=10", env=env)  # space again
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert Checkpointer(wd / "checkpoints").all_steps() == [10, 20]
 
 
 def test_full_disk_errors_are_recognised_through_wrapping():

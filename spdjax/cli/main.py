@@ -15,6 +15,7 @@ shutdown ends the process at once with one line). A full disk while writing ends
 """
 
 import errno
+import logging as stdlib_logging
 import os
 import pathlib
 import re
@@ -40,9 +41,62 @@ _ALLOW = flags.DEFINE_list("allow_config_change", [],
                            "Config fields (dotted prefixes) a resume may change, e.g. lr,steps.")
 
 
-def _fail(code: int, message: str):
+def _fail(code: int, message: str, *, at_once: bool = False):
+    """One ``error:`` line on stderr, then exit ``code`` (``at_once``: without waiting for the
+    checkpoint library's background threads, e.g. ones still failing on a full disk)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if at_once:
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(code)
+
+
+class _HeldCheckpointErrors(stdlib_logging.Filter):
+    """Holds the checkpoint library's error reports instead of printing them: its (orbax's) error
+    records, which come with a traceback per background thread, and the tracebacks its native
+    callbacks print through ``sys.excepthook`` or ``sys.unraisablehook`` while it fails (e.g.
+    "Event loop is closed" on a full disk). The error that reaches the CLI is reported in one
+    line; the held reports are printed only if the CLI meets an error it cannot name."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list = []
+        self._hook = self._unraisable = None
+
+    def filter(self, record: stdlib_logging.LogRecord) -> bool:
+        if "orbax" in record.pathname and (record.levelno >= stdlib_logging.ERROR
+                                           or record.exc_info):
+            self.held.append(record)
+            return False
+        return True
+
+    def _excepthook(self, *exc_info) -> None:
+        self.held.append(exc_info)
+
+    def _unraisablehook(self, unraisable) -> None:
+        self.held.append(unraisable)
+
+    def install(self) -> "_HeldCheckpointErrors":
+        stdlib_logging.getLogger("absl").addFilter(self)
+        self._hook, sys.excepthook = sys.excepthook, self._excepthook
+        self._unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisablehook
+        return self
+
+    def release(self) -> None:
+        """Stops holding and prints what was held (through the handlers it was kept from)."""
+        logger = stdlib_logging.getLogger("absl")
+        logger.removeFilter(self)
+        if self._hook is not None:
+            sys.excepthook, self._hook = self._hook, None
+            sys.unraisablehook, self._unraisable = self._unraisable, None
+        for item in self.held:
+            if isinstance(item, stdlib_logging.LogRecord):
+                logger.handle(item)
+            elif isinstance(item, tuple):
+                sys.excepthook(*item)
+            else:
+                sys.unraisablehook(item)
+        self.held = []
 
 
 def _config_paths(argv: list[str]) -> list[str]:
@@ -148,6 +202,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     workdir = _WORKDIR.value or f"workdir/{config.experiment}_{config.variant}"
     interrupts.ShutdownGuard(_on_second_signal(workdir)).install()  # until the process ends
+    held = _HeldCheckpointErrors().install()
     try:
         with log_to():  # "waiting for N processes" while the others connect
             distributed.initialize()  # several processes, when the environment sets them up
@@ -162,16 +217,18 @@ def main(argv):
         _fail(3, str(e))
     except EvaluationError as e:
         if disk_full(e):
-            _fail(2, disk_full_message(workdir))
+            _fail(2, disk_full_message(workdir), at_once=True)
         _fail(4, str(e))
     except (ValueError, WorkdirLockedError, FileNotFoundError) as e:
         _fail(2, str(e))
     except Exception as e:
         if disk_full(e):
-            _fail(2, disk_full_message(workdir))
+            _fail(2, disk_full_message(workdir), at_once=True)
+        held.release()  # what the checkpoint library said may explain it
         if isinstance(e, OSError):
             _fail(2, f"{type(e).__name__}: {e}")
         raise
+    held.release()
 
 
 def run() -> None:
