@@ -138,6 +138,19 @@ def test_stop_request_handles_sigterm_and_restores_both_handlers():
     assert interrupts.received() is None and interrupts.exit_code(None) == 130
 
 
+def test_outside_training_the_first_signal_interrupts_and_is_remembered():
+    before = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
+    interrupts.reset()
+    seconds = []
+    with interrupts.ShutdownGuard(lambda first, sig: seconds.append(sig)):
+        with pytest.raises(KeyboardInterrupt):  # e.g. SIGTERM while the target trains
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+    assert interrupts.received() == signal.SIGTERM and not seconds  # a second one would exit
+    assert {s: signal.getsignal(s) for s in interrupts.SIGNALS} == before
+    interrupts.reset()
+
+
 # -------------------------------------------------------------------- one line, before any work
 
 def test_cli_environment_errors_are_one_line_before_any_work(tmp_path, env):
