@@ -316,7 +316,6 @@ class Decomposition:
 
         ``with_inputs=True`` returns ``(output, {site: its input in this forward})``.
         """
-        _check_masks_follow_ci_params(params, masks)
         replace = {n: self.site_fn(params, target_params, n, m) for n, m in masks.items()}
         out, inputs = self.target.forward(target_params, x, replace)
         return (out, inputs) if with_inputs else out
@@ -350,49 +349,6 @@ class Decomposition:
                 lower_in = (1.0 + lower_noise) * pre - lower_noise * u
             out[name] = CausalImportance(lower=sig.lower(lower_in), upper=sig.upper(pre), pre=pre)
         return out
-
-
-try:  # the traces of differentiation (private; without them the check below is skipped)
-    from jax._src.interpreters.ad import JVPTrace, LinearizeTrace
-    _AD_TRACES: tuple = (JVPTrace, LinearizeTrace)
-except ImportError:  # pragma: no cover
-    _AD_TRACES = ()
-
-
-def _ad_traces(tree: Any) -> set[int]:
-    """The differentiation traces (by id) that the leaves of ``tree`` carry, looking through
-    the tracers of other transformations (``vmap``, ``jit``) wrapped around them."""
-    found: set[int] = set()
-    stack = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.core.Tracer)]
-    while stack:
-        t = stack.pop()
-        trace = getattr(t, "_trace", None)
-        if isinstance(trace, _AD_TRACES):
-            found.add(id(trace))
-        for attr in ("val", "primal"):
-            inner = getattr(t, attr, None)
-            if isinstance(inner, jax.core.Tracer):
-                stack.append(inner)
-    return found
-
-
-def _check_masks_follow_ci_params(params: Params, masks: Mapping[str, Any]) -> None:
-    """The CI-gradient trap: the CI params are being differentiated, but the masks (from a
-    context's causal importances) do not depend on them, so the CI params would get exactly
-    zero gradient, silently. That happens when the context was built outside the differentiated
-    function; raises at trace time instead. A trace-time look at the tracers only: no numbers
-    change."""
-    mask_leaves = [m for m in jax.tree.leaves(dict(masks)) if m is not None]
-    if not _AD_TRACES or not mask_leaves or not isinstance(params, Mapping) or "ci" not in params:
-        return
-    ci_traces = _ad_traces(params["ci"])
-    if ci_traces and not ci_traces & _ad_traces(mask_leaves):
-        raise ValueError(
-            "The masks do not depend on the CI params being differentiated, so the CI functions "
-            "would get exactly zero gradient: the context was built outside the function you "
-            "differentiate (or from other params). Call spdjax.make_context(decomposition, "
-            "target_params, params, batch) inside the loss function, with the params it is "
-            "differentiated with.")
 
 
 def _factored_output(acts: Array, U: Array, m: SiteMask, x: Mapped, W: Array | None, V: Array,

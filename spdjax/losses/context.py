@@ -34,9 +34,50 @@ from spdjax.core.decomposition import (CausalImportance, Decomposition,
 Array = jax.Array
 
 
+try:  # the traces of differentiation (private; without them the check below is skipped)
+    from jax._src.core import trace_ctx
+    from jax._src.interpreters.ad import JVPTrace, LinearizeTrace
+    _AD_TRACES: tuple = (JVPTrace, LinearizeTrace)
+except ImportError:  # pragma: no cover
+    trace_ctx, _AD_TRACES = None, ()
+
+
+def _carries(tree: Any, trace) -> bool:
+    """Whether a leaf of ``tree`` is a tracer of ``trace``, looking through the tracers of other
+    transformations wrapped around it."""
+    stack = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.core.Tracer)]
+    while stack:
+        t = stack.pop()
+        if getattr(t, "_trace", None) is trace:
+            return True
+        stack += [v for v in (getattr(t, "val", None), getattr(t, "primal", None))
+                  if isinstance(v, jax.core.Tracer)]
+    return False
+
+
+def _check_ci_is_differentiated(ci: Any) -> None:
+    """The CI-gradient trap: a term reads the context's CI while a gradient is being taken (the
+    innermost trace differentiates), but the CI does not carry that differentiation, so the CI
+    params would get exactly zero gradient, silently: the context was built outside the
+    differentiated function. Raises at trace time; a look at the tracers only, no number
+    changes."""
+    trace = getattr(trace_ctx, "trace", None) if trace_ctx is not None else None
+    if not isinstance(trace, _AD_TRACES) or not jax.tree.leaves(ci) or _carries(ci, trace):
+        return
+    raise ValueError(
+        "The context's causal importances are read inside a gradient they do not take part in, "
+        "so the CI functions would get exactly zero gradient: the context was built outside the "
+        "function you differentiate. Call spdjax.make_context(decomposition, target_params, "
+        "params, batch) inside the loss function, with the params it is differentiated with.")
+
+
 @flax.struct.dataclass
 class Context:
-    """The batch, the clean target output, each site's clean input and the CI of every site."""
+    """The batch, the clean target output, each site's clean input and the CI of every site.
+
+    Reading ``ctx.ci`` while differentiating a function the context was not built inside is an
+    error (the CI-gradient trap: the CI params would get zero gradient; see
+    :func:`make_context`)."""
 
     decomposition: Decomposition = flax.struct.field(pytree_node=False)
     target_params: Any
@@ -46,6 +87,12 @@ class Context:
     ci: dict[str, CausalImportance]
     step_frac: Array  # step / total steps, in [0, 1]; used by p-annealing
 
+    def __getattribute__(self, name: str):
+        value = object.__getattribute__(self, name)
+        if name == "ci":
+            _check_ci_is_differentiated(value)
+        return value
+
 
 def make_context(
     decomposition: Decomposition, target_params: Any, params: dict, batch: Any, step_frac=0.0,
@@ -53,7 +100,11 @@ def make_context(
 ) -> Context:
     """Clean target forward (output and site inputs) and causal importances for ``batch``
     (``ci_lower_noise`` with ``key``: the noisy ``σ_lo`` input of
-    :meth:`~spdjax.core.decomposition.Decomposition.causal_importance`)."""
+    :meth:`~spdjax.core.decomposition.Decomposition.causal_importance`).
+
+    Call it inside the function you differentiate: the CI is a function of ``params``. A
+    context built outside (e.g. once per step, before ``jax.value_and_grad(loss_fn)``) would
+    give the CI params exactly zero gradient; its loss terms raise ``ValueError`` instead."""
     target_out, site_inputs = decomposition.clean_forward(target_params, batch)
     target_out = jax.lax.stop_gradient(target_out)
     site_inputs = jax.lax.stop_gradient(site_inputs)
