@@ -98,8 +98,9 @@ def term(fn: str | LossFn, coeff: float, *, name: str | None = None, **options) 
         coeff = float(coeff)
     except (TypeError, ValueError):
         raise ValueError(f"Loss {label!r}: coeff must be a number, got {coeff!r}.") from None
-    if not math.isfinite(coeff):
-        raise ValueError(f"Loss {label!r}: coeff must be finite, got {coeff!r}.")
+    if not math.isfinite(coeff) or coeff < 0:
+        raise ValueError(f"Loss {label!r}: coeff must be a finite number >= 0 (a term is "
+                         f"minimised; a negative coeff maximises it), got {coeff!r}.")
     declared = declared_checks(fn)
     options = dict(options)
     for key, check in declared.checks.items():

@@ -220,6 +220,13 @@ def check_config(config, target: Target | None = None) -> None:
                  "lp_sparsity_coeff"):
         if not (isinstance(a[name], (int, float)) and 0 <= a[name] < float("inf")):
             raise ValueError(f"apd.{name} must be a finite number >= 0, got {a[name]!r}.")
+    used = ("faithfulness_coeff", "schatten_coeff") + (
+        ("lp_sparsity_coeff",) if a.formulation == "lp"
+        else ("topk_recon_coeff", "act_recon_coeff"))
+    if all(a[name] == 0 for name in used):
+        raise ValueError(f"Every APD loss coefficient of formulation {a.formulation!r} is 0 "
+                         f"({', '.join(f'apd.{n}' for n in used)}): the objective is identically "
+                         "zero and nothing would train; set at least one > 0.")
     if a.formulation == "lp" and not (isinstance(a.lp_p, (int, float)) and 0 < a.lp_p <= 1):
         raise ValueError(f"apd.lp_p must be in (0, 1], got {a.lp_p!r}.")
     if a.formulation == "lp" and a.act_recon_coeff:

@@ -292,6 +292,10 @@ def check_config(config, target=None) -> None:
     """SPD's config fields (its loss terms and evaluation-only terms), before any work."""
     del target
     terms = terms_from_config(config.losses.to_dict())
+    if all(t.coeff == 0 for t in terms):
+        names = ", ".join(f"losses.{t.name}.coeff" for t in terms)
+        raise ValueError(f"Every loss coefficient is 0 ({names}): the objective is identically "
+                         "zero and nothing would train; set at least one coeff > 0.")
     eval_terms = eval_terms_from_config(config.eval_losses.to_dict())
     stateful = [t.name for t in adversary.adversarial_terms(eval_terms)]
     if stateful:
