@@ -201,15 +201,15 @@ class Target:
 def _describe(x: Any) -> str:
     """A batch (or one of its leaves) in words: its type, and dtype and shape where it has them."""
     if hasattr(x, "dtype") and hasattr(x, "shape"):
-        return f"array of dtype {x.dtype} and shape {tuple(x.shape)}"
+        return f"an array of dtype {x.dtype} and shape {tuple(x.shape)}"
     if isinstance(x, (list, tuple)):
         first = x[0] if x else None
         inner = "" if not x else " of arrays" if hasattr(first, "dtype") else (
             f" of {type(first).__name__}")
-        return f"Python {type(x).__name__}{inner}"
+        return f"a Python {type(x).__name__}{inner}"
     if isinstance(x, dict):
-        return f"dict with keys {sorted(map(str, x))}"
-    return f"{type(x).__name__}"
+        return f"a dict with keys {sorted(map(str, x))}"
+    return f"a {type(x).__name__}"
 
 
 def _kind(dtype) -> str:
@@ -232,24 +232,24 @@ def check_batch(target: Target, x: Any) -> None:
     if example is not None:
         ex_leaves = jax.tree.leaves(example)
         ex = example if len(ex_leaves) != 1 or not hasattr(example, "dtype") else ex_leaves[0]
-        expected = (f"; the target was traced on a {_describe(ex)}: pass a batch of that "
+        expected = (f"; the target was traced on {_describe(ex)}: pass a batch of that "
                     "structure and kind of dtype (any leading shape)")
         if jax.tree.structure(x) != jax.tree.structure(example):
-            raise ValueError(f"The batch is a {_describe(x)}{expected}.")
+            raise ValueError(f"The batch is {_describe(x)}{expected}.")
     else:
         ex_leaves = [None] * len(jax.tree.leaves(x))
     for leaf, ex in zip(jax.tree.leaves(x), ex_leaves):
         if not (hasattr(leaf, "dtype") and hasattr(leaf, "shape")):
             what = _describe(x) if leaf is x or isinstance(x, (list, tuple)) else _describe(leaf)
-            raise ValueError(f"The batch is a {what}, not an array{expected or ''}; pass a "
+            raise ValueError(f"The batch is {what}, not an array{expected or ''}; pass a "
                              "jax or numpy array (e.g. jnp.asarray(batch)).")
         kind = _kind(leaf.dtype)
         if kind not in ("float", "integer"):
-            raise ValueError(f"The batch is a {_describe(leaf)}: inputs must be real numbers "
+            raise ValueError(f"The batch is {_describe(leaf)}: inputs must be real numbers "
                              f"(float, or integer token ids){expected}.")
         if ex is not None and kind != _kind(ex.dtype) and not (
                 kind == "integer" and _kind(ex.dtype) == "float"):
-            raise ValueError(f"The batch is a {_describe(leaf)}{expected}.")
+            raise ValueError(f"The batch is {_describe(leaf)}{expected}.")
 
 
 class SiteHooks:
