@@ -255,6 +255,16 @@ class Checkpointer:
                 + "); nothing was moved or restarted.")
         return None, 0
 
+    def move_aside(self, step: int, folder: pathlib.Path, why: str) -> pathlib.Path:
+        """Moves checkpoint ``step`` to ``folder/<step>_<why>_<time>`` (nothing is deleted; a
+        later save of the same step does not collide with it) and forgets it."""
+        self.wait()
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{step}_{why}_{int(time.time())}"
+        shutil.move(str(self.directory / str(step)), target)
+        self._reopen()
+        return target
+
     def _reopen(self) -> None:
         self._manager.close()
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)

@@ -38,7 +38,7 @@ from spdjax.training import sharding as shard_lib
 from spdjax.training.checkpoints import (Checkpointer, CheckpointDamagedError,
                                          CheckpointFormatError, CheckpointVersionError)
 from spdjax.training.distributed import is_primary
-from spdjax.training.health import DivergenceError
+from spdjax.training.health import DivergenceError, evaluation_diverged, nonfinite_values
 from spdjax.training.interrupts import StopRequest
 from spdjax.training.schedules import make_schedule
 from spdjax.training.step import TrainState, init_train_state
@@ -425,12 +425,17 @@ def train(run: Run, until_step: int | None = None, *, on_step: OnStep | None = N
 
 def evaluate(run: Run) -> dict:
     """The method's metrics (loss terms, CI-L0, alive) on a fresh evaluation batch and the
-    experiment's ground-truth metrics; written to ``summary.json`` when the run has a workdir."""
+    experiment's ground-truth metrics; written to ``summary.json`` when the run has a workdir.
+    A non-finite method metric (e.g. ``loss.total = inf``) raises :class:`DivergenceError`
+    instead (nothing written; the state's checkpoint is moved to ``damaged/``)."""
     k_batch, k_loss = jax.random.split(run.keys.eval)
     batch = run.experiment.eval_batch_fn(k_batch)
     params = jax.device_get(run.state.params)
     summary = run.method.evaluate(params, run.experiment.target_params, batch, k_loss,
                                   microbatches=run.config.eval_microbatches)
+    bad = nonfinite_values(summary)  # the method's losses; the experiment's may be nan (n/a)
+    if bad:  # not a success: no summary.json
+        raise evaluation_diverged(run.config, run.checkpointer, run.step, bad)
     summary.update(run.experiment.evaluate(run.method.decomposition, params, steps=run.step))
     summary.update(steps=run.step, wall_time_s=run.wall_time_s)
     if run.init_record is not None:
@@ -505,6 +510,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, family: Family,
                 summary = evaluate(run)
                 if run.config.figures and is_primary():
                     run.writer.write_images(run.step, [p for p in plot(run) if p.suffix == ".png"])
+            except DivergenceError:
+                raise
             except Exception as e:
                 raise EvaluationError(
                     f"Training finished and is saved (step {run.step} in {workdir}), but the "

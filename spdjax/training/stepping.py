@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import jax
 
-from spdjax.training.health import check_health
+from spdjax.training.health import check_health, check_saved_state
 from spdjax.training.interrupts import StopRequest
 from spdjax.training.progress import Progress
 from spdjax.training.step import TrainState
@@ -64,9 +64,17 @@ def advance(run: Steppable, state: TrainState, *, stop: int, progress: Progress,
     save (``histories[i]``: its logged totals, for the divergence check)."""
     config = run.config
     step, first = int(jax.tree.leaves(state.step)[0].reshape(-1)[0]), True
+    # the state whose loss the next call computes first: the initial one, or a saved one
+    unverified = step == 0 or (checkpoint and run.checkpointer.latest_step() == step)
     while step < stop:
         end = min(stop, (step // config.steps_per_call + 1) * config.steps_per_call)
         state, per_step = run.step_call(end - step)(state)
+        if unverified:  # its loss is the call's first metric line: free to read
+            starts = run.member_metrics(jax.device_get(jax.tree.map(lambda m: m[0], per_step)))
+            for i, values in enumerate(starts):
+                _labelled(run, i, check_saved_state, config,
+                          run.checkpointer if checkpoint else None, step, values, histories[i])
+            unverified = False
         if first:  # exclude compilation / candidate switch from steps/s
             jax.block_until_ready(state)
             if not run.compiled:
@@ -84,17 +92,12 @@ def advance(run: Steppable, state: TrainState, *, stop: int, progress: Progress,
         if log_now or save_now:
             lines = run.member_metrics(jax.device_get(jax.tree.map(lambda m: m[-1], per_step)))
             for i, values in enumerate(lines):
-                try:
-                    check_health(config, run.checkpointer, step, values,
-                                 run.member_params(state, i), histories[i])
-                except Exception as e:
-                    label = run.member_label(i)
-                    if label is None:
-                        raise
-                    raise type(e)(f"Ensemble member {label}: {e}") from e
+                _labelled(run, i, check_health, config, run.checkpointer, step, values,
+                          run.member_params(state, i), histories[i])
         wall = run.wall_time_s + time.perf_counter() - t0
         if save_now:
             run.checkpointer.save(step, state, run.checkpoint_meta(wall))
+            unverified = True
         if log_now:
             rate = progress.mark(step)
             for i, values in enumerate(lines):
@@ -106,6 +109,17 @@ def advance(run: Steppable, state: TrainState, *, stop: int, progress: Progress,
         if interrupt.requested:
             raise KeyboardInterrupt
     return state
+
+
+def _labelled(run: Steppable, i: int, check: Callable, *args) -> None:
+    """``check(*args)`` for member ``i``, its errors naming the member (of an ensemble)."""
+    try:
+        check(*args)
+    except Exception as e:
+        label = run.member_label(i)
+        if label is None:
+            raise
+        raise type(e)(f"Ensemble member {label}: {e}") from e
 
 
 def writer_sink(writer) -> Sink:
