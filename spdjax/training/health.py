@@ -31,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from spdjax.training.distributed import is_primary
+
 
 class DivergenceError(FloatingPointError):
     """The run's loss or params went non-finite or exploded; its checkpoints stay good."""
@@ -112,9 +114,10 @@ def check_saved_state(config, checkpointer, step: int, values: dict, history: li
 
 
 def set_aside(checkpointer, step: int) -> Any:
-    """Moves checkpoint ``step`` to ``damaged/`` next to the checkpoints (nothing is deleted)."""
-    return checkpointer.move_aside(step, checkpointer.directory.parent / "damaged",
-                                   "diverged")
+    """Moves checkpoint ``step`` to ``damaged/`` next to the checkpoints (nothing is deleted; by
+    the primary process only, which owns the run's files)."""
+    folder = checkpointer.directory.parent / "damaged"
+    return checkpointer.move_aside(step, folder, "diverged") if is_primary() else folder
 
 
 def evaluation_diverged(config, checkpointer, step: int, bad: list[str]) -> DivergenceError:
