@@ -107,6 +107,9 @@ class Ensemble:
             return state, one_per_step(per_step, n)
         return call
 
+    def check_inputs(self) -> None:
+        """Nothing yet: the members' input checks are traced but not read under vmap / map."""
+
     def member_metrics(self, metrics: dict) -> list[dict]:
         return [wd.flatten_metrics(jax.tree.map(lambda m, i=i: m[i], metrics))
                 for i in range(len(self.members))]

@@ -43,8 +43,8 @@ from spdjax.training.interrupts import StopRequest
 from spdjax.training.schedules import make_schedule
 from spdjax.training.step import TrainState, init_train_state
 from spdjax.training.family import Experiment, Family, build_experiment
-from spdjax.training.progress import Progress, log_to
-from spdjax.training.step import make_train_step
+from spdjax.training.progress import Progress, announce_evaluation, log_to
+from spdjax.training.step import CheckedStep, make_train_step
 from spdjax.training.stepping import OnStep, advance, one_per_step, writer_sink
 from spdjax.training.validation import validate
 from spdjax.training.workdir import ConfigMismatchError
@@ -121,6 +121,11 @@ class Run:
             return state, one_per_step(per_step, n)
         return call
 
+    def check_inputs(self) -> None:
+        for fn in (self.step_fn, *self.other_step_fns.values()):
+            if isinstance(fn, CheckedStep):
+                fn.raise_pending()
+
     def member_metrics(self, metrics: dict) -> list[dict]:
         return [wd.flatten_metrics(metrics)]
 
@@ -143,12 +148,15 @@ def build_step(run: Run, *, microbatches: int | None = None,
     """The run's jitted ``step(state, target_params, key, hparams) -> (state, metrics)`` (K
     steps per call with stacked metrics for ``steps_per_call`` K > 1)."""
     config = run.config
-    return make_train_step(
+    step = make_train_step(
         run.method.objective, run.method.optimizer, run.experiment.batch_fn,
         total_steps=config.steps, mesh=run.mesh, state_sharding=run.state_sharding,
         microbatches=config.microbatches if microbatches is None else microbatches,
         matmul_precision=config.matmul_precision,
         steps_per_call=config.steps_per_call if steps_per_call is None else steps_per_call)
+    if isinstance(step, CheckedStep):  # read at log and checkpoint steps (Run.check_inputs)
+        step.defer = True
+    return step
 
 
 def state_from_params(run: Run, params: Any) -> TrainState:
@@ -428,6 +436,7 @@ def evaluate(run: Run) -> dict:
     experiment's ground-truth metrics; written to ``summary.json`` when the run has a workdir.
     A non-finite method metric (e.g. ``loss.total = inf``) raises :class:`DivergenceError`
     instead (nothing written; the state's checkpoint is moved to ``damaged/``)."""
+    announce_evaluation(run.config.eval_batch_size, run.config.eval_microbatches)
     k_batch, k_loss = jax.random.split(run.keys.eval)
     batch = run.experiment.eval_batch_fn(k_batch)
     params = jax.device_get(run.state.params)

@@ -210,26 +210,46 @@ def make_train_step(
 
 
 class CheckedStep:
-    """A train step whose input checks are read after each call (:func:`make_train_step`):
-    ``step(state, target_params, root_key, hparams=None) -> (state, metrics)`` as the plain
-    jitted step, ``lower`` as its ``jax.jit`` and ``__wrapped__`` the step without checks."""
+    """A train step with input checks (:func:`make_train_step`): ``step(state, target_params,
+    root_key, hparams=None) -> (state, metrics)`` as the plain jitted step, ``lower`` as its
+    ``jax.jit`` and ``__wrapped__`` the step without checks.
 
-    def __init__(self, jitted, steps_per_call: int, unchecked: Callable):
+    The checks' result is read after each call (a ``ValueError`` naming the step), unless
+    ``defer`` is set: then each call's result is kept on the device, the call returns without
+    waiting for it, and :meth:`raise_pending` reads them all (the managed run does so at every log
+    and checkpoint step, so the host never waits for the device between steps)."""
+
+    def __init__(self, jitted, steps_per_call: int, unchecked: Callable, *, defer: bool = False):
         self.jitted, self.steps_per_call, self.__wrapped__ = jitted, steps_per_call, unchecked
+        self.defer = defer
+        self._pending: list = []
 
     def __call__(self, state, target_params, root_key, hparams=None):
         (state, metrics), err = self.jitted(state, target_params, root_key, hparams)
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(err)):
             return state, metrics  # under an outer transformation: not readable here
+        if self.defer:  # the step count copied: the state itself is donated to the next call
+            self._pending.append((err, jnp.copy(jax.tree.leaves(state.step)[0])))
+        else:
+            self._raise(err, jax.tree.leaves(state.step)[0])
+        return state, metrics
+
+    def raise_pending(self) -> None:
+        """Reads the checks of every call since the last read; raises for the first that
+        failed."""
+        pending, self._pending = self._pending, []
+        for err, step in pending:
+            self._raise(err, step)
+
+    def _raise(self, err, step) -> None:
         message = err.get()
         if message is not None:
-            end = int(jax.tree.leaves(state.step)[0].reshape(-1)[0])
+            end = int(jnp.reshape(step, -1)[0])
             span = (f"step {end}" if self.steps_per_call == 1 else
                     f"steps {end - self.steps_per_call + 1} to {end}")
             raise ValueError(f"Bad input at {span}: {message.split(' (`check` failed)')[0]} "
                              "The data the run trains on is invalid (see the family's batch "
                              "function); nothing of this step was saved.")
-        return state, metrics
 
     def lower(self, *args, **kwargs):
         return self.jitted.lower(*args, **kwargs)

@@ -38,6 +38,10 @@ class Steppable(Protocol):
     def step_call(self, n: int) -> Callable[[TrainState], tuple[TrainState, dict]]:
         """``state -> (state, metrics stacked [n, ...])``: ``n`` steps in one jitted call."""
 
+    def check_inputs(self) -> None:
+        """Raises ``ValueError`` if a step since the last call had bad input (its deferred
+        input checks, :class:`~spdjax.training.step.CheckedStep`)."""
+
     def member_metrics(self, metrics: dict) -> list[dict]:
         """One flat ``{name: value}`` dict per member (a single run: one) of host metrics."""
 
@@ -70,6 +74,7 @@ def advance(run: Steppable, state: TrainState, *, stop: int, progress: Progress,
         end = min(stop, (step // config.steps_per_call + 1) * config.steps_per_call)
         state, per_step = run.step_call(end - step)(state)
         if unverified:  # its loss is the call's first metric line: free to read
+            run.check_inputs()  # a nan from bad input is named as such
             starts = run.member_metrics(jax.device_get(jax.tree.map(lambda m: m[0], per_step)))
             for i, values in enumerate(starts):
                 _labelled(run, i, check_saved_state, config,
@@ -90,6 +95,7 @@ def advance(run: Steppable, state: TrainState, *, stop: int, progress: Progress,
         save_now = checkpoint and (step % config.checkpoint_every == 0 or interrupt.requested
                                    or step in (stop, config.steps))
         if log_now or save_now:
+            run.check_inputs()  # bad input is named as such, before any health check or save
             lines = run.member_metrics(jax.device_get(jax.tree.map(lambda m: m[-1], per_step)))
             for i, values in enumerate(lines):
                 _labelled(run, i, check_health, config, run.checkpointer, step, values,
