@@ -210,17 +210,20 @@ def main(argv):
         targets.check_cache_dir(config.get("target_cache_dir") or targets.default_cache_dir())
         train_and_evaluate(config, workdir, fresh=_FRESH.value,
                            allow_changes=tuple(_ALLOW.value))  # prints spdjax's log to stdout
+    # A named error is the whole report: exit at once, before the checkpoint library's
+    # background threads can print late callbacks of a failed read or write at shutdown (the
+    # run's files were closed and its lock released on the way here).
     except KeyboardInterrupt:
         signum = interrupts.received()
-        _fail(interrupts.exit_code(signum), _stopped_message(signum, workdir))
+        _fail(interrupts.exit_code(signum), _stopped_message(signum, workdir), at_once=True)
     except DivergenceError as e:
-        _fail(3, str(e))
+        _fail(3, str(e), at_once=True)
     except EvaluationError as e:
         if disk_full(e):
             _fail(2, disk_full_message(workdir), at_once=True)
-        _fail(4, str(e))
+        _fail(4, str(e), at_once=True)
     except (ValueError, WorkdirLockedError, FileNotFoundError) as e:
-        _fail(2, str(e))
+        _fail(2, str(e), at_once=True)
     except Exception as e:
         if disk_full(e):
             _fail(2, disk_full_message(workdir), at_once=True)
