@@ -188,3 +188,23 @@ def test_the_managed_run_stops_on_a_bad_batch_with_a_clear_error_not_a_divergenc
                                          "NaN or inf"):
         loop.train(run)
     loop.close(run)
+
+
+def test_an_ensemble_stops_on_a_bad_batch_of_any_member_with_a_clear_error():
+    """The members' input checks are read at log steps too (the ensemble's one program is
+    checked as a whole)."""
+    config = spdjax.config.load("tms:5-2", {"steps": 20, "C": 6, "batch_size": 64,
+                                            "eval_batch_size": 256, "log_every": 10,
+                                            "ensemble": 2, "figures": False})
+    ens = spdjax.setup_ensemble(config)
+    for run, _, _ in ens.groups:
+        good = run.experiment.batch_fn
+        run.experiment = dataclasses.replace(
+            run.experiment, batch_fn=lambda key, good=good: good(key).at[0, 0].set(jnp.inf))
+    ens.step_fns.clear()
+    with pytest.raises(ValueError, match=r"Bad input by step \d+: Site '.*': its input holds "
+                                         "NaN or inf"):
+        spdjax.training.ensemble.train(ens)
+    spdjax.training.ensemble.close(ens)
+    with pytest.raises(RuntimeError, match="This ensemble is closed"):
+        spdjax.training.ensemble.train(ens)

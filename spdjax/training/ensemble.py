@@ -34,7 +34,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
+from spdjax.core.decomposition import traced_input_checks
 from spdjax.methods.base import MethodSpec
 from spdjax.training import loop, writers, workdir as wd
 from spdjax.training.checkpoints import Checkpointer
@@ -76,6 +78,8 @@ class Ensemble:
     wall_time_s: float = 0.0
     lock: Any = None
     compiled: bool = False
+    closed: bool = False  # close() released the workdir: no more training
+    pending_checks: list = dataclasses.field(default_factory=list)  # (input checks, step)
 
     @property
     def base(self) -> loop.Run:
@@ -103,12 +107,22 @@ class Ensemble:
         fn = _step_fn(self, n)
 
         def call(state):
-            state, per_step = fn(state, self.target_params, self.keys, self.hparams)
+            (state, per_step), err = fn(state, self.target_params, self.keys, self.hparams)
+            self.pending_checks.append((err, jnp.copy(state.step[0])))  # read at log steps
             return state, one_per_step(per_step, n)
         return call
 
     def check_inputs(self) -> None:
-        """Nothing yet: the members' input checks are traced but not read under vmap / map."""
+        """Raises ``ValueError`` naming the step if a member's batch since the last call had bad
+        input (the members' input checks, read here rather than after every call)."""
+        pending, self.pending_checks = self.pending_checks, []
+        for err, step in pending:
+            message = err.get()
+            if message is not None:
+                raise ValueError(f"Bad input by step {int(step)}: "
+                                 f"{message.split(' (`check` failed)')[0]} The data the run "
+                                 "trains on is invalid (see the family's batch function); "
+                                 "nothing of this step was saved.")
 
     def member_metrics(self, metrics: dict) -> list[dict]:
         return [wd.flatten_metrics(jax.tree.map(lambda m, i=i: m[i], metrics))
@@ -250,7 +264,8 @@ def _group_step(run: loop.Run, k: int, mode: str):
     c = run.config
     one = make_train_step(run.method.objective, run.method.optimizer, run.experiment.batch_fn,
                           total_steps=c.steps, donate=False, microbatches=c.microbatches,
-                          matmul_precision=c.matmul_precision, steps_per_call=k)
+                          matmul_precision=c.matmul_precision, steps_per_call=k,
+                          input_checks=False)  # the whole program is checked (_step_fn)
     if mode == "vmap":  # one batched step over the members
         # metrics of K > 1 steps come out [K, N, ...]: step-major, as a single run's
         return jax.vmap(one, in_axes=(0, None, 0, 0), out_axes=(0, 0 if k == 1 else 1))
@@ -284,7 +299,13 @@ def _step_fn(ens: Ensemble, k: int):
                                    *[o[1] for o in outs])
             return new_states, metrics
 
-        ens.step_fns[k] = jax.jit(step, donate_argnums=(0,))
+        def checked(states, target_params, keys, hparams):  # input checks of every member
+            with traced_input_checks():
+                err, out = checkify.checkify(step, errors=checkify.user_checks)(
+                    states, target_params, keys, hparams)
+            return out, err
+
+        ens.step_fns[k] = jax.jit(checked, donate_argnums=(0,))
     return ens.step_fns[k]
 
 
@@ -294,6 +315,9 @@ def train(ens: Ensemble, until_step: int | None = None) -> Ensemble:
     ``checkpoint_every`` and at the end; Ctrl-C stops at the next step boundary after a
     checkpoint."""
     c = ens.config
+    if ens.closed:
+        raise RuntimeError("This ensemble is closed (close() released its workdir and files); "
+                           "set it up again to continue (it resumes from its checkpoint).")
     until = c.steps if until_step is None else int(until_step)
     if ens.step >= until:
         return ens
@@ -363,7 +387,9 @@ def _swept_fields(members: Sequence[Member]) -> list[str]:
 
 
 def close(ens: Ensemble) -> None:
-    """Waits for the checkpoint, closes the members' files and releases the workdir."""
+    """Waits for the checkpoint, closes the members' files and releases the workdir;
+    :func:`train` refuses a closed ensemble."""
+    ens.closed = True
     loop.release(ens.checkpointer, ens.member_writers, ens.lock)
 
 
