@@ -155,3 +155,13 @@ def test_a_checkpoint_whose_next_loss_is_infinite_is_never_the_last_good_one(tmp
     assert Checkpointer(wd / "checkpoints").all_steps() == []
     summary = spdjax.train_and_evaluate(small(lr=1e-2, checkpoint_every=1), wd)  # starts over
     assert np.isfinite(summary["loss"]["total"]) and summary["steps"] == 30
+
+
+def test_a_non_finite_evaluation_of_an_ensemble_member_names_the_member():
+    ens = spdjax.setup_ensemble(small(steps=10, ensemble=2, checkpoint_every=10))
+    spdjax.training.ensemble.train(ens)
+    ens.state = ens.state.replace(params=jax_tree_scale(ens.state.params, 1e30))
+    with pytest.raises(loop.DivergenceError, match=r"Ensemble member seed_0: The run diverged: "
+                                                   r"the evaluation of the state at step 10"):
+        spdjax.training.ensemble.evaluate(ens)
+    spdjax.training.ensemble.close(ens)

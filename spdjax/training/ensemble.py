@@ -41,6 +41,7 @@ from spdjax.methods.base import MethodSpec
 from spdjax.training import loop, writers, workdir as wd
 from spdjax.training.checkpoints import Checkpointer
 from spdjax.training.family import Family
+from spdjax.training.health import DivergenceError
 from spdjax.training.interrupts import StopRequest
 from spdjax.training.progress import Progress
 from spdjax.training.step import TrainState, make_train_step
@@ -356,7 +357,10 @@ def evaluate(ens: Ensemble, *, figures: bool | None = None) -> list[dict]:
     for i, m in enumerate(ens.members):
         run = member_run(ens, i)
         log.info("Member %s:", m.label)
-        summary = loop.evaluate(run)
+        try:
+            summary = loop.evaluate(run)
+        except DivergenceError as e:
+            raise DivergenceError(f"Ensemble member {m.label}: {e}") from e
         if figures and run.workdir is not None:
             run.writer.write_images(run.step, [p for p in loop.plot(run) if p.suffix == ".png"])
         summaries.append(summary)
