@@ -1,4 +1,7 @@
-"""Small shared fixtures for tests: a two-site pure target and NumPy reference maths."""
+"""Small shared fixtures for tests: a two-site pure target, NumPy reference maths, a run
+finished in one call and the environment of a CLI child process."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +10,7 @@ from scipy.special import erf
 
 import spdjax
 from spdjax.core.target import Site, weight_at
+from spdjax.training import loop
 
 
 def two_site_target(d_in=3, d_hidden=4, d_out=2, seed=0):
@@ -86,3 +90,23 @@ def assert_reproduces_target(d, tp, x, layerwise=True):
     np.testing.assert_allclose(faith, 0.0, atol=1e-12)
     for out in layerwise:
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def finish(config, workdir, **kwargs):
+    """Sets up, trains and evaluates the run of ``config`` in ``workdir``, then closes it:
+    ``(summary, step)``."""
+    run = spdjax.setup(config, workdir, **kwargs)
+    try:
+        loop.train(run)
+        return loop.evaluate(run), run.step
+    finally:
+        loop.close(run)
+
+
+def cli_env() -> dict:
+    """The environment a CLI child process gets: one CPU device, like a user's (the session's
+    target cache from conftest), unbuffered output."""
+    e = dict(os.environ)
+    e["PYTHONUNBUFFERED"] = "1"
+    e.pop("XLA_FLAGS", None)
+    return e

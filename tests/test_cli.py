@@ -1,7 +1,6 @@
 """The CLI end to end on a fresh workdir, config mismatch refusal, and kill-and-resume."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -10,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import cli_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--config.batch_size=256", "--config.eval_batch_size=2000", "--config.log_every=50",
@@ -18,9 +18,7 @@ SMALL = ["--config.batch_size=256", "--config.eval_batch_size=2000", "--config.l
 
 @pytest.fixture(scope="module")
 def env():
-    e = dict(os.environ)  # SPDJAX_CACHE comes from conftest: one target cache per session
-    e["PYTHONUNBUFFERED"] = "1"
-    e.pop("XLA_FLAGS", None)  # the CLI runs on one CPU device, like a user's
+    e = cli_env()  # one CPU device, the session's target cache (conftest)
     return e
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import spdjax
+from helpers import finish
 from spdjax.training import targets as target_training
 from spdjax.families.tms import cache as tms_cache
 from spdjax.families.tms import evaluation as tms_evaluation
@@ -37,15 +38,6 @@ SMALL = {"steps": 30, "C": 6, "batch_size": 64, "eval_batch_size": 256, "log_eve
 
 def small(**overrides):
     return spdjax.config.load("tms:5-2", {**SMALL, **overrides})
-
-
-def finish(config, workdir, **kwargs):
-    run = spdjax.setup(config, workdir, **kwargs)
-    try:
-        loop.train(run)
-        return loop.evaluate(run), run.step
-    finally:
-        loop.close(run)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from helpers import cli_env
 
 import spdjax
 from spdjax.cli import main as cli_main
@@ -35,9 +36,7 @@ TINY = ["--config.batch_size=64", "--config.C=6", "--config.eval_batch_size=512"
 
 @pytest.fixture(scope="module")
 def env():
-    e = dict(os.environ)  # SPDJAX_CACHE comes from conftest: one target cache per session
-    e["PYTHONUNBUFFERED"] = "1"
-    e.pop("XLA_FLAGS", None)  # the CLI runs on one CPU device, like a user's
+    e = cli_env()  # one CPU device, the session's target cache (conftest)
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
                  "SPDJAX_DISTRIBUTED"):
         e.pop(name, None)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import spdjax
+from helpers import finish
 from spdjax.training import loop, workdir as wd_lib
 from spdjax.training import targets as target_training
 from spdjax.training.checkpoints import Checkpointer, CheckpointDamagedError
@@ -28,15 +29,6 @@ SMALL = {"steps": 30, "C": 6, "batch_size": 64, "eval_batch_size": 256, "log_eve
 
 def small(spec="tms:5-2", **overrides):
     return spdjax.config.load(spec, {**SMALL, **overrides})
-
-
-def finish(config, workdir, **kwargs):
-    run = spdjax.setup(config, workdir, **kwargs)
-    try:
-        loop.train(run)
-        return loop.evaluate(run), run.step
-    finally:
-        loop.close(run)
 
 
 @pytest.fixture(scope="module")
