@@ -43,6 +43,9 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     # Tied sites (TMS linear2 = linear1ᵀ): "aliased" keeps two copies with two Adam updates per
     # step (the reference, torch Parameters sharing storage); "shared" has one pair, one update.
     c.tie_mode = "aliased"
+    # False: decompose tied sites as independent ones, each with its own factors (VPD's toy
+    # configs, goodfire-ai/param-decomp: "the decomposition is untied, the target is tied").
+    c.tie_sites = True
     c.faithfulness_warmup_steps = 0  # later reference: 200 (AdamW lr 0.01, wd 0.1)
     c.faithfulness_warmup_lr = 0.01
     c.faithfulness_warmup_weight_decay = 0.1

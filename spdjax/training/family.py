@@ -156,6 +156,7 @@ def build_experiment(config, family: Family, *, target_params: Any = None) -> Ex
 
     return Experiment(
         family=family, model_config=cfg, target=family.target(cfg), target_params=target_params,
-        sites=family.sites(cfg, config), ties=dict(family.ties),
+        sites=family.sites(cfg, config),
+        ties=dict(family.ties) if config.get("tie_sites", True) else {},
         batch_fn=batches(config.batch_size), eval_batch_fn=batches(config.eval_batch_size),
     )

@@ -77,6 +77,8 @@ def validate(config, family: Family, method: MethodSpec) -> None:
     COMPONENT_INITS.get(config.init)
     if config.tie_mode not in TIE_MODES:
         raise ValueError(f"Unknown tie_mode {config.tie_mode!r}; expected one of {TIE_MODES}.")
+    if not isinstance(config.get("tie_sites", True), bool):
+        raise ValueError(f"tie_sites must be true or false, got {config.tie_sites!r}.")
     writers.check_config(config)
     if config.ensemble_mode not in ("auto", "vmap", "map"):
         raise ValueError(f"ensemble_mode must be 'auto', 'vmap' or 'map', got "
