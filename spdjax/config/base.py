@@ -24,7 +24,7 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
 
     c.steps = 40_000  # optimizer steps
     c.batch_size = 4096  # examples per step
-    c.lr = 1e-3  # peak learning rate (Adam, no weight decay)
+    c.lr = 1e-3  # peak learning rate (of each optimizer group whose own lr is 0)
     # constant | linear (paper-era, 1 - t/T) | linear_head (later, ends at final_frac)
     # | cosine (quarter period, paper) | cosine_half (later reference)
     c.lr_schedule = "cosine"
@@ -64,6 +64,14 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     # the later reference's grad_clip_norm_components / grad_clip_norm_ci_fns).
     c.grad_clip_norm_components = 0.0
     c.grad_clip_norm_ci = 0.0
+    # Optimizer per parameter group (spdjax/methods/optimizers.py): name (adam | adamw | sgd |
+    # muon), peak lr (0 = config.lr; the run's lr_schedule scaled to it) and the optimizer's
+    # keyword options (e.g. --config.optimizer.components.options="{'beta': 0.9}"). Groups
+    # with equal entries share one optimizer: the default is the paper's Adam over everything.
+    c.optimizer = ml_collections.ConfigDict({
+        "components": {"name": "adam", "lr": 0.0, "options": {}},
+        "ci": {"name": "adam", "lr": 0.0, "options": {}},
+    })
     # APD (config.method = "apd"; spdjax/methods/apd.py): C = config.C components spanning every
     # site, batch top-k fraction per example, per-site rank (0 = min(d_in, d_out)), gradient
     # attributions from the "target" (reference code) or the "apd" model, loss coefficients.
@@ -104,6 +112,11 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     c.checkpoint_every = 5000  # steps between checkpoints (and always at the end)
     c.eval_batch_size = 20_000  # examples for final CI-L0 / alive counts / loss terms
     c.eval_microbatches = 1  # evaluate the eval batch in this many chunks (bounds its memory)
+    # The evaluation suite (spdjax/analysis/suite.py, docs/guides/evaluation.md) in summary.json
+    # "suite": output loss per masking, PGD ladder, L0 per site/layer, alive counts, CI figures.
+    c.eval_suite = False
+    c.eval_pgd_ladder = (20, 40, 80, 160, 320)  # PGD step counts of the suite (VPD's table)
+    c.eval_pgd_step_size = 0.1  # the suite's PGD signed-ascent step
     c.figures = True  # draw the figures at the end (python -m spdjax.cli.plot redraws them)
     c.tensorboard = False  # also write TensorBoard events to workdir/tensorboard (tensorboardX)
     c.wandb_project = ""  # also log to this Weights & Biases project ("" = off; needs wandb)

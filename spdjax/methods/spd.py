@@ -4,7 +4,8 @@
   (:meth:`~spdjax.core.decomposition.Decomposition.init`), then an optional faithfulness warm-up;
 * objective: the weighted sum of loss terms (:mod:`spdjax.losses`) on one context per step;
   metrics ``loss/total``, ``loss/<term>`` (unweighted) and ``ci_l0/<site>``;
-* optimizer: Adam (the paper's), plus the tied-copy sync for ``tie_mode="aliased"``;
+* optimizer: Adam (the paper's), or one optimizer per parameter group (components, CI functions:
+  :mod:`spdjax.methods.optimizers`, e.g. Muon), plus the tied-copy sync for ``tie_mode="aliased"``;
 * evaluate: loss terms, CI-L0 and alive subcomponents on an evaluation batch.
 """
 
@@ -23,7 +24,7 @@ from spdjax.core.decomposition import Decomposition, alive_components, ci_l0, de
 from spdjax.losses import Context, Term, faithfulness, make_context, terms_from_config, total_loss
 from spdjax.core.components import COMPONENT_INITS, ComponentInit, init_paper
 from spdjax.losses.adversarial import ADVERSARY
-from spdjax.methods import adversary
+from spdjax.methods import adversary, optimizers
 from spdjax.methods.base import Method, MethodSpec, Objective, register
 
 ADVERSARY_KEY = 0x41445653  # fold_in index of the adversaries' init key ("ADVS")
@@ -102,18 +103,33 @@ def clip_groups(max_norms: dict[str, float]) -> optax.GradientTransformation:
 
 def make_optimizer(decomposition: Decomposition, learning_rate, *,
                    clip_components: float = 0.0, clip_ci: float = 0.0,
-                   base: Callable[[Any], optax.GradientTransformation] = optax.adam
+                   base: Callable[[Any], optax.GradientTransformation] = optax.adam,
+                   groups: dict[str, optax.GradientTransformation] | None = None,
                    ) -> optax.GradientTransformation:
     """``base(learning_rate)`` (default Adam: β 0.9/0.999, eps 1e-8, no weight decay, the
     paper's), plus the tied-copy sync for ``tie_mode="aliased"``. ``learning_rate`` is a float or
     an optax schedule; ``base`` any optax optimizer factory (e.g.
     ``functools.partial(optax.adamw, weight_decay=0.01)``). ``clip_*`` > 0 clip the gradient norm
-    of the factors / the CI functions before the optimizer (0: no clipping)."""
+    of the factors / the CI functions before the optimizer (0: no clipping).
+
+    ``groups`` gives ``"components"`` and/or ``"ci"`` an optimizer of its own (e.g.
+    ``optimizers.make("muon", 0.02)``), with its own learning rate and state
+    (:func:`~spdjax.methods.optimizers.by_group`); a group it leaves out gets
+    ``base(learning_rate)``. One transformation given for both groups moves them together, with
+    one state, as ``base`` does."""
     parts = []
     norms = {g: float(n) for g, n in (("components", clip_components), ("ci", clip_ci)) if n}
     if norms:
         parts.append(clip_groups(norms))
-    parts.append(base(learning_rate))
+    unknown = sorted(set(groups or {}) - set(optimizers.GROUPS))
+    if unknown:
+        raise ValueError(f"groups {unknown}: the optimizer's groups are {list(optimizers.GROUPS)}.")
+    if groups:
+        per_group = {g: groups.get(g) or base(learning_rate) for g in optimizers.GROUPS}
+        shared = all(t is per_group["components"] for t in per_group.values())
+        parts.append(per_group["components"] if shared else optimizers.by_group(per_group))
+    else:
+        parts.append(base(learning_rate))
     if decomposition.ties and decomposition.tie_mode == "aliased":
         parts.append(aliased_tie_updates(decomposition))
     return parts[0] if len(parts) == 1 else optax.chain(*parts)
@@ -184,9 +200,14 @@ PAPER_L0_KEY = "ci_l0_at_0.01"
 
 
 def evaluate_fn(decomposition: Decomposition, objective_fn: Objective, *, l0_threshold: float,
-                eval_terms: Sequence[Term] = ()):
+                eval_terms: Sequence[Term] = (), ci_lower_noise: float = 0.0):
     """Loss terms and CI-L0 (as the objective's metrics; also ``ci_l0_at_0.01``, the paper-era
     code's threshold), the ``eval_terms`` (as ``eval_loss``), and alive subcomponents per site.
+
+    The CI is computed as in training: with ``ci_lower_noise`` > 0 the evaluation's CI (its
+    eval terms, CI-L0 at 0.01, alive counts) sees the same σ_lo input noise as the objective's,
+    from the evaluation key (the reference's evaluation computes CI with the run's sampling
+    mode, so its binomial runs evaluate with the noise too: goodfire-ai/spd ``eval.py``).
 
     With ``microbatches > 1`` the batch is evaluated in that many equal chunks (chunk ``i`` with
     key ``fold_in(key, i)``): the means are averaged and a subcomponent is alive if it is in any
@@ -194,12 +215,14 @@ def evaluate_fn(decomposition: Decomposition, objective_fn: Objective, *, l0_thr
     """
     objective_jit = jax.jit(objective_fn)
     # Built once: a chunked evaluation compiles it once, not once per chunk.
-    context_jit = jax.jit(lambda p, tp, b: make_context(decomposition, tp, p, b, 1.0))
+    context_jit = jax.jit(lambda p, tp, b, k: make_context(
+        decomposition, tp, p, b, 1.0, ci_lower_noise=ci_lower_noise,
+        key=jax.random.fold_in(k, CI_NOISE_KEY) if ci_lower_noise else None))
     eval_jit = jax.jit(lambda p, ctx, k: {t.name: t(p, ctx, k) for t in eval_terms})
 
     def one(params, target_params, batch, key):
         _, metrics = objective_jit(params, target_params, batch, key, 1.0)
-        ctx = context_jit(params, target_params, batch)
+        ctx = context_jit(params, target_params, batch, key)
         if eval_terms:
             metrics["eval_loss"] = eval_jit(params, ctx, key)
         alive = {n: alive_components(np.asarray(c.lower), l0_threshold) for n, c in ctx.ci.items()}
@@ -229,13 +252,15 @@ def method(
     init: ComponentInit | str = init_paper, warmup_steps: int = 0, l0_threshold: float = 0.1,
     warmup_lr: float = 0.01, warmup_weight_decay: float = 0.1, clip_components: float = 0.0,
     clip_ci: float = 0.0, eval_terms: Sequence[Term] = (), ci_lower_noise: float = 0.0,
+    group_optimizers: dict[str, optax.GradientTransformation] | None = None,
 ) -> Method:
     """SPD on ``decomposition`` with loss ``terms``; ``learning_rate`` a float or schedule;
-    ``eval_terms`` are computed by the final evaluation only."""
+    ``eval_terms`` are computed by the final evaluation only; ``group_optimizers`` as
+    :func:`make_optimizer`'s ``groups`` (default: Adam at ``learning_rate`` for everything)."""
     obj = objective(decomposition, terms, l0_threshold=l0_threshold,
                     ci_lower_noise=ci_lower_noise)
     optimizer = make_optimizer(decomposition, learning_rate, clip_components=clip_components,
-                               clip_ci=clip_ci)
+                               clip_ci=clip_ci, groups=group_optimizers)
     if adversary.adversarial_terms(terms):
         optimizer = adversary.with_adversary(optimizer)
     return Method(
@@ -248,7 +273,7 @@ def method(
         optimizer=optimizer,
         partition_specs=functools.partial(adversary.partition_specs, decomposition),
         evaluate=evaluate_fn(decomposition, obj, l0_threshold=l0_threshold,
-                             eval_terms=eval_terms),
+                             eval_terms=eval_terms, ci_lower_noise=ci_lower_noise),
     )
 
 
@@ -271,7 +296,9 @@ def from_config(config, experiment, learning_rate) -> Method:
                    clip_components=config.grad_clip_norm_components,
                    clip_ci=config.grad_clip_norm_ci,
                    ci_lower_noise=config.ci_lower_noise,
-                   eval_terms=eval_terms_from_config(config.eval_losses.to_dict()))
+                   eval_terms=eval_terms_from_config(config.eval_losses.to_dict()),
+                   group_optimizers=optimizers.groups_from_config(
+                       config.optimizer.to_dict(), learning_rate, config.lr))
     # every loss coefficient of the config is a traced hparam (a sweep shares one step)
     return dataclasses.replace(built, config_hparams={f"losses.{name}.coeff": name
                                                       for name in config.losses})
@@ -291,6 +318,7 @@ def eval_terms_from_config(eval_losses: dict) -> list[Term]:
 def check_config(config, target=None) -> None:
     """SPD's config fields (its loss terms and evaluation-only terms), before any work."""
     del target
+    optimizers.parse_groups(config.optimizer.to_dict())
     terms = terms_from_config(config.losses.to_dict())
     if all(t.coeff == 0 for t in terms):
         names = ", ".join(f"losses.{t.name}.coeff" for t in terms)

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from spdjax.analysis import suite, suite_plots
 from spdjax.analysis.plots import plot_training_curves
 from spdjax.methods.base import Method, MethodSpec
 from spdjax.training import init_selection, workdir as wd, writers
@@ -446,6 +447,13 @@ def evaluate(run: Run) -> dict:
     if bad:  # not a success: no summary.json
         raise evaluation_diverged(run.config, run.checkpointer, run.step, bad)
     summary.update(run.experiment.evaluate(run.method.decomposition, params, steps=run.step))
+    if run.config.get("eval_suite", False) and \
+            run.method.decomposition.causal_importance is not None:  # APD has no CI
+        summary["suite"] = suite.evaluate_suite(
+            run.method.decomposition, params, run.experiment.target_params, batch, k_loss,
+            options=suite.options_from_config(run.config),
+            microbatches=run.config.eval_microbatches)
+        writers.write_evaluation(run.writer, run.step, suite.flat_scalars(summary["suite"]))
     summary.update(steps=run.step, wall_time_s=run.wall_time_s)
     if run.init_record is not None:
         summary["init_selection"] = run.init_record
@@ -469,6 +477,9 @@ def plot(run, figures_dir: str | pathlib.Path | None = None) -> list[pathlib.Pat
     figures_dir = pathlib.Path(figures_dir)
     paths = run.experiment.plot(run.method.decomposition, jax.device_get(run.params),
                                 figures_dir)
+    saved = run.workdir / "summary.json" if run.workdir is not None else None
+    if saved is not None and saved.exists():
+        paths += suite_plots.plot_suite(json.loads(saved.read_text()).get("suite"), figures_dir)
     if run.workdir is not None and (run.workdir / "metrics.jsonl").exists():
         paths.append(plot_training_curves(run.workdir / "metrics.jsonl",
                                           figures_dir / "training_curves.png"))

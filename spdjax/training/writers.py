@@ -115,6 +115,15 @@ class Writers:
             w.close()
 
 
+def write_evaluation(writer: Any, step: int, scalars: Mapping[str, float]) -> None:
+    """The final evaluation's scalars (``eval/...``) to TensorBoard / W&B; not to
+    ``metrics.jsonl``, which keeps one line per training log step (``summary.json`` holds the
+    evaluation)."""
+    for w in getattr(writer, "writers", []):
+        if not isinstance(w, (wd.JsonlWriter, wd.MemoryWriter)):
+            w.write_scalars(step, scalars)
+
+
 def check_config(config) -> None:
     """The writer fields of a config (part of :func:`spdjax.training.validation.validate`)."""
     if not isinstance(config.tensorboard, bool):

@@ -1,11 +1,15 @@
 """What a decomposed transformer is judged by: KL and CE of masked models, CI per token.
 
-For every masking of the decomposed sites (``ci_masked``: masks = CI; ``stochastic``: one draw
-of the training masks; ``unmasked``: every site = V U) the summary holds ``kl_<masking>`` (KL of
-the target's next-token distribution to the masked model's, summed over the vocabulary, mean
-over positions) and ``ce_<masking>`` next to ``ce_target`` (the induction toy: CE of the answer
-at the induction position; the byte LM: next-token CE on the validation split), CI-L0 per site
-per token, and for the induction toy CI-L0 at the induction position and elsewhere.
+For every masking of the evaluation suite (:func:`spdjax.analysis.suite.suite_masks`:
+``unmasked`` / ``unmasked_delta`` (all masks 1 without / with the delta component),
+``stochastic`` / ``stochastic_delta`` (one draw of the training masks without / with it),
+``ci_masked``, ``rounded_0`` / ``rounded_0.1`` / ``rounded_0.5``, ``random``, ``zero``) the
+summary holds ``kl_<masking>`` (KL of the target's next-token distribution to the masked
+model's, summed over the vocabulary, mean over positions) and ``ce_<masking>`` next to
+``ce_target`` (the induction toy: CE of the answer at the induction position; the byte LM:
+next-token CE on the validation split), ``ce_recovered`` ``{masking: (CE_zero - CE_x) /
+(CE_zero - CE_target)}``, CI-L0 per site per token, and for the induction toy CI-L0 at the
+induction position and elsewhere.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spdjax.analysis import suite
 from spdjax.core.decomposition import ci_l0
 from spdjax.families.lm import data as lm_data
 from spdjax.families.lm import model as lm_model
 from spdjax.losses import kl, make_context
-from spdjax.core.masks import sample_masks
 
 Array = jax.Array
 
@@ -70,19 +74,19 @@ def target_quality(params: dict, cfg: lm_model.LMConfig, key=None) -> dict:
 
 
 def masked_logits(decomp, params, target_params, ids, key) -> tuple[Any, dict]:
-    """The context and ``{masking: logits}`` for the CI-masked, stochastically masked and
-    unmasked models."""
+    """The context and ``{masking: logits}`` for every masking of the evaluation suite
+    (:func:`spdjax.analysis.suite.suite_masks`: unmasked with and without the delta
+    component, stochastic with and without it, CI as mask, CI rounded at 0 / 0.1 / 0.5,
+    random, zero)."""
     ctx = make_context(decomp, target_params, params, ids)
     lower = {n: c.lower for n, c in ctx.ci.items()}
-    return ctx, {
-        "ci_masked": decomp.forward(target_params, params, ids, lower),
-        "stochastic": decomp.forward(target_params, params, ids, sample_masks(key, lower)),
-        "unmasked": decomp.forward(target_params, params, ids, {n: None for n in lower}),
-    }
+    masks = suite.suite_masks(lower, key, delta=True)
+    return ctx, {m: decomp.forward(target_params, params, ids, mk) for m, mk in masks.items()}
 
 
 def evaluate(decomp, params, target_params, cfg: lm_model.LMConfig, *, steps=None) -> dict:
-    """KL / CE of the masked models, CI-L0 per site (per token), induction-position CI."""
+    """KL / CE of the masked models, CE recovered, CI-L0 per site (per token),
+    induction-position CI."""
     del steps
     if decomp.causal_importance is None:
         return {"warnings": ["the LM evaluation measures SPD decompositions (CI); none here"]}
@@ -106,5 +110,8 @@ def evaluate(decomp, params, target_params, cfg: lm_model.LMConfig, *, steps=Non
         return out
 
     out = jax.tree.map(float, metrics(params, target_params, ids, labels))
+    ce = {k[3:]: v for k, v in out.items() if k.startswith("ce_") and k != "ce_target"}
+    # (CE_zero - CE_x) / (CE_zero - CE_target): suite.fraction_recovered
+    out["ce_recovered"] = suite.recovered_table(ce, out["ce_target"])
     out["warnings"] = []
     return out
