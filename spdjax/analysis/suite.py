@@ -34,6 +34,7 @@ from spdjax.core.masks import SiteMask, continuous, sample_masks
 from spdjax.losses import make_context
 from spdjax.losses.adversarial import pgd_sources, masks_from_sources
 from spdjax.losses.divergences import DIVERGENCES
+from spdjax.methods.apd_terms import attributions, batch_topk
 
 Array = jax.Array
 log = logging.getLogger("spdjax")
@@ -314,6 +315,63 @@ def options_from_config(config) -> SuiteOptions:
         delta=any(bool(o.get("delta", False)) for o in losses.values()),
         divergence=divergences[0] if divergences else "mse",
         l0_threshold=float(config.l0_threshold), ci_lower_noise=float(config.ci_lower_noise))
+
+
+def evaluate_apd_suite(decomposition, params, target_params, batch, key, *, topk: float | None,
+                       attribution: str = "target", divergence: str = "mse") -> dict:
+    """What applies to APD (no CI; one mask ``[batch, C]`` shared by every site): the output
+    loss with all components (``unmasked``), with the batch top-k components of the gradient
+    attributions (``topk``; None for the L_p formulation, which has no top-k), with random
+    ``U[0, 1)`` masks and with none (``zero``), ``recovered`` against zero ablation, the mean
+    number of top-k components per example (``l0``) and the components ever in the top-k
+    (``alive``)."""
+    div = DIVERGENCES.resolve(divergence)
+
+    @jax.jit
+    def run(params, target_params, batch, key):
+        target_out = decomposition.target.forward(target_params, batch, {})[0]
+        lead = jax.tree.leaves(batch)[0].shape[:1] + (decomposition.C,)
+        masks = {"unmasked": jnp.ones(lead), "random": jax.random.uniform(
+            jax.random.fold_in(key, RANDOM_STREAM), lead), "zero": jnp.zeros(lead)}
+        if topk is not None:
+            masks["topk"] = batch_topk(attributions(decomposition, target_params, params, batch,
+                                                    source=attribution), topk).astype(jnp.float32)
+        losses = {m: div(decomposition.forward(target_params, params, batch,
+                                               {n: v for n in decomposition.site_names}),
+                         target_out) for m, v in masks.items()}
+        return losses, masks.get("topk")
+
+    losses, active = run(params, target_params, batch, key)
+    loss = {m: float(v) for m, v in losses.items()}
+    out: dict[str, Any] = {"divergence": divergence, "loss": loss,
+                           "recovered": recovered_table(loss)}
+    if active is not None:
+        active = np.asarray(active)
+        out["l0"] = float(np.mean(active.sum(-1)))
+        out["alive"] = int(np.sum(active.any(0)))
+    return out
+
+
+def evaluate_for_config(config, decomposition, params, target_params, batch, key, *,
+                        report: Callable[[str], None] | None = log.info) -> dict:
+    """The suite of a run config (:func:`evaluate_suite` with :func:`options_from_config`, or
+    :func:`evaluate_apd_suite` for a decomposition without CI)."""
+    options = options_from_config(config)
+    if decomposition.causal_importance is None:
+        apd = config.apd
+        return evaluate_apd_suite(
+            decomposition, params, target_params, batch, key, divergence=options.divergence,
+            topk=apd.topk if apd.formulation == "topk" else None, attribution=apd.attribution)
+    if report is not None:
+        report(f"Evaluation suite: {len(suite_masks_names(options))} maskings, PGD ladder "
+               f"{list(options.pgd_ladder)} steps...")
+    return evaluate_suite(decomposition, params, target_params, batch, key, options=options,
+                          microbatches=config.eval_microbatches, report=report)
+
+
+def suite_masks_names(options: SuiteOptions) -> list[str]:
+    """The maskings :func:`suite_masks` draws under ``options``."""
+    return list(suite_masks({"_": jnp.zeros((1, 1))}, jax.random.key(0), delta=options.delta))
 
 
 def flat_scalars(suite: Mapping[str, Any], prefix: str = "eval/") -> dict[str, float]:

@@ -99,9 +99,10 @@ def plot_suite(suite: Mapping[str, Any] | None, figures_dir) -> list[pathlib.Pat
         return []
     d = pathlib.Path(figures_dir)
     d.mkdir(parents=True, exist_ok=True)
-    paths = [plot_ci_histograms(suite, d / "suite_ci_histograms.png"),
-             plot_mean_ci(suite, d / "suite_mean_ci.png"),
-             plot_masking_losses(suite, d / "suite_masking_losses.png")]
+    paths = [plot_masking_losses(suite, d / "suite_masking_losses.png")]
+    if "ci_histogram" in suite:  # APD's suite has no CI
+        paths += [plot_ci_histograms(suite, d / "suite_ci_histograms.png"),
+                  plot_mean_ci(suite, d / "suite_mean_ci.png")]
     if suite.get("pgd"):
         paths.append(plot_pgd_ladder(suite, d / "suite_pgd_ladder.png"))
     return paths

@@ -301,6 +301,8 @@ def _build(config, workdir: pathlib.Path | None, family: Family, spec: MethodSpe
            target_params: Any = None) -> Run:
     log.info("spdjax: %s %s -> %s (devices: %d x %s)", family.name, config.variant,
              workdir or "memory", jax.device_count(), jax.devices()[0].platform)
+    if config.get("eval_suite", False):
+        suite.options_from_config(config)  # a bad eval_pgd_* fails now, not after training
     saved, why_not = _saved_target(workdir)
     experiment = build_experiment(config, family,
                                   target_params=saved if saved is not None else target_params)
@@ -447,12 +449,10 @@ def evaluate(run: Run) -> dict:
     if bad:  # not a success: no summary.json
         raise evaluation_diverged(run.config, run.checkpointer, run.step, bad)
     summary.update(run.experiment.evaluate(run.method.decomposition, params, steps=run.step))
-    if run.config.get("eval_suite", False) and \
-            run.method.decomposition.causal_importance is not None:  # APD has no CI
-        summary["suite"] = suite.evaluate_suite(
-            run.method.decomposition, params, run.experiment.target_params, batch, k_loss,
-            options=suite.options_from_config(run.config),
-            microbatches=run.config.eval_microbatches)
+    if run.config.get("eval_suite", False):
+        summary["suite"] = suite.evaluate_for_config(
+            run.config, run.method.decomposition, params, run.experiment.target_params, batch,
+            k_loss)
         writers.write_evaluation(run.writer, run.step, suite.flat_scalars(summary["suite"]))
     summary.update(steps=run.step, wall_time_s=run.wall_time_s)
     if run.init_record is not None:

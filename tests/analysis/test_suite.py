@@ -217,3 +217,32 @@ def test_summary_of_a_tiny_lm_run_holds_the_suite(tmp_path, monkeypatch):
     np.testing.assert_allclose(
         s["ce_recovered"]["ci_masked"],
         (s["ce_zero"] - s["ce_ci_masked"]) / (s["ce_zero"] - s["ce_target"]))
+
+
+def test_apd_suite_reports_what_applies(tiny, tmp_path):
+    from spdjax.methods.apd_decomposition import decompose_apd
+
+    _, _, tp, x = tiny
+    target, _ = two_site_target()
+    d = decompose_apd(target, {"a": 1, "b": 1}, C=4)
+    params = d.init(jax.random.key(0), tp)
+    out = suite.evaluate_apd_suite(d, params, tp, x, jax.random.key(1), topk=0.5)
+    assert set(out["loss"]) == {"unmasked", "random", "zero", "topk"}
+    assert out["l0"] == pytest.approx(int(0.5 * x.shape[0]) / x.shape[0])  # k = topk * batch
+    assert 1 <= out["alive"] <= 4
+    # zero ablation: relu(b_a) @ 0 = 0 (site b has no bias), so the loss is the target's mean square
+    np.testing.assert_allclose(out["loss"]["zero"], np.mean(np.asarray(d.target(tp, x)) ** 2),
+                               rtol=1e-4)
+    assert "l0" not in suite.evaluate_apd_suite(d, params, tp, x, jax.random.key(1), topk=None)
+    config = configs.load("tms:5-2", {"method": "apd", "eval_suite": True})
+    via_config = suite.evaluate_for_config(config, d, params, tp, x, jax.random.key(1))
+    assert via_config["l0"] == pytest.approx(int(config.apd.topk * 6) / 6)
+    assert {p.name for p in suite_plots.plot_suite(out, tmp_path)} == {
+        "suite_masking_losses.png"}
+
+
+def test_a_bad_pgd_ladder_fails_before_training(tmp_path):
+    config = configs.load("tms:5-2", {"eval_suite": True, "eval_pgd_ladder": (0, 20)})
+    with pytest.raises(ValueError, match="eval_pgd_ladder must be increasing positive"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
