@@ -27,10 +27,19 @@ def mse(pred: Array, target: Array) -> Array:
 
 
 def kl(pred: Array, target: Array) -> Array:
-    """KL(softmax(target) || softmax(pred)) summed over the last axis, mean over the rest."""
+    """KL(softmax(target) || softmax(pred)) summed over the last axis, mean over the rest.
+
+    Entries the target gives probability 0 (e.g. a ``-inf`` logit) contribute 0, as
+    ``0 log 0 = 0`` in torch's ``kl_div``, with a finite gradient.
+    """
     logp_t = jax.nn.log_softmax(target, axis=-1)
     logq = jax.nn.log_softmax(pred, axis=-1)
-    return jnp.mean(jnp.sum(jnp.exp(logp_t) * (logp_t - logq), axis=-1))
+    p_t = jnp.exp(logp_t)
+    # Both logs are zeroed off the support (not the product): 0 * -inf would be NaN in the
+    # value, and its gradient NaN even behind an outer where.
+    on = p_t > 0
+    return jnp.mean(jnp.sum(p_t * (jnp.where(on, logp_t, 0.0) - jnp.where(on, logq, 0.0)),
+                            axis=-1))
 
 
 def ce(pred: Array, target: Array) -> Array:

@@ -152,6 +152,35 @@ def test_kl_divergence_against_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_kl_divergence_is_finite_for_minus_inf_target_logits():
+    # torch's kl_div takes 0 log 0 = 0: a -inf target logit (a masked-out token) contributes 0.
+    rng = np.random.default_rng(1)
+    pred, tgt = rng.normal(size=(4, 3, 7)), rng.normal(size=(4, 3, 7))
+    tgt[0, 1, 2] = tgt[2, :, 5] = tgt[3, 0, :6] = -np.inf
+
+    def logsm(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    p, logq = np.exp(logsm(tgt)), logsm(pred)
+    with np.errstate(divide="ignore"):
+        d = np.where(p > 0, np.log(np.where(p > 0, p, 1.0)) - logq, 0.0)  # 0 log 0 = 0
+    kl_rows = np.sum(p * d, -1, keepdims=True)
+    n = kl_rows.size
+    pred_j, tgt_j = jnp.asarray(pred, jnp.float32), jnp.asarray(tgt, jnp.float32)
+    got = jax.jit(losses.kl)(pred_j, tgt_j)
+    np.testing.assert_allclose(got, np.mean(kl_rows), rtol=1e-5)
+    # Gradients: d/dpred = (q - p) / n; d/dtarget = p (d - KL_row) / n, 0 where p = 0.
+    g_pred, g_tgt = jax.jit(jax.grad(losses.kl, argnums=(0, 1)))(pred_j, tgt_j)
+    np.testing.assert_allclose(g_pred, (np.exp(logq) - p) / n, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(g_tgt, p * (d - kl_rows) / n, rtol=1e-4, atol=1e-7)
+    # Finite logits give the same value as before the -inf entries were handled.
+    finite = np.where(np.isinf(tgt), -3.0, tgt)
+    want = np.mean(np.sum(np.exp(logsm(finite)) * (logsm(finite) - logq), -1))
+    np.testing.assert_allclose(losses.kl(pred_j, jnp.asarray(finite, jnp.float32)), want,
+                               rtol=1e-5)
+
+
 def test_total_loss_weights_terms_and_draws_independent_masks(setup):
     d, tp, params, x, ctx, npp = setup
     cfg = {"faithfulness": {"coeff": 2.0},
