@@ -17,7 +17,8 @@ of size 1, sources shared across the batch), shared CI MLP [256] and faithfulnes
 
 Append ``+apd`` (``1+apd``, ``2+apd``) for APD with the reference code's hyperparameters (C 130 /
 200, batch top-k 1.28, Schatten p 0.9, activation reconstruction, unit-norm A for 1 layer,
-kaiming-uniform init x 2, 10k steps of batch 256, lr 1e-3 cosine with 1% warm-up).
+xavier-normal init with gain 2 over the whole [1, C, d_in, m] tensor, 10k steps of batch 256,
+lr 1e-3 cosine with 1% warm-up).
 
 Expected for 1 layer (see RESULTS.md): one W_in subcomponent per feature (identity CI errors 0),
 W_out one dense block of 50 subcomponents, neuron-contribution correlation >= 0.95. Shared
@@ -94,7 +95,8 @@ def _head(variant: str):
 
 
 # APD (the configs of the APD paper's code, ApolloResearch/apd): layers -> (C, coefficients
-# faithfulness / top-k recon / Schatten, unit-norm A)
+# faithfulness / top-k recon / Schatten, unit-norm A). Its ResidualMLPSPDConfig's init_type
+# default, xavier_normal, with gain init_scale = 2 on A [1, C, d_in, m] and B [1, C, m, d_out].
 _APD = {"1": (130, (1.0, 1.0, 10.0), True), "2": (200, (1.0, 2.0, 7.0), False)}
 
 
@@ -110,6 +112,6 @@ def _apd(variant: str):
     c.eval_batch_size = 2048
     c.apd.update({"topk": 1.28, "rank": 0, "schatten_p": 0.9, "faithfulness_coeff": faith,
                   "topk_recon_coeff": recon, "schatten_coeff": simp, "act_recon_coeff": 1.0,
-                  "unit_norm": unit_norm, "init": "kaiming_uniform", "init_scale": 2.0,
+                  "unit_norm": unit_norm, "init": "xavier_normal", "init_scale": 2.0,
                   "init_fans": "torch"})
     return c

@@ -150,3 +150,12 @@ def test_adversaries_that_share_sources_refuse_microbatches_and_eval_only_use():
         c.eval_losses = {"persistent_pgd_recon": {"n_steps": 1}}
     with pytest.raises(ValueError, match="keep state across training steps"):
         validate(c)
+
+
+@pytest.mark.parametrize("variant", ["1", "2"])
+def test_resid_mlp_apd_inits_as_the_apd_reference(variant):
+    # ApolloResearch/apd: ResidualMLPSPDConfig.init_type defaults to xavier_normal, gain init_scale
+    # 2.0, torch's fans of the whole [n_instances = 1, C, d_in, m] tensor.
+    a = configs.load(f"resid_mlp:{variant}+apd").apd
+    assert (a.init, a.init_scale, a.init_fans) == ("xavier_normal", 2.0, "torch")
+
