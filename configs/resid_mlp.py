@@ -85,6 +85,9 @@ def _head(variant: str):
                                  "step_size": 1.0, "scope": "shared_across_batch"},
             "importance_minimality": imp,
         }, warmup_weight_decay=0.0)
+        # Its eval PGDReconLoss (resid_mlp2_config.yaml): one random source for the whole batch.
+        c.eval_losses.pgd_recon = {"n_steps": 20, "step_size": 0.1, "delta": True,
+                                   "init": "random", "scope": "shared_across_batch"}
     else:
         later_reference(c, {
             "stochastic_recon": {"coeff": 1.0, "delta": True, "sampling": "continuous"},

@@ -159,3 +159,14 @@ def test_resid_mlp_apd_inits_as_the_apd_reference(variant):
     a = configs.load(f"resid_mlp:{variant}+apd").apd
     assert (a.init, a.init_scale, a.init_fans) == ("xavier_normal", 2.0, "torch")
 
+
+def test_resid_mlp_2_head_evaluates_pgd_with_one_source_for_the_batch():
+    from spdjax.config.runs import validate
+
+    # goodfire-ai/spd resid_mlp2_config.yaml, eval PGDReconLoss: random init, 20 steps of 0.1,
+    # mask_scope shared_across_batch.
+    c = configs.load("resid_mlp:2+head")
+    validate(c)
+    assert c.eval_losses.pgd_recon.to_dict() == {
+        "n_steps": 20, "step_size": 0.1, "delta": True, "init": "random",
+        "scope": "shared_across_batch"}
