@@ -77,8 +77,8 @@ class APDDecomposition:
 
     def init(self, key, target_params, *, init: str = "xavier_normal",
              init_scale: float = 1.0, fans: str = "component") -> dict:
-        """``A`` and ``B`` per owner site: ``"xavier_normal"`` (the reference's TMS init) or
-        ``"kaiming_uniform"`` (its ResidMLP init, ``U(±sqrt(6 / fan_in))``), times
+        """``A`` and ``B`` per owner site: ``"xavier_normal"`` (the APD reference's init, TMS and
+        ResidMLP) or ``"kaiming_uniform"`` (``U(±sqrt(6 / fan_in))``), times
         ``init_scale``. ``fans="component"``: the fans of each component's own matrix, (d_in, m)
         and (m, d_out). ``fans="torch"``: the reference's, torch's init applied to the whole
         ``[instances = 1, C, d_in, m]`` tensor, whose fan-in is ``C d_in m`` (``C m d_out`` for
