@@ -32,8 +32,22 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     c.lr_final_frac = 0.0  # final lr fraction for linear / cosine_half
 
     c.C = 20  # subcomponents per decomposed site
-    c.ci_fn = "mlp"  # mlp (paper) | vector_mlp | shared_mlp
-    c.ci_hidden = (16,)  # CI-function hidden widths
+    # per site: mlp (paper) | vector_mlp | shared_mlp; one network for all sites (core/ci_global):
+    # global_mlp | global_transformer (VPD) | chunkwise_transformer
+    c.ci_fn = "mlp"
+    c.ci_hidden = (16,)  # CI-function hidden widths (mlp, vector_mlp, shared_mlp, global_mlp)
+    # Options of the transformer CI functions (VPD: d_model 2048, layers 8, heads 16, ff 8192,
+    # bidirectional); a CI function ignores the options it does not take.
+    c.ci_options = ml_collections.ConfigDict({
+        "d_model": 64,  # width of the residual stream
+        "layers": 2,  # transformer blocks
+        "heads": 4,  # attention heads (d_model / heads must be even: RoPE)
+        "ff": 0,  # hidden width of each block's MLP; 0 = 4 * d_model
+        "causal": False,  # True: position t attends to positions <= t only (VPD: False)
+        "rope_base": 10000.0,  # RoPE frequency base
+        "sites_per_chunk": 0,  # chunkwise_transformer: consecutive sites per transformer (>= 1)
+        "shard_trunk": False,  # True: attention heads and MLP units on the model axis too
+    })
     c.sigmoid = "leaky_hard"  # leaky_hard (paper) | leaky_hard_clamped | hard | ...
     # eps > 0: sigma_lo sees (1 + eps) r - eps U[0,1) in the objective (its losses and logged
     # ci_l0 too, as the reference's CI-L0): the later reference's binomial-sampling quirk, which

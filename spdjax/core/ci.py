@@ -8,6 +8,8 @@ registered in :data:`CI_FUNCTIONS` under the config names):
                       ``h_c = (x V)_c`` (the paper's gamma_c). Input: inner acts ``[..., C]``.
   :class:`VectorMLP`  ``vector_mlp``: one MLP per subcomponent on the whole site input ``x``.
   :class:`SharedMLP`  ``shared_mlp``: one ordinary MLP ``d_in -> hidden -> C`` on the site input.
+Global CI functions, one network for the CI of every site (``global_mlp``,
+``global_transformer``, ``chunkwise_transformer``), are in :mod:`spdjax.core.ci_global`.
 
 Per-component layers are stored with the component axis first, ``w: (C, fan_in, fan_out)``,
 ``b: (C, fan_out)``, and evaluated for all components at once with batched einsums.
@@ -18,8 +20,9 @@ biases 0. GELU is the exact (erf) form, as in torch.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -238,14 +241,23 @@ class CIFunction(Protocol):
     def partition_specs(self, params: Any, model_axis: str) -> Any: ...
 
 
-# name -> constructor taking ``hidden`` (configs: ``ci_fn`` + ``ci_hidden``).
+# name -> constructor taking keyword options (configs: ``ci_fn``, ``ci_hidden``, ``ci_options``).
+# :mod:`spdjax.core.ci_global` adds the global ones (``global_mlp``, ``global_transformer``,
+# ``chunkwise_transformer``) when imported, as :mod:`spdjax.core.decomposition` does.
 CI_FUNCTIONS: Registry[Callable[..., CIFunction]] = Registry(
     "CI function type", {"mlp": MLP, "vector_mlp": VectorMLP, "shared_mlp": SharedMLP}
 )
 
 
-def make_ci_fn(name_or_fn: str | CIFunction, hidden: Sequence[int] = (16,)) -> CIFunction:
-    """A CI function value from a registered name and hidden widths (values pass through)."""
-    if isinstance(name_or_fn, str):
-        return CI_FUNCTIONS.get(name_or_fn)(hidden=tuple(hidden))
-    return name_or_fn
+def make_ci_fn(name_or_fn: str | CIFunction, hidden: Sequence[int] = (16,),
+               options: Mapping[str, Any] | None = None) -> CIFunction:
+    """A CI function value from a registered name, hidden widths and ``options`` (values pass
+    through). Only the options the named function takes are passed to it (``hidden`` included),
+    so one config can carry the options of every kind: e.g. ``d_model`` reaches
+    ``global_transformer`` and is ignored by ``mlp``."""
+    if not isinstance(name_or_fn, str):
+        return name_or_fn
+    make = CI_FUNCTIONS.get(name_or_fn)
+    takes = inspect.signature(make).parameters
+    given = {"hidden": tuple(hidden), **dict(options or {})}
+    return make(**{k: v for k, v in given.items() if k in takes})

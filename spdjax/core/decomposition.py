@@ -4,7 +4,8 @@
 trainable state is a plain pytree::
 
     params = {"components": {owner_site: {"V": (d_in, C), "U": (C, d_out)}},
-              "ci":         {site: <CI-function params>}}
+              "ci":         {site: <CI-function params>}}    # per-site CI functions
+              "ci":         {"__global__": <its params>}}   # a global one (core/ci_global.py)
 
 Tied sites (e.g. TMS, whose second layer is the transpose of the first) use
 ``V_tied = U_ownerᵀ`` and ``U_tied = V_ownerᵀ``; every site has its own CI function. Two ways to
@@ -37,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from spdjax.core import components as comp_lib
 from spdjax.core.ci import CIFunction, make_ci_fn
+from spdjax.core.ci_global import GLOBAL, GlobalCIFunction, is_global
 from spdjax.core.masks import SiteMask
 from spdjax.core.sigmoids import SIGMOIDS, SigmoidPair
 from spdjax.core.target import Mapped, Site, Target, check_batch, dense_input
@@ -164,7 +166,7 @@ class Decomposition:
     site_names: tuple[str, ...]
     C: Mapping[str, int]
     ties: Mapping[str, str]
-    ci_fn: CIFunction
+    ci_fn: CIFunction | GlobalCIFunction
     sigmoid: SigmoidPair
     tie_mode: str = "shared"
     # What evaluations and figures may rely on (the view every method's decomposition gives,
@@ -201,12 +203,14 @@ class Decomposition:
                              "from Decomposition.init (plus 'adversary', the state of "
                              f"persistent PGD terms); got {type(params).__name__} "
                              f"{sorted(params) if isinstance(params, Mapping) else ''}.")
-        if set(params["components"]) != set(self.owners) or set(params["ci"]) != set(
-                self.site_names):
+        ci_keys = {GLOBAL} if is_global(self.ci_fn) else set(self.site_names)
+        if set(params["components"]) != set(self.owners) or set(params["ci"]) != ci_keys:
             raise ValueError(
                 f"These params were built for another decomposition: factors for "
                 f"{sorted(params['components'])} and CI for {sorted(params['ci'])}, but this one "
-                f"has sites {list(self.site_names)} (factors for {list(self.owners)}).")
+                f"has sites {list(self.site_names)} (factors for {list(self.owners)}, CI "
+                f"params under {sorted(ci_keys)}: a "
+                f"{'global' if is_global(self.ci_fn) else 'per-site'} CI function).")
         for name in self.owners:
             site, C = self.site(name), self.C[name]
             V, U = params["components"][name]["V"], params["components"][name]["U"]
@@ -242,6 +246,9 @@ class Decomposition:
         for tied, owner in self.ties.items():
             if tied in self.owners:  # aliased: a copy of the owner's transpose
                 comps[tied] = {"V": comps[owner]["U"].T, "U": comps[owner]["V"].T}
+        if is_global(self.ci_fn):
+            sites = {n: (self.site(n).d_in, self.C[n]) for n in self.site_names}
+            return {"components": comps, "ci": {GLOBAL: self.ci_fn.init(kg, sites=sites)}}
         cis = {}
         for i, name in enumerate(self.site_names):
             cis[name] = self.ci_fn.init(
@@ -254,7 +261,7 @@ class Decomposition:
         comps = {n: {"V": P(None, model_axis), "U": P(model_axis, None)}
                  for n in params["components"]}
         cis = {n: self.ci_fn.partition_specs(p, model_axis) for n, p in params["ci"].items()}
-        return {"components": comps, "ci": cis}
+        return {"components": comps, "ci": cis}  # a global function's: {GLOBAL: its specs}
 
     # -- forward passes ---------------------------------------------------------------------
     def clean_forward(self, target_params: Any, x: Any) -> tuple[Any, dict[str, Array]]:
@@ -335,14 +342,21 @@ class Decomposition:
         if lower_noise and key is None:
             raise ValueError("causal_importance: lower_noise needs a PRNG key.")
         sig = self.sigmoid
+        pres = None
+        if is_global(self.ci_fn):  # one network for every site's CI
+            pres = self.ci_fn.apply(params["ci"][GLOBAL],
+                                    {n: dense_input(site_inputs[n]) for n in self.site_names})
         out = {}
         for i, name in enumerate(self.site_names):
-            x = site_inputs[name]
-            acts = None
-            if self.ci_fn.uses_inner_acts:
-                acts = self.site(name).apply(self.factors(params, name)[0], x)
-            pre = self.ci_fn.apply(params["ci"][name], acts,
-                                   x if self.ci_fn.uses_inner_acts else dense_input(x))
+            if pres is not None:
+                pre = pres[name]
+            else:
+                x = site_inputs[name]
+                acts = None
+                if self.ci_fn.uses_inner_acts:
+                    acts = self.site(name).apply(self.factors(params, name)[0], x)
+                pre = self.ci_fn.apply(params["ci"][name], acts,
+                                       x if self.ci_fn.uses_inner_acts else dense_input(x))
             lower_in = pre
             if lower_noise:
                 u = jax.random.uniform(jax.random.fold_in(key, i), pre.shape, pre.dtype)
@@ -448,8 +462,9 @@ def decompose(
     sites: Mapping[str, int],
     *,
     ties: Mapping[str, str] | None = None,
-    ci_fn: str | CIFunction = "mlp",
+    ci_fn: str | CIFunction | GlobalCIFunction = "mlp",
     ci_hidden: Sequence[int] = (16,),
+    ci_options: Mapping[str, Any] | None = None,
     sigmoid: str | SigmoidPair = "leaky_hard",
     tie_mode: str = "shared",
 ) -> Decomposition:
@@ -459,9 +474,14 @@ def decompose(
       target: the model (see :mod:`spdjax.core.target`, :mod:`spdjax.core.adapters`).
       sites: ``{pattern: C}``, e.g. ``{"layers_*/mlp_in": 100, "layers_*/mlp_out": 100}``.
       ties: ``{tied_site: owner_site}``; the tied site's weight must be the owner's transpose.
-      ci_fn: a CI function value (:mod:`spdjax.core.ci`, or your own with its protocol) or the name
-        of a registered one: ``"mlp"`` (paper), ``"vector_mlp"`` or ``"shared_mlp"``.
-      ci_hidden: hidden widths, used only when ``ci_fn`` is a name (paper: ``(16,)``).
+      ci_fn: a CI function value (:mod:`spdjax.core.ci`, :mod:`spdjax.core.ci_global`, or your
+        own with either protocol) or the name of a registered one: per site ``"mlp"`` (paper),
+        ``"vector_mlp"``, ``"shared_mlp"``; global ``"global_mlp"``, ``"global_transformer"``
+        (VPD), ``"chunkwise_transformer"``.
+      ci_hidden: hidden widths, used only when ``ci_fn`` is a name of one with hidden layers
+        (paper: ``(16,)``).
+      ci_options: further options of a named CI function, e.g. ``{"d_model": 2048, "layers": 8,
+        "heads": 16, "ff": 8192}`` (VPD's transformer); those it does not take are ignored.
       sigmoid: a :class:`~spdjax.core.sigmoids.SigmoidPair` or a registered name (paper:
         ``"leaky_hard"``).
       tie_mode: ``"shared"`` or ``"aliased"`` (the reference's two updates; module docstring).
@@ -483,13 +503,13 @@ def decompose(
                 f"Cannot tie {tied!r} {(a.d_in, a.d_out)}, C={C[tied]} to the transpose of "
                 f"{owner!r} {(b.d_in, b.d_out)}, C={C[owner]}."
             )
-    ci_fn = make_ci_fn(ci_fn, ci_hidden)
+    ci_fn = make_ci_fn(ci_fn, ci_hidden, ci_options)
     sigmoid = SIGMOIDS.resolve(sigmoid)
     embeds = [n for n in C if target.sites[n].kind in ("embed", "conv")]
     if embeds and not ci_fn.uses_inner_acts:
-        raise ValueError(f"Embedding and convolution sites {embeds} need a CI function on inner "
-                         "activations (e.g. ci_fn='mlp'): their input is token ids or an image, "
-                         f"not a [..., d_in] vector; got {ci_fn!r}.")
+        raise ValueError(f"Embedding and convolution sites {embeds} need a per-site CI function "
+                         "on inner activations (e.g. ci_fn='mlp'): their input is token ids or an "
+                         f"image, not a [..., d_in] vector; got {ci_fn!r}.")
     return Decomposition(
         target=target,
         site_names=tuple(C),

@@ -284,8 +284,8 @@ def from_config(config, experiment, learning_rate) -> Method:
         raise ValueError("faithfulness_warmup_steps must be an integer >= 0, got "
                          f"{config.faithfulness_warmup_steps!r}.")
     decomp = decompose(experiment.target, experiment.sites, ties=experiment.ties,
-                       ci_fn=config.ci_fn,
-                       ci_hidden=tuple(config.ci_hidden), sigmoid=config.sigmoid,
+                       ci_fn=config.ci_fn, ci_hidden=tuple(config.ci_hidden),
+                       ci_options=config.ci_options.to_dict(), sigmoid=config.sigmoid,
                        tie_mode=config.tie_mode)
     built = method(decomp, terms_from_config(config.losses.to_dict()), learning_rate,
                    init=COMPONENT_INITS.get(config.init),

@@ -72,7 +72,7 @@ def validate(config, family: Family, method: MethodSpec) -> None:
                  "faithfulness_warmup_weight_decay"):
         _number_in(config, name, 0.0, math.inf)
     make_schedule(config.lr_schedule, config.lr, config.steps)
-    make_ci_fn(config.ci_fn, tuple(config.ci_hidden))
+    make_ci_fn(config.ci_fn, tuple(config.ci_hidden), config.ci_options.to_dict())
     SIGMOIDS.get(config.sigmoid)
     COMPONENT_INITS.get(config.init)
     if config.tie_mode not in TIE_MODES:
