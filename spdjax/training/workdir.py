@@ -77,7 +77,8 @@ class WorkdirLock:
 # Fields that change what a run reports or keeps, not what it trains: a resume may change them
 # freely (e.g. to re-evaluate a finished run with a smaller evaluation batch).
 SAFE_CHANGES = ("log_every", "checkpoint_every", "eval_batch_size", "eval_microbatches",
-                "steps_per_call", "divergence_factor", "figures", "tensorboard", "wandb_project")
+                "steps_per_call", "divergence_factor", "figures", "tensorboard", "wandb_project",
+                "eval_suite", "eval_pgd_ladder", "eval_pgd_step_size")
 
 
 def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[tuple[str, Any, Any]]:
