@@ -237,6 +237,9 @@ def check_config(config, target: Target | None = None) -> None:
     spd_only = {"faithfulness_warmup_steps": 0, "init": "paper", "grad_clip_norm_components": 0.0,
                 "grad_clip_norm_ci": 0.0, "ci_lower_noise": 0.0}
     changed = [f"{k}={config[k]!r}" for k, v in spd_only.items() if config[k] != v]
+    default_group = {"name": "adam", "lr": 0.0, "options": {}}
+    changed += [f"optimizer.{g}={v.to_dict()!r}" for g, v in config.get("optimizer", {}).items()
+                if v.to_dict() != default_group]
     if changed or config.eval_losses:
         raise ValueError(f"APD does not use {', '.join(changed) or 'eval_losses'} (SPD-only "
                          "settings); leave them at their defaults with method 'apd'.")

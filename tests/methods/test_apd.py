@@ -155,6 +155,9 @@ def test_apd_refuses_settings_it_would_ignore_and_bad_ties():
 
     with pytest.raises(ValueError, match="APD does not use faithfulness_warmup_steps=200"):
         validate(spdjax.config.load("tms:5-2+apd+gaussian"))
+    with pytest.raises(ValueError, match="APD does not use optimizer.components="):
+        validate(spdjax.config.load("tms:5-2+apd",
+                                    {"optimizer.components.name": "muon"}))
     target, tp = two_site_target(d_in=3, d_hidden=5, d_out=2)
     with pytest.raises(ValueError, match="Cannot tie 'b'"):
         apd.decompose_apd(target, {"a": 1, "b": 1}, 4, ties={"b": "a"})
