@@ -23,6 +23,7 @@ from spdjax.core.adapters import from_linen, from_nnx
 from spdjax.core.tracing import from_jax
 from spdjax.config.runs import LoadedRun, load, setup, setup_ensemble, train_and_evaluate
 from spdjax.core.ci import CI_FUNCTIONS, MLP, SharedMLP, VectorMLP
+from spdjax.core.ci_global import ChunkwiseTransformer, GlobalMLP, GlobalTransformer
 from spdjax.core.components import COMPONENT_INITS, init_gaussian, init_paper
 from spdjax.core.data import sparse_features
 from spdjax.core.decomposition import CausalImportance, Decomposition, ci_l0, decompose, match_sites
@@ -68,7 +69,7 @@ __all__ = [
     "CI_FUNCTIONS", "COMPONENT_INITS", "CausalImportance", "Context", "Decomposition", "LOSSES",
     "LoadedRun", "METHODS", "MLP", "Method", "Run", "SAMPLERS", "SIGMOIDS", "SharedMLP",
     "Mapped", "SigmoidPair", "Site", "SiteHooks", "Target", "Term", "dense_input", "TrainState",
-    "VectorMLP", "ci_l0",
+    "VectorMLP", "ci_l0", "ChunkwiseTransformer", "GlobalMLP", "GlobalTransformer",
     "ci_masked_recon", "ci_masked_recon_layerwise", "close", "configs", "decompose", "evaluate",
     "ROUTERS", "SiteMask", "frequency_minimality", "pgd_recon", "pgd_recon_layerwise",
     "pgd_recon_subset", "static_probability", "stochastic_hidden_acts_recon",

@@ -205,9 +205,11 @@ class GlobalTransformer:
     Init (the reference's): projections into the trunk and the MLPs' first layers
     ``N(0, 2/fan_in)``, MLP second layers and heads ``N(0, 1/fan_in)``, attention projections
     ``U(±1/sqrt(d_model))`` (torch's ``nn.Linear`` default), biases 0. Params:
-    ``{"chunks": [{"in": {"w", "b"}, "blocks": [{"wq", "wk", "wv", "wo": (d_model, d_model),
-    "w1": (d_model, ff), "b1", "w2": (ff, d_model), "b2"}, ...], "heads": {site: {"w", "b"}}}]}``
-    (one chunk; :class:`ChunkwiseTransformer` has several).
+    ``{"chunks": [{"in": {"w", "b"}, "blocks": [{"q", "k", "v", "o": {"w": (d_model, d_model)},
+    "mlp_in": {"w": (d_model, ff), "b"}, "mlp_out": {"w": (ff, d_model), "b"}}, ...],
+    "heads": {site: {"w", "b"}}}]}`` (one chunk; :class:`ChunkwiseTransformer` has several).
+    Every weight matrix is a leaf named ``w``, so Muon (``config.optimizer.ci.name="muon"``)
+    orthogonalises each of them, as VPD trains its CI transformer.
     """
 
     d_model: int = 64
@@ -265,10 +267,10 @@ class GlobalTransformer:
 
         def block(k):
             kq, kk, kv, ko, k1, k2 = jax.random.split(k, 6)
-            attn = {name: jax.random.uniform(kx, (d, d), minval=-bound, maxval=bound)
-                    for name, kx in (("wq", kq), ("wk", kk), ("wv", kv), ("wo", ko))}
-            return {**attn, "w1": _normal(k1, (d, ff), d, _RELU_GAIN), "b1": jnp.zeros((ff,)),
-                    "w2": _normal(k2, (ff, d), ff, 1.0), "b2": jnp.zeros((d,))}
+            attn = {name: {"w": jax.random.uniform(kx, (d, d), minval=-bound, maxval=bound)}
+                    for name, kx in (("q", kq), ("k", kk), ("v", kv), ("o", ko))}
+            return {**attn, "mlp_in": _linear(k1, d, ff, _RELU_GAIN),
+                    "mlp_out": _linear(k2, ff, d, 1.0)}
 
         return {"in": _linear(k_in, d_in, d, _RELU_GAIN),
                 "blocks": [block(jax.random.fold_in(k_blocks, i)) for i in range(self.layers)],
@@ -291,8 +293,9 @@ class GlobalTransformer:
         h = jnp.einsum("...ti,id->...td", x, chunk["in"]["w"]) + chunk["in"]["b"]
         for block in chunk["blocks"]:
             h = h + self._attend(block, rms_norm(h))
-            z = jnp.einsum("...td,df->...tf", rms_norm(h), block["w1"]) + block["b1"]
-            h = h + jnp.einsum("...tf,fd->...td", _gelu(z), block["w2"]) + block["b2"]
+            mlp_in, mlp_out = block["mlp_in"], block["mlp_out"]
+            z = jnp.einsum("...td,df->...tf", rms_norm(h), mlp_in["w"]) + mlp_in["b"]
+            h = h + jnp.einsum("...tf,fd->...td", _gelu(z), mlp_out["w"]) + mlp_out["b"]
         if positionless:
             h = h[:, 0, :]
         return _heads_apply(chunk["heads"], h)
@@ -306,17 +309,21 @@ class GlobalTransformer:
             y = jnp.einsum("...td,de->...te", h, w)
             return y.reshape(*y.shape[:-1], nh, y.shape[-1] // nh)
 
-        q, k, v = (split(block[w]) for w in ("wq", "wk", "wv"))
+        q, k, v = (split(block[w]["w"]) for w in ("q", "k", "v"))
         q, k = rope(q, self.rope_base), rope(k, self.rope_base)
         o = attention(q, k, v, causal=self.causal)
-        return jnp.einsum("...te,ed->...td", o.reshape(*o.shape[:-2], -1), block["wo"])
+        return jnp.einsum("...te,ed->...td", o.reshape(*o.shape[:-2], -1), block["o"]["w"])
 
     def partition_specs(self, params: dict, model_axis: str) -> dict:
         m = model_axis if self.shard_trunk else None
-        block = {"wq": P(None, m), "wk": P(None, m), "wv": P(None, m), "wo": P(m, None),
-                 "w1": P(None, m), "b1": P(m), "w2": P(m, None), "b2": P()}
+
+        def block():  # columns of q, k, v and rows of o are heads; mlp_in/out split ff
+            return {"q": {"w": P(None, m)}, "k": {"w": P(None, m)}, "v": {"w": P(None, m)},
+                    "o": {"w": P(m, None)}, "mlp_in": {"w": P(None, m), "b": P(m)},
+                    "mlp_out": {"w": P(m, None), "b": P()}}
+
         return {"chunks": [{"in": {"w": P(), "b": P()},
-                            "blocks": [dict(block) for _ in chunk["blocks"]],
+                            "blocks": [block() for _ in chunk["blocks"]],
                             "heads": _heads_specs(chunk["heads"], model_axis)}
                            for chunk in params["chunks"]]}
 

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -127,7 +128,7 @@ def np_transformer(chunk, xs, heads, causal):
     for blk in chunk["blocks"]:
         a = np_rms(h)
         B, T, D = a.shape
-        q, k, v = ((a @ f(blk[w])).reshape(B, T, heads, D // heads) for w in ("wq", "wk", "wv"))
+        q, k, v = ((a @ f(blk[w]["w"])).reshape(B, T, heads, D // heads) for w in "qkv")
         q, k = np_rope(q), np_rope(k)
         s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D // heads)
         if causal:
@@ -135,8 +136,9 @@ def np_transformer(chunk, xs, heads, causal):
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         o = np.einsum("bhqk,bkhd->bqhd", p, v).reshape(B, T, D)
-        h = h + o @ f(blk["wo"])
-        h = h + np_gelu(np_rms(h) @ f(blk["w1"]) + f(blk["b1"])) @ f(blk["w2"]) + f(blk["b2"])
+        h = h + o @ f(blk["o"]["w"])
+        mi, mo = blk["mlp_in"], blk["mlp_out"]
+        h = h + np_gelu(np_rms(h) @ f(mi["w"]) + f(mi["b"])) @ f(mo["w"]) + f(mo["b"])
     return {n: h @ f(p["w"]) + f(p["b"]) for n, p in chunk["heads"].items()}
 
 
@@ -157,9 +159,10 @@ def test_transformer_init_scales():
     chunk = fn.init(jax.random.key(0), sites=sites)["chunks"][0]
     np.testing.assert_allclose(np.std(chunk["in"]["w"]), math.sqrt(2 / 512), rtol=0.05)
     blk = chunk["blocks"][0]
-    assert blk["w1"].shape == (256, 1024)  # ff = 0: 4 * d_model
-    np.testing.assert_allclose(np.std(blk["wq"]), 1 / math.sqrt(3 * 256), rtol=0.05)  # uniform
-    np.testing.assert_allclose(np.std(blk["w2"]), 1 / math.sqrt(1024), rtol=0.05)
+    assert blk["mlp_in"]["w"].shape == (256, 1024)  # ff = 0: 4 * d_model
+    np.testing.assert_allclose(np.std(blk["q"]["w"]), 1 / math.sqrt(3 * 256), rtol=0.05)
+    np.testing.assert_allclose(np.std(blk["mlp_in"]["w"]), math.sqrt(2 / 256), rtol=0.05)
+    np.testing.assert_allclose(np.std(blk["mlp_out"]["w"]), 1 / math.sqrt(1024), rtol=0.05)
     np.testing.assert_allclose(np.std(chunk["heads"]["a"]["w"]), 1 / 16, rtol=0.05)
 
 
@@ -242,7 +245,7 @@ def test_heads_on_the_model_axis_and_the_same_ci_on_8_devices(ci_fn, shard_trunk
     heads = g["heads"] if ci_fn == "global_mlp" else g["chunks"][0]["heads"]
     assert heads["a"] == {"w": P(None, "model"), "b": P("model")}
     if ci_fn != "global_mlp":
-        w1 = g["chunks"][0]["blocks"][0]["w1"]
+        w1 = g["chunks"][0]["blocks"][0]["mlp_in"]["w"]
         assert w1 == (P(None, "model") if shard_trunk else P(None, None))
     mesh = sharding.make_mesh(data=1, model=8)
     sharding.check_divisible(params, specs, mesh, 8)
@@ -306,3 +309,16 @@ def test_lm_run_with_a_global_ci_function(ci_fn, tmp_path, monkeypatch):
     summary, step = finish(config, tmp_path / "run")
     assert step == 4 and np.isfinite(summary["kl_ci_masked"])
     assert len(summary["alive"]) == 8
+
+
+def test_muon_sees_every_weight_matrix_of_the_transformer():
+    from spdjax.methods.optimizers import muon_dims
+
+    fn = make_ci_fn("global_transformer", options=SMALL)
+    params = fn.init(jax.random.key(0), sites=SITES)
+    dims = jax.tree_util.tree_leaves_with_path(muon_dims(params), is_leaf=lambda x: x is None or
+                                               isinstance(x, optax.contrib.MuonDimensionNumbers))
+    matrices = sorted(jax.tree_util.keystr(p) for p, d in dims if d is not None)
+    # per block q, k, v, o, mlp_in, mlp_out; the input projection; one head per site
+    assert len(matrices) == 6 * SMALL["layers"] + 1 + len(SITES)
+    assert all(m.endswith("['w']") for m in matrices)
