@@ -4,6 +4,8 @@
 * :mod:`~spdjax.losses.recon`: stochastic / CI-masked / unmasked reconstruction (+ layerwise,
   subset-routed, hidden activations; optional delta component).
 * :mod:`~spdjax.losses.adversarial`: PGD reconstruction (full, subset, layerwise).
+* :mod:`~spdjax.losses.persistent_pgd`: persistent PGD (VPD), alone and merged with
+  stochastic-subset reconstruction.
 * :mod:`~spdjax.losses.regularisers`: faithfulness, importance and frequency minimality.
 * :mod:`~spdjax.losses.divergences`: ``mse``, ``kl``.
 * :mod:`~spdjax.losses.total`: :func:`term`, :func:`total_loss`, the :data:`LOSSES` registry.
@@ -14,8 +16,9 @@ Normalisations follow the SPD paper ("Method") and the later reference implement
 (goodfire-ai/spd); see each module and the README's "Loss normalisations".
 """
 
-from spdjax.losses.adversarial import (persistent_pgd_recon, pgd_masks, pgd_recon,
-                                      pgd_recon_layerwise, pgd_recon_subset)
+from spdjax.losses.adversarial import (assign_state, pgd_masks, pgd_recon, pgd_recon_layerwise,
+                                      pgd_recon_subset)
+from spdjax.losses.persistent_pgd import persistent_pgd_recon, stochastic_pgd_recon_subset
 from spdjax.losses.checks import (Check, boolean, nonnegative, nonnegative_finite, nonnegative_int,
                                    one_of, options, positive_finite, positive_int)
 from spdjax.losses.context import Context, checked, make_context
@@ -37,5 +40,6 @@ __all__ = [
     "kl", "make_context", "make_total_loss", "mse", "options", "persistent_pgd_recon", "pgd_masks",
     "pgd_recon", "pgd_recon_layerwise", "pgd_recon_subset", "stochastic_hidden_acts_recon",
     "stochastic_recon", "stochastic_recon_layerwise", "stochastic_recon_subset", "term",
+    "assign_state", "stochastic_pgd_recon_subset",
     "term_key", "terms_from_config", "total_loss", "unmasked_recon",
 ]

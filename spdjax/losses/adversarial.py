@@ -15,12 +15,14 @@ signed step is the same on every device.
 
 Three terms, as the reference: :func:`pgd_recon` (every site masked), :func:`pgd_recon_subset`
 (a routed subset per position, routing drawn once per batch) and :func:`pgd_recon_layerwise`
-(each site alone, with its own sources; averaged over sites).
+(each site alone, with its own sources; averaged over sites). Persistent PGD, whose sources
+persist across steps, is :mod:`spdjax.losses.persistent_pgd`; its state lives in the adversary
+slot ``params["adversary"]`` and is updated through :func:`assign_state`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -153,60 +155,31 @@ def pgd_recon_layerwise(params, ctx: Context, key, *, n_steps: int = 1, step_siz
         for i, name in enumerate(ctx.ci)]))
 
 
-# -- persistent PGD (VPD) ---------------------------------------------------------------------
-ADVERSARY = "adversary"  # params[ADVERSARY][term name]: a term's persistent sources
+# -- the adversary slot --------------------------------------------------------------------
+ADVERSARY = "adversary"  # params[ADVERSARY][term name]: a stateful term's state
 
 
-@options(router_and_probability, **STEP_OPTIONS, routing_p=optional_probability)
-def persistent_pgd_recon(params, ctx: Context, key, *, n_steps: int = 2, step_size: float = 0.1,
-                         delta: bool = False, router: str | Router | None = None,
-                         routing_p: float | None = None, divergence: Divergence = mse,
-                         term_name: str = "persistent_pgd_recon") -> Array:
-    """PGD recon from sources that persist across training steps (VPD's PPGD).
+@jax.custom_vjp
+def assign_state(state: Any, new: Any) -> Array:
+    """0, with gradient ``state - new`` for ``state`` (and none for ``new``), whatever the
+    term's coefficient: how a loss term hands its next state to the optimizer.
 
-    The sources, one vector ``[C (+1 with delta)]`` per site shared across the batch, live in
-    ``params["adversary"][term_name]`` (so they are checkpointed and resumed with the model).
-    Each step starts from them, takes ``n_steps`` signed warm-up steps (not kept), and the final
-    loss is evaluated there; its gradient reaches the persistent sources (and, as in every PGD
-    term, the model), and the optimizer moves the sources *up* that gradient
-    (:func:`spdjax.methods.adversary.ascend_in_unit_box`, chained in by
-    :func:`~spdjax.methods.adversary.with_adversary`: Adam β = (0.5, 0.99), lr 0.01, clipped to
-    [0, 1]). ``router`` (e.g. ``"uniform_k"``) routes a subset of sites per position.
+    Descending that gradient with ``optax.sgd(1.0)`` (the term's ``adversary_optimizer``, see
+    :mod:`spdjax.methods.adversary`) sets ``state`` to ``new``. ``new`` should be a constant
+    (``jax.lax.stop_gradient``) with ``state``'s structure, shapes and float dtypes.
     """
-    _check(n_steps, step_size, "ones", "shared_across_batch")
-    divergence = DIVERGENCES.resolve(divergence)
-    sites = list(ctx.ci)
-    persistent = params[ADVERSARY][term_name]
-    lower = {n: ctx.ci[n].lower for n in sites}
-    routing = None
-    if router is not None:
-        routing = route(jax.random.fold_in(key, ROUTING_STREAM), make_router(router, routing_p),
-                        sites, lower[sites[0]].shape[:-1])
-    const_params, const_lower = jax.lax.stop_gradient((params, lower))
-
-    def loss(sources, p, g):
-        lead = (1,) * (g[sites[0]].ndim - 1)
-        shaped = {n: s.reshape(*lead, -1) for n, s in sources.items()}
-        out = ctx.decomposition.forward(ctx.target_params, p, ctx.batch,
-                                        masks_from_sources(shaped, g, routing, delta))
-        return divergence(out, ctx.target_out)
-
-    def ascend(sources, _):
-        grads = jax.grad(loss)(sources, const_params, const_lower)
-        return jax.tree.map(lambda s, d: jnp.clip(s + step_size * jnp.sign(d), 0.0, 1.0),
-                            sources, grads), None
-
-    warm, _ = jax.lax.scan(ascend, jax.lax.stop_gradient(persistent), None, length=n_steps)
-    # The value at the warmed-up sources, with the gradient of the persistent ones.
-    sources = jax.tree.map(lambda p, w: p + jax.lax.stop_gradient(w - p), persistent, warm)
-    return loss(sources, params, lower)
+    del state, new
+    return jnp.zeros((), jnp.float32)
 
 
-def _persistent_init(decomposition, key, *, delta: bool = False, **options) -> dict:
-    """Initial persistent sources ``{site: U[0, 1) of [C (+1)]}``."""
-    del options
-    return {n: jax.random.uniform(jax.random.fold_in(key, i), (decomposition.C[n] + int(delta),))
-            for i, n in enumerate(decomposition.site_names)}
+def _assign_fwd(state, new):
+    return jnp.zeros((), jnp.float32), (state, new)
 
 
-persistent_pgd_recon.adversary_init = _persistent_init
+def _assign_bwd(residuals, cotangent):
+    del cotangent  # the update is the new state itself, not scaled by the term's weight
+    state, new = residuals
+    return jax.tree.map(lambda s, n: s - n, state, new), jax.tree.map(jnp.zeros_like, new)
+
+
+assign_state.defvjp(_assign_fwd, _assign_bwd)

@@ -21,10 +21,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
-from spdjax.losses.adversarial import (persistent_pgd_recon, pgd_recon, pgd_recon_layerwise,
-                                      pgd_recon_subset)
+from spdjax.losses.adversarial import pgd_recon, pgd_recon_layerwise, pgd_recon_subset
 from spdjax.losses.context import Context
 from spdjax.losses.checks import declared_checks
+from spdjax.losses.persistent_pgd import persistent_pgd_recon, stochastic_pgd_recon_subset
 from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise,
                                  stochastic_hidden_acts_recon, stochastic_recon,
                                  stochastic_recon_layerwise, stochastic_recon_subset,
@@ -50,6 +50,7 @@ LOSSES: Registry[LossFn] = Registry("loss", {
     "pgd_recon_subset": pgd_recon_subset,
     "pgd_recon_layerwise": pgd_recon_layerwise,
     "persistent_pgd_recon": persistent_pgd_recon,
+    "stochastic_pgd_recon_subset": stochastic_pgd_recon_subset,
 })
 @dataclasses.dataclass(frozen=True)
 class Term:

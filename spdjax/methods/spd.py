@@ -257,12 +257,13 @@ def method(
     """SPD on ``decomposition`` with loss ``terms``; ``learning_rate`` a float or schedule;
     ``eval_terms`` are computed by the final evaluation only; ``group_optimizers`` as
     :func:`make_optimizer`'s ``groups`` (default: Adam at ``learning_rate`` for everything)."""
+    terms = adversary.resolve_source_optimizers(terms)  # stateful terms' optimizer names
     obj = objective(decomposition, terms, l0_threshold=l0_threshold,
                     ci_lower_noise=ci_lower_noise)
     optimizer = make_optimizer(decomposition, learning_rate, clip_components=clip_components,
                                clip_ci=clip_ci, groups=group_optimizers)
     if adversary.adversarial_terms(terms):
-        optimizer = adversary.with_adversary(optimizer)
+        optimizer = adversary.with_adversary(optimizer, adversary.term_optimizers(terms))
     return Method(
         name="spd",
         hparams={t.name: t.coeff for t in terms},
@@ -324,6 +325,7 @@ def check_config(config, target=None) -> None:
         names = ", ".join(f"losses.{t.name}.coeff" for t in terms)
         raise ValueError(f"Every loss coefficient is 0 ({names}): the objective is identically "
                          "zero and nothing would train; set at least one coeff > 0.")
+    adversary.resolve_source_optimizers(terms)  # an unknown source optimizer fails here
     eval_terms = eval_terms_from_config(config.eval_losses.to_dict())
     stateful = [t.name for t in adversary.adversarial_terms(eval_terms)]
     if stateful:
