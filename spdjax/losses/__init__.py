@@ -6,7 +6,11 @@
 * :mod:`~spdjax.losses.adversarial`: PGD reconstruction (full, subset, layerwise).
 * :mod:`~spdjax.losses.persistent_pgd`: persistent PGD (VPD), alone and merged with
   stochastic-subset reconstruction.
-* :mod:`~spdjax.losses.regularisers`: faithfulness, importance and frequency minimality.
+* :mod:`~spdjax.losses.regularisers`: faithfulness (VPD's Delta-L2), importance and frequency
+  minimality.
+* :mod:`~spdjax.losses.minimality`: VPD's smooth-L0 importance minimality (annealed gamma) and
+  nested frequency minimality (one batch or an EMA across steps).
+* :mod:`~spdjax.losses.locality`: VPD's nonlinearity locality (subcomponents on few neurons/heads).
 * :mod:`~spdjax.losses.divergences`: ``mse``, ``kl``.
 * :mod:`~spdjax.losses.total`: :func:`term`, :func:`total_loss`, the :data:`LOSSES` registry.
 * :mod:`~spdjax.losses.checks`: :func:`options`, the option checks a term declares next to its
@@ -27,7 +31,11 @@ from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise,
                                  stochastic_hidden_acts_recon, stochastic_recon,
                                  stochastic_recon_layerwise, stochastic_recon_subset,
                                  unmasked_recon)
-from spdjax.losses.regularisers import (annealed_p, faithfulness, frequency_minimality,
+from spdjax.losses.locality import nonlinearity_locality
+from spdjax.losses.minimality import (annealed_gamma, couples_examples, linear_anneal,
+                                      nested_frequency_minimality, nested_frequency_minimality_ema,
+                                      smooth_l0_importance_minimality)
+from spdjax.losses.regularisers import (annealed_p, delta_l2, faithfulness, frequency_minimality,
                                         importance_minimality)
 from spdjax.losses.total import (LOSSES, Term, make_total_loss, term, term_key, terms_from_config,
                                  total_loss)
@@ -42,4 +50,7 @@ __all__ = [
     "stochastic_recon", "stochastic_recon_layerwise", "stochastic_recon_subset", "term",
     "assign_state", "stochastic_pgd_recon_subset",
     "term_key", "terms_from_config", "total_loss", "unmasked_recon",
+    "annealed_gamma", "couples_examples", "delta_l2", "linear_anneal",
+    "nested_frequency_minimality", "nested_frequency_minimality_ema", "nonlinearity_locality",
+    "smooth_l0_importance_minimality",
 ]

@@ -1,4 +1,5 @@
-"""Loss terms on the parameters and the causal importances: faithfulness, importance minimality.
+"""Loss terms on the parameters and the causal importances: faithfulness (and VPD's Delta-L2),
+importance and frequency minimality.
 
 Same signature as every loss term, ``loss(params, ctx, key, **options) -> scalar`` (the key is
 unused here).
@@ -10,8 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from spdjax.losses.context import Context
-from spdjax.losses.checks import (nonnegative, nonnegative_finite, optional_positive, options,
-                                   positive_finite)
+from spdjax.losses.checks import (nonnegative, nonnegative_finite, one_of, optional_positive,
+                                   options, positive_finite)
+from spdjax.losses.minimality import anneal_order, fraction, linear_anneal
 
 Array = jax.Array
 
@@ -30,13 +32,32 @@ def faithfulness(params, ctx: Context, key=None) -> Array:
     return sq / n
 
 
+@options(normalization=one_of(("mse", "relative")))
+def delta_l2(params, ctx: Context, key=None, *, normalization: str = "mse") -> Array:
+    """VPD's Delta-L2 on the delta components ``Delta_l = W_l - sum_c U_c V_c^T``.
+
+    ``"mse"`` (default): ``sum_l ||Delta_l||_F^2 / N``, N the number of decomposed parameters
+    (VPD paper, appendix "Delta-L2 penalty"; the same value as :func:`faithfulness`).
+    ``"relative"``: ``mean_l ||Delta_l||_F^2 / ||W_l||_F^2``, each matrix relative to its own
+    size (the VPD library's faithfulness loss), so small matrices are not drowned by large ones.
+    A tied site counts separately, as in :func:`faithfulness`. Returns a scalar.
+    """
+    del key
+    if normalization == "mse":
+        return faithfulness(params, ctx)
+    d = ctx.decomposition
+    total = 0.0
+    for name in d.site_names:
+        W = d.site(name).weight(ctx.target_params)
+        total = total + (jnp.sum((W - d.component_weight(params, name)) ** 2)
+                         / jnp.sum(W ** 2))
+    return total / len(d.site_names)
+
+
 def annealed_p(step_frac, pnorm, start_frac=1.0, final_p=None, end_frac=1.0):
-    """p for importance minimality: pnorm until start_frac, linear to final_p at end_frac."""
-    if final_p is None or start_frac >= 1.0:
-        return jnp.asarray(pnorm, jnp.float32)
-    span = max(end_frac - start_frac, 1e-12)
-    t = jnp.clip((step_frac - start_frac) / span, 0.0, 1.0)
-    return pnorm + (final_p - pnorm) * t
+    """p for importance minimality: pnorm until start_frac, linear to final_p at end_frac
+    (:func:`spdjax.losses.minimality.linear_anneal`)."""
+    return linear_anneal(step_frac, pnorm, start_frac, final_p, end_frac)
 
 
 def _minimality(ctx: Context, p, eps: float, plain: float, frequency: float) -> Array:
@@ -54,7 +75,8 @@ def _minimality(ctx: Context, p, eps: float, plain: float, frequency: float) -> 
     return total
 
 
-@options(pnorm=positive_finite, p_anneal_final_p=optional_positive, eps=nonnegative,
+@options(anneal_order("p"), pnorm=positive_finite, p_anneal_final_p=optional_positive,
+         p_anneal_start_frac=fraction, p_anneal_end_frac=fraction, eps=nonnegative,
          beta=nonnegative_finite)
 def importance_minimality(
     params, ctx: Context, key=None, *, pnorm: float, p_anneal_start_frac: float = 1.0,
@@ -67,6 +89,7 @@ def importance_minimality(
     ``beta > 0`` adds the later reference implementation's frequency term (goodfire-ai/spd):
     ``beta * M_c * log2(1 + S_c)`` per component, ``M_c``/``S_c`` the mean/sum over the batch
     (the global batch under ``jit``, so the reference's ``world_size`` scaling is not needed).
+    ``S_c`` must be the whole batch's: SPD refuses ``beta > 0`` with ``microbatches > 1``.
     """
     if not pnorm > 0:
         raise ValueError(f"importance_minimality: pnorm must be > 0, got {pnorm!r}.")
@@ -74,7 +97,8 @@ def importance_minimality(
     return _minimality(ctx, p, eps, 1.0, beta)
 
 
-@options(pnorm=positive_finite, p_anneal_final_p=optional_positive, eps=nonnegative)
+@options(anneal_order("p"), pnorm=positive_finite, p_anneal_final_p=optional_positive,
+         p_anneal_start_frac=fraction, p_anneal_end_frac=fraction, eps=nonnegative)
 def frequency_minimality(
     params, ctx: Context, key=None, *, pnorm: float, p_anneal_start_frac: float = 1.0,
     p_anneal_final_p: float | None = None, p_anneal_end_frac: float = 1.0, eps: float = 1e-12,
@@ -86,3 +110,9 @@ def frequency_minimality(
         raise ValueError(f"frequency_minimality: pnorm must be > 0, got {pnorm!r}.")
     p = annealed_p(ctx.step_frac, pnorm, p_anneal_start_frac, p_anneal_final_p, p_anneal_end_frac)
     return _minimality(ctx, p, eps, 0.0, 1.0)
+
+
+# The log2(1 + S_c) of a batch sum: a microbatch would see its own chunk's S_c (see
+# spdjax.losses.minimality.couples_examples).
+importance_minimality.couples_examples = lambda beta=0.0, **_: beta > 0
+frequency_minimality.couples_examples = lambda **_: True

@@ -29,7 +29,11 @@ from spdjax.losses.recon import (ci_masked_recon, ci_masked_recon_layerwise,
                                  stochastic_hidden_acts_recon, stochastic_recon,
                                  stochastic_recon_layerwise, stochastic_recon_subset,
                                  unmasked_recon)
-from spdjax.losses.regularisers import faithfulness, frequency_minimality, importance_minimality
+from spdjax.losses.locality import nonlinearity_locality
+from spdjax.losses.minimality import (nested_frequency_minimality, nested_frequency_minimality_ema,
+                                      smooth_l0_importance_minimality)
+from spdjax.losses.regularisers import (delta_l2, faithfulness, frequency_minimality,
+                                        importance_minimality)
 from spdjax.core.registry import Registry
 
 Array = jax.Array
@@ -51,6 +55,11 @@ LOSSES: Registry[LossFn] = Registry("loss", {
     "pgd_recon_layerwise": pgd_recon_layerwise,
     "persistent_pgd_recon": persistent_pgd_recon,
     "stochastic_pgd_recon_subset": stochastic_pgd_recon_subset,
+    "smooth_l0_importance_minimality": smooth_l0_importance_minimality,
+    "nested_frequency_minimality": nested_frequency_minimality,
+    "nested_frequency_minimality_ema": nested_frequency_minimality_ema,
+    "nonlinearity_locality": nonlinearity_locality,
+    "delta_l2": delta_l2,
 })
 @dataclasses.dataclass(frozen=True)
 class Term:
