@@ -24,6 +24,7 @@ from spdjax.core.decomposition import Decomposition, alive_components, ci_l0, de
 from spdjax.losses import Context, Term, faithfulness, make_context, terms_from_config, total_loss
 from spdjax.core.components import COMPONENT_INITS, ComponentInit, init_paper
 from spdjax.losses.adversarial import ADVERSARY
+from spdjax.losses.minimality import couples_examples
 from spdjax.methods import adversary, optimizers
 from spdjax.methods.base import Method, MethodSpec, Objective, register
 
@@ -331,6 +332,13 @@ def check_config(config, target=None) -> None:
     if stateful:
         raise ValueError(f"eval_losses {stateful} keep state across training steps; they can "
                          "only be training terms (losses).")
+    coupled = [t.name for t in terms if couples_examples(t.fn, t.options)]
+    if coupled and config.microbatches > 1:
+        raise ValueError(
+            f"Loss terms {coupled} take log2(1 + S_c) of a sum over the whole batch (frequency "
+            f"minimality); with microbatches={config.microbatches} each chunk would use its own "
+            "smaller sum, a different loss and gradient. Use microbatches=1 (a smaller "
+            "batch_size if memory is short), or drop the frequency part (beta=0).")
     shared = [t.name for t in terms if hasattr(t.fn, "adversary_init")
               or t.options.get("scope") == "shared_across_batch"]
     if shared and config.microbatches > 1:
