@@ -16,6 +16,7 @@ stored as a float and cast back). The source shape is the ``scope``'s (the refer
   ``broadcast_across_batch``  ``[*positions, C]``: shared by the examples, free per position
   ``repeat_across_batch``     ``[n_sources, *positions, C]``: example ``b`` uses ``b % n_sources``
   ``per_batch_per_position``  ``[*batch_shape, C]``: one source per example and position
+                              (a batch of another size, e.g. the evaluation's, cycles through them)
 
 and with ``pool_size`` (``single_source`` or ``broadcast_across_batch`` only) the sources are a
 pool ``[pool_size, ...]`` of cross-site particles: each call draws one row per example (with
@@ -146,16 +147,15 @@ def expand_sources(sources: Array, leading: tuple, *, scope: str,
         rest = sources.shape[1:-1]
         pad = (1,) * (len(leading) - 1 - len(rest))
         return jnp.broadcast_to(sources.reshape(leading[0], *pad, *rest, C), (*leading, C))
-    if scope == "repeat_across_batch":
+    if scope in ("repeat_across_batch", "per_batch_per_position"):
+        # Example b uses source b % n; a per-example scope meeting a batch of another size (the
+        # evaluation's) cycles through its sources the same way.
         n = sources.shape[0]
-        if leading[0] % n:
-            raise ValueError(f"repeat_across_batch: n_sources={n} must divide the batch size "
-                             f"{leading[0]}.")
+        if leading[0] % n or sources.shape[1:-1] != tuple(leading[1:]):
+            raise ValueError(f"{scope}: sources {sources.shape[:-1]} do not fit a batch of "
+                             f"leading shape {tuple(leading)} (the source count must divide the "
+                             "batch size, the positions must match); check batch_shape.")
         sources = jnp.tile(sources, (leading[0] // n,) + (1,) * (sources.ndim - 1))
-    elif scope == "per_batch_per_position":
-        if sources.shape[:-1] != tuple(leading):
-            raise ValueError(f"per_batch_per_position sources {sources.shape[:-1]} do not match "
-                             f"the batch's leading shape {tuple(leading)}; set batch_shape to it.")
     else:  # single_source, broadcast_across_batch: the missing leading axes broadcast
         sources = sources.reshape((1,) * (len(leading) + 1 - sources.ndim) + sources.shape)
     return jnp.broadcast_to(sources, (*leading, C))

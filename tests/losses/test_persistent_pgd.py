@@ -134,6 +134,12 @@ def test_scopes_store_and_expand_as_the_reference(setup):
                     "repeat_across_batch": lambda: s[np.arange(6) % 2],  # example b: b % n
                     "per_batch_per_position": lambda: s}[scope]()
         np.testing.assert_array_equal(out, expected)
+    # A per-example scope meets the evaluation's larger batch by cycling; a misfit fails.
+    s = rng.uniform(size=shapes["per_batch_per_position"]).astype(np.float32)
+    out = ppgd.expand_sources(s, (12, 5), scope="per_batch_per_position")
+    np.testing.assert_array_equal(out, s[np.arange(12) % 6])
+    with pytest.raises(ValueError, match="do not fit"):
+        ppgd.expand_sources(s, (8, 5), scope="per_batch_per_position")
     for scope, shape in (("single_source", (4, c)), ("broadcast_across_batch", (4, 5, c))):
         assert ppgd.source_shape(c, scope=scope, batch_shape=lead, pool_size=4) == shape
         s = rng.uniform(size=shape).astype(np.float32)
