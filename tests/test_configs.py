@@ -147,7 +147,7 @@ def test_adversaries_that_share_sources_refuse_microbatches_and_eval_only_use():
         validate(c)
     c = configs.load("tms:5-2")
     with c.unlocked():
-        c.eval_losses = {"persistent_pgd_recon": {"n_steps": 1}}
+        c.eval_losses = {"persistent_pgd_recon": {"n_warmup_steps": 1}}
     with pytest.raises(ValueError, match="keep state across training steps"):
         validate(c)
 

@@ -261,38 +261,6 @@ def test_gradient_clipping_per_group():
     np.testing.assert_array_equal(clipped["ci"]["a"], grads["ci"]["a"])  # not clipped
 
 
-def _persistent_config(**overrides):
-    config = spdjax.config.load("tms:5-2", {"steps": 10, "log_every": 5, "checkpoint_every": 5,
-                                            "batch_size": 64, "eval_batch_size": 128,
-                                            "figures": False, **overrides})
-    with config.unlocked():
-        config.losses.persistent_pgd_recon = {"coeff": 1.0, "n_steps": 2, "step_size": 0.1,
-                                              "delta": True}
-    return config
-
-
-def test_persistent_pgd_sources_ascend_stay_in_the_unit_box_and_survive_a_resume(tmp_path):
-    from spdjax.training import loop
-
-    straight = spdjax.setup(_persistent_config())
-    start = jax.device_get(straight.params["adversary"]["persistent_pgd_recon"])
-    assert {n: s.shape for n, s in start.items()} == {"linear1": (21,), "linear2": (21,)}
-    loop.train(straight)
-    end = jax.device_get(straight.params["adversary"]["persistent_pgd_recon"])
-    assert all(((s >= 0) & (s <= 1)).all() for s in end.values())
-    assert not all(np.allclose(start[n], end[n]) for n in start)  # they moved
-
-    stopped = spdjax.setup(_persistent_config(), tmp_path / "run")
-    loop.train(stopped, 5)
-    loop.close(stopped)
-    resumed = spdjax.setup(_persistent_config(), tmp_path / "run")  # as after a kill
-    assert resumed.step == 5
-    loop.train(resumed)
-    loop.close(resumed)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params),
-                 jax.device_get(straight.params))
-
-
 def test_the_adversary_optimizer_ascends_and_clips():
     from spdjax.methods.adversary import ascend_in_unit_box
 
