@@ -346,6 +346,10 @@ class Decomposition:
         if is_global(self.ci_fn):  # one network for every site's CI
             pres = self.ci_fn.apply(params["ci"][GLOBAL],
                                     {n: dense_input(site_inputs[n]) for n in self.site_names})
+            if set(pres) != set(self.site_names):
+                raise ValueError(f"The global CI function gave CI for {sorted(pres)}, but this "
+                                 f"decomposition has sites {list(self.site_names)}: params "
+                                 "built for another decomposition?")
         out = {}
         for i, name in enumerate(self.site_names):
             if pres is not None:

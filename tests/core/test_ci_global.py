@@ -65,6 +65,10 @@ def test_params_of_another_kind_of_ci_function_are_refused():
     d = spdjax.decompose(target, {"a": 5, "b": 3}, ci_fn="global_mlp")
     with pytest.raises(ValueError, match=r"CI params under \['__global__'\]: a global CI"):
         spdjax.make_context(d, tp, per_site, jnp.ones((2, 3)))
+    one_site = spdjax.decompose(target, {"a": 5}, ci_fn="global_mlp").init(jax.random.key(0), tp)
+    other = {**d.init(jax.random.key(0), tp), "ci": one_site["ci"]}
+    with pytest.raises(ValueError, match=r"gave CI for \['a'\], but this decomposition has"):
+        spdjax.make_context(d, tp, other, jnp.ones((2, 3)))
 
 
 # -------------------------------------------------------------------------- the transformer
