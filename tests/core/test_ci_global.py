@@ -326,3 +326,24 @@ def test_muon_sees_every_weight_matrix_of_the_transformer():
     # per block q, k, v, o, mlp_in, mlp_out; the input projection; one head per site
     assert len(matrices) == 6 * SMALL["layers"] + 1 + len(SITES)
     assert all(m.endswith("['w']") for m in matrices)
+
+
+@pytest.mark.parametrize("ci_fn", ["global_mlp", pytest.param("global_transformer",
+                                                              marks=pytest.mark.slow)])
+def test_a_train_step_on_8_model_devices_equals_one_device_and_gathers_nothing(ci_fn):
+    import re
+
+    from benchmarks.sharding_memory import build
+
+    def run_on(model):
+        state, step, tp = build(64, ci_fn, model, d=16, h=32, batch=16, ci_hidden=8)
+        hlo = step.lower(state, tp, jax.random.key(1)).compile().as_text()
+        state, metrics = step(state, tp, jax.random.key(1))
+        return hlo, float(metrics["loss"]["total"]), jax.device_get(state.params)
+
+    _, base_loss, base_params = run_on(1)
+    hlo, loss, params = run_on(8)
+    assert re.findall(r"all-gather", hlo) == []  # no factor, head or trunk weight moves whole
+    np.testing.assert_allclose(loss, base_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params, base_params)
