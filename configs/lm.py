@@ -1,7 +1,12 @@
 """SPD on transformers: the induction-head toy (``ih``, default) and a small byte-level LM.
 
-The argument is the variant alone (the grammar of every config file,
-``<variant>[+<modifier>]...``, spdjax.config.parse_variant; this one has no modifiers).
+The argument is ``<variant>[+vpd]`` (the grammar of every config file,
+``<variant>[+<modifier>]...``, spdjax.config.parse_variant). ``+vpd`` switches to VPD's recipe
+(spdjax/config/vpd.py: the VPD library's canonical 4-layer LM config scaled to these models): a
+causal transformer CI function over every site's input, Muon, smooth-L0 importance with nested
+EMA frequency minimality, nonlinearity locality on the byte LM's MLP neurons and attention heads,
+the pooled merged stochastic-subset + persistent-PGD term, faithfulness 1000 and the evaluation
+suite; its steps and batch are the variant's.
 
 Targets are trained by our own command (``python -m spdjax.cli.target --family=lm --variant=ih``;
 also trained and cached by the first run below). Every site is found by tracing the model
@@ -20,7 +25,7 @@ position; top_contexts.html for the byte LM). Numbers and timings: RESULTS.md. S
 spdjax/config/base.py.
 """
 
-from spdjax.config import base_config, parse_variant
+from spdjax.config import base_config, parse_variant, vpd
 
 # variant -> (C, steps, batch, lr, importance-minimality coeff, p, CI function, hidden width)
 # ih: per-subcomponent CI MLPs on inner activations (the paper's); bytes: one MLP per site from
@@ -32,7 +37,7 @@ _VARIANTS = {
 
 
 def get_config(arg: str = "ih"):
-    arg, _ = parse_variant(arg, "LM", _VARIANTS)  # no modifiers: the variant alone
+    arg, modifiers = parse_variant(arg, "LM", _VARIANTS, ["vpd"], max_modifiers=1)
     C, steps, batch, lr, imp_coeff, pnorm, ci_fn, ci_hidden = _VARIANTS[arg]
     c = base_config("lm", arg)
     c.C, c.steps, c.batch_size, c.lr = C, steps, batch, lr
@@ -54,4 +59,20 @@ def get_config(arg: str = "ih"):
     c.eval_batch_size = 256 if arg == "ih" else 32
     c.log_every = 250
     c.checkpoint_every = 1000
+    if modifiers == ["vpd"]:
+        vpd.language_model(c, seq_len=c.target_recipe.seq_len, units=_UNITS[arg])
+        if not _UNITS[arg]:  # one head and no MLP: every subcomponent touches one unit
+            del c.losses["nonlinearity_locality"]
     return c
+
+
+# Nonlinearity-facing sides for VPD's locality term: the MLP's hidden neurons (rows of mlp_in's U,
+# columns of mlp_out's V) and the attention heads (the q/k/v outputs, the out projection's input).
+def _block_units(i: int, heads: int) -> dict:
+    head = lambda side: {"side": side, "heads": heads, "kind": "attention_head"}  # noqa: E731
+    return {f"blocks_{i}/mlp_in": "output", f"blocks_{i}/mlp_out": "input",
+            **{f"blocks_{i}/attn/{p}": head("output") for p in ("q", "k", "v")},
+            f"blocks_{i}/attn/out": head("input")}
+
+
+_UNITS = {"ih": {}, "bytes": {**_block_units(0, 4), **_block_units(1, 4)}}

@@ -15,6 +15,10 @@ gaussian init + warm-up, clamped sigmoid, the delta component; 1 and 3 layers wi
 layerwise recon, 2 layers with subset-routed stochastic recon and subset PGD recon (1 signed step
 of size 1, sources shared across the batch), shared CI MLP [256] and faithfulness logged only.
 
+Append ``+vpd`` for VPD's recipe (spdjax/config/vpd.py: the VPD library's 1-layer config; C 200
+per site for 1 layer, a shared CI MLP [400], smooth-L0 importance and nested frequency
+minimality, the merged stochastic-subset + persistent-PGD term, 50k steps).
+
 Append ``+apd`` (``1+apd``, ``2+apd``) for APD with the reference code's hyperparameters (C 130 /
 200, batch top-k 1.28, Schatten p 0.9, activation reconstruction, unit-norm A for 1 layer,
 xavier-normal init with gain 2 over the whole [1, C, d_in, m] tensor, 10k steps of batch 256,
@@ -25,7 +29,7 @@ W_out one dense block of 50 subcomponents, neuron-contribution correlation >= 0.
 fields: spdjax/config/base.py.
 """
 
-from spdjax.config import base_config, later_reference, parse_variant
+from spdjax.config import base_config, later_reference, parse_variant, vpd
 
 # variant -> (C, steps, lr, importance-minimality coeff, CI hidden width, micro-batches)
 # 2 layers: the paper-branch config's 2e-5 (the paper's text says 1e-5); 3 layers: the config's
@@ -49,10 +53,12 @@ _HEAD = {
 
 
 def get_config(arg: str = "1"):
-    variant, modifiers = parse_variant(arg, "ResidMLP", _VARIANTS, ["head", "apd"],
+    variant, modifiers = parse_variant(arg, "ResidMLP", _VARIANTS, ["head", "apd", "vpd"],
                                        max_modifiers=1)
     if modifiers == ["head"]:
         return _head(variant)
+    if modifiers == ["vpd"]:
+        return _vpd(variant)
     if modifiers == ["apd"]:
         return _apd(variant)
     C, steps, lr, imp_coeff, ci_hidden, microbatches = _VARIANTS[variant]
@@ -68,6 +74,16 @@ def get_config(arg: str = "1"):
     c.eval_batch_size = 10_000
     c.microbatches = microbatches
     return c
+
+
+def _vpd(variant: str):
+    """VPD's recipe (spdjax/config/vpd.py; goodfire-ai/param-decomp's resid_mlp_1l.yaml, whose
+    C is 200 per site; 2 and 3 layers, which it has no config for, keep the variant's C)."""
+    c = get_config(variant)
+    if variant == "1":
+        c.C = 200
+    return vpd.toy(c, importance=1e-6, frequency=5e-7, ci_hidden=400, steps=50_000,
+                   batch_size=2048, lr=2e-3)
 
 
 def _head(variant: str):

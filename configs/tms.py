@@ -21,7 +21,10 @@ layerwise recon with the delta component and no faithfulness term, hidden-activa
 1 and 2 reproduce the APD paper's MMCS 0.996 / ML2R 0.935 (RESULTS.md, "APD on TMS").
 Append ``+pgd`` to add the later reference's subset-routed PGD recon (1 step of size 1, random
 sources shared across the batch; with the delta component under ``+head``), e.g.
-``5-2-id+head+pgd``.
+``5-2-id+head+pgd``. Append ``+vpd`` for VPD's recipe (spdjax/config/vpd.py: the VPD library's
+TMS config): untied sites, a shared CI MLP [50], smooth-L0 importance and nested frequency
+minimality with gamma annealed 1 -> 0.01, the merged stochastic-subset + persistent-PGD term,
+faithfulness, gradient clipping, 20k steps; it combines with no other modifier.
 
     python -m spdjax.main --config=configs/tms.py --workdir=workdir/tms_5-2
     python -m spdjax.main --config=configs/tms.py:40-10-id --config.steps=2000 --workdir=/tmp/x
@@ -30,7 +33,7 @@ Expected (see RESULTS.md): MMCS 1.000, ML2R ~0.99-1.03; the 40k-step 5-2 run tak
 CPU cores (the exact time is recorded in RESULTS.md). Shared fields: spdjax/config/base.py.
 """
 
-from spdjax.config import base_config, later_reference, parse_variant
+from spdjax.config import base_config, later_reference, parse_variant, vpd
 
 # variant -> (C, importance-minimality coeff, p, gradient micro-batches on CPU)
 _VARIANTS = {
@@ -54,6 +57,8 @@ _MODIFIERS = {  # "+name" suffix -> config overrides ("+head", "+apd": functions
     # size 1 from random sources shared across the batch (with the delta component when the
     # recipe has it, e.g. +head+pgd)
     "pgd": {},
+    # VPD's recipe (spdjax/config/vpd.py; goodfire-ai/param-decomp's tms_5-2.yaml)
+    "vpd": {},
 }
 
 
@@ -71,6 +76,11 @@ def get_config(arg: str = "5-2"):
     c.target_recipe.double_update = True
     if "pgd" in modifiers and {"apd", "apd_paper"} & set(modifiers):
         raise ValueError(f"+pgd adds an SPD loss term; APD has none ({arg!r}).")
+    if "vpd" in modifiers and len(modifiers) > 1:
+        raise ValueError(f"+vpd is a whole recipe; it combines with no other modifier ({arg!r}).")
+    if "vpd" in modifiers:
+        return vpd.toy(c, importance=8e-4, frequency=4e-4, ci_hidden=50, steps=20_000,
+                       batch_size=4096, lr=1e-3)
     if {"apd", "apd_paper"} <= set(modifiers):
         raise ValueError(f"+apd and +apd_paper are two APD recipes; choose one ({arg!r}).")
     for name in sorted(modifiers, key=lambda m: m == "pgd"):  # +pgd last: after +head's losses

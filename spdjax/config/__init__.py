@@ -8,8 +8,9 @@
   value-taking run layer (:mod:`spdjax.training`).
 """
 
+from spdjax.config import vpd
 from spdjax.config.base import base_config, later_reference, parse_variant
 from spdjax.config.files import (apply_overrides, from_dict, load, parse_assignments, to_dict)
 
-__all__ = ["apply_overrides", "base_config", "from_dict", "later_reference", "load",
+__all__ = ["apply_overrides", "base_config", "from_dict", "later_reference", "load", "vpd",
            "parse_assignments", "parse_variant", "to_dict"]

@@ -151,11 +151,12 @@ def expand_sources(sources: Array, leading: tuple, *, scope: str,
         # Example b uses source b % n; a per-example scope meeting a batch of another size (the
         # evaluation's) cycles through its sources the same way.
         n = sources.shape[0]
-        if leading[0] % n or sources.shape[1:-1] != tuple(leading[1:]):
+        if sources.shape[1:-1] != tuple(leading[1:]):
             raise ValueError(f"{scope}: sources {sources.shape[:-1]} do not fit a batch of "
-                             f"leading shape {tuple(leading)} (the source count must divide the "
-                             "batch size, the positions must match); check batch_shape.")
-        sources = jnp.tile(sources, (leading[0] // n,) + (1,) * (sources.ndim - 1))
+                             f"leading shape {tuple(leading)} (the positions must match); check "
+                             "batch_shape.")
+        if leading[0] != n:
+            sources = sources[jnp.arange(leading[0]) % n]
     else:  # single_source, broadcast_across_batch: the missing leading axes broadcast
         sources = sources.reshape((1,) * (len(leading) + 1 - sources.ndim) + sources.shape)
     return jnp.broadcast_to(sources, (*leading, C))

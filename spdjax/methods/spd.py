@@ -345,6 +345,15 @@ def check_config(config, target=None) -> None:
         raise ValueError(f"Loss terms {shared} share their adversarial sources across the batch; "
                          f"with microbatches={config.microbatches} each chunk would get its own "
                          "(a weaker adversary): use microbatches=1.")
+    for t in adversary.adversarial_terms(terms):
+        shape = t.options.get("batch_shape")
+        if t.options.get("scope") in ("repeat_across_batch", "per_batch_per_position") and (
+                shape is not None and len(shape) and shape[0] != config.batch_size):
+            raise ValueError(f"Loss {t.name!r}: batch_shape {tuple(shape)} starts with "
+                             f"{shape[0]} examples but batch_size is {config.batch_size}; a "
+                             "per-example source scope needs batch_shape[0] == batch_size "
+                             f"(e.g. --config.losses.{t.name}.batch_shape="
+                             f"\"({config.batch_size},)\").")
 
 
 SPEC = register(MethodSpec("spd", build=from_config, check_config=check_config))

@@ -134,12 +134,14 @@ def test_scopes_store_and_expand_as_the_reference(setup):
                     "repeat_across_batch": lambda: s[np.arange(6) % 2],  # example b: b % n
                     "per_batch_per_position": lambda: s}[scope]()
         np.testing.assert_array_equal(out, expected)
-    # A per-example scope meets the evaluation's larger batch by cycling; a misfit fails.
+    # A per-example scope meets the evaluation's batch of any size by cycling (example b: b % n);
+    # other positions fail.
     s = rng.uniform(size=shapes["per_batch_per_position"]).astype(np.float32)
-    out = ppgd.expand_sources(s, (12, 5), scope="per_batch_per_position")
-    np.testing.assert_array_equal(out, s[np.arange(12) % 6])
+    for batch in (12, 8, 4):
+        out = ppgd.expand_sources(s, (batch, 5), scope="per_batch_per_position")
+        np.testing.assert_array_equal(out, s[np.arange(batch) % 6])
     with pytest.raises(ValueError, match="do not fit"):
-        ppgd.expand_sources(s, (8, 5), scope="per_batch_per_position")
+        ppgd.expand_sources(s, (6, 4), scope="per_batch_per_position")
     for scope, shape in (("single_source", (4, c)), ("broadcast_across_batch", (4, 5, c))):
         assert ppgd.source_shape(c, scope=scope, batch_shape=lead, pool_size=4) == shape
         s = rng.uniform(size=shape).astype(np.float32)
