@@ -159,7 +159,8 @@ def _upgraded(recorded: dict, upgrade: Callable[[dict], dict] | None) -> dict:
 # into the new state, or were trained on another target); the shapes are compared as well
 # (:meth:`spdjax.training.checkpoints.Checkpointer.restore`), for any field not listed here.
 STRUCTURAL = ("experiment", "variant", "method", "C", "ci_fn", "ci_hidden", "ensemble",
-              "ensemble_sweep", "tie_mode", "target_seed", "target_steps", "target_recipe")
+              "ensemble_sweep", "tie_mode", "tie_sites", "ci_options", "target_seed",
+              "target_steps", "target_recipe")
 FRESH_HINT = ("use another --workdir, or pass --fresh to start over (the old run's files are "
               "moved aside to <workdir>/old_<time>/, not deleted)")
 
