@@ -1,7 +1,9 @@
-"""What each training term costs: step time of TMS 5-2 and ResidMLP 1 with different loss sets.
+"""What each training term costs: step time of TMS 5-2 and ResidMLP 1 with different loss sets,
+VPD's terms, CI functions and Muon among them.
 
     python -m benchmarks.term_costs                     # -> benchmarks/results/term_costs.{json,md}
     python -m benchmarks.term_costs --configs=tms:5-2 --steps=100
+    python -m benchmarks.term_costs --only-vpd --out=benchmarks/results/term_costs_vpd
 
 Each loss set is timed by ``benchmarks.run`` (the real jitted train step, compile excluded, in a
 fresh process). PGD multiplies the forward and backward passes by its ``n_steps``, so it is
@@ -41,7 +43,58 @@ def loss_sets(imp: dict) -> dict[str, dict]:
                                  "scope": "shared_across_batch"}}
     sets["SR + persistent PGD, 2 warm-up steps"] = {
         "stochastic_recon": delta, "importance_minimality": imp,
-        "persistent_pgd_recon": {"coeff": 1.0, "n_steps": 2, "step_size": 0.1, "delta": True}}
+        "persistent_pgd_recon": {"coeff": 1.0, "n_warmup_steps": 2, "delta": True}}
+    return sets
+
+
+# VPD's terms (spdjax/config/vpd.py; docs/guides/vpd.md), each added to the paper recipe or
+# replacing its part; the run's batch size for the per-example source scope.
+BATCH = {"tms:5-2": 4096, "resid_mlp:1": 2048}
+UNITS = {"tms:5-2": {"linear2": "output"},  # linear2's outputs feed the ReLU
+         "resid_mlp:1": {"layers_0/mlp_in": "output", "layers_0/mlp_out": "input"}}
+
+
+def vpd_sets(name: str, imp: dict) -> dict[str, tuple[dict, dict]]:
+    """Label -> (loss config, other overrides): VPD's terms, CI functions and Muon."""
+    sr = {"coeff": 1.0, "n_samples": 1}
+    paper = {"faithfulness": {"coeff": 1.0}, "stochastic_recon": sr,
+             "stochastic_recon_layerwise": sr, "importance_minimality": imp}
+    gamma = {"gamma": 1.0, "gamma_anneal_start_frac": 0.0, "gamma_anneal_final_gamma": 0.01}
+    smooth = {"coeff": imp["coeff"], **gamma}
+    nested = {"coeff": imp["coeff"] / 2, "reference_datapoint_count": 32768, **gamma}
+    merged = {"coeff": 1.0, "adv_fraction": 0.5, "n_warmup_steps": 2, "router": "uniform_k",
+              "scope": "per_batch_per_position", "batch_shape": [BATCH[name]]}
+    one = {"microbatches": 1}  # batch-coupled terms take the whole batch
+    paper_minus_imp = {k: v for k, v in paper.items() if k != "importance_minimality"}
+    sets = {
+        "paper (faith + SR + SRL + imp)": (paper, {}),
+        "smooth-L0 importance (replaces imp)": (
+            {**paper_minus_imp, "smooth_l0_importance_minimality": smooth}, {}),
+        "+ nested frequency": (
+            {**paper_minus_imp, "smooth_l0_importance_minimality": smooth,
+             "nested_frequency_minimality": nested}, one),
+        "+ nested frequency with an EMA (state)": (
+            {**paper_minus_imp, "smooth_l0_importance_minimality": smooth,
+             "nested_frequency_minimality_ema": {**nested, "ema_halflife_steps": 200}}, one),
+        "+ nonlinearity locality": (
+            {**paper, "nonlinearity_locality": {"coeff": 3e-5, "units": UNITS[name],
+                                                "relative_threshold": 8.0}}, {}),
+        "+ delta_l2 (relative)": ({**paper, "delta_l2": {"coeff": 1.0,
+                                                          "normalization": "relative"}}, {}),
+        "merged stochastic-subset + PPGD (replaces SR + SRL)": (
+            {"faithfulness": {"coeff": 1.0}, "importance_minimality": imp,
+             "stochastic_pgd_recon_subset": merged}, one),
+        "+ pooled PPGD, single source, pool 4 x batch": (
+            {**paper, "persistent_pgd_recon": {
+                "coeff": 1.0, "n_warmup_steps": 2, "pool_size": 4 * BATCH[name]}}, one),
+        "VPD toy recipe (+vpd losses)": (
+            {"faithfulness": {"coeff": 1.0}, "smooth_l0_importance_minimality": smooth,
+             "nested_frequency_minimality": nested, "stochastic_pgd_recon_subset": merged}, one),
+    }
+    for ci_fn in ("shared_mlp", "global_mlp", "global_transformer"):
+        sets[f"paper, ci_fn={ci_fn}"] = (paper, {"ci_fn": ci_fn, "ci_hidden": [64]})
+    sets["paper, Muon on components and CI"] = (paper, {"optimizer.components.name": "muon",
+                                                         "optimizer.ci.name": "muon"})
     return sets
 
 
@@ -63,12 +116,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tms:5-2,resid_mlp:1")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--vpd", action=argparse.BooleanOptionalAction, default=True,
+                        help="also VPD's terms, the global CI functions and Muon")
+    parser.add_argument("--only-vpd", action="store_true",
+                        help="only those (e.g. with --out=benchmarks/results/term_costs_vpd)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "term_costs"))
     args = parser.parse_args(argv)
     rows = []
     for name in args.configs.split(","):
-        for label, losses in loss_sets(IMP[name]).items():
-            row = run_in_subprocess(name, args.steps, {"losses": losses})
+        runs = {} if args.only_vpd else {
+            label: (losses, {}) for label, losses in loss_sets(IMP[name]).items()}
+        if args.vpd or args.only_vpd:  # (its paper row again only where it is the baseline)
+            runs.update({k: v for k, v in vpd_sets(name, IMP[name]).items()
+                         if k not in runs})
+        for label, (losses, overrides) in runs.items():
+            row = run_in_subprocess(name, args.steps, {"losses": losses, **overrides})
             row["loss_set"] = label
             print(f"{name} | {label}: {1e3 * row['s_per_step']:.1f} ms/step", flush=True)
             rows.append(row)

@@ -60,14 +60,16 @@ def get_config(arg: str = "ih"):
     c.log_every = 250
     c.checkpoint_every = 1000
     if modifiers == ["vpd"]:
-        vpd.language_model(c, seq_len=c.target_recipe.seq_len, units=_UNITS[arg])
+        vpd.language_model(c, units=_UNITS[arg])
         if not _UNITS[arg]:  # one head and no MLP: every subcomponent touches one unit
             del c.losses["nonlinearity_locality"]
     return c
 
 
 # Nonlinearity-facing sides for VPD's locality term: the MLP's hidden neurons (rows of mlp_in's U,
-# columns of mlp_out's V) and the attention heads (the q/k/v outputs, the out projection's input).
+# columns of mlp_out's V) and the attention heads (the q/k/v outputs, the out projection's input),
+# for the variant's model (bytes: 4 heads); a run that changes target_recipe.n_heads sets
+# --config.losses.nonlinearity_locality.units to match.
 def _block_units(i: int, heads: int) -> dict:
     head = lambda side: {"side": side, "heads": heads, "kind": "attention_head"}  # noqa: E731
     return {f"blocks_{i}/mlp_in": "output", f"blocks_{i}/mlp_out": "input",

@@ -42,7 +42,8 @@ def test_vpd_values_follow_the_library_configs():
     lm = configs.load("lm:bytes+vpd")  # pile_llama_simple_mlp-4L.yaml, scaled down
     assert lm.ci_fn == "global_transformer" and lm.ci_options.causal
     assert lm.optimizer.components.name == lm.optimizer.ci.name == "muon"
-    assert lm.losses.faithfulness.coeff == 1000.0
+    assert dict(lm.losses.delta_l2) == {"coeff": 1000.0, "normalization": "relative"}
+    assert "faithfulness" not in lm.losses
     assert lm.losses.stochastic_pgd_recon_subset.pool_size == 4 * lm.batch_size
     assert lm.losses.nested_frequency_minimality_ema.ema_halflife_steps == 200
     assert set(lm.losses.nonlinearity_locality.units) == {
@@ -59,6 +60,11 @@ def test_vpd_is_a_whole_recipe_and_its_sources_follow_the_batch():
     with pytest.raises(ValueError, match=r"batch_shape \(4096,\) starts with 4096 examples but "
                                          r"batch_size is 1024"):
         validate(configs.load("tms:5-2+vpd", {"batch_size": 1024}))
+    c = configs.load("tms:5-2", {"microbatches": 2})
+    with c.unlocked():
+        c.losses.persistent_pgd_recon = {"coeff": 1.0}
+    with pytest.raises(ValueError, match=r"\['persistent_pgd_recon'\] keep state across steps"):
+        validate(c)
 
 
 def test_tms_vpd_trains_untied_and_reports_the_suite(tmp_path):
@@ -91,6 +97,9 @@ def test_lm_vpd_trains_with_the_transformer_ci_and_muon(variant, tmp_path, monke
         if variant == "bytes":  # a narrow model on a small corpus: the same code, faster
             c.target_recipe.update(corpus_bytes=100_000, d_model=16, n_heads=2, d_mlp=24,
                                    seq_len=32)
+            for site, unit in c.losses.nonlinearity_locality.units.items():
+                if not isinstance(unit, str):  # the narrow model's 2 heads
+                    c.losses.nonlinearity_locality.units[site] = {**unit, "heads": 2}
     summary = train_and_evaluate(c, tmp_path / "run")
     assert summary["suite"]["divergence"] == "kl"
     assert np.isfinite(summary["kl_ci_masked"]) and np.isfinite(summary["suite"]["pgd"]["2"])

@@ -43,7 +43,7 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
         "layers": 2,  # transformer blocks
         "heads": 4,  # attention heads (d_model / heads must be even: RoPE)
         "ff": 0,  # hidden width of each block's MLP; 0 = 4 * d_model
-        "causal": False,  # True: position t attends to positions <= t only (VPD: False)
+        "causal": False,  # True: position t attends to positions <= t only (VPD paper: False)
         "rope_base": 10000.0,  # RoPE frequency base
         "sites_per_chunk": 0,  # chunkwise_transformer: consecutive sites per transformer (>= 1)
         "shard_trunk": False,  # True: attention heads and MLP units on the model axis too

@@ -1,19 +1,20 @@
 """VPD's recipe as config changes: the ``+vpd`` modifier of the TMS, ResidMLP and LM configs.
 
 VPD ("Interpreting Language Model Parameters", Bushnaq et al. 2026; its library
-goodfire-ai/param-decomp) trains with: a merged stochastic-subset + persistent-PGD
-reconstruction term (adversarial sources kept across steps, 2 kept warm-up ascents), smooth-L0
-importance minimality with ``gamma`` annealed from 1 to 0.01, nested frequency minimality, a
-faithfulness (Delta-L2) term, gradient clipping at norm 1 per parameter group, and a cosine lr
-ending at 10% of its peak. Where each value comes from:
+goodfire-ai/param-decomp) trains with: a merged stochastic-subset + persistent-PGD reconstruction
+term (adversarial sources kept across steps, 2 kept warm-up ascents), smooth-L0 importance
+minimality with ``gamma`` annealed from 1 to 0.01, nested frequency minimality, a faithfulness term
+(the library's ``FaithfulnessLoss``: each matrix's squared error relative to its squared norm, our
+``delta_l2`` with ``normalization="relative"``), gradient clipping at norm 1 per parameter group,
+and a cosine lr ending at 10% of its peak. Where each value comes from:
 
 * :func:`toy` (TMS, ResidMLP): the VPD library's JAX toy configs,
   ``param_decomp/experiments/tms/configs/tms_5-2.yaml`` and
-  ``param_decomp/experiments/resid_mlp/configs/resid_mlp_1l.yaml``: untied sites, one MLP per
-  site on its input (``layerwise_mlp``: our ``shared_mlp``; hidden 50 for TMS, 400 for ResidMLP),
-  importance 8e-4 / frequency 4e-4 (TMS) and 1e-6 / 5e-7 (ResidMLP) with reference datapoint
-  count 32768, merged term with ``adv_fraction`` 0.5 and per-example sources (``source_shape:
-  bc``), source Adam β (0.01, 0.99) at lr 0.01, faithfulness 1, Adam (0.9, 0.999) for components
+  ``param_decomp/experiments/resid_mlp/configs/resid_mlp_1l.yaml``: untied sites, one MLP per site
+  on its input (``layerwise_mlp``: our ``shared_mlp``; hidden 50 for TMS, 400 for ResidMLP),
+  importance 8e-4 / frequency 4e-4 (TMS) and 1e-6 / 5e-7 (ResidMLP) with reference datapoint count
+  32768, merged term with ``adv_fraction`` 0.5 and per-example sources (``source_shape: bc``),
+  source Adam β (0.01, 0.99) at lr 0.01, relative faithfulness 1, Adam (0.9, 0.999) for components
   and CI at lr 1e-3 (TMS) / 2e-3 (ResidMLP), 20k (TMS) / 50k (ResidMLP) steps, a 200-step
   faithfulness warm-up at lr 0.01 without weight decay, and a 20-step PGD evaluation from one
   random source shared across the batch.
@@ -21,14 +22,15 @@ ending at 10% of its peak. Where each value comes from:
   (``param_decomp/experiments/lm/configs/pile_llama_simple_mlp-4L.yaml``), scaled to our small LMs:
   a causal transformer CI function over every site's input, Muon for components and CI at lr 2.8e-4
   (cosine to 10%; the library's reaches 10% at 90% of the run and stays), importance 1.275e-4
-  normalised at one with ``gamma`` 1 -> 0.01 at 90%, frequency 4.2e-5 with an EMA half-life of 200
-  steps, nonlinearity locality 3e-5 (threshold 8 -> 2), a pooled merged term (``adv_fraction`` 0.9,
-  4 pool rows per example, source Adam lr 0.02), faithfulness 1000, KL as the divergence. The
-  paper's text gives the older recipe (Delta-L2 1e7, stochastic and PPGD recon 0.5 each, importance
-  2e-4, frequency 1e-4, ``p`` 2 -> 0.4); the library's config is what its current runs use.
+  normalised at one with ``gamma`` 1 -> 0.01 at 90%, frequency 4.2e-5 (a′ 6,553,600) with an EMA
+  half-life of 200 steps, nonlinearity locality 3e-5 (threshold 8 -> 2), a pooled merged term
+  (``adv_fraction`` 0.9, 4 pool rows per example, source Adam lr 0.02), relative faithfulness 1000,
+  KL as the divergence. The paper's text gives the older recipe (Delta-L2 1e7, stochastic and PPGD
+  recon 0.5 each, importance 2e-4, frequency 1e-4, ``p`` 2 -> 0.4); the library's config is what
+  its current runs use.
 
-Not reproduced: the library warms the source lr up over the first 2.5% of the run (our source
-lr is constant), and its ``adv_fraction`` may be a schedule (ours is a constant).
+Not reproduced: the library warms the source lr up over the first 2.5% of the run (our source lr is
+constant), and its ``adv_fraction`` may be a schedule (ours is a constant).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def toy(c: ml_collections.ConfigDict, *, importance: float, frequency: float, ci
     c.faithfulness_warmup_steps, c.faithfulness_warmup_lr = 200, 0.01
     c.faithfulness_warmup_weight_decay = 0.0
     c.losses = ml_collections.ConfigDict({
-        "faithfulness": {"coeff": 1.0},
+        "delta_l2": {"coeff": 1.0, "normalization": "relative"},
         "smooth_l0_importance_minimality": {"coeff": importance, **_gamma(1.0)},
         "nested_frequency_minimality": {"coeff": frequency, "reference_datapoint_count": 32768,
                                         **_gamma(1.0)},
@@ -81,7 +83,7 @@ def toy(c: ml_collections.ConfigDict, *, importance: float, frequency: float, ci
     return c
 
 
-def language_model(c: ml_collections.ConfigDict, *, seq_len: int, units: Mapping[str, object],
+def language_model(c: ml_collections.ConfigDict, *, units: Mapping[str, object],
                    ci_d_model: int = 64, ci_layers: int = 2,
                    ci_heads: int = 4) -> ml_collections.ConfigDict:
     """VPD's LM recipe (module docstring) on an LM config ``c`` (its steps and batch kept);
@@ -93,13 +95,12 @@ def language_model(c: ml_collections.ConfigDict, *, seq_len: int, units: Mapping
                          "ff": 4 * ci_d_model, "causal": True})
     c.optimizer.components.name = c.optimizer.ci.name = "muon"
     c.faithfulness_warmup_steps = 0
-    tokens = c.batch_size * seq_len  # a' = B T: the paper's exact frequency term
     c.losses = ml_collections.ConfigDict({
-        "faithfulness": {"coeff": 1000.0},
+        "delta_l2": {"coeff": 1000.0, "normalization": "relative"},
         "smooth_l0_importance_minimality": {"coeff": 1.275e-4, "normalize_at_one": True,
                                             **_gamma(0.9)},
         "nested_frequency_minimality_ema": {"coeff": 4.2e-5, "normalize_at_one": True,
-                                            "reference_datapoint_count": tokens,
+                                            "reference_datapoint_count": 6_553_600,
                                             "ema_halflife_steps": 200, **_gamma(0.9)},
         "nonlinearity_locality": {"coeff": 3e-5, "units": dict(units),
                                   "relative_threshold": 8.0,

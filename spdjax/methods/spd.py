@@ -338,9 +338,15 @@ def check_config(config, target=None) -> None:
             f"Loss terms {coupled} take log2(1 + S_c) of a sum over the whole batch (frequency "
             f"minimality); with microbatches={config.microbatches} each chunk would use its own "
             "smaller sum, a different loss and gradient. Use microbatches=1 (a smaller "
-            "batch_size if memory is short), or drop the frequency part (beta=0).")
-    shared = [t.name for t in terms if hasattr(t.fn, "adversary_init")
-              or t.options.get("scope") == "shared_across_batch"]
+            "batch_size if memory is short), or drop the frequency part (beta=0 where the "
+            "term has one).")
+    stateful = [t.name for t in adversary.adversarial_terms(terms)]
+    if stateful and config.microbatches > 1:
+        raise ValueError(f"Loss terms {stateful} keep state across steps (persistent sources, an "
+                         f"EMA) that each step replaces; with microbatches={config.microbatches} "
+                         "the chunks' replacements would be averaged (and per-example sources "
+                         "would cycle over each chunk): use microbatches=1.")
+    shared = [t.name for t in terms if t.options.get("scope") == "shared_across_batch"]
     if shared and config.microbatches > 1:
         raise ValueError(f"Loss terms {shared} share their adversarial sources across the batch; "
                          f"with microbatches={config.microbatches} each chunk would get its own "
