@@ -155,37 +155,40 @@ def recovered_table(values: Mapping[str, float], target: float = 0.0) -> dict[st
 
 # -- PGD ladder -------------------------------------------------------------------------------
 def pgd_loss(params, ctx, key, *, n_steps: int, step_size: float, delta: bool,
-             divergence) -> Array:
-    """``D(f(x | PGD masks after n_steps), f(x))`` with one random-initialised source per site
-    shared across the batch (:func:`spdjax.losses.adversarial.pgd_sources`, scope
-    ``shared_across_batch``; with ``delta`` a last channel is the delta component's mask)."""
+             divergence, sources: dict | None = None) -> tuple[Array, dict]:
+    """``(D(f(x | PGD masks after n_steps), f(x)), the sources)`` with one random-initialised
+    source per site shared across the batch (:func:`spdjax.losses.adversarial.pgd_sources`,
+    scope ``shared_across_batch``; with ``delta`` a last channel is the delta component's mask);
+    ``sources``: continue from these instead."""
     sites = list(ctx.ci)
     sources = pgd_sources(params, ctx, key, sites, n_steps=n_steps, step_size=step_size,
                           init="random", scope="shared_across_batch", delta=delta,
-                          divergence=divergence)
+                          divergence=divergence, sources=sources)
     masks = masks_from_sources(sources, {n: ctx.ci[n].lower for n in sites}, None, delta)
     out = ctx.decomposition.forward(ctx.target_params, params, ctx.batch, masks)
-    return DIVERGENCES.resolve(divergence)(out, ctx.target_out)
+    return DIVERGENCES.resolve(divergence)(out, ctx.target_out), sources
 
 
 def pgd_ladder(decomposition, params, target_params, batch, key, *,
                steps: Sequence[int] = PGD_LADDER, step_size: float = 0.1, delta: bool = False,
                divergence="mse", ci_lower_noise: float = 0.0,
                report: Callable[[str], None] | None = None) -> dict[str, float]:
-    """``{str(n): loss after n PGD steps}`` for each ``n`` in ``steps``. Every rung starts from
-    the same sources (the same key), so rung ``n`` continues rung ``n' < n``'s trajectory and
-    the ladder is one ascent read off at each count. ``report`` gets a progress line per rung
-    (the 320-step rung of a large model takes a while)."""
-    out = {}
+    """``{str(n): loss after n PGD steps}`` for each ``n`` in ``steps``: one ascent from one
+    random start, read off at each count (rung ``n`` continues from rung ``n' < n``'s sources,
+    so the ladder costs ``max(steps)`` ascent steps, not their sum). ``report`` gets a progress
+    line per rung (the 320-step rung of a large model takes a while)."""
+    out, sources, done = {}, None, 0
     for n in steps:
         t0 = time.perf_counter()
 
-        def one(params, target_params, batch, key, n=n):
+        def one(params, target_params, batch, key, sources, todo=n - done):
             ctx = _context(decomposition, params, target_params, batch, key, ci_lower_noise)
-            return pgd_loss(params, ctx, jax.random.fold_in(key, PGD_STREAM), n_steps=n,
-                            step_size=step_size, delta=delta, divergence=divergence)
+            return pgd_loss(params, ctx, jax.random.fold_in(key, PGD_STREAM), n_steps=todo,
+                            step_size=step_size, delta=delta, divergence=divergence,
+                            sources=sources)
 
-        out[str(n)] = float(jax.jit(one)(params, target_params, batch, key))
+        value, sources = jax.jit(one)(params, target_params, batch, key, sources)
+        out[str(n)], done = float(value), n
         if report is not None:
             report(f"PGD ladder: {n} steps -> {out[str(n)]:.4g} "
                    f"({time.perf_counter() - t0:.1f}s)")

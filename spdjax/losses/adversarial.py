@@ -83,9 +83,10 @@ def masks_from_sources(sources: dict, lower: dict, routing: dict | None = None,
 def pgd_sources(params, ctx: Context, key, sites: Sequence[str], *, n_steps: int,
                 step_size: float, init: str = "random", scope: str = "unique_per_datapoint",
                 delta: bool = False, routing: dict | None = None,
-                divergence: Divergence = mse) -> dict:
+                divergence: Divergence = mse, sources: dict | None = None) -> dict:
     """The adversarial sources ``{site: s}`` for ``sites`` (the others keep the target weights)
-    after ``n_steps`` of signed ascent, as constants (``stop_gradient``)."""
+    after ``n_steps`` of signed ascent, as constants (``stop_gradient``); ``sources``: where the
+    ascent starts (e.g. an earlier call's result, to continue it) instead of ``init``."""
     _check(n_steps, step_size, init, scope)
     divergence = DIVERGENCES.resolve(divergence)
     lower = {n: ctx.ci[n].lower for n in sites}
@@ -101,7 +102,8 @@ def pgd_sources(params, ctx: Context, key, sites: Sequence[str], *, n_steps: int
         return jax.tree.map(lambda s, d: jnp.clip(s + step_size * jnp.sign(d), 0.0, 1.0),
                             sources, grads), None
 
-    sources = _initial_sources(key, lower, init, scope, delta)
+    if sources is None:
+        sources = _initial_sources(key, lower, init, scope, delta)
     sources, _ = jax.lax.scan(ascend, sources, None, length=n_steps)
     return jax.lax.stop_gradient(sources)
 

@@ -137,6 +137,11 @@ def test_pgd_ladder_shares_one_source_per_site_and_climbs(tiny, monkeypatch):
         {n: c.lower for n, c in ctx.ci.items()}, jax.random.key(0)), ctx.target_out,
         {"mse": mse})["mse"]
     assert values[-1] >= mean_masked["ci_masked"] - 1e-7  # an adversary beats m = g
+    # One trajectory read off at each rung: each rung equals a fresh ascent of that many steps.
+    monkeypatch.setattr(suite, "pgd_sources", real)
+    alone = suite.pgd_ladder(d, params, tp, x, jax.random.key(5), steps=(16,), step_size=0.1,
+                             delta=True)
+    np.testing.assert_allclose(alone["16"], ladder["16"], rtol=1e-6)
     with pytest.raises(ValueError, match="increasing positive integers"):
         suite.SuiteOptions(pgd_ladder=(40, 20))
 
