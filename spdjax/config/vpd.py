@@ -29,8 +29,8 @@ and a cosine lr ending at 10% of its peak. Where each value comes from:
   recon 0.5 each, importance 2e-4, frequency 1e-4, ``p`` 2 -> 0.4); the library's config is what
   its current runs use.
 
-Not reproduced: the library warms the source lr up over the first 2.5% of the run (our source lr is
-constant), and its ``adv_fraction`` may be a schedule (ours is a constant).
+The source lr warms up linearly from 0 over the first 2.5% of the run, as the library's. Not
+reproduced: the library's ``adv_fraction`` may be a schedule (ours is a constant).
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def toy(c: ml_collections.ConfigDict, *, importance: float, frequency: float, ci
         "stochastic_pgd_recon_subset": {
             "coeff": 1.0, "adv_fraction": 0.5, "n_warmup_steps": 2, "router": "uniform_k",
             "scope": "per_batch_per_position", "batch_shape": (batch_size,),
-            "optimizer": "adam", "lr": 0.01, "optimizer_options": dict(SOURCE_ADAM)},
+            "optimizer": "adam", "lr": 0.01, "optimizer_options": dict(SOURCE_ADAM),
+            "lr_warmup_frac": 0.025},
     })
     return c
 
@@ -110,7 +111,8 @@ def language_model(c: ml_collections.ConfigDict, *, units: Mapping[str, object],
         "stochastic_pgd_recon_subset": {
             "coeff": 1.0, "adv_fraction": 0.9, "n_warmup_steps": 2, "router": "uniform_k",
             "scope": "single_source", "pool_size": 4 * c.batch_size, "optimizer": "adam",
-            "lr": 0.02, "optimizer_options": dict(SOURCE_ADAM), "divergence": "kl"},
+            "lr": 0.02, "optimizer_options": dict(SOURCE_ADAM), "lr_warmup_frac": 0.025,
+            "divergence": "kl"},
     })
     c.eval_losses.pgd_recon.divergence = "kl"
     return c

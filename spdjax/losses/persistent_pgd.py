@@ -121,7 +121,8 @@ STATE_OPTIONS = {"scope": one_of(SCOPES), "n_sources": optional_positive_int,
                  "batch_shape": optional_shape, "pool_size": optional_positive_int,
                  "optimizer": optimizer_value, "lr": positive_finite,
                  "optimizer_options": optional_mapping, "n_warmup_steps": nonnegative_int,
-                 "n_samples": positive_int, "delta": boolean, **DIVERGENCE_OPTION}
+                 "n_samples": positive_int, "delta": boolean, "lr_warmup_frac": probability,
+                 **DIVERGENCE_OPTION}
 
 
 # ------------------------------------------------------------------------------ the state
@@ -167,10 +168,20 @@ def pool_rows(key: Array, batch: int, pool_size: int) -> Array:
     return jax.random.randint(jax.random.fold_in(key, _POOL), (batch,), 0, pool_size)
 
 
-def _ascent(opt: optax.GradientTransformation, sources, opt_state, grads):
-    """One ascent step: the optimizer on ``-grads``, then clipped to [0, 1]."""
+def _ascent(opt: optax.GradientTransformation, sources, opt_state, grads, scale=1.0):
+    """One ascent step: the optimizer on ``-grads``, its update times ``scale`` (the lr warm-up),
+    then clipped to [0, 1]."""
     updates, opt_state = opt.update(jax.tree.map(jnp.negative, grads), opt_state, sources)
-    return jax.tree.map(lambda s, u: jnp.clip(s + u, 0.0, 1.0), sources, updates), opt_state
+    return jax.tree.map(lambda s, u: jnp.clip(s + scale * u, 0.0, 1.0), sources,
+                        updates), opt_state
+
+
+def warmup_scale(step_frac, lr_warmup_frac: float):
+    """The source lr's factor: linear from 0 to 1 over the first ``lr_warmup_frac`` of training
+    (VPD's library: 0 -> 1 over 2.5%), 1 without a warm-up."""
+    if not lr_warmup_frac:
+        return 1.0
+    return jnp.clip(step_frac / lr_warmup_frac, 0.0, 1.0)
 
 
 def _stored(opt_state) -> dict:
@@ -219,9 +230,10 @@ def assign_optimizer(**options) -> optax.GradientTransformation:
 def _persistent_loss(params, ctx: Context, key, *, term_name: str, scope: str,
                      pool_size: int | None, optimizer, n_warmup_steps: int, n_samples: int,
                      delta: bool, router: Router | None, adv_fraction: float | None,
-                     divergence: Divergence) -> Array:
+                     divergence: Divergence, lr_warmup_frac: float = 0.0) -> Array:
     divergence = DIVERGENCES.resolve(divergence)
     opt = source_optimizer(optimizer)
+    scale = warmup_scale(ctx.step_frac, lr_warmup_frac)
     sites = list(ctx.ci)
     lower = {n: ctx.ci[n].lower for n in sites}
     leading = tuple(lower[sites[0]].shape[:-1])
@@ -262,12 +274,12 @@ def _persistent_loss(params, ctx: Context, key, *, term_name: str, scope: str,
 
     def warm_up(carry, _):
         sources, o = carry
-        return _ascent(opt, sources, o, jax.grad(scoring)(sources)), None
+        return _ascent(opt, sources, o, jax.grad(scoring)(sources), scale), None
 
     (warm, opt_state), _ = jax.lax.scan(warm_up, (persistent, opt_state), None,
                                         length=n_warmup_steps)
     outer = jax.grad(value)(warm, const_params, const_lower)
-    new_sources, new_opt_state = _ascent(opt, warm, opt_state, outer)
+    new_sources, new_opt_state = _ascent(opt, warm, opt_state, outer, scale)
     loss = value(warm, params, lower)
     new = {"sources": new_sources, "opt_state": _stored(new_opt_state)}
     return loss + assign_state(state, jax.lax.stop_gradient(new)).astype(loss.dtype)
@@ -281,21 +293,22 @@ def persistent_pgd_recon(params, ctx: Context, key, *, scope: str = "single_sour
                          optimizer_options: Mapping | None = None, n_warmup_steps: int = 0,
                          n_samples: int = 1, delta: bool = False,
                          router: str | Router | None = None, routing_p: float | None = None,
-                         divergence: Divergence = mse,
+                         divergence: Divergence = mse, lr_warmup_frac: float = 0.0,
                          term_name: str = "persistent_pgd_recon") -> Array:
     """D(f(x | persistent adversarial masks), f(x)) (reference ``PersistentPGDReconLoss``; with
     ``router``, e.g. ``"uniform_k"``, ``PersistentPGDReconSubsetLoss``).
 
     See the module docstring for the state, the scopes, the pool and one step's updates. ``lr``
     and ``optimizer_options`` (None: :func:`default_optimizer_options`) are applied where the
-    optimizer name is resolved.
+    optimizer name is resolved; ``lr_warmup_frac`` > 0 ramps the source lr linearly from 0 over
+    that fraction of training (:func:`warmup_scale`).
     """
     del n_sources, batch_shape, lr, optimizer_options
     return _persistent_loss(
         params, ctx, key, term_name=term_name, scope=scope, pool_size=pool_size,
         optimizer=optimizer, n_warmup_steps=n_warmup_steps, n_samples=n_samples, delta=delta,
         router=None if router is None else make_router(router, routing_p), adv_fraction=None,
-        divergence=divergence)
+        divergence=divergence, lr_warmup_frac=lr_warmup_frac)
 
 
 @options(router_and_probability, scope_and_shapes, **STATE_OPTIONS,
@@ -308,6 +321,7 @@ def stochastic_pgd_recon_subset(params, ctx: Context, key, *, adv_fraction: floa
                                 n_warmup_steps: int = 0, n_samples: int = 1, delta: bool = False,
                                 router: str | Router = "uniform_k",
                                 routing_p: float | None = None, divergence: Divergence = mse,
+                                lr_warmup_frac: float = 0.0,
                                 term_name: str = "stochastic_pgd_recon_subset") -> Array:
     """VPD's merged reconstruction term: stochastic-subset and persistent-PGD reconstruction in
     one forward (reference ``MergedStochasticSubsetPPGDReconLoss``, and with ``pool_size``
@@ -318,12 +332,14 @@ def stochastic_pgd_recon_subset(params, ctx: Context, key, *, adv_fraction: floa
     ``router`` picks per position: a random number of random matrices). The coefficient is the
     total: coeff 1 with ``adv_fraction`` 0.5 replaces stochastic-subset 0.5 + persistent PGD 0.5
     in expectation. Only the adversarial examples' gradient reaches the sources.
+    ``lr_warmup_frac`` as in :func:`persistent_pgd_recon`.
     """
     del n_sources, batch_shape, lr, optimizer_options
     return _persistent_loss(
         params, ctx, key, term_name=term_name, scope=scope, pool_size=pool_size,
         optimizer=optimizer, n_warmup_steps=n_warmup_steps, n_samples=n_samples, delta=delta,
-        router=make_router(router, routing_p), adv_fraction=adv_fraction, divergence=divergence)
+        router=make_router(router, routing_p), adv_fraction=adv_fraction, divergence=divergence,
+        lr_warmup_frac=lr_warmup_frac)
 
 
 for _term in (persistent_pgd_recon, stochastic_pgd_recon_subset):

@@ -191,6 +191,35 @@ def test_merged_term_at_the_extremes(setup):
     np.testing.assert_allclose(f0(p, ctx, key), f0(shifted, ctx, key), rtol=1e-6)
 
 
+def test_the_source_lr_warms_up_linearly(setup):
+    """``lr_warmup_frac``: the sources' update is scaled by min(1, step_frac / lr_warmup_frac)
+    (VPD's library: from 0 over the first 2.5% of training)."""
+    d, tp, params, x = setup
+    fn, opt = ppgd.persistent_pgd_recon, _adam()
+    params = _with_state(d, params, fn, optimizer=opt)
+    before = np.asarray(params[ADVERSARY][fn.__name__]["sources"]["a"])
+
+    def moved(step_frac, **options):
+        bound = functools.partial(fn, optimizer=opt, **options)  # one (outer) ascent
+
+        def total(p):
+            return bound(p, spdjax.make_context(d, tp, p, x, step_frac), jax.random.key(3))
+
+        grads = jax.jit(jax.grad(total))(params)
+        tx = adversary.with_adversary(optax.sgd(0.0), {fn.__name__: fn.adversary_optimizer()})
+        updates, _ = tx.update(grads, tx.init(params), params)
+        after = optax.apply_updates(params, updates)[ADVERSARY][fn.__name__]["sources"]["a"]
+        return np.asarray(after) - before
+
+    full = moved(0.0)
+    assert np.abs(full).max() > 0
+    np.testing.assert_array_equal(moved(0.0, lr_warmup_frac=0.1), 0.0)  # lr 0 at the start
+    inside = (before + full > 1e-3) & (before + full < 1 - 1e-3)  # not clipped at the box
+    np.testing.assert_allclose(moved(0.05, lr_warmup_frac=0.1)[inside], 0.5 * full[inside],
+                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(moved(0.2, lr_warmup_frac=0.1), full, rtol=1e-6, atol=1e-7)
+
+
 def test_with_adversary_gives_each_term_its_own_optimizer():
     state = {"assigned": {"x": jnp.array([0.2, 0.4])}, "ascended": jnp.array([0.5, 0.9])}
     params = {"components": jnp.ones(2), ADVERSARY: state}
