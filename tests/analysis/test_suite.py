@@ -203,6 +203,7 @@ def _tiny_run(tmp_path, name, overrides):
     return saved
 
 
+@pytest.mark.slow  # ~30 s; tests/test_vpd_recipe.py's TMS run checks the suite in a summary
 def test_summary_of_a_tiny_tms_run_holds_the_suite(tmp_path):
     s = _tiny_run(tmp_path, "tms:5-2", {"steps": 20, "log_every": 10, "checkpoint_every": 20,
                                         "batch_size": 64, "eval_batch_size": 64})
@@ -211,6 +212,7 @@ def test_summary_of_a_tiny_tms_run_holds_the_suite(tmp_path):
     assert s["suite"]["alive_threshold"] == s["alive"]
 
 
+@pytest.mark.slow  # ~1.5 min; the LM evaluation's maskings are checked apart below
 def test_summary_of_a_tiny_lm_run_holds_the_suite(tmp_path, monkeypatch):
     monkeypatch.setenv("SPDJAX_CACHE", str(tmp_path / "cache"))
     s = _tiny_run(tmp_path, "lm:ih", {"steps": 10, "target_steps": 30, "log_every": 10,

@@ -300,9 +300,8 @@ def test_a_global_ci_run_resumes_from_its_checkpoint(tmp_path):
                  jax.device_get(resumed.params), jax.device_get(straight.params))
 
 
-@pytest.mark.parametrize("ci_fn", [pytest.param("global_mlp", marks=pytest.mark.slow),
-                                   "global_transformer",
-                                   pytest.param("chunkwise_transformer", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~1 min each; the transformer's causality and forward are tested apart
+@pytest.mark.parametrize("ci_fn", ["global_mlp", "global_transformer", "chunkwise_transformer"])
 def test_lm_run_with_a_global_ci_function(ci_fn, tmp_path, monkeypatch):
     monkeypatch.setenv("SPDJAX_CACHE", str(tmp_path / "cache"))
     config = spdjax.config.load("lm:ih", {**RUN, "target_steps": 10, "C": 8, "batch_size": 8,

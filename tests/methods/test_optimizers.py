@@ -182,6 +182,7 @@ def test_a_managed_muon_run_resumes_from_its_checkpoint_to_the_same_params(tmp_p
     assert set(whole.state.opt_state[0]) == {"components", "ci"}  # per group (no clipping here)
 
 
+@pytest.mark.slow  # ~20 s; Muon's state is per member like Adam's (test_ensemble.py)
 def test_a_vmapped_ensemble_member_with_muon_equals_its_seed_run_alone():
     muon = {"optimizer.components.name": "muon", "optimizer.components.lr": 0.01, "steps": 5}
     with log_to(io.StringIO()):
