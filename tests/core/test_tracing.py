@@ -176,7 +176,7 @@ def test_convolutions_are_sites_as_their_im2col_matrix():
     d = spdjax.decompose(target, {"conv2d": 8})
     ctx = spdjax.make_context(d, tp, d.init(jax.random.key(2), tp), x)
     assert ctx.ci["conv2d"].lower.shape == (2, 4, 4, 8)  # a CI per output position, channels last
-    with pytest.raises(ValueError, match="need a CI function on inner activations"):
+    with pytest.raises(ValueError, match="need a per-site CI function on inner activations"):
         spdjax.decompose(target, {"conv2d": 8}, ci_fn="vector_mlp")
 
     nnx_model = NnxCNN(nnx.Rngs(0))
