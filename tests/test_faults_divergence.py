@@ -117,6 +117,7 @@ def test_an_astronomical_run_at_the_cli_is_one_error_line_exit_3(tmp_path):
 
 # --------------------------------------------------- item 3: a poisoned "last good" checkpoint
 
+@pytest.mark.slow  # ~45 s; the next test checks the moved-aside checkpoint itself
 def test_the_advice_after_a_divergence_leads_to_a_run_that_works(tmp_path):
     """lr 100 (reached over a short warm-up) with a checkpoint at every step: each checkpoint
     whose state's next loss fails is moved aside, so following the advice (resume from the last

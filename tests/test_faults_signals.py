@@ -152,6 +152,7 @@ def test_outside_training_the_first_signal_interrupts_and_is_remembered():
 
 # -------------------------------------------------------------------- one line, before any work
 
+@pytest.mark.slow  # 4 CLI processes (~50 s); test_faults.py's user errors cover the one-line path
 def test_cli_environment_errors_are_one_line_before_any_work(tmp_path, env):
     (tmp_path / "file").write_text("not a folder")
     tb_run = tmp_path / "tb_run"

@@ -26,7 +26,8 @@ def rows(path):
 TIMING = ("steps_per_sec", "wall_time_s")
 
 
-@pytest.mark.parametrize("mode, steps_per_call", [("vmap", 1), ("map", 5)])
+@pytest.mark.parametrize("mode, steps_per_call", [
+    ("vmap", 1), pytest.param("map", 5, marks=pytest.mark.slow)])  # map: ~45 s, the same check
 def test_each_member_equals_its_seed_run_alone(tmp_path, mode, steps_per_call):
     with log_to(io.StringIO()):
         summaries = spdjax.train_and_evaluate(
