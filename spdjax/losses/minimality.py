@@ -17,6 +17,7 @@ check (:func:`spdjax.methods.spd.check_config`).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Mapping
 
@@ -183,9 +184,13 @@ NESTED_CHECKS = dict(reference_datapoint_count=positive_count, gamma=optional_po
 NESTED_TOGETHER = (one_penalty, anneal_order("gamma"), anneal_order("p"))
 
 
-def _frequencies(ctx: Context, **penalty) -> dict[str, Array]:
-    """``{site: f_c [C]}``, ``f_c = mean_{b,t} phi(g_{b,t,c})``: the per-row firing frequency."""
-    phi = _penalty(step_frac=ctx.step_frac, **penalty)
+_PENALTY_OPTIONS = tuple(inspect.signature(_penalty).parameters)[:-1]  # all but step_frac
+
+
+def _frequencies(ctx: Context, options: Mapping[str, Any]) -> dict[str, Array]:
+    """``{site: f_c [C]}``, ``f_c = mean_{b,t} phi(g_{b,t,c})``: the per-row firing frequency;
+    ``phi`` from the penalty options (:func:`_penalty`'s) among a term's keyword ``options``."""
+    phi = _penalty(step_frac=ctx.step_frac, **{k: options[k] for k in _PENALTY_OPTIONS})
     return {n: S / rows for n, (S, rows) in _per_component_sums(ctx, phi).items()}
 
 
@@ -208,13 +213,7 @@ def nested_frequency_minimality(
     batch sizes. Returns a scalar.
     """
     del params, key
-    freqs = _frequencies(ctx, gamma=gamma, gamma_anneal_start_frac=gamma_anneal_start_frac,
-                         gamma_anneal_final_gamma=gamma_anneal_final_gamma,
-                         gamma_anneal_end_frac=gamma_anneal_end_frac,
-                         normalize_at_one=normalize_at_one, pnorm=pnorm,
-                         p_anneal_start_frac=p_anneal_start_frac,
-                         p_anneal_final_p=p_anneal_final_p, p_anneal_end_frac=p_anneal_end_frac,
-                         eps=eps)
+    freqs = _frequencies(ctx, locals())
     return sum((jnp.sum(frequency_curve(f, reference_datapoint_count)) for f in freqs.values()),
                jnp.zeros((), jnp.float32))
 
@@ -283,13 +282,7 @@ def nested_frequency_minimality_ema(
     del key
     state = params[ADVERSARY][term_name]
     stored = jax.lax.stop_gradient(state)
-    freqs = _frequencies(ctx, gamma=gamma, gamma_anneal_start_frac=gamma_anneal_start_frac,
-                         gamma_anneal_final_gamma=gamma_anneal_final_gamma,
-                         gamma_anneal_end_frac=gamma_anneal_end_frac,
-                         normalize_at_one=normalize_at_one, pnorm=pnorm,
-                         p_anneal_start_frac=p_anneal_start_frac,
-                         p_anneal_final_p=p_anneal_final_p, p_anneal_end_frac=p_anneal_end_frac,
-                         eps=eps)
+    freqs = _frequencies(ctx, locals())
     value, new_ema = ema_frequency_penalty(freqs, stored["ema"], stored["count"],
                                            ema_halflife_steps, reference_datapoint_count)
     new = {"ema": new_ema, "count": stored["count"] + 1.0}
