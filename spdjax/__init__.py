@@ -20,6 +20,7 @@ The layers, bottom to top (an upward import fails CI): :mod:`spdjax.core` -> :mo
 from spdjax import config
 from spdjax import config as configs  # also spdjax.configs: scripts call spdjax.configs.load
 from spdjax.core.adapters import from_linen, from_nnx
+from spdjax.core.pretrained import from_pretrained
 from spdjax.core.tracing import from_jax
 from spdjax.config.runs import LoadedRun, load, setup, setup_ensemble, train_and_evaluate
 from spdjax.core.ci import CI_FUNCTIONS, MLP, SharedMLP, VectorMLP
@@ -81,7 +82,8 @@ __all__ = [
     "ROUTERS", "SiteMask", "frequency_minimality", "pgd_recon", "pgd_recon_layerwise",
     "pgd_recon_subset", "static_probability", "stochastic_hidden_acts_recon",
     "stochastic_recon_subset",
-    "faithfulness", "from_function", "from_jax", "from_linen", "from_nnx", "importance_minimality",
+    "faithfulness", "from_function", "from_jax", "from_linen", "from_nnx", "from_pretrained",
+    "importance_minimality",
     "init_gaussian", "init_paper", "init_train_state", "load", "make_context", "make_mesh",
     "make_optimizer", "make_total_loss", "make_train_step", "match_sites", "sample_masks",
     "setup", "shard_params", "sparse_features", "spd_method", "spd_objective",
