@@ -1,12 +1,14 @@
 """SPD on transformers: the induction-head toy (``ih``, default) and a small byte-level LM.
 
-The argument is ``<variant>[+vpd]`` (the grammar of every config file,
+The argument is ``<variant>[+vpd|+answer]`` (the grammar of every config file,
 ``<variant>[+<modifier>]...``, spdjax.config.parse_variant). ``+vpd`` switches to VPD's recipe
 (spdjax/config/vpd.py: the VPD library's canonical 4-layer LM config scaled to these models): a
 causal transformer CI function over every site's input, Muon, smooth-L0 importance with nested
 EMA frequency minimality, nonlinearity locality on the byte LM's MLP neurons and attention heads,
 the pooled merged stochastic-subset + persistent-PGD term, faithfulness 1000 and the evaluation
-suite; its steps and batch are the variant's.
+suite; its steps and batch are the variant's. ``ih+answer`` reconstructs only the output the
+toy was trained on, KL at the last position (``kl_answer``), with importance minimality 3e-2
+(the induction-head ground truth, docs/guides/language_models.md).
 
 Targets are trained by our own command (``python -m spdjax.cli.target --family=lm --variant=ih``;
 also trained and cached by the first run below). Every site is found by tracing the model
@@ -36,8 +38,14 @@ _VARIANTS = {
 }
 
 
+_ANSWER_IMP_COEFF = 3e-2  # ih+answer: importance minimality against the answer-only recon
+
+
 def get_config(arg: str = "ih"):
-    arg, modifiers = parse_variant(arg, "LM", _VARIANTS, ["vpd"], max_modifiers=1)
+    arg, modifiers = parse_variant(arg, "LM", _VARIANTS, ["vpd", "answer"], max_modifiers=1)
+    if modifiers == ["answer"] and arg != "ih":
+        raise ValueError(f"+answer is for the induction toy (ih) only, got {arg!r}+answer: the "
+                         "other LMs are trained on every position.")
     C, steps, batch, lr, imp_coeff, pnorm, ci_fn, ci_hidden = _VARIANTS[arg]
     c = base_config("lm", arg)
     c.C, c.steps, c.batch_size, c.lr = C, steps, batch, lr
@@ -59,6 +67,13 @@ def get_config(arg: str = "ih"):
     c.eval_batch_size = 256 if arg == "ih" else 32
     c.log_every = 250
     c.checkpoint_every = 1000
+    if modifiers == ["answer"]:
+        # The toy is trained on the last position only: reconstruct that output (KL there,
+        # spdjax/families/lm/induction.py), so CI elsewhere is free to vanish; importance
+        # minimality is a mean over all 64 positions, hence a larger coefficient.
+        for term in ("stochastic_recon", "stochastic_recon_layerwise"):
+            c.losses[term].divergence = "kl_answer"
+        c.losses.importance_minimality.coeff = _ANSWER_IMP_COEFF
     if modifiers == ["vpd"]:
         vpd.language_model(c, units=_UNITS[arg])
         if not _UNITS[arg]:  # one head and no MLP: every subcomponent touches one unit

@@ -9,7 +9,8 @@ model's, summed over the vocabulary, mean over positions) and ``ce_<masking>`` n
 ``ce_target`` (the induction toy: CE of the answer at the induction position; the byte LM:
 next-token CE on the validation split), ``ce_recovered`` ``{masking: (CE_zero - CE_x) /
 (CE_zero - CE_target)}``, CI-L0 per site per token, and for the induction toy CI-L0 at the
-induction position and elsewhere.
+induction position and elsewhere, and the ``induction`` block: the induction-head
+ground-truth criteria (:mod:`spdjax.families.lm.induction`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from spdjax.analysis import suite
 from spdjax.core.decomposition import ci_l0
 from spdjax.families.lm import data as lm_data
+from spdjax.families.lm import induction
 from spdjax.families.lm import model as lm_model
 from spdjax.losses import kl, make_context
 
@@ -114,4 +116,6 @@ def evaluate(decomp, params, target_params, cfg: lm_model.LMConfig, *, steps=Non
     # (CE_zero - CE_x) / (CE_zero - CE_target): suite.fraction_recovered
     out["ce_recovered"] = suite.recovered_table(ce, out["ce_target"])
     out["warnings"] = []
+    if induction.applies(cfg, decomp):  # docs/guides/language_models.md: the ground truth
+        out["induction"] = induction.criteria(decomp, params, target_params, cfg, ids, labels)
     return out
