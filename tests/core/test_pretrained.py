@@ -12,6 +12,8 @@ patches with a convolution.
 
 import importlib.util
 import json
+import pathlib
+import re
 import sys
 
 import jax
@@ -265,3 +267,17 @@ def test_without_transformers(tmp_path, monkeypatch):
     path = _config_dir(tmp_path, {"model_type": "gpt2"}, "flax_model.msgpack")
     with pytest.raises(ImportError, match=r'pip install "spdjax\[hf\]"'):
         spdjax.from_pretrained(path)
+
+
+def test_readme_routes_example_runs(checkpoints):
+    """The README's example of the four routes, run as written on a saved GPT-2 (the from_jax
+    route there is how a Hugging Face model in code is decomposed)."""
+    readme = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+    m = re.search(r"<!-- example:routes.*?\n```python\n(.*?)```", readme.read_text(), re.S)
+    assert m, "README block after <!-- example:routes not found"
+    code = m.group(1).replace('"checkpoints/gpt2"', repr(str(checkpoints("gpt2")[0])))
+    assert code.count(str(checkpoints("gpt2")[0])) == 2
+    ns: dict = {}
+    exec(compile(code, str(readme), "exec"), ns)
+    assert sorted(ns["decomp"].site_names) == ["transformer/h/0/mlp/c_fc",
+                                               "transformer/h/0/mlp/c_proj"]
