@@ -1,0 +1,301 @@
+"""Attribution graphs (spdjax/analysis/graphs.py): edges against float64 finite differences of a
+NumPy transformer, pruning, the strongest path, validation where the answer is known, the JSON
+round trip, the figure, and the induction path on a hand-built induction model."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import spdjax
+from spdjax.analysis import graph_plots, graphs as G
+from spdjax.core.target import Site, from_function, weight_at
+from spdjax.families.lm import model as lm_model
+
+# -- a tiny random transformer (the lm family's model) and its NumPy twin ------------------
+
+CFG = lm_model.LMConfig("induction", 5, 6, 4, 1, 2, prefix_window=3)
+SITES = [f"blocks_{i}/attn/{p}" for i in range(2) for p in ("q", "k", "v", "out")]
+IDS = jnp.array([[0, 3, 6, 2, 1, 6]], jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    target = lm_model.target(CFG)
+    tp = lm_model.init_params(jax.random.key(0), CFG)
+    d = spdjax.decompose(target, {"blocks_*/attn/*": 3})
+    params = d.init(jax.random.key(1), tp)
+    ci = {n: jax.random.uniform(jax.random.fold_in(jax.random.key(2), i), (1, 6, 3), minval=0.2,
+                                maxval=1.0) for i, n in enumerate(SITES)}
+    return d, params, tp, ci
+
+
+def _np_forward(d, params, tp, ids, masks, leaves=None, emb=None):
+    """float64 NumPy forward of the 2-layer attention-only model; each site gives ``b Û`` with
+    ``b`` the leaf (or ``m a`` when no leaves: the consistent point); returns ``(acts, b,
+    centred logits)``."""
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    T = ids.shape[1]
+    x = f(tp["embed"]["embedding"])[np.asarray(ids[0])] if emb is None else emb
+    pos = f(lm_model.sinusoids(T, CFG.d_model))
+    acts, bs = {}, {}
+
+    def site(name, inp):
+        V, U = (f(a) for a in d.factors(params, name))
+        norm = np.linalg.norm(U, axis=1)
+        acts[name] = inp @ V * norm
+        b = leaves[name] if leaves is not None else masks[name] * acts[name]
+        bs[name] = b
+        return b @ (U / norm[:, None])
+
+    for i in range(2):
+        p = f"blocks_{i}/attn/"
+        q, k, v = site(p + "q", x + pos), site(p + "k", x + pos), site(p + "v", x)
+        s = q @ k.T / math.sqrt(CFG.d_model)
+        s = np.where(np.tril(np.ones((T, T), bool)), s, -1e30)
+        w = np.exp(s - s.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        x = x + site(p + "out", w @ v)
+    logits = x @ f(tp["unembed"]["kernel"])
+    return acts, bs, logits - logits.mean(-1, keepdims=True)
+
+
+def test_edges_equal_finite_differences_of_a_numpy_transformer(tiny_lm):
+    d, params, tp, ci = tiny_lm
+    g = G.compute_graph(d, params, tp, IDS, threshold=0.0, top_k=2, ci=ci, chunk=16)
+    masks = {n: np.asarray(ci[n][0], np.float64) for n in SITES}
+    acts0, b0, logits0 = _np_forward(d, params, tp, IDS, masks)
+    emb0 = np.asarray(tp["embed"]["embedding"], np.float64)[np.asarray(IDS[0])]
+    n_in = 6
+    comps = [n for n in g.nodes if n.kind == G.COMPONENT]
+    assert len(comps) == 8 * 6 * 3  # CI in [0.2, 1) > 0: every subcomponent-position
+    for node in comps:  # node activations are b = m a
+        np.testing.assert_allclose(node.activation, b0[node.site][node.position, node.index],
+                                   rtol=1e-4, atol=1e-6)
+
+    def value(node, acts, logits):
+        if node.kind == G.COMPONENT:
+            return acts[node.site][node.position, node.index]
+        return logits[node.position, node.index]
+
+    h = 1e-5
+    expected = np.zeros((len(g.nodes), len(g.nodes)))
+    for j, src in enumerate(g.nodes[:n_in + len(comps)]):
+        if src.kind == G.INPUT:  # directional derivative along e at this position
+            plus, minus = emb0.copy(), emb0.copy()
+            plus[src.position] *= 1 + h
+            minus[src.position] *= 1 - h
+            runs = [_np_forward(d, params, tp, IDS, masks, leaves=b0, emb=e) for e in (plus,
+                                                                                     minus)]
+        else:
+            runs = []
+            for sign in (1, -1):
+                lv = {n: v.copy() for n, v in b0.items()}
+                lv[src.site][src.position, src.index] *= 1 + sign * h
+                runs.append(_np_forward(d, params, tp, IDS, masks, leaves=lv))
+        for i, tgt in enumerate(g.nodes):
+            if tgt.kind == G.INPUT:
+                continue
+            (ap, _, lp), (am, _, lm) = runs
+            expected[i, j] = (value(tgt, ap, lp) - value(tgt, am, lm)) / (2 * h)
+    A = g.adjacency()
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(A, expected, atol=2e-4 * scale, rtol=0)
+    # Direct effects only, through attention across positions: out at i reads v at j <= i,
+    # never at j > i; q at i reads nothing at another position.
+    idx = {n.name: k for k, n in enumerate(g.nodes)}
+    assert A[idx["blocks_0/attn/out:0@4"], idx["blocks_0/attn/v:1@2"]] != 0
+    assert A[idx["blocks_0/attn/out:0@2"], idx["blocks_0/attn/v:1@4"]] == 0
+    assert A[idx["blocks_1/attn/q:0@4"], idx["blocks_0/attn/out:1@2"]] == 0
+    assert A[idx["blocks_1/attn/q:0@4"], idx["blocks_0/attn/v:1@4"]] == 0  # through out only
+    assert A[idx["blocks_1/attn/q:0@4"], idx["blocks_0/attn/out:1@4"]] != 0
+
+
+def test_masking_ones_and_the_threshold_choose_the_nodes(tiny_lm):
+    d, params, tp, ci = tiny_lm
+    sparse = {n: jnp.where(v > 0.6, v, 0.0) for n, v in ci.items()}
+    g = G.compute_graph(d, params, tp, IDS, threshold=0.6, top_k=3, ci=sparse,
+                        masking="ones", positions=[-1, 2])
+    comps = [n for n in g.nodes if n.kind == G.COMPONENT]
+    assert len(comps) == sum(int(jnp.sum(v > 0.6)) for v in ci.values())
+    outs = [n for n in g.nodes if n.kind == G.OUTPUT]
+    assert sorted({n.position for n in outs}) == [2, 5] and len(outs) == 6
+    assert g.positions == [2, 5]
+
+
+# -- pruning and the strongest path on a constructed graph ---------------------------------
+
+
+def _graph(nodes, edges):
+    s, t, w = (np.array(x) for x in zip(*edges))
+    return G.Graph(nodes=nodes, sources=s.astype(int), targets=t.astype(int),
+                   weights=w.astype(float), positions=[1])
+
+
+def _chain_nodes():
+    inp = [G.Node(G.INPUT, p, p) for p in range(2)]
+    comp = [G.Node(G.COMPONENT, 1, c, site="s") for c in range(4)]
+    out = [G.Node(G.OUTPUT, 1, 0, ci=0.9), G.Node(G.OUTPUT, 1, 1, ci=0.1)]
+    return inp + comp + out  # indices: in 0-1, comp 2-5, out 6-7
+
+
+def test_prune_keeps_the_influential_nodes_and_drops_the_weak():
+    # 0 -> 2 -> 6 carries almost everything; 1 -> 3 -> 6 a little; 4 feeds out 7 weakly;
+    # 5 feeds nothing.
+    g = _graph(_chain_nodes(), [(0, 2, 5.0), (2, 6, 10.0), (1, 3, 1.0), (3, 6, 0.1),
+                                (4, 7, 1.0), (0, 4, 1.0), (1, 5, 2.0)])
+    inf = G.influence(g)
+    np.testing.assert_allclose(inf[2], 0.9 * 10 / 10.1, rtol=1e-9)
+    np.testing.assert_allclose(inf[4], 0.1, rtol=1e-9)
+    assert inf[5] == 0
+    pruned = G.prune(g, node_threshold=0.8, edge_threshold=0.98)
+    kept = {g.nodes.index(n) for n in pruned.nodes}
+    assert 2 in kept and 5 not in kept
+    assert 3 not in kept  # 0.9 * 0.1/10.1 of the influence
+    assert sum(n.kind == G.INPUT for n in pruned.nodes) == 2  # inputs and outputs stay
+    assert sum(n.kind == G.OUTPUT for n in pruned.nodes) == 2
+    everything = G.prune(g, node_threshold=1.0, edge_threshold=1.0)
+    assert {g.nodes.index(n) for n in everything.nodes if n.kind == G.COMPONENT} == {2, 3, 4}
+    with pytest.raises(ValueError, match="node_threshold"):
+        G.prune(g, node_threshold=0.0)
+
+
+def test_strongest_path_follows_the_largest_normalised_product():
+    # out 6 <- 2 (0.6 of its input) <- 0 and out 6 <- 3 (0.4) <- 4 (all of 3's input) <- 1
+    g = _graph(_chain_nodes(), [(0, 2, 1.0), (2, 6, 6.0), (3, 6, 4.0), (4, 3, 2.0),
+                                (1, 4, 3.0)])
+    assert G.strongest_path(g) == [0, 2, 6]
+    g = _graph(_chain_nodes(), [(0, 2, 1.0), (5, 2, 3.0), (2, 6, 3.0), (3, 6, 7.0),
+                                (4, 3, 2.0), (1, 4, 3.0)])
+    assert G.strongest_path(g) == [1, 4, 3, 6]
+
+
+def test_json_round_trip(tiny_lm, tmp_path):
+    g = _graph(_chain_nodes(), [(0, 2, 1.0), (2, 6, -6.0)])
+    g.validation = {"kl_graph_only": 0.5}
+    g.save(tmp_path / "g.json")
+    back = G.Graph.from_json(json.loads((tmp_path / "g.json").read_text()))
+    assert back.nodes == g.nodes and back.validation == g.validation
+    np.testing.assert_array_equal(back.weights, g.weights)
+
+
+# -- validation where the answer is known --------------------------------------------------
+
+
+def test_validation_of_a_graph_of_every_node_and_of_none(tiny_lm):
+    d, params, tp, _ = tiny_lm
+    ones = {n: jnp.ones((1, 6, 3)) for n in SITES}
+    full = G.compute_graph(d, params, tp, IDS, threshold=0.5, top_k=2, ci=ones)
+    v = G.validate(d, params, tp, IDS, full, pgd_steps=4, pgd_restarts=1, rounds=2)
+    # every subcomponent in the graph: graph-only is the unmasked model, nothing to attack
+    assert v["kl_graph_only"] == pytest.approx(v["kl_unmasked"], abs=1e-6)
+    assert v["kl_pgd_worst"] == pytest.approx(v["kl_unmasked"], abs=1e-6)
+    empty = G.prune(full, node_threshold=1e-9)
+    empty = G._subgraph(empty, np.array([n.kind != G.COMPONENT for n in empty.nodes]))
+    lines = []
+    v0 = G.validate(d, params, tp, IDS, empty, pgd_steps=6, pgd_restarts=2, rounds=3,
+                    progress=lines.append)
+    assert v0["kl_graph_only"] > v["kl_graph_only"]
+    assert v0["kl_pgd_worst"] >= v0["kl_graph_only"] - 1e-6  # restart 0 starts at graph-only
+    assert len(lines) == 6 and lines[-1].startswith("PGD restart 2/2: step 6/6")
+
+
+def test_figure_is_drawn(tmp_path):
+    g = _graph(_chain_nodes(), [(0, 2, 1.0), (2, 6, -6.0), (1, 3, 0.5), (3, 7, 1.0)])
+    path = graph_plots.plot_graph(g, tmp_path / "g.png", site_order=["s"], tokens=["a", "b"])
+    assert path.exists() and path.stat().st_size > 1000
+
+
+# -- the induction path on a hand-built induction model ------------------------------------
+
+VOCAB, T_MAX = 4, 8  # tokens 0..3, induction token S = 3 (any token works)
+D_RES = VOCAB + T_MAX + VOCAB + VOCAB  # [token | position | previous token | answer]
+
+
+def _induction_target():
+    """Two one-head attention layers as in the induction toy, weights set by hand: layer 0
+    attends from each position to the one before and writes that token into the
+    previous-token slot; layer 1 attends from the last token to where the previous token
+    equals it and copies that position's token into the answer slot, which the unembedding
+    reads."""
+    tok, pos, prev, ans = (slice(0, 4), slice(4, 12), slice(12, 16), slice(16, 20))
+    E = np.zeros((VOCAB, D_RES))
+    E[:, tok] = np.eye(VOCAB)
+    P = np.zeros((T_MAX, D_RES))
+    P[:, pos] = np.eye(T_MAX)
+    # Scores large enough to attend mostly to the right position, small enough that the
+    # softmax is not saturated (a saturated pattern has no gradient to attribute through).
+    beta0, beta1 = 4.0, 3.0
+    W = {n: np.zeros((D_RES, D_RES)) for n in SITES}
+    W["blocks_0/attn/q"][pos, pos] = beta0 * np.eye(T_MAX, k=-1)  # query at i looks for i - 1
+    W["blocks_0/attn/k"][pos, pos] = np.eye(T_MAX)
+    W["blocks_0/attn/v"][tok, tok] = np.eye(VOCAB)
+    W["blocks_0/attn/out"][tok, prev] = np.eye(VOCAB)
+    W["blocks_1/attn/q"][tok, tok] = beta1 * np.eye(VOCAB)  # the current token ...
+    W["blocks_1/attn/k"][prev, tok] = np.eye(VOCAB)  # ... where it was the previous one
+    W["blocks_1/attn/v"][tok, tok] = np.eye(VOCAB)
+    W["blocks_1/attn/out"][tok, ans] = np.eye(VOCAB)
+    U_ans = np.zeros((D_RES, VOCAB))
+    U_ans[ans] = 10 * np.eye(VOCAB)
+    params = {"E": jnp.asarray(E, jnp.float32), "P": jnp.asarray(P, jnp.float32),
+              "unembed": jnp.asarray(U_ans, jnp.float32),
+              **{n: jnp.asarray(w, jnp.float32) for n, w in W.items()}}
+
+    def fn(p, ids, hooks):
+        T = ids.shape[-1]
+        x = hooks("embed", ids, lambda i: jnp.take(p["E"], i, axis=0)) + p["P"][:T]
+        for i in range(2):
+            site = lambda n, a: hooks(f"blocks_{i}/attn/{n}", a,  # noqa: E731
+                                      lambda h: h @ p[f"blocks_{i}/attn/{n}"])
+            q, k, v = site("q", x), site("k", x), site("v", x)
+            s = jnp.einsum("...qd,...kd->...qk", q, k)
+            s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -1e30)
+            x = x + site("out", jax.nn.softmax(s, -1) @ v)
+        return x @ p["unembed"]
+
+    sites = [Site("embed", "embed", VOCAB, D_RES, weight_at(("E",)))] + [
+        Site(n, "linear", D_RES, D_RES, weight_at((n,))) for n in SITES]
+    return from_function(fn, sites), params
+
+
+def test_the_induction_graph_runs_previous_token_head_then_induction_head():
+    target, tp = _induction_target()
+    d = spdjax.decompose(target, {"blocks_*/attn/*": 8})
+    params = d.init(jax.random.key(0), tp)
+    comps = {}  # exact rank-one pieces of each weight (its SVD), C = 8 >= every rank
+    for n in SITES:
+        u, s, vt = np.linalg.svd(np.asarray(tp[n], np.float64))
+        comps[n] = {"V": jnp.asarray(u[:, :8] * s[:8], jnp.float32),
+                    "U": jnp.asarray(vt[:8], jnp.float32)}
+    params = {**params, "components": comps}
+    # [BOS=0, 1, S=3, M=2, 1, S=3]: the answer is M = 2; S at position 2, M at 3, last = 5
+    ids = jnp.array([[0, 1, 3, 2, 1, 3]], jnp.int32)
+    assert int(jnp.argmax(target(tp, ids)[0, -1])) == 2
+    ci = {n: jnp.ones((1, 6, 8)) for n in SITES}  # every subcomponent at every position
+    full = G.compute_graph(d, params, tp, ids, threshold=0.5, top_k=1, ci=ci, masking="ones")
+    # 0.8 of the influence keeps layer 1 and the previous-token head's output; its own sources,
+    # one step further from the output, come in at 0.95
+    g = G.prune(full, node_threshold=0.95)
+    names = [g.nodes[i] for i in G.strongest_path(g)]
+    assert names[-1].kind == G.OUTPUT and names[-1].index == 2
+    assert (names[-2].site, names[-2].position) == ("blocks_1/attn/out", 5)
+    # the induction head's query is the last position, its key the M position, whose source
+    # is the previous-token head at M, which read the S position's value
+    A = g.adjacency()
+
+    def sources_of(site, position):
+        rows = [i for i, n in enumerate(g.nodes) if (n.site, n.position) == (site, position)]
+        return {(g.nodes[j].site or g.nodes[j].kind, g.nodes[j].position)
+                for i in rows for j in np.flatnonzero(A[i])}
+
+    assert ("blocks_1/attn/k", 3) in sources_of("blocks_1/attn/out", 5)
+    assert ("blocks_1/attn/q", 5) in sources_of("blocks_1/attn/out", 5)
+    assert ("blocks_0/attn/out", 3) in sources_of("blocks_1/attn/k", 3)
+    assert ("blocks_0/attn/v", 2) in sources_of("blocks_0/attn/out", 3)
+    # the graph alone still predicts M (14 of the 240 subcomponent-positions)
+    v = G.validate(d, params, tp, ids, g, pgd_steps=0)
+    assert v["graph_only_probs"][0]["graph_only"] > 0.5, v
+    assert v["n_nodes"] < 20
