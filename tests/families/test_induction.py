@@ -134,3 +134,14 @@ def test_kl_answer_is_kl_at_the_last_position():
         float(induction.kl_answer(a, b)))
     with pytest.raises(ValueError, match="positions, vocab"):
         induction.kl_answer(a[0, 0, 0], b[0, 0, 0])
+
+
+def test_answer_recipe_reconstructs_the_answer_position_only():
+    from spdjax.config import files as configs
+    c = configs.load("lm:ih+answer")
+    assert c.losses.stochastic_recon.divergence == "kl_answer"
+    assert c.losses.stochastic_recon_layerwise.divergence == "kl_answer"
+    assert c.losses.importance_minimality.coeff > configs.load("lm:ih").losses[
+        "importance_minimality"].coeff
+    with pytest.raises(ValueError, match="induction toy"):
+        configs.load("lm:bytes+answer")
