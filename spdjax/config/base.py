@@ -112,6 +112,14 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     # Matmul precision in the train step: highest (float32, the default) | tensorfloat32 |
     # bfloat16 (one bf16 pass, float32 accumulation) | default (the platform's: TF32 on GPU).
     c.matmul_precision = "highest"
+    # Cost at language-model size (docs/guides/language_models.md, "Memory and precision"):
+    # batch rows per chunk of every output divergence (reconstruction and PGD terms), each
+    # chunk's masked forward rematerialised, so [chunk, seq, vocab] logits live at a time
+    # (0 = the whole batch at once; the same value)
+    c.output_chunk = 0
+    c.remat_ci = False  # recompute the CI functions in the backward pass (less memory, same values)
+    # float32 | bfloat16: dtype of the forwards and CI functions (params, CI, losses: float32)
+    c.compute_dtype = "float32"
     c.mesh_model = 1  # devices along the component axis C (the rest go to the data axis)
     # Train this many decompositions of the target as one vmapped program, seeds seed ..
     # seed + ensemble - 1 (spdjax/training/ensemble.py); each member equals its seed's run alone.

@@ -26,13 +26,12 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from spdjax.core.registry import Registry
 
 Array = jax.Array
-_SQRT_HALF = np.sqrt(0.5).astype(np.float32)
+_SQRT_HALF = math.sqrt(0.5)  # a Python float: weakly typed, so bfloat16 inputs stay bfloat16
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 

@@ -84,8 +84,12 @@ class GlobalCIFunction(Protocol):
 
 
 def rms_norm(x: Array, eps: float = RMS_EPS) -> Array:
-    """``x / sqrt(mean(x², axis=-1) + eps)``, without a learned scale (as the reference)."""
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    """``x / sqrt(mean(x², axis=-1) + eps)``, without a learned scale (as the reference); the
+    mean of squares in float32 whatever ``x``'s dtype (a bfloat16 sum of thousands of squares
+    loses its low bits)."""
+    x32 = x.astype(jnp.float32)
+    scale = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x * scale.astype(x.dtype)
 
 
 def rope(x: Array, base: float = 10000.0) -> Array:
@@ -219,6 +223,10 @@ class GlobalTransformer:
     causal: bool = False
     rope_base: float = 10000.0
     shard_trunk: bool = False  # Megatron-style: attention heads and MLP units on the model axis
+    # Rematerialise each block in the backward pass (a scan of jax.checkpoint'ed blocks): the
+    # backward keeps the residual stream between blocks and one block's activations at a time
+    # (decompose(remat_ci=True) sets it).
+    remat: bool = False
     is_global: ClassVar[bool] = True
     uses_inner_acts: ClassVar[bool] = False
     _name: ClassVar[str] = "global_transformer"
@@ -291,14 +299,25 @@ class GlobalTransformer:
         if positionless:
             x = x[:, None, :]
         h = jnp.einsum("...ti,id->...td", x, chunk["in"]["w"]) + chunk["in"]["b"]
-        for block in chunk["blocks"]:
-            h = h + self._attend(block, rms_norm(h))
-            mlp_in, mlp_out = block["mlp_in"], block["mlp_out"]
-            z = jnp.einsum("...td,df->...tf", rms_norm(h), mlp_in["w"]) + mlp_in["b"]
-            h = h + jnp.einsum("...tf,fd->...td", _gelu(z), mlp_out["w"]) + mlp_out["b"]
+        if self.remat and chunk["blocks"]:
+            # A scan over the stacked blocks, each rematerialised: the loop fixes the order, so
+            # the backward holds one block's activations (XLA may hoist the recomputations of
+            # an unrolled chain and keep them all).
+            blocks = jax.tree.map(lambda *w: jnp.stack(w), *chunk["blocks"])
+            h, _ = jax.lax.scan(lambda c, b: (jax.checkpoint(self._block)(b, c), None), h, blocks)
+        else:
+            for block in chunk["blocks"]:
+                h = self._block(block, h)
         if positionless:
             h = h[:, 0, :]
         return _heads_apply(chunk["heads"], h)
+
+    def _block(self, block: dict, h: Array) -> Array:
+        """One pre-norm block on the residual stream ``h [..., pos, d_model]``."""
+        h = h + self._attend(block, rms_norm(h))
+        mlp_in, mlp_out = block["mlp_in"], block["mlp_out"]
+        z = jnp.einsum("...td,df->...tf", rms_norm(h), mlp_in["w"]) + mlp_in["b"]
+        return h + jnp.einsum("...tf,fd->...td", _gelu(z), mlp_out["w"]) + mlp_out["b"]
 
     def _attend(self, block: dict, h: Array) -> Array:
         """Multi-head RoPE attention of ``h [..., pos, d_model]`` (no biases, as the

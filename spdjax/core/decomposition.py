@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import functools
 import re
 import threading
 import warnings
@@ -46,6 +47,8 @@ from spdjax.core.target import Mapped, Site, Target, check_batch, dense_input
 Array = jax.Array
 Params = dict
 TIE_MODES = ("shared", "aliased")
+# Dtypes of the decomposition's forward passes and CI functions (params stay float32).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class CausalImportance(NamedTuple):
@@ -169,6 +172,12 @@ class Decomposition:
     ci_fn: CIFunction | GlobalCIFunction
     sigmoid: SigmoidPair
     tie_mode: str = "shared"
+    # Cost at scale (decompose's arguments): batch rows per output-divergence chunk (0: whole
+    # batch; spdjax.losses.recon.output_divergence), CI functions rematerialised in the
+    # backward, and the dtype the forwards and CI functions compute in.
+    output_chunk: int = 0
+    remat_ci: bool = False
+    compute_dtype: str = "float32"
     # What evaluations and figures may rely on (the view every method's decomposition gives,
     # :class:`spdjax.methods.base.DecompositionView`): components are rank one, with
     # ``factors``, and :meth:`causal_importance` exists.
@@ -263,9 +272,34 @@ class Decomposition:
         cis = {n: self.ci_fn.partition_specs(p, model_axis) for n, p in params["ci"].items()}
         return {"components": comps, "ci": cis}  # a global function's: {GLOBAL: its specs}
 
+    # -- compute dtype -----------------------------------------------------------------------
+    @property
+    def lowered(self) -> bool:
+        """Whether the forwards and CI functions compute in a narrower dtype than float32."""
+        return self.compute_dtype != "float32"
+
+    def to_compute(self, tree: Any) -> Any:
+        """``tree`` with its floating leaves in the compute dtype (ids and the rest unchanged).
+        A cast inside the differentiated function: the float32 master params get float32
+        gradients (the cast's transpose)."""
+        if not self.lowered:
+            return tree
+        dtype = COMPUTE_DTYPES[self.compute_dtype]
+        return jax.tree.map(
+            lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating)
+            else a, tree)
+
+    def _to_float32(self, tree: Any) -> Any:
+        if not self.lowered:
+            return tree
+        return jax.tree.map(
+            lambda a: a.astype(jnp.float32) if jnp.issubdtype(jnp.result_type(a), jnp.floating)
+            else a, tree)
+
     # -- forward passes ---------------------------------------------------------------------
     def clean_forward(self, target_params: Any, x: Any) -> tuple[Any, dict[str, Array]]:
-        """Target output and the input of every decomposed site."""
+        """Target output (float32) and the input of every decomposed site (in the compute
+        dtype)."""
         check_batch(self.target, x)
         for leaf in jax.tree.leaves(x):
             if getattr(leaf, "size", 1) == 0:
@@ -274,7 +308,8 @@ class Decomposition:
         embeds = [n for n in self.site_names if self.site(n).kind == "embed"]
         if embeds:  # before the model runs: jnp.take wraps a negative id to vocab - |id|
             _check_no_negative_ids(embeds, x)
-        out, inputs = self.target.forward(target_params, x, {})
+        out, inputs = self.target.forward(self.to_compute(target_params), self.to_compute(x), {})
+        out = self._to_float32(out)
         missing = [n for n in self.site_names if n not in inputs]
         if missing:
             raise ValueError(
@@ -294,13 +329,17 @@ class Decomposition:
         implementation's delta component), and route: where its routing mask is False the site
         gives its target output ``x @ W + bias`` instead.
         """
-        V, U = self.factors(params, name)
+        V, U = self.to_compute(self.factors(params, name))
         site = self.site(name)
+        target_params = self.to_compute(target_params)
         bias = None if site.bias is None else site.bias(target_params)
         m = mask if isinstance(mask, SiteMask) else SiteMask(component=mask)
+        m = SiteMask(component=self.to_compute(m.component), delta=self.to_compute(m.delta),
+                     routing=m.routing)
         W = site.weight(target_params) if m.delta is not None or m.routing is not None else None
 
         def fn(x):  # site.out: the output's coordinates (a Mapped input's post map)
+            x = self.to_compute(x)
             if isinstance(x, Mapped) and x.factored:
                 return _factored_output(site.apply(V, x), U, m, x, W, V, bias)
             b = site.out(bias, x)
@@ -321,10 +360,13 @@ class Decomposition:
     ) -> Any:
         """Forward with the sites in ``masks`` replaced by masked components; others use ``W``.
 
-        ``with_inputs=True`` returns ``(output, {site: its input in this forward})``.
+        ``with_inputs=True`` returns ``(output, {site: its input in this forward})``. The output
+        is float32 whatever the compute dtype (the losses reduce in float32).
         """
         replace = {n: self.site_fn(params, target_params, n, m) for n, m in masks.items()}
-        out, inputs = self.target.forward(target_params, x, replace)
+        out, inputs = self.target.forward(self.to_compute(target_params), self.to_compute(x),
+                                          replace)
+        out = self._to_float32(out)
         return (out, inputs) if with_inputs else out
 
     # -- causal importance -----------------------------------------------------------------
@@ -342,10 +384,15 @@ class Decomposition:
         if lower_noise and key is None:
             raise ValueError("causal_importance: lower_noise needs a PRNG key.")
         sig = self.sigmoid
+        ci_params = self.to_compute(params["ci"])
         pres = None
         if is_global(self.ci_fn):  # one network for every site's CI
-            pres = self.ci_fn.apply(params["ci"][GLOBAL],
-                                    {n: dense_input(site_inputs[n]) for n in self.site_names})
+            apply = self.ci_fn.apply
+            if self.remat_ci and not getattr(self.ci_fn, "remat", False):
+                apply = jax.checkpoint(apply)  # a transformer rematerialises block by block
+            pres = apply(ci_params[GLOBAL], {n: self.to_compute(dense_input(site_inputs[n]))
+                                             for n in self.site_names})
+            pres = self._to_float32(pres)
             if set(pres) != set(self.site_names):
                 raise ValueError(f"The global CI function gave CI for {sorted(pres)}, but this "
                                  f"decomposition has sites {list(self.site_names)}: params "
@@ -355,18 +402,26 @@ class Decomposition:
             if pres is not None:
                 pre = pres[name]
             else:
-                x = site_inputs[name]
-                acts = None
-                if self.ci_fn.uses_inner_acts:
-                    acts = self.site(name).apply(self.factors(params, name)[0], x)
-                pre = self.ci_fn.apply(params["ci"][name], acts,
-                                       x if self.ci_fn.uses_inner_acts else dense_input(x))
+                site_ci = functools.partial(self._site_ci, self.site(name))
+                if self.remat_ci:  # the backward recomputes one site's CI at a time
+                    site_ci = jax.checkpoint(site_ci)
+                pre = site_ci(ci_params[name], self.factors(params, name)[0],
+                              site_inputs[name]).astype(jnp.float32)
             lower_in = pre
             if lower_noise:
                 u = jax.random.uniform(jax.random.fold_in(key, i), pre.shape, pre.dtype)
                 lower_in = (1.0 + lower_noise) * pre - lower_noise * u
             out[name] = CausalImportance(lower=sig.lower(lower_in), upper=sig.upper(pre), pre=pre)
         return out
+
+
+    def _site_ci(self, site: Site, ci_params: Any, V: Array, x: Array | Mapped) -> Array:
+        """A per-site CI function's raw CI ``[..., C]`` from the site's input (and its inner
+        acts ``x V``), in the compute dtype."""
+        if not self.ci_fn.uses_inner_acts:
+            return self.ci_fn.apply(ci_params, None, self.to_compute(dense_input(x)))
+        x = self.to_compute(x)
+        return self.ci_fn.apply(ci_params, site.apply(self.to_compute(V), x), x)
 
 
 def _factored_output(acts: Array, U: Array, m: SiteMask, x: Mapped, W: Array | None, V: Array,
@@ -471,6 +526,9 @@ def decompose(
     ci_options: Mapping[str, Any] | None = None,
     sigmoid: str | SigmoidPair = "leaky_hard",
     tie_mode: str = "shared",
+    output_chunk: int = 0,
+    remat_ci: bool = False,
+    compute_dtype: str = "float32",
 ) -> Decomposition:
     """Chooses the sites to decompose by glob pattern and validates the whole setup up front.
 
@@ -489,9 +547,19 @@ def decompose(
       sigmoid: a :class:`~spdjax.core.sigmoids.SigmoidPair` or a registered name (paper:
         ``"leaky_hard"``).
       tie_mode: ``"shared"`` or ``"aliased"`` (the reference's two updates; module docstring).
+      output_chunk: > 0 evaluates every output divergence (the reconstruction and PGD terms)
+        this many batch rows at a time, rematerialised
+        (:func:`spdjax.losses.recon.output_divergence`; the same value, less memory for a large
+        vocabulary); 0: the whole batch at once.
+      remat_ci: rematerialise the CI functions in the backward pass (``jax.checkpoint``: per
+        site, or per block of a transformer CI function): the same values, less memory, one
+        more CI forward.
+      compute_dtype: ``"float32"`` or ``"bfloat16"``: the dtype the forwards (target, masked)
+        and the CI functions compute in; params, outputs, CI and losses stay float32.
     """
     if tie_mode not in TIE_MODES:
         raise ValueError(f"Unknown tie_mode {tie_mode!r}; expected one of {TIE_MODES}.")
+    check_cost_options(output_chunk=output_chunk, remat_ci=remat_ci, compute_dtype=compute_dtype)
     C = match_sites(target, sites)
     ties = dict(ties or {})
     for tied, owner in ties.items():
@@ -508,6 +576,9 @@ def decompose(
                 f"{owner!r} {(b.d_in, b.d_out)}, C={C[owner]}."
             )
     ci_fn = make_ci_fn(ci_fn, ci_hidden, ci_options)
+    if remat_ci and dataclasses.is_dataclass(ci_fn) and "remat" in {
+            f.name for f in dataclasses.fields(ci_fn)}:
+        ci_fn = dataclasses.replace(ci_fn, remat=True)  # its own, finer remat (per block)
     sigmoid = SIGMOIDS.resolve(sigmoid)
     embeds = [n for n in C if target.sites[n].kind in ("embed", "conv")]
     if embeds and not ci_fn.uses_inner_acts:
@@ -522,4 +593,21 @@ def decompose(
         ci_fn=ci_fn,
         sigmoid=sigmoid,
         tie_mode=tie_mode,
+        output_chunk=output_chunk,
+        remat_ci=remat_ci,
+        compute_dtype=compute_dtype,
     )
+
+
+def check_cost_options(*, output_chunk: Any = 0, remat_ci: Any = False,
+                       compute_dtype: Any = "float32") -> None:
+    """:func:`decompose`'s memory and precision options (config fields of the same names),
+    each refused with a ``ValueError`` naming the bad value and what is expected."""
+    if not isinstance(output_chunk, int) or isinstance(output_chunk, bool) or output_chunk < 0:
+        raise ValueError(f"output_chunk must be an integer >= 0 (batch rows per output-divergence "
+                         f"chunk; 0: the whole batch at once), got {output_chunk!r}.")
+    if not isinstance(remat_ci, bool):
+        raise ValueError(f"remat_ci must be True or False, got {remat_ci!r}.")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"Unknown compute_dtype {compute_dtype!r}; expected one of "
+                         f"{sorted(COMPUTE_DTYPES)} (params and losses stay float32).")

@@ -31,7 +31,7 @@ from spdjax.losses.context import Context
 from spdjax.losses.divergences import DIVERGENCES, Divergence, mse
 from spdjax.losses.checks import (boolean, nonnegative_int, one_of, optional_probability,
                                    options, positive_finite, router_and_probability)
-from spdjax.losses.recon import DIVERGENCE_OPTION, ROUTING_STREAM
+from spdjax.losses.recon import DIVERGENCE_OPTION, ROUTING_STREAM, output_divergence
 from spdjax.core.masks import SiteMask
 from spdjax.core.routing import Router, make_router, route
 
@@ -93,9 +93,9 @@ def pgd_sources(params, ctx: Context, key, sites: Sequence[str], *, n_steps: int
     const_params, const_lower = jax.lax.stop_gradient((params, lower))
 
     def loss(sources):
-        out = ctx.decomposition.forward(ctx.target_params, const_params, ctx.batch,
-                                        masks_from_sources(sources, const_lower, routing, delta))
-        return divergence(out, ctx.target_out)
+        return output_divergence(const_params, ctx,
+                                 masks_from_sources(sources, const_lower, routing, delta),
+                                 divergence)
 
     def ascend(sources, _):
         grads = jax.grad(loss)(sources)
@@ -118,8 +118,7 @@ def pgd_masks(params, ctx: Context, key, sites: Sequence[str], *, delta: bool = 
 
 def _pgd_loss(params, ctx, key, sites, routing, divergence, **pgd) -> Array:
     masks = pgd_masks(params, ctx, key, sites, routing=routing, divergence=divergence, **pgd)
-    out = ctx.decomposition.forward(ctx.target_params, params, ctx.batch, masks)
-    return DIVERGENCES.resolve(divergence)(out, ctx.target_out)
+    return output_divergence(params, ctx, masks, divergence)
 
 
 @options(**PGD_OPTIONS)

@@ -64,7 +64,7 @@ from spdjax.losses.checks import (Check, boolean, nonnegative_int, one_of, optio
                                    options, positive_finite, positive_int, router_and_probability)
 from spdjax.losses.context import Context
 from spdjax.losses.divergences import DIVERGENCES, Divergence, mse
-from spdjax.losses.recon import DIVERGENCE_OPTION, ROUTING_STREAM
+from spdjax.losses.recon import DIVERGENCE_OPTION, ROUTING_STREAM, output_divergence
 
 Array = jax.Array
 SCOPES = ("single_source", "broadcast_across_batch", "repeat_across_batch",
@@ -244,8 +244,7 @@ def _persistent_loss(params, ctx: Context, key, *, term_name: str, scope: str,
     const_params, const_lower = jax.lax.stop_gradient((params, lower))
 
     def recon(p, masks):
-        out = ctx.decomposition.forward(ctx.target_params, p, ctx.batch, masks)
-        return divergence(out, ctx.target_out)
+        return output_divergence(p, ctx, masks, divergence)
 
     def expanded(sources):
         return {n: expand_sources(s, leading, scope=scope, rows=rows) for n, s in sources.items()}

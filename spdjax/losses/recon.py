@@ -24,7 +24,8 @@ from spdjax.losses.context import Context
 from spdjax.losses.divergences import DIVERGENCES, Divergence, mse
 from spdjax.losses.checks import (boolean, named, optional_probability, options, positive_int,
                                    router_and_probability)
-from spdjax.core.masks import SAMPLERS, MaskSampler, continuous, sample_masks, with_routing
+from spdjax.core.masks import (SAMPLERS, MaskSampler, SiteMask, continuous, sample_masks,
+                               with_routing)
 from spdjax.core.routing import Router, make_router, route
 from spdjax.core.target import dense_input
 
@@ -35,9 +36,77 @@ SAMPLING_OPTIONS = {"n_samples": positive_int, "sampling": named(SAMPLERS), "del
 DIVERGENCE_OPTION = {"divergence": named(DIVERGENCES)}
 
 
+def output_divergence(params, ctx: Context, masks: Mapping[str, Array | SiteMask | None],
+                      divergence: str | Divergence = mse) -> Array:
+    """``D(f(x | masks), f(x))``: the divergence of the masked forward's output from the
+    target's, the quantity every reconstruction and PGD term reduces.
+
+    With the decomposition's ``output_chunk`` = k > 0 (:func:`~spdjax.core.decomposition.
+    decompose`, config ``output_chunk``) the batch is cut into chunks of k rows: each chunk's
+    masked forward and divergence run in turn (``lax.map``), rematerialised
+    (``jax.checkpoint``), so the forward and the backward hold one chunk's activations and
+    output (e.g. ``[k, seq, vocab]`` logits), never the whole batch's. A last, smaller chunk
+    takes the rows left over (k need not divide the batch). The chunks' values are averaged
+    weighted by their rows: the unchunked value for a divergence that is a mean over examples
+    (``mse``, ``kl``, ``ce``, and any mean over the leading axes), to float rounding.
+
+    Every leaf of the batch, of the target output and of the masks whose leading axis is the
+    batch's is cut; a mask leaf with leading axis 1 (a source shared across the batch) is
+    broadcast to every chunk; any other leading size is a ``ValueError``.
+    """
+    fn = DIVERGENCES.resolve(divergence)
+    decomposition = ctx.decomposition
+
+    def one(batch, target_out, chunk_masks):
+        out = decomposition.forward(ctx.target_params, params, batch, chunk_masks)
+        return fn(out, target_out)
+
+    k = decomposition.output_chunk
+    rows = _batch_rows(ctx.target_out)
+    if not k or k >= rows:
+        return one(ctx.batch, ctx.target_out, masks)
+    tree = (ctx.batch, ctx.target_out, masks)
+    leaves, treedef = jax.tree.flatten(tree)
+    cut = [_cuts(leaf, rows) for leaf in leaves]
+    n, rest = divmod(rows, k)
+
+    def on(parts):  # the chunk's leaves, the shared ones as they are
+        it = iter(parts)
+        return one(*jax.tree.unflatten(treedef, [next(it) if c else leaf
+                                                 for leaf, c in zip(leaves, cut)]))
+
+    chunked = [leaf[:n * k].reshape(n, k, *leaf.shape[1:])
+               for leaf, c in zip(leaves, cut) if c]
+    # Rematerialised: the backward pass keeps one chunk's activations, not the batch's.
+    total = k * jnp.sum(jax.lax.map(jax.checkpoint(on), chunked))
+    if rest:
+        total = total + rest * jax.checkpoint(on)([leaf[n * k:] for leaf, c in zip(leaves, cut)
+                                                   if c])
+    return total / rows
+
+
+def _batch_rows(target_out) -> int:
+    leaves = jax.tree.leaves(target_out)
+    if not leaves or leaves[0].ndim == 0:
+        raise ValueError("output_chunk: the target output has no batch axis to cut into chunks "
+                         f"(its leaves: {[getattr(a, 'shape', a) for a in leaves]}).")
+    return leaves[0].shape[0]
+
+
+def _cuts(leaf, rows: int) -> bool:
+    """Whether a leaf is cut along its leading (batch) axis or shared by every chunk."""
+    if jnp.ndim(leaf) and leaf.shape[0] == rows:
+        return True
+    if jnp.ndim(leaf) == 0 or leaf.shape[0] == 1:
+        return False
+    raise ValueError(f"output_chunk: an input of the masked forward has shape "
+                     f"{tuple(leaf.shape)}, whose leading axis is neither the batch's ({rows} "
+                     "rows) nor 1 (shared by every example); the batch, target output and masks "
+                     "must lead with the batch axis.")
+
+
 def _recon(params, ctx: Context, masks: Mapping[str, Array | None], divergence) -> Array:
-    out = ctx.decomposition.forward(ctx.target_params, params, ctx.batch, masks)
-    return DIVERGENCES.resolve(divergence)(out, ctx.target_out)
+    return output_divergence(params, ctx, masks, divergence)
 
 
 def _layerwise(params, ctx, masks, divergence):

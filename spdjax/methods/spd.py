@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spdjax.core.decomposition import Decomposition, alive_components, ci_l0, decompose
+from spdjax.core.decomposition import (Decomposition, alive_components, check_cost_options, ci_l0,
+                                       decompose)
 from spdjax.losses import Context, Term, faithfulness, make_context, terms_from_config, total_loss
 from spdjax.core.components import COMPONENT_INITS, ComponentInit, init_paper
 from spdjax.losses.adversarial import ADVERSARY
@@ -288,7 +289,8 @@ def from_config(config, experiment, learning_rate) -> Method:
     decomp = decompose(experiment.target, experiment.sites, ties=experiment.ties,
                        ci_fn=config.ci_fn, ci_hidden=tuple(config.ci_hidden),
                        ci_options=config.ci_options.to_dict(), sigmoid=config.sigmoid,
-                       tie_mode=config.tie_mode)
+                       tie_mode=config.tie_mode, output_chunk=config.output_chunk,
+                       remat_ci=config.remat_ci, compute_dtype=config.compute_dtype)
     built = method(decomp, terms_from_config(config.losses.to_dict()), learning_rate,
                    init=COMPONENT_INITS.get(config.init),
                    warmup_steps=config.faithfulness_warmup_steps,
@@ -320,6 +322,14 @@ def eval_terms_from_config(eval_losses: dict) -> list[Term]:
 def check_config(config, target=None) -> None:
     """SPD's config fields (its loss terms and evaluation-only terms), before any work."""
     del target
+    check_cost_options(output_chunk=config.output_chunk, remat_ci=config.remat_ci,
+                       compute_dtype=config.compute_dtype)
+    rows = config.batch_size // max(config.microbatches, 1)
+    if config.output_chunk > rows:
+        raise ValueError(f"output_chunk={config.output_chunk} is more rows than a step's batch "
+                         f"holds ({rows}: batch_size {config.batch_size} / microbatches "
+                         f"{config.microbatches}); use a chunk of at most {rows} rows, or 0 for "
+                         "the whole batch at once.")
     optimizers.parse_groups(config.optimizer.to_dict())
     terms = terms_from_config(config.losses.to_dict())
     if all(t.coeff == 0 for t in terms):

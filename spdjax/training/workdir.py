@@ -78,7 +78,9 @@ class WorkdirLock:
 # freely (e.g. to re-evaluate a finished run with a smaller evaluation batch).
 SAFE_CHANGES = ("log_every", "checkpoint_every", "eval_batch_size", "eval_microbatches",
                 "steps_per_call", "divergence_factor", "figures", "tensorboard", "wandb_project",
-                "eval_suite", "eval_pgd_ladder", "eval_pgd_step_size")
+                "eval_suite", "eval_pgd_ladder", "eval_pgd_step_size",
+                # memory only: the same values, computed in chunks or recomputed
+                "output_chunk", "remat_ci")
 
 
 def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[tuple[str, Any, Any]]:
