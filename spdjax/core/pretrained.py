@@ -155,16 +155,16 @@ def _architecture(config: dict, override: str | None, path: pathlib.Path) -> str
         f"params, example_input).")
 
 
-def _check_weights(path: pathlib.Path, from_pt: bool) -> None:
+def _check_weights(path: pathlib.Path, from_pt: bool, name: str) -> None:
     if any((path / f).is_file() for f in _FLAX_WEIGHTS):
         return
     torch_files = [f for f in _TORCH_WEIGHTS if (path / f).is_file()]
     if torch_files and not from_pt:
         raise FileNotFoundError(
             f"{path} holds PyTorch weights only ({', '.join(torch_files)}), no "
-            f"flax_model.msgpack. Convert them once (load with the Flax class's "
-            f"from_pretrained(path, from_pt=True) and save_pretrained), or install torch and "
-            f"pass from_pt=True here.")
+            f"flax_model.msgpack. Convert them once where torch is installed "
+            f"(transformers.Flax{name}.from_pretrained(path, from_pt=True)"
+            f".save_pretrained(new_path)), or install torch and pass from_pt=True here.")
     if not torch_files:
         raise FileNotFoundError(
             f"{path} has no model weights: expected one of {list(_FLAX_WEIGHTS)} (as written by "
@@ -213,10 +213,12 @@ def from_pretrained(path: str | pathlib.Path, example_input: Any = None, *,
     ``path``: the directory (``config.json`` plus Flax weights). ``example_input``: one batch in
     the form the module docstring describes (default: a batch of one built from the config:
     8 tokens, or one image at the configured size); it is traced once to find the sites.
-    ``architecture``: one of :data:`ARCHITECTURES` to use instead of the config's (e.g.
-    ``"BertModel"`` for the hidden states of a ``BertForMaskedLM`` checkpoint).
+    ``architecture``: one of those the module docstring lists (the keys of ``ARCHITECTURES``),
+    used instead of the config's: e.g. ``"BertModel"`` for the hidden states of a
+    ``BertForMaskedLM`` checkpoint (a base model is built without its pooler, which feeds only
+    ``pooler_output``; a checkpoint's pooler weights are then left unused).
     ``load_options`` go to the model class's ``from_pretrained`` (e.g. ``from_pt=True`` to read
-    PyTorch weights, which needs torch; ``dtype=jnp.bfloat16`` for the computation).
+    PyTorch weights, which needs torch).
 
     Returns ``(target, target_params)``: ``target(params, inputs)`` is the model's output (module
     docstring), sites named by parameter path (``transformer/h/0/attn/c_attn``).
@@ -233,7 +235,7 @@ def from_pretrained(path: str | pathlib.Path, example_input: Any = None, *,
         raise ValueError("from_pretrained loads the checkpoint's weights without initialising "
                          "the model; do not pass _do_init.")
     name = _architecture(json.loads(config_file.read_text()), architecture, path)
-    _check_weights(path, load_options.get("from_pt", False))
+    _check_weights(path, load_options.get("from_pt", False), name)
     try:
         # optional dependency: imported here so that spdjax imports without transformers
         import transformers

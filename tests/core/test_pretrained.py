@@ -189,6 +189,15 @@ def test_default_example_input_from_the_config(checkpoints):
     assert [a.shape for a in target.example] == [(1, 8), (1, 8)]
 
 
+def test_safetensors_checkpoint(checkpoints, tmp_path):
+    _, model, params = checkpoints("gpt2")
+    model.save_pretrained(tmp_path, params=params, safe_serialization=True)
+    assert not (tmp_path / "flax_model.msgpack").exists()
+    target, tp = spdjax.from_pretrained(tmp_path)
+    assert len(target.sites) == SITES["gpt2"][1]
+    jax.tree.map(np.testing.assert_array_equal, tp, params)
+
+
 def test_inputs_in_the_wrong_form_name_what_is_expected(checkpoints):
     path = checkpoints("t5")[0]
     with pytest.raises(ValueError, match=r"T5ForConditionalGeneration needs \['input_ids', "
@@ -237,8 +246,9 @@ def test_errors_name_the_path_and_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"has no config.json"):
         spdjax.from_pretrained(tmp_path)
     gpt2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
-    with pytest.raises(FileNotFoundError, match=r"PyTorch weights only \(pytorch_model.bin\).*"
-                                                r"install torch and pass from_pt=True"):
+    with pytest.raises(FileNotFoundError, match=(
+            r"PyTorch weights only \(pytorch_model.bin\).*FlaxGPT2LMHeadModel.from_pretrained"
+            r"\(path, from_pt=True\).*install torch and pass from_pt=True")):
         spdjax.from_pretrained(_config_dir(tmp_path, gpt2, "pytorch_model.bin"))
 
 
