@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spdjax.core.target import Target
 from spdjax.core.tracing import from_jax
@@ -194,9 +195,12 @@ def _call_arguments(kind: _Kind, architecture: str, inputs) -> dict:
 
 
 def _plain(tree):
+    """Nested plain dicts of arrays on the default device, not committed to one: transformers
+    loads uninitialised models' weights onto the host CPU, where a jitted step with its batch on
+    an accelerator would reject them."""
     if hasattr(tree, "items"):
         return {k: _plain(v) for k, v in tree.items()}
-    return tree
+    return jnp.asarray(np.asarray(tree))
 
 
 def _flat_keys(tree, prefix=()) -> set[tuple]:

@@ -198,6 +198,15 @@ def test_safetensors_checkpoint(checkpoints, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, tp, params)
 
 
+def test_params_follow_the_batch_to_its_device(checkpoints):
+    """The loaded params are not pinned to the device transformers put them on (the host CPU):
+    a jitted call with the batch on another device runs there."""
+    target, tp = spdjax.from_pretrained(checkpoints("gpt2")[0])
+    device = jax.devices()[-1]
+    out = jax.jit(target)(tp, jax.device_put(IDS, device))
+    assert out.devices() == {device}
+
+
 def test_inputs_in_the_wrong_form_name_what_is_expected(checkpoints):
     path = checkpoints("t5")[0]
     with pytest.raises(ValueError, match=r"T5ForConditionalGeneration needs \['input_ids', "
