@@ -172,8 +172,8 @@ def dataset_attributions(run, *, n_batches: int = 20, batch_size: int = 16, seed
     if out_dir is not None:
         path = pathlib.Path(out_dir) / STATE_FILE
         if resume and path.exists():
+            streaming.check_resumable(streaming.read_meta(path), meta, path)
             saved, saved_meta = streaming.load_state(path, state)
-            streaming.check_resumable(saved_meta, meta, path)
             state, start = jax.tree.map(jnp.asarray, saved), min(saved_meta["done"], n_batches)
 
         def save(state, done):

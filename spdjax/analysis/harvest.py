@@ -296,8 +296,8 @@ def harvest(run, *, n_batches: int = 100, batch_size: int = 64, seed: int = 0,
         out_dir = pathlib.Path(out_dir)
         path = out_dir / STATE_FILE
         if resume and path.exists():
+            streaming.check_resumable(streaming.read_meta(path), meta, path)
             saved, saved_meta = streaming.load_state(path, state)
-            streaming.check_resumable(saved_meta, meta, path)
             state, start = jax.tree.map(jnp.asarray, saved), min(saved_meta["done"], n_batches)
 
         def save(state, done):

@@ -5,10 +5,9 @@ writes the experiment's figures and the training curves to ``DIR/figures`` (or `
 workdir without a run, or a step without a checkpoint, is one ``error:`` line (exit 2).
 """
 
-import sys
-
 from absl import app, flags, logging
 
+from spdjax.cli import common
 from spdjax.config.runs import load
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory.")
@@ -21,20 +20,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    try:
+    with common.user_errors():
         run = load(_WORKDIR.value, step=_STEP.value)
         for path in run.plot(_OUT.value):
             print(path)
-    except KeyboardInterrupt:
-        _fail(130, "interrupted.")
-    except (ValueError, OSError) as e:
-        _fail(2, str(e) if isinstance(e, (ValueError, FileNotFoundError))
-              else f"{type(e).__name__}: {e}")
-
-
-def _fail(code: int, message: str):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
 
 
 def run() -> None:

@@ -2,6 +2,13 @@
 the blocked co-occurrence against the dense one, reservoir uniformity, the ground-truth
 reading on a constructed case, and a run harvested, saved and read back."""
 
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +17,7 @@ import pytest
 import spdjax
 from spdjax.analysis import harvest as H
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _np_stats(ci, present, out_tok, thr, n_out):
@@ -135,3 +142,62 @@ def test_harvest_of_a_run_saves_and_loads(tmp_path):
     assert (tmp_path / "summary.json").exists()
     with pytest.raises(ValueError, match="No subcomponent 'linear1:99'"):
         back.examples("linear1:99")
+
+
+def test_an_interrupted_and_resumed_harvest_equals_an_uninterrupted_one(tmp_path):
+    run = spdjax.load(ROOT / "tests" / "fixtures" / "checkpoint_format1")
+    kw = dict(n_batches=5, batch_size=16, examples=3)
+    whole = H.harvest(run, **kw)
+
+    def stop_after_3(done, total, seconds):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        H.harvest(run, out_dir=tmp_path, save_every=2, report=stop_after_3, **kw)
+    assert spdjax.analysis.streaming.read_meta(tmp_path / H.STATE_FILE)["done"] == 3
+    seen = []
+    resumed = H.harvest(run, out_dir=tmp_path, report=lambda d, t, s: seen.append(d), **kw)
+    assert seen == [4, 5]
+    for k, v in whole.state.items():
+        np.testing.assert_array_equal(resumed.state[k], v, err_msg=k)
+    with pytest.raises(ValueError, match="other settings: examples 3 \\(now 4\\)"):
+        H.harvest(run, out_dir=tmp_path, **dict(kw, examples=4))
+
+
+def _cli(*args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_on_a_directory_without_a_run_is_one_error_line(tmp_path):
+    p = _cli("-m", "spdjax.harvest", f"--workdir={tmp_path}")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
+        f"error: {tmp_path} holds no run"), p.stderr[-2000:]
+
+
+@pytest.mark.slow  # three processes; the library test above covers the resume itself
+def test_cli_killed_with_sigterm_resumes_to_the_uninterrupted_result(tmp_path):
+    wd = tmp_path / "run"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "checkpoint_format1", wd)
+    args = ["-m", "spdjax.harvest", f"--workdir={wd}", "--batches=40", "--batch_size=64",
+            "--save_every=1"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    for line in proc.stderr:
+        if "harvest: batch" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "the state is saved" in err, err[-2000:]
+    done = spdjax.analysis.streaming.read_meta(wd / "analysis" / "harvest" / H.STATE_FILE)["done"]
+    assert 0 < done < 40
+    resumed = _cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole = _cli(*args, f"--out={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    a, b = H.load_harvest(wd), H.load_harvest(tmp_path / "whole")
+    for k, v in b.state.items():
+        np.testing.assert_array_equal(a.state[k], v, err_msg=k)
