@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import json
 import pathlib
+import threading
 import types
 from typing import Any, Callable
 
@@ -91,22 +92,33 @@ class _NumpyWithOldClip(types.ModuleType):
         return jnp.clip(arr, min=a_min if min is None else min, max=a_max if max is None else max)
 
 
+_t5_shim_lock = threading.Lock()
+_t5_shim_users = 0
+
+
 @contextlib.contextmanager
 def _t5_clip_compat():
-    """Flax T5's relative-position buckets call ``jnp.clip(x, a_max=...)``; JAX deprecated
-    clip's ``a_min``/``a_max`` for ``min``/``max`` (0.4.27) and the JAX this package supports
-    (0.10 at least) no longer accepts them (``TypeError: clip() got an unexpected keyword
-    argument 'a_max'``), while transformers' Flax models are frozen. Only the name ``jnp`` in
-    the T5 modelling module is swapped, and only while the model is built or traced, so no
-    other code sees a changed ``jax.numpy``."""
+    """Flax T5's relative-position buckets call ``jnp.clip(x, a_max=...)``. JAX renamed clip's
+    ``a_min``/``a_max`` to ``min``/``max``, and the JAX installed here (0.10.2) no longer accepts
+    the old names (``TypeError: clip() got an unexpected keyword argument 'a_max'``), while
+    transformers' Flax models are deprecated (gone in transformers 5). So only the name ``jnp``
+    in the T5 modelling module is swapped, and only while a model is built or traced (counted,
+    so that nested or concurrent uses keep it until the last one ends): no other code sees a
+    changed ``jax.numpy``."""
+    global _t5_shim_users
     from transformers.models.t5 import modeling_flax_t5 as t5
 
-    saved = t5.jnp
-    t5.jnp = _NumpyWithOldClip("jax.numpy")
+    with _t5_shim_lock:
+        if _t5_shim_users == 0:
+            t5.jnp = _NumpyWithOldClip("jax.numpy")
+        _t5_shim_users += 1
     try:
         yield
     finally:
-        t5.jnp = saved
+        with _t5_shim_lock:
+            _t5_shim_users -= 1
+            if _t5_shim_users == 0:
+                t5.jnp = jnp
 
 
 _CAUSAL_LM = _Kind(_TEXT, "logits", _example_ids)

@@ -228,6 +228,9 @@ def test_t5_clip_shim_is_the_old_clip_and_scoped():
         np.testing.assert_array_equal(shimmed.clip(x, a_min=-1.0), np.clip(x, -1.0, None))
         np.testing.assert_array_equal(shimmed.clip(x, -2.0, max=0.5), np.clip(x, -2.0, 0.5))
         assert shimmed.log is jnp.log and shimmed.where is jnp.where
+        with pretrained._t5_clip_compat():  # nested (a model traced while another is built)
+            assert t5.jnp is shimmed
+        assert t5.jnp is shimmed
     assert t5.jnp is jnp
 
 
