@@ -4,6 +4,11 @@ round trip, the figure, and the induction path on a hand-built induction model."
 
 import json
 import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +17,7 @@ import pytest
 
 import spdjax
 from spdjax.analysis import graph_plots, graphs as G
+from spdjax.cli import prompts
 from spdjax.core.target import Site, from_function, weight_at
 from spdjax.families.lm import model as lm_model
 
@@ -299,3 +305,52 @@ def test_the_induction_graph_runs_previous_token_head_then_induction_head():
     v = G.validate(d, params, tp, ids, g, pgd_steps=0)
     assert v["graph_only_probs"][0]["graph_only"] > 0.5, v
     assert v["n_nodes"] < 20
+
+
+# -- the commands on a tiny induction-toy run (tests/fixtures/lm_ih_tiny: lm:ih with
+# seq_len 12, C 4, target_steps 10, one SPD step) ------------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "tests" / "fixtures" / "lm_ih_tiny"
+
+
+def _cli(*args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_writes_the_graph_its_figure_and_validation(tmp_path):
+    wd = tmp_path / "run"
+    shutil.copytree(FIXTURE, wd)
+    p = _cli("-m", "spdjax.attribution_graph", f"--workdir={wd}", "--prompt=BOS 3 S 5 2 S",
+             "--threshold=0.0", "--pgd_steps=4", "--pgd_restarts=1", "--name=t")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "PGD restart 1/1: step 4/4" in p.stderr
+    rec = json.loads((wd / "analysis" / "graphs" / "t.json").read_text())
+    assert rec["tokens"] == ["BOS", "3", "S", "5", "2", "S"] and rec["ids"][2] == 129
+    assert {"kl_graph_only", "kl_pgd_worst", "kl_ci_masked"} <= set(rec["validation"])
+    assert rec["strongest_path"][-1].startswith("output:")
+    assert (wd / "analysis" / "graphs" / "t.png").stat().st_size > 1000
+
+
+def test_cli_bad_subcomponent_is_one_error_line(tmp_path):
+    wd = tmp_path / "run"
+    shutil.copytree(FIXTURE, wd)
+    p = _cli("-m", "spdjax.intervene", f"--workdir={wd}", "--prompt=BOS 3 S 5 2 S",
+             "--ablate=blocks_1/attn/out:4")
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        "error: Subcomponent index 4 of site 'blocks_1/attn/out' is outside [0, 4): the site "
+        "has C = 4 subcomponents.")
+
+
+def test_prompts_are_encoded_and_bad_ones_refused():
+    run = spdjax.load(FIXTURE)
+    batch, codec = prompts.prompt_batch(run, "BOS 1 S 4")
+    assert batch.tolist() == [[0, 1, 129, 4]] and codec.decode(129) == "S"
+    for bad, match in (("", "prompt is empty"), ("  ", "prompt is empty"),
+                       ("BOS 1 2 3 4 5 1 2 3 4 5 1 2", "13 tokens long; the model's context "
+                        "is 12"), ("BOS 130", "outside \\[0, 130\\)"), ("BOS x", "'x' is not")):
+        with pytest.raises(ValueError, match=match):
+            prompts.prompt_batch(run, bad)
