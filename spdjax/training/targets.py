@@ -168,6 +168,8 @@ class TargetTrainer:
       optimizer: trains ``trainable``.
       apply: ``(trainable, updates) -> trainable`` (default ``optax.apply_updates``).
       finish: ``(trainable, frozen) -> params`` of the trained target (default: merged dicts).
+      evaluate: ``(trainable, frozen) -> {name: scalar}`` (e.g. a validation loss), run and
+        logged after every chunk of steps and kept in ``info["evals"]``; None: nothing.
     """
 
     init: Callable[[jax.Array], tuple[dict, dict]]
@@ -176,6 +178,7 @@ class TargetTrainer:
     optimizer: optax.GradientTransformation
     apply: Callable[[dict, dict], dict] = optax.apply_updates
     finish: Callable[[dict, dict], dict] | None = None
+    evaluate: Callable[[dict, dict], dict] | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,8 +209,9 @@ def train(make_trainer: Callable[[Hashable], TargetTrainer], recipe: Hashable, s
     """Trains the target of ``make_trainer(recipe)`` for ``steps`` from ``seed``.
 
     Returns ``(params, info)``: ``info`` holds ``seed``, ``losses`` (one mean per chunk),
-    ``final_loss`` (the last of them), ``seconds`` and ``eval_key`` (the seed's third key, for a
-    family's own report on fresh batches).
+    ``final_loss`` (the last of them), ``seconds``, ``eval_key`` (the seed's third key, for a
+    family's own report on fresh batches) and ``evals`` (``{"step": i, **trainer.evaluate(...)}``
+    after each chunk; empty without ``trainer.evaluate``).
     """
     t0 = time.perf_counter()
     k_init, k_data, k_eval = jax.random.split(jax.random.key(seed), 3)
@@ -215,7 +219,7 @@ def train(make_trainer: Callable[[Hashable], TargetTrainer], recipe: Hashable, s
     trainer, chunk = _chunk(make_trainer, recipe, chunk_steps)
     trainable, frozen = trainer.init(k_init)
     opt_state = trainer.optimizer.init(trainable)
-    losses, done = [], 0
+    losses, evals, done = [], [], 0
     progress = Progress(steps, label=f"{what} target (seed {seed})")
     while done < steps:
         if steps - done < chunk_steps:  # the remainder compiles once more
@@ -226,7 +230,12 @@ def train(make_trainer: Callable[[Hashable], TargetTrainer], recipe: Hashable, s
         if not np.isfinite(losses[-1]):
             raise FloatingPointError(f"{what} seed {seed}: loss {losses[-1]} at step {done}.")
         progress.report_chunk(done, losses[-1])  # one line per chunk
+        if trainer.evaluate is not None:
+            evals.append({"step": done, **{k: float(v) for k, v in
+                                           trainer.evaluate(trainable, frozen).items()}})
+            log.info("%s target (seed %d): step %d | %s", what, seed, done, " | ".join(
+                f"{k} {v:.4f}" for k, v in evals[-1].items() if k != "step"))
     finish = trainer.finish or (lambda t, f: {**t, **f})
     info = {"seed": seed, "losses": losses, "final_loss": losses[-1],
-            "seconds": time.perf_counter() - t0, "eval_key": k_eval}
+            "seconds": time.perf_counter() - t0, "eval_key": k_eval, "evals": evals}
     return finish(trainable, frozen), info

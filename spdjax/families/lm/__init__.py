@@ -1,7 +1,13 @@
-"""Transformer targets as an SPD experiment family: the induction-head toy and a byte-level LM.
+"""Transformer targets as an SPD experiment family: the induction-head toy, a byte-level LM and
+Llama-style LMs on English text.
 
 * :mod:`~spdjax.families.lm.model`: the transformer (standard linen layers, decomposed by
-  tracing), variants ``ih`` and ``bytes`` and their training recipes;
+  tracing), variants ``ih``, ``bytes``, ``llama_2x128``, ``llama_4x192`` and their training
+  recipes;
+* :mod:`~spdjax.families.lm.llama`: the Llama-style model (RMSNorm, RoPE, GELU MLP, grouped-query
+  attention) and its recipe;
+* :mod:`~spdjax.families.lm.text`: text corpora (any text files; by default the Python
+  documentation), a locally trained BPE tokenizer, token ids memory-mapped on disk;
 * :mod:`~spdjax.families.lm.cache`: the target cache and the report of a cached target;
 * :mod:`~spdjax.families.lm.data`: induction sequences and the standard-library byte corpus
   (memory-mapped on disk, built once);
@@ -10,7 +16,7 @@
 """
 
 from spdjax.training.family import Family, register
-from spdjax.families.lm import cache, evaluation, model, plots
+from spdjax.families.lm import cache, evaluation, llama, model, plots, text
 
 FAMILY = register(Family(
     name="lm",
@@ -28,4 +34,4 @@ FAMILY = register(Family(
     report=cache.report,
 ))
 
-__all__ = ["FAMILY", "cache", "evaluation", "model", "plots"]
+__all__ = ["FAMILY", "cache", "evaluation", "llama", "model", "plots", "text"]

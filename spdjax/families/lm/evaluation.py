@@ -31,7 +31,7 @@ from spdjax.losses import kl, make_context
 Array = jax.Array
 
 EVAL_KEY = 1234  # the evaluation batch: fixed, so runs compare on the same tokens
-EVAL_SEQUENCES = {"induction": 512, "bytes": 64}
+EVAL_SEQUENCES = {"induction": 512, "bytes": 64, "text": 64}
 L0_THRESHOLD = 0.1
 
 
@@ -63,7 +63,7 @@ def target_quality(params: dict, cfg: lm_model.LMConfig, key=None) -> dict:
 
     @jax.jit
     def quality(params, ids, labels):
-        logits = lm_model.Transformer(cfg).apply({"params": params}, ids)
+        logits = lm_model.module(cfg).apply({"params": params}, ids)
         out = {"target_ce": _ce(cfg, logits, ids, labels)}
         if cfg.data == "induction":
             out["target_induction_accuracy"] = _accuracy(logits, labels)

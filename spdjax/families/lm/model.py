@@ -1,4 +1,5 @@
-"""Transformer targets: the induction-head toy and a small byte-level language model.
+"""Transformer targets: the induction-head toy, a small byte-level language model, and
+Llama-style models on English text (:mod:`spdjax.families.lm.llama`).
 
 One linen model, written with standard layers and decomposed through tracing
 (:func:`spdjax.from_linen`), so its sites are module paths:
@@ -21,6 +22,13 @@ learned ``pos_embed`` to the residual stream (GPT-2 style). Variants (``VARIANTS
   standard library's source (:mod:`spdjax.families.lm.data`); next-token CE on every
   position; AdamW lr 3e-3 (warm-up 200, cosine to 10%), wd 0.1, 4000 steps of batch 32. Small
   enough that SPD with C above every matrix's rank runs on 2 CPU cores.
+* ``llama_2x128``, ``llama_4x192``: :class:`~spdjax.families.lm.llama.Llama` (RMSNorm, RoPE,
+  GELU MLP, grouped-query attention) on BPE tokens of text files
+  (:mod:`spdjax.families.lm.text`; by default the Python documentation), next-token CE on every
+  position; the same site names.
+
+The functions below take either recipe (:class:`LMConfig` or
+:class:`~spdjax.families.lm.llama.LlamaConfig`); :func:`module` is the linen model of either.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ import optax
 from spdjax.core.adapters import from_linen
 from spdjax.training import targets as target_training
 from spdjax.families.lm import data as lm_data
+from spdjax.families.lm import llama
+from spdjax.families.lm import text as lm_text
 from spdjax.core.target import Target
 
 Array = jax.Array
@@ -91,7 +101,9 @@ VARIANTS = {
     "bytes": LMConfig("bytes", 256, 128, 64, 4, 2, d_mlp=256, layer_norm=True,
                       positions="learned", steps=4000, batch_size=32, lr=3e-3,
                       weight_decay=0.1, warmup_steps=200, final_lr_frac=0.1),
+    **llama.VARIANTS,
 }
+VAL_WINDOWS = 64  # validation windows scored after each chunk of target training
 
 
 def sinusoids(n: int, d: int) -> Array:
@@ -168,19 +180,24 @@ class Transformer(nn.Module):
         return nn.Dense(cfg.vocab, use_bias=False, name="unembed")(x)
 
 
+def module(cfg: LMConfig | llama.LlamaConfig) -> nn.Module:
+    """The linen model of a recipe: :class:`Transformer` or :class:`~.llama.Llama`."""
+    return llama.Llama(cfg) if isinstance(cfg, llama.LlamaConfig) else Transformer(cfg)
+
+
 def example_ids(cfg: LMConfig, batch: int = 1) -> Array:
     """``[batch, seq_len]`` zeros: an input of the right shape for init and tracing."""
     return jnp.zeros((batch, cfg.seq_len), jnp.int32)
 
 
 def init_params(key: Array, cfg: LMConfig) -> dict:
-    """Freshly initialised (untrained) params of the :class:`Transformer` for ``cfg``."""
-    return Transformer(cfg).init(key, example_ids(cfg))["params"]
+    """Freshly initialised (untrained) params of the model (:func:`module`) for ``cfg``."""
+    return module(cfg).init(key, example_ids(cfg))["params"]
 
 
 def target(cfg: LMConfig) -> Target:
     """The transformer as a traced :class:`~spdjax.core.target.Target` (``[B, T]`` ids in)."""
-    model = Transformer(cfg)
+    model = module(cfg)
     params = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     return from_linen(model, {"params": params}, example_ids(cfg))[0]
@@ -190,9 +207,31 @@ def target(cfg: LMConfig) -> Target:
 
 
 def corpus_tokens(cfg: LMConfig, which: str) -> Array:
-    """A split of the byte corpus as a device array (built once into the target cache, read
-    from disk once per process)."""
+    """A split of the byte corpus, or of the text corpus's token ids, as a device array (built
+    once into the target cache, read from disk once per process)."""
+    if cfg.data == "text":
+        return _text_split(cfg.text_files, cfg.vocab_size, cfg.corpus_bytes, _corpus_dir(),
+                           cfg.seq_len, which)
     return _corpus_split(_corpus_dir(), cfg.corpus_bytes, which)
+
+
+def text_corpus(cfg: llama.LlamaConfig):
+    """``(ids, meta, tokenizer)`` of a text recipe's corpus (:func:`spdjax.families.lm.text.load`;
+    read once per process: files changed while it runs are seen by the next process)."""
+    return _text_corpus(cfg.text_files, cfg.vocab_size, cfg.corpus_bytes, _corpus_dir(),
+                        cfg.seq_len)
+
+
+@functools.lru_cache(maxsize=4)
+def _text_corpus(patterns, vocab_size, corpus_bytes, corpora_dir, seq_len):
+    return lm_text.load(patterns, vocab_size, corpora_dir, max_bytes=corpus_bytes,
+                        min_split=seq_len)
+
+
+@functools.lru_cache(maxsize=8)
+def _text_split(patterns, vocab_size, corpus_bytes, corpora_dir, seq_len, which) -> Array:
+    ids, _, _ = _text_corpus(patterns, vocab_size, corpus_bytes, corpora_dir, seq_len)
+    return jnp.asarray(np.asarray(lm_data.split(ids, which)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -236,6 +275,22 @@ def next_token_ce(logits: Array, ids: Array) -> Array:
     return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
 
 
+def split_ce(params: dict, cfg: LMConfig, which: str = "val", *, batch: int = 32) -> float:
+    """Next-token CE of the trained model over every non-overlapping ``seq_len`` window of a
+    corpus split (the byte or text corpus), ``batch`` windows per forward pass."""
+    tokens = corpus_tokens(cfg, which)
+    n = tokens.shape[0] // cfg.seq_len
+    windows = tokens[: n * cfg.seq_len].reshape(n, cfg.seq_len).astype(jnp.int32)
+    model = module(cfg)
+    ce = jax.jit(lambda p, ids: next_token_ce(model.apply({"params": p}, ids), ids))
+    total, count = 0.0, 0
+    for start in range(0, n, batch):  # the last, shorter batch compiles once more
+        ids = windows[start:start + batch]
+        total += float(ce(params, ids)) * ids.shape[0]
+        count += ids.shape[0]
+    return total / count
+
+
 def last_position_ce(logits: Array, labels: Array) -> Array:
     """Mean CE of predicting ``labels`` from the last position (the induction toy's loss)."""
     logp = jax.nn.log_softmax(logits[:, -1], axis=-1)
@@ -244,9 +299,11 @@ def last_position_ce(logits: Array, labels: Array) -> Array:
 
 def make_trainer(cfg: LMConfig) -> target_training.TargetTrainer:
     """The variant's target recipe: AdamW with linear warm-up and cosine decay on the
-    next-token CE (the induction toy: CE at the last position only)."""
-    model = Transformer(cfg)
-    tokens = corpus_tokens(cfg, "train") if cfg.data == "bytes" else None
+    next-token CE (the induction toy: CE at the last position only); the corpus targets report
+    the CE on VAL_WINDOWS fixed validation windows after every chunk of steps."""
+    model = module(cfg)
+    corpus = cfg.data != "induction"
+    tokens = corpus_tokens(cfg, "train") if corpus else None
 
     def loss(params, frozen, batch):
         del frozen
@@ -260,12 +317,24 @@ def make_trainer(cfg: LMConfig) -> target_training.TargetTrainer:
             return induction(cfg, key, cfg.batch_size)
         return lm_data.window_batch(tokens, key, cfg.batch_size, cfg.seq_len)
 
+    evaluate = None
+    if corpus:
+        val_ids = lm_data.window_batch(corpus_tokens(cfg, "val"), jax.random.key(0),
+                                       VAL_WINDOWS, cfg.seq_len)
+        evaluate = jax.jit(lambda params, frozen: {
+            "val_ce": next_token_ce(model.apply({"params": params}, val_ids), val_ids)})
+
     warm = max(cfg.warmup_steps, 1)
     schedule = optax.join_schedules([
         optax.linear_schedule(0.0, cfg.lr, warm),
         optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - warm, 1), alpha=cfg.final_lr_frac),
     ], [warm])
+    if isinstance(cfg, llama.LlamaConfig):  # the reference's LlamaSimpleMLP recipe
+        optimizer = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay)
+        if cfg.grad_clip:
+            optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optimizer)
+    else:
+        optimizer = optax.adamw(schedule, weight_decay=cfg.weight_decay)
     return target_training.TargetTrainer(
         init=lambda key: (jax.jit(init_params, static_argnums=1)(key, cfg), {}), loss=loss,
-        sample=sample_batch,
-        optimizer=optax.adamw(schedule, weight_decay=cfg.weight_decay))
+        sample=sample_batch, optimizer=optimizer, evaluate=evaluate)

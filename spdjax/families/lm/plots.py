@@ -4,14 +4,16 @@
   toy: at the induction position and elsewhere, side by side).
 * ``induction_ci.png`` (induction toy): per site, the mean CI of its most important
   subcomponents at the induction position against the other positions.
-* ``top_contexts.html`` (byte LM): for the most-used subcomponents of every site, the contexts
-  where each is most causally important, the token highlighted; open it in a browser.
+* ``top_contexts.html`` (byte and text LMs): for the most-used subcomponents of every site, the
+  contexts where each is most causally important, the token highlighted; open it in a browser.
+  Text (BPE) targets show their tokens decoded by the corpus's tokenizer.
 """
 
 from __future__ import annotations
 
 import html
 import pathlib
+from typing import Callable, Sequence
 
 import jax
 import matplotlib
@@ -27,6 +29,7 @@ from spdjax.losses import make_context  # noqa: E402
 TOP = 8  # subcomponents per site in the figures / report
 CONTEXTS = 6  # contexts per subcomponent in the report
 WINDOW = 40  # bytes of context before the token
+TEXT_WINDOW = 16  # BPE tokens of context before the token (about as many characters x 4)
 DEDUP = 12  # contexts that agree on this many bytes before the token are one corpus position
 ACTIVE = 0.5  # the token profile counts the tokens where a subcomponent's CI is above this
 
@@ -48,7 +51,14 @@ def plot_run(decomp, params, target_params, cfg: lm_model.LMConfig, figures_dir)
     if cfg.data == "induction":
         paths.append(plot_induction_ci(ci, figures_dir / "induction_ci.png"))
     else:
-        paths.append(write_top_contexts(ci, np.asarray(ids), figures_dir / "top_contexts.html"))
+        kwargs = {}
+        if cfg.data == "text":
+            tok = lm_model.text_corpus(cfg)[2]
+            kwargs = {"window": TEXT_WINDOW,
+                      "decode": lambda t: tok.decode([int(i) for i in t],
+                                                     skip_special_tokens=False)}
+        paths.append(write_top_contexts(ci, np.asarray(ids), figures_dir / "top_contexts.html",
+                                        **kwargs))
     return paths
 
 
@@ -128,11 +138,13 @@ def plot_ci_per_token(ci: dict, tokens: list[str], path=None, *, top: int = TOP)
     return fig
 
 
-def _byte_text(tokens) -> str:
-    return html.escape(bytes(int(t) for t in tokens).decode("utf-8", "replace"))
+def _byte_text(tokens: Sequence[int]) -> str:
+    """Byte ids as text (the byte LM's tokens), undecodable bytes replaced."""
+    return bytes(int(t) for t in tokens).decode("utf-8", "replace")
 
 
-def _token_profile(tokens: np.ndarray, ci: np.ndarray, n: int = 6) -> str:
+def _token_profile(tokens: np.ndarray, ci: np.ndarray, n: int = 6,
+                   decode: Callable[[Sequence[int]], str] = _byte_text) -> str:
     """One line: the tokens a subcomponent is important on most often (share of its tokens with
     CI > ACTIVE), e.g. whether it is an indentation or a newline component."""
     active = tokens[ci > ACTIVE]
@@ -140,14 +152,18 @@ def _token_profile(tokens: np.ndarray, ci: np.ndarray, n: int = 6) -> str:
         return f"<p>never above CI {ACTIVE}</p>"
     values, counts = np.unique(active, return_counts=True)
     top = np.argsort(-counts, kind="stable")[:n]
-    items = ", ".join(f"<code>{html.escape(repr(chr(int(values[i]))))}</code> "
+    items = ", ".join(f"<code>{html.escape(repr(decode([int(values[i])])))}</code> "
                       f"{counts[i] / active.size:.0%}" for i in top)
     return f"<p>tokens with CI &gt; {ACTIVE}: {items}</p>"
 
 
-def write_top_contexts(ci: dict, ids: np.ndarray, path) -> pathlib.Path:
+def write_top_contexts(ci: dict, ids: np.ndarray, path, *,
+                       decode: Callable[[Sequence[int]], str] = _byte_text,
+                       window: int = WINDOW) -> pathlib.Path:
     """An HTML page: per site, the TOP subcomponents by mean CI, each with the CONTEXTS tokens
-    where its CI is highest (the preceding WINDOW bytes, the token in bold)."""
+    where its CI is highest (the preceding ``window`` tokens, the token in bold); ``decode``
+    turns token ids into text (default: bytes)."""
+    text = lambda t: html.escape(decode(t))  # noqa: E731
     parts = ["<html><head><meta charset='utf-8'><style>body{font-family:sans-serif}"
              "pre{background:#f4f4f4;margin:2px 0;white-space:pre-wrap}b{background:#fc6}"
              "</style></head><body><h1>Top contexts per subcomponent</h1>"]
@@ -158,7 +174,7 @@ def write_top_contexts(ci: dict, ids: np.ndarray, path) -> pathlib.Path:
         for comp in np.argsort(-flat.mean(0))[:TOP]:
             parts.append(f"<h3>subcomponent {comp}: mean CI {flat[:, comp].mean():.3f}, "
                          f"active on {np.mean(flat[:, comp] > 0.1):.1%} of tokens</h3>")
-            parts.append(_token_profile(tokens, flat[:, comp]))
+            parts.append(_token_profile(tokens, flat[:, comp], decode=decode))
             seen, shown = set(), 0
             for idx in np.argsort(-flat[:, comp], kind="stable"):
                 if shown == CONTEXTS or flat[idx, comp] <= 0:
@@ -170,9 +186,9 @@ def write_top_contexts(ci: dict, ids: np.ndarray, path) -> pathlib.Path:
                     continue
                 seen.add(where)
                 shown += 1
-                before = _byte_text(ids[seq, max(0, pos - WINDOW):pos])
+                before = text(ids[seq, max(0, pos - window):pos])
                 parts.append(f"<pre>CI {flat[idx, comp]:.2f} | {before}<b>"
-                             f"{_byte_text(ids[seq, pos:pos + 1]) or ' '}</b></pre>")
+                             f"{text(ids[seq, pos:pos + 1]) or ' '}</b></pre>")
     parts.append("</body></html>")
     path = pathlib.Path(path)
     path.write_text("\n".join(parts), encoding="utf-8")
