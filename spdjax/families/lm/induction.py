@@ -87,6 +87,8 @@ def check_config(cfg: lm_model.LMConfig) -> None:
 def applies(cfg: lm_model.LMConfig, decomp) -> bool:
     """Whether :func:`criteria` can read this run: the induction toy (:func:`check_config`)
     decomposed with rank-one subcomponents on all the circuit's sites."""
+    if cfg.data != "induction":  # other recipes (the Llama targets) lack the toy's fields
+        return False
     try:
         check_config(cfg)
     except ValueError:
