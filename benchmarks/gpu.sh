@@ -7,6 +7,10 @@
 #   2. the matmul precisions (tensorfloat32 / bfloat16; highest is stage 1) at K = 100, and their
 #      effect on the final numbers: TMS 5-2 runs in highest and bfloat16 (ResidMLP 1 seed 0 in
 #      bfloat16 runs beside stage 3's float32 seeds);
+#   2c. the LM step at VPD's size (4 x 768, vocabulary 50,277, 512 positions, batch $GPU_LM_BATCH,
+#      default 64) with the memory and precision options (output_chunk, remat_ci, bfloat16):
+#      ms/step and peak GPU memory per option set (benchmarks.lm_projection --run; at most
+#      $GPU_LM_COST_S seconds, default 240; --quick: a tiny shape, one option set);
 #   3. the ResidMLP 1-layer seed table, its five seeds as five processes sharing the GPU
 #      (full paper recipe, K = 100 steps per call, float32 "highest").
 # Everything runs with microbatches = 1 (the configs' micro-batching is for CPU caches).
@@ -26,10 +30,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STEPS=200 SEED_ARGS=() TMS_ARGS=() LM_CONFIG=${GPU_LM:-}  # e.g. GPU_LM=lm:bytes (builds its target there)
+LM_COST_ARGS=(--batch="${GPU_LM_BATCH:-64}")
 ALL=tms:5-2,tms:40-10,resid_mlp:1,resid_mlp:3 PAIR=tms:5-2,resid_mlp:1
 if [[ "${1:-}" == "--quick" ]]; then
   STEPS=20 SEED_ARGS=(--steps=300 --set=eval_batch_size=2000) LM_CONFIG= ALL=tms:5-2 PAIR=tms:5-2
   TMS_ARGS=(--config.steps=300 --config.figures=false)
+  LM_COST_ARGS=(--smoke --batch=2 --variants=1)
 fi
 DIR="${GPU_RESULTS:-benchmarks/results/gpu}"
 ROOT="${GPU_WORKDIR:-workdir/gpu}"
@@ -75,6 +81,15 @@ done
 if [[ -n "$LM_CONFIG" ]]; then  # its target and corpus are built there first (about a minute)
   budgeted python -m benchmarks.run --configs="$LM_CONFIG" --steps=20 --out="$DIR/step_times_lm" \
     || echo "LM benchmark failed or timed out"
+fi
+
+stage 2c LM cost at VPD size with output_chunk, remat_ci and bfloat16
+L=$(left); (( L > ${GPU_LM_COST_S:-240} )) && L=${GPU_LM_COST_S:-240}
+if (( L < 30 )); then echo "skipped, out of time: LM cost"
+else
+  timeout "$L" python -m benchmarks.lm_projection --run=10 "${LM_COST_ARGS[@]}" --out="$DIR/lm_cost" \
+    > "$DIR/lm_cost.log" 2>&1 || echo "LM cost stage failed or timed out (rows so far: $DIR/lm_cost.json)"
+  tail -n 4 "$DIR/lm_cost.log"
 fi
 
 stage 3 ResidMLP 1-layer seeds, in parallel, and seed 0 in bfloat16 beside them
