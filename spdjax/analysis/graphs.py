@@ -426,27 +426,15 @@ def _subgraph(graph: Graph, keep: np.ndarray) -> Graph:
 
 
 def strongest_path(graph: Graph, output: int | None = None) -> list[int]:
-    """Node indices of the path from an input to ``output`` (default: the most probable output
-    node) with the largest product of row-normalised ``|A|`` edge weights."""
-    A = _normalised(graph.adjacency())
+    """Node indices of the strongest path into ``output`` (default: the most probable output
+    node), input first: from the output, repeatedly the source of the largest ``|weight|``
+    edge into the current node, until a node without sources."""
     if output is None:
         output = int(np.argmax(output_weights(graph)))
-    N = len(graph.nodes)
-    best = np.array([1.0 if n.kind == INPUT else 0.0 for n in graph.nodes])
-    prev = -np.ones(N, int)
-    for _ in range(N):  # longest-path relaxation on a DAG: at most N rounds
-        cand = A * best[None, :]
-        arg = np.argmax(cand, axis=1)
-        val = cand[np.arange(N), arg]
-        better = val > best + 1e-15
-        if not better.any():
-            break
-        best = np.where(better, val, best)
-        prev = np.where(better, arg, prev)
-    path, node = [output], output
-    while prev[node] >= 0 and len(path) <= N:
-        node = int(prev[node])
-        path.append(node)
+    A = np.abs(graph.adjacency())
+    path = [output]
+    while A[path[-1]].max(initial=0.0) > 0 and len(path) <= len(graph.nodes):
+        path.append(int(np.argmax(A[path[-1]])))
     return path[::-1]
 
 

@@ -169,8 +169,8 @@ def test_prune_keeps_the_influential_nodes_and_drops_the_weak():
         G.prune(g, node_threshold=0.0)
 
 
-def test_strongest_path_follows_the_largest_normalised_product():
-    # out 6 <- 2 (0.6 of its input) <- 0 and out 6 <- 3 (0.4) <- 4 (all of 3's input) <- 1
+def test_strongest_path_follows_the_largest_edge_back_from_the_output():
+    # out 6 <- 2 (6) <- 0 beats out 6 <- 3 (4) <- 4 <- 1
     g = _graph(_chain_nodes(), [(0, 2, 1.0), (2, 6, 6.0), (3, 6, 4.0), (4, 3, 2.0),
                                 (1, 4, 3.0)])
     assert G.strongest_path(g) == [0, 2, 6]
