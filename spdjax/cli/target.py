@@ -18,6 +18,7 @@ import sys
 
 from spdjax import families  # noqa: F401 (registers the built-in families)
 from spdjax.training.family import FAMILIES
+from spdjax.training.progress import log_to
 from spdjax.training.targets import check_cache_dir, default_cache_dir, read_meta
 
 
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = family.variant(args.variant or family.default_variant)
         check_cache_dir(args.cache_dir)  # before any training
-        params = family.load_target_params(cfg, args.seed, args.cache_dir)
+        # The "spdjax" logger's progress lines while a target trains: basicConfig above does
+        # nothing when an import (absl, through JAX) has given the root logger a handler.
+        with log_to(sys.stderr):
+            params = family.load_target_params(cfg, args.seed, args.cache_dir)
         stem = family.cache_stem(cfg, args.seed, args.cache_dir)
         print(family.report(params, cfg, read_meta(stem), stem))
     except KeyboardInterrupt:
