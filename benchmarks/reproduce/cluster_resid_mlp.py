@@ -1,0 +1,108 @@
+"""Issue #39's clustering ground truth on a ResidMLP 1-layer decomposition: does the MDL
+clustering (:mod:`spdjax.analysis.clustering`) put each feature's ``mlp_in`` and ``mlp_out``
+subcomponents in one cluster?
+
+    python -m spdjax.cluster --workdir=workdir/resid_mlp_1_3k --batches=10 --batch_size=1024
+    python -m benchmarks.reproduce.cluster_resid_mlp --workdir=workdir/resid_mlp_1_3k \\
+        --alphas=0.1,0.3,1,3,10       # -> benchmarks/results/cluster_resid_mlp.{json,md}
+
+A feature's subcomponents, from the weights: on ``mlp_in`` the one the library's evaluation
+chooses (:func:`spdjax.families.resid_mlp.evaluation.contributions`, the largest neuron
+contribution); on ``mlp_out`` the one that writes most of the feature's read-off,
+``argmax_c (relu(W_E[f] W_in) . V_out[:, c]) (U_out[c] . W_E[f])``. Per seed (the clusterings
+the command saved, at their MDL minimum) and per ``alpha`` (seed 0's firings merged again), the
+fraction of features whose two subcomponents share a cluster, beside chance (the same fraction
+for mismatched features ``f != g``) and the clustering's shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from benchmarks.run import ROOT, write_results
+
+import spdjax
+from spdjax.analysis import clustering
+from spdjax.families.resid_mlp import evaluation
+
+
+def feature_subcomponents(run, layer: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(mlp_in, mlp_out)`` subcomponent of each feature (module docstring)."""
+    d, p, tp = run.decomposition, run.params, run.target_params
+    cfg = run.experiment.model_config
+    W_E = np.asarray(tp["W_E"], np.float64)
+    W_in = np.asarray(tp[f"layers_{layer}"]["mlp_in"]["kernel"], np.float64)
+    V_out, U_out = (np.asarray(a, np.float64) for a in d.factors(p, f"layers_{layer}/mlp_out"))
+    contrib = (np.maximum(W_E @ W_in, 0) @ V_out) * (W_E @ U_out.T)  # [F, C]
+    return evaluation.contributions(d, p, tp, cfg)[layer]["chosen"], contrib.argmax(1)
+
+
+def same_cluster(labels: np.ndarray, pairs_in: np.ndarray, pairs_out: np.ndarray) -> dict:
+    """The fraction of features whose two subcomponents share a cluster, and chance."""
+    li, lo = labels[pairs_in], labels[pairs_out]
+    together = (li[:, None] == lo[None, :]) & (li[:, None] >= 0)
+    F = len(li)
+    off = ~np.eye(F, dtype=bool)
+    return {"same": float(np.mean(np.diag(together))), "chance": float(together[off].mean())}
+
+
+def shape(h: clustering.MergeHistory, n_in: int, t=None) -> dict:
+    """How the clusters mix the two sites."""
+    cl = h.clusters(t)
+    n_ins = np.array([sum(n.startswith("layers_0/mlp_in") for n in c) for c in cl])
+    n_outs = np.array([len(c) for c in cl]) - n_ins
+    return {"clusters": len(cl), "largest": max(len(c) for c in cl),
+            "mixed": int(np.sum((n_ins > 0) & (n_outs > 0))),
+            "mlp_in_only_multi": int(np.sum((n_ins > 1) & (n_outs == 0))),
+            "mlp_out_only_multi": int(np.sum((n_outs > 1) & (n_ins == 0))),
+            "singletons": int(np.sum(n_ins + n_outs == 1))}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default="workdir/resid_mlp_1_3k")
+    ap.add_argument("--alphas", default="0.1,0.3,1,3,10")
+    ap.add_argument("--out", default="cluster_resid_mlp")
+    args = ap.parse_args(argv)
+    run = spdjax.load(args.workdir)
+    f_in, f_out = feature_subcomponents(run)
+    C_in = int(run.decomposition.C["layers_0/mlp_in"])
+    res = clustering.load_clustering(run.workdir)
+    D = res.distances()
+    mask = ~np.eye(len(D), dtype=bool)
+    seeds = {str(s): dict(same_cluster(h.labels(), f_in, C_in + f_out),
+                          iteration=h.best_iteration, **shape(h, C_in))
+             for s, h in res.histories.items()}
+    h0 = next(iter(res.histories.values()))
+    settings = dict(h0.meta)
+    # seed 0's firings again (same settings) for the alpha sweep
+    fires = clustering.firings(run, seed=settings["seed"], n_batches=settings["batches"],
+                               batch_size=settings["batch_size"],
+                               threshold=settings["threshold"],
+                               max_examples=settings["max_examples"])
+    sweep = {}
+    for a in (float(v) for v in args.alphas.split(",")):
+        h = clustering.merge(fires, h0.names, alpha=a)
+        sweep[str(a)] = dict(same_cluster(h.labels(), f_in, C_in + f_out),
+                             iteration=h.best_iteration, **shape(h, C_in))
+    out = {"workdir": str(args.workdir), "settings": settings,
+           "distinct_mlp_in": int(len(set(f_in))), "distinct_mlp_out": int(len(set(f_out))),
+           "seeds": seeds, "distance_hamming": D.tolist(),
+           "distance_hamming_mean": float(D[mask].mean()) if mask.any() else 0.0,
+           "alpha_sweep_seed": settings["seed"], "alpha_sweep": sweep}
+    lines = ["| | same cluster | chance | iteration | clusters | largest | mixed in+out | "
+             "mlp_in-only (2+) | mlp_out-only (2+) | singletons |", "|---" * 10 + "|"]
+    for name, rows in (("seed", seeds), ("alpha", sweep)):
+        for k, r in rows.items():
+            lines.append(f"| {name} {k} | {r['same']:.2f} | {r['chance']:.3f} | "
+                         f"{r['iteration']} | {r['clusters']} | {r['largest']} | {r['mixed']} | "
+                         f"{r['mlp_in_only_multi']} | {r['mlp_out_only_multi']} | "
+                         f"{r['singletons']} |")
+    write_results(ROOT / "benchmarks" / "results" / args.out, [out],
+                  lambda rows, machine: "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
