@@ -38,18 +38,19 @@ SHORT = {"sparse_at_induction": "a: e", "sparse_elsewhere": "a: else", "keep_fou
          "c: ind", "copying": "c: copy"}
 
 
-def judge(workdir: pathlib.Path, summary: dict) -> dict:
-    """The run's ``induction`` block (from its summary, else computed from its checkpoint)."""
+def judge(workdir: pathlib.Path, summary: dict, step: int | None = None) -> dict:
+    """The run's ``induction`` block (from its summary, else computed from its checkpoint at
+    ``step``, default the latest)."""
     if "induction" in summary:
         return summary["induction"]
-    run = runs.load(workdir)
+    run = runs.load(workdir, step=step)
     cfg = FAMILIES.get("lm").model_config(run.config)
     ids, labels = evaluation.eval_batch(cfg)
     return induction.criteria(run.decomposition, run.params, run.target_params, cfg, ids, labels)
 
 
-def _fmt(d: dict) -> str:
-    return "/".join(f"{v:.1f}" for v in d.values())
+def _fmt(d: dict, spec: str = ".1f") -> str:
+    return "/".join(f"{d[n]:{spec}}" for n in induction.CIRCUIT_POSITION)
 
 
 def tabulate(table: dict) -> str:
@@ -67,7 +68,7 @@ def tabulate(table: dict) -> str:
             lines.append(
                 f"| {row} | {r['seed']} | {r['steps']} | {_fmt(m['sparsity']['at_induction'])} "
                 f"| {_fmt(m['sparsity']['elsewhere'])} "
-                f"| {'/'.join(str(v) for v in m['found'].values())} "
+                f"| {_fmt(m['found'], 'd')} "
                 f"| {m['kept_accuracy']:.3f} / {m['ablated_accuracy']:.3f} "
                 f"| {m['previous_token_mass']:.2f} ({m['target_previous_token_mass']:.2f}) "
                 f"| {m['induction_mass']:.2f} ({m['target_induction_mass']:.2f}) "
