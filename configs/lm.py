@@ -1,6 +1,6 @@
 """SPD on transformers: the induction-head toy (``ih``, default) and a small byte-level LM.
 
-The argument is ``<variant>[+vpd|+answer]`` (the grammar of every config file,
+The argument is ``<variant>[+vpd|+answer|+answer_ci]`` (the grammar of every config file,
 ``<variant>[+<modifier>]...``, spdjax.config.parse_variant). ``+vpd`` switches to VPD's recipe
 (spdjax/config/vpd.py: the VPD library's canonical 4-layer LM config scaled to these models): a
 causal transformer CI function over every site's input, Muon, smooth-L0 importance with nested
@@ -8,7 +8,8 @@ EMA frequency minimality, nonlinearity locality on the byte LM's MLP neurons and
 the pooled merged stochastic-subset + persistent-PGD term, faithfulness 1000 and the evaluation
 suite; its steps and batch are the variant's. ``ih+answer`` reconstructs only the output the
 toy was trained on, KL at the last position (``kl_answer``), with importance minimality 3e-2
-(the induction-head ground truth, docs/guides/language_models.md).
+(the induction-head ground truth, docs/guides/language_models.md); ``ih+answer_ci`` adds the
+CI-masked reconstruction (KL at the last position, coefficient 1).
 
 Targets are trained by our own command (``python -m spdjax.cli.target --family=lm --variant=ih``;
 also trained and cached by the first run below). Every site is found by tracing the model
@@ -21,15 +22,6 @@ goodfire-ai/spd, uses it for its LMs).
 
     python -m spdjax.main --config=configs/lm.py:ih --workdir=workdir/lm_ih
     python -m spdjax.main --config=configs/lm.py:bytes --workdir=workdir/lm_bytes
-    python -m spdjax.main --config=configs/lm.py:llama_2x128 --workdir=workdir/lm_llama_2x128
-
-``llama_2x128`` / ``llama_4x192`` (Llama-style targets on BPE tokens of English text,
-spdjax/families/lm/llama.py; ``--config.target_recipe.text_files='a/**/*.txt,b.md'`` trains on
-your own files) decompose every attention and MLP matrix (12 / 24 sites; C 192 / 288) with
-stochastic and routed-subset recon (KL). A llama_2x128 step (batch 8 x 128 tokens) took
-9-10 CPU-seconds (about 20 s of wall time on 2 cores shared with ~15 other busy processes), so
-1200 steps are about 2-2.5 h on 2 otherwise idle cores; llama_4x192's 400 steps are scaled by
-its ~2.7x FLOPs per token (an estimate from the matrix sizes, not a measurement).
 
 Outputs as for the toy models (summary.json, metrics.jsonl, figures/ with CI per site and
 position; top_contexts.html for the byte LM). Numbers and timings: RESULTS.md. Shared fields:
@@ -44,10 +36,6 @@ from spdjax.config import base_config, parse_variant, vpd
 _VARIANTS = {
     "ih": (32, 10_000, 64, 1e-3, 3e-3, 1.0, "mlp", 16),
     "bytes": (96, 5000, 8, 1e-3, 1e-3, 1.0, "vector_mlp", 64),
-    # Llama-style targets on English text (spdjax/families/lm/llama.py): C 1.5 x the largest rank
-    # (d_model), one vector_mlp per site; steps sized to ~2.5 h on 2 CPU cores (docstring).
-    "llama_2x128": (192, 1200, 8, 1e-3, 1e-3, 1.0, "vector_mlp", 64),
-    "llama_4x192": (288, 400, 8, 1e-3, 1e-3, 1.0, "vector_mlp", 64),
 }
 
 
@@ -55,9 +43,10 @@ _ANSWER_IMP_COEFF = 3e-2  # ih+answer: importance minimality against the answer-
 
 
 def get_config(arg: str = "ih"):
-    arg, modifiers = parse_variant(arg, "LM", _VARIANTS, ["vpd", "answer"], max_modifiers=1)
-    if modifiers == ["answer"] and arg != "ih":
-        raise ValueError(f"+answer is for the induction toy (ih) only, got {arg!r}+answer: the "
+    arg, modifiers = parse_variant(arg, "LM", _VARIANTS, ["vpd", "answer", "answer_ci"],
+                                   max_modifiers=1)
+    if modifiers and modifiers[0].startswith("answer") and arg != "ih":
+        raise ValueError(f"+{modifiers[0]} is for the induction toy (ih) only, got {arg!r}: the "
                          "other LMs are trained on every position.")
     C, steps, batch, lr, imp_coeff, pnorm, ci_fn, ci_hidden = _VARIANTS[arg]
     c = base_config("lm", arg)
@@ -68,11 +57,6 @@ def get_config(arg: str = "ih"):
     kl = {"coeff": 1.0, "n_samples": 1, "sampling": "continuous", "divergence": "kl"}
     c.losses.stochastic_recon = dict(kl)
     c.losses.stochastic_recon_layerwise = dict(kl)
-    if arg.startswith("llama"):
-        # The reference's LlamaSimpleMLP decompositions replace the layerwise term (one forward
-        # per site: 6 per layer) by the routed-subset term (one forward): ~4x cheaper here.
-        del c.losses["stochastic_recon_layerwise"]
-        c.losses.stochastic_recon_subset = {**kl, "router": "uniform_k"}
     c.losses.importance_minimality.coeff = imp_coeff
     c.losses.importance_minimality.pnorm = pnorm
     # Target fields a user may change (a changed target is trained and cached apart):
@@ -80,21 +64,22 @@ def get_config(arg: str = "ih"):
     if arg == "ih":
         c.target_recipe.n_tokens = 128  # V: the model's vocabulary is V + 2
         c.target_recipe.prefix_window = 61  # "S M" starts in [1, prefix_window) (< seq_len - 1)
-    elif arg == "bytes":
+    else:
         c.target_recipe.corpus_bytes = 8_000_000  # bytes of standard-library source to train on
-    else:  # llama_*: BPE tokens of text files
-        c.target_recipe.text_files = ""  # comma-separated glob patterns; "": the Python docs
-        c.target_recipe.corpus_bytes = 0  # at most this many bytes of text; 0: every file
     c.eval_batch_size = 256 if arg == "ih" else 32
     c.log_every = 250
     c.checkpoint_every = 1000
-    if modifiers == ["answer"]:
+    if modifiers in (["answer"], ["answer_ci"]):
         # The toy is trained on the last position only: reconstruct that output (KL there,
         # spdjax/families/lm/induction.py), so CI elsewhere is free to vanish; importance
         # minimality is a mean over all 64 positions, hence a larger coefficient.
         for term in ("stochastic_recon", "stochastic_recon_layerwise"):
             c.losses[term].divergence = "kl_answer"
         c.losses.importance_minimality.coeff = _ANSWER_IMP_COEFF
+    if modifiers == ["answer_ci"]:
+        # Stochastic masks in [CI, 1] rarely switch a query or key off, and a sharp attention
+        # pattern survives a scaled query: the CI-masked term makes the CI itself suffice.
+        c.losses.ci_masked_recon = {"coeff": 1.0, "divergence": "kl_answer"}
     if modifiers == ["vpd"]:
         vpd.language_model(c, units=_UNITS[arg])
         if not _UNITS[arg]:  # one head and no MLP: every subcomponent touches one unit
@@ -113,15 +98,4 @@ def _block_units(i: int, heads: int) -> dict:
             f"blocks_{i}/attn/out": head("input")}
 
 
-def _llama_units(layers: int, heads: int, kv_heads: int) -> dict:
-    """As _block_units, with grouped-query attention: k and v have ``kv_heads`` heads."""
-    units = {}
-    for i in range(layers):
-        units.update(_block_units(i, heads))
-        for p in ("k", "v"):
-            units[f"blocks_{i}/attn/{p}"] = {**units[f"blocks_{i}/attn/{p}"], "heads": kv_heads}
-    return units
-
-
-_UNITS = {"ih": {}, "bytes": {**_block_units(0, 4), **_block_units(1, 4)},
-          "llama_2x128": _llama_units(2, 4, 2), "llama_4x192": _llama_units(4, 6, 3)}
+_UNITS = {"ih": {}, "bytes": {**_block_units(0, 4), **_block_units(1, 4)}}
