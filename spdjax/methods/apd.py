@@ -235,7 +235,8 @@ def check_config(config, target: Target | None = None) -> None:
     if a.act_recon_coeff and target is not None:
         match_sites(target, {a.act_sites: 1})
     spd_only = {"faithfulness_warmup_steps": 0, "init": "paper", "grad_clip_norm_components": 0.0,
-                "grad_clip_norm_ci": 0.0, "ci_lower_noise": 0.0}
+                "grad_clip_norm_ci": 0.0, "ci_lower_noise": 0.0, "output_chunk": 0,
+                "remat_ci": False, "compute_dtype": "float32"}
     changed = [f"{k}={config[k]!r}" for k, v in spd_only.items() if config[k] != v]
     default_group = {"name": "adam", "lr": 0.0, "options": {}}
     changed += [f"optimizer.{g}={v.to_dict()!r}" for g, v in config.get("optimizer", {}).items()

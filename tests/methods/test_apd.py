@@ -158,6 +158,8 @@ def test_apd_refuses_settings_it_would_ignore_and_bad_ties():
     with pytest.raises(ValueError, match="APD does not use optimizer.components="):
         validate(spdjax.config.load("tms:5-2+apd",
                                     {"optimizer.components.name": "muon"}))
+    with pytest.raises(ValueError, match="APD does not use compute_dtype='bfloat16'"):
+        validate(spdjax.config.load("tms:5-2+apd", {"compute_dtype": "bfloat16"}))
     target, tp = two_site_target(d_in=3, d_hidden=5, d_out=2)
     with pytest.raises(ValueError, match="Cannot tie 'b'"):
         apd.decompose_apd(target, {"a": 1, "b": 1}, 4, ties={"b": "a"})
