@@ -32,9 +32,9 @@ def _exact_decomposition(target_params):
 
 def test_forward_is_the_model_and_shows_causal_patterns():
     params, ids, _ = _target_and_batch()
-    logits, pats = induction.forward(params, CFG, ids)
+    logits, pats = jax.jit(lambda p: induction.forward(p, CFG, ids))(params)
     np.testing.assert_allclose(
-        logits, lm_model.Transformer(CFG).apply({"params": params}, ids), atol=1e-5)
+        logits, jax.jit(lm_model.Transformer(CFG).apply)({"params": params}, ids), atol=1e-5)
     assert len(pats) == 2 and pats[0].shape == (32, 16, 16)
     np.testing.assert_allclose(pats[1].sum(-1), 1.0, atol=1e-5)
     assert float(jnp.max(jnp.triu(pats[0], 1))) == 0.0
