@@ -57,6 +57,9 @@ from spdjax.losses.adversarial import masks_from_sources, pgd_sources
 from spdjax.losses.context import Context
 
 Array = jax.Array
+# Pruning defaults: 0.9 of the influence (at 0.8 the hand-built induction model's graph loses
+# the previous-token head's sources; tests/analysis/test_graphs.py), 0.98 of the edge score.
+NODE_THRESHOLD, EDGE_THRESHOLD = 0.9, 0.98
 INPUT, COMPONENT, OUTPUT = "input", "component", "output"
 MASKINGS = ("ci", "ones")
 Progress = Callable[[str], None]
@@ -375,7 +378,8 @@ def influence(graph: Graph) -> np.ndarray:
     return np.linalg.solve((np.eye(len(w)) - A).T, w) - w
 
 
-def prune(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:
+def prune(graph: Graph, *, node_threshold: float = NODE_THRESHOLD,
+          edge_threshold: float = EDGE_THRESHOLD) -> Graph:
     """The graph with its component nodes cut to those carrying ``node_threshold`` of the total
     influence on the outputs (largest first) and its edges to those carrying
     ``edge_threshold`` of the total edge score ``|Â_ts| (influence_t + w_t)``; inputs and
@@ -530,9 +534,9 @@ def adversarial_kl(decomposition, params, target_params, batch, held: Mapping[st
 
 
 def build(decomposition, params, target_params, batch, *, positions=None, threshold=0.1,
-          top_k=5, masking="ci", delta=False, node_threshold=0.8, edge_threshold=0.98,
-          chunk=32, ci=None, decode=None, validation: Mapping[str, Any] | None = None,
-          progress: Progress | None = None) -> Graph:
+          top_k=5, masking="ci", delta=False, node_threshold=NODE_THRESHOLD,
+          edge_threshold=EDGE_THRESHOLD, chunk=32, ci=None, decode=None,
+          validation: Mapping[str, Any] | None = None, progress: Progress | None = None) -> Graph:
     """:func:`compute_graph`, :func:`prune` and :func:`validate` (``validation``: its keyword
     options; None: the defaults; ``{"pgd_steps": 0}``: no PGD) in one call; the unpruned
     graph's size is in ``settings["unpruned"]``."""

@@ -30,9 +30,9 @@ _THRESHOLD = flags.DEFINE_float("threshold", 0.1, "CI above which a subcomponent
 _TOP_K = flags.DEFINE_integer("top_k", 3, "Output nodes per position (most probable tokens).")
 _MASKING = flags.DEFINE_enum("masking", "ci", list(graphs.MASKINGS),
                              "The forward the gradients are taken in: CI masks or all ones.")
-_NODE_THRESHOLD = flags.DEFINE_float("node_threshold", 0.9,
+_NODE_THRESHOLD = flags.DEFINE_float("node_threshold", graphs.NODE_THRESHOLD,
                                      "Pruning: share of the influence the kept nodes carry.")
-_EDGE_THRESHOLD = flags.DEFINE_float("edge_threshold", 0.98,
+_EDGE_THRESHOLD = flags.DEFINE_float("edge_threshold", graphs.EDGE_THRESHOLD,
                                      "Pruning: share of the edge score the kept edges carry.")
 _PGD_STEPS = flags.DEFINE_integer("pgd_steps", 100, "PGD steps of the adversarial check "
                                   "(0: none).")
