@@ -168,17 +168,9 @@ def dataset_attributions(run, *, n_batches: int = 20, batch_size: int = 16, seed
     spec = spec_for(run, batch_size=batch_size, chunk=chunk)
     meta = {"tool": "dataset_attributions", "sites": list(spec.sites), "sizes": list(spec.sizes),
             "seed": seed, "batch_size": batch_size, "step": getattr(run, "step", None)}
-    state, start, save = init_state(spec), 0, None
-    if out_dir is not None:
-        path = pathlib.Path(out_dir) / STATE_FILE
-        if resume and path.exists():
-            streaming.check_resumable(streaming.read_meta(path), meta, path)
-            saved, saved_meta = streaming.load_state(path, state)
-            state, start = jax.tree.map(jnp.asarray, saved), min(saved_meta["done"], n_batches)
-
-        def save(state, done):
-            streaming.save_state(path, state, dict(meta, done=done, n_batches=n_batches))
-
+    state, start, save = streaming.resume_point(
+        None if out_dir is None else pathlib.Path(out_dir) / STATE_FILE, init_state(spec),
+        meta, n_batches=n_batches, resume=resume)
     state = streaming.accumulate(make_update(run, spec, batch_size), state, seed=seed,
                                  n_batches=n_batches, start=start, save=save,
                                  save_every=save_every, report=report)

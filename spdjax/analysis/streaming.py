@@ -8,7 +8,8 @@ state an uninterrupted pass gives, bit for bit. :func:`accumulate` runs the loop
 callback, a save every ``save_every`` batches and at the end, and a save of the last finished
 batch on ``KeyboardInterrupt``); :func:`save_state` / :func:`load_state` write and read a state
 as one ``.npz`` (written atomically: a crash mid-write leaves the previous file) with a JSON
-header of the settings it was made with, so a resume with other settings is refused.
+header of the settings it was made with, so a resume with other settings is refused;
+:func:`resume_point` is the whole resume step of an analysis written to a directory.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
@@ -128,3 +130,34 @@ def check_resumable(meta: Mapping[str, Any], settings: Mapping[str, Any], path) 
         raise ValueError(f"{path} was made with other settings: " + ", ".join(
             f"{k} {a!r} (now {b!r})" for k, (a, b) in sorted(diff.items())) +
             "; pass the same settings to resume, or --fresh to start over.")
+
+
+def resume_point(path: str | pathlib.Path | None, state: Any, settings: Mapping[str, Any], *,
+                 n_batches: int, resume: bool = True
+                 ) -> tuple[Any, int, Callable[[Any, int], None] | None]:
+    """``(state, start, save)`` for a pass of ``n_batches`` that keeps its state at ``path``
+    (None: in memory only; ``(state, 0, None)``).
+
+    With ``resume`` and a state at ``path`` made with ``settings`` (:func:`check_resumable`),
+    the saved state and its count of finished batches; else ``state`` and 0. ``save(state,
+    done)`` writes ``settings`` with ``done`` and ``n_batches``. A saved state of more batches
+    than ``n_batches`` is a ``ValueError``: it cannot be cut back, and continuing it under a
+    smaller count would label it with fewer batches than it holds."""
+    if path is None:
+        return state, 0, None
+    path = pathlib.Path(path)
+    start = 0
+    if resume and path.exists():
+        check_resumable(read_meta(path), settings, path)
+        saved, meta = load_state(path, state)
+        done = int(meta["done"])
+        if done > n_batches:
+            raise ValueError(f"{path} holds {done} finished batches, more than the "
+                             f"{n_batches} asked for: pass --batches >= {done} (n_batches >= "
+                             f"{done}) to continue it, or --fresh (resume=False) to start over.")
+        state, start = jax.tree.map(jnp.asarray, saved), done
+
+    def save(state, done):
+        save_state(path, state, dict(settings, done=done, n_batches=n_batches))
+
+    return state, start, save

@@ -1,6 +1,7 @@
 """What the post-hoc commands on a workdir share (``spdjax.cli.plot``, ``spdjax.cli.harvest``,
 ``spdjax.cli.dataset_attributions``): one ``error:`` line and an exit code instead of a
-traceback for the errors a user can fix, and a progress line for a pass over batches.
+traceback for the errors a user can fix, a progress line for a pass over batches, and
+:func:`resumable_pass`, the whole ``main`` of a resumable pass over a run's data.
 
 Exit codes: 2 for bad input (a workdir without a run, a step without a checkpoint, a bad
 flag value, settings that do not match a saved state), 130 after Ctrl-C, 143 after SIGTERM.
@@ -9,10 +10,14 @@ flag value, settings that do not match a saved state), 130 after Ctrl-C, 143 aft
 from __future__ import annotations
 
 import contextlib
+import os
+import pathlib
 import sys
 import time
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
+from spdjax.analysis import streaming
+from spdjax.config.runs import load
 from spdjax.training import interrupts
 from spdjax.training.progress import format_duration
 
@@ -24,15 +29,15 @@ def fail(code: int, message: str):
 
 
 @contextlib.contextmanager
-def user_errors(interrupted: str = "interrupted.") -> Iterator[None]:
+def user_errors(interrupted: str | Callable[[], str] = "interrupted.") -> Iterator[None]:
     """Inside: a ``ValueError`` or ``OSError`` is one ``error:`` line (exit 2), an interrupt
-    (Ctrl-C, or SIGTERM under :func:`stop_on_signals`) prints ``interrupted`` (exit 130 /
-    143)."""
+    (Ctrl-C, or SIGTERM under :func:`stop_on_signals`) prints ``interrupted`` (a callable:
+    its result at that moment; exit 130 / 143)."""
     try:
         yield
     except KeyboardInterrupt:
         signum = interrupts.received()
-        fail(interrupts.exit_code(signum), interrupted)
+        fail(interrupts.exit_code(signum), interrupted() if callable(interrupted) else interrupted)
     except (ValueError, OSError) as e:
         fail(2, str(e) if isinstance(e, (ValueError, FileNotFoundError))
              else f"{type(e).__name__}: {e}")
@@ -72,3 +77,57 @@ class ProgressLine:
         self.stream.write(f"{self.label}: batch {done}/{total} | {rate:.2f} batches/s | ETA "
                           f"{format_duration(eta)}\n")
         self.stream.flush()
+
+
+def int_list(flag: str, values, example: str = "0,1,2") -> list[int]:
+    """A ``DEFINE_list`` flag's values as ints; a ``ValueError`` naming the flag, its values
+    and an example otherwise."""
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated ints, e.g. {flag}={example}; got "
+                         f"{','.join(values)!r}.") from None
+
+
+def _stamp(path: pathlib.Path):
+    """What changes when ``path`` is (atomically) rewritten; None if it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def resumable_pass(*, label: str, workdir: str, step: int | None, out: str | None,
+                   subdir: str, state_file: str, compute: Callable[[Any, pathlib.Path,
+                                                                    ProgressLine], Any],
+                   describe: Callable[[Any], str]) -> None:
+    """The ``main`` of a resumable pass (``spdjax.harvest``, ``spdjax.dataset_attributions``):
+    loads the run in ``workdir`` at ``step``, runs ``compute(run, out_dir, progress)``
+    (``out_dir``: ``out`` or ``<workdir>/analysis/<subdir>``; it keeps its state in
+    ``out_dir/state_file``) and prints the directory and ``describe(result)``. SIGTERM stops
+    it like Ctrl-C; the interrupt message says whether a state was saved (and of how many
+    batches), so "run the same command to resume" is said only when there is one."""
+    stop_on_signals()
+    where = {}
+
+    def interrupted() -> str:
+        path = where.get("state")
+        now = None if path is None else _stamp(path)
+        if now is None:
+            return f"interrupted before the first batch finished: no state saved ({label})."
+        done = streaming.read_meta(path).get("done")
+        if now != where["before"]:
+            return (f"interrupted: the state after {done} batches is saved in {path}; run the "
+                    "same command to resume.")
+        return (f"interrupted before another batch finished; the earlier state of {done} "
+                f"batches in {path} is kept: run the same command to resume.")
+
+    with user_errors(interrupted):
+        run = load(workdir, step=step)
+        out_dir = pathlib.Path(out or run.workdir / "analysis" / subdir)
+        where["state"] = out_dir / state_file
+        where["before"] = _stamp(where["state"])
+        result = compute(run, out_dir, ProgressLine(label))
+        print(out_dir)
+        print(describe(result))

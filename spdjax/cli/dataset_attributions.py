@@ -15,7 +15,6 @@ from absl import app, flags, logging
 
 from spdjax.analysis import dataset_attributions as attributions_lib
 from spdjax.cli import common
-from spdjax.config.runs import load
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -29,23 +28,24 @@ _SAVE_EVERY = flags.DEFINE_integer("save_every", 5, "Save the state every this m
 _FRESH = flags.DEFINE_bool("fresh", False, "Ignore a saved state and start over.")
 
 
+def _compute(run, out: pathlib.Path, progress) -> attributions_lib.DatasetAttributions:
+    return attributions_lib.dataset_attributions(
+        run, n_batches=_BATCHES.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
+        chunk=_CHUNK.value, out_dir=out, save_every=_SAVE_EVERY.value,
+        resume=not _FRESH.value, report=progress)
+
+
 def main(argv):
     """Computes the attributions of the run in ``--workdir`` (absl entry point)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    common.stop_on_signals()
-    with common.user_errors("interrupted: the state is saved; run the same command to "
-                            "resume."):
-        run = load(_WORKDIR.value, step=_STEP.value)
-        out = pathlib.Path(_OUT.value or run.workdir / "analysis" / "dataset_attributions")
-        res = attributions_lib.dataset_attributions(
-            run, n_batches=_BATCHES.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
-            chunk=_CHUNK.value, out_dir=out, save_every=_SAVE_EVERY.value,
-            resume=not _FRESH.value, report=common.ProgressLine("dataset attributions"))
-        print(out)
-        print(f"{res.n} examples; {len(res.spec.target_names)} targets x "
-              f"{len(res.spec.source_names)} sources.")
+    common.resumable_pass(
+        label="dataset attributions", workdir=_WORKDIR.value, step=_STEP.value, out=_OUT.value,
+        subdir="dataset_attributions", state_file=attributions_lib.STATE_FILE,
+        compute=_compute,
+        describe=lambda r: f"{r.n} examples; {len(r.spec.target_names)} targets x "
+                           f"{len(r.spec.source_names)} sources.")
 
 
 def run() -> None:

@@ -15,7 +15,6 @@ from absl import app, flags, logging
 
 from spdjax.analysis import harvest as harvest_lib
 from spdjax.cli import common
-from spdjax.config.runs import load
 from spdjax.families.lm import harvest_page
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory.")
@@ -34,28 +33,28 @@ _SAVE_EVERY = flags.DEFINE_integer("save_every", 10, "Save the state every this 
 _FRESH = flags.DEFINE_bool("fresh", False, "Ignore a saved state and start over.")
 
 
+def _compute(run, out: pathlib.Path, progress) -> harvest_lib.Harvest:
+    h = harvest_lib.harvest(
+        run, n_batches=_BATCHES.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
+        threshold=_THRESHOLD.value, examples=_EXAMPLES.value, window=_WINDOW.value,
+        block=_BLOCK.value, out_dir=out, save_every=_SAVE_EVERY.value,
+        resume=not _FRESH.value, report=progress)
+    if run.experiment.family.name == "lm":
+        harvest_page.write_harvest_examples(
+            h, out / "examples.html", decode=harvest_page.decoder(run.experiment.model_config))
+    return h
+
+
 def main(argv):
     """Harvests the run in ``--workdir`` (absl entry point) and prints the output directory."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    common.stop_on_signals()
-    with common.user_errors("interrupted: the state is saved; run the same command to "
-                            "resume."):
-        run = load(_WORKDIR.value, step=_STEP.value)
-        out = pathlib.Path(_OUT.value or run.workdir / "analysis" / "harvest")
-        h = harvest_lib.harvest(
-            run, n_batches=_BATCHES.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
-            threshold=_THRESHOLD.value, examples=_EXAMPLES.value, window=_WINDOW.value,
-            block=_BLOCK.value, out_dir=out, save_every=_SAVE_EVERY.value,
-            resume=not _FRESH.value, report=common.ProgressLine("harvest"))
-        if run.experiment.family.name == "lm":
-            cfg = run.experiment.model_config
-            harvest_page.write_harvest_examples(h, out / "examples.html",
-                                                decode=harvest_page.decoder(cfg))
-        print(out)
-        print(f"{h.n} examples; {int((h.count > 0).sum())} of {len(h.names)} subcomponents "
-              f"fired (CI > {h.spec.threshold}).")
+    common.resumable_pass(
+        label="harvest", workdir=_WORKDIR.value, step=_STEP.value, out=_OUT.value,
+        subdir="harvest", state_file=harvest_lib.STATE_FILE, compute=_compute,
+        describe=lambda h: f"{h.n} examples; {int((h.count > 0).sum())} of {len(h.names)} "
+                           f"subcomponents fired (CI > {h.spec.threshold}).")
 
 
 def run() -> None:

@@ -2,12 +2,15 @@
 the blocked co-occurrence against the dense one, reservoir uniformity, the ground-truth
 reading on a constructed case, and a run harvested, saved and read back."""
 
+import contextlib
+import io
 import os
 import pathlib
 import shutil
 import signal
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +19,11 @@ import pytest
 
 import spdjax
 from spdjax.analysis import harvest as H
+from spdjax.cli import common
+from spdjax.core.target import Site, from_function, weight_at
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "tests" / "fixtures" / "checkpoint_format1"
 
 
 def _np_stats(ci, present, out_tok, thr, n_out):
@@ -163,6 +169,18 @@ def test_an_interrupted_and_resumed_harvest_equals_an_uninterrupted_one(tmp_path
         np.testing.assert_array_equal(resumed.state[k], v, err_msg=k)
     with pytest.raises(ValueError, match="other settings: examples 3 \\(now 4\\)"):
         H.harvest(run, out_dir=tmp_path, **dict(kw, examples=4))
+    # fewer batches than the saved state holds: refused, the state untouched
+    with pytest.raises(ValueError, match="holds 5 finished batches, more than the 4 asked for: "
+                                         "pass --batches >= 5"):
+        H.harvest(run, out_dir=tmp_path, **dict(kw, n_batches=4))
+    assert spdjax.analysis.streaming.read_meta(tmp_path / H.STATE_FILE)["done"] == 5
+    # more batches: continues from 5 to exactly the uninterrupted 7
+    seen.clear()
+    longer = H.harvest(run, out_dir=tmp_path, report=lambda d, t, s: seen.append(d),
+                       **dict(kw, n_batches=7))
+    assert seen == [6, 7]
+    for k, v in H.harvest(run, **dict(kw, n_batches=7)).state.items():
+        np.testing.assert_array_equal(longer.state[k], v, err_msg=k)
 
 
 def _cli(*args, timeout=300):
@@ -171,10 +189,75 @@ def _cli(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
-def test_cli_on_a_directory_without_a_run_is_one_error_line(tmp_path):
-    p = _cli("-m", "spdjax.harvest", f"--workdir={tmp_path}")
-    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
-        f"error: {tmp_path} holds no run"), p.stderr[-2000:]
+def test_cli_harvests_a_run(tmp_path):
+    p = _cli("-m", "spdjax.harvest", f"--workdir={FIXTURE}", f"--out={tmp_path}", "--batches=2",
+             "--batch_size=16", "--save_every=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "harvest: batch 2/2" in p.stderr and "32 examples;" in p.stdout
+    assert H.load_harvest(tmp_path).n == 32
+
+
+def _pass(tmp_path, compute, workdir=FIXTURE):
+    """``common.resumable_pass`` in this process: ``(exit code or None, stdout, stderr)``."""
+    out, err = io.StringIO(), io.StringIO()
+    code = None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            common.resumable_pass(label="t", workdir=str(workdir), step=None,
+                                  out=str(tmp_path), subdir="t", state_file=H.STATE_FILE,
+                                  compute=compute, describe=lambda r: f"result {r}")
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_the_commands_shared_main_reports_errors_and_what_an_interrupt_saved(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setattr(common, "stop_on_signals", lambda: None)  # no process-wide handler
+    assert _pass(tmp_path, lambda run, out, progress: 7)[:2] == (None, f"{tmp_path}\nresult 7\n")
+    code, _, err = _pass(tmp_path, None, workdir=tmp_path / "nothing")
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        f"error: {tmp_path / 'nothing'} holds no run"), err
+
+    def interrupted_after(batches):
+        def compute(run, out, progress):
+            if batches:
+                spdjax.analysis.streaming.save_state(out / H.STATE_FILE, {}, {"done": batches})
+            raise KeyboardInterrupt
+        return compute
+
+    code, _, err = _pass(tmp_path, interrupted_after(0))
+    assert code == 130 and err == "error: interrupted before the first batch finished: no state " \
+        "saved (t).\n"
+    code, _, err = _pass(tmp_path, interrupted_after(3))
+    assert code == 130 and "the state after 3 batches is saved" in err
+    code, _, err = _pass(tmp_path, interrupted_after(0))
+    assert code == 130 and "the earlier state of 3 batches" in err and "resume" in err
+    with pytest.raises(ValueError, match="--seeds must be comma-separated ints, e.g. "
+                                         "--seeds=0,1,2; got '0,x'"):
+        common.int_list("--seeds", ["0", "x"])
+
+
+def test_token_ids_beyond_the_output_width_are_counted():
+    """A sequence model reading 7 token ids and predicting 3 outputs: the input vocabulary is
+    the embedding's 7, so ids 3..6 are counted (not dropped)."""
+    target = from_function(
+        lambda p, ids, hooks: hooks("w", hooks("embed", ids, lambda i: jnp.take(
+            p["E"], i, axis=0)), lambda h: h @ p["w"]),
+        [Site("embed", "embed", 7, 4, weight_at(("E",))), Site("w", "linear", 4, 3,
+                                                               weight_at(("w",)))])
+    tp = {"E": jax.random.normal(jax.random.key(0), (7, 4)),
+          "w": jax.random.normal(jax.random.key(1), (4, 3))}
+    d = spdjax.decompose(target, {"w": 2})
+    run = types.SimpleNamespace(
+        decomposition=d, params=d.init(jax.random.key(2), tp), target_params=tp, step=0,
+        experiment=types.SimpleNamespace(
+            sample=lambda key, n: jax.random.randint(key, (n, 5), 0, 7)))
+    h = H.harvest(run, n_batches=2, batch_size=8, threshold=0.0)
+    assert h.spec.n_in == 7 and h.spec.n_out == 3
+    counts = h.state["in_count"]
+    assert counts.sum() == 2 * 8 * 5 and counts[3:].sum() > 0
+    np.testing.assert_array_equal(h.state["in_fire"].sum(1), h.count)  # one token per firing
 
 
 @pytest.mark.slow  # three processes; the library test above covers the resume itself
@@ -191,7 +274,7 @@ def test_cli_killed_with_sigterm_resumes_to_the_uninterrupted_result(tmp_path):
             break
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and "the state is saved" in err, err[-2000:]
+    assert proc.returncode == 143 and "batches is saved" in err, err[-2000:]
     done = spdjax.analysis.streaming.read_meta(wd / "analysis" / "harvest" / H.STATE_FILE)["done"]
     assert 0 < done < 40
     resumed = _cli(*args)
