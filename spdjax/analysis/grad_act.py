@@ -57,7 +57,10 @@ def direct_forward(decomposition, params, target_params, batch: Any,
     """``(output, {site: a_site [..., C]})`` of the decomposed model under ``masks``, outputs of
     the sites stop-gradiented at their inputs (module docstring). ``scale``: ``batch``'s shape
     for float inputs; for token ids the ids' shape, with ``embed_site`` the embedding site
-    (:func:`token_embedding_site`)."""
+    (:func:`token_embedding_site`). Computed in the decomposition's compute dtype (as its
+    :meth:`~spdjax.core.decomposition.Decomposition.forward`); both results are float32."""
+    lower = decomposition.to_compute
+    target_params, scale = lower(target_params), lower(scale)
     replace = {}
     for name in decomposition.site_names:
         fn = decomposition.site_fn(params, target_params, name, masks[name])
@@ -71,11 +74,11 @@ def direct_forward(decomposition, params, target_params, batch: Any,
         replace[embed_site] = lambda ids: base(ids) * scale[..., None]
         x = batch
     else:
-        x = batch * scale
+        x = lower(batch) * scale
     out, inputs = decomposition.target.forward(target_params, x, replace)
     acts = {}
     for name in decomposition.site_names:
-        V, U = decomposition.factors(params, name)
+        V, U = lower(decomposition.factors(params, name))
         norm = jnp.linalg.norm(U, axis=-1)
-        acts[name] = decomposition.site(name).apply(V, inputs[name]) * norm
-    return out, acts
+        acts[name] = (decomposition.site(name).apply(V, inputs[name]) * norm).astype(jnp.float32)
+    return out.astype(jnp.float32), acts

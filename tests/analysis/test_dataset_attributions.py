@@ -4,12 +4,13 @@ the query API."""
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import spdjax
 from helpers import two_site_target
-from spdjax.analysis import dataset_attributions as da
+from spdjax.analysis import dataset_attributions as da, grad_act
 
 
 def _tiny_run(seed=0):
@@ -78,10 +79,10 @@ def test_attributions_equal_finite_differences_of_a_numpy_forward():
 def test_streamed_attributions_and_queries(tmp_path):
     run = _tiny_run()
     res = da.dataset_attributions(run, n_batches=3, batch_size=4, out_dir=tmp_path)
-    one = [da.batch_attributions(res.spec, run.decomposition, run.params, run.target_params,
-                                 run.experiment.sample(jax.random.fold_in(
-                                     spdjax.analysis.streaming.batch_key(0, i), 0), 4))[0]
-           for i in range(3)]
+    batch_attr = jax.jit(lambda x: da.batch_attributions(
+        res.spec, run.decomposition, run.params, run.target_params, x)[0])
+    one = [batch_attr(run.experiment.sample(jax.random.fold_in(
+        spdjax.analysis.streaming.batch_key(0, i), 0), 4)) for i in range(3)]
     np.testing.assert_allclose(res.mean, np.sum(one, 0) / 12, rtol=1e-5, atol=1e-7)
     back = da.load_attributions(tmp_path)
     np.testing.assert_array_equal(back.state["attr"], res.state["attr"])
@@ -94,3 +95,20 @@ def test_streamed_attributions_and_queries(tmp_path):
         assert sorted(v for _, v in got) == sorted(col[keep].tolist())
     with pytest.raises(ValueError, match="No target 'c:0'"):
         back.top_sources("c:0")
+
+
+def test_direct_forward_computes_in_the_compute_dtype_and_returns_float32():
+    run = _tiny_run()
+    low = spdjax.decompose(run.decomposition.target, {"a": 3, "b": 2}, compute_dtype="bfloat16")
+    x = run.experiment.sample(jax.random.key(1), 5)
+    masks, scale = grad_act.unit_masks(low, (5,)), jnp.ones(x.shape)
+    f = lambda d: grad_act.direct_forward(d, run.params, run.target_params, x,  # noqa: E731
+                                          masks, scale)
+    out, acts = f(low)
+    ref_out, ref_acts = f(run.decomposition)
+    assert out.dtype == jnp.float32 and all(a.dtype == jnp.float32 for a in acts.values())
+    assert "bf16" in str(jax.make_jaxpr(lambda: f(low))())
+    assert not np.array_equal(out, ref_out)  # computed in bfloat16, not float32
+    np.testing.assert_allclose(out, ref_out, rtol=5e-2, atol=5e-2)
+    for name, a in acts.items():
+        np.testing.assert_allclose(a, ref_acts[name], rtol=5e-2, atol=5e-2)
