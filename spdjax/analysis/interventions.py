@@ -127,14 +127,17 @@ def masks_for(ci_lower: Mapping[str, Array], *, base: str = "ones",
 
 
 def positions_of(out: Array, positions: Sequence[int] | None) -> list[int] | None:
-    """Output positions (negative from the end) resolved against ``out [1, T, V]``; default the
-    last. None for an output without a position axis (``[1, V]``)."""
+    """Output positions (negative from the end) resolved against ``out [1, T, V]``; default
+    (None or empty) the last. None for an output without a position axis (``[1, V]``), where
+    the default and ``[-1]`` ("the last", the only output there is) are accepted."""
+    positions = list(positions or [])
     if out.ndim == 2:
-        if positions:
-            raise ValueError("This model's output has no position axis; leave positions out.")
+        if any(p != -1 for p in positions):
+            raise ValueError(f"This model's output has no position axis; leave the positions "
+                             f"out (or -1); got {positions}.")
         return None
     T = out.shape[1]
-    positions = [-1] if not positions else list(positions)
+    positions = positions or [-1]
     for p in positions:
         if not -T <= p < T:
             raise ValueError(f"Output position {p} is outside the prompt of {T} positions.")
@@ -216,8 +219,10 @@ def intervene(decomposition, params, target_params, batch, *, keep: Sequence[Sub
 class SparseCIResult:
     """What :func:`optimize_sparse_ci` found: ``kept`` (mask above ``threshold``, with its mask
     value), the token's probability and KL(target || masked) at ``position`` with the
-    optimised masks (``*_masked``) and with the kept set alone at 1 (``*_kept``), and the loss
-    every ``log_every`` steps."""
+    optimised masks (``*_masked``) and with the kept set alone at 1 (``*_kept``), the loss
+    every ``log_every`` steps, the ``threshold``, and ``n_ci_above``: how many
+    subcomponent-positions the CI function's own masks put above the same ``threshold`` (what
+    ``kept`` is compared with)."""
 
     token: int
     position: int | None
@@ -227,8 +232,9 @@ class SparseCIResult:
     prob_kept: float
     kl_masked: float
     kl_kept: float
-    l0_initial: int
+    n_ci_above: int
     history: list[dict]
+    threshold: float
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -325,8 +331,8 @@ def optimize_sparse_ci(decomposition, params, target_params, batch, *, token: in
         prob_target=prob["target"], prob_masked=prob["masked"], prob_kept=prob["kept"],
         kl_masked=float(kl_at(outs["masked"], target_out, pos)),
         kl_kept=float(kl_at(outs["kept"], target_out, pos)),
-        l0_initial=int(sum(int(jnp.sum(v > threshold)) for v in lower.values())),
-        history=history)
+        n_ci_above=int(sum(int(jnp.sum(v > threshold)) for v in lower.values())),
+        history=history, threshold=float(threshold))
 
 
 def describe(subs: Iterable[Subcomponent]) -> str:

@@ -1,5 +1,5 @@
 """The attribution graph of one prompt: ``python -m spdjax.attribution_graph --workdir=DIR
---prompt=TEXT [--position=-1 --threshold=0.1 --name=NAME --out=DIR]``.
+--prompt=TEXT [--position=P,... --threshold=0.1 --name=NAME --out=DIR]``.
 
 Reads the run with :func:`spdjax.load`, encodes the prompt (:mod:`spdjax.cli.prompts`),
 computes, prunes and validates its graph (:func:`spdjax.analysis.graphs.build`) and writes
@@ -25,7 +25,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt (the induction toy: space-separated "
                               "ids, BOS and S allowed; the byte LM: text).")
-_POSITION = flags.DEFINE_list("position", ["-1"], "Output positions (negative: from the end).")
+_POSITION = flags.DEFINE_list("position", [], "Output positions (negative: from the end; default "
+                              "the last, none for a model without positions).")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.1, "CI above which a subcomponent is a node.")
 _TOP_K = flags.DEFINE_integer("top_k", 3, "Output nodes per position (most probable tokens).")
 _MASKING = flags.DEFINE_enum("masking", "ci", list(graphs.MASKINGS),
@@ -44,13 +45,6 @@ _NAME = flags.DEFINE_string("name", None, "File name (default: prompt_<hash of t
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/analysis/graphs).")
 
 
-def _positions(values) -> list[int]:
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise ValueError(f"--position must be integers, got {values}.") from None
-
-
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -65,7 +59,7 @@ def main(argv):
         batch, codec = prompts.prompt_batch(run, _PROMPT.value)
         graph = graphs.build(
             run.decomposition, run.params, run.target_params, jnp.asarray(batch),
-            positions=_positions(_POSITION.value), threshold=_THRESHOLD.value,
+            positions=prompts.positions(_POSITION.value), threshold=_THRESHOLD.value,
             top_k=_TOP_K.value, masking=_MASKING.value, node_threshold=_NODE_THRESHOLD.value,
             edge_threshold=_EDGE_THRESHOLD.value, decode=codec.decode, progress=_say,
             validation={"pgd_steps": _PGD_STEPS.value, "pgd_step_size": _PGD_STEP_SIZE.value,

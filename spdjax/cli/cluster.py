@@ -43,14 +43,6 @@ _ITERATION = flags.DEFINE_integer("iteration", None,
 _FRESH = flags.DEFINE_bool("fresh", False, "Recompute the seeds saved by an earlier run.")
 
 
-def _seeds(values) -> list[int]:
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated ints, e.g. --seeds=0,1,2; got "
-                         f"{','.join(values)!r}.") from None
-
-
 def main(argv):
     """Clusters the run in ``--workdir`` (absl entry point) and prints the output directory."""
     if len(argv) > 1:
@@ -59,7 +51,7 @@ def main(argv):
     common.stop_on_signals()
     with common.user_errors("interrupted: the finished seeds are saved; run the same command "
                             "to compute the rest."):
-        seeds = _seeds(_SEEDS.value)
+        seeds = common.int_list("--seeds", _SEEDS.value)
         run = load(_WORKDIR.value, step=_STEP.value)
         out = pathlib.Path(_OUT.value or run.workdir / "analysis" / "clustering")
         result = clustering_lib.cluster(

@@ -31,7 +31,8 @@ _ABLATE = flags.DEFINE_string("ablate", "", "Subcomponents to mask to 0: site:id
 _KEEP = flags.DEFINE_string("keep", "", "Subcomponents to keep at 1: site:idx[@pos],...")
 _BASE = flags.DEFINE_enum("base", None, list(iv.BASES), "Masks of the others (default: zeros "
                           "with --keep, else ones).")
-_POSITION = flags.DEFINE_list("position", ["-1"], "Output positions (negative: from the end).")
+_POSITION = flags.DEFINE_list("position", [], "Output positions (negative: from the end; default "
+                              "the last, none for a model without positions).")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Predictions listed per position.")
 _TOKEN = flags.DEFINE_integer("optimize_token", None, "Optimise a sparse CI that keeps this "
                               "output token at the (first) --position.")
@@ -42,20 +43,17 @@ _PNORM = flags.DEFINE_float("pnorm", 1.0, "Sparsity exponent p of sum g^p.")
 _MASK_TYPE = flags.DEFINE_enum("mask_type", "ci", list(iv.MASK_TYPES),
                                "Masks during optimisation: the CI, or stochastic g + (1-g)u.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the stochastic masks.")
-_NAME = flags.DEFINE_string("name", None, "File name (default: a hash of the arguments).")
+_NAME = flags.DEFINE_string("name", None, "File name (default: a hash of the arguments and the "
+                            "checkpoint step).")
 _OUT = flags.DEFINE_string("out", None,
                            "Output directory (default: <workdir>/analysis/interventions).")
+# What the result depends on: the default file name hashes them all.
+_ARGUMENTS = (_WORKDIR, _PROMPT, _ABLATE, _KEEP, _BASE, _POSITION, _TOP_K, _TOKEN, _STEPS, _LR,
+              _COEFF, _PNORM, _MASK_TYPE, _SEED)
 
 
 def _table(rows) -> str:
     return "  ".join(f"{t.get('text', t['token'])!s}:{t['prob']:.3f}" for t in rows)
-
-
-def _positions(values) -> list[int]:
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise ValueError(f"--position must be integers, got {values}.") from None
 
 
 def main(argv):
@@ -67,23 +65,24 @@ def main(argv):
         run = load(_WORKDIR.value, step=_STEP.value)
         batch, codec = prompts.prompt_batch(run, _PROMPT.value)
         batch = jnp.asarray(batch)
-        positions = _positions(_POSITION.value)
+        positions = prompts.positions(_POSITION.value)
         args = (run.decomposition, run.params, run.target_params, batch)
         if _TOKEN.value is not None:
             if _ABLATE.value or _KEEP.value:
                 raise ValueError("--optimize_token finds its own set: leave --ablate and --keep "
                                  "out.")
             res = iv.optimize_sparse_ci(
-                *args, token=_TOKEN.value, position=positions[0], steps=_STEPS.value,
-                lr=_LR.value, coeff=_COEFF.value, pnorm=_PNORM.value,
+                *args, token=_TOKEN.value, position=positions[0] if positions else -1,
+                steps=_STEPS.value, lr=_LR.value, coeff=_COEFF.value, pnorm=_PNORM.value,
                 mask_type=_MASK_TYPE.value, key=jax.random.key(_SEED.value),
                 progress=lambda s, n, row: print(
                     f"optimise: step {s}/{n} | CE {row['ce']:.4g} | sum g^p "
                     f"{row['sparsity']:.4g}", file=sys.stderr, flush=True))
             record = {"kind": "optimize_sparse_ci", **res.to_json()}
             kept = iv.describe(iv.Subcomponent(s, c, p) for s, c, p, _ in res.kept)
-            text = (f"kept {len(res.kept)} subcomponent-positions (the CI function keeps "
-                    f"{res.l0_initial}): {kept}\np(token {res.token}): target "
+            text = (f"kept {len(res.kept)} subcomponent-positions with mask > "
+                    f"{res.threshold} (the CI function's own masks: {res.n_ci_above}): "
+                    f"{kept}\np(token {res.token}): target "
                     f"{res.prob_target:.4f}, optimised masks {res.prob_masked:.4f}, the set "
                     f"alone {res.prob_kept:.4f}; KL {res.kl_masked:.4g} / {res.kl_kept:.4g}")
         else:
@@ -97,14 +96,15 @@ def main(argv):
             lines = [f"KL(target || intervened) {res.kl:.4g}; {res.n_kept} subcomponent-"
                      "positions on"]
             for p, t, m in zip(res.positions or [None], res.target_top, res.masked_top):
-                lines += [f"position {p}: target      {_table(t)}",
-                          f"{'':>{len(str(p)) + 10}}intervened  {_table(m)}"]
+                where = "output" if p is None else f"position {p}"
+                lines += [f"{where}: target      {_table(t)}",
+                          f"{'':>{len(where) + 2}}intervened  {_table(m)}"]
             text = "\n".join(lines)
         record.update(prompt=_PROMPT.value, workdir=str(run.workdir), step=run.step)
         out = pathlib.Path(_OUT.value or run.workdir / "analysis" / "interventions")
         out.mkdir(parents=True, exist_ok=True)
-        key = "|".join(str(x) for x in (_PROMPT.value, _KEEP.value, _ABLATE.value, _BASE.value,
-                                         _TOKEN.value, positions))
+        key = json.dumps({f.name: f.value for f in _ARGUMENTS} | {"step": run.step},
+                         sort_keys=True)
         name = _NAME.value or "intervention_" + hashlib.sha1(key.encode()).hexdigest()[:8]
         (out / f"{name}.json").write_text(json.dumps(record, indent=1))
         print(text)

@@ -10,6 +10,9 @@ Where a prompt's encoding comes from, first that applies:
    space-separated token ids (``0`` is BOS, ``V + 1`` the induction token ``S``; ``BOS`` and
    ``S`` may be written as such) and the byte LM the prompt's UTF-8 bytes;
 3. anything else: space-separated numbers (integers: token ids; otherwise a float vector).
+
+:func:`positions` reads the commands' ``--position`` list (empty: the default, the last
+position of a sequence output and the one output of a model without positions).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
+
+from spdjax.cli import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,3 +109,9 @@ def prompt_batch(run, text: str) -> tuple[np.ndarray, Codec]:
         raise ValueError(f"The prompt is {batch.shape[1]} tokens long; the model's context is "
                          f"{ctx} positions.")
     return batch, c
+
+
+def positions(values) -> list[int]:
+    """``--position`` values as ints (``[]``: the default); a ``ValueError`` naming them if one
+    is not an integer."""
+    return common.int_list("--position", values, "-1")

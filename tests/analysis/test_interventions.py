@@ -1,5 +1,12 @@
 """Interventions (spdjax/analysis/interventions.py) on a constructed model where one
-subcomponent alone makes the prediction."""
+subcomponent alone makes the prediction; the per-prompt tools with their default positions on
+a model whose output has no position axis (the TMS run of tests/fixtures/checkpoint_format1),
+through the library and the command."""
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +14,7 @@ import numpy as np
 import pytest
 
 import spdjax
-from spdjax.analysis import interventions as iv
+from spdjax.analysis import graphs, interventions as iv
 from spdjax.core.target import Site, from_function, weight_at
 
 X = jnp.array([[1.0, 0.5]])
@@ -94,3 +101,48 @@ def test_masks_per_position():
     np.testing.assert_allclose(m[0], [[0, 0.5], [0, 0.5], [0, 1]])
     with pytest.raises(ValueError, match="Unknown mask base"):
         iv.masks_for(lower, base="half")
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TMS = ROOT / "tests" / "fixtures" / "checkpoint_format1"
+TMS_X = jnp.array([[0.8, 0.0, 0.0, 0.3, 0.0]])
+
+
+def test_output_positions_of_a_model_without_a_position_axis():
+    flat, seq = jnp.zeros((1, 4)), jnp.zeros((1, 6, 4))
+    for default in (None, [], [-1]):
+        assert iv.positions_of(flat, default) is None
+    assert iv.positions_of(seq, []) == [5] and iv.positions_of(seq, [-1, 2, 2]) == [2, 5]
+    with pytest.raises(ValueError, match="no position axis; leave the positions out \\(or "
+                                         "-1\\); got \\[0\\]"):
+        iv.positions_of(flat, [0])
+    with pytest.raises(ValueError, match="outside the prompt of 6"):
+        iv.positions_of(seq, [6])
+
+
+@pytest.fixture(scope="module")
+def tms():
+    run = spdjax.load(TMS)
+    return run.decomposition, run.params, run.target_params, TMS_X
+
+
+def test_the_prompt_tools_run_with_their_defaults_on_a_toy(tms):
+    """TMS outputs are [1, 5]: every default (no positions, position -1) works."""
+    for positions in (None, [], [-1]):
+        res = iv.intervene(*tms, keep=[iv.Subcomponent("linear1", 0)], positions=positions)
+        assert res.positions is None and len(res.masked_top) == 1
+    sparse = iv.optimize_sparse_ci(*tms, token=0, steps=2)  # default position -1
+    assert sparse.position is None and sparse.threshold == 0.5
+    graph = graphs.build(*tms, positions=[-1], top_k=2, validation={"pgd_steps": 0})
+    assert graph.positions is None and {n.kind for n in graph.nodes} >= {"input", "output"}
+
+
+def test_the_intervene_command_on_a_toy_with_the_default_position(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    p = subprocess.run([sys.executable, "-m", "spdjax.intervene", f"--workdir={TMS}",
+                        "--prompt=0.8 0 0 0.3 0", "--keep=linear1:0,linear2:0",
+                        f"--out={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "output: target" in p.stdout and "2 subcomponent-positions on" in p.stdout
+    assert len(list(tmp_path.glob("intervention_*.json"))) == 1
