@@ -132,7 +132,10 @@ def _labels_at(history: MergeHistory, iterations: Sequence[int]) -> list[np.ndar
 @dataclasses.dataclass(eq=False)
 class Clustering:
     """An ensemble of clusterings, one :class:`MergeHistory` per data seed, read at
-    ``iteration`` merges (None: each seed's MDL minimum)."""
+    ``iteration`` merges (None: each seed's own MDL minimum). One ``iteration`` is applied to
+    every seed (each seed then has its live count minus ``iteration`` clusters: comparable
+    counts, not each seed's own best); it must be at most the smallest seed's number of
+    merges."""
 
     histories: dict[int, MergeHistory]
     iteration: int | None = None
@@ -176,7 +179,7 @@ class Clustering:
                 "mdl_bits_start": float(h.mdl[0]), "mdl_bits": float(h.mdl[t]),
                 "members": [c for c in h.clusters(t) if len(c) > 1]}
         out = {"settings": next(iter(self.histories.values())).meta,
-               "iteration": self.iteration, "seeds": seeds}
+               "iteration": self.iteration, "seed_list": self.seeds, "seeds": seeds}
         mask = ~np.eye(len(seeds), dtype=bool)
         for method in ("hamming", "vi"):
             D = self.distances(method)
@@ -221,8 +224,12 @@ def cluster(run, *, seeds: Sequence[int] = (0, 1, 2), n_batches: int = 10,
     ``n_batches`` batches of ``batch_size`` (:func:`firings`), then :func:`merge`. With
     ``out_dir`` each finished seed is saved (``seed_<s>.npz``) and, with ``resume``, a seed
     saved with the same settings is read back instead of recomputed; ``clustering.json`` is
-    written at the end. ``progress(seed)`` gives the per-batch callback of that seed's pass
-    (called only for seeds that are computed); ``log(line)`` hears what happened per seed."""
+    written at the end, listing the seeds (``seed_list``: what :func:`load_clustering` reads).
+    Without ``resume`` the ``seed_<s>.npz`` files already in ``out_dir`` are deleted first,
+    so no stale seed is mixed in. ``iteration``: one merge count for every seed (None: each
+    seed's MDL minimum; :class:`Clustering`). ``progress(seed)`` gives the per-batch callback
+    of that seed's pass (called only for seeds that are computed); ``log(line)`` hears what
+    happened per seed."""
     log = log or (lambda line: None)
     seeds = list(seeds)
     if not seeds:
@@ -238,6 +245,9 @@ def cluster(run, *, seeds: Sequence[int] = (0, 1, 2), n_batches: int = 10,
     spec = harvest_lib.spec_for(run, threshold=threshold, batch_size=batch_size)
     names = [f"{s}:{c}" for s, n in zip(spec.sites, spec.sizes) for c in range(n)]
     out_dir = pathlib.Path(out_dir) if out_dir is not None else None
+    if out_dir is not None and not resume:
+        for stale in out_dir.glob("seed_*.npz"):
+            stale.unlink()
     histories = {}
     for seed in seeds:
         meta = settings(spec, seed=int(seed), n_batches=n_batches, batch_size=batch_size,
@@ -270,13 +280,20 @@ def cluster(run, *, seeds: Sequence[int] = (0, 1, 2), n_batches: int = 10,
 
 def load_clustering(path: str | pathlib.Path, iteration: int | None = None) -> Clustering:
     """A saved :class:`Clustering`: ``path`` is a run's workdir (reads
-    ``analysis/clustering/``) or that directory; every ``seed_<s>.npz`` there."""
+    ``analysis/clustering/``) or that directory; the seeds its ``clustering.json`` lists
+    (other ``seed_<s>.npz`` there, e.g. from an earlier call with more seeds, are not read)."""
     path = pathlib.Path(path)
     for d in (path / "analysis" / "clustering", path):
-        files = sorted(d.glob("seed_*.npz"), key=lambda p: int(p.stem.split("_")[1]))
-        if files:
+        if (d / SUMMARY_FILE).is_file():
             break
     else:
-        raise FileNotFoundError(f"No clustering in {path}: run `python -m spdjax.cluster "
-                                f"--workdir={path}` first.")
-    return Clustering({int(p.stem.split("_")[1]): load_history(p) for p in files}, iteration)
+        raise FileNotFoundError(f"No clustering in {path} (no {SUMMARY_FILE}): run `python -m "
+                                f"spdjax.cluster --workdir={path}` first, or again if it was "
+                                "interrupted.")
+    summary = json.loads((d / SUMMARY_FILE).read_text())
+    seeds = summary.get("seed_list", [int(s) for s in summary["seeds"]])
+    missing = [s for s in seeds if not _seed_file(d, s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{d / SUMMARY_FILE} lists seeds {missing} whose seed_<s>.npz "
+                                "is missing: run the clustering again.")
+    return Clustering({int(s): load_history(_seed_file(d, s)) for s in seeds}, iteration)

@@ -159,6 +159,13 @@ def test_cluster_a_run_over_seeds_resumes_per_seed(tmp_path):
         K.cluster(run, seeds=(0,), iteration=10 ** 6, **kw)
     with pytest.raises(FileNotFoundError, match="No clustering in"):
         K.load_clustering(tmp_path / "nothing")
+    # fewer seeds: clustering.json lists them, and only they are read back (seed_2.npz stays)
+    K.cluster(run, seeds=(1, 0), **kw)
+    assert K.load_clustering(tmp_path).seeds == [1, 0] and (tmp_path / "seed_2.npz").exists()
+    # resume=False (--fresh) deletes the saved seeds first
+    K.cluster(run, seeds=(0,), resume=False, **kw)
+    assert sorted(p.name for p in tmp_path.glob("seed_*.npz")) == ["seed_0.npz"]
+    assert K.load_clustering(tmp_path).seeds == [0]
 
 
 def _cli(*args, timeout=300):
@@ -174,11 +181,3 @@ def test_cli_writes_histories_distances_and_figure(tmp_path):
     assert "cluster seed 1: batch 2/2" in p.stderr and "distance between seeds" in p.stdout
     for name in ("seed_0.npz", "seed_1.npz", "clustering.json", "clustering.png"):
         assert (tmp_path / name).exists(), name
-
-
-def test_cli_errors_are_one_line(tmp_path):
-    p = _cli(f"--workdir={tmp_path}")
-    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
-        f"error: {tmp_path} holds no run"), p.stderr[-2000:]
-    p = _cli(f"--workdir={FIXTURE}", "--seeds=0,x")
-    assert p.returncode == 2 and "--seeds must be comma-separated ints" in p.stderr
