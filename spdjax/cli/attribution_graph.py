@@ -15,11 +15,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app, flags
 
 from spdjax.analysis import graph_plots, graphs
 from spdjax.cli import common, prompts
-from spdjax.config.runs import load
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -51,12 +50,9 @@ def _say(line: str) -> None:
 
 def main(argv):
     """Builds, validates and writes the graph (absl entry point); prints the files."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    common.begin(argv)
     with common.user_errors():
-        run = load(_WORKDIR.value, step=_STEP.value)
-        batch, codec = prompts.prompt_batch(run, _PROMPT.value)
+        run, batch, codec = prompts.load_prompt(_WORKDIR.value, _STEP.value, _PROMPT.value)
         graph = graphs.build(
             run.decomposition, run.params, run.target_params, jnp.asarray(batch),
             positions=prompts.positions(_POSITION.value), threshold=_THRESHOLD.value,

@@ -13,7 +13,7 @@ seeds back and computes the rest (``--fresh`` recomputes all). Errors a user can
 import pathlib
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from spdjax.analysis import clustering as clustering_lib
 from spdjax.analysis import clustering_plots
@@ -45,9 +45,7 @@ _FRESH = flags.DEFINE_bool("fresh", False, "Recompute the seeds saved by an earl
 
 def main(argv):
     """Clusters the run in ``--workdir`` (absl entry point) and prints the output directory."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    common.begin(argv)
     common.stop_on_signals()
     with common.user_errors("interrupted: the finished seeds are saved; run the same command "
                             "to compute the rest."):

@@ -16,10 +16,20 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
+from absl import app, logging
+
 from spdjax.analysis import streaming
 from spdjax.config.runs import load
 from spdjax.training import interrupts
 from spdjax.training.progress import format_duration
+
+
+def begin(argv) -> None:
+    """What each analysis command's ``main`` does first: refuses positional arguments (absl's
+    usage error) and keeps absl's logging to warnings."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
 
 
 def fail(code: int, message: str):

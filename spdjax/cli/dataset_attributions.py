@@ -11,7 +11,7 @@ command resumes (``--fresh`` starts over). Errors a user can fix are one ``error
 
 import pathlib
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from spdjax.analysis import dataset_attributions as attributions_lib
 from spdjax.cli import common
@@ -37,9 +37,7 @@ def _compute(run, out: pathlib.Path, progress) -> attributions_lib.DatasetAttrib
 
 def main(argv):
     """Computes the attributions of the run in ``--workdir`` (absl entry point)."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    common.begin(argv)
     common.resumable_pass(
         label="dataset attributions", workdir=_WORKDIR.value, step=_STEP.value, out=_OUT.value,
         subdir="dataset_attributions", state_file=attributions_lib.STATE_FILE,

@@ -11,7 +11,7 @@ the same command again resumes from it (``--fresh`` starts over). Errors a user 
 
 import pathlib
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from spdjax.analysis import harvest as harvest_lib
 from spdjax.cli import common
@@ -47,9 +47,7 @@ def _compute(run, out: pathlib.Path, progress) -> harvest_lib.Harvest:
 
 def main(argv):
     """Harvests the run in ``--workdir`` (absl entry point) and prints the output directory."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    common.begin(argv)
     common.resumable_pass(
         label="harvest", workdir=_WORKDIR.value, step=_STEP.value, out=_OUT.value,
         subdir="harvest", state_file=harvest_lib.STATE_FILE, compute=_compute,

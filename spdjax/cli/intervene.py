@@ -18,11 +18,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app, flags
 
 from spdjax.analysis import interventions as iv
 from spdjax.cli import common, prompts
-from spdjax.config.runs import load
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -58,12 +57,9 @@ def _table(rows) -> str:
 
 def main(argv):
     """Runs the intervention or the optimisation (absl entry point) and prints the result."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    common.begin(argv)
     with common.user_errors():
-        run = load(_WORKDIR.value, step=_STEP.value)
-        batch, codec = prompts.prompt_batch(run, _PROMPT.value)
+        run, batch, codec = prompts.load_prompt(_WORKDIR.value, _STEP.value, _PROMPT.value)
         batch = jnp.asarray(batch)
         positions = prompts.positions(_POSITION.value)
         args = (run.decomposition, run.params, run.target_params, batch)

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from spdjax.cli import common
+from spdjax.config.runs import load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,14 @@ def prompt_batch(run, text: str) -> tuple[np.ndarray, Codec]:
         raise ValueError(f"The prompt is {batch.shape[1]} tokens long; the model's context is "
                          f"{ctx} positions.")
     return batch, c
+
+
+def load_prompt(workdir, step: int | None, text: str):
+    """``(run, [1, T] batch, codec)``: the run in ``workdir`` at ``step`` (None: the latest)
+    and ``text`` encoded for it (:func:`prompt_batch`)."""
+    run = load(workdir, step=step)
+    batch, c = prompt_batch(run, text)
+    return run, batch, c
 
 
 def positions(values) -> list[int]:

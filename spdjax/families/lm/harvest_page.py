@@ -17,9 +17,19 @@ import numpy as np
 
 from spdjax.families.lm import model as lm_model
 
-STYLE = ("<html><head><meta charset='utf-8'><style>body{font-family:sans-serif}"
-         "pre{background:#f4f4f4;margin:2px 0;white-space:pre-wrap}b{outline:1px solid #c60}"
-         "</style></head><body>")
+# The head of the LM pages (this one and plots.write_top_contexts); each adds how its bold
+# token is marked.
+PAGE_CSS = ("body{font-family:sans-serif}"
+            "pre{background:#f4f4f4;margin:2px 0;white-space:pre-wrap}")
+
+
+def page_start(bold_css: str) -> str:
+    """``<html>...<body>`` of an LM page, ``bold_css`` styling its ``<b>`` token."""
+    return (f"<html><head><meta charset='utf-8'><style>{PAGE_CSS}b{{{bold_css}}}</style>"
+            "</head><body>")
+
+
+STYLE = page_start("outline:1px solid #c60")  # tokens are shaded by CI: the bold one outlined
 TOP_TOKENS = 6  # input / predicted tokens listed per subcomponent
 
 

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spdjax.families.lm import evaluation  # noqa: E402
+from spdjax.families.lm import evaluation, harvest_page  # noqa: E402
 from spdjax.families.lm import model as lm_model  # noqa: E402
 from spdjax.losses import make_context  # noqa: E402
 
@@ -164,9 +164,8 @@ def write_top_contexts(ci: dict, ids: np.ndarray, path, *,
     where its CI is highest (the preceding ``window`` tokens, the token in bold); ``decode``
     turns token ids into text (default: bytes)."""
     text = lambda t: html.escape(decode(t))  # noqa: E731
-    parts = ["<html><head><meta charset='utf-8'><style>body{font-family:sans-serif}"
-             "pre{background:#f4f4f4;margin:2px 0;white-space:pre-wrap}b{background:#fc6}"
-             "</style></head><body><h1>Top contexts per subcomponent</h1>"]
+    parts = [harvest_page.page_start("background:#fc6") +
+             "<h1>Top contexts per subcomponent</h1>"]
     for name, c in ci.items():
         flat = c.reshape(-1, c.shape[-1])
         parts.append(f"<h2>{html.escape(name)}</h2>")
