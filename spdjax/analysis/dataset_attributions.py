@@ -243,17 +243,8 @@ class DatasetAttributions:
 def load_attributions(path: str | pathlib.Path) -> DatasetAttributions:
     """A saved :class:`DatasetAttributions`: a run's workdir (reads
     ``analysis/dataset_attributions/attributions.npz``), that directory, or the file."""
-    path = pathlib.Path(path)
-    for p in (path / "analysis" / "dataset_attributions" / "attributions.npz",
-              path / "attributions.npz", path):
-        if p.is_file():
-            break
-    else:
-        raise FileNotFoundError(f"No dataset attributions in {path}: run `python -m "
-                                f"spdjax.dataset_attributions --workdir={path}` first.")
-    meta = streaming.read_meta(p)
-    fields = meta.pop("spec")
-    spec = AttributionSpec(**{k: tuple(v) if isinstance(v, list) else v
-                              for k, v in fields.items()})
-    state, _ = streaming.load_state(p, init_state(spec))
-    return DatasetAttributions(spec, {k: np.asarray(v) for k, v in state.items()}, meta)
+    spec, state, meta = streaming.load_result(
+        path, subdir="dataset_attributions", filename="attributions.npz",
+        what="dataset attributions", command="spdjax.dataset_attributions",
+        spec_type=AttributionSpec, init=init_state)
+    return DatasetAttributions(spec, state, meta)

@@ -235,15 +235,7 @@ class Harvest:
 def load_harvest(path: str | pathlib.Path) -> Harvest:
     """A saved :class:`Harvest`: ``path`` is a run's workdir (reads
     ``analysis/harvest/harvest.npz``), that directory, or the ``.npz`` itself."""
-    path = pathlib.Path(path)
-    for p in (path / "analysis" / "harvest" / "harvest.npz", path / "harvest.npz", path):
-        if p.is_file():
-            break
-    else:
-        raise FileNotFoundError(f"No harvest in {path}: run `python -m spdjax.harvest "
-                                f"--workdir={path}` first.")
-    meta = streaming.read_meta(p)
-    fields = meta.pop("spec")
-    spec = HarvestSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    state, _ = streaming.load_state(p, init_state(spec))
-    return Harvest(spec, {k: np.asarray(v) for k, v in state.items()}, meta)
+    spec, state, meta = streaming.load_result(
+        path, subdir="harvest", filename="harvest.npz", what="harvest", command="spdjax.harvest",
+        spec_type=HarvestSpec, init=init_state)
+    return Harvest(spec, state, meta)

@@ -161,3 +161,24 @@ def resume_point(path: str | pathlib.Path | None, state: Any, settings: Mapping[
         save_state(path, state, dict(settings, done=done, n_batches=n_batches))
 
     return state, start, save
+
+
+def load_result(path: str | pathlib.Path, *, subdir: str, filename: str, what: str,
+                command: str, spec_type: type, init: Callable[[Any], Any]
+                ) -> tuple[Any, dict, dict]:
+    """``(spec, state, meta)`` of an analysis result saved with its spec in the header (key
+    ``"spec"``): ``path`` is a run's workdir (reads ``analysis/<subdir>/<filename>``), that
+    directory, or the file. ``init(spec)`` is the state's template; ``command`` the module
+    that writes it (named in the ``FileNotFoundError``)."""
+    path = pathlib.Path(path)
+    for p in (path / "analysis" / subdir / filename, path / filename, path):
+        if p.is_file():
+            break
+    else:
+        raise FileNotFoundError(f"No {what} in {path}: run `python -m {command} "
+                                f"--workdir={path}` first.")
+    meta = read_meta(p)
+    fields = meta.pop("spec")
+    spec = spec_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    state, _ = load_state(p, init(spec))
+    return spec, {k: np.asarray(v) for k, v in state.items()}, meta
