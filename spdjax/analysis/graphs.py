@@ -48,15 +48,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from spdjax.analysis.graph_compute import (COMPONENT, INPUT, MASKINGS, OUTPUT, Graph, Node,
-                                           Progress, compute_graph, leaf_forward)
-from spdjax.analysis.graph_prune import (EDGE_THRESHOLD, NODE_THRESHOLD, influence,
-                                         output_weights, prune, strongest_path)
-from spdjax.analysis.graph_validate import adversarial_kl, graph_masks, validate
-
-__all__ = ["COMPONENT", "EDGE_THRESHOLD", "INPUT", "MASKINGS", "NODE_THRESHOLD", "OUTPUT",
-           "Graph", "Node", "adversarial_kl", "build", "compute_graph", "graph_masks",
-           "influence", "leaf_forward", "output_weights", "prune", "strongest_path", "validate"]
+# Re-exported: the attribution-graph vocabulary, importable from here as the guide shows.
+from spdjax.analysis.graph_compute import (  # noqa: F401
+    COMPONENT, INPUT, MASKINGS, OUTPUT, Graph, Node, Progress, compute_graph, leaf_forward)
+from spdjax.analysis.graph_prune import (  # noqa: F401
+    EDGE_THRESHOLD, NODE_THRESHOLD, influence, output_weights, prune, strongest_path)
+from spdjax.analysis.graph_validate import adversarial_kl, graph_masks, validate  # noqa: F401
 
 
 def build(decomposition, params, target_params, batch, *, positions=None, threshold=0.1,

@@ -46,14 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from spdjax.analysis import grad_act, streaming
-from spdjax.analysis.harvest_result import (DEFAULT_THRESHOLD, NO_PRIORITY, SUMMARY_FILE,
-                                            Harvest, HarvestSpec, init_state, load_harvest)
+# Re-exported: the result and its loader, importable from here as the guide shows.
+from spdjax.analysis.harvest_result import (  # noqa: F401
+    DEFAULT_THRESHOLD, NO_PRIORITY, SUMMARY_FILE, Harvest, HarvestSpec, init_state, load_harvest)
 
 Array = jax.Array
 STATE_FILE = "state.npz"
-__all__ = ["DEFAULT_THRESHOLD", "NO_PRIORITY", "STATE_FILE", "SUMMARY_FILE", "Harvest",
-           "HarvestSpec", "cooccurrence", "harvest", "init_state", "load_harvest",
-           "make_update", "observe", "sampler", "settings", "spec_for"]
 
 
 def cooccurrence(fires: Array, block: int) -> Array:
