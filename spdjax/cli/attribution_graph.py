@@ -8,7 +8,6 @@ computes, prunes and validates its graph (:func:`spdjax.analysis.graphs.build`) 
 validation on stderr. Errors a user can fix are one ``error:`` line (exit 2).
 """
 
-import hashlib
 import json
 import pathlib
 import sys
@@ -40,8 +39,12 @@ _PGD_STEP_SIZE = flags.DEFINE_float("pgd_step_size", 0.05, "PGD's signed step on
 _PGD_RESTARTS = flags.DEFINE_integer("pgd_restarts", 2, "PGD starts (the first from the graph "
                                      "alone, the others random).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of PGD's random starts.")
-_NAME = flags.DEFINE_string("name", None, "File name (default: prompt_<hash of the prompt>).")
+_NAME = flags.DEFINE_string("name", None, "File name (default: prompt_<hash of the arguments "
+                            "and the checkpoint step>).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/analysis/graphs).")
+# What the graph depends on: the default file name hashes them all.
+_ARGUMENTS = (_WORKDIR, _PROMPT, _POSITION, _THRESHOLD, _TOP_K, _MASKING, _NODE_THRESHOLD,
+              _EDGE_THRESHOLD, _PGD_STEPS, _PGD_STEP_SIZE, _PGD_RESTARTS, _SEED)
 
 
 def _say(line: str) -> None:
@@ -63,7 +66,7 @@ def main(argv):
                         "key": jax.random.key(_SEED.value)})
         out = pathlib.Path(_OUT.value or run.workdir / "analysis" / "graphs")
         out.mkdir(parents=True, exist_ok=True)
-        name = _NAME.value or "prompt_" + hashlib.sha1(_PROMPT.value.encode()).hexdigest()[:8]
+        name = _NAME.value or common.result_name("prompt_", _ARGUMENTS, step=run.step)
         tokens = [codec.decode(int(t)) if codec.decode else str(t) for t in batch[0]] if (
             batch.dtype.kind == "i") else None
         record = {"prompt": _PROMPT.value, "ids": batch[0].tolist(), "tokens": tokens,

@@ -47,11 +47,21 @@ def main(argv):
     """Clusters the run in ``--workdir`` (absl entry point) and prints the output directory."""
     common.begin(argv)
     common.stop_on_signals()
-    with common.user_errors("interrupted: the finished seeds are saved; run the same command "
-                            "to compute the rest."):
+    where: dict = {}
+
+    def interrupted() -> str:
+        saved = [s for s in where.get("seeds", ())
+                 if (where["out"] / f"seed_{s}.npz").exists()] if "out" in where else []
+        if not saved:
+            return "interrupted before any seed finished: nothing saved."
+        return (f"interrupted: seeds {', '.join(map(str, saved))} are saved; run the same "
+                "command to compute the rest.")
+
+    with common.user_errors(interrupted):
         seeds = common.int_list("--seeds", _SEEDS.value)
         run = load(_WORKDIR.value, step=_STEP.value)
         out = pathlib.Path(_OUT.value or run.workdir / "analysis" / "clustering")
+        where.update(out=out, seeds=seeds)
         result = clustering_lib.cluster(
             run, seeds=seeds, n_batches=_BATCHES.value, batch_size=_BATCH_SIZE.value,
             alpha=_ALPHA.value, threshold=_THRESHOLD.value, max_examples=_MAX_EXAMPLES.value,

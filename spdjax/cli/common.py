@@ -10,6 +10,8 @@ flag value, settings that do not match a saved state), 130 after Ctrl-C, 143 aft
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import pathlib
 import sys
@@ -87,6 +89,14 @@ class ProgressLine:
         self.stream.write(f"{self.label}: batch {done}/{total} | {rate:.2f} batches/s | ETA "
                           f"{format_duration(eta)}\n")
         self.stream.flush()
+
+
+def result_name(prefix: str, arguments, **extra) -> str:
+    """``prefix`` + a short hash of every flag in ``arguments`` (absl flag holders) and ``extra``
+    (e.g. the checkpoint step): a result's default file name, different whenever what it depends
+    on differs."""
+    key = json.dumps({f.name: f.value for f in arguments} | extra, sort_keys=True)
+    return prefix + hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
 def int_list(flag: str, values, example: str = "0,1,2") -> list[int]:

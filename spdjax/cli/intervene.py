@@ -11,7 +11,6 @@ also written to ``<out>/<name>.json`` (default ``out``: ``DIR/analysis/intervent
 Errors a user can fix are one ``error:`` line (exit 2).
 """
 
-import hashlib
 import json
 import pathlib
 import sys
@@ -99,9 +98,7 @@ def main(argv):
         record.update(prompt=_PROMPT.value, workdir=str(run.workdir), step=run.step)
         out = pathlib.Path(_OUT.value or run.workdir / "analysis" / "interventions")
         out.mkdir(parents=True, exist_ok=True)
-        key = json.dumps({f.name: f.value for f in _ARGUMENTS} | {"step": run.step},
-                         sort_keys=True)
-        name = _NAME.value or "intervention_" + hashlib.sha1(key.encode()).hexdigest()[:8]
+        name = _NAME.value or common.result_name("intervention_", _ARGUMENTS, step=run.step)
         (out / f"{name}.json").write_text(json.dumps(record, indent=1))
         print(text)
         print(out / f"{name}.json")
