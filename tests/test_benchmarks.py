@@ -206,7 +206,7 @@ def test_lm_scaling_grid_is_valid_configs_and_tabulates():
     for variant, _, overrides in lm_scaling.GRID:
         config = configs.load(f"lm:{variant}", {"target_steps": 1, **overrides})
         cfgs.add(FAMILIES.get("lm").model_config(config))  # a valid target recipe
-    assert len(cfgs) == 7  # 5 ih targets (T 32 / 128, V 512 / 2048, default) + 2 bytes
+    assert len(cfgs) == 8  # 6 ih targets (T 32 / 128, V 512 / 2048 / 4096, default) + 2 bytes
     row = {"config": "lm:ih", "label": "C 64", "batch_size": 64, "s_per_step": 0.01,
            "steps_per_s": 100.0, "compile_s": 3.0, "xla_temp_mib": 12.0, "peak_rss_mib": 900.0}
     info = {"device": "cpu", "cpu_count": 2, "jax": "x", "commit": "c", "date": "d"}
