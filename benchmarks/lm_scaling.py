@@ -53,6 +53,10 @@ GRID = [
 QUICK = [0, 3, 7, 10, 11, 13, 14, 18, 19]
 
 
+def _load(row: dict) -> str:
+    return f"{row['loadavg_1min']:.1f}" if "loadavg_1min" in row else "-"  # older rows: not kept
+
+
 def to_markdown(rows: list[dict], info: dict) -> str:
     lines = [f"Machine: {info['device']}, {info['cpu_count']} cores; jax {info['jax']}; commit "
              f"{info['commit']}; {info['date']}", "",
@@ -62,7 +66,7 @@ def to_markdown(rows: list[dict], info: dict) -> str:
         lines.append(f"| {r['config']} | {r['label']} | {r['batch_size']} "
                      f"| {1e3 * r['s_per_step']:.1f} | {r['steps_per_s']:.1f} "
                      f"| {r['compile_s']:.1f} | {r['xla_temp_mib']:.1f} "
-                     f"| {r['peak_rss_mib']:.0f} | {r.get('loadavg_1min', float('nan')):.1f} |")
+                     f"| {r['peak_rss_mib']:.0f} | {_load(r)} |")
     lines += ["", "ms/step and compile s were measured on a CPU shared with other work (the load "
               "column: the 1-minute load average as each row finished); XLA temp MiB is the "
               "compiled step's and does not depend on the load."]

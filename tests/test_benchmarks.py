@@ -210,8 +210,9 @@ def test_lm_scaling_grid_is_valid_configs_and_tabulates():
     row = {"config": "lm:ih", "label": "C 64", "batch_size": 64, "s_per_step": 0.01,
            "steps_per_s": 100.0, "compile_s": 3.0, "xla_temp_mib": 12.0, "peak_rss_mib": 900.0}
     info = {"device": "cpu", "cpu_count": 2, "jax": "x", "commit": "c", "date": "d"}
-    assert "| lm:ih | C 64 | 64 | 10.0 | 100.0 | 3.0 | 12 | 900 |" in lm_scaling.to_markdown(
-        [row], info)
+    table = lm_scaling.to_markdown([row, {**row, "loadavg_1min": 3.25}], info)
+    assert "| lm:ih | C 64 | 64 | 10.0 | 100.0 | 3.0 | 12.0 | 900 | - |" in table
+    assert "| lm:ih | C 64 | 64 | 10.0 | 100.0 | 3.0 | 12.0 | 900 | 3.2 |" in table
 
 
 def test_sensitivity_grid_runs_saves_and_plots(tmp_path, monkeypatch):
