@@ -235,6 +235,29 @@ def test_full_disk_errors_are_recognised_through_wrapping():
     assert not cli_main.disk_full(OSError(13, "Permission denied"))
 
 
+def test_asyncio_reports_of_abandoned_reads_are_held_until_an_unnamed_error(capsys):
+    """A failed restore can leave orbax's read tasks unretrieved; asyncio reports each one at
+    garbage collection. The CLI holds those (they are not the error) and prints them only when
+    it meets an error it cannot name."""
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addHandler(handler)
+    try:
+        held = cli_main._HeldCheckpointErrors().install()
+        asyncio_log.error("Task exception was never retrieved")
+        asyncio_log.warning("slow callback")  # not an error: passes through
+        assert [r.getMessage() for r in seen] == ["slow callback"]
+        held.release()
+        assert [r.getMessage() for r in seen] == ["slow callback",
+                                                  "Task exception was never retrieved"]
+        asyncio_log.error("after release")  # no longer held
+        assert seen[-1].getMessage() == "after release"
+    finally:
+        asyncio_log.removeHandler(handler)
+
+
 def test_the_multiprocess_environment_is_parsed_with_clear_messages():
     ok = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
           "JAX_PROCESS_ID": "1"}

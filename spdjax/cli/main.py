@@ -51,12 +51,17 @@ def _fail(code: int, message: str, *, at_once: bool = False):
     sys.exit(code)
 
 
+_HELD_LOGGERS = ("absl", "asyncio")  # orbax logs through absl; abandoned tasks through asyncio
+
+
 class _HeldCheckpointErrors(stdlib_logging.Filter):
     """Holds the checkpoint library's error reports instead of printing them: its (orbax's) error
     records, which come with a traceback per background thread, and the tracebacks its native
     callbacks print through ``sys.excepthook`` or ``sys.unraisablehook`` while it fails (e.g.
-    "Event loop is closed" on a full disk). The error that reaches the CLI is reported in one
-    line; the held reports are printed only if the CLI meets an error it cannot name."""
+    "Event loop is closed" on a full disk), and asyncio's "Task exception was never retrieved"
+    for the library's reads abandoned by a failed restore. The error that reaches the CLI is
+    reported in one line; the held reports are printed only if the CLI meets an error it cannot
+    name."""
 
     def __init__(self):
         super().__init__()
@@ -64,8 +69,8 @@ class _HeldCheckpointErrors(stdlib_logging.Filter):
         self._hook = self._unraisable = None
 
     def filter(self, record: stdlib_logging.LogRecord) -> bool:
-        if "orbax" in record.pathname and (record.levelno >= stdlib_logging.ERROR
-                                           or record.exc_info):
+        failed = record.levelno >= stdlib_logging.ERROR or record.exc_info
+        if failed and ("orbax" in record.pathname or record.name == "asyncio"):
             self.held.append(record)
             return False
         return True
@@ -77,21 +82,22 @@ class _HeldCheckpointErrors(stdlib_logging.Filter):
         self.held.append(unraisable)
 
     def install(self) -> "_HeldCheckpointErrors":
-        stdlib_logging.getLogger("absl").addFilter(self)
+        for name in _HELD_LOGGERS:
+            stdlib_logging.getLogger(name).addFilter(self)
         self._hook, sys.excepthook = sys.excepthook, self._excepthook
         self._unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisablehook
         return self
 
     def release(self) -> None:
         """Stops holding and prints what was held (through the handlers it was kept from)."""
-        logger = stdlib_logging.getLogger("absl")
-        logger.removeFilter(self)
+        for name in _HELD_LOGGERS:
+            stdlib_logging.getLogger(name).removeFilter(self)
         if self._hook is not None:
             sys.excepthook, self._hook = self._hook, None
             sys.unraisablehook, self._unraisable = self._unraisable, None
         for item in self.held:
             if isinstance(item, stdlib_logging.LogRecord):
-                logger.handle(item)
+                stdlib_logging.getLogger(item.name).handle(item)
             elif isinstance(item, tuple):
                 sys.excepthook(*item)
             else:
