@@ -18,15 +18,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 import types
 
 import jax
 import numpy as np
 
-from benchmarks.run import ROOT, write_results
+from benchmarks.run import ROOT, row_in_fresh_process, write_results
 
 GRIDS = {  # (tool, C per site, batches, batch size)
     "full": [("harvest", C, 20, 256) for C in (100, 400, 1600)]
@@ -114,14 +112,12 @@ def main():
         return
     rows = []
     for tool, C, n, b in GRIDS[args.grid]:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.analysis_cost",
-                              f"--row={tool},{C},{n},{b}"], cwd=ROOT, capture_output=True,
-                             text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(row_in_fresh_process("benchmarks.analysis_cost", f"{tool},{C},{n},{b}"))
         r = rows[-1]
         print(f"{tool} C {C} x2, {n} x {b}: {r['s_per_batch']:.3f} s/batch, state "
               f"{r['state_mib']:.1f} MiB, RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
-    write_results(ROOT / "benchmarks" / "results" / "analysis_cost", rows, to_markdown)
+    name = "analysis_cost" if args.grid == "full" else f"analysis_cost_{args.grid}"
+    write_results(ROOT / "benchmarks" / "results" / name, rows, to_markdown)  # quick: not over full
 
 
 if __name__ == "__main__":

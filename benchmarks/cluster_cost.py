@@ -23,14 +23,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 
-from benchmarks.run import ROOT, write_results
+from benchmarks.run import ROOT, row_in_fresh_process, write_results
 
 GRIDS = {  # (C live subcomponents, N examples)
     "full": [(C, 8192) for C in (100, 200, 400, 800, 1600)] + [(400, n) for n in (2048, 32768)],
@@ -94,9 +92,7 @@ def main():
         return
     rows = []
     for C, N in GRIDS[args.grid]:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.cluster_cost", f"--row={C},{N}"],
-                             cwd=ROOT, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(row_in_fresh_process("benchmarks.cluster_cost", f"{C},{N}"))
         r = rows[-1]
         print(f"C {C}, N {N}: merge {r['merge_s']:.2f} s, RSS {r['peak_rss_mib']:.0f} MiB, "
               f"load {r['loadavg_1min']:.1f}", flush=True)

@@ -21,11 +21,10 @@ import json
 import os
 import pathlib
 import resource
-import subprocess
 import sys
 import time
 
-from benchmarks.run import ROOT, write_results
+from benchmarks.run import ROOT, row_in_fresh_process, write_results
 
 GRIDS = {  # (C per site, prompt length T, active share)
     "full": [(C, 32, 0.05) for C in (8, 32, 128)] + [(32, T, 0.05) for T in (16, 64)],
@@ -90,10 +89,7 @@ def main(argv=None) -> None:
         return
     rows = []
     for C, T, active in GRIDS[args.grid]:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.graph_cost",
-                              f"--row={C},{T},{active}"], cwd=ROOT, capture_output=True,
-                             text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(row_in_fresh_process("benchmarks.graph_cost", f"{C},{T},{active}"))
         print(rows[-1], file=sys.stderr, flush=True)
     write_results(pathlib.Path(args.out), rows, markdown)
 

@@ -132,6 +132,16 @@ def run_in_subprocess(name: str, steps: int, overrides: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def row_in_fresh_process(module: str, row: str) -> dict:
+    """``python -m <module> --row=<row>`` in a fresh process (its own compile cache and peak RSS,
+    as each measurement needs): the JSON object its last line prints."""
+    out = subprocess.run([sys.executable, "-m", module, f"--row={row}"], cwd=ROOT,
+                         capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{module} --row={row} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def machine() -> dict:
     import jax
 
