@@ -167,6 +167,13 @@ class LlamaBlock(nn.Module):
             nn.gelu(h, approximate=True))
 
 
+def check_length(ids, seq_len: int) -> None:
+    """Refuses ``ids`` longer than the model's ``seq_len`` positions (both LM architectures)."""
+    if ids.shape[-1] > seq_len:
+        raise ValueError(f"Sequences of {ids.shape[-1]} tokens are longer than the model's "
+                         f"{seq_len} positions.")
+
+
 class Llama(nn.Module):
     """``ids [..., T] -> logits [..., T, vocab]``."""
 
@@ -175,10 +182,7 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, ids):
         cfg = self.cfg
-        T = ids.shape[-1]
-        if T > cfg.seq_len:
-            raise ValueError(f"Sequences of {T} tokens are longer than the model's {cfg.seq_len} "
-                             "positions.")
+        check_length(ids, cfg.seq_len)
         x = nn.Embed(cfg.vocab, cfg.d_model, name="embed",
                      embedding_init=nn.initializers.normal(0.02))(ids)
         for i in range(cfg.n_layers):

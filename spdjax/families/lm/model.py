@@ -164,9 +164,7 @@ class Transformer(nn.Module):
     def __call__(self, ids):
         cfg = self.cfg
         T = ids.shape[-1]
-        if T > cfg.seq_len:
-            raise ValueError(f"Sequences of {T} tokens are longer than the model's {cfg.seq_len} "
-                             "positions.")
+        llama.check_length(ids, cfg.seq_len)
         x = nn.Embed(cfg.vocab, cfg.d_model, name="embed")(ids)
         qk_pos = 0.0
         if cfg.positions == "learned":
