@@ -22,6 +22,8 @@ import pathlib
 import sys
 import sysconfig
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,8 @@ SEPARATOR = b"\n\x00\n"  # between files: the NUL byte never occurs in source te
 VAL_FRACTION = 0.05  # the last 5% of the corpus is the validation split
 
 
+@functools.partial(jax.jit, static_argnums=1,
+                   static_argnames=("vocab", "seq_len", "prefix_window"))
 def induction_batch(key: Array, batch: int, *, vocab: int, seq_len: int,
                     prefix_window: int) -> tuple[Array, Array]:
     """``(ids [batch, seq_len], labels [batch])`` of induction sequences (module docstring)."""
@@ -147,6 +151,12 @@ def window_batch(tokens: Array, key: Array, batch: int, seq_len: int) -> Array:
     if tokens.shape[0] < seq_len:
         raise ValueError(f"The corpus split has {tokens.shape[0]} tokens, too few for windows of "
                          f"{seq_len}.")
+    return _windows(tokens, key, batch, seq_len)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _windows(tokens: Array, key: Array, batch: int, seq_len: int) -> Array:
+    """One compiled program per shape (op by op, each batch compiled several small ones)."""
     starts = jax.random.randint(key, (batch,), 0, tokens.shape[0] - seq_len + 1)
     idx = starts[:, None] + jnp.arange(seq_len)[None, :]
     return tokens[idx].astype(jnp.int32)
