@@ -14,7 +14,8 @@ gets the managed run through a :class:`Family`; finished runs: :func:`load`.
 
 The layers, bottom to top (an upward import fails CI): :mod:`spdjax.core` -> :mod:`spdjax.losses`
 -> :mod:`spdjax.methods` -> :mod:`spdjax.analysis` -> :mod:`spdjax.training` ->
-:mod:`spdjax.families` -> :mod:`spdjax.config` -> :mod:`spdjax.cli`.
+:mod:`spdjax.families` -> :mod:`spdjax.config` -> :mod:`spdjax.cli` -> :mod:`spdjax.view` (the
+browser viewer).
 """
 
 from spdjax import config

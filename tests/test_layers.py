@@ -1,6 +1,6 @@
 """The import layers (pyproject.toml's import-linter contracts, which .ci/run checks too):
-``core < losses < methods < analysis < training < families < config < cli``, each importing only
-from the layers below it."""
+``core < losses < methods < analysis < training < families < config < cli < view``, each importing
+only from the layers below it."""
 
 import os
 import pathlib
