@@ -101,6 +101,19 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
         # by it (the APD paper's appendix alternative)
         "formulation": "topk", "lp_sparsity_coeff": 1.0, "lp_p": 1.0,
     })
+    # L3D (config.method = "l3d"; spdjax/methods/l3d.py, docs/guides/l3d.md): C = config.C
+    # subnetworks spanning every site; defaults are the L3D paper's toy recipe (bs 32, lr 0.01).
+    c.l3d = ml_collections.ConfigDict({
+        "topk": 0.1,  # batch top-k fraction of |z| over samples and subnetworks
+        "rank": 1,  # Tucker rank of each subnetwork's weight tensors (biases: rank 1)
+        "biases": True,  # decompose the sites' biases too (the paper: every parameter tensor)
+        "divergence": "mse",  # D: mse (toy regressions) | kl (logits)
+        "reference": "sample",  # y_r: sample (another sample's output, the paper's) | mean
+        "normalisation": "reference",  # decoder renormalisation: reference (code's) | unit
+        "lr_decay": 0.8,  # lr x lr_decay every lr_decay_steps (the reference's StepLR)
+        "lr_decay_steps": 3200,  # 100 epochs of 1000 samples at batch 32
+        "dense_steps": 32,  # first steps with top-k 0.999 (the reference's warm-start epochs)
+    })
     # Terms computed only by the final evaluation, reported as eval_loss/<name>: {name: options}
     # (no coeff), e.g. {"stochastic_hidden_acts_recon": {}, "pgd_recon": {"n_steps": 20,
     # "step_size": 0.1}} (the later reference's eval metrics).

@@ -1,0 +1,213 @@
+"""L3D, Local Loss Landscape Decomposition (Chrisman, Bushnaq, Sharkey 2025, arXiv 2504.00194):
+a third method beside SPD and APD.
+
+Per sample ``x_i`` and a reference output ``y_r`` (another sample's target output), the gradient
+``g_i = grad_W D(f(x_i; W), y_r)`` at the trained ``W_0`` (``vmap`` of ``grad``;
+:meth:`~spdjax.methods.l3d_decomposition.L3DDecomposition.per_sample_grads`) is encoded into
+``C`` subnetwork coordinates ``z = V_in g``, only the batch top-k of ``|z|`` is kept, and the
+decoder reconstructs ``g_hat = V_out z_topk``. The loss is the normalised reconstruction error
+``sum_b ||g - g_hat||^2 / sum_b ||g||^2`` (:mod:`spdjax.methods.l3d_terms`). After every
+Adam step the decoder's directions are renormalised (:func:`renormalise`); the learning rate is
+multiplied by ``lr_decay`` every ``lr_decay_steps`` steps (the reference's StepLR), and the first
+``dense_steps`` steps keep (nearly) every coordinate (the reference's warm start, top-k 0.999).
+
+The subnetworks are the decoder's unit-scale directions in parameter space, sign arbitrary: not
+a decomposition that sums to ``W`` (no faithfulness term), so evaluations that read
+``component_weights`` see directions, and ML2R is not meaningful for them. Biases are part of
+the decomposed space. What L3D cannot share with SPD/APD is listed in docs/guides/l3d.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from spdjax.methods.base import Method, MethodSpec, register
+from spdjax.methods.l3d_decomposition import (DIVERGENCES, NORMALISATIONS, REFERENCES,  # noqa: F401
+                                              L3DDecomposition, decompose_l3d, tucker)
+from spdjax.methods.l3d_terms import (batch_topk_mask, decode, encode, per_sample_error,
+                                      reconstruct, relative_error)
+
+Array = jax.Array
+DENSE_TOPK = 0.999  # the reference's top-k during its warm-start epochs
+
+
+def objective(d: L3DDecomposition, *, topk: float, dense_frac: float = 0.0):
+    """``(params, target_params, batch, key, step_frac) -> (loss, metrics)``: the L3D loss on the
+    batch's per-sample gradients; top-k :data:`DENSE_TOPK` while ``step_frac < dense_frac``."""
+    if not 0 < topk <= 1:
+        raise ValueError(f"L3D: topk must be a fraction in (0, 1], got {topk!r}.")
+
+    def fn(params, target_params, batch, key, step_frac):
+        grads = d.per_sample_grads(target_params, batch, key)
+        k = jnp.where(step_frac < dense_frac, DENSE_TOPK, topk)
+        recon, _, mask = reconstruct(d, params, grads, k)
+        loss = relative_error(grads, recon)
+        return loss, {"loss": {"total": loss, "recon": loss},
+                      "active_per_example": jnp.mean(jnp.sum(mask, axis=-1))}
+
+    return fn
+
+
+def renormalise(d: L3DDecomposition, how: str) -> optax.GradientTransformation:
+    """After the optimizer: moves the decoder to :meth:`L3DDecomposition.normalise` of its
+    updated value (the encoder is left as it is, as in the reference)."""
+    if how not in NORMALISATIONS:
+        raise ValueError(f"Unknown L3D normalisation {how!r}; expected one of {NORMALISATIONS}.")
+
+    def update_fn(updates, state, params):
+        moved = optax.apply_updates(params["decode"], updates["decode"])
+        decode_update = jax.tree.map(jnp.subtract, d.normalise(moved, how), params["decode"])
+        return {"encode": updates["encode"], "decode": decode_update}, state
+
+    return optax.GradientTransformation(lambda p: optax.EmptyState(), update_fn)
+
+
+def step_decay(learning_rate, *, decay: float, every: int):
+    """``learning_rate(step) * decay ** (step // every)`` (``learning_rate`` a float or an optax
+    schedule): the reference's ``StepLR``, counted in steps."""
+    base = learning_rate if callable(learning_rate) else (lambda step: learning_rate)
+    return lambda step: base(step) * decay ** (step // every)
+
+
+def intervention_responses(d: L3DDecomposition, params, target_params, x) -> Array:
+    """``[C, batch]``: ``||d f(x; W_0 + delta v_c) / d delta||^2`` at ``delta = 0``, how much
+    moving the parameters along subnetwork ``c``'s (decoder) direction changes each sample's
+    output (the L3D paper's intervention, to first order)."""
+    theta0 = d.theta0(target_params)
+    directions = {n: {t: jnp.moveaxis(tucker(f), -1, 0) for t, f in ts.items()}
+                  for n, ts in params["decode"].items()}
+
+    def one(v):
+        _, dout = jax.jvp(lambda th: d.forward_at(target_params, th, x), (theta0,), (v,))
+        return jnp.sum(dout.reshape(dout.shape[0], -1) ** 2, axis=-1)
+
+    return jax.lax.map(one, directions)
+
+
+def selectivity(d: L3DDecomposition, params, target_params, x, key, *, topk: float,
+                n_refs: int = 4) -> dict:
+    """Intervention selectivity: for each subnetwork, the share of the output change its
+    direction causes (:func:`intervention_responses`) that falls on the samples that use it
+    (those where it is in the batch top-k of the impacts ``|V_in[c] g_i|``, averaged over
+    ``n_refs`` references, as the paper's impact). ``baseline``: the share of samples that use
+    it, what an unselective direction would score. Means over subnetworks used by any sample.
+    """
+    impacts = jnp.mean(jnp.stack([
+        jnp.abs(encode(d, params, d.per_sample_grads(target_params, x,
+                                                     jax.random.fold_in(key, r))))
+        for r in range(n_refs)]), axis=0)
+    used = batch_topk_mask(impacts, topk)  # [batch, C]
+    resp = intervention_responses(d, params, target_params, x)  # [C, batch]
+    share = jnp.sum(resp * used.T, axis=1) / (jnp.sum(resp, axis=1) + 1e-30)
+    base = jnp.mean(used, axis=0)
+    alive = np.asarray(base) > 0
+    share, base = np.asarray(share), np.asarray(base)
+    return {"selectivity": float(share[alive].mean()) if alive.any() else float("nan"),
+            "selectivity_baseline": float(base[alive].mean()) if alive.any() else float("nan"),
+            "selectivity_per_subnetwork": share.tolist(),
+            "use_fraction_per_subnetwork": base.tolist()}
+
+
+def evaluate_fn(d: L3DDecomposition, *, topk: float, batch_size: int,
+                selectivity_samples: int = 1024):
+    """The reconstruction errors on the evaluation batch, taken in chunks of the training
+    ``batch_size`` (the top-k is over a batch, so chunks of the size it trained on), how often
+    each subnetwork is used, and the intervention selectivity on its first
+    ``selectivity_samples`` examples."""
+
+    @jax.jit
+    def chunk_metrics(params, target_params, xs, key):
+        def one(args):
+            x, k = args
+            grads = d.per_sample_grads(target_params, x, k)
+            recon, z, mask = reconstruct(d, params, grads, topk)
+            dense = decode(d, params, z)
+            return (relative_error(grads, recon), relative_error(grads, dense),
+                    jnp.mean(per_sample_error(grads, recon)), jnp.mean(mask, axis=0))
+        keys = jax.random.split(key, xs.shape[0])
+        return jax.lax.map(one, (xs, keys))
+
+    def fn(params, target_params, batch, key, *, microbatches: int = 1) -> dict:
+        del microbatches  # chunked by batch_size instead
+        n = batch.shape[0] // batch_size
+        if n < 1:
+            raise ValueError(f"L3D evaluation: the eval batch ({batch.shape[0]}) is smaller than "
+                             f"one training batch ({batch_size}).")
+        xs = batch[:n * batch_size].reshape(n, batch_size, *batch.shape[1:])
+        k_chunks, k_sel = jax.random.split(key)
+        err, dense, per_sample, use = jax.device_get(
+            chunk_metrics(params, target_params, xs, k_chunks))
+        use = np.mean(use, axis=0)
+        summary: dict[str, Any] = {
+            "loss": {"total": float(np.mean(err)), "recon": float(np.mean(err))},
+            "recon_error": float(np.mean(err)), "recon_error_dense": float(np.mean(dense)),
+            "per_sample_error": float(np.mean(per_sample)),
+            "alive": int(np.sum(use > 0)), "use_fraction": use.tolist()}
+        sel_x = batch[:min(selectivity_samples, batch.shape[0])]
+        summary.update(selectivity(d, params, target_params, sel_x, k_sel, topk=topk))
+        return summary
+
+    return fn
+
+
+def from_config(config, experiment, learning_rate) -> Method:
+    """L3D from a run config (``config.l3d``; C from ``config.C``) on an experiment's target.
+    Ties are ignored: each usage of a tied weight is its own tensor (module docstring of
+    :mod:`spdjax.methods.l3d_decomposition`)."""
+    a = config.l3d
+    d = decompose_l3d(experiment.target, experiment.sites, config.C, rank=a.rank,
+                      biases=a.biases, divergence=a.divergence, reference=a.reference)
+    obj = objective(d, topk=a.topk, dense_frac=a.dense_steps / config.steps)
+    lr = step_decay(learning_rate, decay=a.lr_decay, every=a.lr_decay_steps)
+    optimizer = optax.chain(optax.adam(lr), renormalise(d, a.normalisation))
+    return Method(name="l3d", decomposition=d, init=lambda key, tp: d.init(key),
+                  objective=obj, optimizer=optimizer, partition_specs=d.partition_specs,
+                  evaluate=evaluate_fn(d, topk=a.topk, batch_size=config.batch_size))
+
+
+def check_config(config, target=None) -> None:
+    """L3D's config fields, before any work."""
+    del target
+    a = config.l3d
+    if not (isinstance(a.topk, (int, float)) and 0 < a.topk <= 1):
+        raise ValueError(f"l3d.topk must be a fraction in (0, 1], got {a.topk!r}.")
+    if not isinstance(a.rank, int) or isinstance(a.rank, bool) or a.rank < 1:
+        raise ValueError(f"l3d.rank must be a positive integer, got {a.rank!r}.")
+    for name, valid in (("divergence", DIVERGENCES), ("reference", REFERENCES),
+                        ("normalisation", NORMALISATIONS)):
+        if a[name] not in valid:
+            raise ValueError(f"l3d.{name} must be one of {valid}, got {a[name]!r}.")
+    if not isinstance(a.biases, bool):
+        raise ValueError(f"l3d.biases must be true or false, got {a.biases!r}.")
+    if not (isinstance(a.lr_decay, (int, float)) and 0 < a.lr_decay <= 1):
+        raise ValueError(f"l3d.lr_decay must be in (0, 1], got {a.lr_decay!r}.")
+    if not isinstance(a.lr_decay_steps, int) or a.lr_decay_steps < 1:
+        raise ValueError(f"l3d.lr_decay_steps must be an integer >= 1, got {a.lr_decay_steps!r}.")
+    if not isinstance(a.dense_steps, int) or not 0 <= a.dense_steps <= config.steps:
+        raise ValueError(f"l3d.dense_steps must be an integer in [0, steps={config.steps}], got "
+                         f"{a.dense_steps!r}.")
+    if config.eval_batch_size < config.batch_size:
+        raise ValueError(f"L3D evaluates in chunks of batch_size={config.batch_size}: "
+                         f"eval_batch_size must be at least that, got {config.eval_batch_size}.")
+    if config.microbatches != 1:
+        raise ValueError(f"L3D takes its top-k over the whole batch: microbatches must be 1, got "
+                         f"{config.microbatches}.")
+    spd_only = {"faithfulness_warmup_steps": 0, "init": "paper", "grad_clip_norm_components": 0.0,
+                "grad_clip_norm_ci": 0.0, "ci_lower_noise": 0.0, "output_chunk": 0,
+                "remat_ci": False, "compute_dtype": "float32", "init_candidates": 1,
+                "ensemble": 1, "ensemble_sweep": "", "eval_suite": False}
+    changed = [f"{k}={config[k]!r}" for k, v in spd_only.items() if config.get(k, v) != v]
+    default_group = {"name": "adam", "lr": 0.0, "options": {}}
+    changed += [f"optimizer.{g}={v.to_dict()!r}" for g, v in config.get("optimizer", {}).items()
+                if v.to_dict() != default_group]
+    if changed or config.eval_losses:
+        raise ValueError(f"L3D does not use {', '.join(changed) or 'eval_losses'} (SPD-only "
+                         "settings); leave them at their defaults with method 'l3d'.")
+
+
+SPEC = register(MethodSpec("l3d", build=from_config, check_config=check_config))

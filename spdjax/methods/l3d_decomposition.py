@@ -1,0 +1,253 @@
+"""L3D's decomposition (Chrisman, Bushnaq, Sharkey 2025, "Identifying Sparsely Active Circuits
+Through Local Loss Landscape Decomposition", arXiv 2504.00194): ``C`` subnetworks, each a
+*direction* in the space of every decomposed weight and bias, held as low-rank Tucker tensors
+(:class:`L3DDecomposition`, built by :func:`decompose_l3d`), and the per-sample divergence
+gradients they reconstruct (:meth:`L3DDecomposition.per_sample_grads`). The losses are in
+:mod:`spdjax.methods.l3d`.
+
+The parameter space is one tensor per decomposed site weight ``(d_in, d_out)`` and one per site
+bias ``(d_out,)``. A tied site (TMS ``linear2 = linear1ᵀ``) is its own tensor here: the gradient
+is taken with respect to each *usage* of the weight, as the L3D reference code decomposes TMS
+through an untied copy of the model (github briannachrisman/eigenestimation,
+``scripts/1_tms/train_tms_eigenmodel.py``).
+
+Tucker format (L3D paper, appendix "Low rank parameter directions"): subnetwork ``c``'s slice of a
+tensor of shape ``(d_1, ..., d_n)`` is ``core[..., c] x_1 F_1[..., c] ... x_n F_n[..., c]`` with
+``core (r_1, ..., r_n, C)`` and ``F_j (r_j, d_j, C)``. Weights take rank ``(r, r)``, biases rank
+``(1,)`` (for a vector every Tucker rank is the same set of vectors). The encoder ``V_in`` and
+the decoder ``V_out`` are two such sets of factors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from spdjax.core import components as comp_lib
+from spdjax.core.decomposition import match_sites
+from spdjax.core.target import Mapped, Target
+
+Array = jax.Array
+DIVERGENCES = ("mse", "kl")
+REFERENCES = ("sample", "mean")
+NORMALISATIONS = ("reference", "unit")
+EPS = 1e-10  # the reference code's eps: in the loss's denominator and the renormalisation
+
+
+def _tucker_spec(ndim: int) -> str:
+    """``"abC,aiC,bjC->ijC"`` for a matrix, ``"aC,aiC->iC"`` for a vector."""
+    ranks, dims = "ab"[:ndim], "ij"[:ndim]
+    return ",".join([ranks + "C"] + [f"{r}{d}C" for r, d in zip(ranks, dims)]) + f"->{dims}C"
+
+
+def tucker(factors: Mapping[str, Array]) -> Array:
+    """``(*shape, C)``: the tensors of all ``C`` subnetworks from their Tucker factors
+    ``{"core": (r_1.., C), "f0": (r_1, d_1, C), ...}``."""
+    ndim = factors["core"].ndim - 1
+    return jnp.einsum(_tucker_spec(ndim), factors["core"],
+                      *(factors[f"f{j}"] for j in range(ndim)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class L3DDecomposition:
+    """The static structure of an L3D decomposition.
+
+    Attributes:
+      target: the decomposed :class:`~spdjax.core.target.Target`.
+      site_names: the decomposed sites.
+      C: the number of subnetworks.
+      shapes: ``{site: {"weight": (d_in, d_out)[, "bias": (d_out,)]}}``: the parameter space.
+      ranks: ``{site: {"weight": (r, r)[, "bias": (1,)]}}``: Tucker ranks.
+      divergence: ``"mse"`` (``0.5 mean_o (f_o - y_o)^2``; toy models) or ``"kl"``
+        (``KL(softmax(y) || softmax(f))``; logits), the paper's ``D``.
+      reference: ``"sample"`` (the paper's choice: another sample of the batch, drawn at random)
+        or ``"mean"`` (the batch's mean output).
+    """
+
+    target: Target
+    site_names: tuple[str, ...]
+    C: int
+    shapes: Mapping[str, Mapping[str, tuple[int, ...]]]
+    ranks: Mapping[str, Mapping[str, tuple[int, ...]]]
+    divergence: str = "mse"
+    reference: str = "sample"
+    # The view evaluations use (:class:`spdjax.methods.base.DecompositionView`): full-rank
+    # directions, no causal-importance function.
+    rank_one = False
+    causal_importance = None
+
+    @property
+    def n_params(self) -> int:
+        """``n_w``: the size of the decomposed parameter space."""
+        return sum(math.prod(s) for t in self.shapes.values() for s in t.values())
+
+    def site(self, name):
+        return self.target.sites[name]
+
+    def theta0(self, target_params) -> dict:
+        """The target's point ``W_0`` in the decomposed parameter space."""
+        out = {}
+        for n in self.site_names:
+            s = self.site(n)
+            out[n] = {"weight": s.weight(target_params)}
+            if "bias" in self.shapes[n]:
+                out[n]["bias"] = s.bias(target_params)
+        return out
+
+    def init(self, key) -> dict:
+        """``{"encode": ..., "decode": ...}``, each ``{site: {tensor: {"core", "f0", ...}}}``.
+
+        As the reference: every factor ``N(0, 1) / C``, the decoder renormalised
+        (:meth:`normalise`), the encoder a copy of it."""
+        decode = {}
+        for i, n in enumerate(self.site_names):
+            decode[n] = {}
+            for j, (t, shape) in enumerate(self.shapes[n].items()):
+                ranks = self.ranks[n][t]
+                keys = jax.random.split(jax.random.fold_in(key, 2 * i + j), len(shape) + 1)
+                f = {"core": jax.random.normal(keys[0], (*ranks, self.C)) / self.C}
+                for k, (r, d) in enumerate(zip(ranks, shape)):
+                    f[f"f{k}"] = jax.random.normal(keys[k + 1], (r, d, self.C)) / self.C
+                decode[n][t] = f
+        decode = self.normalise(decode, "reference")
+        return {"encode": jax.tree.map(jnp.copy, decode), "decode": decode}
+
+    def tensors(self, factors) -> dict:
+        """``{site: {tensor: (*shape, C)}}``: every subnetwork, explicitly."""
+        return {n: {t: tucker(f) for t, f in ts.items()} for n, ts in factors.items()}
+
+    def normalise(self, decode, how: str) -> dict:
+        """The decoder after the paper's per-step renormalisation.
+
+        ``"unit"``: each subnetwork scaled to unit L2 norm over the whole parameter space (the
+        paper's text). ``"reference"`` (the reference code's ``normalize_low_ranks``): each
+        subnetwork divided by ``sqrt(sum_t ||V_t||_F) + eps`` (``t``: its tensors), which, applied
+        every step, drives ``sum_t ||V_t||_F`` to 1. Each of a tensor's ``n + 1`` Tucker factors
+        takes the ``1/(n+1)``-th power of the scale, as the reference does.
+        """
+        if how not in NORMALISATIONS:
+            raise ValueError(f"Unknown L3D normalisation {how!r}; expected one of "
+                             f"{NORMALISATIONS}.")
+        norms = [jnp.sqrt(jnp.sum(v**2, axis=tuple(range(v.ndim - 1))))
+                 for ts in self.tensors(decode).values() for v in ts.values()]  # each (C,)
+        if how == "unit":
+            scale = jnp.sqrt(sum(n**2 for n in norms))
+        else:
+            scale = jnp.sqrt(sum(norms))
+        out = {}
+        for n, ts in decode.items():
+            out[n] = {}
+            for t, f in ts.items():
+                k = len(f)  # core + one factor per mode
+                per = scale ** (1.0 / k) + EPS
+                out[n][t] = {name: a / per for name, a in f.items()}
+        return out
+
+    def component_weights(self, params, name: str) -> Array:
+        """``(C, d_in, d_out)``: every subnetwork's (decoder) direction in site ``name``'s
+        weight. Unit-scale directions with an arbitrary sign, not parts of ``W``."""
+        return jnp.moveaxis(tucker(params["decode"][name]["weight"]), -1, 0)
+
+    def component_weight(self, params, name: str) -> Array:
+        """``(d_in, d_out)``: the sum of the subnetworks' directions at site ``name`` (defined
+        for the view; L3D's directions do not sum to the target's weight)."""
+        return jnp.sum(self.component_weights(params, name), axis=0)
+
+    def partition_specs(self, params, model_axis: str) -> dict:
+        """Replicated: the factors are small (the ``C`` axis is last and not sharded)."""
+        del model_axis
+        return jax.tree.map(lambda _: P(), params)
+
+    def clean_forward(self, target_params, x):
+        out, inputs = self.target.forward(target_params, x, {})
+        return out, {n: inputs[n] for n in self.site_names}
+
+    def forward_at(self, target_params, theta, x):
+        """The target's output with the decomposed sites' weights and biases taken from
+        ``theta`` (same structure as :meth:`theta0`): ``f(x; W)``."""
+        def site_fn(n):
+            s, w, b = self.site(n), theta[n]["weight"], theta[n].get("bias")
+            if b is None and s.bias is not None:
+                b = s.bias(target_params)
+
+            def fn(a):
+                if isinstance(a, Mapped):
+                    y = a.matmul(w)
+                    if b is not None:
+                        y = (Mapped.sum(y.terms, bias=b) if isinstance(y, Mapped)
+                             else y + s.out(b, a))
+                    return y
+                if s.kind == "conv":
+                    y = s.conv(w, a)
+                else:
+                    y = comp_lib.inner_acts(s.kind, w, a)
+                return y if b is None else y + b
+            return fn
+
+        return self.target.forward(target_params, x, {n: site_fn(n) for n in self.site_names})[0]
+
+    def divergence_fn(self, out: Array, ref: Array) -> Array:
+        """The paper's ``D(f(x_i), y_r)`` for one sample (mean over any leading positions)."""
+        if self.divergence == "mse":
+            return 0.5 * jnp.mean((out - ref) ** 2)
+        log_p, log_q = jax.nn.log_softmax(ref, axis=-1), jax.nn.log_softmax(out, axis=-1)
+        return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+
+    def references(self, target_params, x, key) -> Array:
+        """``y_r`` per sample: the target's output on a uniformly drawn sample of the batch
+        (with replacement, as the reference code; ``"sample"``) or the batch's mean output."""
+        out = self.target(target_params, x)
+        if self.reference == "mean":
+            return jnp.broadcast_to(jnp.mean(out, axis=0, keepdims=True), out.shape)
+        idx = jax.random.randint(key, (out.shape[0],), 0, out.shape[0])
+        return out[idx]
+
+    def per_sample_grads(self, target_params, x, key) -> dict:
+        """``g_i = grad_W D(f(x_i; W), y_r) at W_0``, ``{site: {tensor: [batch, *shape]}}``
+        (``vmap`` of ``grad`` over the batch; constants with respect to the factors)."""
+        theta = self.theta0(target_params)
+        refs = jax.lax.stop_gradient(self.references(target_params, x, key))
+
+        def one(xi, ref):
+            def d(th):
+                return self.divergence_fn(self.forward_at(target_params, th, xi[None])[0], ref)
+            return jax.grad(d)(theta)
+
+        return jax.lax.stop_gradient(jax.vmap(one)(x, refs))
+
+
+def decompose_l3d(target: Target, sites: Mapping[str, int], C: int, *, rank: int = 1,
+                  biases: bool = True, divergence: str = "mse",
+                  reference: str = "sample") -> L3DDecomposition:
+    """An L3D decomposition of the sites matched by ``sites`` (their C values are ignored: L3D's
+    ``C`` subnetworks span every site), weight rank ``rank`` (capped at each dimension),
+    including the sites' biases unless ``biases=False``."""
+    if not isinstance(C, int) or isinstance(C, bool) or C < 1:
+        raise ValueError(f"L3D: C must be a positive integer, got {C!r}.")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"L3D: rank must be a positive integer, got {rank!r}.")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"Unknown L3D divergence {divergence!r}; expected one of "
+                         f"{DIVERGENCES}.")
+    if reference not in REFERENCES:
+        raise ValueError(f"Unknown L3D reference {reference!r}; expected one of {REFERENCES}.")
+    names = tuple(match_sites(target, sites))
+    embeds = [n for n in names if target.sites[n].kind == "embed"]
+    if embeds:
+        raise ValueError(f"L3D decomposes linear and conv sites; {embeds} are embeddings "
+                         "(leave them out of the patterns).")
+    shapes, ranks = {}, {}
+    for n in names:
+        s = target.sites[n]
+        shapes[n] = {"weight": (s.d_in, s.d_out)}
+        ranks[n] = {"weight": (min(rank, s.d_in), min(rank, s.d_out))}
+        if biases and s.bias is not None:
+            shapes[n]["bias"] = (s.d_out,)
+            ranks[n]["bias"] = (1,)
+    return L3DDecomposition(target=target, site_names=names, C=C, shapes=shapes, ranks=ranks,
+                            divergence=divergence, reference=reference)

@@ -1,0 +1,195 @@
+"""L3D's pieces against an independent NumPy reference on small shapes: the per-sample gradients
+g_i, the Tucker tensors, the encoding, the batch top-k, the normalised reconstruction error,
+the renormalisation; its config errors; a short run from the config file end to end."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import spdjax
+from spdjax.methods import l3d
+from spdjax.methods.l3d_terms import batch_topk_mask, keep_count
+
+from helpers import two_site_target
+
+B, C = 8, 3
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target, tp = two_site_target(d_in=3, d_hidden=4, d_out=2)
+    d = l3d.decompose_l3d(target, {"*": 1}, C, rank=2)
+    params = d.init(jax.random.key(0))
+    # Decoder and encoder apart, so a mix-up of the two is caught.
+    params["encode"] = jax.tree.map(lambda a: a * 1.7 + 0.1, params["encode"])
+    x = jax.random.normal(jax.random.key(1), (B, 3))
+    return d, tp, params, x
+
+
+def np_grads(tp, x, y):
+    """The per-sample gradient of D = 0.5 mean_o (f_o(x) - y_o)^2, by hand (one sample)."""
+    Wa, ba, Wb = (np.asarray(tp["a"]["kernel"], np.float64), np.asarray(tp["a"]["bias"],
+                  np.float64), np.asarray(tp["b"]["kernel"], np.float64))
+    pre = x @ Wa + ba
+    h = np.maximum(pre, 0)
+    out = h @ Wb
+    d_out = (out - y) / out.shape[-1]
+    d_h = (d_out @ Wb.T) * (pre > 0)
+    return {"a": {"weight": np.outer(x, d_h), "bias": d_h}, "b": {"weight": np.outer(h, d_out)}}
+
+
+def np_tucker(f):
+    """Subnetwork tensors ``(*shape, C)`` by explicit loops over the Tucker ranks."""
+    core = np.asarray(f["core"], np.float64)
+    mats = [np.asarray(f[f"f{j}"], np.float64) for j in range(core.ndim - 1)]
+    shape = tuple(m.shape[1] for m in mats) + (core.shape[-1],)
+    out = np.zeros(shape)
+    for c in range(core.shape[-1]):
+        for ranks in itertools.product(*(range(r) for r in core.shape[:-1])):
+            term = core[ranks + (c,)]
+            vec = np.ones(())
+            for j, r in enumerate(ranks):
+                vec = np.multiply.outer(vec, mats[j][r, :, c])
+            out[..., c] += term * vec
+    return out
+
+
+def flat(tree_of_site_tensors, sites):
+    return np.concatenate([np.asarray(tree_of_site_tensors[n][t], np.float64).reshape(-1)
+                           for n in sites for t in sorted(tree_of_site_tensors[n])])
+
+
+def test_per_sample_gradients_are_vmap_grad_of_the_divergence(setup):
+    d, tp, _, x = setup
+    key = jax.random.key(3)
+    grads = jax.jit(d.per_sample_grads)(tp, x, key)
+    out = np.asarray(d.target(tp, x), np.float64)
+    idx = np.asarray(jax.random.randint(key, (B,), 0, B))  # the references drawn
+    for i in range(B):
+        want = np_grads(tp, np.asarray(x[i], np.float64), out[idx[i]])
+        for n, ts in want.items():
+            for t, v in ts.items():
+                np.testing.assert_allclose(grads[n][t][i], v, rtol=1e-4, atol=1e-6)
+
+
+def test_reconstruction_error_against_a_numpy_loop(setup):
+    d, tp, params, x = setup
+    grads = d.per_sample_grads(tp, x, jax.random.key(3))
+    topk = 0.2
+    loss, metrics = jax.jit(l3d.objective(d, topk=topk))(params, tp, x, jax.random.key(3), 0.5)
+
+    sites = ("a", "b")
+    enc = {n: {t: np_tucker(f) for t, f in ts.items()} for n, ts in params["encode"].items()}
+    dec = {n: {t: np_tucker(f) for t, f in ts.items()} for n, ts in params["decode"].items()}
+    V_in = np.stack([flat({n: {t: v[..., c] for t, v in ts.items()} for n, ts in enc.items()},
+                          sites) for c in range(C)])  # (C, n_w)
+    V_out = np.stack([flat({n: {t: v[..., c] for t, v in ts.items()} for n, ts in dec.items()},
+                           sites) for c in range(C)])
+    G = np.stack([flat({n: {t: v[i] for t, v in ts.items()} for n, ts in grads.items()}, sites)
+                  for i in range(B)])  # (B, n_w)
+    z = np.array([[V_in[c] @ G[i] for c in range(C)] for i in range(B)])
+    # The reference's batch top-k: everything at least the int(k n)-th largest |z| (0-based).
+    threshold = np.sort(np.abs(z).ravel())[::-1][int(topk * B * C)]
+    keep = np.abs(z) >= threshold
+    assert keep.sum() == keep_count(B * C, topk) == int(topk * B * C) + 1
+    G_hat = (z * keep) @ V_out
+    want = np.sum((G - G_hat) ** 2) / (np.sum(G**2) + 1e-10)
+    assert float(loss) == pytest.approx(want, rel=1e-4)
+    assert float(metrics["active_per_example"]) == pytest.approx(keep.sum() / B)
+    assert d.n_params == G.shape[1] == 3 * 4 + 4 + 4 * 2
+
+
+def test_dense_warm_start_keeps_nearly_everything(setup):
+    d, tp, params, x = setup
+    fn = jax.jit(l3d.objective(d, topk=0.1, dense_frac=0.25))
+    _, early = fn(params, tp, x, jax.random.key(0), 0.1)
+    _, late = fn(params, tp, x, jax.random.key(0), 0.5)
+    assert float(early["active_per_example"]) == pytest.approx(C)  # 0.999: every entry of 24
+    assert float(late["active_per_example"]) == pytest.approx(keep_count(B * C, 0.1) / B)
+
+
+def test_batch_topk_is_over_samples_and_subnetworks():
+    z = jnp.array([[5.0, -1.0, 0.0], [0.5, -7.0, 2.0]])
+    # int(k n) + 1 entries of all 6: 0.2 -> 2 (7 and 5), 0.5 -> 4 (7, 5, 2 and 1)
+    np.testing.assert_array_equal(batch_topk_mask(z, 0.2), [[1, 0, 0], [0, 1, 0]])
+    np.testing.assert_array_equal(batch_topk_mask(z, 0.5), [[1, 1, 0], [0, 1, 1]])
+
+
+def test_renormalisation_rules(setup):
+    d, _, params, _ = setup
+
+    def measures(dec):
+        norms = [np.sqrt(np.sum(np_tucker(f) ** 2, axis=tuple(range(f["core"].ndim - 1))))
+                 for ts in dec.values() for f in ts.values()]
+        return sum(norms), np.sqrt(sum(n**2 for n in norms))
+
+    big = jax.tree.map(lambda a: a * 3.0, params["decode"])
+    l1, _ = measures(big)
+    once = d.normalise(big, "reference")
+    np.testing.assert_allclose(measures(once)[0], l1 / np.sqrt(l1), rtol=1e-5)  # / sqrt(sum)
+    for _ in range(40):  # applied every step, it converges to sum_t ||V_t|| = 1
+        once = d.normalise(once, "reference")
+    np.testing.assert_allclose(measures(once)[0], 1.0, rtol=1e-4)
+    np.testing.assert_allclose(measures(d.normalise(big, "unit"))[1], 1.0, rtol=1e-5)
+
+
+def test_the_optimizer_renormalises_the_decoder_only(setup):
+    d, _, params, _ = setup
+    opt = l3d.renormalise(d, "unit")
+    updates = jax.tree.map(jnp.ones_like, params)
+    new_updates, _ = opt.update(updates, opt.init(params), params)
+    new = jax.tree.map(jnp.add, params, new_updates)
+    np.testing.assert_allclose(
+        jax.tree.leaves(new["encode"])[0], jax.tree.leaves(params["encode"])[0] + 1.0)
+    dec = d.tensors(new["decode"])
+    total = sum(np.sum(np.asarray(v) ** 2, axis=tuple(range(v.ndim - 1)))
+                for ts in dec.values() for v in ts.values())
+    np.testing.assert_allclose(total, np.ones(C), rtol=1e-5)
+
+
+def test_intervention_response_is_the_directional_derivative(setup):
+    d, tp, params, x = setup
+    resp = np.asarray(l3d.intervention_responses(d, params, tp, x))
+    theta0 = d.theta0(tp)
+    dirs = d.tensors(params["decode"])
+    eps = 1e-3
+    for c in range(C):
+        moved = {n: {t: theta0[n][t] + eps * dirs[n][t][..., c] for t in ts}
+                 for n, ts in theta0.items()}
+        fd = (np.asarray(d.forward_at(tp, moved, x)) - np.asarray(d.target(tp, x))) / eps
+        np.testing.assert_allclose(resp[c], np.sum(fd**2, axis=-1), rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"l3d.topk": 0.0}, r"l3d.topk must be a fraction in \(0, 1\]"),
+    ({"l3d.rank": 0}, "l3d.rank must be a positive integer"),
+    ({"l3d.divergence": "l1"}, "l3d.divergence must be one of"),
+    ({"l3d.normalisation": "l2"}, "l3d.normalisation must be one of"),
+    ({"l3d.dense_steps": 10**9}, "l3d.dense_steps must be an integer in"),
+    ({"microbatches": 2}, "microbatches must be 1"),
+    ({"init": "gaussian"}, "L3D does not use init='gaussian'"),
+])
+def test_bad_l3d_settings_fail_before_any_work(override, match):
+    from spdjax.config.runs import validate
+
+    with pytest.raises(ValueError, match=match):
+        validate(spdjax.config.load("l3d:5-2", override))
+
+
+def test_an_l3d_run_on_tms_trains_evaluates_and_plots(tmp_path):
+    from spdjax.training import loop
+
+    config = spdjax.config.load("l3d:5-2", {"steps": 64, "log_every": 32,
+                                            "checkpoint_every": 64, "eval_batch_size": 256})
+    run = spdjax.setup(config, tmp_path / "run")
+    assert run.method.name == "l3d"
+    loop.train(run)
+    summary = loop.evaluate(run)
+    paths = loop.plot(run)
+    loop.close(run)
+    assert 0 < summary["recon_error"] < 1 and summary["alive"] <= 5
+    assert 0 <= summary["selectivity"] <= 1 and 0 < summary["mmcs"] <= 1
+    assert {p.name for p in paths} >= {"combined_diagram.png"}
