@@ -45,6 +45,7 @@ GRAPH_KEYS = {
                       f"({graphs.NODE_THRESHOLD})",
     "edge_threshold": f"pruning: share of the edge score kept, in (0, 1] "
                       f"({graphs.EDGE_THRESHOLD})",
+    "prune": "false: the unpruned graph, every node above the threshold (true)",
 }
 INTERVENE_KEYS = {
     "prompt": "the prompt text",
@@ -202,8 +203,8 @@ def _node_json(n: graphs.Node, influence: float, tokens: list[str], decode) -> d
 
 
 def graph_json(run, body: Mapping[str, Any]) -> dict:
-    """The pruned attribution graph of ``body["prompt"]`` on ``run``, as JSON (module
-    docstring; the fields of ``body``: :data:`GRAPH_KEYS`).
+    """The attribution graph of ``body["prompt"]`` on ``run``, pruned unless ``"prune": false``,
+    as JSON (module docstring; the fields of ``body``: :data:`GRAPH_KEYS`).
 
     Returns ``prompt``, ``ids``, ``tokens`` (one text per position), ``positions`` (the output
     positions), ``sites`` (the decomposed sites in the model's order), ``nodes`` (``id``:
@@ -225,6 +226,10 @@ def graph_json(run, body: Mapping[str, Any]) -> dict:
                                          1.0, lo_open=True),
                "edge_threshold": _number(body, "edge_threshold", graphs.EDGE_THRESHOLD, 0.0,
                                          1.0, lo_open=True)}
+    prune = body.get("prune", True)
+    if not isinstance(prune, bool):
+        raise ValueError(f"'prune' must be true or false, got {prune!r}.")
+    pruning["prune"] = prune
     if options["masking"] not in graphs.MASKINGS:
         raise ValueError(f"'masking' must be one of {list(graphs.MASKINGS)}, got "
                          f"{options['masking']!r}.")
@@ -236,18 +241,22 @@ def graph_json(run, body: Mapping[str, Any]) -> dict:
             return {**s.graphs[key], "prompt": body["prompt"]}
         args = s.args(batch)
         full = graphs.compute_graph(*args, **options, decode=s.decode)
-        g = graphs.prune(full, **pruning)
+        if prune:
+            g = graphs.prune(full, node_threshold=pruning["node_threshold"],
+                             edge_threshold=pruning["edge_threshold"])
+        else:
+            g = full
+            g.influence = graphs.influence(full)
         model = iv.intervene(*args, base="ones", positions=options["positions"],
                              k=options["top_k"], decode=s.decode)
         only = iv.intervene(*args, keep=g.components(), base="zeros",
                             positions=options["positions"], k=1)
         names = [n.name for n in g.nodes]
-        influence = g.influence if g.influence is not None else np.zeros(len(g.nodes))
         result = {
             "prompt": body["prompt"], "ids": np.asarray(batch)[0].tolist(), "tokens": tokens,
             "positions": g.positions, "sites": list(run.decomposition.site_names),
             "nodes": [_node_json(n, float(i), tokens, s.decode)
-                      for n, i in zip(g.nodes, influence)],
+                      for n, i in zip(g.nodes, g.influence)],
             "edges": [{"source": names[a], "target": names[b], "weight": float(w)}
                       for a, b, w in zip(g.sources, g.targets, g.weights)],
             "predictions": {"target": model.target_top, "components": model.masked_top},
@@ -273,7 +282,9 @@ def intervene_json(run, body: Mapping[str, Any]) -> dict:
     _check_keys(body, INTERVENE_KEYS)
     s = _session(run)
     batch, _ = s.batch(body["prompt"])
-    keep, ablate = _nodes(body, "keep"), _nodes(body, "ablate")
+    T = int(batch.shape[1])  # an LM's CI has one position per token
+    keep, ablate = (iv.check_subcomponents(run.decomposition, _nodes(body, k), T)
+                    for k in ("keep", "ablate"))
     both = sorted({iv.describe([k]) for k in keep} & {iv.describe([a]) for a in ablate})
     if both:
         raise ValueError(f"Nodes {both} are both kept and ablated: choose one for each.")
@@ -285,5 +296,6 @@ def intervene_json(run, body: Mapping[str, Any]) -> dict:
                            positions=_positions(body), k=_top_k(body, 5), decode=s.decode)
     return {"positions": res.positions, "target": res.target_top,
             "intervened": res.masked_top, "kl": res.kl, "n_kept": res.n_kept,
-            "keep": body.get("keep") or [], "ablate": body.get("ablate") or [],
+            "keep": [iv.describe([k]) for k in keep],
+            "ablate": [iv.describe([a]) for a in ablate],
             "base": base or ("zeros" if keep else "ones")}
