@@ -1,0 +1,87 @@
+"""Ground truth on the L3D paper's toy models, for any method's decomposition (through
+:class:`~spdjax.methods.base.DecompositionView`'s ``component_weights`` only):
+
+* ``output_purity`` / ``outputs_covered``: moving the weights along a component changes mainly
+  one output (the paper's TMS and X^2 interventions): per component, the share of the mean
+  squared output response ``d f / d delta`` (at ``delta = 0``, over sparse inputs) on its top
+  output; the mean over components with any response, and how many distinct outputs are some
+  component's top one;
+* TMS: MMCS of the ``linear1`` components against ``W``'s feature rows;
+* TMCS: ``a_r2``, the paper's recovery of ``A``: per component, its input feature
+  ``i* = argmax_i ||W_in^c[i, :]||`` and the traced coefficients ``a_hat = W_in^c[i*, :] W_out^c``;
+  ``r^2`` (squared Pearson correlation) of all ``a_hat`` against ``A[i*, :]``, and how many
+  distinct input features the components cover. Meaningful for methods whose components span both
+  layers (L3D, APD).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spdjax.analysis import metrics
+from spdjax.families.l3d_toys.model import ToyConfig, sample_batch, toy_target
+
+EVAL_SAMPLES = 2048
+RESPONSE_FLOOR = 1e-6  # a component whose response is below this x the largest one is unused
+
+
+def output_responses(decomp, params, target_params, cfg: ToyConfig) -> np.ndarray:
+    """``[C, n_outputs]``: mean over sparse inputs of ``(d f_o / d delta)^2`` for
+    ``W_l + delta P_{c,l}`` at every decomposed site ``l``."""
+    target = toy_target(cfg)
+    x = sample_batch(cfg, jax.random.key(0), EVAL_SAMPLES)
+    P = {n: jnp.asarray(decomp.component_weights(params, n)) for n in decomp.site_names}
+
+    def site_fn(n, delta):
+        s = target.sites[n]
+        W = s.weight(target_params)
+        b = None if s.bias is None else s.bias(target_params)
+        return lambda a: a @ (W + delta[n]) + (0.0 if b is None else b)
+
+    def out(delta):
+        return target.forward(target_params, x, {n: site_fn(n, delta) for n in P})[0]
+
+    zero = {n: jnp.zeros(p.shape[1:]) for n, p in P.items()}
+
+    def one(c):
+        _, d = jax.jvp(out, (zero,), ({n: p[c] for n, p in P.items()},))
+        return jnp.mean(d**2, axis=0)
+
+    C = next(iter(P.values())).shape[0]
+    return np.asarray(jax.lax.map(one, jnp.arange(C)))
+
+
+def tmcs_recovery(decomp, params, target_params) -> dict:
+    """``a_r2`` and ``features_covered`` (module docstring)."""
+    W_in = np.asarray(decomp.component_weights(params, "linear1"))  # (C, 10, 5)
+    W_out = np.asarray(decomp.component_weights(params, "linear2"))  # (C, 5, 10)
+    A = np.asarray(target_params["task"]["A"])
+    norms = np.linalg.norm(W_in, axis=2)  # (C, 10)
+    keep = np.linalg.norm(W_in, axis=(1, 2)) * np.linalg.norm(W_out, axis=(1, 2)) > 1e-8
+    feats = np.argmax(norms, axis=1)
+    a_hat = np.stack([W_in[c, feats[c]] @ W_out[c] for c in range(W_in.shape[0])])
+    a_true = A[feats]
+    r = np.corrcoef(a_hat[keep].ravel(), a_true[keep].ravel())[0, 1]
+    return {"a_r2": float(r**2), "features_covered": int(len(set(feats[keep].tolist()))),
+            "component_features": feats.tolist()}
+
+
+def evaluate(decomp, params, target_params, cfg: ToyConfig, *, steps: int | None = None) -> dict:
+    """The module docstring's metrics."""
+    del steps
+    resp = output_responses(decomp, params, target_params, cfg)
+    total = resp.sum(axis=1)
+    used = total > RESPONSE_FLOOR * total.max()
+    purity = resp.max(axis=1) / np.where(total > 0, total, 1.0)
+    out = {"output_purity": float(purity[used].mean()),
+           "outputs_covered": int(len(set(np.argmax(resp[used], axis=1).tolist()))),
+           "component_top_output": np.argmax(resp, axis=1).tolist()}
+    if cfg.kind == "tms":
+        W = np.asarray(target_params["linear1"]["kernel"])
+        mm = metrics.mmcs_ml2r_components(W, decomp.component_weights(params, "linear1"))
+        out.update(mmcs=mm["mmcs"], mmcs_std=mm["mmcs_std"])
+    if cfg.kind == "tmcs":
+        out.update(tmcs_recovery(decomp, params, target_params))
+    return out
