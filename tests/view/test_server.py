@@ -1,0 +1,155 @@
+"""The viewer's server (spdjax/view/server.py), export and command line: routes, errors, the
+graph API's HTTP contract (with a stand-in graph module), and the static copy's files."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import types
+import urllib.error
+import urllib.request
+
+import pytest
+
+from spdjax.view import data, export, pages, server
+
+from helpers import cli_env
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def served(view_runs):
+    """``{label: base URL}`` of a live server per tiny run (one thread each)."""
+    servers = {k: server.make_server(wd, loader=lambda w: f"run of {w.name}")
+               for k, wd in view_runs.items()}
+    for s in servers.values():
+        server.start_in_thread(s)
+    yield {k: server.url(s) for k, s in servers.items()}
+    for s in servers.values():
+        s.shutdown()
+        s.server_close()
+
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+def post(url, body: bytes):
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    return get(req)
+
+
+def test_routes_serve_the_page_the_views_and_the_figures(served, view_runs):
+    base = served["tms"]
+    status, ctype, body = get(base)
+    assert status == 200 and ctype.startswith("text/html")
+    assert b"window.SPDJAX_STATIC = false" in body and b'src="static/app.js"' in body
+    for script in pages.scripts():  # the graph explorer's files, when installed
+        assert f'src="static/{script}"'.encode() in body
+    assert get(base + "static/app.js")[0] == 200
+    status, ctype, body = get(base + "api/run.json")
+    assert status == 200 and json.loads(body) == json.loads(json.dumps(
+        data.run_view(view_runs["tms"])))
+    status, _, body = get(base + "api/sites/1.json")
+    assert status == 200 and json.loads(body)["site"] == "linear2"
+    status, ctype, body = get(base + "figures/combined_diagram.png")
+    assert status == 200 and ctype == "image/png" and body[:4] == b"\x89PNG"
+    for bad, message in (("api/sites/9.json", "No site 9: the run has 2 sites"),
+                         ("api/sites/x.json", "sites are numbered"),
+                         ("static/../data.py", "No file"), ("figures/../config.json", "No file"),
+                         ("nope", "No page /nope")):
+        status, ctype, body = get(base + bad)
+        assert status == 404 and message in json.loads(body)["error"], (bad, body)
+
+
+def test_graph_api_errors_are_400_with_the_message(served, monkeypatch):
+    calls = []
+
+    def graph_json(run, body):
+        calls.append((run, body))
+        if not body.get("prompt"):
+            raise ValueError("prompt must be a non-empty string; got ''.")
+        return {"nodes": [], "run": run}
+
+    stand_in = types.SimpleNamespace(graph_json=graph_json, intervene_json=graph_json)
+    monkeypatch.setattr(server, "graph_module", lambda: stand_in)
+    lm = served["lm"]
+    status, _, body = post(lm + "api/graph", b'{"prompt": "1 2 3"}')
+    assert status == 200 and json.loads(body) == {"nodes": [], "run": "run of lm"}
+    status, _, body = post(lm + "api/intervene", b'{"prompt": ""}')
+    assert status == 400 and json.loads(body) == {
+        "error": "prompt must be a non-empty string; got ''."}
+    assert post(lm + "api/graph", b"{not json")[0] == 400
+    status, _, body = post(lm + "api/graph", b"[1]")
+    assert status == 400 and "must be a JSON object, got list" in json.loads(body)["error"]
+    assert post(lm + "api/nope", b"{}")[0] == 404
+    status, _, body = post(served["tms"] + "api/graph", b'{"prompt": "x"}')
+    assert status == 400 and "for language-model runs; this run is tms" in json.loads(body)[
+        "error"]
+    assert len(calls) == 2  # the run is loaded once and passed to both
+
+
+def test_a_port_in_use_is_named(view_runs):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(server.PortInUseError, match=f"port {port} on 127.0.0.1 is in use"):
+            server.make_server(view_runs["tms"], port=port)
+    with pytest.raises(ValueError, match="port must be an int in"):
+        server.make_server(view_runs["tms"], port=70000)
+
+
+def test_export_writes_the_page_and_every_view(view_runs, tmp_path):
+    index = export.export(view_runs["tms"], tmp_path / "out")
+    out = index.parent
+    assert "window.SPDJAX_STATIC = true" in index.read_text()
+    assert (out / "static" / "app.js").is_file() and not (out / "static" / "index.html").exists()
+
+    def read(path):  # spdjaxData(name, value);
+        text = path.read_text()
+        name, _, value = text[len("spdjaxData("):-len(");\n")].partition(", ")
+        return json.loads(name), json.loads(value)
+
+    name, run = read(out / "data" / "run.js")
+    assert name == "run" and run == json.loads(json.dumps(data.run_view(view_runs["tms"])))
+    for i, s in enumerate(run["sites"]):
+        assert read(out / "data" / "sites" / f"{i}.js") == (
+            f"sites/{i}", json.loads(json.dumps(data.site_view(view_runs["tms"], s["name"]))))
+    assert {p.name for p in (out / "figures").iterdir()} == {f["file"] for f in run["figures"]}
+    export.export(view_runs["tms"], out)  # again: replaced, not merged
+    with pytest.raises(ValueError, match="inside the run's workdir"):
+        export.export(view_runs["tms"], view_runs["tms"] / "view")
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "spdjax.view", *args], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_command_line_errors_are_one_line(tmp_path, view_runs):
+    p = _cli(f"--workdir={tmp_path / 'missing'}")
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"error: --workdir={tmp_path / 'missing'}: no such directory."]
+    p = _cli(f"--workdir={tmp_path}")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
+        f"error: --workdir={tmp_path} holds no run: expected config.json or checkpoints/")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = _cli(f"--workdir={view_runs['tms']}", f"--port={port}")
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is in use: pick another with --port (or --port=0 "
+        "for any free one)."]
+    p = _cli(f"--workdir={view_runs['tms']}", f"--export={tmp_path / 'x'}")
+    assert p.returncode == 0 and p.stdout.strip() == str(tmp_path / "x" / "index.html")
+    assert os.path.isfile(tmp_path / "x" / "data" / "run.js")
