@@ -11,8 +11,10 @@ The argument is ``<variant>`` (spdjax.config.parse_variant). Variants:
   superposition model 10 -> 5 -> 10 with target ``x A``, 10 subnetworks; the GELU MLP
   ``x_i -> x_i^2`` (4 hidden layers of 5), 5 subnetworks of rank 2.
 
-The paper trains 1000 epochs of 1000 samples (32,000 steps of 32); fresh samples are drawn every
-step here (no fixed 1000-sample set), so one "epoch" is 32 steps::
+The paper trains 1000 epochs of one fixed set of 1000 samples (``l3d.n_samples``; 32 steps of
+32 an epoch, the last filled from the epoch's start: 32,000 steps), the learning rate decayed
+once per 100 epochs (the reference's ``StepLR`` steps once per epoch);
+``--config.l3d.n_samples=0`` draws fresh samples every step instead::
 
     python -m spdjax.main --config=configs/l3d.py:tmcs --workdir=workdir/l3d_tmcs
     python -m spdjax.main --config=configs/l3d.py --config.steps=3200 --workdir=/tmp/l3d
@@ -24,7 +26,8 @@ in RESULTS.md. Shared fields: spdjax/config/base.py.
 
 from spdjax.config import base_config, parse_variant
 
-EPOCH = 32  # steps per epoch of the paper's 1000 samples at batch 32 (its loader's last is 8)
+N_SAMPLES = 1000  # the paper's fixed training set
+EPOCH = 32  # steps per epoch of it at batch 32 (the reference loader's last batch has 8)
 # variant -> (experiment, family variant, C, rank, dense warm-start epochs of the reference)
 _VARIANTS = {
     "5-2": ("tms", "5-2", 5, 1, 1),
@@ -45,6 +48,7 @@ def get_config(arg: str = "5-2"):
     c.lr = 0.01
     c.lr_schedule = "constant"  # times l3d.lr_decay every l3d.lr_decay_steps
     c.l3d.rank = rank
+    c.l3d.n_samples = N_SAMPLES
     c.l3d.lr_decay_steps = 100 * EPOCH
     # The reference keeps top-k 0.999 for epochs 0..warm_start_epochs (its `<=`): TMS 0 -> 1
     # epoch, TMCS 1 -> 2, X^2 10 -> 11.

@@ -113,6 +113,8 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
         "lr_decay": 0.8,  # lr x lr_decay every lr_decay_steps (the reference's StepLR)
         "lr_decay_steps": 3200,  # 100 epochs of 1000 samples at batch 32
         "dense_steps": 32,  # first steps with top-k 0.999 (the reference's warm-start epochs)
+        # 0: fresh samples every step; N: epochs over one fixed set of N samples (the paper: 1000)
+        "n_samples": 0,
     })
     # Terms computed only by the final evaluation, reported as eval_loss/<name>: {name: options}
     # (no coeff), e.g. {"stochastic_hidden_acts_recon": {}, "pgd_recon": {"n_steps": 20,

@@ -10,6 +10,8 @@ decoder reconstructs ``g_hat = V_out z_topk``. The loss is the normalised recons
 Adam step the decoder's directions are renormalised (:func:`renormalise`); the learning rate is
 multiplied by ``lr_decay`` every ``lr_decay_steps`` steps (the reference's StepLR), and the first
 ``dense_steps`` steps keep (nearly) every coordinate (the reference's warm start, top-k 0.999).
+With ``l3d.n_samples = N > 0`` the batches are the paper's epochs over one fixed training set of
+``N`` samples (:func:`fixed_batches`) instead of fresh samples every step.
 
 The subnetworks are the decoder's unit-scale directions in parameter space, sign arbitrary: not
 a decomposition that sums to ``W`` (no faithfulness term), so evaluations that read
@@ -19,7 +21,7 @@ the decomposed space. What L3D cannot share with SPD/APD is listed in docs/guide
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +38,48 @@ Array = jax.Array
 DENSE_TOPK = 0.999  # the reference's top-k during its warm-start epochs
 
 
-def objective(d: L3DDecomposition, *, topk: float, dense_frac: float = 0.0):
+DATA_STREAM = 0x13D  # fold_in(key(seed), DATA_STREAM) draws the fixed training set
+MAX_FIXED_STEPS = 2**22  # step = round(step_frac * steps) is exact in float32 below this
+
+
+def fixed_batches(data, batch_size: int, key: Array) -> Callable[[Array], Any]:
+    """``step -> batch``: epochs over the fixed training set ``data`` (a pytree of
+    ``[N, ...]`` arrays), as the reference's shuffled ``DataLoader``: epoch ``e`` is the
+    permutation ``permutation(fold_in(key, e), N)`` cut into ``ceil(N / batch_size)``
+    batches; the last batch of an epoch, where the reference's is short, is filled from the
+    start of the same permutation (a jitted step has one batch shape)."""
+    n = jax.tree.leaves(data)[0].shape[0]
+    if not 0 < batch_size <= n:
+        raise ValueError(f"L3D fixed training set: batch_size must be in [1, N={n}], got "
+                         f"{batch_size}.")
+    per_epoch = -(-n // batch_size)
+
+    def fn(step):
+        epoch, pos = step // per_epoch, step % per_epoch
+        perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+        idx = perm[(pos * batch_size + jnp.arange(batch_size)) % n]
+        return jax.tree.map(lambda a: a[idx], data)
+
+    return fn
+
+
+def objective(d: L3DDecomposition, *, topk: float, dense_frac: float = 0.0,
+              batches: Callable[[Array], Any] | None = None, total_steps: int = 0):
     """``(params, target_params, batch, key, step_frac) -> (loss, metrics)``: the L3D loss on the
-    batch's per-sample gradients; top-k :data:`DENSE_TOPK` while ``step_frac < dense_frac``."""
+    batch's per-sample gradients; top-k :data:`DENSE_TOPK` while ``step_frac < dense_frac``.
+
+    With ``batches`` (``step -> batch``, e.g. :func:`fixed_batches`) the loop's ``batch`` is
+    ignored and the step's batch is ``batches(round(step_frac * total_steps))`` (the loop
+    passes ``step / total_steps``; exact for ``total_steps <=`` :data:`MAX_FIXED_STEPS`)."""
     if not 0 < topk <= 1:
         raise ValueError(f"L3D: topk must be a fraction in (0, 1], got {topk!r}.")
+    if batches is not None and not 0 < total_steps <= MAX_FIXED_STEPS:
+        raise ValueError(f"L3D with a fixed training set: total_steps must be in [1, "
+                         f"{MAX_FIXED_STEPS}], got {total_steps!r}.")
 
     def fn(params, target_params, batch, key, step_frac):
+        if batches is not None:
+            batch = batches(jnp.round(step_frac * total_steps).astype(jnp.int32))
         grads = d.per_sample_grads(target_params, batch, key)
         k = jnp.where(step_frac < dense_frac, DENSE_TOPK, topk)
         recon, _, mask = reconstruct(d, params, grads, k)
@@ -114,11 +151,13 @@ def selectivity(d: L3DDecomposition, params, target_params, x, key, *, topk: flo
 
 
 def evaluate_fn(d: L3DDecomposition, *, topk: float, batch_size: int,
-                selectivity_samples: int = 1024):
+                selectivity_samples: int = 1024, train_data=None):
     """The reconstruction errors on the evaluation batch, taken in chunks of the training
     ``batch_size`` (the top-k is over a batch, so chunks of the size it trained on), how often
     each subnetwork is used, and the intervention selectivity on its first
-    ``selectivity_samples`` examples."""
+    ``selectivity_samples`` examples. With ``train_data`` (the fixed training set) also
+    ``recon_error_train``: the error on it, in its order and chunks of ``batch_size`` (the
+    paper reports its training loss)."""
 
     @jax.jit
     def chunk_metrics(params, target_params, xs, key):
@@ -138,21 +177,40 @@ def evaluate_fn(d: L3DDecomposition, *, topk: float, batch_size: int,
         if n < 1:
             raise ValueError(f"L3D evaluation: the eval batch ({batch.shape[0]}) is smaller than "
                              f"one training batch ({batch_size}).")
-        xs = batch[:n * batch_size].reshape(n, batch_size, *batch.shape[1:])
-        k_chunks, k_sel = jax.random.split(key)
+        k_chunks, k_sel, k_train = jax.random.split(key, 3)
         err, dense, per_sample, use = jax.device_get(
-            chunk_metrics(params, target_params, xs, k_chunks))
+            chunk_metrics(params, target_params, _chunks(batch, batch_size), k_chunks))
         use = np.mean(use, axis=0)
         summary: dict[str, Any] = {
             "loss": {"total": float(np.mean(err)), "recon": float(np.mean(err))},
             "recon_error": float(np.mean(err)), "recon_error_dense": float(np.mean(dense)),
             "per_sample_error": float(np.mean(per_sample)),
             "alive": int(np.sum(use > 0)), "use_fraction": use.tolist()}
+        if train_data is not None:
+            train_err = chunk_metrics(params, target_params, _chunks(train_data, batch_size),
+                                      k_train)[0]
+            summary["recon_error_train"] = float(np.mean(jax.device_get(train_err)))
         sel_x = batch[:min(selectivity_samples, batch.shape[0])]
         summary.update(selectivity(d, params, target_params, sel_x, k_sel, topk=topk))
         return summary
 
     return fn
+
+
+def _chunks(x: Array, size: int) -> Array:
+    """``[n // size, size, ...]``: ``x``'s first ``n // size * size`` rows in chunks."""
+    n = x.shape[0] // size
+    return x[:n * size].reshape(n, size, *x.shape[1:])
+
+
+def training_set(config, experiment):
+    """The fixed training set of ``config.l3d.n_samples`` samples (None for 0: fresh samples
+    every step), drawn from the family's data with ``fold_in(key(seed), DATA_STREAM)``."""
+    n = config.l3d.n_samples
+    if not n:
+        return None
+    key = jax.random.fold_in(jax.random.key(config.seed), DATA_STREAM)
+    return experiment.family.sample(experiment.model_config, key, n)
 
 
 def from_config(config, experiment, learning_rate) -> Method:
@@ -162,12 +220,18 @@ def from_config(config, experiment, learning_rate) -> Method:
     a = config.l3d
     d = decompose_l3d(experiment.target, experiment.sites, config.C, rank=a.rank,
                       biases=a.biases, divergence=a.divergence, reference=a.reference)
-    obj = objective(d, topk=a.topk, dense_frac=a.dense_steps / config.steps)
+    data = training_set(config, experiment)
+    batches = None if data is None else fixed_batches(
+        data, config.batch_size,
+        jax.random.fold_in(jax.random.key(config.seed), DATA_STREAM + 1))
+    obj = objective(d, topk=a.topk, dense_frac=a.dense_steps / config.steps, batches=batches,
+                    total_steps=config.steps)
     lr = step_decay(learning_rate, decay=a.lr_decay, every=a.lr_decay_steps)
     optimizer = optax.chain(optax.adam(lr), renormalise(d, a.normalisation))
     return Method(name="l3d", decomposition=d, init=lambda key, tp: d.init(key),
                   objective=obj, optimizer=optimizer, partition_specs=d.partition_specs,
-                  evaluate=evaluate_fn(d, topk=a.topk, batch_size=config.batch_size))
+                  evaluate=evaluate_fn(d, topk=a.topk, batch_size=config.batch_size,
+                                       train_data=data))
 
 
 def check_config(config, target=None) -> None:
@@ -191,6 +255,13 @@ def check_config(config, target=None) -> None:
     if not isinstance(a.dense_steps, int) or not 0 <= a.dense_steps <= config.steps:
         raise ValueError(f"l3d.dense_steps must be an integer in [0, steps={config.steps}], got "
                          f"{a.dense_steps!r}.")
+    n = a.n_samples
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or 0 < n < config.batch_size:
+        raise ValueError(f"l3d.n_samples must be 0 (fresh samples every step) or an integer >= "
+                         f"batch_size={config.batch_size} (a fixed training set), got {n!r}.")
+    if n and config.steps > MAX_FIXED_STEPS:
+        raise ValueError(f"l3d.n_samples > 0 supports steps <= {MAX_FIXED_STEPS}, got "
+                         f"{config.steps}.")
     if config.eval_batch_size < config.batch_size:
         raise ValueError(f"L3D evaluates in chunks of batch_size={config.batch_size}: "
                          f"eval_batch_size must be at least that, got {config.eval_batch_size}.")

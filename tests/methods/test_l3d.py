@@ -163,7 +163,51 @@ def test_intervention_response_is_the_directional_derivative(setup):
         np.testing.assert_allclose(resp[c], np.sum(fd**2, axis=-1), rtol=2e-2, atol=1e-4)
 
 
+def test_fixed_batches_are_shuffled_epochs_over_the_training_set():
+    data = jnp.arange(10.0)[:, None] * jnp.ones((1, 2))  # row i is (i, i)
+    fn = jax.jit(l3d.fixed_batches(data, 4, jax.random.key(3)))
+    # ceil(10 / 4) = 3 steps an epoch; the epoch's last batch is filled from its start.
+    epochs = [np.concatenate([np.asarray(fn(jnp.int32(3 * e + p)))[:, 0] for p in range(3)])
+              for e in range(3)]
+    for rows in epochs:
+        assert sorted(rows[:10].tolist()) == list(range(10))
+        np.testing.assert_array_equal(rows[10:], rows[:2])
+    assert epochs[0].tolist() != epochs[1].tolist()  # a new order every epoch
+    with pytest.raises(ValueError, match="batch_size must be in"):
+        l3d.fixed_batches(data, 11, jax.random.key(0))
+
+
+def test_the_step_is_recovered_exactly_from_step_frac():
+    # The loop passes float32(step) / total_steps; the objective rounds it back.
+    total = l3d.MAX_FIXED_STEPS
+    steps = np.concatenate([np.arange(0, 40_000), np.arange(total - 40_000, total + 1)])
+    frac = jnp.asarray(steps, jnp.float32) / total
+    back = np.asarray(jnp.round(frac * total).astype(jnp.int32))
+    np.testing.assert_array_equal(back, steps)
+
+
+def test_a_fixed_training_set_replaces_the_loops_batch(setup):
+    d, tp, params, _ = setup
+    data = jax.random.normal(jax.random.key(5), (20, 3))
+    batches = l3d.fixed_batches(data, B, jax.random.key(6))
+    fixed = jax.jit(l3d.objective(d, topk=0.3, batches=batches, total_steps=100))
+    plain = jax.jit(l3d.objective(d, topk=0.3))
+    junk = jnp.full((B, 3), 1e3)
+    for step in (0, 2, 37):
+        got, _ = fixed(params, tp, junk, jax.random.key(1), jnp.float32(step) / 100)
+        want, _ = plain(params, tp, batches(jnp.int32(step)), jax.random.key(1), 0.0)
+        assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_the_l3d_configs_use_the_papers_fixed_training_set():
+    config = spdjax.config.load("l3d:tmcs")
+    assert config.l3d.n_samples == 1000 and config.steps == 1000 * 32
+    assert config.l3d.lr_decay_steps == 100 * 32  # StepLR steps once per epoch of 32 batches
+
+
 @pytest.mark.parametrize("override, match", [
+    ({"l3d.n_samples": 16}, r"l3d.n_samples must be 0 .* >= batch_size=32"),
+    ({"l3d.n_samples": -1}, "l3d.n_samples must be 0"),
     ({"l3d.topk": 0.0}, r"l3d.topk must be a fraction in \(0, 1\]"),
     ({"l3d.rank": 0}, "l3d.rank must be a positive integer"),
     ({"l3d.divergence": "l1"}, "l3d.divergence must be one of"),
@@ -192,4 +236,5 @@ def test_an_l3d_run_on_tms_trains_evaluates_and_plots(tmp_path):
     loop.close(run)
     assert 0 < summary["recon_error"] < 1 and summary["alive"] <= 5
     assert 0 <= summary["selectivity"] <= 1 and 0 < summary["mmcs"] <= 1
+    assert 0 < summary["recon_error_train"] < 1  # the config's fixed training set
     assert {p.name for p in paths} >= {"combined_diagram.png"}

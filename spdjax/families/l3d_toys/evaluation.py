@@ -9,7 +9,8 @@
 * TMS: MMCS of the ``linear1`` components against ``W``'s feature rows;
 * TMCS: ``a_r2``, the paper's recovery of ``A``: per component, its input feature
   ``i* = argmax_i ||W_in^c[i, :]||`` and the traced coefficients ``a_hat = W_in^c[i*, :] W_out^c``;
-  ``r^2`` (squared Pearson correlation) of all ``a_hat`` against ``A[i*, :]``, and how many
+  ``r^2`` (squared Pearson correlation) of all ``a_hat`` against ``A[i*, :]`` and ``a_r``, the
+  correlation itself (the number the reference notebook prints as "r^2"), and how many
   distinct input features the components cover. Meaningful for methods whose components span both
   layers (L3D, APD).
 """
@@ -64,7 +65,8 @@ def tmcs_recovery(decomp, params, target_params) -> dict:
     a_hat = np.stack([W_in[c, feats[c]] @ W_out[c] for c in range(W_in.shape[0])])
     a_true = A[feats]
     r = np.corrcoef(a_hat[keep].ravel(), a_true[keep].ravel())[0, 1]
-    return {"a_r2": float(r**2), "features_covered": int(len(set(feats[keep].tolist()))),
+    return {"a_r2": float(r**2), "a_r": float(r),
+            "features_covered": int(len(set(feats[keep].tolist()))),
             "component_features": feats.tolist()}
 
 
