@@ -31,3 +31,18 @@ def test_tmcs_recovery_of_a_planted_decomposition_is_exact():
                                                                   "linear2": W_out}[n])
     rec = evaluation.tmcs_recovery(view, None, {"task": {"A": jnp.asarray(A)}})
     assert rec["a_r2"] > 0.999999 and rec["features_covered"] == 10
+
+
+def test_tms_mmcs_abs_ignores_the_arbitrary_sign_of_directions():
+    cfg = model.VARIANTS["tms-5-2"]
+    params, _ = model.init_params(jax.random.key(0), cfg)
+    W = np.asarray(params["linear1"]["kernel"])
+    # Component c: feature c's row of W, negated (an L3D direction may point either way).
+    P1 = np.zeros((5, 5, 2))
+    for c in range(5):
+        P1[c, c] = -W[c]
+    comps = {"linear1": P1, "linear2": np.zeros((5, 2, 5))}
+    view = types.SimpleNamespace(site_names=("linear1", "linear2"),
+                                 component_weights=lambda p, n: jnp.asarray(comps[n]))
+    out = evaluation.evaluate(view, None, params, cfg)
+    assert out["mmcs_abs"] > 0.999999 and out["mmcs"] < 1e-6

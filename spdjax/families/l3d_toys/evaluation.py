@@ -6,7 +6,8 @@
   squared output response ``d f / d delta`` (at ``delta = 0``, over sparse inputs) on its top
   output; the mean over components with any response, and how many distinct outputs are some
   component's top one;
-* TMS: MMCS of the ``linear1`` components against ``W``'s feature rows;
+* TMS: MMCS of the ``linear1`` components against ``W``'s feature rows (``mmcs``, signed
+  cosines as for SPD and APD; ``mmcs_abs`` with ``|cos|``, for directions of arbitrary sign);
 * TMCS: ``a_r2``, the paper's recovery of ``A``: per component, its input feature
   ``i* = argmax_i ||W_in^c[i, :]||`` and the traced coefficients ``a_hat = W_in^c[i*, :] W_out^c``;
   ``r^2`` (squared Pearson correlation) of all ``a_hat`` against ``A[i*, :]`` and ``a_r``, the
@@ -83,7 +84,9 @@ def evaluate(decomp, params, target_params, cfg: ToyConfig, *, steps: int | None
     if cfg.kind == "tms":
         W = np.asarray(target_params["linear1"]["kernel"])
         mm = metrics.mmcs_ml2r_components(W, decomp.component_weights(params, "linear1"))
-        out.update(mmcs=mm["mmcs"], mmcs_std=mm["mmcs_std"])
+        # L3D's directions have an arbitrary sign: mmcs_abs takes max_c |cos| instead
+        out.update(mmcs=mm["mmcs"], mmcs_std=mm["mmcs_std"],
+                   mmcs_abs=float(np.abs(mm["cos"]).max(axis=0).mean()))
     if cfg.kind == "tmcs":
         out.update(tmcs_recovery(decomp, params, target_params))
     return out
