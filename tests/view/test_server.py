@@ -153,3 +153,27 @@ def test_command_line_errors_are_one_line(tmp_path, view_runs):
     p = _cli(f"--workdir={view_runs['tms']}", f"--export={tmp_path / 'x'}")
     assert p.returncode == 0 and p.stdout.strip() == str(tmp_path / "x" / "index.html")
     assert os.path.isfile(tmp_path / "x" / "data" / "run.js")
+
+
+@pytest.mark.slow  # trains three more tiny runs; the default tests cover the code on TMS and LM
+def test_every_family_and_method_is_served_and_exported(tmp_path):
+    from view import tiny_runs
+
+    runs = tiny_runs.make(tmp_path / "runs", labels=("tms_apd", "tms_vpd", "resid_mlp"))
+    for label, wd in runs.items():
+        s = server.make_server(wd)
+        server.start_in_thread(s)
+        try:
+            status, _, body = get(server.url(s) + "api/run.json")
+            run = json.loads(body)
+            assert status == 200 and run["evaluation"], label
+            if run["harvest"]:
+                status, _, body = get(server.url(s) + "api/sites/0.json")
+                assert status == 200 and json.loads(body)["subcomponents"], label
+        finally:
+            s.shutdown()
+            s.server_close()
+        assert run["method"] == ("apd" if label == "tms_apd" else "spd")
+        index = export.export(wd, tmp_path / f"{label}_view")
+        assert (index.parent / "data" / "run.js").is_file()
+    assert run["family"] == "resid_mlp" and any(f["family"] for f in run["figures"])
