@@ -238,3 +238,25 @@ def test_an_l3d_run_on_tms_trains_evaluates_and_plots(tmp_path):
     assert 0 <= summary["selectivity"] <= 1 and 0 < summary["mmcs"] <= 1
     assert 0 < summary["recon_error_train"] < 1  # the config's fixed training set
     assert {p.name for p in paths} >= {"combined_diagram.png"}
+
+
+def test_the_guides_library_examples_run(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    guide = pathlib.Path(__file__).resolve().parents[2] / "docs" / "guides" / "l3d.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", guide.read_text(), re.M | re.S)
+    assert len(blocks) == 2
+    small = blocks[0].replace('{"steps": 3200}', '{"steps": 64, "log_every": 32, '
+                              '"checkpoint_every": 64, "eval_batch_size": 256, '
+                              '"target_steps": 200}')
+    assert small != blocks[0]
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(small + blocks[1], str(guide), "exec"), ns)
+    summary = ns["summary"]
+    assert 0 < summary["recon_error"] < 1 and 0 < summary["recon_error_train"] < 1
+    assert -1 <= summary["a_r"] <= 1
+    assert (tmp_path / "workdir" / "l3d_tmcs" / "metrics.jsonl").exists()
+    assert np.isfinite(float(ns["loss"])) and 0 < float(ns["loss"]) <= 1.5
+    assert ns["x"].shape == (32, 10)
