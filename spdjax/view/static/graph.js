@@ -18,7 +18,7 @@
   font-family: ui-monospace, monospace; }
 .sg-form details { font-size: 12px; }
 .sg-form details label { margin-right: 10px; }
-.sg-form details input { width: 5em; }
+.sg-form details input[type=number] { width: 5em; }
 .sg button { padding: 4px 10px; cursor: pointer; }
 .sg button:disabled { cursor: wait; }
 .sg-status { color: #444; margin: 2px 0 6px; min-height: 1.2em; }
@@ -56,11 +56,13 @@
     return e;
   }
 
-  function fmt(x, digits) {
+  // Four significant digits (an intervention on a small model moves probabilities a little).
+  function fmt(x) {
     if (x === null || x === undefined) return "-";
     const a = Math.abs(x);
-    if (a !== 0 && (a < 1e-3 || a >= 1e4)) return x.toExponential(2);
-    return x.toFixed(digits === undefined ? 4 : digits);
+    if (a === 0) return "0";
+    if (a < 1e-3 || a >= 1e4) return x.toExponential(2);
+    return x.toPrecision(4);
   }
 
   function injectStyle() {
@@ -103,7 +105,7 @@
       cells.get(key).push(n);
     }
     // Each node takes a slot of its kind's width; a column is as wide as its widest cell.
-    const slot = { component: 28, input: 48, output: 62 }, colPad = 30;
+    const slot = { component: 28, input: 50, output: 64 }, colPad = 30;
     const cellWidth = list => list.length * slot[list[0].kind];
     const width = new Array(T).fill(slot.input);
     for (const [key, list] of cells) {
@@ -156,7 +158,7 @@
     });
     graph.tokens.forEach((tok, p) => {
       out.push({ group: "nodes", data: { id: `pos:${p}`, label: String(p) },
-                 position: { x: lay.colX[p], y: lay.rowY[0] + 30 }, classes: "poslabel",
+                 position: { x: lay.colX[p], y: lay.rowY[0] + 32 }, classes: "poslabel",
                  selectable: false, grabbable: false });
     });
     graph.edges.forEach((e, i) => {
@@ -172,22 +174,22 @@
   const CY_STYLE = [
     { selector: "node", style: {
       "width": "data(size)", "height": "data(size)", "label": "data(label)",
-      "font-size": 8, "color": "#333", "text-valign": "bottom", "text-margin-y": 1,
+      "font-size": 10, "color": "#333", "text-valign": "bottom", "text-margin-y": 1,
       "background-color": "#7f93ad", "border-width": 1, "border-color": "#4a5d75" } },
     { selector: "node.input", style: {
-      "shape": "round-rectangle", "width": 40, "height": 22, "background-color": "#e4e9f0",
-      "text-valign": "center", "text-margin-y": 0, "font-size": 12, "color": "#111" } },
+      "shape": "round-rectangle", "width": 44, "height": 26, "background-color": "#e4e9f0",
+      "text-valign": "center", "text-margin-y": 0, "font-size": 15, "color": "#111" } },
     { selector: "node.output", style: {
-      "shape": "round-rectangle", "width": 52, "height": 34, "background-color": "#f2e7c9",
+      "shape": "round-rectangle", "width": 58, "height": 40, "background-color": "#f2e7c9",
       "border-color": "#b08a2e", "text-valign": "center", "text-margin-y": 0,
-      "text-wrap": "wrap", "font-size": 11, "color": "#111" } },
+      "text-wrap": "wrap", "font-size": 14, "color": "#111" } },
     { selector: "node.rowlabel", style: {
       "width": 1, "height": 1, "background-opacity": 0, "border-width": 0,
-      "text-valign": "center", "text-halign": "left", "font-size": 12, "color": "#556",
+      "text-valign": "center", "text-halign": "left", "font-size": 17, "color": "#556",
       "events": "no" } },
     { selector: "node.poslabel", style: {
       "width": 1, "height": 1, "background-opacity": 0, "border-width": 0,
-      "text-valign": "center", "font-size": 10, "color": "#889", "events": "no" } },
+      "text-valign": "center", "font-size": 13, "color": "#889", "events": "no" } },
     { selector: "node.keep", style: {
       "background-color": KEEP_COLOR, "border-color": "#0b5a27", "border-width": 3 } },
     { selector: "node.ablate", style: {
@@ -309,6 +311,7 @@
       } catch (e) { this.showError(e.message); return; }
       this.button.disabled = true;
       this.root.classList.add("sg-busy");
+      const previous = this.status.textContent;
       this.status.textContent = "Computing the graph… (a new prompt compiles its edge pass: " +
         "seconds on a CPU)";
       try {
@@ -321,7 +324,7 @@
         this.renderSelection();
         this.renderPredictions(null);
       } catch (e) {
-        this.status.textContent = "";
+        this.status.textContent = previous;  // the graph shown is still the last one built
         this.showError(e.message);
       } finally {
         this.button.disabled = false;
@@ -437,7 +440,7 @@
       this.interveneButton.disabled = true;
       try {
         const res = await post(`${this.api}/intervene`, body);
-        if (seq === this.seq) this.renderPredictions(res);
+        if (seq === this.seq) { this.last = res; this.renderPredictions(res); }
       } catch (e) {
         if (seq === this.seq) this.showError(e.message);
       } finally {
