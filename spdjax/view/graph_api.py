@@ -7,8 +7,8 @@ read from JSON); a bad body, an empty prompt, a token the run's encoding does no
 that is not a subcomponent of the decomposition, or a run that is not a language model is a
 ``ValueError`` whose message names the bad value and what was expected (the server's HTTP 400).
 
-The graph is :func:`spdjax.analysis.graphs.compute_graph` pruned by
-:func:`~spdjax.analysis.graphs.prune` (docs/guides/attribution_graphs.md); the intervention is
+The graph is :func:`spdjax.analysis.graph_compute.compute_graph` pruned by
+:func:`~spdjax.analysis.graph_prune.prune` (docs/guides/attribution_graphs.md); the intervention is
 :func:`spdjax.analysis.interventions.intervene`. Prompts are encoded as the command-line tools
 encode them (:mod:`spdjax.cli.prompts`), so a prompt typed here gives the graph
 ``python -m spdjax.attribution_graph --prompt=...`` gives.
@@ -85,7 +85,6 @@ class _Session:
                 f"The graph explorer reads language-model runs (prompts of tokens); the run in "
                 f"{run.workdir} is of the {family.name!r} family. Its per-prompt analyses: "
                 "python -m spdjax.attribution_graph / spdjax.intervene with a numeric prompt.")
-        self.run = run
         self.decomposition = _Compiled(run.decomposition)
         self.codec = prompts.codec(run)
         target = run.decomposition.target
@@ -94,13 +93,13 @@ class _Session:
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.lock = threading.Lock()
 
-    def batch(self, text: Any) -> tuple[jax.Array, list[str]]:
+    def batch(self, run, text: Any) -> tuple[jax.Array, list[str]]:
         """``([1, T] ids, their token texts)`` of the prompt ``text``."""
         if not isinstance(text, str):
             raise ValueError(f"'prompt' must be a string, got {text!r}.")
         if not text.strip():
             raise ValueError("The prompt is empty: type at least one token.")
-        batch, _ = prompts.prompt_batch(self.run, text)
+        batch, _ = prompts.prompt_batch(run, text)
         if not np.issubdtype(batch.dtype, np.integer):
             raise ValueError(f"The prompt {text!r} is not tokens (it encodes to floats).")
         bad = [int(i) for i in batch.reshape(-1) if self.vocab is not None
@@ -113,10 +112,11 @@ class _Session:
     def decode(self, i: int) -> str:
         return self.codec.decode(i) if self.codec.decode else str(i)
 
-    def args(self, batch):
-        return self.decomposition, self.run.params, self.run.target_params, batch
+    def args(self, run, batch):
+        return self.decomposition, run.params, run.target_params, batch
 
 
+# Keyed by the run itself (a session holds no reference to it, so it goes with the run).
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SESSIONS_LOCK = threading.Lock()
 
@@ -218,7 +218,7 @@ def graph_json(run, body: Mapping[str, Any]) -> dict:
     0), ``settings`` and ``unpruned`` (its node and edge counts)."""
     _check_keys(body, GRAPH_KEYS)
     s = _session(run)
-    batch, tokens = s.batch(body["prompt"])
+    batch, tokens = s.batch(run, body["prompt"])
     options = {"threshold": _number(body, "threshold", 0.1, 0.0, 1.0, hi_open=True),
                "positions": _positions(body), "top_k": _top_k(body, 3),
                "masking": body.get("masking", "ci")}
@@ -239,7 +239,7 @@ def graph_json(run, body: Mapping[str, Any]) -> dict:
         if key in s.graphs:
             s.graphs.move_to_end(key)
             return {**s.graphs[key], "prompt": body["prompt"]}
-        args = s.args(batch)
+        args = s.args(run, batch)
         full = graphs.compute_graph(*args, **options, decode=s.decode)
         if prune:
             g = graphs.prune(full, node_threshold=pruning["node_threshold"],
@@ -281,7 +281,7 @@ def intervene_json(run, body: Mapping[str, Any]) -> dict:
     ``base`` used."""
     _check_keys(body, INTERVENE_KEYS)
     s = _session(run)
-    batch, _ = s.batch(body["prompt"])
+    batch, _ = s.batch(run, body["prompt"])
     T = int(batch.shape[1])  # an LM's CI has one position per token
     keep, ablate = (iv.check_subcomponents(run.decomposition, _nodes(body, k), T)
                     for k in ("keep", "ablate"))
@@ -292,7 +292,7 @@ def intervene_json(run, body: Mapping[str, Any]) -> dict:
     if base is not None and base not in iv.BASES:
         raise ValueError(f"'base' must be one of {list(iv.BASES)} (or left out), got {base!r}.")
     with s.lock:
-        res = iv.intervene(*s.args(batch), keep=keep, ablate=ablate, base=base,
+        res = iv.intervene(*s.args(run, batch), keep=keep, ablate=ablate, base=base,
                            positions=_positions(body), k=_top_k(body, 5), decode=s.decode)
     return {"positions": res.positions, "target": res.target_top,
             "intervened": res.masked_top, "kl": res.kl, "n_kept": res.n_kept,
