@@ -9,7 +9,10 @@ The argument is ``<variant>`` (spdjax.config.parse_variant). Variants:
 * ``tms-5-2``, ``tmcs``, ``x2``: the L3D paper's toy models (family ``l3d_toys``: its data drop
   all-zero samples, its targets are trained on them): TMS 5-2 with 5 subnetworks; the circuit
   superposition model 10 -> 5 -> 10 with target ``x A``, 10 subnetworks; the GELU MLP
-  ``x_i -> x_i^2`` (4 hidden layers of 5), 5 subnetworks of rank 2.
+  ``x_i -> x_i^2`` (4 hidden layers of 5), 5 subnetworks of rank 2;
+* ``resid-mlp-1``: the 1-layer ResidMLP of the ``resid_mlp`` family (the target SPD and APD
+  decompose in configs/resid_mlp.py:1), 100 rank-1 subnetworks over ``mlp_in`` and ``mlp_out``,
+  fresh samples every step (not in the L3D paper; the toy recipe otherwise).
 
 The paper trains 1000 epochs of one fixed set of 1000 samples (``l3d.n_samples``; 32 steps of
 32 an epoch, the last filled from the epoch's start: 32,000 steps), the learning rate decayed
@@ -28,18 +31,21 @@ from spdjax.config import base_config, parse_variant
 
 N_SAMPLES = 1000  # the paper's fixed training set
 EPOCH = 32  # steps per epoch of it at batch 32 (the reference loader's last batch has 8)
-# variant -> (experiment, family variant, C, rank, dense warm-start epochs of the reference)
+# variant -> (experiment, family variant, C, rank, dense warm-start epochs of the reference,
+# fixed training set size: 0 = fresh samples)
 _VARIANTS = {
-    "5-2": ("tms", "5-2", 5, 1, 1),
-    "tms-5-2": ("l3d_toys", "tms-5-2", 5, 1, 1),
-    "tmcs": ("l3d_toys", "tmcs", 10, 1, 2),
-    "x2": ("l3d_toys", "x2", 5, 2, 11),
+    "5-2": ("tms", "5-2", 5, 1, 1, N_SAMPLES),
+    "tms-5-2": ("l3d_toys", "tms-5-2", 5, 1, 1, N_SAMPLES),
+    "tmcs": ("l3d_toys", "tmcs", 10, 1, 2, N_SAMPLES),
+    "x2": ("l3d_toys", "x2", 5, 2, 11, N_SAMPLES),
+    # Not in the paper: 1000 samples would show each of the 100 features ~10 times.
+    "resid-mlp-1": ("resid_mlp", "1", 100, 1, 1, 0),
 }
 
 
 def get_config(arg: str = "5-2"):
     variant, _ = parse_variant(arg, "L3D", _VARIANTS)
-    experiment, family_variant, C, rank, dense_epochs = _VARIANTS[variant]
+    experiment, family_variant, C, rank, dense_epochs, n_samples = _VARIANTS[variant]
     c = base_config(experiment, family_variant)
     c.method = "l3d"
     c.C = C
@@ -48,7 +54,7 @@ def get_config(arg: str = "5-2"):
     c.lr = 0.01
     c.lr_schedule = "constant"  # times l3d.lr_decay every l3d.lr_decay_steps
     c.l3d.rank = rank
-    c.l3d.n_samples = N_SAMPLES
+    c.l3d.n_samples = n_samples
     c.l3d.lr_decay_steps = 100 * EPOCH
     # The reference keeps top-k 0.999 for epochs 0..warm_start_epochs (its `<=`): TMS 0 -> 1
     # epoch, TMCS 1 -> 2, X^2 10 -> 11.

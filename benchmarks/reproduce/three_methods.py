@@ -1,8 +1,10 @@
-"""SPD, APD and L3D side by side on one target (TMS 5-2 of the ``tms`` family): what each finds
-against the ground truth, and what a training step of each costs.
+"""SPD, APD and L3D side by side on one target (TMS 5-2 of the ``tms`` family; ResidMLP 1 of
+``resid_mlp``): what each finds against the ground truth, and what a training step of each costs.
 
     python -m benchmarks.reproduce.three_methods --seed=0 --workdir=workdir/three_methods \\
         --out=benchmarks/results        # -> three_methods_tms.{json,md,png}
+    python -m benchmarks.reproduce.three_methods --model=resid-mlp-1 --l3d_steps=8000 \\
+        --batch_sizes=32,256 --workdir=workdir/three_methods --out=benchmarks/results
 
 Each method runs its own recipe on the same cached target (SPD ``configs/tms.py:5-2``: C 20, 40k
 steps of 4096; APD ``configs/tms.py:5-2+apd``: C 5, 20k steps of 2048; L3D
@@ -17,6 +19,16 @@ finished run in ``--workdir`` is loaded, not retrained. Ground truth, from each 
 * ``ml2r`` (SPD, APD; L3D's directions have no scale);
 * each method's own fit measure: SPD's stochastic reconstruction loss and faithfulness, APD's
   top-k reconstruction MSE and faithfulness, L3D's relative gradient-reconstruction error.
+
+ResidMLP 1 (``--model=resid-mlp-1``; -> ``three_methods_resid_mlp_1.{json,md,png}``): SPD's
+and APD's runs (30k steps of 2048, 10k of 256) are too long for a shared 2-core CPU, so their
+ground truth is read from ``benchmarks/results/apd_vs_spd_resid_mlp_1.json`` (the same
+``target_seed`` 0 target: contribution r, distinct ``W_in`` choices); L3D
+(``configs/l3d.py:resid-mlp-1``) is trained here for ``--l3d_steps`` steps and measured on the
+one-hot inputs ``0.75 e_i`` (SPD's identity-CI probe): each feature's *chosen* subnetwork (the
+largest impact ``|V_in[c] . g_i|``, averaged over references), how many distinct ones the 100
+features choose, and for how many the chosen subnetwork's ``mlp_in`` direction reads mainly that
+feature (its largest ``||W_E[i] P_c||``).
 
 Cost: the jitted training step of each method at the same batch sizes (``--batch_sizes``), each
 (method, batch size) in a fresh process, ``--rounds`` interleaved rounds (the median is
@@ -43,8 +55,13 @@ from spdjax.analysis.plots import save_figure
 from spdjax.families.tms.plots import draw_vectors, feature_colors
 from spdjax.training import loop
 
-# method -> its recipe on TMS 5-2 (spdjax.config.load names)
-METHODS = {"SPD": "tms:5-2", "APD": "tms:5-2+apd", "L3D": "l3d:5-2"}
+# model -> method -> its recipe (spdjax.config.load names)
+MODELS = {
+    "tms-5-2": {"SPD": "tms:5-2", "APD": "tms:5-2+apd", "L3D": "l3d:5-2"},
+    "resid-mlp-1": {"SPD": "resid_mlp:1", "APD": "resid_mlp:1+apd", "L3D": "l3d:resid-mlp-1"},
+}
+METHODS = MODELS["tms-5-2"]
+RESID_EARLIER = "benchmarks/results/apd_vs_spd_resid_mlp_1.json"  # SPD's and APD's runs
 FOUND_COS = 0.99  # a feature is found when some component's cosine with it reaches this
 TIMING_SECONDS = 3.0  # timed steps per measurement: at least this long (and 20 steps)
 
@@ -83,11 +100,13 @@ def own_measure(method: str, summary: dict) -> dict:
             "alive": summary.get("alive")}
 
 
-def train_or_load(method: str, seed: int, workdir: pathlib.Path) -> tuple:
-    """``(run, summary, seconds)`` of the method's recipe (resumed or loaded when it exists)."""
-    config = spdjax.config.load(METHODS[method], {"seed": seed, "figures": False})
+def train_or_load(name: str, seed: int, workdir: pathlib.Path, label: str,
+                  overrides=None) -> tuple:
+    """``(run, summary, seconds)`` of config ``name`` in ``workdir/<label>_seed<seed>`` (resumed,
+    or only loaded when finished)."""
+    config = spdjax.config.load(name, {"seed": seed, "figures": False, **(overrides or {})})
     t0 = time.perf_counter()
-    run = spdjax.setup(config, workdir / f"{method.lower()}_seed{seed}")
+    run = spdjax.setup(config, workdir / f"{label}_seed{seed}")
     start = run.step
     loop.train(run)
     summary = loop.evaluate(run)
@@ -125,23 +144,63 @@ def time_step(name: str, batch_size: int) -> dict:
             "steps_per_s": 1 / s_per_step, "timed_steps": steps, "load_avg_1m": load_before}
 
 
-def costs(batch_sizes: list[int], rounds: int) -> list[dict]:
+def costs(methods: dict, batch_sizes: list[int], rounds: int) -> list[dict]:
     """Median step time per (method, batch size) over ``rounds`` interleaved rounds."""
     samples: dict = {}
     for _ in range(rounds):
         for bs in batch_sizes:
-            for method, name in METHODS.items():
+            for method, name in methods.items():
                 row = row_in_fresh_process("benchmarks.reproduce.three_methods",
                                            f"{name}@{bs}")
                 samples.setdefault((method, bs), []).append(row)
     out = []
     for (method, bs), rows in samples.items():
         s = statistics.median(r["s_per_step"] for r in rows)
-        out.append({"method": method, "config": METHODS[method], "batch_size": bs,
+        out.append({"method": method, "config": methods[method], "batch_size": bs,
                     "ms_per_step": 1e3 * s, "steps_per_s": 1 / s,
                     "ms_per_step_rounds": [1e3 * r["s_per_step"] for r in rows],
                     "load_avg_1m": [r["load_avg_1m"] for r in rows]})
     return out
+
+
+def resid_l3d_truth(run, n_refs: int = 4) -> tuple[dict, np.ndarray]:
+    """L3D on ResidMLP 1 (module docstring): the summary and the impacts ``[feature, C]``."""
+    import jax
+    import jax.numpy as jnp
+
+    from spdjax.methods.l3d_terms import encode
+
+    d, params, tp = run.method.decomposition, run.params, run.target_params
+    n = run.experiment.model_config.n_features
+    x = 0.75 * jnp.eye(n)
+    impacts = np.mean([np.abs(np.asarray(encode(d, params, d.per_sample_grads(
+        tp, x, jax.random.key(r))))) for r in range(n_refs)], axis=0)
+    chosen = impacts.argmax(axis=1)
+    W_E = np.asarray(tp["W_E"], np.float64)
+    P_in = np.asarray(d.component_weights(params, "layers_0/mlp_in"), np.float64)
+    reads = np.linalg.norm(np.einsum("fe,ceh->cfh", W_E, P_in), axis=-1)  # [C, feature]
+    top_read = reads.argmax(axis=1)
+    return {"distinct_chosen": int(np.unique(chosen).size),
+            "chosen_reads_its_feature": int(np.sum(top_read[chosen] == np.arange(n))),
+            "impact_share_of_chosen": float(np.mean(impacts.max(1) / impacts.sum(1))),
+            "chosen": chosen.tolist()}, impacts
+
+
+def plot_impacts(impacts: np.ndarray, truth: dict, path: pathlib.Path):
+    """L3D on ResidMLP 1: each feature's impacts on the subnetworks (columns ordered by the
+    feature that chooses them first), normalised per feature."""
+    chosen = np.asarray(truth["chosen"])
+    order = list(dict.fromkeys(chosen.tolist()))
+    order += [c for c in range(impacts.shape[1]) if c not in order]
+    m = impacts[:, order] / impacts.max(axis=1, keepdims=True)
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    im = ax.imshow(m, cmap="viridis", aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="impact / the feature's largest")
+    ax.set(xlabel="subnetwork (ordered by first chooser)", ylabel="feature (one-hot 0.75)",
+           title=f"L3D on ResidMLP 1: {truth['distinct_chosen']} distinct chosen subnetworks "
+                 f"for {impacts.shape[0]} features")
+    return save_figure(fig, path, 120)
 
 
 # -- figure and tables --------------------------------------------------------------------------
@@ -176,8 +235,22 @@ def plot(W: np.ndarray, found: dict[str, np.ndarray], rows: dict, path: pathlib.
     return save_figure(fig, path, 130)
 
 
-def to_markdown(result: dict) -> str:
+def cost_markdown(result: dict) -> list[str]:
     info = result["machine"]
+    lines = ["", f"Step cost ({info['device']}, {info['cpu_count']} cores; median of "
+             f"{result['rounds']} rounds, one fresh process each; 1-minute load average before "
+             "each):", "", "| method | batch | ms/step | steps/s | ms/step per round | load avg |",
+             "|---|---|---|---|---|---|"]
+    for c in result["costs"]:
+        lines.append(f"| {c['method']} | {c['batch_size']} | {c['ms_per_step']:.2f} | "
+                     f"{c['steps_per_s']:.0f} | "
+                     f"{', '.join(f'{x:.2f}' for x in c['ms_per_step_rounds'])} | "
+                     f"{', '.join(f'{x:.1f}' for x in c['load_avg_1m'])} |")
+    return lines + ["", f"Command: `{result['command']}`; {info['date']}, commit "
+                        f"{info['commit']}."]
+
+
+def to_markdown(result: dict) -> str:
     lines = ["| method | recipe | steps x batch | MMCS | features found (cos >= 0.99) | ML2R "
              "| own fit measure | train wall s |", "|---|---|---|---|---|---|---|---|"]
     for method, r in result["methods"].items():
@@ -189,26 +262,90 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {method} | `{r['config']}` | {r['steps']} x {r['batch_size']} | "
                      f"{gt['mmcs']:.4f} | {gt['features_found']} of 5 | {ml2r} | {fit} | "
                      f"{wall} |")
-    lines += ["", f"Step cost ({info['device']}, {info['cpu_count']} cores; median of "
-              f"{result['rounds']} rounds, one fresh process each; 1-minute load average before "
-              "each):", "", "| method | batch | ms/step | steps/s | ms/step per round | load avg |",
-              "|---|---|---|---|---|---|"]
-    for c in result["costs"]:
-        lines.append(f"| {c['method']} | {c['batch_size']} | {c['ms_per_step']:.2f} | "
-                     f"{c['steps_per_s']:.0f} | "
-                     f"{', '.join(f'{x:.2f}' for x in c['ms_per_step_rounds'])} | "
-                     f"{', '.join(f'{x:.1f}' for x in c['load_avg_1m'])} |")
-    lines += ["", f"Command: `{result['command']}`; {info['date']}, commit {info['commit']}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + cost_markdown(result)) + "\n"
+
+
+def resid_markdown(result: dict) -> str:
+    m = result["methods"]
+    spd, apd, l3d = m["SPD"], m["APD"], m["L3D"]
+    lines = ["| method | recipe | steps x batch | C | what it finds | source |",
+             "|---|---|---|---|---|---|",
+             f"| SPD | `resid_mlp:1` | {spd['steps']} x 2048 | {spd['C']} | contribution r "
+             f"{spd['contribution_r']:.5f}; {spd['distinct_chosen_in_layer0']} distinct W_in "
+             f"subcomponents for 100 features | `{RESID_EARLIER}` |",
+             f"| APD | `resid_mlp:1+apd` | {apd['steps']} x 256 | {apd['C']} | contribution r "
+             f"{apd['contribution_r']:.5f}; {apd['distinct_chosen_in_layer0']} distinct W_in "
+             f"components for 100 features | `{RESID_EARLIER}` |",
+             f"| L3D | `{l3d['config']}` | {l3d['steps']} x {l3d['batch_size']} | {l3d['C']} | "
+             f"{l3d['ground_truth']['distinct_chosen']} distinct chosen subnetworks for 100 "
+             f"features; {l3d['ground_truth']['chosen_reads_its_feature']} of 100 read mainly "
+             f"their feature; impact share of the chosen "
+             f"{l3d['ground_truth']['impact_share_of_chosen']:.3f}; relative gradient recon "
+             f"error {l3d['own_measure']['relative_grad_recon_error']:.4f}; "
+             f"{l3d['own_measure']['alive']} alive | this run "
+             f"({l3d['train_seconds'] or 0:.0f} s) |"]
+    return "\n".join(lines + cost_markdown(result)) + "\n"
+
+
+def run_tms(args, result: dict, workdir: pathlib.Path, out: pathlib.Path) -> None:
+    found, W = {}, None
+    for method, name in METHODS.items():
+        run, summary, seconds = train_or_load(name, args.seed, workdir, method.lower())
+        W_run = np.asarray(run.target_params["linear1"]["kernel"], np.float64)
+        if W is not None and not np.array_equal(W, W_run):
+            raise ValueError(f"{method} decomposed another target than the methods before it.")
+        W, P = W_run, components(run)
+        found[method] = P
+        result["methods"][method] = {
+            "config": name, "steps": run.config.steps,
+            "batch_size": run.config.batch_size, "C": run.config.C, "train_seconds": seconds,
+            "ground_truth": ground_truth(method, W, P), "own_measure": own_measure(method, summary)}
+        loop.close(run)
+        print(json.dumps({method: result["methods"][method]}), flush=True)
+    if not args.skip_costs:
+        result["costs"] = costs(METHODS, [int(b) for b in args.batch_sizes.split(",")],
+                                args.rounds)
+    (out / "three_methods_tms.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "three_methods_tms.md").write_text(to_markdown(result))
+    plot(W, found, result["methods"], out / "three_methods_tms.png")
+    print(to_markdown(result))
+
+
+def run_resid(args, result: dict, workdir: pathlib.Path, out: pathlib.Path) -> None:
+    rows = json.loads(pathlib.Path(RESID_EARLIER).read_text())["rows"]
+    earlier = {r["method"]: r for r in rows}
+    for method in ("SPD", "APD"):
+        result["methods"][method] = {"config": MODELS["resid-mlp-1"][method],
+                                     "source": RESID_EARLIER, **earlier[method]}
+    name = MODELS["resid-mlp-1"]["L3D"]
+    run, summary, seconds = train_or_load(name, args.seed, workdir, "l3d_resid_mlp_1",
+                                          {"steps": args.l3d_steps})
+    truth, impacts = resid_l3d_truth(run)
+    result["methods"]["L3D"] = {
+        "config": name, "steps": run.config.steps, "batch_size": run.config.batch_size,
+        "C": run.config.C, "train_seconds": seconds, "ground_truth": truth,
+        "own_measure": own_measure("L3D", summary)}
+    loop.close(run)
+    print(json.dumps({"L3D": result["methods"]["L3D"]["own_measure"],
+                      "truth": {k: v for k, v in truth.items() if k != "chosen"}}), flush=True)
+    if not args.skip_costs:
+        result["costs"] = costs(MODELS["resid-mlp-1"],
+                                [int(b) for b in args.batch_sizes.split(",")], args.rounds)
+    (out / "three_methods_resid_mlp_1.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "three_methods_resid_mlp_1.md").write_text(resid_markdown(result))
+    plot_impacts(impacts, truth, out / "three_methods_resid_mlp_1.png")
+    print(resid_markdown(result))
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tms-5-2", choices=sorted(MODELS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="workdir/three_methods")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--batch_sizes", default="32,2048")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--l3d_steps", type=int, default=8000, help="ResidMLP 1: L3D's steps")
     p.add_argument("--skip_costs", action="store_true", help="ground truth only")
     p.add_argument("--row", help="internal: time one 'config@batch_size' and print it as JSON")
     args = p.parse_args(argv)
@@ -219,28 +356,9 @@ def main(argv=None) -> None:
     out, workdir = pathlib.Path(args.out), pathlib.Path(args.workdir)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.reproduce.three_methods " + " ".join(argv or sys.argv[1:])
-    result = {"command": command, "seed": args.seed, "machine": machine(), "methods": {},
-              "rounds": args.rounds, "costs": [], "found_cos": FOUND_COS}
-    found, W = {}, None
-    for method in METHODS:
-        run, summary, seconds = train_or_load(method, args.seed, workdir)
-        W_run = np.asarray(run.target_params["linear1"]["kernel"], np.float64)
-        if W is not None and not np.array_equal(W, W_run):
-            raise ValueError(f"{method} decomposed another target than the methods before it.")
-        W, P = W_run, components(run)
-        found[method] = P
-        result["methods"][method] = {
-            "config": METHODS[method], "steps": run.config.steps,
-            "batch_size": run.config.batch_size, "C": run.config.C, "train_seconds": seconds,
-            "ground_truth": ground_truth(method, W, P), "own_measure": own_measure(method, summary)}
-        loop.close(run)
-        print(json.dumps({method: result["methods"][method]}), flush=True)
-    if not args.skip_costs:
-        result["costs"] = costs([int(b) for b in args.batch_sizes.split(",")], args.rounds)
-    (out / "three_methods_tms.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "three_methods_tms.md").write_text(to_markdown(result))
-    plot(W, found, result["methods"], out / "three_methods_tms.png")
-    print(to_markdown(result))
+    result = {"command": command, "model": args.model, "seed": args.seed, "machine": machine(),
+              "methods": {}, "rounds": args.rounds, "costs": [], "found_cos": FOUND_COS}
+    (run_tms if args.model == "tms-5-2" else run_resid)(args, result, workdir, out)
 
 
 if __name__ == "__main__":

@@ -260,3 +260,31 @@ def test_the_guides_library_examples_run(tmp_path, monkeypatch):
     assert (tmp_path / "workdir" / "l3d_tmcs" / "metrics.jsonl").exists()
     assert np.isfinite(float(ns["loss"])) and 0 < float(ns["loss"]) <= 1.5
     assert ns["x"].shape == (32, 10)
+
+
+def test_three_method_ground_truth_reads_l3d_signs_and_shared_components():
+    from benchmarks.reproduce.three_methods import ground_truth
+
+    W = np.random.default_rng(0).normal(size=(5, 2))
+    P = np.zeros((5, 5, 2))
+    for c in range(4):  # features 0-3 each on a component of their own; 4 on component 3 too
+        P[c, c] = W[c]
+    P[3, 4] = W[4]
+    spd = ground_truth("SPD", W, P)
+    assert spd["features_found"] == 4 and spd["components_shared"]
+    assert spd["mmcs"] == pytest.approx(1.0) and spd["ml2r"] == pytest.approx(1.0)
+    flipped = ground_truth("SPD", W, -P)  # signed cosines: a negated component matches nothing
+    assert flipped["features_found"] == 0
+    l3d_gt = ground_truth("L3D", W, -P)  # L3D: |cos|, no ML2R
+    assert l3d_gt["features_found"] == 4 and "ml2r" not in l3d_gt
+
+
+def test_the_resid_mlp_variant_decomposes_the_spd_target():
+    from spdjax.config.runs import validate
+
+    config = spdjax.config.load("l3d:resid-mlp-1")
+    validate(config)
+    spd = spdjax.config.load("resid_mlp:1")
+    same = ("experiment", "variant", "target_seed", "target_steps", "target_recipe")
+    assert [config[k] for k in same] == [spd[k] for k in same]
+    assert config.C == 100 and config.l3d.n_samples == 0
