@@ -88,6 +88,11 @@ class _Session:
         self.decomposition = _Compiled(run.decomposition)
         self.codec = prompts.codec(run)
         target = run.decomposition.target
+        # The rows of the drawing: the decomposed sites in the order the model calls them (the
+        # decomposition lists them by the patterns that chose them: all attention, then MLPs).
+        names = run.decomposition.site_names
+        self.site_order = [n for n in target.sites if n in names]
+        self.site_order += [n for n in names if n not in self.site_order]
         embeds = [s.d_in for s in target.sites.values() if s.kind == "embed"]
         self.vocab = min(embeds) if embeds else None
         self.graphs: collections.OrderedDict = collections.OrderedDict()
@@ -207,7 +212,8 @@ def graph_json(run, body: Mapping[str, Any]) -> dict:
     as JSON (module docstring; the fields of ``body``: :data:`GRAPH_KEYS`).
 
     Returns ``prompt``, ``ids``, ``tokens`` (one text per position), ``positions`` (the output
-    positions), ``sites`` (the decomposed sites in the model's order), ``nodes`` (``id``:
+    positions), ``sites`` (the decomposed sites in the order the model calls them), ``nodes``
+    (``id``:
     ``"site:c@pos"`` for a subcomponent, as :func:`intervene_json` takes it, ``"input:..."`` /
     ``"output:..."`` otherwise; ``kind``, ``site``, ``component``, ``position``, ``token``,
     ``token_id``, ``ci``, ``prob`` (outputs: the target's probability), ``activation``,
@@ -254,7 +260,7 @@ def graph_json(run, body: Mapping[str, Any]) -> dict:
         names = [n.name for n in g.nodes]
         result = {
             "prompt": body["prompt"], "ids": np.asarray(batch)[0].tolist(), "tokens": tokens,
-            "positions": g.positions, "sites": list(run.decomposition.site_names),
+            "positions": g.positions, "sites": s.site_order,
             "nodes": [_node_json(n, float(i), tokens, s.decode)
                       for n, i in zip(g.nodes, g.influence)],
             "edges": [{"source": names[a], "target": names[b], "weight": float(w)}
