@@ -74,8 +74,8 @@ class _Compiled:
 
 
 class _Session:
-    """What one run's requests share: the compiled decomposition, the prompt codec, the
-    vocabulary of its token embeddings, the graphs computed so far, and a lock (one request
+    """What one run's requests share: the compiled decomposition, the prompt codec, the row
+    order, the target's embedding sites, the graphs computed so far, and a lock (one request
     computes at a time, so two requests never compile the same function twice)."""
 
     def __init__(self, run):
@@ -93,8 +93,7 @@ class _Session:
         names = run.decomposition.site_names
         self.site_order = [n for n in target.sites if n in names]
         self.site_order += [n for n in names if n not in self.site_order]
-        embeds = [s.d_in for s in target.sites.values() if s.kind == "embed"]
-        self.vocab = min(embeds) if embeds else None
+        self.embeds = {n: s.d_in for n, s in target.sites.items() if s.kind == "embed"}
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.lock = threading.Lock()
 
@@ -107,12 +106,25 @@ class _Session:
         batch, _ = prompts.prompt_batch(run, text)
         if not np.issubdtype(batch.dtype, np.integer):
             raise ValueError(f"The prompt {text!r} is not tokens (it encodes to floats).")
-        bad = [int(i) for i in batch.reshape(-1) if self.vocab is not None
-               and not 0 <= i < self.vocab]
+        self.check_vocabulary(run, batch)
+        return jnp.asarray(batch), [self.decode(int(i)) for i in batch[0]]
+
+    def check_vocabulary(self, run, batch: np.ndarray) -> None:
+        """A ``ValueError`` for ids outside the token embedding's rows (the compiled forward
+        would clamp them silently). The token embeddings are the embedding sites that read the
+        ids (not e.g. a position embedding), found by one target forward when an id is at least
+        the smallest embedding's size."""
+        if not self.embeds or (batch.min() >= 0 and batch.max() < min(self.embeds.values())):
+            return
+        _, inputs = run.decomposition.target.forward(run.target_params, jnp.asarray(batch), {})
+        reading = [n for n in self.embeds if n in inputs and np.shape(inputs[n]) == batch.shape
+                   and np.array_equal(np.asarray(inputs[n]), batch)]
+        vocab = min((self.embeds[n] for n in reading), default=None)
+        bad = sorted({int(i) for i in batch.reshape(-1) if vocab is not None
+                      and not 0 <= i < vocab})
         if bad:
             raise ValueError(f"The prompt's token ids {bad} are outside the model's vocabulary "
-                             f"[0, {self.vocab}).")
-        return jnp.asarray(batch), [self.decode(int(i)) for i in batch[0]]
+                             f"[0, {vocab}).")
 
     def decode(self, i: int) -> str:
         return self.codec.decode(i) if self.codec.decode else str(i)

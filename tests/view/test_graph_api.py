@@ -186,6 +186,17 @@ def test_bad_interventions_name_the_value(run, body, match):
         ga.intervene_json(run, {"prompt": PROMPT, **body})
 
 
+def test_ids_outside_the_vocabulary_are_refused_whatever_the_encoding(run, monkeypatch):
+    # An encoding that passes any integer (a family's own prompt_codec could): the explorer
+    # still refuses ids beyond the token embedding, which a compiled forward would clamp.
+    monkeypatch.setitem(prompts.BUILT_IN, "induction",
+                        lambda cfg: prompts.Codec(prompts._numbers, None))
+    with pytest.raises(ValueError, match=r"token ids \[130, 500\] are outside the model's "
+                                         r"vocabulary \[0, 130\)"):
+        ga.intervene_json(run, {"prompt": "0 500 1 130"})
+    assert ga.intervene_json(run, {"prompt": "0 5 1 129"})["kl"] >= 0
+
+
 def test_a_run_that_is_not_a_language_model_is_refused():
     tms = spdjax.load(TMS_RUN)
     for fn in (ga.graph_json, ga.intervene_json):
