@@ -41,12 +41,15 @@ that signed-gradient ascent (PGD) on the masks of every subcomponent *outside* t
 
 Modules: :mod:`~spdjax.analysis.graph_compute` (nodes, edges, the :class:`Graph`),
 :mod:`~spdjax.analysis.graph_prune`, :mod:`~spdjax.analysis.graph_validate`; this module
-re-exports their public names and adds :func:`build`, the three in one call.
+re-exports their public names and adds :func:`build`, the three in one call, and
+:func:`site_order`, the rows of a drawing (the sites in the order the model calls them).
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+import jax
 
 # Re-exported: the attribution-graph vocabulary, importable from here as the guide shows.
 from spdjax.analysis.graph_compute import (  # noqa: F401
@@ -72,3 +75,21 @@ def build(decomposition, params, target_params, batch, *, positions=None, thresh
     graph.validation = validate(decomposition, params, target_params, batch, graph, delta=delta,
                                 progress=progress, **dict(validation or {}))
     return graph
+
+
+def site_order(decomposition, target_params, batch) -> list[str]:
+    """The decomposed sites in the order the target's forward calls them on ``batch`` (one
+    abstract trace, no computation): the rows of a graph's drawing, bottom to top. A
+    decomposition lists its sites by the patterns that chose them (e.g. every attention
+    projection, then every MLP), which would draw a later layer below an earlier one."""
+    called: list[str] = []
+
+    def trace(tp, x):
+        _, inputs = decomposition.target.forward(tp, x, {})
+        called.extend(inputs)  # a dict in call order (a site is recorded when it is called)
+        return 0
+
+    jax.eval_shape(trace, target_params, batch)
+    names = decomposition.site_names
+    order = [n for n in called if n in names]
+    return order + [n for n in names if n not in order]

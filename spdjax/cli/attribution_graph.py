@@ -3,7 +3,8 @@
 
 Reads the run with :func:`spdjax.load`, encodes the prompt (:mod:`spdjax.cli.prompts`),
 computes, prunes and validates its graph (:func:`spdjax.analysis.graphs.build`) and writes
-``<out>/<name>.json`` (nodes, edges, validation numbers, the prompt) and ``<out>/<name>.png``
+``<out>/<name>.json`` (nodes, edges, validation numbers, the prompt, ``sites``: the figure's rows,
+:func:`spdjax.analysis.graphs.site_order`) and ``<out>/<name>.png``
 (default ``out``: ``DIR/analysis/graphs``), printing progress of the edges and the PGD
 validation on stderr. Errors a user can fix are one ``error:`` line (exit 2).
 """
@@ -69,12 +70,15 @@ def main(argv):
         name = _NAME.value or common.result_name("prompt_", _ARGUMENTS, step=run.step)
         tokens = [codec.decode(int(t)) if codec.decode else str(t) for t in batch[0]] if (
             batch.dtype.kind == "i") else None
+        # The figure's rows: the sites in the order the model calls them.
+        sites = graphs.site_order(run.decomposition, run.target_params, jnp.asarray(batch))
         record = {"prompt": _PROMPT.value, "ids": batch[0].tolist(), "tokens": tokens,
-                  "workdir": str(run.workdir), "step": run.step, **graph.to_json(),
+                  "workdir": str(run.workdir), "step": run.step, "sites": sites,
+                  **graph.to_json(),
                   "strongest_path": [graph.nodes[i].name for i in graphs.strongest_path(graph)]}
         (out / f"{name}.json").write_text(json.dumps(record, indent=1))
         png = graph_plots.plot_graph(graph, out / f"{name}.png",
-                                     site_order=run.decomposition.site_names, tokens=tokens)
+                                     site_order=sites, tokens=tokens)
         v = graph.validation
         print(out / f"{name}.json")
         print(png)

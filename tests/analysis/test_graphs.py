@@ -336,6 +336,7 @@ def test_cli_writes_the_graph_its_figure_and_validation(tmp_path):
     assert "PGD restart 1/1: step 2/2" in p.stderr
     rec = json.loads((wd / "analysis" / "graphs" / "t.json").read_text())
     assert rec["tokens"] == ["BOS", "3", "S", "5", "2", "S"] and rec["ids"][2] == 129
+    assert rec["sites"][:4] == [f"blocks_0/attn/{p}" for p in ("q", "k", "v", "out")]  # drawn
     assert {"kl_graph_only", "kl_pgd_worst", "kl_ci_masked"} <= set(rec["validation"])
     assert rec["strongest_path"][-1].startswith("output:")
     assert (wd / "analysis" / "graphs" / "t.png").stat().st_size > 1000
