@@ -6,6 +6,7 @@ activations and edges are: :mod:`spdjax.analysis.graphs`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Callable, Mapping, Sequence
 
@@ -184,6 +185,45 @@ def _component_flat(lay: _Layout, site: str, pos: int, c: int) -> int:
     return lay.offsets[site] + (c if len(shape) == 2 else pos * shape[-1] + c)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _edge_rows(decomposition, embeds: tuple[str, ...], delta: bool, params, target_params,
+               batch, leaves, idx: Array) -> Array:
+    """``[len(idx), S + 1]``: per target row ``idx[r]`` of the flat target vector
+    (:class:`_Layout`), ``d target / d source x source`` for every entry of the flat source
+    vector (``S``: the components' ``b`` at every position, then the input attributions; the
+    last entry 0, for a source without a leaf). One VJP of the leaf forward, vmapped over
+    one-hot cotangents.
+
+    Compiled once per decomposition, embedding sites, ``delta`` and shapes: the prompt, the
+    parameters and the leaves are arguments, so a new prompt of a length already seen (whatever
+    its nodes) reuses the compiled pass; the caller picks the source nodes' entries."""
+    f = leaf_forward(decomposition, params, target_params, batch, embeds, delta)
+    sites = decomposition.site_names
+    is_float = jnp.issubdtype(batch.dtype, jnp.floating)
+
+    def flat_f(lv):
+        acts, out = f(lv)
+        centred = out - jnp.mean(out, axis=-1, keepdims=True)
+        return jnp.concatenate([acts[n].reshape(-1) for n in sites] + [centred.reshape(-1)])
+
+    def flat_sources(g, lv):
+        parts = [(g["components"][n] * lv["components"][n]).reshape(-1) for n in sites]
+        inp = jax.tree.map(lambda a, b: a * b, g["input"], lv["input"])
+        if is_float:
+            parts.append(inp["batch"].reshape(-1))
+        elif embeds:
+            parts.append(sum(jnp.sum(v, axis=-1) for v in inp.values()).reshape(-1))
+        return jnp.concatenate(parts + [jnp.zeros((1,), jnp.float32)])  # [-1]: no leaf
+
+    y, vjp = jax.vjp(flat_f, leaves)
+
+    def one(i):
+        (g,) = vjp(jax.nn.one_hot(i, y.shape[0], dtype=y.dtype))
+        return flat_sources(g, leaves)
+
+    return jax.vmap(one)(idx)
+
+
 def compute_graph(decomposition, params, target_params, batch, *,
                   positions: Sequence[int] | None = None, threshold: float = 0.1, top_k: int = 5,
                   masking: str = "ci", delta: bool = False, chunk: int = 32,
@@ -220,7 +260,6 @@ def compute_graph(decomposition, params, target_params, batch, *,
     is_float = jnp.issubdtype(batch.dtype, jnp.floating)
     leaves = {"components": {n: m[n] * acts0[n] for n in decomposition.site_names},
               "input": {"batch": batch} if is_float else embeds}
-    f = leaf_forward(decomposition, params, target_params, batch, tuple(embeds), delta)
     lay = _layout(acts0, target_out)
 
     # Nodes: inputs, components (CI > threshold), outputs.
@@ -264,38 +303,16 @@ def compute_graph(decomposition, params, target_params, batch, *,
                 label=decode(int(t)) if decode else ""))
     n_in = len(nodes) - len(comp_rows) - len(out_rows)
     target_rows = np.asarray(comp_rows + out_rows, np.int32)
-    sources = np.asarray(src_flat, np.int32)
-
-    def flat_f(lv):
-        acts, out = f(lv)
-        centred = out - jnp.mean(out, axis=-1, keepdims=True)
-        return jnp.concatenate([acts[n].reshape(-1) for n in lay.sites] + [centred.reshape(-1)])
-
-    def flat_sources(g, lv):
-        parts = [(g["components"][n] * lv["components"][n]).reshape(-1) for n in lay.sites]
-        inp = jax.tree.map(lambda a, b: a * b, g["input"], lv["input"])
-        if is_float:
-            parts.append(inp["batch"].reshape(-1))
-        elif embeds:
-            parts.append(sum(jnp.sum(v, axis=-1) for v in inp.values()).reshape(-1))
-        return jnp.concatenate(parts + [jnp.zeros((1,), jnp.float32)])  # [-1]: no leaf
-
-    @jax.jit
-    def rows(lv, idx):
-        y, vjp = jax.vjp(flat_f, lv)
-
-        def one(i):
-            (g,) = vjp(jax.nn.one_hot(i, y.shape[0], dtype=y.dtype))
-            return flat_sources(g, lv)[sources]
-
-        return jax.vmap(one)(idx)
+    sources = np.asarray(src_flat, np.int32)  # -1: the source vector's last, zero, entry
 
     R = len(target_rows)
     A = np.zeros((R, len(sources)), np.float32)
     for start in range(0, R, chunk):
         idx = target_rows[start:start + chunk]
         padded = np.pad(idx, (0, chunk - len(idx)), constant_values=idx[0])
-        A[start:start + len(idx)] = np.asarray(rows(leaves, jnp.asarray(padded)))[:len(idx)]
+        full = _edge_rows(decomposition, tuple(embeds), delta, params, target_params, batch,
+                          leaves, jnp.asarray(padded))
+        A[start:start + len(idx)] = np.asarray(full)[:len(idx), sources]
         if progress is not None:
             progress(f"edges: {min(start + chunk, R)}/{R} target nodes")
     if not embeds and not is_float:  # decomposed embedding: its nodes stand for their token

@@ -115,13 +115,15 @@ def masks_for(ci_lower: Mapping[str, Array], *, base: str = "ones",
         raise ValueError(f"Unknown mask base {base!r}; expected one of {BASES}.")
     masks = {}
     for name, g in ci_lower.items():
-        m = {"ones": jnp.ones_like(g), "ci": g, "zeros": jnp.zeros_like(g)}[base]
+        # Set on the host, one array per site: a graph keeps ~1000 nodes, and one device op
+        # each took seconds (index arrays of a new length would compile a new scatter).
+        m = np.array({"ones": np.ones(g.shape, g.dtype), "ci": g,
+                      "zeros": np.zeros(g.shape, g.dtype)}[base])
         for value, subs in ((1.0, keep), (0.0, ablate)):
             for s in subs:
-                if s.site != name:
-                    continue
-                at = (..., s.index) if s.position is None else (0, s.position, s.index)
-                m = m.at[at].set(value)
+                if s.site == name:
+                    m[(..., s.index) if s.position is None else (0, s.position, s.index)] = value
+        m = jnp.asarray(m)
         masks[name] = SiteMask(component=m, delta=jnp.ones(g.shape[:-1], g.dtype)) if delta else m
     return masks
 

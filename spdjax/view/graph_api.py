@@ -14,9 +14,10 @@ encode them (:mod:`spdjax.cli.prompts`), so a prompt typed here gives the graph
 ``python -m spdjax.attribution_graph --prompt=...`` gives.
 
 Speed: per run, the decomposition's clean forward, CI and masked forward are compiled once
-(:class:`_Compiled`), so an intervention on a prompt length already seen is one compiled
-forward; graphs are kept per prompt and settings (the last :data:`GRAPHS_KEPT`), since each new
-graph compiles its own edge pass (docs/guides/attribution_graphs.md, "Known limits").
+(:class:`_Compiled`), and the graph's edge pass once per prompt length
+(:func:`~spdjax.analysis.graph_compute.compute_graph` takes the prompt as an argument), so a new
+prompt of a length already seen needs no compilation (docs/guides/viewer.md, "Speed"); graphs
+are kept per prompt and settings (the last :data:`GRAPHS_KEPT`).
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ class _Compiled:
 
 class _Session:
     """What one run's requests share: the compiled decomposition, the prompt codec, the row
-    order, the target's embedding sites, the graphs computed so far, and a lock (one request
-    computes at a time, so two requests never compile the same function twice)."""
+    order (:func:`spdjax.analysis.graphs.site_order`), the target's embedding sites, the graphs
+    computed so far, and a lock (one request computes at a time, so two requests never compile
+    the same function twice)."""
 
     def __init__(self, run):
         family = run.experiment.family
@@ -88,11 +90,7 @@ class _Session:
         self.decomposition = _Compiled(run.decomposition)
         self.codec = prompts.codec(run)
         target = run.decomposition.target
-        # The rows of the drawing: the decomposed sites in the order the model calls them (the
-        # decomposition lists them by the patterns that chose them: all attention, then MLPs).
-        names = run.decomposition.site_names
-        self.site_order = [n for n in target.sites if n in names]
-        self.site_order += [n for n in names if n not in self.site_order]
+        self.site_order: list[str] | None = None  # the drawing's rows, on the first prompt
         self.embeds = {n: s.d_in for n, s in target.sites.items() if s.kind == "embed"}
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.lock = threading.Lock()
@@ -258,6 +256,8 @@ def graph_json(run, body: Mapping[str, Any]) -> dict:
             s.graphs.move_to_end(key)
             return {**s.graphs[key], "prompt": body["prompt"]}
         args = s.args(run, batch)
+        if s.site_order is None:
+            s.site_order = graphs.site_order(run.decomposition, run.target_params, batch)
         full = graphs.compute_graph(*args, **options, decode=s.decode)
         if prune:
             g = graphs.prune(full, node_threshold=pruning["node_threshold"],
