@@ -19,7 +19,7 @@ def test_configs_load_by_name_from_an_empty_directory(tmp_path, monkeypatch):
     assert (config.experiment, config.variant) == ("tms", "5-2")
     assert load("tms:40-10-id").variant == "40-10-id"
     assert load("resid_mlp:2").experiment == "resid_mlp"
-    assert files.known_configs() == ["lm", "resid_mlp", "tms"]
+    assert files.known_configs() == ["l3d", "lm", "resid_mlp", "tms"]
     # the files found by name are the checkout's configs/ (editable) or their copy (wheel)
     for name in files.known_configs():
         assert ((files.config_dir() / f"{name}.py").read_bytes()
@@ -28,7 +28,8 @@ def test_configs_load_by_name_from_an_empty_directory(tmp_path, monkeypatch):
 
 def test_an_unknown_config_name_lists_the_known_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"Unknown config 'tmz'.*\['lm', 'resid_mlp', 'tms'\]"):
+    with pytest.raises(ValueError,
+                       match=r"Unknown config 'tmz'.*\['l3d', 'lm', 'resid_mlp', 'tms'\]"):
         load("tmz:5-2")
 
 
