@@ -18,6 +18,7 @@ refuses ``NaN``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -27,6 +28,7 @@ import numpy as np
 
 from spdjax import families  # noqa: F401 (registers the built-in families: their titles)
 from spdjax.analysis import harvest_result, streaming
+from spdjax.families.lm import harvest_page
 from spdjax.training.family import FAMILIES
 
 MAX_CURVE_POINTS = 400  # per training curve; longer logs are subsampled evenly (last kept)
@@ -35,6 +37,28 @@ FIGURES_DIR = "figures"
 # Figures of the family itself (the rest are common to every decomposition).
 COMMON_FIGURES = ("training_curves.png", "ci_lower_leaky.png", "ci_upper_leaky.png",
                   "max_cosine.png")
+
+
+# The methods' display names; an SPD run trained with VPD's terms is labelled by that recipe.
+METHOD_TITLES = {"spd": "SPD", "apd": "APD", "l3d": "L3D"}
+# Loss terms only VPD's recipe uses (spdjax/config/vpd.py, the ``+vpd`` config modifier).
+VPD_TERMS = ("stochastic_pgd_recon_subset", "smooth_l0_importance_minimality",
+             "nested_frequency_minimality", "nested_frequency_minimality_ema")
+# Methods without causal importances: no harvest, CI histograms or clustering to show.
+NO_CI = {"l3d": "L3D learns subnetwork directions, not causal importances, so this run has no "
+                "harvest, CI histograms or clustering (docs/guides/l3d.md)."}
+
+
+def method_label(config: dict) -> str:
+    """The run's method as the page names it: ``"SPD"``, ``"SPD (VPD recipe)"`` (SPD with any
+    of :data:`VPD_TERMS` among its losses), ``"APD"``, ``"L3D"``, or an unknown method's name
+    in capitals."""
+    method = str(config.get("method", "spd"))
+    label = METHOD_TITLES.get(method, method.upper())
+    losses = config.get("losses") or {}
+    if method == "spd" and any(t in losses for t in VPD_TERMS):
+        label += " (VPD recipe)"
+    return label
 
 
 class NotARunError(ValueError):
@@ -172,14 +196,19 @@ def run_view(workdir: str | pathlib.Path) -> dict:
         missing["summary"] = "no summary.json yet: " + h["summary"]
     if not figures:
         missing["figures"] = "no figures yet: " + h["figures"]
-    if spec is None:
-        missing["harvest"] = "no harvest yet: " + h["harvest"]
+    method = config.get("method", "spd")
     clustering = _read_json(workdir / "analysis" / "clustering" / "clustering.json")
-    if clustering is None:
-        missing["clustering"] = "no clustering yet: " + h["clustering"]
+    if method in NO_CI:
+        missing["ci"] = NO_CI[method]
+    else:
+        if spec is None:
+            missing["harvest"] = "no harvest yet: " + h["harvest"]
+        if clustering is None:
+            missing["clustering"] = "no clustering yet: " + h["clustering"]
     return jsonable({
         "workdir": str(workdir), "name": workdir.name, "family": family, "family_title": title,
-        "variant": config.get("variant"), "method": config.get("method", "spd"),
+        "variant": config.get("variant"), "method": method,
+        "method_label": method_label(config),
         "steps": config.get("steps"), "checkpoints": checkpoint_steps(workdir),
         "is_lm": family == "lm",
         "config": config, "summary": summary,
@@ -202,17 +231,38 @@ def _clustering_overview(c: dict) -> dict:
             "distance_hamming_mean": c.get("distance_hamming_mean")}
 
 
-def token_decoder(config: dict) -> Callable[[int], str]:
-    """One token id as text: a byte LM's byte, otherwise the id itself."""
+def token_decoder(config: dict) -> tuple[Callable[[int], str], str | None]:
+    """``(one token id as text, why not)`` for the run config ``config``: a byte LM's byte, a
+    text (Llama) LM's BPE token (:func:`model_token_text`), otherwise the id itself. ``why not``
+    says why a text LM's tokens are ids after all (its corpus and tokenizer cannot be read)."""
     family = config.get("experiment")
-    if family == "lm" and family in FAMILIES:
-        try:
-            cfg = FAMILIES[family].variant(config.get("variant", "ih"))
-        except ValueError:
-            cfg = None
-        if getattr(cfg, "data", None) == "bytes":
-            return lambda t: bytes([int(t)]).decode("latin-1")
-    return lambda t: str(int(t))
+    as_id = lambda t: str(int(t))  # noqa: E731
+    if family != "lm" or family not in FAMILIES:
+        return as_id, None
+    try:
+        cfg = FAMILIES[family].variant(config.get("variant", "ih"))
+        recipe = config.get("target_recipe") or {}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in recipe.items() if hasattr(cfg, k)})
+    except (ValueError, TypeError):
+        return as_id, None
+    if getattr(cfg, "data", None) == "bytes":
+        return (lambda t: bytes([int(t)]).decode("latin-1")), None
+    try:
+        text = model_token_text(cfg)
+    except (OSError, ValueError) as e:
+        return as_id, (f"tokens shown as ids: the run's tokenizer could not be read ({e}); "
+                       "it is trained with the target, on the same text files")
+    return text or as_id, None
+
+
+def model_token_text(model_config: Any) -> Callable[[int], str] | None:
+    """One token id as its text for a text (Llama) LM's model config, with the tokenizer of its
+    corpus (:func:`spdjax.families.lm.harvest_page.decoder`; read from the corpus cache, built
+    there first if absent); None for other configs."""
+    if getattr(model_config, "data", None) != "text":
+        return None
+    decode = harvest_page.decoder(model_config)
+    return lambda t: decode([int(t)])
 
 
 def _hist(values: np.ndarray, edges: np.ndarray) -> dict:
@@ -248,7 +298,7 @@ def site_view(workdir: str | pathlib.Path, site: str, *, examples: int | None = 
                          f"{list(h.spec.sites)}.")
     config = _read_json(workdir / "config.json") or {}
     tokens = h.spec.kind == "tokens"
-    decode = token_decoder(config) if tokens else (lambda t: f"x{int(t)}")
+    decode, no_tokenizer = token_decoder(config) if tokens else (lambda t: f"x{int(t)}", None)
     out_label = decode if tokens else (lambda t: f"y{int(t)}")
     cluster_of, clusters, seed = _clusters_by_name(workdir)
     off = h.spec.offsets()[site]
@@ -289,8 +339,9 @@ def site_view(workdir: str | pathlib.Path, site: str, *, examples: int | None = 
         "clusters": {"seed": seed, "members": {
             str(k): m for k, m in enumerate(clusters)
             if any(n.rsplit(":", 1)[0] == site for n in m)}},
-        "missing": {} if seed is not None else {
-            "clustering": "no clustering yet: " + hints(workdir)["clustering"]},
+        "missing": {**({} if seed is not None else {
+            "clustering": "no clustering yet: " + hints(workdir)["clustering"]}),
+            **({"tokenizer": no_tokenizer} if no_tokenizer else {})},
     })
 
 

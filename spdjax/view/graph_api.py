@@ -33,6 +33,7 @@ import numpy as np
 
 from spdjax.analysis import graphs, interventions as iv
 from spdjax.cli import prompts
+from spdjax.view import data
 
 GRAPHS_KEPT = 16  # graphs remembered per run (a few KB of JSON each)
 MAX_TOP_K = 50
@@ -89,6 +90,14 @@ class _Session:
                 "python -m spdjax.attribution_graph / spdjax.intervene with a numeric prompt.")
         self.decomposition = _Compiled(run.decomposition)
         self.codec = prompts.codec(run)
+        # A text (Llama) LM's prompts are ids; its tokens are shown with the corpus's tokenizer
+        # (as ids when it cannot be read).
+        self.token_text = self.codec.decode
+        if self.token_text is None:
+            try:
+                self.token_text = data.model_token_text(run.experiment.model_config)
+            except (OSError, ValueError):
+                pass
         target = run.decomposition.target
         self.site_order: list[str] | None = None  # the drawing's rows, on the first prompt
         self.embeds = {n: s.d_in for n, s in target.sites.items() if s.kind == "embed"}
@@ -125,7 +134,7 @@ class _Session:
                              f"[0, {vocab}).")
 
     def decode(self, i: int) -> str:
-        return self.codec.decode(i) if self.codec.decode else str(i)
+        return self.token_text(i) if self.token_text else str(i)
 
     def args(self, run, batch):
         return self.decomposition, run.params, run.target_params, batch

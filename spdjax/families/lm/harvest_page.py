@@ -34,7 +34,12 @@ TOP_TOKENS = 6  # input / predicted tokens listed per subcomponent
 
 
 def decoder(cfg: lm_model.LMConfig) -> Callable[[Sequence[int]], str]:
-    """Token ids as text: bytes for the byte LM, the ids themselves (``"12 7 "``) otherwise."""
+    """Token ids as text: bytes for the byte LM, the corpus's BPE tokenizer for a text (Llama)
+    target (:func:`spdjax.families.lm.model.text_corpus`), the ids themselves (``"12 7 "``)
+    otherwise."""
+    if cfg.data == "text":
+        tok = lm_model.text_corpus(cfg)[2]
+        return lambda ids: tok.decode([int(t) for t in ids], skip_special_tokens=False)
     if cfg.data == "bytes":
         return lambda ids: bytes(int(t) for t in ids).decode("utf-8", "replace")
     return lambda ids: "".join(f"{int(t)} " for t in ids)

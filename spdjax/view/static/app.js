@@ -147,7 +147,7 @@
     const root = document.getElementById("view-run");
     root.replaceChildren();
     root.appendChild(el("h2", {}, `${run.name}: ${run.family_title}`
-      + (run.variant ? ` (${run.variant})` : "") + `, ${run.method.toUpperCase()}`));
+      + (run.variant ? ` (${run.variant})` : "") + `, ${run.method_label}`));
     const ck = run.checkpoints.length ? run.checkpoints[run.checkpoints.length - 1] : "none";
     root.appendChild(el("p", {}, `workdir `, el("code", {}, run.workdir),
       ` · ${fmt(run.steps)} steps configured · latest checkpoint: step ${ck}`));
@@ -292,7 +292,10 @@
     }
     const body = document.getElementById("site-body");
     if (i === undefined) {
-      if (!run.sites.length) body.replaceChildren(el("p", {}, "This run lists no sites."));
+      if (!run.sites.length) {
+        body.replaceChildren(run.missing.ci ? hint(run.missing.ci)
+          : el("p", {}, "This run lists no sites."));
+      }
       else location.hash = "#sites/0";
       return;
     }
@@ -361,7 +364,7 @@
   load("run").then((run) => {
     RUN = run;
     document.getElementById("run-title").textContent =
-      `${run.name} · ${run.family_title} · ${run.method.toUpperCase()}`;
+      `${run.name} · ${run.family_title} · ${run.method_label}`;
     renderRun(run);
     route();
   }).catch(showError);
