@@ -1,26 +1,14 @@
-"""The viewer in a real browser (headless chromium): the run page loads with its summary and
-curves, the site lists fill, an LM site shows harvest examples with every token shaded by its CI,
-a toy's family figures appear, the graph tab says why a toy has none, and a static export works
-from file://."""
+"""The viewer in a real browser (headless chromium, one per worker: conftest): the run page
+loads with its summary and curves, the site lists fill, an LM site shows harvest examples with
+every token shaded by its CI, a toy's family figures appear, the graph tab says why a toy has
+none, and a static export works from file://."""
 
-import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from spdjax.view import export, server
+from spdjax.view import export
 
 WAIT = 60  # seconds: a site's first view reads the harvest on a shared CPU
-
-
-@pytest.fixture(scope="module")
-def served(view_runs):
-    servers = {k: server.make_server(wd) for k, wd in view_runs.items()}
-    for s in servers.values():
-        server.start_in_thread(s)
-    yield {k: server.url(s) for k, s in servers.items()}
-    for s in servers.values():
-        s.shutdown()
-        s.server_close()
 
 
 def wait_for(driver, css, n=1):
@@ -39,7 +27,9 @@ def open_page(driver, url):
     driver.get(url)
 
 
-def test_run_page_shows_the_summary_curves_and_sites(browser, served):
+def test_toy_run_page_figures_and_graph_tab(browser, served):
+    """The TMS run: its summary, curves and sites; its family's figures; the graph tab says why
+    a toy has no graph explorer."""
     open_page(browser, served["tms"] + "#run")
     rows = wait_for(browser, "#eval-table tr", 5)
     assert "mmcs" in [r.text.split(" ")[0] for r in rows]
@@ -48,7 +38,19 @@ def test_run_page_shows_the_summary_curves_and_sites(browser, served):
     assert "loss/total" in titles
     sites = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#run-sites a")]
     assert sites == ["linear1 (C=6)", "linear2 (C=6)"]
-    assert "TMS" in browser.find_element(By.ID, "run-title").text
+    assert browser.find_element(By.ID, "run-title").text.endswith("· TMS · SPD")
+
+    browser.find_element(By.CSS_SELECTOR, "#tabs a[data-view=figures]").click()
+    imgs = wait_for(browser, ".figs img", 2)
+    WebDriverWait(browser, WAIT).until(lambda d: all(
+        d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+        for i in imgs))
+    heads = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#view-figures h2")]
+    assert heads[0] == "The TMS family's figures"
+    browser.find_element(By.CSS_SELECTOR, "#tabs a[data-view=graph]").click()
+    note = wait_for(browser, "#graph-note")[0]
+    WebDriverWait(browser, WAIT).until(lambda d: note.is_displayed())
+    assert "for language-model runs; this run is a TMS" in note.text
 
 
 def test_lm_site_lists_fill_and_examples_are_shaded_by_ci(browser, served):
@@ -68,20 +70,6 @@ def test_lm_site_lists_fill_and_examples_are_shaded_by_ci(browser, served):
     wait_for(browser, f"#sub-list tr.selected[data-c='{c}']")
     detail = wait_for(browser, "#sub-detail h3")[0].text
     assert detail == wait_for(browser, "#sub-list tr.selected td")[1].text
-
-
-def test_toy_figures_appear_and_the_graph_tab_says_why_not(browser, served):
-    open_page(browser, served["tms"] + "#figures")
-    imgs = wait_for(browser, ".figs img", 2)
-    WebDriverWait(browser, WAIT).until(lambda d: all(
-        d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
-        for i in imgs))
-    heads = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#view-figures h2")]
-    assert heads[0] == "The TMS family's figures"
-    browser.find_element(By.CSS_SELECTOR, "#tabs a[data-view=graph]").click()
-    note = wait_for(browser, "#graph-note")[0]
-    WebDriverWait(browser, WAIT).until(lambda d: note.is_displayed())
-    assert "for language-model runs; this run is a TMS" in note.text
 
 
 def test_a_static_export_opens_from_file(browser, view_runs, tmp_path):

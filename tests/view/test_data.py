@@ -1,6 +1,7 @@
 """The viewer's data layer (spdjax/view/data.py) against the run's own files and the harvest's
 own statistics, on tiny runs of TMS and the induction-head LM."""
 
+import dataclasses
 import json
 import math
 
@@ -18,7 +19,8 @@ def test_run_view_reads_the_runs_files(view_runs):
     v = data.run_view(wd)
     json.dumps(v, allow_nan=False)  # what a browser can parse
     assert (v["family"], v["family_title"], v["method"]) == ("tms", "TMS", "spd")
-    assert v["checkpoints"] == [4] and not v["is_lm"]
+    assert v["method_label"] == "SPD"
+    assert v["checkpoints"] == [2] and not v["is_lm"]
     summary = json.loads((wd / "summary.json").read_text())
     rows = dict(map(tuple, v["evaluation"]))
     assert rows["mmcs"] == summary["mmcs"] and rows["loss/total"] == summary["loss"]["total"]
@@ -110,3 +112,41 @@ def test_curves_are_subsampled_and_nan_is_null():
     assert "note" not in c
     assert data.jsonable(c)["loss"][-1] == [1000, None]
     assert data.jsonable({"a": np.float32(np.inf), "b": np.int64(3)}) == {"a": None, "b": 3}
+
+
+def test_runs_are_labelled_by_method_and_recipe(tmp_path):
+    assert data.method_label({}) == data.method_label({"method": "spd"}) == "SPD"
+    vpd = {"method": "spd", "losses": {"delta_l2": {}, "stochastic_pgd_recon_subset": {}}}
+    assert data.method_label(vpd) == "SPD (VPD recipe)"
+    assert data.method_label({"method": "spd", "losses": {"stochastic_recon": {}}}) == "SPD"
+    assert data.method_label({"method": "apd", "losses": vpd["losses"]}) == "APD"
+    assert data.method_label({"method": "l3d"}) == "L3D"
+    assert data.method_label({"method": "mine"}) == "MINE"
+    # An L3D run has no CI: the page says so instead of asking for a harvest or a clustering.
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "tms", "method": "l3d"}))
+    v = data.run_view(tmp_path)
+    assert v["method_label"] == "L3D" and v["sites"] == []
+    assert "not causal importances" in v["missing"]["ci"]
+    assert "harvest" not in v["missing"] and "clustering" not in v["missing"]
+
+
+def test_a_text_lm_shows_tokens_with_its_tokenizer(tmp_path):
+    """A Llama run's token ids are decoded by its corpus's BPE tokenizer (a tiny corpus here,
+    built into the test session's cache); an unreadable corpus leaves ids and says why."""
+    from spdjax.families.lm import model as lm_model
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the cat sat on the mat; the dog sat on the log. " * 400)
+    recipe = {"text_files": str(text), "vocab_size": 300, "seq_len": 8}
+    config = {"experiment": "lm", "variant": "llama_2x128", "target_recipe": recipe}
+    decode, why_not = data.token_decoder(config)
+    assert why_not is None
+    cfg = dataclasses.replace(lm_model.VARIANTS["llama_2x128"], **recipe)
+    tok = lm_model.text_corpus(cfg)[2]
+    the = tok.encode(" the").ids
+    assert len(the) == 1 and decode(the[0]) == " the"
+    assert all(decode(i) == tok.decode([i], skip_special_tokens=False) for i in range(257, 300))
+    missing = dict(config, target_recipe=dict(recipe, text_files=str(tmp_path / "none*.txt")))
+    decode, why_not = data.token_decoder(missing)
+    assert decode(12) == "12" and why_not.startswith("tokens shown as ids")
+    assert data.token_decoder({"experiment": "tms"})[0](3) == "3"

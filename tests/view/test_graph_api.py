@@ -4,13 +4,14 @@ requests after the first reuse what was computed, and each bad input is a ValueE
 it."""
 
 import pathlib
+import weakref
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import spdjax
-from spdjax.analysis import graphs, interventions as iv
+from spdjax.analysis import graph_compute, graphs, interventions as iv
 from spdjax.cli import prompts
 from spdjax.view import graph_api as ga
 
@@ -22,8 +23,9 @@ IDS = jnp.array([[0, 1, 2, 3, 129, 1, 2, 3, 129]], jnp.int32)
 
 
 @pytest.fixture(scope="module")
-def run():
-    return spdjax.load(FIXTURE)
+def run(lm_run):
+    """The tiny LM run (a harvested copy of FIXTURE), loaded once per session (conftest)."""
+    return lm_run
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +137,30 @@ def test_requests_reuse_the_graph_and_the_compiled_forwards(run, unpruned):
     for body in ({"ablate": [node]}, {"keep": [node]}, {"keep": [node], "base": "ci"}):
         ga.intervene_json(run, {"prompt": "BOS 4 5 6 S 4 5 6 S", **body})
     assert session.decomposition.forward._cache_size() == n_compiled  # same length: no retrace
+    # A new graph of a prompt of the same length: its edge pass is not compiled again.
+    n_edges = graph_compute._edge_rows._cache_size()
+    other = ga.graph_json(run, {"prompt": "BOS 4 5 6 S 4 5 6 S", "prune": False})
+    assert other["tokens"][1] == "4" and other["nodes"] is not unpruned["nodes"]
+    assert graph_compute._edge_rows._cache_size() == n_edges
+
+
+def test_tokens_without_a_prompt_codec_decoder_use_the_family_decoder(run, monkeypatch):
+    # A text (Llama) LM: prompts are ids (no codec decoder); tokens shown by its tokenizer.
+    monkeypatch.setattr(ga, "_SESSIONS", weakref.WeakKeyDictionary())  # a fresh session
+    monkeypatch.setitem(prompts.BUILT_IN, "induction",
+                        lambda cfg: prompts.Codec(prompts._numbers, None))
+    seen = []
+
+    def token_text(cfg):
+        seen.append(cfg)
+        return lambda t: f"<{t}>"
+
+    monkeypatch.setattr(ga.data, "model_token_text", token_text)
+    _, tokens = ga._session(run).batch(run, "0 5 1")
+    assert tokens == ["<0>", "<5>", "<1>"] and seen == [run.experiment.model_config]
+    monkeypatch.setattr(ga, "_SESSIONS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(ga.data, "model_token_text", lambda cfg: None)  # no family decoder
+    assert ga._session(run).batch(run, "0 5 1")[1] == ["0", "5", "1"]
 
 
 @pytest.mark.parametrize("body, match", [

@@ -1,7 +1,7 @@
-"""The graph explorer in a real browser (headless Debian chromium via chromedriver, which
-``.ci/run`` installs) against the viewer's server on the committed tiny induction-toy run: a
-graph renders, clicking a subcomponent keeps or ablates it (visibly) and changes the
-predictions shown, and a bad prompt's error is shown on the page.
+"""The graph explorer in a real browser (the session's headless Debian chromium, conftest)
+against the viewer's server on the tiny induction-toy run: a bad prompt's error is shown on the
+page, a graph renders, and clicking a subcomponent keeps or ablates it (visibly) and changes the
+predictions shown.
 
 Also the screenshots' script (docs/images/viewer_graph*.png, docs/guides/viewer.md)::
 
@@ -10,14 +10,12 @@ Also the screenshots' script (docs/images/viewer_graph*.png, docs/guides/viewer.
 
 import argparse
 import pathlib
-import shutil
 import sys
 import time
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FIXTURE = ROOT / "tests" / "fixtures" / "lm_ih_tiny"
 PROMPT = "BOS 1 2 3 S 1 2 3 S"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 INSTANCE = "window.spdjaxGraph.instances[0]"
@@ -139,29 +137,16 @@ def intervene_by_click(driver, node_id: str, state: str) -> str:
     return predictions(driver)[1]
 
 
-@pytest.fixture(scope="module")
-def viewer(tmp_path_factory):
-    """The viewer's server (spdjax.view.server) on a copy of the tiny LM run, and a browser."""
-    from spdjax.view import server as view_server
+def test_graph_errors_then_renders_and_clicks_change_the_predictions(browser, served):
+    driver = browser
+    open_explorer(driver, served["lm"])
+    res = build(driver, "BOS x S")  # a bad prompt: its error is shown on the page
+    assert "token 'x' is not an id" in res["error"]
+    assert driver.execute_script(f"return {INSTANCE}.error.hidden") is False
 
-    wd = tmp_path_factory.mktemp("graph_browser") / "lm"
-    shutil.copytree(FIXTURE, wd)
-    srv = view_server.make_server(wd)
-    view_server.start_in_thread(srv)
-    driver = chrome()
-    try:
-        yield driver, view_server.url(srv)
-    finally:
-        driver.quit()
-        srv.shutdown()
-        srv.server_close()
-
-
-def test_graph_renders_and_clicks_change_the_predictions(viewer, tmp_path):
-    driver, url = viewer
-    open_explorer(driver, url)
     graph = build(driver, PROMPT, prune=False)  # the barely trained fixture prunes to no node
     assert "error" not in graph, graph
+    assert driver.execute_script(f"return {INSTANCE}.error.hidden") is True
     comps = [n for n in graph["nodes"] if n["kind"] == "component"]
     assert len(comps) == graph["unpruned"]["n_nodes"] > 10
     drawn = driver.execute_script(f"return {INSTANCE}.cy.nodes('.component, .input, .output')"
@@ -195,14 +180,6 @@ def test_graph_renders_and_clicks_change_the_predictions(viewer, tmp_path):
                  f"!{INSTANCE}.cy.getElementById(arguments[0]).hasClass('ablate') && "
                  "document.querySelector('#graph-view .sg-kl').textContent.includes('keep 0, "
                  "ablate 0')", 60, top)
-
-
-def test_errors_are_shown_on_the_page(viewer):
-    driver, url = viewer
-    open_explorer(driver, url)
-    res = build(driver, "BOS x S")
-    assert "token 'x' is not an id" in res["error"]
-    assert driver.execute_script(f"return {INSTANCE}.error.hidden") is False
 
 
 # -- the screenshots ----------------------------------------------------------------------

@@ -20,19 +20,6 @@ from helpers import cli_env
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def served(view_runs):
-    """``{label: base URL}`` of a live server per tiny run (one thread each)."""
-    servers = {k: server.make_server(wd, loader=lambda w: f"run of {w.name}")
-               for k, wd in view_runs.items()}
-    for s in servers.values():
-        server.start_in_thread(s)
-    yield {k: server.url(s) for k, s in servers.items()}
-    for s in servers.values():
-        s.shutdown()
-        s.server_close()
-
-
 def get(url):
     try:
         with urllib.request.urlopen(url, timeout=60) as r:
@@ -77,13 +64,13 @@ def test_graph_api_errors_are_400_with_the_message(served, monkeypatch):
         calls.append((run, body))
         if not body.get("prompt"):
             raise ValueError("prompt must be a non-empty string; got ''.")
-        return {"nodes": [], "run": run}
+        return {"nodes": [], "run": run.workdir.name}
 
     stand_in = types.SimpleNamespace(graph_json=graph_json, intervene_json=graph_json)
     monkeypatch.setattr(server, "graph_module", lambda: stand_in)
     lm = served["lm"]
     status, _, body = post(lm + "api/graph", b'{"prompt": "1 2 3"}')
-    assert status == 200 and json.loads(body) == {"nodes": [], "run": "run of lm"}
+    assert status == 200 and json.loads(body) == {"nodes": [], "run": "lm"}
     status, _, body = post(lm + "api/intervene", b'{"prompt": ""}')
     assert status == 400 and json.loads(body) == {
         "error": "prompt must be a non-empty string; got ''."}
@@ -94,7 +81,7 @@ def test_graph_api_errors_are_400_with_the_message(served, monkeypatch):
     status, _, body = post(served["tms"] + "api/graph", b'{"prompt": "x"}')
     assert status == 400 and "for language-model runs; this run is tms" in json.loads(body)[
         "error"]
-    assert len(calls) == 2  # the run is loaded once and passed to both
+    assert len(calls) == 2 and calls[0][0] is calls[1][0]  # loaded once, passed to both
 
 
 def test_a_port_in_use_is_named(view_runs):
@@ -130,37 +117,69 @@ def test_export_writes_the_page_and_every_view(view_runs, tmp_path):
         export.export(view_runs["tms"], view_runs["tms"] / "view")
 
 
-def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "spdjax.view", *args], cwd=ROOT, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+# The command line's cases in one process (importing spdjax is most of a case's time): each
+# runs the console entry spdjax.view.__main__.run() with its arguments; its exit code and
+# output are printed between markers.
+_CHILD = """
+import json, sys
+from absl import flags
+from spdjax.view import __main__ as entry
+for argv in json.loads(sys.argv[1]):
+    flags.FLAGS.unparse_flags()
+    sys.argv = ["spdjax-view", *argv]
+    for stream in (sys.stdout, sys.stderr):
+        print("@@case", file=stream, flush=True)
+    try:
+        entry.run()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    print(f"@@exit {code}", flush=True)
+"""
+
+
+def _cli_cases(*cases: list[str]) -> list[tuple[int, str, str]]:
+    """``(exit code, stdout, stderr)`` of ``python -m spdjax.view`` with each argument list."""
+    p = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], cwd=ROOT,
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    outs, errs = p.stdout.split("@@case\n")[1:], p.stderr.split("@@case\n")[1:]
+    assert len(outs) == len(errs) == len(cases), (p.stdout[-2000:], p.stderr[-2000:])
+    results = []
+    for out, err in zip(outs, errs):
+        body, _, code = out.rpartition("@@exit ")
+        results.append((int(code), body, err))
+    return results
 
 
 def test_command_line_errors_are_one_line(tmp_path, view_runs):
-    p = _cli(f"--workdir={tmp_path / 'missing'}")
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        f"error: --workdir={tmp_path / 'missing'}: no such directory."]
-    p = _cli(f"--workdir={tmp_path}")
-    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
-        f"error: --workdir={tmp_path} holds no run: expected config.json or checkpoints/")
+    tms = view_runs["tms"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        p = _cli(f"--workdir={view_runs['tms']}", f"--port={port}")
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        missing, empty, busy, exported = _cli_cases(
+            [f"--workdir={tmp_path / 'missing'}"], [f"--workdir={tmp_path}"],
+            [f"--workdir={tms}", f"--port={port}"],
+            [f"--workdir={tms}", f"--export={tmp_path / 'x'}"])
+    assert missing[0] == 2 and missing[2].strip().splitlines() == [
+        f"error: --workdir={tmp_path / 'missing'}: no such directory."]
+    assert empty[0] == 2 and empty[2].strip().splitlines()[-1].startswith(
+        f"error: --workdir={tmp_path} holds no run: expected config.json or checkpoints/")
+    assert busy[0] == 2 and busy[2].strip().splitlines() == [
         f"error: port {port} on 127.0.0.1 is in use: pick another with --port (or --port=0 "
         "for any free one)."]
-    p = _cli(f"--workdir={view_runs['tms']}", f"--export={tmp_path / 'x'}")
-    assert p.returncode == 0 and p.stdout.strip() == str(tmp_path / "x" / "index.html")
+    assert exported[0] == 0 and exported[1].strip() == str(tmp_path / "x" / "index.html")
     assert os.path.isfile(tmp_path / "x" / "data" / "run.js")
 
 
-@pytest.mark.slow  # trains three more tiny runs; the default tests cover the code on TMS and LM
+@pytest.mark.slow  # trains four more tiny runs; the default tests cover the code on TMS and LM
 def test_every_family_and_method_is_served_and_exported(tmp_path):
     from view import tiny_runs
 
-    runs = tiny_runs.make(tmp_path / "runs", labels=("tms_apd", "tms_vpd", "resid_mlp"))
-    for label, wd in runs.items():
+    runs = tiny_runs.make(tmp_path / "runs", labels=("tms_apd", "tms_vpd", "resid_mlp", "l3d"))
+    labels = {"tms_apd": "APD", "tms_vpd": "SPD (VPD recipe)", "resid_mlp": "SPD", "l3d": "L3D"}
+    for label, wd in sorted(runs.items(), key=lambda kv: kv[0] == "resid_mlp"):  # it last
         s = server.make_server(wd)
         server.start_in_thread(s)
         try:
@@ -173,7 +192,11 @@ def test_every_family_and_method_is_served_and_exported(tmp_path):
         finally:
             s.shutdown()
             s.server_close()
-        assert run["method"] == ("apd" if label == "tms_apd" else "spd")
+        assert run["method_label"] == labels[label]
+        if label == "l3d":  # its summary and figures; no CI: said so, no harvest asked for
+            assert run["method"] == "l3d" and "recon_error" in dict(run["evaluation"])
+            assert "not causal importances" in run["missing"]["ci"]
+            assert "harvest" not in run["missing"] and any(f["family"] for f in run["figures"])
         index = export.export(wd, tmp_path / f"{label}_view")
         assert (index.parent / "data" / "run.js").is_file()
     assert run["family"] == "resid_mlp" and any(f["family"] for f in run["figures"])

@@ -2,8 +2,8 @@
 a few training steps each, harvested on a few small batches, the TMS one clustered too.
 
 ``make(root)`` -> ``{label: workdir}`` with labels ``tms`` (SPD, figures, harvest, clustering),
-``tms_apd``, ``tms_vpd``, ``resid_mlp`` (SPD; harvest) and ``lm`` (the committed
-tests/fixtures/lm_ih_tiny, harvested)."""
+``tms_apd``, ``tms_vpd``, ``resid_mlp`` (SPD; harvest), ``l3d`` (L3D on TMS 5-2: no CI, so no
+harvest) and ``lm`` (the committed tests/fixtures/lm_ih_tiny, harvested)."""
 
 import pathlib
 import shutil
@@ -14,7 +14,7 @@ from spdjax.analysis import clustering, harvest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LM_FIXTURE = ROOT / "tests" / "fixtures" / "lm_ih_tiny"
-TINY = {"steps": 4, "log_every": 2, "checkpoint_every": 4, "batch_size": 32,
+TINY = {"steps": 2, "log_every": 1, "checkpoint_every": 2, "batch_size": 32,
         "eval_batch_size": 64}
 CONFIGS = {
     "tms": ("tms:5-2", dict(TINY, C=6)),
@@ -23,10 +23,13 @@ CONFIGS = {
     "tms_vpd": ("tms:5-2+vpd", dict({k: v for k, v in TINY.items() if k != "batch_size"},
                                     C=6, figures=False)),
     "resid_mlp": ("resid_mlp:1", dict(TINY, C=20, target_steps=20)),
+    # L3D on the TMS target SPD decomposes: a fixed set of 64 samples, one dense step
+    "l3d": ("l3d:5-2", dict({k: v for k, v in TINY.items() if k != "batch_size"},
+                            **{"l3d.dense_steps": 1, "l3d.n_samples": 64})),
 }
 
 
-def make(root: pathlib.Path, labels=("tms", "tms_apd", "tms_vpd", "resid_mlp", "lm")
+def make(root: pathlib.Path, labels=("tms", "tms_apd", "tms_vpd", "resid_mlp", "l3d", "lm")
          ) -> dict[str, pathlib.Path]:
     out = {}
     for label in labels:
