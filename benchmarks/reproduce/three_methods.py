@@ -105,13 +105,19 @@ def train_or_load(name: str, seed: int, workdir: pathlib.Path, label: str,
     """``(run, summary, seconds)`` of config ``name`` in ``workdir/<label>_seed<seed>`` (resumed,
     or only loaded when finished)."""
     config = spdjax.config.load(name, {"seed": seed, "figures": False, **(overrides or {})})
-    t0 = time.perf_counter()
     run = spdjax.setup(config, workdir / f"{label}_seed{seed}")
-    start = run.step
     loop.train(run)
     summary = loop.evaluate(run)
-    seconds = time.perf_counter() - t0 if start < config.steps else None
-    return run, summary, seconds
+    return run, summary, training_seconds(run)
+
+
+def training_seconds(run) -> float | None:
+    """The training wall time the loop recorded (its last ``metrics.jsonl`` row), also for a
+    run loaded finished."""
+    path = run.workdir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    times = [r["wall_time_s"] for r in rows if "wall_time_s" in r]
+    return times[-1] if times else None
 
 
 def components(run) -> np.ndarray:
@@ -128,6 +134,8 @@ def time_step(name: str, batch_size: int) -> dict:
     config = spdjax.config.load(name, {"batch_size": batch_size, "figures": False})
     with config.unlocked():
         config.eval_batch_size = max(config.eval_batch_size, batch_size)
+        if config.method == "l3d" and config.l3d.n_samples < batch_size:
+            config.l3d.n_samples = 0  # a batch larger than the fixed set: fresh samples
     run = spdjax.setup(config)
     call = run.step_call(config.steps_per_call)
     state = run.state
@@ -141,6 +149,7 @@ def time_step(name: str, batch_size: int) -> dict:
         steps += 1
     s_per_step = (time.perf_counter() - t0) / steps
     return {"config": name, "batch_size": batch_size, "s_per_step": s_per_step,
+            "l3d_n_samples": config.l3d.n_samples if config.method == "l3d" else None,
             "steps_per_s": 1 / s_per_step, "timed_steps": steps, "load_avg_1m": load_before}
 
 
@@ -152,6 +161,7 @@ def costs(methods: dict, batch_sizes: list[int], rounds: int) -> list[dict]:
             for method, name in methods.items():
                 row = row_in_fresh_process("benchmarks.reproduce.three_methods",
                                            f"{name}@{bs}")
+                print(json.dumps({"cost": method, **row}), flush=True)
                 samples.setdefault((method, bs), []).append(row)
     out = []
     for (method, bs), rows in samples.items():
@@ -258,7 +268,7 @@ def to_markdown(result: dict) -> str:
         fit = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in own.items() if v is not None)
         ml2r = f"{gt['ml2r']:.4f}" if "ml2r" in gt else "n/a (directions)"
-        wall = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "loaded"
+        wall = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "?"
         lines.append(f"| {method} | `{r['config']}` | {r['steps']} x {r['batch_size']} | "
                      f"{gt['mmcs']:.4f} | {gt['features_found']} of 5 | {ml2r} | {fit} | "
                      f"{wall} |")
