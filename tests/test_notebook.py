@@ -30,6 +30,7 @@ def test_tms_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert "MMCS = " in text and "ML2R = " in text
     assert "params of" in text and "at step 100" in text  # the finished run reopened by spdjax.load
     assert "SPD: MMCS" in text and "APD: MMCS" in text  # the same target decomposed by APD
+    assert "viewer of" in text and " at http://127.0.0.1:" in text  # served, cell returned
     assert len(images) == 3
     assert (tmp_path / "run" / "summary.json").exists()
     assert (tmp_path / "run_apd" / "summary.json").exists()

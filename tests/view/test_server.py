@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from spdjax.view import data, export, pages, server
+from spdjax.view import data, export, notebook, pages, server
 
 from helpers import cli_env
 
@@ -82,6 +82,31 @@ def test_graph_api_errors_are_400_with_the_message(served, monkeypatch):
     assert status == 400 and "for language-model runs; this run is tms" in json.loads(body)[
         "error"]
     assert len(calls) == 2 and calls[0][0] is calls[1][0]  # loaded once, passed to both
+
+
+def test_a_notebook_serves_in_a_thread_and_shows_it(view_runs, monkeypatch):
+    wd = view_runs["tms"]
+    shown = []
+    monkeypatch.setattr(notebook, "_SERVERS", {})
+    try:
+        url = notebook.serve_in_notebook(wd, display=False)  # returns: served in a thread
+        status, _, body = get(url + "api/run.json")
+        assert status == 200 and json.loads(body)["name"] == "tms"
+        # Colab: the page through the kernel's port proxy, the same server as before
+        output = types.SimpleNamespace(serve_kernel_port_as_iframe=lambda port, height: shown
+                                       .append((port, height)))
+        colab = types.ModuleType("google.colab")
+        colab.output = output
+        monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+        monkeypatch.setitem(sys.modules, "google.colab", colab)
+        monkeypatch.setitem(sys.modules, "google.colab.output", output)
+        assert notebook.in_colab()
+        assert notebook.serve_in_notebook(wd, height=500) == url
+        assert shown == [(int(url.rsplit(":", 1)[1].strip("/")), "500")]
+    finally:
+        notebook.stop(wd)
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=5)
 
 
 def test_a_port_in_use_is_named(view_runs):
