@@ -17,6 +17,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to serve on (0: any free port).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1",
                             "Address to bind (0.0.0.0: reachable from other machines).")
+_ALLOWED_HOSTS = flags.DEFINE_list(
+    "allowed_hosts", [],
+    "Host names besides localhost, --host and IP addresses that a request may name (e.g. this "
+    "machine's DNS name with --host=0.0.0.0; '*': any, behind a proxy). Other names get 403: "
+    "a web page rebinding its own domain to this machine cannot read the viewer.")
 _EXPORT = flags.DEFINE_string("export", None,
                               "Write a static copy of the viewer into this directory and exit "
                               "(no server; the graph explorer needs the live server).")
@@ -40,7 +45,8 @@ def main(argv):
             index = export_lib.export(_WORKDIR.value, _EXPORT.value)
             print(index, flush=True)
             return
-        server = server_lib.make_server(_WORKDIR.value, host=_HOST.value, port=_PORT.value)
+        server = server_lib.make_server(_WORKDIR.value, host=_HOST.value, port=_PORT.value,
+                                        allowed_hosts=_ALLOWED_HOSTS.value)
     except (ValueError, OSError) as e:
         _fail(str(e.args[-1]) if isinstance(e, server_lib.PortInUseError) else str(e))
     print(f"spdjax view of {data.check_workdir(_WORKDIR.value)}: {server_lib.url(server)} "

@@ -20,13 +20,22 @@ def in_colab() -> bool:
 
 def serve_in_notebook(workdir: str | pathlib.Path, *, port: int = 0, height: int = 800,
                       display: bool = True) -> str:
-    """Serves the viewer of ``workdir`` from this kernel (once per workdir; a second call shows
-    the same server) and displays it: in Colab with
-    ``google.colab.output.serve_kernel_port_as_iframe``, elsewhere as an ``IPython`` IFrame.
-    Returns the server's local URL."""
+    """Serves the viewer of ``workdir`` from this kernel (once per workdir: a second call shows
+    the same server, or restarts it on ``port`` when that names another port) and displays it:
+    in Colab with ``google.colab.output.serve_kernel_port_as_iframe``, elsewhere as an
+    ``IPython`` IFrame. Returns the server's local URL.
+
+    In Colab the server accepts any ``Host`` header: the page reaches it through Colab's proxy,
+    whose public name the server cannot know, and the runtime's loopback address is reachable
+    only through that proxy, so no other page can rebind a name to it (the ``Host`` check in
+    :mod:`spdjax.view.server` guards a server on the user's own machine)."""
     key = str(pathlib.Path(workdir).expanduser().resolve())
+    old = _SERVERS.get(key)
+    if old is not None and port not in (0, old.server_address[1]):
+        stop(workdir)  # the caller asked for another port: serve there instead
     if key not in _SERVERS:
-        server = server_lib.make_server(workdir, port=port)
+        hosts = [server_lib.ANY_HOST] if in_colab() else []
+        server = server_lib.make_server(workdir, port=port, allowed_hosts=hosts)
         server_lib.start_in_thread(server)
         _SERVERS[key] = server
     server = _SERVERS[key]
