@@ -60,6 +60,12 @@
     return String(v);
   }
 
+  function fmtAxis(v) { // a chart's axis label: short enough for its margin
+    const a = Math.abs(v);
+    if (Number.isInteger(v) && a < 1e5) return String(v);
+    return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(1) : v.toPrecision(3);
+  }
+
   function pct(v) { return v === null || v === undefined ? "–" : (100 * v).toPrecision(3) + "%"; }
 
   function hint(text) {
@@ -95,7 +101,7 @@
     let y0 = ty(ymin0), y1 = ty(ymax0);
     if (y1 === y0) { y0 -= 1; y1 += 1; }
     const x0 = Math.min(...xs), x1 = Math.max(...xs) === x0 ? x0 + 1 : Math.max(...xs);
-    const L = 44, R = 6, T = 6, B = 18;
+    const L = 50, R = 6, T = 6, B = 18;
     const X = (v) => L + (v - x0) / (x1 - x0) * (width - L - R);
     const Y = (v) => height - B - (ty(v) - y0) / (y1 - y0) * (height - T - B);
     root.appendChild(svg("rect", { x: L, y: T, width: width - L - R, height: height - T - B,
@@ -107,8 +113,9 @@
       root.appendChild(svg("circle", { cx: X(pts[0][0]), cy: Y(pts[0][1]), r: 3,
         fill: "#2a6fdb" }));
     }
-    root.appendChild(svg("text", { x: L - 3, y: T + 8, "text-anchor": "end" }, fmt(ymax0)));
-    root.appendChild(svg("text", { x: L - 3, y: height - B, "text-anchor": "end" }, fmt(ymin0)));
+    root.appendChild(svg("text", { x: L - 3, y: T + 8, "text-anchor": "end" }, fmtAxis(ymax0)));
+    root.appendChild(svg("text", { x: L - 3, y: height - B, "text-anchor": "end" },
+      fmtAxis(ymin0)));
     if (log) root.appendChild(svg("text", { x: L + 3, y: T + 10 }, "log"));
     root.appendChild(svg("text", { x: L, y: height - 4 }, fmt(x0)));
     root.appendChild(svg("text", { x: width - R, y: height - 4, "text-anchor": "end" },
