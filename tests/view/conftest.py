@@ -1,9 +1,12 @@
-"""What the viewer's tests share, made once: the tiny runs (tests/view/tiny_runs.py; once per
-test session even across pytest-xdist workers, which wait on a file lock for the first to
-build them), the LM run loaded once (its compiled forwards and graphs shared by the graph API
+"""What the viewer's tests share, made once: the tiny runs (tests/view/tiny_runs.py; each once
+per test session even across pytest-xdist workers, which wait on its file lock for the first to
+build it), the LM run loaded once (its compiled forwards and graphs shared by the graph API
 tests and the browser), a live server per run, and one headless browser per worker."""
 
+import collections.abc
 import os
+import pathlib
+import threading
 
 import filelock
 import pytest
@@ -17,39 +20,94 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 DEFAULT_RUNS = ("tms", "lm")
 
 
+class _Runs(collections.abc.Mapping):
+    """``{label: workdir}`` of the tiny runs, each made on first use (its own file lock: a
+    worker that needs only the LM run does not wait for the TMS one)."""
+
+    def __init__(self, root: pathlib.Path, labels):
+        self.root, self.labels = root, tuple(labels)
+
+    def __getitem__(self, label):
+        if label not in self.labels:
+            raise KeyError(label)
+        wd, done = self.root / label, self.root / f"{label}.done"
+        with filelock.FileLock(str(self.root / f"{label}.lock")):
+            if not done.exists():
+                tiny_runs.make(self.root, labels=(label,))
+                done.touch()
+        return wd
+
+    def __iter__(self):
+        return iter(self.labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+
 @pytest.fixture(scope="session")
 def view_runs(tmp_path_factory):
-    """``{label: workdir}``: a TMS run (SPD: figures, harvest, clustering) and the committed tiny
-    LM run, harvested. Read-only for the tests (copy one to change it)."""
+    """``{label: workdir}``: ``tms`` (SPD: figures, harvest, clustering) and ``lm`` (the
+    committed tiny LM run, harvested), each made when first read. Read-only for the tests
+    (copy one to change it)."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the session's directory, above each worker's own
-    done = root / "view_runs" / "done"
-    with filelock.FileLock(str(root / "view_runs.lock")):
-        if not done.exists():
-            tiny_runs.make(root / "view_runs", labels=DEFAULT_RUNS)
-            done.touch()
-    return {label: root / "view_runs" / label for label in DEFAULT_RUNS}
+    (root / "view_runs").mkdir(exist_ok=True)
+    return _Runs(root / "view_runs", DEFAULT_RUNS)
+
+
+_LOADED: dict = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def _load_once(workdir: pathlib.Path):
+    """``spdjax.load(workdir)``, once per process (the tests' and the server's threads)."""
+    with _LOAD_LOCK:
+        if workdir not in _LOADED:
+            _LOADED[workdir] = spdjax.load(workdir)
+        return _LOADED[workdir]
 
 
 @pytest.fixture(scope="session")
 def lm_run(view_runs):
-    """The tiny LM run, loaded once (``spdjax.load``)."""
-    return spdjax.load(view_runs["lm"])
+    """The tiny LM run, loaded once (the same object the LM server's graph API uses)."""
+    return _load_once(view_runs["lm"])
+
+
+class _Servers(collections.abc.Mapping):
+    """``{label: base URL}`` of a live viewer server per tiny run, each started on first use
+    (a thread each); the LM's graph API uses the session's loaded run."""
+
+    def __init__(self, runs, lm_loader):
+        self.runs, self.lm_loader, self.servers = runs, lm_loader, {}
+
+    def __getitem__(self, label):
+        if label not in self.servers:
+            loader = self.lm_loader if label == "lm" else None
+            s = server.make_server(self.runs[label], loader=loader)
+            server.start_in_thread(s)
+            self.servers[label] = s
+        return server.url(self.servers[label])
+
+    def __iter__(self):
+        return iter(self.runs)
+
+    def __len__(self):
+        return len(self.runs)
+
+    def close(self):
+        for s in self.servers.values():
+            s.shutdown()
+            s.server_close()
 
 
 @pytest.fixture(scope="session")
-def served(view_runs, lm_run):
-    """``{label: base URL}`` of a live viewer server per tiny run (a thread each); the LM's
-    graph API uses :func:`lm_run`."""
-    loaders = {"lm": lambda _wd: lm_run}
-    servers = {k: server.make_server(wd, loader=loaders.get(k)) for k, wd in view_runs.items()}
-    for s in servers.values():
-        server.start_in_thread(s)
-    yield {k: server.url(s) for k, s in servers.items()}
-    for s in servers.values():
-        s.shutdown()
-        s.server_close()
+def served(view_runs):
+    """``{label: base URL}`` (:class:`_Servers`); the LM's graph API loads the run as
+    :func:`lm_run` does (the same object)."""
+    servers = _Servers(view_runs, _load_once)
+    yield servers
+    servers.close()
 
 
 @pytest.fixture(scope="session")
