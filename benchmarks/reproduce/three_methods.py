@@ -3,8 +3,9 @@
 
     python -m benchmarks.reproduce.three_methods --seed=0 --workdir=workdir/three_methods \\
         --out=benchmarks/results        # -> three_methods_tms.{json,md,png}
-    python -m benchmarks.reproduce.three_methods --model=resid-mlp-1 --l3d_steps=8000 \\
-        --batch_sizes=32,256 --workdir=workdir/three_methods --out=benchmarks/results
+    python -m benchmarks.reproduce.three_methods --model=resid-mlp-1 --l3d_steps=1000 \\
+        --batch_sizes=32,256 --rounds=1 --workdir=workdir/three_methods_resid \\
+        --out=benchmarks/results
 
 Each method runs its own recipe on the same cached target (SPD ``configs/tms.py:5-2``: C 20, 40k
 steps of 4096; APD ``configs/tms.py:5-2+apd``: C 5, 20k steps of 2048; L3D
@@ -355,7 +356,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--batch_sizes", default="32,2048")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--l3d_steps", type=int, default=8000, help="ResidMLP 1: L3D's steps")
+    p.add_argument("--l3d_steps", type=int, default=1000, help="ResidMLP 1: L3D's steps")
     p.add_argument("--skip_costs", action="store_true", help="ground truth only")
     p.add_argument("--row", help="internal: time one 'config@batch_size' and print it as JSON")
     args = p.parse_args(argv)
