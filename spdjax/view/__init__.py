@@ -3,6 +3,7 @@
 
 * :mod:`~spdjax.view.data`: a workdir -> the JSON-able dict of each view (pure functions);
 * :mod:`~spdjax.view.server`: the local HTTP server (static page, JSON views, graph API);
+* :mod:`~spdjax.view.errors`: the graph API's bad-input error (HTTP 400);
 * :mod:`~spdjax.view.export`: the static copy;
 * :mod:`~spdjax.view.notebook`: the server in a notebook's output (Colab or Jupyter);
 * ``static/``: the page (plain JavaScript, no build step).

@@ -5,7 +5,8 @@
 Both take a finished language-model run (``spdjax.load(workdir)``) and a request body (a dict
 read from JSON); a bad body, an empty prompt, a token the run's encoding does not know, a node
 that is not a subcomponent of the decomposition, or a run that is not a language model is a
-``ValueError`` whose message names the bad value and what was expected (the server's HTTP 400).
+:class:`~spdjax.view.errors.BadRequest` (a ``ValueError``) whose message names the bad value and
+what was expected (the server's HTTP 400); any other exception is a bug (the server's 500).
 
 The graph is :func:`spdjax.analysis.graph_compute.compute_graph` pruned by
 :func:`~spdjax.analysis.graph_prune.prune` (docs/guides/attribution_graphs.md); the intervention is
@@ -23,6 +24,7 @@ are kept per prompt and settings (the last :data:`GRAPHS_KEPT`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import weakref
 from typing import Any, Mapping
@@ -34,6 +36,7 @@ import numpy as np
 from spdjax.analysis import graphs, interventions as iv
 from spdjax.cli import prompts
 from spdjax.view import data
+from spdjax.view.errors import BadRequest
 
 GRAPHS_KEPT = 16  # graphs remembered per run (a few KB of JSON each)
 MAX_TOP_K = 50
@@ -84,7 +87,7 @@ class _Session:
     def __init__(self, run):
         family = run.experiment.family
         if family.name != "lm" and getattr(family, "prompt_codec", None) is None:
-            raise ValueError(
+            raise BadRequest(
                 f"The graph explorer reads language-model runs (prompts of tokens); the run in "
                 f"{run.workdir} is of the {family.name!r} family. Its per-prompt analyses: "
                 "python -m spdjax.attribution_graph / spdjax.intervene with a numeric prompt.")
@@ -107,12 +110,13 @@ class _Session:
     def batch(self, run, text: Any) -> tuple[jax.Array, list[str]]:
         """``([1, T] ids, their token texts)`` of the prompt ``text``."""
         if not isinstance(text, str):
-            raise ValueError(f"'prompt' must be a string, got {text!r}.")
+            raise BadRequest(f"'prompt' must be a string, got {text!r}.")
         if not text.strip():
-            raise ValueError("The prompt is empty: type at least one token.")
-        batch, _ = prompts.prompt_batch(run, text)
+            raise BadRequest("The prompt is empty: type at least one token.")
+        with _checking():
+            batch, _ = prompts.prompt_batch(run, text)
         if not np.issubdtype(batch.dtype, np.integer):
-            raise ValueError(f"The prompt {text!r} is not tokens (it encodes to floats).")
+            raise BadRequest(f"The prompt {text!r} is not tokens (it encodes to floats).")
         self.check_vocabulary(run, batch)
         return jnp.asarray(batch), [self.decode(int(i)) for i in batch[0]]
 
@@ -130,7 +134,7 @@ class _Session:
         bad = sorted({int(i) for i in batch.reshape(-1) if vocab is not None
                       and not 0 <= i < vocab})
         if bad:
-            raise ValueError(f"The prompt's token ids {bad} are outside the model's vocabulary "
+            raise BadRequest(f"The prompt's token ids {bad} are outside the model's vocabulary "
                              f"[0, {vocab}).")
 
     def decode(self, i: int) -> str:
@@ -155,15 +159,27 @@ def _session(run) -> _Session:
 # -- reading a body -----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _checking():
+    """The library's input checks (prompt encoding, node ids) raise ``ValueError`` for what the
+    user typed: inside this block that is the request's :class:`BadRequest`."""
+    try:
+        yield
+    except BadRequest:
+        raise
+    except ValueError as e:
+        raise BadRequest(str(e)) from e
+
+
 def _check_keys(body: Any, allowed: Mapping[str, str]) -> None:
     if not isinstance(body, Mapping):
-        raise ValueError(f"The request body must be a JSON object, got {body!r}.")
+        raise BadRequest(f"The request body must be a JSON object, got {body!r}.")
     unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise ValueError(f"Unknown request fields {unknown}; expected "
+        raise BadRequest(f"Unknown request fields {unknown}; expected "
                          + "; ".join(f"{k}: {v}" for k, v in allowed.items()) + ".")
     if "prompt" not in body:
-        raise ValueError("The request has no 'prompt': send {\"prompt\": \"...\"}.")
+        raise BadRequest("The request has no 'prompt': send {\"prompt\": \"...\"}.")
 
 
 def _number(body: Mapping, key: str, default: float, lo: float, hi: float, *,
@@ -171,7 +187,7 @@ def _number(body: Mapping, key: str, default: float, lo: float, hi: float, *,
     v = body.get(key, default)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
             (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
-        raise ValueError(f"'{key}' must be a number in {'(' if lo_open else '['}{lo}, {hi}"
+        raise BadRequest(f"'{key}' must be a number in {'(' if lo_open else '['}{lo}, {hi}"
                          f"{')' if hi_open else ']'}, got {v!r}.")
     return float(v)
 
@@ -179,34 +195,40 @@ def _number(body: Mapping, key: str, default: float, lo: float, hi: float, *,
 def _top_k(body: Mapping, default: int) -> int:
     k = body.get("top_k", default)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TOP_K:
-        raise ValueError(f"'top_k' must be an integer in [1, {MAX_TOP_K}], got {k!r}.")
+        raise BadRequest(f"'top_k' must be an integer in [1, {MAX_TOP_K}], got {k!r}.")
     return k
 
 
-def _positions(body: Mapping) -> list[int]:
+def _positions(body: Mapping, T: int) -> list[int]:
+    """The output positions asked for, each in ``[-T, T)`` for a prompt of ``T`` tokens (an
+    LM's output has one position per token)."""
     p = body.get("positions") or []
     if isinstance(p, int) and not isinstance(p, bool):
         p = [p]
     if not isinstance(p, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in p):
-        raise ValueError(f"'positions' must be a list of integers (negative: from the end), "
+        raise BadRequest(f"'positions' must be a list of integers (negative: from the end), "
                          f"got {p!r}.")
+    for x in p:
+        if not -T <= x < T:
+            raise BadRequest(f"Output position {x} is outside the prompt of {T} positions.")
     return p
 
 
 def _nodes(body: Mapping, key: str) -> list[iv.Subcomponent]:
     ids = body.get(key) or []
     if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
-        raise ValueError(f"'{key}' must be a list of node ids like 'blocks_0/attn/v:3@2', "
+        raise BadRequest(f"'{key}' must be a list of node ids like 'blocks_0/attn/v:3@2', "
                          f"got {ids!r}.")
     out = []
     for node in ids:
         kind = node.split(":", 1)[0]
         if kind in (graphs.INPUT, graphs.OUTPUT):
-            raise ValueError(f"Node {node!r} is an {kind} node: only subcomponent nodes "
+            raise BadRequest(f"Node {node!r} is an {kind} node: only subcomponent nodes "
                              "('site:index@position') can be kept or ablated.")
-        subs = iv.parse_subcomponents(node)
+        with _checking():
+            subs = iv.parse_subcomponents(node)
         if len(subs) != 1:
-            raise ValueError(f"Node id {node!r} must name one subcomponent "
+            raise BadRequest(f"Node id {node!r} must name one subcomponent "
                              "('site:index@position').")
         out += subs
     return out
@@ -245,7 +267,7 @@ def graph_json(run, body: Mapping[str, Any]) -> dict:
     s = _session(run)
     batch, tokens = s.batch(run, body["prompt"])
     options = {"threshold": _number(body, "threshold", 0.1, 0.0, 1.0, hi_open=True),
-               "positions": _positions(body), "top_k": _top_k(body, 3),
+               "positions": _positions(body, int(batch.shape[1])), "top_k": _top_k(body, 3),
                "masking": body.get("masking", "ci")}
     pruning = {"node_threshold": _number(body, "node_threshold", graphs.NODE_THRESHOLD, 0.0,
                                          1.0, lo_open=True),
@@ -253,10 +275,10 @@ def graph_json(run, body: Mapping[str, Any]) -> dict:
                                          1.0, lo_open=True)}
     prune = body.get("prune", True)
     if not isinstance(prune, bool):
-        raise ValueError(f"'prune' must be true or false, got {prune!r}.")
+        raise BadRequest(f"'prune' must be true or false, got {prune!r}.")
     pruning["prune"] = prune
     if options["masking"] not in graphs.MASKINGS:
-        raise ValueError(f"'masking' must be one of {list(graphs.MASKINGS)}, got "
+        raise BadRequest(f"'masking' must be one of {list(graphs.MASKINGS)}, got "
                          f"{options['masking']!r}.")
     key = (tuple(np.asarray(batch).reshape(-1).tolist()), repr(sorted(options.items())),
            repr(sorted(pruning.items())))
@@ -310,17 +332,18 @@ def intervene_json(run, body: Mapping[str, Any]) -> dict:
     s = _session(run)
     batch, _ = s.batch(run, body["prompt"])
     T = int(batch.shape[1])  # an LM's CI has one position per token
-    keep, ablate = (iv.check_subcomponents(run.decomposition, _nodes(body, k), T)
-                    for k in ("keep", "ablate"))
+    with _checking():
+        keep, ablate = (iv.check_subcomponents(run.decomposition, _nodes(body, k), T)
+                        for k in ("keep", "ablate"))
     both = sorted({iv.describe([k]) for k in keep} & {iv.describe([a]) for a in ablate})
     if both:
-        raise ValueError(f"Nodes {both} are both kept and ablated: choose one for each.")
+        raise BadRequest(f"Nodes {both} are both kept and ablated: choose one for each.")
     base = body.get("base")
     if base is not None and base not in iv.BASES:
-        raise ValueError(f"'base' must be one of {list(iv.BASES)} (or left out), got {base!r}.")
+        raise BadRequest(f"'base' must be one of {list(iv.BASES)} (or left out), got {base!r}.")
     with s.lock:
         res = iv.intervene(*s.args(run, batch), keep=keep, ablate=ablate, base=base,
-                           positions=_positions(body), k=_top_k(body, 5), decode=s.decode)
+                           positions=_positions(body, T), k=_top_k(body, 5), decode=s.decode)
     return {"positions": res.positions, "target": res.target_top,
             "intervened": res.masked_top, "kl": res.kl, "n_kept": res.n_kept,
             "keep": [iv.describe([k]) for k in keep],

@@ -13,8 +13,9 @@ Routes (``GET`` unless marked):
 * ``/figures/<name>.png``: the run's figures;
 * ``POST /api/graph`` and ``POST /api/intervene``: ``graph_api.graph_json`` /
   ``graph_api.intervene_json`` with the run loaded once (:func:`spdjax.load`, on first use) and
-  the request's JSON body (``Content-Type: application/json``, else 415). A ``ValueError``
-  (bad input) is HTTP 400 with ``{"error": message}``.
+  the request's JSON body (``Content-Type: application/json``, else 415). Their
+  :class:`~spdjax.view.errors.BadRequest` (bad input) is HTTP 400 with ``{"error": message}``;
+  any other exception (a ``ValueError`` from NumPy or JAX included) is a bug, a 500.
 
 Errors are JSON ``{"error": message}``: 404 for an unknown path, site or file
 (:class:`NotFound`), 400 for a bad request, 500 (one line; the traceback goes to stderr) for
@@ -46,6 +47,7 @@ import urllib.parse
 from typing import Any, Callable, Iterable
 
 from spdjax.view import data, pages
+from spdjax.view.errors import BadRequest
 
 MAX_BODY = 1 << 20  # bytes of a POST body (a prompt and node ids)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # Host names always accepted
@@ -257,9 +259,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                         f"run is {state.run_view()['family']}.")
             fn = getattr(graph_module(), names[path])
             return self._json(200, fn(state.loaded_run(), body))
-        except ValueError as e:
+        except BadRequest as e:
             return self._error(400, str(e))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback on stderr
             return self._unexpected(e)
 
     def _file(self, root: pathlib.Path, rel: str) -> None:

@@ -1,6 +1,6 @@
 """The graph explorer's API (spdjax/view/graph_api.py) on the committed tiny induction-toy run:
 the graph is analysis.graphs' for the same prompt, interventions are interventions.intervene's,
-requests after the first reuse what was computed, and each bad input is a ValueError naming
+requests after the first reuse what was computed, and each bad input is a BadRequest naming
 it."""
 
 import pathlib
@@ -14,6 +14,7 @@ import spdjax
 from spdjax.analysis import graph_compute, graphs, interventions as iv
 from spdjax.cli import prompts
 from spdjax.view import graph_api as ga
+from spdjax.view.errors import BadRequest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "lm_ih_tiny"  # lm:ih, seq_len 12, C 4
@@ -185,7 +186,7 @@ def test_tokens_without_a_prompt_codec_decoder_use_the_family_decoder(run, monke
                                               r"\(0.0, 1.0\]"),
 ])
 def test_bad_graph_requests_name_the_value(run, body, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(BadRequest, match=match):
         ga.graph_json(run, body)
 
 
@@ -208,7 +209,7 @@ def test_bad_graph_requests_name_the_value(run, body, match):
      r"Unknown request fields \['mode'\]"),
 ])
 def test_bad_interventions_name_the_value(run, body, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(BadRequest, match=match):
         ga.intervene_json(run, {"prompt": PROMPT, **body})
 
 
@@ -217,7 +218,7 @@ def test_ids_outside_the_vocabulary_are_refused_whatever_the_encoding(run, monke
     # still refuses ids beyond the token embedding, which a compiled forward would clamp.
     monkeypatch.setitem(prompts.BUILT_IN, "induction",
                         lambda cfg: prompts.Codec(prompts._numbers, None))
-    with pytest.raises(ValueError, match=r"token ids \[130, 500\] are outside the model's "
+    with pytest.raises(BadRequest, match=r"token ids \[130, 500\] are outside the model's "
                                          r"vocabulary \[0, 130\)"):
         ga.intervene_json(run, {"prompt": "0 500 1 130"})
     assert ga.intervene_json(run, {"prompt": "0 5 1 129"})["kl"] >= 0
@@ -226,5 +227,5 @@ def test_ids_outside_the_vocabulary_are_refused_whatever_the_encoding(run, monke
 def test_a_run_that_is_not_a_language_model_is_refused():
     tms = spdjax.load(TMS_RUN)
     for fn in (ga.graph_json, ga.intervene_json):
-        with pytest.raises(ValueError, match="reads language-model runs .* of the 'tms' family"):
+        with pytest.raises(BadRequest, match="reads language-model runs .* of the 'tms' family"):
             fn(tms, {"prompt": "1 0 0 0 0"})

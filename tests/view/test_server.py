@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from spdjax.view import data, export, notebook, pages, server
+from spdjax.view import data, errors, export, notebook, pages, server
 
 from helpers import cli_env
 
@@ -63,7 +63,7 @@ def test_graph_api_errors_are_400_with_the_message(served, monkeypatch):
     def graph_json(run, body):
         calls.append((run, body))
         if not body.get("prompt"):
-            raise ValueError("prompt must be a non-empty string; got ''.")
+            raise errors.BadRequest("prompt must be a non-empty string; got ''.")
         return {"nodes": [], "run": run.workdir.name}
 
     stand_in = types.SimpleNamespace(graph_json=graph_json, intervene_json=graph_json)
@@ -82,6 +82,21 @@ def test_graph_api_errors_are_400_with_the_message(served, monkeypatch):
     assert status == 400 and "for language-model runs; this run is tms" in json.loads(body)[
         "error"]
     assert len(calls) == 2 and calls[0][0] is calls[1][0]  # loaded once, passed to both
+
+
+def test_an_internal_value_error_is_a_500_not_bad_input(served, monkeypatch, capfd):
+    # A ValueError from inside the computation (a NumPy/JAX shape bug) is not the user's fault:
+    # one line as the 500's message, the traceback on stderr.
+    def graph_json(run, body):
+        import numpy as np
+        return np.zeros(3).reshape(2, 2)
+
+    stand_in = types.SimpleNamespace(graph_json=graph_json, intervene_json=graph_json)
+    monkeypatch.setattr(server, "graph_module", lambda: stand_in)
+    status, _, body = post(served["lm"] + "api/graph", b'{"prompt": "1 2 3"}')
+    assert status == 500 and json.loads(body) == {
+        "error": "ValueError: cannot reshape array of size 3 into shape (2,2)"}
+    assert "Traceback" in capfd.readouterr().err
 
 
 def test_a_notebook_serves_in_a_thread_and_shows_it(view_runs, monkeypatch):
