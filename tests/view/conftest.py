@@ -14,9 +14,8 @@ import pytest
 import spdjax
 from spdjax.view import server
 
-from view import tiny_runs
+from view import browser as browser_lib, tiny_runs
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 DEFAULT_RUNS = ("tms", "lm")
 
 
@@ -112,21 +111,11 @@ def served(view_runs):
 
 @pytest.fixture(scope="session")
 def browser():
-    """Headless Debian chromium through its chromedriver (.ci/run installs both)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not os.access(path, os.X_OK):
-            pytest.fail(f"{path} is missing: apt-get install -y chromium chromium-driver "
-                        "(.ci/run does).")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1500,1000"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.implicitly_wait(0)
+    """Headless Debian chromium through its chromedriver, its waits bounded
+    (tests/view/browser.py); a one-line failure at once when either is not installed."""
+    try:
+        driver = browser_lib.chrome()
+    except browser_lib.BrowserMissing as e:
+        pytest.fail(str(e), pytrace=False)
     yield driver
     driver.quit()
-

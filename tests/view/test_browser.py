@@ -8,7 +8,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from spdjax.view import export
 
-WAIT = 60  # seconds: a site's first view reads the harvest on a shared CPU
+from view.browser import WAIT_S as WAIT  # a site's first view reads the harvest on a shared CPU
 
 
 def wait_for(driver, css, n=1):
@@ -19,7 +19,8 @@ def wait_for(driver, css, n=1):
                                  + d.find_element(By.ID, "error").text)
         els = d.find_elements(By.CSS_SELECTOR, css)
         return els if len(els) >= n else False
-    return WebDriverWait(driver, WAIT).until(found)
+    return WebDriverWait(driver, WAIT).until(
+        found, message=f"{n} of {css!r} did not appear within {WAIT} s")
 
 
 def open_page(driver, url):

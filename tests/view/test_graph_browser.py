@@ -1,107 +1,15 @@
-"""The graph explorer in a real browser (the session's headless Debian chromium, conftest)
-against the viewer's server on the tiny induction-toy run: a bad prompt's error is shown on the
-page, a graph renders, and clicking a subcomponent keeps or ablates it (visibly) and changes the
-predictions shown.
-
-Also the screenshots' script (docs/images/viewer_graph*.png, docs/guides/viewer.md)::
-
-    python tests/view/test_graph_browser.py --workdir=RUN --prompt="..." --out=docs/images
-"""
-
-import argparse
-import pathlib
-import sys
-import time
+"""The graph explorer in a real browser (the session's headless Debian chromium, conftest;
+the page helpers: tests/view/browser.py) against the viewer's server on the tiny induction-toy
+run: a bad prompt's error is shown on the page, a graph renders, and clicking a subcomponent
+keeps or ablates it (visibly) and changes the predictions shown. Its screenshots are taken by
+tests/view/screenshots.py."""
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from view.browser import INSTANCE, build, click_node, intervene_by_click, open_explorer, \
+    predictions, wait
+
 PROMPT = "BOS 1 2 3 S 1 2 3 S"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-INSTANCE = "window.spdjaxGraph.instances[0]"
-
-
-def chrome(width: int = 1500, height: int = 950):
-    """A headless chromium driven by chromedriver (a clear failure when they are missing)."""
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not pathlib.Path(p).exists()]
-    if missing:
-        pytest.fail(f"{missing} missing: the browser tests need Debian's chromium and its driver "
-                    "(apt-get install -y chromium chromium-driver; .ci/run installs them).")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-              f"--window-size={width},{height}"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-
-
-def wait(driver, script: str, timeout: float = 120.0, *args):
-    """Polls ``script`` (JavaScript returning a value) until it is truthy; its value. A timeout
-    fails with the page's error box, so a broken API shows its message."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        v = driver.execute_script(script, *args)
-        if v:
-            return v
-        time.sleep(0.1)
-    err = driver.execute_script("const e = document.querySelector('.sg-error, #error');"
-                                "return e ? e.textContent : ''")
-    raise AssertionError(f"Timed out after {timeout} s waiting for: {script} (page error: "
-                         f"{err!r})")
-
-
-def open_explorer(driver, url: str) -> None:
-    """A fresh page (a changed hash alone would not reload it) on the Graph tab."""
-    driver.get(url + "#graph")
-    driver.refresh()
-    wait(driver, "return window.spdjaxGraph && window.spdjaxGraph.instances.length", 60)
-
-
-def build(driver, prompt: str, *, prune: bool = True) -> dict:
-    """Types ``prompt``, builds its graph and waits for it; the graph's JSON as the page holds
-    it (an error shown instead is returned as ``{"error": text}``)."""
-    from selenium.webdriver.common.by import By
-
-    box = driver.find_element(By.CSS_SELECTOR, "#graph-view input.sg-prompt")
-    box.clear()
-    box.send_keys(prompt)
-    prune_box = driver.find_element(By.CSS_SELECTOR, "#graph-view input.sg-prune")
-    if prune_box.is_selected() != prune:
-        if not driver.execute_script("return document.querySelector('#graph-view details')"
-                                     ".open"):
-            driver.find_element(By.CSS_SELECTOR, "#graph-view details summary").click()
-        prune_box.click()
-    driver.execute_script(f"{INSTANCE}.graph = null; {INSTANCE}.error.hidden = true;")
-    driver.find_element(By.CSS_SELECTOR, "#graph-view button.sg-build").click()
-    wait(driver, f"const e = {INSTANCE}; return !!(e.graph && e.cy) || !e.error.hidden", 300)
-    return driver.execute_script(
-        f"const e = {INSTANCE}; return e.graph || {{error: e.error.textContent}}")
-
-
-def click_node(driver, node_id: str) -> None:
-    """A real mouse click on the node's place in the canvas (scrolled into view first; the
-    pointer moves in viewport coordinates)."""
-    from selenium.webdriver.common.actions.action_builder import ActionBuilder
-
-    where = (f"const e = {INSTANCE}; const p = e.cy.getElementById(arguments[0])"
-             ".renderedPosition(); const r = e.canvas.getBoundingClientRect();")
-    driver.execute_script(where + "window.scrollBy(0, r.top + p.y - window.innerHeight / 2);",
-                          node_id)
-    x, y = driver.execute_script(where + "return [r.left + p.x, r.top + p.y];", node_id)
-    actions = ActionBuilder(driver)
-    actions.pointer_action.move_to_location(round(x), round(y))
-    actions.pointer_action.click()
-    actions.perform()
-
-
-def predictions(driver) -> tuple[str, str]:
-    """``(what the table shows: "graph" or "intervened", its text)``."""
-    return tuple(driver.execute_script(
-        "const p = document.querySelector('#graph-view .sg-preds');"
-        "return [p.dataset.kind || '', p.innerText];"))
 
 
 def cells(driver) -> list[list[str]]:
@@ -122,19 +30,6 @@ def shown_as_answered(driver, rows) -> None:
     kl = driver.execute_script("return document.querySelector('#graph-view .sg-kl')"
                                ".textContent").split("intervened) ")[1].split(" ")[0]
     assert float(kl) == pytest.approx(last["kl"], rel=1e-3)
-
-
-def intervene_by_click(driver, node_id: str, state: str) -> str:
-    """Clicks ``node_id`` (cycling none -> keep -> ablate) and waits for the intervention's
-    table with ``state`` on that node; the table's text."""
-    click_node(driver, node_id)
-    wait(driver, f"const e = {INSTANCE}; return e.cy.getElementById(arguments[0])"
-                 ".hasClass(arguments[1]) && document.querySelector('#graph-view .sg-preds')"
-                 f".dataset.kind === 'intervened' && e.ids(arguments[1]).includes(arguments[0])"
-                 " && e.interveneButton.disabled === false && document.querySelector("
-                 "'#graph-view .sg-kl').textContent.includes(arguments[1] + ' 1')", 120,
-         node_id, state)
-    return predictions(driver)[1]
 
 
 def test_graph_errors_then_renders_and_clicks_change_the_predictions(browser, served):
@@ -179,52 +74,4 @@ def test_graph_errors_then_renders_and_clicks_change_the_predictions(browser, se
     wait(driver, f"return !{INSTANCE}.cy.getElementById(arguments[0]).hasClass('keep') && "
                  f"!{INSTANCE}.cy.getElementById(arguments[0]).hasClass('ablate') && "
                  "document.querySelector('#graph-view .sg-kl').textContent.includes('keep 0, "
-                 "ablate 0')", 60, top)
-
-
-# -- the screenshots ----------------------------------------------------------------------
-
-
-def screenshots(workdir: str, prompt: str, out: pathlib.Path, clicks: int = 2) -> list:
-    """The explorer on ``workdir`` with ``prompt``: ``viewer_graph.png`` (the graph), then
-    ``viewer_graph_ablate.png`` with the ``clicks`` most influential subcomponents ablated."""
-    from spdjax.view import server as view_server
-
-    srv = view_server.make_server(workdir)
-    view_server.start_in_thread(srv)
-    driver = chrome()
-    paths = [out / "viewer_graph.png", out / "viewer_graph_ablate.png"]
-    try:
-        open_explorer(driver, view_server.url(srv))
-        graph = build(driver, prompt)
-        if "error" in graph:
-            raise SystemExit(f"error: {graph['error']}")
-        time.sleep(0.5)
-        driver.save_screenshot(str(paths[0]))
-        comps = sorted((n for n in graph["nodes"] if n["kind"] == "component"),
-                       key=lambda n: -n["influence"])
-        for n in comps[:clicks]:
-            intervene_by_click(driver, n["id"], "keep")
-            click_node(driver, n["id"])
-            wait(driver, f"return {INSTANCE}.ids('ablate').includes(arguments[0]) && "
-                         f"!{INSTANCE}.interveneButton.disabled && document.querySelector("
-                         "'#graph-view .sg-kl').textContent.includes('keep 0')", 120, n["id"])
-        time.sleep(0.5)
-        driver.save_screenshot(str(paths[1]))
-        print(predictions(driver)[1])
-    finally:
-        driver.quit()
-        srv.shutdown()
-    return paths
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "images"))
-    ap.add_argument("--clicks", type=int, default=2)
-    a = ap.parse_args()
-    for p in screenshots(a.workdir, a.prompt, pathlib.Path(a.out), a.clicks):
-        print(p)
+                 "ablate 0')", f"{top} back to neither kept nor ablated", 60, top)
