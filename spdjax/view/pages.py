@@ -1,6 +1,7 @@
 """The viewer's page: ``static/index.html`` with the scripts it loads filled in, for the live
-server or a static export. The graph explorer's code (``static/graph.js`` and the drawing
-library under ``static/vendor/``) is loaded when it is there."""
+server or a static export. The graph explorer's code (``static/graph_draw.js``, its drawing;
+``static/graph_panel.js``, its form and intervention panel; the drawing library under
+``static/vendor/``) is loaded when it is there."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import pathlib
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 VENDOR = "vendor"
-GRAPH_JS = "graph.js"
+GRAPH_JS = ("graph_draw.js", "graph_panel.js")  # in this order: the panel uses the drawing
 
 
 def scripts() -> list[str]:
     """The page's extra scripts, relative to ``static/``: the vendored libraries (sorted), then
     the graph explorer."""
     vendor = sorted(f"{VENDOR}/{p.name}" for p in (STATIC / VENDOR).glob("*.js"))
-    return vendor + ([GRAPH_JS] if (STATIC / GRAPH_JS).is_file() else [])
+    return vendor + (list(GRAPH_JS) if all((STATIC / f).is_file() for f in GRAPH_JS) else [])
 
 
 def index_html(*, static: bool, title: str) -> str:

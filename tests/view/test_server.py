@@ -39,8 +39,11 @@ def test_routes_serve_the_page_the_views_and_the_figures(served, view_runs):
     status, ctype, body = get(base)
     assert status == 200 and ctype.startswith("text/html")
     assert b"window.SPDJAX_STATIC = false" in body and b'src="static/app.js"' in body
-    for script in pages.scripts():  # the graph explorer's files, when installed
+    assert pages.scripts()[-2:] == ["graph_draw.js", "graph_panel.js"]  # drawing, then panel
+    for script in pages.scripts():  # the graph explorer's files, in the order they load
         assert f'src="static/{script}"'.encode() in body
+        assert get(base + f"static/{script}")[0] == 200
+    assert body.index(b"graph_draw.js") < body.index(b"graph_panel.js")
     assert get(base + "static/app.js")[0] == 200
     status, ctype, body = get(base + "api/run.json")
     assert status == 200 and json.loads(body) == json.loads(json.dumps(

@@ -338,8 +338,8 @@
         + `live server. Run: python -m spdjax.view --workdir=${run.workdir}`);
     }
     if (!window.spdjaxGraph) {
-      return say("The graph explorer's script (static/graph.js) is not installed with this "
-        + "spdjax.");
+      return say("The graph explorer's scripts (static/graph_draw.js, static/graph_panel.js) "
+        + "are not installed with this spdjax.");
     }
     if (!graphMounted) {
       graphMounted = true;
