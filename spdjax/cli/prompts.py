@@ -8,7 +8,10 @@ Where a prompt's encoding comes from, first that applies:
    sequence) and ``decode(id) -> str``;
 2. the transformer family's built-in kinds (``model_config.data``): the induction toy reads
    space-separated token ids (``0`` is BOS, ``V + 1`` the induction token ``S``; ``BOS`` and
-   ``S`` may be written as such) and the byte LM the prompt's UTF-8 bytes;
+   ``S`` may be written as such), the byte LM the prompt's UTF-8 bytes, and a text (Llama) LM
+   the prompt's text in its corpus's BPE tokenizer (:func:`spdjax.families.lm.model.
+   text_corpus`, the tokenizer the viewer and the harvest page decode with), or its ids when
+   the prompt is space-separated integers only;
 3. anything else: space-separated numbers (integers: token ids; otherwise a float vector).
 
 :func:`positions` reads the commands' ``--position`` list (empty: the default, the last
@@ -23,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from spdjax.cli import common
+from spdjax.families.lm import model as lm_model
 from spdjax.config.runs import load
 
 
@@ -79,7 +83,35 @@ def _bytes(_cfg) -> Codec:
         np.int32)[None], decode)
 
 
-BUILT_IN = {"induction": _induction, "bytes": _bytes}
+def _text(cfg) -> Codec:
+    """A text (Llama) LM: the prompt encoded by its corpus's tokenizer, or read as ids when it
+    is space-separated integers; tokens decoded by the same tokenizer. A corpus that cannot be
+    read (files gone) leaves ids only, and a text prompt then says why."""
+    try:
+        tok = lm_model.text_corpus(cfg)[2]
+    except (OSError, ValueError) as e:
+        tok, why = None, f"{type(e).__name__}: {e}"
+
+    def encode(text):
+        parts = text.split()
+        if parts and all(p.lstrip("-").isdigit() for p in parts):
+            ids = [int(p) for p in parts]
+        elif tok is None:
+            raise ValueError(f"The prompt {text!r} is text, and this run's tokenizer cannot be "
+                             f"read ({why}); type token ids (space-separated integers).")
+        else:
+            ids = tok.encode(text).ids
+        bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"Token ids {bad} are outside the vocabulary [0, {cfg.vocab_size}).")
+        return np.array([ids], np.int32)
+
+    decode = None if tok is None else (
+        lambda i: tok.decode([int(i)], skip_special_tokens=False))
+    return Codec(encode, decode)
+
+
+BUILT_IN = {"induction": _induction, "bytes": _bytes, "text": _text}
 
 
 def codec(run) -> Codec:
