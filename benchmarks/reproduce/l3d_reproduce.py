@@ -8,9 +8,11 @@ soon as it finishes, and one figure per model.
 (``configs/l3d.py``: ``l3d.n_samples = 1000``). For each variant of ``configs/l3d.py`` and
 seed it writes ``l3d_<variant>.json`` (the method's and the family's summary, the steps, the
 wall time and the command) and ``l3d_<variant>.png`` (each subnetwork's decoder direction per
-tensor, and for TMCS the traced ``A`` coefficients against the true ones). Draft numbers it is
-compared with (L3D paper, writeup.tex): TMS 5-2 19%, TMCS 6.4% (r 0.92, printed as "r^2" by
-the reference notebook), X^2 0.32.
+tensor, and for TMCS the traced ``A`` coefficients against the true ones).
+``--divergence=reference_mse`` trains with the reference code's gradient
+(``config.l3d.divergence``; docs/guides/l3d.md) and writes ``l3d_<variant>_reference_mse*``.
+Draft numbers it is compared with (L3D paper, writeup.tex): TMS 5-2 19%, TMCS 6.4% (r 0.92,
+printed as "r^2" by the reference notebook), X^2 0.32.
 """
 
 from __future__ import annotations
@@ -74,17 +76,21 @@ def plot(run, variant: str, path: pathlib.Path) -> pathlib.Path:
 
 
 def run_one(variant: str, steps: int, seed: int, workdir: pathlib.Path, out: pathlib.Path,
-            command: str) -> dict:
-    config = spdjax.config.load(f"l3d:{variant}", {"steps": steps, "seed": seed,
-                                                   "figures": False})
+            command: str, divergence: str = "") -> dict:
+    overrides = {"steps": steps, "seed": seed, "figures": False}
+    if divergence:
+        overrides["l3d.divergence"] = divergence
+    config = spdjax.config.load(f"l3d:{variant}", overrides)
     t0 = time.perf_counter()
-    run = spdjax.setup(config, workdir / f"{variant}_seed{seed}")
+    tag = f"_{divergence}" if divergence else ""
+    run = spdjax.setup(config, workdir / f"{variant}{tag}_seed{seed}")
     loop.train(run)
     summary = loop.evaluate(run)
     row = {"variant": variant, "seed": seed, "steps": steps, "paper": PAPER.get(variant, {}),
+           "divergence": config.l3d.divergence,
            "seconds": time.perf_counter() - t0, "command": command,
            "summary": {k: v for k, v in summary.items()}}
-    stem = f"l3d_{variant}" + (f"_seed{seed}" if seed else "")
+    stem = f"l3d_{variant}{tag}" + (f"_seed{seed}" if seed else "")
     (out / f"{stem}.json").write_text(json.dumps(row, indent=1, sort_keys=True) + "\n")
     plot(run, variant, out / f"{stem}.png")
     loop.close(run)
@@ -97,6 +103,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=32_000)
     p.add_argument("--seeds", default="0", help="comma-separated; seed 0 writes "
                    "l3d_<variant>.json, seed k > 0 l3d_<variant>_seed<k>.json")
+    p.add_argument("--divergence", default="", help="config.l3d.divergence (default: the "
+                   "config's); a non-default one is added to the file names")
     p.add_argument("--workdir", default="workdir/l3d")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
@@ -104,7 +112,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.reproduce.l3d_reproduce " + " ".join(argv or sys.argv[1:])
     for seed, v in ((int(k), v) for k in args.seeds.split(",") for v in args.variants.split(",")):
-        row = run_one(v, args.steps, seed, pathlib.Path(args.workdir), out, command)
+        row = run_one(v, args.steps, seed, pathlib.Path(args.workdir), out, command,
+                      args.divergence)
         s = row["summary"]
         print(json.dumps({"variant": v, "seed": seed, "recon_error": s["recon_error"],
                           "recon_error_train": s.get("recon_error_train"),

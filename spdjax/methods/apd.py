@@ -37,7 +37,7 @@ from spdjax.methods.apd_decomposition import (APD_FANS, APD_INITS, APDDecomposit
                                               decompose_apd, site_acts)
 from spdjax.methods.apd_terms import (act_recon, attributions, batch_topk, faithfulness,
                                       lp_weights, schatten, schatten_weighted)
-from spdjax.methods.base import Method, MethodSpec, register
+from spdjax.methods.base import Method, MethodSpec, refuse_spd_only_settings, register
 from spdjax.core.target import Target
 
 Array = jax.Array
@@ -234,16 +234,7 @@ def check_config(config, target: Target | None = None) -> None:
                          "from: set apd.act_recon_coeff=0.")
     if a.act_recon_coeff and target is not None:
         match_sites(target, {a.act_sites: 1})
-    spd_only = {"faithfulness_warmup_steps": 0, "init": "paper", "grad_clip_norm_components": 0.0,
-                "grad_clip_norm_ci": 0.0, "ci_lower_noise": 0.0, "output_chunk": 0,
-                "remat_ci": False, "compute_dtype": "float32"}
-    changed = [f"{k}={config[k]!r}" for k, v in spd_only.items() if config[k] != v]
-    default_group = {"name": "adam", "lr": 0.0, "options": {}}
-    changed += [f"optimizer.{g}={v.to_dict()!r}" for g, v in config.get("optimizer", {}).items()
-                if v.to_dict() != default_group]
-    if changed or config.eval_losses:
-        raise ValueError(f"APD does not use {', '.join(changed) or 'eval_losses'} (SPD-only "
-                         "settings); leave them at their defaults with method 'apd'.")
+    refuse_spd_only_settings(config, "APD")
     if config.microbatches != 1:
         raise ValueError(f"APD takes its top-k over the whole batch: microbatches must be 1, got "
                          f"{config.microbatches}.")

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from spdjax.core.decomposition import match_sites
 from spdjax.core.target import Mapped, Site, Target
+from spdjax.methods.base import spanning_sites
 
 Array = jax.Array
 APD_INITS = ("xavier_normal", "kaiming_uniform")
@@ -138,15 +138,11 @@ def decompose_apd(target: Target, sites: Mapping[str, int], C: int, *, rank: int
                   ties: Mapping[str, str] | None = None) -> APDDecomposition:
     """An APD decomposition of the sites matched by ``sites`` (their C values are ignored: APD's
     ``C`` components span every site). ``rank`` 0: ``min(d_in, d_out)`` per site."""
-    if not isinstance(C, int) or C < 1:
-        raise ValueError(f"APD: C must be a positive integer, got {C!r}.")
     if not isinstance(rank, int) or rank < 0:
         raise ValueError(f"APD: rank must be an integer >= 0 (0: full rank), got {rank!r}.")
-    names = tuple(match_sites(target, sites))
-    convs = [n for n in names if target.sites[n].kind == "conv"]
-    if convs:
-        raise ValueError(f"APD decomposes linear and embedding sites; {convs} are convolutions "
-                         "(use SPD, or leave them out of the patterns).")
+    names = spanning_sites("APD", target, sites, C, refused_kind="conv",
+                           message="linear and embedding sites; {} are convolutions (use SPD, "
+                           "or leave them out of the patterns).")
     ties = dict(ties or {})
     for tied, owner in ties.items():
         if tied not in names or owner not in names or owner in ties:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Protocol
 import jax
 import optax
 
+from spdjax.core.decomposition import match_sites
 from spdjax.core.registry import Registry
 
 Array = jax.Array
@@ -123,3 +124,42 @@ METHODS: Registry[MethodSpec] = Registry("method")
 def register(spec: MethodSpec) -> MethodSpec:
     """Adds ``spec`` to :data:`METHODS` under its name and returns it."""
     return METHODS.register(spec.name, spec)
+
+
+# SPD's settings that a method without causal importances (APD, L3D) must leave at these values.
+SPD_ONLY_DEFAULTS = {"faithfulness_warmup_steps": 0, "init": "paper",
+                     "grad_clip_norm_components": 0.0, "grad_clip_norm_ci": 0.0,
+                     "ci_lower_noise": 0.0, "output_chunk": 0, "remat_ci": False,
+                     "compute_dtype": "float32"}
+_DEFAULT_OPTIMIZER_GROUP = {"name": "adam", "lr": 0.0, "options": {}}
+
+
+def refuse_spd_only_settings(config, method: str, *, extra: Mapping[str, Any] | None = None
+                             ) -> None:
+    """Raises ``ValueError`` naming every field of :data:`SPD_ONLY_DEFAULTS` (and ``extra``,
+    ``{field: default}``) that ``config`` changes, every non-default ``config.optimizer`` group
+    and any ``eval_losses``: SPD-only settings that ``method`` (``"APD"``) would silently
+    ignore."""
+    defaults = {**SPD_ONLY_DEFAULTS, **(extra or {})}
+    changed = [f"{k}={config[k]!r}" for k, v in defaults.items() if config.get(k, v) != v]
+    changed += [f"optimizer.{g}={v.to_dict()!r}" for g, v in config.get("optimizer", {}).items()
+                if v.to_dict() != _DEFAULT_OPTIMIZER_GROUP]
+    if changed or config.get("eval_losses"):
+        raise ValueError(f"{method} does not use {', '.join(changed) or 'eval_losses'} (SPD-only "
+                         f"settings); leave them at their defaults with method "
+                         f"{method.lower()!r}.")
+
+
+def spanning_sites(method: str, target, sites: Mapping[str, int], C: int, *,
+                   refused_kind: str, message: str) -> tuple[str, ...]:
+    """The sites of ``target`` matched by ``sites`` for a method whose ``C`` components span
+    every site (their per-site C values are ignored), after checking that ``C`` is a positive
+    integer and that no matched site is of kind ``refused_kind``. The error for such sites is
+    ``"<method> decomposes " + message.format(<their names>)``."""
+    if not isinstance(C, int) or isinstance(C, bool) or C < 1:
+        raise ValueError(f"{method}: C must be a positive integer, got {C!r}.")
+    names = tuple(match_sites(target, sites))
+    refused = [n for n in names if target.sites[n].kind == refused_kind]
+    if refused:
+        raise ValueError(f"{method} decomposes {message.format(refused)}")
+    return names

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spdjax.methods.base import Method, MethodSpec, register
+from spdjax.methods.base import Method, MethodSpec, refuse_spd_only_settings, register
 from spdjax.methods.l3d_decomposition import (DIVERGENCES, NORMALISATIONS, REFERENCES,  # noqa: F401
                                               L3DDecomposition, decompose_l3d, tucker)
 from spdjax.methods.l3d_terms import (batch_topk_mask, decode, encode, per_sample_error,
@@ -234,13 +234,17 @@ def from_config(config, experiment, learning_rate) -> Method:
                                        train_data=data))
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # True passes isinstance(_, int)
+
+
 def check_config(config, target=None) -> None:
     """L3D's config fields, before any work."""
     del target
     a = config.l3d
     if not (isinstance(a.topk, (int, float)) and 0 < a.topk <= 1):
         raise ValueError(f"l3d.topk must be a fraction in (0, 1], got {a.topk!r}.")
-    if not isinstance(a.rank, int) or isinstance(a.rank, bool) or a.rank < 1:
+    if not _is_int(a.rank) or a.rank < 1:
         raise ValueError(f"l3d.rank must be a positive integer, got {a.rank!r}.")
     for name, valid in (("divergence", DIVERGENCES), ("reference", REFERENCES),
                         ("normalisation", NORMALISATIONS)):
@@ -250,13 +254,13 @@ def check_config(config, target=None) -> None:
         raise ValueError(f"l3d.biases must be true or false, got {a.biases!r}.")
     if not (isinstance(a.lr_decay, (int, float)) and 0 < a.lr_decay <= 1):
         raise ValueError(f"l3d.lr_decay must be in (0, 1], got {a.lr_decay!r}.")
-    if not isinstance(a.lr_decay_steps, int) or a.lr_decay_steps < 1:
+    if not _is_int(a.lr_decay_steps) or a.lr_decay_steps < 1:
         raise ValueError(f"l3d.lr_decay_steps must be an integer >= 1, got {a.lr_decay_steps!r}.")
-    if not isinstance(a.dense_steps, int) or not 0 <= a.dense_steps <= config.steps:
+    if not _is_int(a.dense_steps) or not 0 <= a.dense_steps <= config.steps:
         raise ValueError(f"l3d.dense_steps must be an integer in [0, steps={config.steps}], got "
                          f"{a.dense_steps!r}.")
     n = a.n_samples
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or 0 < n < config.batch_size:
+    if not _is_int(n) or n < 0 or 0 < n < config.batch_size:
         raise ValueError(f"l3d.n_samples must be 0 (fresh samples every step) or an integer >= "
                          f"batch_size={config.batch_size} (a fixed training set), got {n!r}.")
     if n and config.steps > MAX_FIXED_STEPS:
@@ -268,17 +272,8 @@ def check_config(config, target=None) -> None:
     if config.microbatches != 1:
         raise ValueError(f"L3D takes its top-k over the whole batch: microbatches must be 1, got "
                          f"{config.microbatches}.")
-    spd_only = {"faithfulness_warmup_steps": 0, "init": "paper", "grad_clip_norm_components": 0.0,
-                "grad_clip_norm_ci": 0.0, "ci_lower_noise": 0.0, "output_chunk": 0,
-                "remat_ci": False, "compute_dtype": "float32", "init_candidates": 1,
-                "ensemble": 1, "ensemble_sweep": "", "eval_suite": False}
-    changed = [f"{k}={config[k]!r}" for k, v in spd_only.items() if config.get(k, v) != v]
-    default_group = {"name": "adam", "lr": 0.0, "options": {}}
-    changed += [f"optimizer.{g}={v.to_dict()!r}" for g, v in config.get("optimizer", {}).items()
-                if v.to_dict() != default_group]
-    if changed or config.eval_losses:
-        raise ValueError(f"L3D does not use {', '.join(changed) or 'eval_losses'} (SPD-only "
-                         "settings); leave them at their defaults with method 'l3d'.")
+    refuse_spd_only_settings(config, "L3D", extra={"init_candidates": 1, "ensemble": 1,
+                                                   "ensemble_sweep": "", "eval_suite": False})
 
 
 SPEC = register(MethodSpec("l3d", build=from_config, check_config=check_config))

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from spdjax.core import components as comp_lib
-from spdjax.core.decomposition import match_sites
 from spdjax.core.target import Mapped, Target
+from spdjax.methods.base import spanning_sites
 
 Array = jax.Array
-DIVERGENCES = ("mse", "kl")
+DIVERGENCES = ("mse", "kl", "reference_mse")
 REFERENCES = ("sample", "mean")
 NORMALISATIONS = ("reference", "unit")
 EPS = 1e-10  # the reference code's eps: in the loss's denominator and the renormalisation
@@ -64,7 +64,10 @@ class L3DDecomposition:
       shapes: ``{site: {"weight": (d_in, d_out)[, "bias": (d_out,)]}}``: the parameter space.
       ranks: ``{site: {"weight": (r, r)[, "bias": (1,)]}}``: Tucker ranks.
       divergence: ``"mse"`` (``0.5 mean_o (f_o - y_o)^2``; toy models) or ``"kl"``
-        (``KL(softmax(y) || softmax(f))``; logits), the paper's ``D``.
+        (``KL(softmax(y) || softmax(f))``; logits), the paper's ``D``; or
+        ``"reference_mse"``: ``mean_o f_o (f_o - y_o)`` with ``y`` held constant, the L3D
+        reference code's ``MSEVectorLoss``, whose gradient ``mean_o (2 f_o - y_o) df_o`` is not
+        the paper's ``mean_o (f_o - y_o) df_o`` (:meth:`divergence_fn`).
       reference: ``"sample"`` (the paper's choice: another sample of the batch, drawn at random)
         or ``"mean"`` (the batch's mean output).
     """
@@ -192,9 +195,18 @@ class L3DDecomposition:
         return self.target.forward(target_params, x, {n: site_fn(n) for n in self.site_names})[0]
 
     def divergence_fn(self, out: Array, ref: Array) -> Array:
-        """The paper's ``D(f(x_i), y_r)`` for one sample (mean over any leading positions)."""
+        """The paper's ``D(f(x_i), y_r)`` for one sample (mean over any leading positions).
+
+        ``"reference_mse"`` is the L3D reference code's ``MSEVectorLoss``
+        (github briannachrisman/eigenestimation, ``eigenestimation/utils/loss.py``):
+        ``mean_o f_o (f_o - y_o)`` where only ``y`` is detached, so its gradient is
+        ``mean_o (2 f_o - y_o) df_o``. Its value is not a divergence (not 0 at ``f = y``); the
+        reference trains its toy models' decompositions with it (``y`` drawn as ``"sample"``:
+        the code ignores its ``model0`` argument)."""
         if self.divergence == "mse":
             return 0.5 * jnp.mean((out - ref) ** 2)
+        if self.divergence == "reference_mse":
+            return jnp.mean(out * (out - ref))
         log_p, log_q = jax.nn.log_softmax(ref, axis=-1), jax.nn.log_softmax(out, axis=-1)
         return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
 
@@ -227,8 +239,6 @@ def decompose_l3d(target: Target, sites: Mapping[str, int], C: int, *, rank: int
     """An L3D decomposition of the sites matched by ``sites`` (their C values are ignored: L3D's
     ``C`` subnetworks span every site), weight rank ``rank`` (capped at each dimension),
     including the sites' biases unless ``biases=False``."""
-    if not isinstance(C, int) or isinstance(C, bool) or C < 1:
-        raise ValueError(f"L3D: C must be a positive integer, got {C!r}.")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"L3D: rank must be a positive integer, got {rank!r}.")
     if divergence not in DIVERGENCES:
@@ -236,11 +246,9 @@ def decompose_l3d(target: Target, sites: Mapping[str, int], C: int, *, rank: int
                          f"{DIVERGENCES}.")
     if reference not in REFERENCES:
         raise ValueError(f"Unknown L3D reference {reference!r}; expected one of {REFERENCES}.")
-    names = tuple(match_sites(target, sites))
-    embeds = [n for n in names if target.sites[n].kind == "embed"]
-    if embeds:
-        raise ValueError(f"L3D decomposes linear and conv sites; {embeds} are embeddings "
-                         "(leave them out of the patterns).")
+    names = spanning_sites("L3D", target, sites, C, refused_kind="embed",
+                           message="linear and conv sites; {} are embeddings (leave them out "
+                           "of the patterns).")
     shapes, ranks = {}, {}
     for n in names:
         s = target.sites[n]

@@ -29,14 +29,29 @@ def setup():
     return d, tp, params, x
 
 
-def np_grads(tp, x, y):
-    """The per-sample gradient of D = 0.5 mean_o (f_o(x) - y_o)^2, by hand (one sample)."""
+def np_forward(tp, x):
+    """``(pre, h, out)`` of the two-site target ``relu(x Wa + ba) Wb``, in float64."""
     Wa, ba, Wb = (np.asarray(tp["a"]["kernel"], np.float64), np.asarray(tp["a"]["bias"],
                   np.float64), np.asarray(tp["b"]["kernel"], np.float64))
     pre = x @ Wa + ba
     h = np.maximum(pre, 0)
-    out = h @ Wb
-    d_out = (out - y) / out.shape[-1]
+    return pre, h, h @ Wb
+
+
+def np_softmax(v):
+    e = np.exp(v - v.max())
+    return e / e.sum()
+
+
+def np_grads(tp, x, y, divergence="mse"):
+    """The per-sample gradient of D(f(x), y) by hand (one sample): ``mse`` D = 0.5 mean_o
+    (f_o - y_o)^2, dD/df = (f - y) / n; ``reference_mse`` (the reference code's MSEVectorLoss,
+    mean_o f_o (f_o - y_o) with y detached) dD/df = (2 f - y) / n; ``kl`` D = KL(softmax(y) ||
+    softmax(f)), dD/df = softmax(f) - softmax(y)."""
+    Wb = np.asarray(tp["b"]["kernel"], np.float64)
+    pre, h, out = np_forward(tp, x)
+    d_out = {"mse": (out - y) / out.shape[-1], "reference_mse": (2 * out - y) / out.shape[-1],
+             "kl": np_softmax(out) - np_softmax(y)}[divergence]
     d_h = (d_out @ Wb.T) * (pre > 0)
     return {"a": {"weight": np.outer(x, d_h), "bias": d_h}, "b": {"weight": np.outer(h, d_out)}}
 
@@ -75,28 +90,59 @@ def test_per_sample_gradients_are_vmap_grad_of_the_divergence(setup):
                 np.testing.assert_allclose(grads[n][t][i], v, rtol=1e-4, atol=1e-6)
 
 
+def test_reference_mse_and_kl_gradients_and_the_mean_reference(setup):
+    d0, tp, _, x = setup
+    out = np.asarray(d0.target(tp, x), np.float64)
+    key = jax.random.key(4)
+    idx = np.asarray(jax.random.randint(key, (B,), 0, B))
+    for divergence, reference in [("reference_mse", "sample"), ("kl", "sample"), ("mse", "mean"),
+                                  ("reference_mse", "mean")]:
+        d = l3d.decompose_l3d(d0.target, {"*": 1}, C, rank=2, divergence=divergence,
+                              reference=reference)
+        grads = jax.jit(d.per_sample_grads)(tp, x, key)
+        refs = out[idx] if reference == "sample" else np.broadcast_to(out.mean(0), out.shape)
+        for i in range(B):
+            want = np_grads(tp, np.asarray(x[i], np.float64), refs[i], divergence)
+            for n, ts in want.items():
+                for t, v in ts.items():
+                    np.testing.assert_allclose(grads[n][t][i], v, rtol=1e-4, atol=1e-6,
+                                               err_msg=f"{divergence}/{reference} {n}/{t}")
+
+
+def np_matrices(params, grads):
+    """``(V_in [C, n_w], V_out [C, n_w], G [batch, n_w])`` flattened in float64."""
+    sites = ("a", "b")
+    enc = {n: {t: np_tucker(f) for t, f in ts.items()} for n, ts in params["encode"].items()}
+    dec = {n: {t: np_tucker(f) for t, f in ts.items()} for n, ts in params["decode"].items()}
+    V_in = np.stack([flat({n: {t: v[..., c] for t, v in ts.items()} for n, ts in enc.items()},
+                          sites) for c in range(C)])
+    V_out = np.stack([flat({n: {t: v[..., c] for t, v in ts.items()} for n, ts in dec.items()},
+                           sites) for c in range(C)])
+    n_batch = jax.tree.leaves(grads)[0].shape[0]
+    G = np.stack([flat({n: {t: v[i] for t, v in ts.items()} for n, ts in grads.items()}, sites)
+                  for i in range(n_batch)])
+    return V_in, V_out, G
+
+
+def np_relative_error(V_in, V_out, G, topk):
+    """``(error, keep)``: the normalised top-k reconstruction error of ``G``, the reference's
+    batch top-k (everything at least the ``int(k n)``-th largest ``|z|``, 0-based)."""
+    z = G @ V_in.T
+    threshold = np.sort(np.abs(z).ravel())[::-1][min(int(topk * z.size), z.size - 1)]
+    keep = np.abs(z) >= threshold
+    G_hat = (z * keep) @ V_out
+    return np.sum((G - G_hat) ** 2) / (np.sum(G**2) + 1e-10), keep
+
+
 def test_reconstruction_error_against_a_numpy_loop(setup):
     d, tp, params, x = setup
     grads = d.per_sample_grads(tp, x, jax.random.key(3))
     topk = 0.2
     loss, metrics = jax.jit(l3d.objective(d, topk=topk))(params, tp, x, jax.random.key(3), 0.5)
 
-    sites = ("a", "b")
-    enc = {n: {t: np_tucker(f) for t, f in ts.items()} for n, ts in params["encode"].items()}
-    dec = {n: {t: np_tucker(f) for t, f in ts.items()} for n, ts in params["decode"].items()}
-    V_in = np.stack([flat({n: {t: v[..., c] for t, v in ts.items()} for n, ts in enc.items()},
-                          sites) for c in range(C)])  # (C, n_w)
-    V_out = np.stack([flat({n: {t: v[..., c] for t, v in ts.items()} for n, ts in dec.items()},
-                           sites) for c in range(C)])
-    G = np.stack([flat({n: {t: v[i] for t, v in ts.items()} for n, ts in grads.items()}, sites)
-                  for i in range(B)])  # (B, n_w)
-    z = np.array([[V_in[c] @ G[i] for c in range(C)] for i in range(B)])
-    # The reference's batch top-k: everything at least the int(k n)-th largest |z| (0-based).
-    threshold = np.sort(np.abs(z).ravel())[::-1][int(topk * B * C)]
-    keep = np.abs(z) >= threshold
+    V_in, V_out, G = np_matrices(params, grads)
+    want, keep = np_relative_error(V_in, V_out, G, topk)
     assert keep.sum() == keep_count(B * C, topk) == int(topk * B * C) + 1
-    G_hat = (z * keep) @ V_out
-    want = np.sum((G - G_hat) ** 2) / (np.sum(G**2) + 1e-10)
     assert float(loss) == pytest.approx(want, rel=1e-4)
     assert float(metrics["active_per_example"]) == pytest.approx(keep.sum() / B)
     assert d.n_params == G.shape[1] == 3 * 4 + 4 + 4 * 2
@@ -155,12 +201,17 @@ def test_intervention_response_is_the_directional_derivative(setup):
     resp = np.asarray(l3d.intervention_responses(d, params, tp, x))
     theta0 = d.theta0(tp)
     dirs = d.tensors(params["decode"])
-    eps = 1e-3
-    for c in range(C):
-        moved = {n: {t: theta0[n][t] + eps * dirs[n][t][..., c] for t in ts}
-                 for n, ts in theta0.items()}
-        fd = (np.asarray(d.forward_at(tp, moved, x)) - np.asarray(d.target(tp, x))) / eps
-        np.testing.assert_allclose(resp[c], np.sum(fd**2, axis=-1), rtol=2e-2, atol=1e-4)
+    eps = 1e-5
+    x64 = np.asarray(x, np.float64)
+    for c in range(C):  # a central difference of an independent float64 forward
+        def out_at(delta):
+            moved = {n: {t: np.asarray(theta0[n][t], np.float64)
+                         + delta * np.asarray(dirs[n][t][..., c], np.float64) for t in ts}
+                     for n, ts in theta0.items()}
+            h = np.maximum(x64 @ moved["a"]["weight"] + moved["a"]["bias"], 0)
+            return h @ moved["b"]["weight"]
+        fd = (out_at(eps) - out_at(-eps)) / (2 * eps)
+        np.testing.assert_allclose(resp[c], np.sum(fd**2, axis=-1), rtol=1e-3, atol=1e-6)
 
 
 def test_fixed_batches_are_shuffled_epochs_over_the_training_set():
@@ -177,13 +228,21 @@ def test_fixed_batches_are_shuffled_epochs_over_the_training_set():
         l3d.fixed_batches(data, 11, jax.random.key(0))
 
 
-def test_the_step_is_recovered_exactly_from_step_frac():
-    # The loop passes float32(step) / total_steps; the objective rounds it back.
+def test_the_objective_picks_the_steps_batch_from_step_frac_at_the_largest_total(setup):
+    # The loop passes float32(step) / total_steps; the objective must round it back to the
+    # step, so each of neighbouring steps, up to MAX_FIXED_STEPS, sees its own batch.
+    d, tp, params, _ = setup
+    d = l3d.decompose_l3d(d.target, {"*": 1}, C, rank=2, reference="mean")  # no key in the loss
+    data = jax.random.normal(jax.random.key(7), (5, B, 3))  # batch of step s: data[s % 5]
     total = l3d.MAX_FIXED_STEPS
-    steps = np.concatenate([np.arange(0, 40_000), np.arange(total - 40_000, total + 1)])
-    frac = jnp.asarray(steps, jnp.float32) / total
-    back = np.asarray(jnp.round(frac * total).astype(jnp.int32))
-    np.testing.assert_array_equal(back, steps)
+    fixed = jax.jit(l3d.objective(d, topk=0.3, batches=lambda s: data[s % 5], total_steps=total))
+    plain = jax.jit(l3d.objective(d, topk=0.3))
+    want = [float(plain(params, tp, data[i], jax.random.key(0), 0.0)[0]) for i in range(5)]
+    assert len(set(want)) == 5  # an off-by-one step would be seen
+    steps = [0, 1, 2, total - 3, total - 2, total - 1, total]
+    frac = jnp.asarray(steps, jnp.float32) / total  # as training/step.py
+    got = [float(fixed(params, tp, data[0], jax.random.key(0), f)[0]) for f in frac]
+    assert got == pytest.approx([want[s % 5] for s in steps], rel=1e-6)
 
 
 def test_a_fixed_training_set_replaces_the_loops_batch(setup):
@@ -215,12 +274,48 @@ def test_the_l3d_configs_use_the_papers_fixed_training_set():
     ({"l3d.dense_steps": 10**9}, "l3d.dense_steps must be an integer in"),
     ({"microbatches": 2}, "microbatches must be 1"),
     ({"init": "gaussian"}, "L3D does not use init='gaussian'"),
+    ({"l3d.divergence": "reference_mse", "init": "gaussian"}, "L3D does not use init="),
 ])
 def test_bad_l3d_settings_fail_before_any_work(override, match):
     from spdjax.config.runs import validate
 
     with pytest.raises(ValueError, match=match):
         validate(spdjax.config.load("l3d:5-2", override))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("lr_decay_steps", True, "l3d.lr_decay_steps must be an integer >= 1, got True"),
+    ("dense_steps", False, r"l3d.dense_steps must be an integer in \[0, steps=.*\], got False"),
+    ("rank", True, "l3d.rank must be a positive integer, got True"),
+])
+def test_booleans_are_not_numbers_for_l3d(field, value, match):
+    # ml_collections keeps a bool given for an int field (bool is an int subclass); one for a
+    # float field (topk, lr_decay) it turns into 1.0 / 0.0 before any check sees it.
+    config = spdjax.config.load("l3d:5-2", {f"l3d.{field}": value})
+    with pytest.raises(ValueError, match=match):
+        l3d.check_config(config)
+
+
+def test_evaluate_fn_recon_error_against_numpy(setup):
+    d0, tp, params, _ = setup
+    d = l3d.decompose_l3d(d0.target, {"*": 1}, C, rank=2, reference="mean")  # key-free refs
+    x = jax.random.normal(jax.random.key(8), (2 * B + 3, 3))  # two chunks of B, 3 rows left out
+    summary = l3d.evaluate_fn(d, topk=0.2, batch_size=B, selectivity_samples=8)(
+        params, tp, x, jax.random.key(0))
+    errs, dense, per_sample = [], [], []
+    for k in range(2):
+        grads = d.per_sample_grads(tp, x[k * B:(k + 1) * B], jax.random.key(0))
+        V_in, V_out, G = np_matrices(params, grads)
+        err, keep = np_relative_error(V_in, V_out, G, 0.2)
+        errs.append(err)
+        dense.append(np_relative_error(V_in, V_out, G, 1.0)[0])
+        G_hat = ((G @ V_in.T) * keep) @ V_out
+        norm = np.linalg.norm(G, axis=1)  # a sample with g = 0 counts as error 0
+        per_sample.append(np.mean(np.where(norm > 0, np.linalg.norm(G - G_hat, axis=1)
+                                           / np.where(norm > 0, norm, 1.0), 0.0)))
+    assert summary["recon_error"] == pytest.approx(np.mean(errs), rel=1e-4)
+    assert summary["recon_error_dense"] == pytest.approx(np.mean(dense), rel=1e-4)
+    assert summary["per_sample_error"] == pytest.approx(np.mean(per_sample), rel=1e-4)
 
 
 def test_an_l3d_run_on_tms_trains_evaluates_and_plots(tmp_path):
@@ -288,3 +383,13 @@ def test_the_resid_mlp_variant_decomposes_the_spd_target():
     same = ("experiment", "variant", "target_seed", "target_steps", "target_recipe")
     assert [config[k] for k in same] == [spd[k] for k in same]
     assert config.C == 100 and config.l3d.n_samples == 0
+
+
+@pytest.mark.parametrize("C", [0, True, 2.0])
+def test_apd_and_l3d_share_the_c_check(setup, C):
+    from spdjax.methods.apd_decomposition import decompose_apd
+
+    target = setup[0].target
+    for name, fn in (("L3D", l3d.decompose_l3d), ("APD", decompose_apd)):
+        with pytest.raises(ValueError, match=f"{name}: C must be a positive integer, got {C!r}"):
+            fn(target, {"*": 1}, C)
