@@ -64,28 +64,37 @@ def fixed_batches(data, batch_size: int, key: Array) -> Callable[[Array], Any]:
 
 
 def objective(d: L3DDecomposition, *, topk: float, dense_frac: float = 0.0,
-              batches: Callable[[Array], Any] | None = None, total_steps: int = 0):
+              batches: Callable[[Array], Any] | None = None, total_steps: int = 0,
+              learning_rate: Callable[[Array], Array] | None = None):
     """``(params, target_params, batch, key, step_frac) -> (loss, metrics)``: the L3D loss on the
     batch's per-sample gradients; top-k :data:`DENSE_TOPK` while ``step_frac < dense_frac``.
 
     With ``batches`` (``step -> batch``, e.g. :func:`fixed_batches`) the loop's ``batch`` is
     ignored and the step's batch is ``batches(round(step_frac * total_steps))`` (the loop
-    passes ``step / total_steps``; exact for ``total_steps <=`` :data:`MAX_FIXED_STEPS`)."""
+    passes ``step / total_steps``; exact for ``total_steps <=`` :data:`MAX_FIXED_STEPS`).
+    With ``learning_rate`` (``step -> lr``, e.g. :func:`step_decay`) the metrics add
+    ``lr_decayed``, its value at that step: the run layer's ``lr`` is its schedule before
+    L3D's step decay."""
     if not 0 < topk <= 1:
         raise ValueError(f"L3D: topk must be a fraction in (0, 1], got {topk!r}.")
-    if batches is not None and not 0 < total_steps <= MAX_FIXED_STEPS:
-        raise ValueError(f"L3D with a fixed training set: total_steps must be in [1, "
-                         f"{MAX_FIXED_STEPS}], got {total_steps!r}.")
+    if (batches is not None or learning_rate is not None) and not (
+            0 < total_steps <= MAX_FIXED_STEPS):
+        raise ValueError(f"L3D with a fixed training set or a learning_rate to report: "
+                         f"total_steps must be in [1, {MAX_FIXED_STEPS}], got {total_steps!r}.")
 
     def fn(params, target_params, batch, key, step_frac):
+        step = jnp.round(step_frac * total_steps).astype(jnp.int32)
         if batches is not None:
-            batch = batches(jnp.round(step_frac * total_steps).astype(jnp.int32))
+            batch = batches(step)
         grads = d.per_sample_grads(target_params, batch, key)
         k = jnp.where(step_frac < dense_frac, DENSE_TOPK, topk)
         recon, _, mask = reconstruct(d, params, grads, k)
         loss = relative_error(grads, recon)
-        return loss, {"loss": {"total": loss, "recon": loss},
-                      "active_per_example": jnp.mean(jnp.sum(mask, axis=-1))}
+        metrics = {"loss": {"total": loss, "recon": loss},
+                   "active_per_example": jnp.mean(jnp.sum(mask, axis=-1))}
+        if learning_rate is not None:
+            metrics["lr_decayed"] = jnp.asarray(learning_rate(step), jnp.float32)
+        return loss, metrics
 
     return fn
 
@@ -224,9 +233,10 @@ def from_config(config, experiment, learning_rate) -> Method:
     batches = None if data is None else fixed_batches(
         data, config.batch_size,
         jax.random.fold_in(jax.random.key(config.seed), DATA_STREAM + 1))
-    obj = objective(d, topk=a.topk, dense_frac=a.dense_steps / config.steps, batches=batches,
-                    total_steps=config.steps)
     lr = step_decay(learning_rate, decay=a.lr_decay, every=a.lr_decay_steps)
+    obj = objective(d, topk=a.topk, dense_frac=a.dense_steps / config.steps, batches=batches,
+                    total_steps=config.steps,
+                    learning_rate=lr if config.steps <= MAX_FIXED_STEPS else None)
     optimizer = optax.chain(optax.adam(lr), renormalise(d, a.normalisation))
     return Method(name="l3d", decomposition=d, init=lambda key, tp: d.init(key),
                   objective=obj, optimizer=optimizer, partition_specs=d.partition_specs,

@@ -322,10 +322,16 @@ def test_an_l3d_run_on_tms_trains_evaluates_and_plots(tmp_path):
     from spdjax.training import loop
 
     config = spdjax.config.load("l3d:5-2", {"steps": 64, "log_every": 32,
-                                            "checkpoint_every": 64, "eval_batch_size": 256})
+                                            "checkpoint_every": 64, "eval_batch_size": 256,
+                                            "l3d.lr_decay_steps": 40})
     run = spdjax.setup(config, tmp_path / "run")
     assert run.method.name == "l3d"
     loop.train(run)
+    import json
+    lines = [json.loads(v) for v in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Logged at steps 32 and 64 (lr of steps 31 and 63): L3D's own lr carries the step decay.
+    logged = [v[k] for v in lines if "lr_decayed" in v for k in ("lr", "lr_decayed")]
+    assert logged == pytest.approx([0.01, 0.01, 0.01, 0.01 * 0.8])
     summary = loop.evaluate(run)
     paths = loop.plot(run)
     loop.close(run)
@@ -342,9 +348,11 @@ def test_the_guides_library_examples_run(tmp_path, monkeypatch):
     guide = pathlib.Path(__file__).resolve().parents[2] / "docs" / "guides" / "l3d.md"
     blocks = re.findall(r"^```python\n(.*?)^```", guide.read_text(), re.M | re.S)
     assert len(blocks) == 2
+    # Small enough to run in seconds: few steps, a 64-sample training set, an eval batch of the
+    # same size (one compile for both), a target trained for 20 steps.
     small = blocks[0].replace('{"steps": 3200}', '{"steps": 64, "log_every": 32, '
-                              '"checkpoint_every": 64, "eval_batch_size": 256, '
-                              '"target_steps": 200}')
+                              '"checkpoint_every": 64, "eval_batch_size": 64, '
+                              '"l3d.n_samples": 64, "target_steps": 20}')
     assert small != blocks[0]
     monkeypatch.chdir(tmp_path)
     ns: dict = {}

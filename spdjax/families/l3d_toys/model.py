@@ -18,6 +18,7 @@ The paper trains 1000 epochs of 10k samples at batch 32; here ``steps`` batches 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,10 @@ def nonzero_sparse(key: Array, batch_size: int, n: int, p: float) -> Array:
                      jnp.where(pos == first[:, None], True, rest))
 
 
+# Jitted (cfg and batch_size static): called eagerly (the fixed training set, the evaluation
+# batch, the target's training), op-by-op dispatch compiles each of its ops on its own, seconds
+# on CPU. The draws are the same bits as without jit (tests/families/test_l3d_toys.py).
+@functools.partial(jax.jit, static_argnums=(0, 2))
 def sample_batch(cfg: ToyConfig, key: Array, batch_size: int) -> Array:
     """``[batch, n_features]``: the reference's inputs (no all-zero samples)."""
     km, kv, ks = jax.random.split(key, 3)
