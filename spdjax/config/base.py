@@ -107,7 +107,7 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
         "topk": 0.1,  # batch top-k fraction of |z| over samples and subnetworks
         "rank": 1,  # Tucker rank of each subnetwork's weight tensors (biases: rank 1)
         "biases": True,  # decompose the sites' biases too (the paper: every parameter tensor)
-        "divergence": "mse",  # D: mse (toy regressions) | kl (logits)
+        "divergence": "mse",  # D: mse (toys) | kl (logits) | reference_mse (L3D code's gradient)
         "reference": "sample",  # y_r: sample (another sample's output, the paper's) | mean
         "normalisation": "reference",  # decoder renormalisation: reference (code's) | unit
         "lr_decay": 0.8,  # lr x lr_decay every lr_decay_steps (the reference's StepLR)
