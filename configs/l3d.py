@@ -22,9 +22,12 @@ once per 100 epochs (the reference's ``StepLR`` steps once per epoch);
     python -m spdjax.main --config=configs/l3d.py:tmcs --workdir=workdir/l3d_tmcs
     python -m spdjax.main --config=configs/l3d.py --config.steps=3200 --workdir=/tmp/l3d
 
+``--config.l3d.divergence=reference_mse`` trains with the reference code's gradient, the one
+the paper's numbers came from (docs/guides/l3d.md).
+
 Expected (RESULTS.md, "L3D"): the paper's draft reports relative reconstruction errors of 19%
-(TMS 5-2), 6.4% (TMCS, A recovered at r^2 0.92) and 0.32 (X^2); ours, and their runtimes, are
-in RESULTS.md. Shared fields: spdjax/config/base.py.
+(TMS 5-2), 6.4% (TMCS, A recovered at "r^2" 0.92, in fact r) and 0.32 (X^2); ours with both
+gradients, and their runtimes, are in RESULTS.md. Shared fields: spdjax/config/base.py.
 """
 
 from spdjax.config import base_config, parse_variant
