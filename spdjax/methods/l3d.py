@@ -6,7 +6,8 @@ Per sample ``x_i`` and a reference output ``y_r`` (another sample's target outpu
 :meth:`~spdjax.methods.l3d_decomposition.L3DDecomposition.per_sample_grads`) is encoded into
 ``C`` subnetwork coordinates ``z = V_in g``, only the batch top-k of ``|z|`` is kept, and the
 decoder reconstructs ``g_hat = V_out z_topk``. The loss is the normalised reconstruction error
-``sum_b ||g - g_hat||^2 / sum_b ||g||^2`` (:mod:`spdjax.methods.l3d_terms`). After every
+``sum_b ||g - g_hat||^2 / sum_b ||g||^2`` (:mod:`spdjax.methods.l3d_terms`), computed from
+the Tucker factors without forming the subnetworks' dense tensors or ``g_hat``. After every
 Adam step the decoder's directions are renormalised (:func:`renormalise`); the learning rate is
 multiplied by ``lr_decay`` every ``lr_decay_steps`` steps (the reference's StepLR), and the first
 ``dense_steps`` steps keep (nearly) every coordinate (the reference's warm start, top-k 0.999).
@@ -31,8 +32,9 @@ import optax
 from spdjax.methods.base import Method, MethodSpec, refuse_spd_only_settings, register
 from spdjax.methods.l3d_decomposition import (DIVERGENCES, NORMALISATIONS, REFERENCES,  # noqa: F401
                                               L3DDecomposition, decompose_l3d, tucker)
-from spdjax.methods.l3d_terms import (batch_topk_mask, decode, encode, per_sample_error,
-                                      reconstruct, relative_error)
+from spdjax.methods.l3d_terms import (batch_topk_mask, decoder_gram, encode, per_sample_error,
+                                      project, reconstruction_errors, relative_error, sq_errors,
+                                      sq_norms)
 
 Array = jax.Array
 DENSE_TOPK = 0.999  # the reference's top-k during its warm-start epochs
@@ -88,8 +90,8 @@ def objective(d: L3DDecomposition, *, topk: float, dense_frac: float = 0.0,
             batch = batches(step)
         grads = d.per_sample_grads(target_params, batch, key)
         k = jnp.where(step_frac < dense_frac, DENSE_TOPK, topk)
-        recon, _, mask = reconstruct(d, params, grads, k)
-        loss = relative_error(grads, recon)
+        sq_err, sq_norm, _, mask = reconstruction_errors(d, params, grads, k)
+        loss = relative_error(sq_err, sq_norm)
         metrics = {"loss": {"total": loss, "recon": loss},
                    "active_per_example": jnp.mean(jnp.sum(mask, axis=-1))}
         if learning_rate is not None:
@@ -173,10 +175,12 @@ def evaluate_fn(d: L3DDecomposition, *, topk: float, batch_size: int,
         def one(args):
             x, k = args
             grads = d.per_sample_grads(target_params, x, k)
-            recon, z, mask = reconstruct(d, params, grads, topk)
-            dense = decode(d, params, z)
-            return (relative_error(grads, recon), relative_error(grads, dense),
-                    jnp.mean(per_sample_error(grads, recon)), jnp.mean(mask, axis=0))
+            z = encode(d, params, grads)
+            mask = batch_topk_mask(z, topk)
+            sq_norm, y, gram = sq_norms(grads), project(d, params, grads), decoder_gram(d, params)
+            err, dense = (sq_errors(sq_norm, y, gram, zk) for zk in (z * mask, z))
+            return (relative_error(err, sq_norm), relative_error(dense, sq_norm),
+                    jnp.mean(per_sample_error(err, sq_norm)), jnp.mean(mask, axis=0))
         keys = jax.random.split(key, xs.shape[0])
         return jax.lax.map(one, (xs, keys))
 

@@ -39,18 +39,83 @@ NORMALISATIONS = ("reference", "unit")
 EPS = 1e-10  # the reference code's eps: in the loss's denominator and the renormalisation
 
 
+_RANKS, _DIMS = "pqrstu", "ijklmn"  # einsum letters of the Tucker ranks and tensor modes
+
+
 def _tucker_spec(ndim: int) -> str:
-    """``"abC,aiC,bjC->ijC"`` for a matrix, ``"aC,aiC->iC"`` for a vector."""
-    ranks, dims = "ab"[:ndim], "ij"[:ndim]
+    """``"pqC,piC,qjC->ijC"`` for a matrix, ``"pC,piC->iC"`` for a vector."""
+    ranks, dims = _RANKS[:ndim], _DIMS[:ndim]
     return ",".join([ranks + "C"] + [f"{r}{d}C" for r, d in zip(ranks, dims)]) + f"->{dims}C"
+
+
+def _ndim(factors: Mapping[str, Array]) -> int:
+    ndim = factors["core"].ndim - 1
+    if not 1 <= ndim <= len(_DIMS):
+        raise ValueError(f"L3D Tucker tensors have 1 to {len(_DIMS)} modes, got a core of shape "
+                         f"{factors['core'].shape} ({ndim} modes).")
+    return ndim
 
 
 def tucker(factors: Mapping[str, Array]) -> Array:
     """``(*shape, C)``: the tensors of all ``C`` subnetworks from their Tucker factors
-    ``{"core": (r_1.., C), "f0": (r_1, d_1, C), ...}``."""
-    ndim = factors["core"].ndim - 1
+    ``{"core": (r_1.., C), "f0": (r_1, d_1, C), ...}``, explicitly (``prod(shape) * C``
+    floats: the training step uses :func:`tucker_contract` and :func:`tucker_gram`)."""
+    ndim = _ndim(factors)
     return jnp.einsum(_tucker_spec(ndim), factors["core"],
                       *(factors[f"f{j}"] for j in range(ndim)))
+
+
+def tucker_contract(factors: Mapping[str, Array], g: Array) -> Array:
+    """``[batch, C]``: ``<V[c], g_b>`` for ``g [batch, *shape]`` and the Tucker tensors ``V`` of
+    ``factors``, mode by mode, without forming ``V``.
+
+    The largest mode is contracted first (``g x_j F_j``, a ``[batch * rest, d_j] @ [d_j, r_j C]``
+    product, the only step that costs ``batch * prod(shape) * r_j * C``), which leaves the
+    smallest intermediate; the other modes and the core then act per subnetwork. For rank 1 on a
+    matrix this is ``u_c^T g_b v_c`` times the core."""
+    ndim = _ndim(factors)
+    if g.ndim != ndim + 1 or g.shape[1:] != tuple(factors[f"f{j}"].shape[1]
+                                                  for j in range(ndim)):
+        raise ValueError(f"L3D: gradients of shape {g.shape} do not match Tucker factors of "
+                         f"modes {[factors[f'f{j}'].shape[1] for j in range(ndim)]} (expected "
+                         f"[batch, *modes]).")
+    order = sorted(range(ndim), key=lambda j: -g.shape[1 + j])
+    axes = ["b"] + list(_DIMS[:ndim])  # the current axes of `t`, C added after the first mode
+    t = g
+    for step, j in enumerate(order):
+        new = [_RANKS[j] if a == _DIMS[j] else a for a in axes]
+        if step == 0:
+            new.append("C")
+        t = jnp.einsum(f"{''.join(axes)},{_RANKS[j]}{_DIMS[j]}C->{''.join(new)}", t,
+                       factors[f"f{j}"])
+        axes = new
+    return jnp.einsum(f"{''.join(axes)},{_RANKS[:ndim]}C->bC", t, factors["core"])
+
+
+def _mode_grams(factors: Mapping[str, Array], diagonal: bool) -> list[Array]:
+    """Per mode ``F_j[p, :, c] . F_j[q, :, c']``: ``(r, r, C, C)``, or ``(r, r, C)`` with
+    ``diagonal`` (``c = c'``)."""
+    spec = "piC,qiC->pqC" if diagonal else "piC,qiD->pqCD"
+    return [jnp.einsum(spec, factors[f"f{j}"], factors[f"f{j}"])
+            for j in range(_ndim(factors))]
+
+
+def tucker_gram(factors: Mapping[str, Array]) -> Array:
+    """``(C, C)``: ``<V[c], V[c']>`` of the Tucker tensors ``V`` of ``factors``, from the
+    per-mode factor Grams and the cores (``sum core[p.., c] core[q.., c'] prod_j
+    <F_j[p_j, :, c], F_j[q_j, :, c']>``), without forming ``V``."""
+    ndim = _ndim(factors)
+    p, q = _RANKS[:ndim], _DIMS[:ndim]  # the two cores' rank letters
+    spec = ",".join([p + "C", q + "D"] + [f"{p[j]}{q[j]}CD" for j in range(ndim)]) + "->CD"
+    return jnp.einsum(spec, factors["core"], factors["core"], *_mode_grams(factors, False))
+
+
+def tucker_sq_norms(factors: Mapping[str, Array]) -> Array:
+    """``(C,)``: ``||V[c]||_F^2``, the diagonal of :func:`tucker_gram`, at ``C`` times less."""
+    ndim = _ndim(factors)
+    p, q = _RANKS[:ndim], _DIMS[:ndim]
+    spec = ",".join([p + "C", q + "C"] + [f"{p[j]}{q[j]}C" for j in range(ndim)]) + "->C"
+    return jnp.einsum(spec, factors["core"], factors["core"], *_mode_grams(factors, True))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -136,8 +201,8 @@ class L3DDecomposition:
         if how not in NORMALISATIONS:
             raise ValueError(f"Unknown L3D normalisation {how!r}; expected one of "
                              f"{NORMALISATIONS}.")
-        norms = [jnp.sqrt(jnp.sum(v**2, axis=tuple(range(v.ndim - 1))))
-                 for ts in self.tensors(decode).values() for v in ts.values()]  # each (C,)
+        norms = [jnp.sqrt(jnp.maximum(tucker_sq_norms(f), 0.0))  # (C,), from Grams
+                 for ts in decode.values() for f in ts.values()]
         if how == "unit":
             scale = jnp.sqrt(sum(n**2 for n in norms))
         else:

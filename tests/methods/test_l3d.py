@@ -1,6 +1,7 @@
 """L3D's pieces against an independent NumPy reference on small shapes: the per-sample gradients
 g_i, the Tucker tensors, the encoding, the batch top-k, the normalised reconstruction error,
-the renormalisation; its config errors; a short run from the config file end to end."""
+the renormalisation; the factored encoding, loss and norms against the explicit (dense) ones,
+values and gradients; its config errors; a short run from the config file end to end."""
 
 import itertools
 
@@ -11,6 +12,9 @@ import pytest
 
 import spdjax
 from spdjax.methods import l3d
+from spdjax.methods import l3d_terms
+from spdjax.methods.l3d_decomposition import (EPS, tucker, tucker_contract, tucker_gram,
+                                              tucker_sq_norms)
 from spdjax.methods.l3d_terms import batch_topk_mask, keep_count
 
 from helpers import two_site_target
@@ -401,3 +405,121 @@ def test_apd_and_l3d_share_the_c_check(setup, C):
     for name, fn in (("L3D", l3d.decompose_l3d), ("APD", decompose_apd)):
         with pytest.raises(ValueError, match=f"{name}: C must be a positive integer, got {C!r}"):
             fn(target, {"*": 1}, C)
+
+
+def random_factors(key, shape, ranks, C_):
+    keys = jax.random.split(key, len(shape) + 1)
+    f = {"core": jax.random.normal(keys[0], (*ranks, C_))}
+    for j, (r, dim) in enumerate(zip(ranks, shape)):
+        f[f"f{j}"] = jax.random.normal(keys[j + 1], (r, dim, C_)) / np.sqrt(dim)
+    return f
+
+
+# Several sites with 1-D (bias), 2-D and 3-D tensors; ranks capped at each mode's size.
+FACTORED_SHAPES = {"s1": {"weight": (5, 4), "bias": (4,)}, "s2": {"weight": (3, 4, 2)},
+                   "s3": {"weight": (4, 6)}}
+
+
+def factored_setup(rank, seed=0, C_=5, batch=6):
+    key = jax.random.key(seed)
+    trees = []
+    for which in range(2):  # encoder, decoder
+        tree = {}
+        for i, (n, ts) in enumerate(FACTORED_SHAPES.items()):
+            tree[n] = {}
+            for j, (t, shape) in enumerate(ts.items()):
+                ranks = tuple(min(rank, dim) for dim in shape) if t == "weight" else (1,)
+                tree[n][t] = random_factors(jax.random.fold_in(key, 100 * which + 10 * i + j),
+                                            shape, ranks, C_)
+        trees.append(tree)
+    grads = {n: {t: jax.random.normal(jax.random.fold_in(key, 1000 + 10 * i + j), (batch, *shape))
+                 for j, (t, shape) in enumerate(ts.items())}
+             for i, (n, ts) in enumerate(FACTORED_SHAPES.items())}
+    return {"encode": trees[0], "decode": trees[1]}, grads
+
+
+def dense_contract(f, g):
+    v = tucker(f)
+    dims = "ijk"[:v.ndim - 1]
+    return jnp.einsum(f"b{dims},{dims}C->bC", g, v)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_factored_tucker_contraction_gram_and_norms_equal_the_dense_ones(rank):
+    params, grads = factored_setup(rank)
+
+    @jax.jit  # one compile for every tensor
+    def pieces(dec, grads):
+        return {n: {t: (tucker(f), tucker_contract(f, grads[n][t]), dense_contract(f, grads[n][t]),
+                        tucker_gram(f), tucker_sq_norms(f)) for t, f in ts.items()}
+                for n, ts in dec.items()}
+
+    got = pieces(params["decode"], grads)
+    for n, ts in params["decode"].items():
+        for t, f in ts.items():
+            v, contracted, dense, gram, sq_norms = got[n][t]
+            np.testing.assert_allclose(v, np_tucker(f), rtol=1e-4, atol=1e-6)  # 3-D too
+            flat_v = np.asarray(v, np.float64).reshape(-1, v.shape[-1])  # [n_params, C]
+            np.testing.assert_allclose(contracted, dense, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(gram, flat_v.T @ flat_v, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(sq_norms, np.sum(flat_v**2, axis=0), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"gradients of shape \(6, 4, 5\) do not match"):
+        tucker_contract(params["decode"]["s1"]["weight"], jnp.zeros((6, 4, 5)))
+
+
+def dense_loss(params, grads, topk):
+    """The explicit path: every subnetwork's dense tensor, z = <V_in, g>, g_hat = V_out z_topk."""
+    z = sum(dense_contract(f, grads[n][t]) for n, ts in params["encode"].items()
+            for t, f in ts.items())
+    recon = l3d_terms.decode(None, params, z * batch_topk_mask(z, topk))
+    return (l3d_terms.dense_relative_error(grads, recon),
+            l3d_terms.dense_per_sample_error(grads, recon))
+
+
+def factored_loss(params, grads, topk):
+    """The training step's path (:func:`l3d_terms.reconstruction_errors`)."""
+    # The terms read only the params (the decomposition argument is unused), so no
+    # L3DDecomposition is needed for these 3-D tensors.
+    sq_err, sq_norm, _, _ = l3d_terms.reconstruction_errors(None, params, grads, topk)
+    return (l3d_terms.relative_error(sq_err, sq_norm),
+            l3d_terms.per_sample_error(sq_err, sq_norm))
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_factored_loss_and_its_gradients_equal_the_dense_path(rank):
+    params, grads = factored_setup(rank, seed=rank)
+
+    def value_and_grad(fn):  # topk traced: one compile for both values
+        return jax.jit(jax.value_and_grad(lambda p, k: fn(p, grads, k), has_aux=True))
+
+    factored, dense = value_and_grad(factored_loss), value_and_grad(dense_loss)
+    for topk in (0.3, 1.0):
+        (got, got_per), grad_f = factored(params, topk)
+        (want, want_per), grad_d = dense(params, topk)
+        assert 0.05 < float(want) < 50  # a non-trivial error, so a dropped term would show
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        np.testing.assert_allclose(got_per, want_per, rtol=1e-4)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grad_f),
+                                jax.tree.leaves(grad_d)):
+            scale = float(np.max(np.abs(b)))
+            assert scale > 0, path
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale,
+                                       err_msg=f"topk {topk} {path}")
+
+
+def test_the_factored_renormalisation_matches_dense_norms(setup):
+    params, _ = factored_setup(2)
+    dec = params["decode"]
+    for how in ("unit", "reference"):
+        # normalise reads only the factors; its dense counterpart, from tucker() explicitly:
+        norms = [np.sqrt(np.sum(np.asarray(tucker(f), np.float64) ** 2,
+                                axis=tuple(range(f["core"].ndim - 1))))
+                 for ts in dec.values() for f in ts.values()]
+        scale = np.sqrt(sum(v**2 for v in norms)) if how == "unit" else np.sqrt(sum(norms))
+        got = setup[0].normalise(dec, how)  # reads only the factors it is given
+        for n, ts in dec.items():
+            for t, f in ts.items():
+                per = scale ** (1.0 / len(f)) + EPS
+                for name, a in f.items():
+                    np.testing.assert_allclose(got[n][t][name], np.asarray(a) / per, rtol=1e-5,
+                                               err_msg=f"{how} {n}/{t}/{name}")
