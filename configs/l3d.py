@@ -20,6 +20,8 @@ once per 100 epochs (the reference's ``StepLR`` steps once per epoch);
 ``--config.l3d.n_samples=0`` draws fresh samples every step instead::
 
     python -m spdjax.main --config=configs/l3d.py:tmcs --workdir=workdir/l3d_tmcs
+    python -m spdjax.main --config=configs/l3d.py:high-rank --config.l3d.rank=5 \\
+        --workdir=workdir/l3d_high-rank_rank5
     python -m spdjax.main --config=configs/l3d.py --config.steps=3200 --workdir=/tmp/l3d
 
 ``--config.l3d.divergence=reference_mse`` trains with the reference code's gradient, the one
@@ -41,6 +43,8 @@ _VARIANTS = {
     "tms-5-2": ("l3d_toys", "tms-5-2", 5, 1, 1, N_SAMPLES),
     "tmcs": ("l3d_toys", "tmcs", 10, 1, 2, N_SAMPLES),
     "x2": ("l3d_toys", "x2", 5, 2, 11, N_SAMPLES),
+    # The reference's high-rank script leaves warm-start-epochs at 0 (one dense epoch).
+    "high-rank": ("l3d_toys", "high-rank", 10, 1, 1, N_SAMPLES),
     # Not in the paper: 1000 samples would show each of the 100 features ~10 times.
     "resid-mlp-1": ("resid_mlp", "1", 100, 1, 1, 0),
 }

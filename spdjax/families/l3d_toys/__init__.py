@@ -1,9 +1,11 @@
 """The L3D paper's toy models as a family (``config.experiment = "l3d_toys"``): TMS 5-2, the
-circuit-superposition model TMCS 10 -> 5 -> 10 and the X^2 GELU MLP, with the reference's data
-(no all-zero samples).
+circuit-superposition model TMCS 10 -> 5 -> 10, its higher-rank version 30 -> 10 -> 30 (inputs
+in groups of 5 that are active together) and the X^2 GELU MLP, with the reference's data (no
+all-zero samples).
 
 * :mod:`~spdjax.families.l3d_toys.model`: models, data, target recipe;
-* :mod:`~spdjax.families.l3d_toys.evaluation`: output purity, TMS MMCS, TMCS ``A`` recovery.
+* :mod:`~spdjax.families.l3d_toys.evaluation`: output purity, TMS MMCS, TMCS ``A`` recovery,
+  higher-rank group recovery.
 
 Every site is decomposed (``{"*": C}``). The TMS target's ``linear2`` is ``linear1ᵀ``, but the
 family declares no ties (its TMCS and X^2 variants have none): SPD or APD decompose the two

@@ -13,7 +13,12 @@
   ``r^2`` (squared Pearson correlation) of all ``a_hat`` against ``A[i*, :]`` and ``a_r``, the
   correlation itself (the number the reference notebook prints as "r^2"), and how many
   distinct input features the components cover. Meaningful for methods whose components span both
-  layers (L3D, APD).
+  layers (L3D, APD);
+* higher-rank: which input group each component reads (:func:`group_recovery`): its share of
+  ``||W_in^c||^2`` on each group's rows, its top group, and ``groups_recovered``, how many groups
+  have a component with at least :data:`GROUP_SHARE` of its input weight on them. Over every
+  component here; with a method's per-component use (L3D's ``use_fraction``: never in the
+  top-k = dead) over the used ones only.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from spdjax.families.l3d_toys.model import ToyConfig, sample_batch, toy_target
 
 EVAL_SAMPLES = 2048
 RESPONSE_FLOOR = 1e-6  # a component whose response is below this x the largest one is unused
+# A component reads a group if this share of its squared input weight lies on the group's rows
+# (a perfect one has 1; a random direction 1 / n_groups on average).
+GROUP_SHARE = 0.9
 
 
 def output_responses(decomp, params, target_params, cfg: ToyConfig) -> np.ndarray:
@@ -71,6 +79,51 @@ def tmcs_recovery(decomp, params, target_params) -> dict:
             "component_features": feats.tolist()}
 
 
+def group_shares(W_in: np.ndarray, group_size: int) -> np.ndarray:
+    """``[C, n_groups]``: each component's share of ``||W_in^c||^2`` on each group's rows.
+
+    ``W_in``: ``[C, n_features, n_hidden]``, features in consecutive groups of ``group_size``.
+    A component without input weight gets shares 0.
+    """
+    W_in = np.asarray(W_in, dtype=np.float64)
+    C, n_features, _ = W_in.shape
+    if group_size < 1 or n_features % group_size:
+        raise ValueError(f"group_size must divide the {n_features} input features; got "
+                         f"{group_size}.")
+    per_group = (W_in**2).sum(axis=2).reshape(C, n_features // group_size, group_size).sum(2)
+    total = per_group.sum(axis=1, keepdims=True)
+    return np.where(total > 0, per_group / np.where(total > 0, total, 1.0), 0.0)
+
+
+def group_recovery(W_in: np.ndarray, group_size: int, use=None) -> dict:
+    """Which input group each component reads (module docstring).
+
+    ``use``: ``[C]`` how often each component is used (e.g. L3D's ``use_fraction``); components
+    with ``use == 0`` are dead and left out of the group counts. None: every component counts.
+    Returns ``component_groups`` / ``component_group_share`` (per component: top group, its
+    share), ``group_components`` (per group: how many counted components have it as their top
+    group with a share of at least :data:`GROUP_SHARE`), ``group_best_share`` (per group: the
+    largest share a counted component puts on it), ``groups_recovered`` (groups with at least
+    one such component), ``groups_single`` (groups with exactly one) and ``components_counted``.
+    """
+    shares = group_shares(W_in, group_size)
+    C, n_groups = shares.shape
+    counted = np.ones(C, bool) if use is None else np.asarray(use) > 0
+    if counted.shape != (C,):
+        raise ValueError(f"use must have one entry per component ({C}); got shape "
+                         f"{np.shape(use)}.")
+    top = shares.argmax(axis=1)
+    top_share = shares.max(axis=1)
+    reads = counted & (top_share >= GROUP_SHARE)
+    components = np.bincount(top[reads], minlength=n_groups)
+    best = np.where(counted[:, None], shares, 0.0).max(axis=0)
+    return {"component_groups": top.tolist(), "component_group_share": top_share.tolist(),
+            "group_components": components.tolist(), "group_best_share": best.tolist(),
+            "groups_recovered": int((components > 0).sum()),
+            "groups_single": int((components == 1).sum()),
+            "components_counted": int(counted.sum())}
+
+
 def evaluate(decomp, params, target_params, cfg: ToyConfig, *, steps: int | None = None) -> dict:
     """The module docstring's metrics."""
     del steps
@@ -89,4 +142,6 @@ def evaluate(decomp, params, target_params, cfg: ToyConfig, *, steps: int | None
                    mmcs_abs=float(np.abs(mm["cos"]).max(axis=0).mean()))
     if cfg.kind == "tmcs":
         out.update(tmcs_recovery(decomp, params, target_params))
+    if cfg.kind == "high-rank":
+        out.update(group_recovery(decomp.component_weights(params, "linear1"), cfg.group_size))
     return out

@@ -6,13 +6,22 @@ their data and a target recipe:
   trained on ``y = x A`` with ``A ~ U[0, 3]^(10 x 10)`` (kept in the params as
   ``task/A``; the forward does not read it);
 * ``x2``: a GELU MLP 5 -> 5 -> 5 -> 5 -> 5 -> 5 (4 hidden layers of 5, the paper's text; its
-  script uses width 10) trained on ``y_i = x_i^2`` (sites ``layer_0`` .. ``layer_4``).
+  script uses width 10) trained on ``y_i = x_i^2`` (sites ``layer_0`` .. ``layer_4``);
+* ``high-rank``: the paper's higher-rank circuits, TMCS's architecture 30 -> 10 -> 30 on
+  ``y = x A`` (``A ~ U[0, 3]^(30 x 30)``) whose inputs come in 6 groups of :data:`GROUP_SIZE` = 5
+  consecutive features that are always active together, so each group's circuit has rank 5.
+  The sizes are the reference's (github briannachrisman/eigenestimation,
+  ``scripts/3_high_rank_circuits/train_high_rank.sh``: 30 features, hidden 10, 30 outputs,
+  ``correlation_set_size`` 5, and its figure of the decomposition draws 30 -> 10 -> 30
+  networks); the paper's text says 25 inputs in 5 groups.
 
 Data (the reference's ``GenerateTMSInputs``): each feature active with probability 0.05, values
 ``U[0, 1)`` (``x2``: times a random sign), and **no all-zero samples** (the reference discards
-them; :func:`nonzero_sparse`). Targets: AdamW (lr 1e-3, weight decay 0.01) on the output MSE.
-The paper trains 1000 epochs of 10k samples at batch 32; here ``steps`` batches of
-``batch_size`` fresh samples (RESULTS.md, "L3D", gives what we used).
+them; :func:`nonzero_sparse`). ``high-rank`` (the reference's ``GenerateCorrelatedData``): each
+*group* active with probability 0.05, its 5 values drawn ``U[0, 1)`` independently.
+Targets: AdamW (lr 1e-3, weight decay 0.01) on the output MSE. The paper trains 1000 epochs of
+10k samples at batch 32; here ``steps`` batches of ``batch_size`` fresh samples (RESULTS.md,
+"L3D", gives what we used).
 """
 
 from __future__ import annotations
@@ -29,14 +38,15 @@ from spdjax.core.target import Site, Target, from_function, weight_at
 from spdjax.training import targets as target_training
 
 Array = jax.Array
-KINDS = ("tms", "tmcs", "x2")
+KINDS = ("tms", "tmcs", "high-rank", "x2")
+GROUP_SIZE = 5  # high-rank: consecutive input features that are active together
 
 
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
     """One of the L3D paper's toy models and its target recipe."""
 
-    kind: str  # tms | tmcs | x2
+    kind: str  # tms | tmcs | high-rank | x2
     n_features: int
     n_hidden: int
     n_outputs: int
@@ -48,15 +58,32 @@ class ToyConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
 
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Unknown L3D toy kind {self.kind!r}; expected one of {KINDS}.")
+        if self.n_features % self.group_size:
+            raise ValueError(f"The {self.kind} toy's n_features ({self.n_features}) must be a "
+                             f"multiple of its group size {self.group_size}.")
+
     @property
     def variant(self) -> str:
-        return {"tms": "tms-5-2", "tmcs": "tmcs", "x2": "x2"}[self.kind]
+        return {"tms": "tms-5-2", "tmcs": "tmcs", "high-rank": "high-rank", "x2": "x2"}[self.kind]
+
+    @property
+    def group_size(self) -> int:
+        """Consecutive input features that are active together (1: independent features)."""
+        return GROUP_SIZE if self.kind == "high-rank" else 1
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_features // self.group_size
 
 
 VARIANTS = {
     "tms-5-2": ToyConfig("tms", 5, 2, 5),
     "tmcs": ToyConfig("tmcs", 10, 5, 10),
     "x2": ToyConfig("x2", 5, 5, 5, n_layers=4, signed=True),
+    "high-rank": ToyConfig("high-rank", 30, 10, 30),
 }
 
 
@@ -77,9 +104,12 @@ def nonzero_sparse(key: Array, batch_size: int, n: int, p: float) -> Array:
 # on CPU. The draws are the same bits as without jit (tests/families/test_l3d_toys.py).
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def sample_batch(cfg: ToyConfig, key: Array, batch_size: int) -> Array:
-    """``[batch, n_features]``: the reference's inputs (no all-zero samples)."""
+    """``[batch, n_features]``: the reference's inputs (no all-zero samples; ``high-rank``:
+    whole groups active or inactive)."""
     km, kv, ks = jax.random.split(key, 3)
-    mask = nonzero_sparse(km, batch_size, cfg.n_features, cfg.feature_probability)
+    mask = nonzero_sparse(km, batch_size, cfg.n_groups, cfg.feature_probability)
+    if cfg.group_size > 1:
+        mask = jnp.repeat(mask, cfg.group_size, axis=1)
     x = jax.random.uniform(kv, (batch_size, cfg.n_features)) * mask
     if cfg.signed:
         x = x * jnp.where(jax.random.bernoulli(ks, 0.5, x.shape), 1.0, -1.0)
@@ -129,15 +159,15 @@ def toy_target(cfg: ToyConfig) -> Target:
 
 def init_params(key: Array, cfg: ToyConfig) -> tuple[dict, dict]:
     """``(trainable, frozen)`` as the reference initialises them: TMS xavier-normal ``W``, zero
-    bias; TMCS ``N(0, 1)`` weights, zero bias, ``A ~ U[0, 3]`` (frozen); X^2 kaiming-normal
-    weights (fan-in), biases ``U(0.01, 1)``."""
+    bias; TMCS and higher-rank ``N(0, 1)`` weights, zero bias, ``A ~ U[0, 3]`` (frozen); X^2
+    kaiming-normal weights (fan-in), biases ``U(0.01, 1)``."""
     ks = jax.random.split(key, 2 * (cfg.n_layers + 2))
     if cfg.kind == "tms":
         std = np.sqrt(2.0 / (cfg.n_features + cfg.n_hidden))
         return {"linear1": {"kernel": jax.random.normal(ks[0], (cfg.n_features, cfg.n_hidden))
                             * std},
                 "linear2": {"bias": jnp.zeros(cfg.n_features)}}, {}
-    if cfg.kind == "tmcs":
+    if cfg.kind in ("tmcs", "high-rank"):
         A = jax.random.uniform(ks[2], (cfg.n_features, cfg.n_outputs), minval=0.0, maxval=3.0)
         return ({"linear1": {"kernel": jax.random.normal(ks[0], (cfg.n_features, cfg.n_hidden))},
                  "linear2": {"kernel": jax.random.normal(ks[1], (cfg.n_hidden, cfg.n_outputs)),
@@ -154,10 +184,10 @@ def init_params(key: Array, cfg: ToyConfig) -> tuple[dict, dict]:
 
 
 def labels(cfg: ToyConfig, params: dict, x: Array) -> Array:
-    """The task: ``x`` (TMS), ``x A`` (TMCS), ``x^2`` (X^2)."""
+    """The task: ``x`` (TMS), ``x A`` (TMCS, higher-rank), ``x^2`` (X^2)."""
     if cfg.kind == "tms":
         return x
-    if cfg.kind == "tmcs":
+    if cfg.kind in ("tmcs", "high-rank"):
         return x @ params["task"]["A"]
     return x**2
 
