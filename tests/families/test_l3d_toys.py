@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.reproduce import l3d_reproduce
 from spdjax.families.l3d_toys import evaluation, model
 
 
@@ -140,5 +141,15 @@ def test_the_high_rank_config_trains_a_few_steps_at_the_rank_asked_for(tmp_path)
     loop.train(run)
     assert run.step == 4 and weight.shape == (30, 10, 5)
     summary = run.experiment.evaluate(run.method.decomposition, run.state.params)
+    figure = l3d_reproduce.plot(run, "high-rank", tmp_path / "high-rank.png",
+                                {"use_fraction": [0.2, 0.0, 0.1, 0.3, 0.05]})
     loop.close(run)
     assert len(summary["component_groups"]) == 5 and 0 <= summary["groups_recovered"] <= 5
+    assert figure.stat().st_size > 0
+
+
+def test_the_reproduction_names_add_only_the_settings_given():
+    assert l3d_reproduce.names("tmcs", 2, "reference_mse") == (
+        "tmcs_reference_mse_seed2", "l3d_tmcs_reference_mse_seed2")
+    assert l3d_reproduce.names("high-rank", 0, "reference_mse", rank=5, C=6) == (
+        "high-rank_C6_rank5_reference_mse_seed0", "l3d_high-rank_C6_rank5_reference_mse")
