@@ -7,7 +7,11 @@ Per sample ``x_i`` and a reference output ``y_r`` (another sample's target outpu
 ``C`` subnetwork coordinates ``z = V_in g``, only the batch top-k of ``|z|`` is kept, and the
 decoder reconstructs ``g_hat = V_out z_topk``. The loss is the normalised reconstruction error
 ``sum_b ||g - g_hat||^2 / sum_b ||g||^2`` (:mod:`spdjax.methods.l3d_terms`), computed from
-the Tucker factors without forming the subnetworks' dense tensors or ``g_hat``. After every
+the Tucker factors without forming the subnetworks' dense tensors or ``g_hat``, and on linear
+sites from each weight's per-sample gradient kept as its outer-product factors (the site's input
+and the gradient at its output;
+:meth:`~spdjax.methods.l3d_decomposition.L3DDecomposition.loss_grads`) without forming it
+either. After every
 Adam step the decoder's directions are renormalised (:func:`renormalise`); the learning rate is
 multiplied by ``lr_decay`` every ``lr_decay_steps`` steps (the reference's StepLR), and the first
 ``dense_steps`` steps keep (nearly) every coordinate (the reference's warm start, top-k 0.999).
@@ -88,7 +92,7 @@ def objective(d: L3DDecomposition, *, topk: float, dense_frac: float = 0.0,
         step = jnp.round(step_frac * total_steps).astype(jnp.int32)
         if batches is not None:
             batch = batches(step)
-        grads = d.per_sample_grads(target_params, batch, key)
+        grads = d.loss_grads(target_params, batch, key)
         k = jnp.where(step_frac < dense_frac, DENSE_TOPK, topk)
         sq_err, sq_norm, _, mask = reconstruction_errors(d, params, grads, k)
         loss = relative_error(sq_err, sq_norm)
@@ -146,8 +150,7 @@ def selectivity(d: L3DDecomposition, params, target_params, x, key, *, topk: flo
     it, what an unselective direction would score. Means over subnetworks used by any sample.
     """
     impacts = jnp.mean(jnp.stack([
-        jnp.abs(encode(d, params, d.per_sample_grads(target_params, x,
-                                                     jax.random.fold_in(key, r))))
+        jnp.abs(encode(d, params, d.loss_grads(target_params, x, jax.random.fold_in(key, r))))
         for r in range(n_refs)]), axis=0)
     used = batch_topk_mask(impacts, topk)  # [batch, C]
     resp = intervention_responses(d, params, target_params, x)  # [C, batch]
@@ -174,7 +177,7 @@ def evaluate_fn(d: L3DDecomposition, *, topk: float, batch_size: int,
     def chunk_metrics(params, target_params, xs, key):
         def one(args):
             x, k = args
-            grads = d.per_sample_grads(target_params, x, k)
+            grads = d.loss_grads(target_params, x, k)
             z = encode(d, params, grads)
             mask = batch_topk_mask(z, topk)
             sq_norm, y, gram = sq_norms(grads), project(d, params, grads), decoder_gram(d, params)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,15 @@ def tucker_contract(factors: Mapping[str, Array], g: Array) -> Array:
     smallest intermediate; the other modes and the core then act per subnetwork. For rank 1 on a
     matrix this is ``u_c^T g_b v_c`` times the core."""
     ndim = _ndim(factors)
+    if isinstance(g, OuterGrads):
+        if ndim != 2:
+            raise ValueError(f"L3D: outer-product gradients need a matrix's Tucker factors, got "
+                             f"{ndim} modes.")
+        # sum_s core[p, q, c] (F0[p, :, c] . a_bs) (F1[q, :, c] . d_bs): batch * P * (d_in +
+        # d_out) * r * C, where the dense gradient costs batch * d_in * d_out * r * C.
+        left = jnp.einsum("bsi,piC->bspC", g.inputs, factors["f0"])
+        right = jnp.einsum("bsj,qjC->bsqC", g.deltas, factors["f1"])
+        return jnp.einsum("bspC,bsqC,pqC->bC", left, right, factors["core"])
     if g.ndim != ndim + 1 or g.shape[1:] != tuple(factors[f"f{j}"].shape[1]
                                                   for j in range(ndim)):
         raise ValueError(f"L3D: gradients of shape {g.shape} do not match Tucker factors of "
@@ -116,6 +125,30 @@ def tucker_sq_norms(factors: Mapping[str, Array]) -> Array:
     p, q = _RANKS[:ndim], _DIMS[:ndim]
     spec = ",".join([p + "C", q + "C"] + [f"{p[j]}{q[j]}C" for j in range(ndim)]) + "->C"
     return jnp.einsum(spec, factors["core"], factors["core"], *_mode_grams(factors, True))
+
+
+class OuterGrads(NamedTuple):
+    """A batch of per-sample gradients of a linear site's weight, ``g_b = sum_p a_bp ⊗ d_bp``
+    (``a``: the site's input at position ``p``, ``d``: the divergence's gradient at its output),
+    kept as the two factors: ``batch * P * (d_in + d_out)`` floats instead of ``batch * d_in *
+    d_out``. :func:`tucker_contract` and the squared norm (:meth:`sq_norms`) read it as is."""
+
+    inputs: Array  # [batch, P, d_in]
+    deltas: Array  # [batch, P, d_out]
+
+    def dense(self) -> Array:
+        """``[batch, d_in, d_out]``: the gradients explicitly."""
+        return jnp.einsum("bpi,bpj->bij", self.inputs, self.deltas)
+
+    def sq_norms(self) -> Array:
+        """``[batch]``: ``||g_b||_F^2 = sum_pq (a_bp . a_bq)(d_bp . d_bq)``."""
+        return jnp.einsum("bpq,bpq->b", jnp.einsum("bpi,bqi->bpq", self.inputs, self.inputs),
+                          jnp.einsum("bpj,bqj->bpq", self.deltas, self.deltas))
+
+
+class _NoOuterForm(ValueError):
+    """A site whose per-sample gradient :meth:`L3DDecomposition.per_sample_grad_factors` cannot
+    keep as :class:`OuterGrads` (not linear, or an output wanted back factored)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -296,6 +329,71 @@ class L3DDecomposition:
             return jax.grad(d)(theta)
 
         return jax.lax.stop_gradient(jax.vmap(one)(x, refs))
+
+    def per_sample_grad_factors(self, target_params, x, key) -> dict:
+        """:meth:`per_sample_grads` (the same references), each weight's gradient kept as
+        :class:`OuterGrads`: a linear site ``y = a W + b`` has per-sample gradient ``sum_p a_p ⊗
+        d_p``, its input ``a`` times the divergence's gradient ``d`` at its output, taken as the
+        gradient of a zero offset added to the output (``vmap`` of ``grad``). Biases' gradients
+        ``sum_p d_p`` are dense, ``[batch, d_out]``. A ``Mapped`` input is formed explicitly
+        (``[batch, ..., d_in]``); raises ``_NoOuterForm`` for other site kinds or an output
+        wanted back factored (:meth:`loss_grads` then takes the dense ones)."""
+        names = self.site_names
+        for n in names:
+            if self.site(n).kind != "linear":
+                raise _NoOuterForm(f"site {n!r} is {self.site(n).kind!r}, not linear")
+        refs = jax.lax.stop_gradient(self.references(target_params, x, key))
+        shapes = jax.eval_shape(lambda xs: self.target.forward(target_params, xs, {})[1], x[:1])
+        # One sample's output offsets, (1, *positions, d_out): a Mapped input's terms share the
+        # real input's leading axes.
+        zeros = {n: jnp.zeros((*(shapes[n].terms[0][0] if isinstance(shapes[n], Mapped)
+                                 else shapes[n]).shape[:-1], self.site(n).d_out))
+                 for n in names}
+
+        def site_fn(n, offset, seen):
+            s = self.site(n)
+            w, b = s.weight(target_params), (None if s.bias is None else s.bias(target_params))
+
+            def fn(a):
+                post = None
+                if isinstance(a, Mapped):
+                    if a.factored:
+                        raise _NoOuterForm(f"site {n!r} gives its output back factored")
+                    post = a.post
+                    a = sum(x if pre is None else jnp.einsum("...k,ki->...i", x, pre)
+                            for x, pre in a.terms)
+                seen[n] = a
+                y = jnp.einsum("...i,io->...o", a, w) + offset
+                y = y if b is None else y + b
+                return y if post is None else jnp.einsum("...o,oy->...y", y, post)
+            return fn
+
+        def one(xi, ref):
+            def d(offsets):
+                seen = {}
+                out = self.target.forward(target_params, xi[None],
+                                          {n: site_fn(n, offsets[n], seen) for n in names})[0]
+                return self.divergence_fn(out[0], ref), seen
+            return jax.grad(d, has_aux=True)(zeros)
+
+        deltas, inputs = jax.vmap(one)(x, refs)
+        out = {}
+        for n in names:
+            s = self.site(n)
+            a = inputs[n].reshape(x.shape[0], -1, s.d_in)
+            dl = deltas[n].reshape(x.shape[0], -1, s.d_out)
+            out[n] = {"weight": OuterGrads(a, dl)}
+            if "bias" in self.shapes[n]:
+                out[n]["bias"] = jnp.sum(dl, axis=1)
+        return jax.lax.stop_gradient(out)
+
+    def loss_grads(self, target_params, x, key) -> dict:
+        """The per-sample gradients the loss reads: :meth:`per_sample_grad_factors` where every
+        site allows it, else :meth:`per_sample_grads` (the same values)."""
+        try:
+            return self.per_sample_grad_factors(target_params, x, key)
+        except _NoOuterForm:
+            return self.per_sample_grads(target_params, x, key)
 
 
 def decompose_l3d(target: Target, sites: Mapping[str, int], C: int, *, rank: int = 1,

@@ -17,7 +17,10 @@ Gram ``M = V_out^T V_out`` (:func:`decoder_gram`, ``C x C``),
 
 and ``z``, ``y``, ``M`` come from the Tucker factors mode by mode
 (:func:`~spdjax.methods.l3d_decomposition.tucker_contract`,
-:func:`~spdjax.methods.l3d_decomposition.tucker_gram`). The explicit forms, :func:`decode` and
+:func:`~spdjax.methods.l3d_decomposition.tucker_gram`). A weight's ``g`` may be an
+:class:`~spdjax.methods.l3d_decomposition.OuterGrads` (a linear site's per-sample gradient as
+input times output gradient), which :func:`encode`, :func:`project` and :func:`sq_norms` read
+without forming it. The explicit forms, :func:`decode` and
 :func:`reconstruct` (``g_hat``, ``[batch, *shape]`` per tensor) with :func:`dense_relative_error`
 and :func:`dense_per_sample_error`, are there to inspect a reconstruction; the tests check the
 factored forms against them. The identity subtracts terms of size ``||g||^2``, so in float32 an
@@ -29,8 +32,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from spdjax.methods.l3d_decomposition import (EPS, L3DDecomposition, tucker, tucker_contract,
-                                              tucker_gram)
+from spdjax.methods.l3d_decomposition import (EPS, L3DDecomposition, OuterGrads, tucker,
+                                              tucker_contract, tucker_gram)
 
 Array = jax.Array
 
@@ -110,8 +113,11 @@ def batch_topk_mask(z: Array, topk: float | Array) -> Array:
 
 
 def sq_norms(grads) -> Array:
-    """``[batch]``: ``||g_b||^2`` over every tensor."""
-    return sum(jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=-1) for v in jax.tree.leaves(grads))
+    """``[batch]``: ``||g_b||^2`` over every tensor (dense or
+    :class:`~spdjax.methods.l3d_decomposition.OuterGrads`)."""
+    return sum(v.sq_norms() if isinstance(v, OuterGrads)
+               else jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=-1)
+               for v in jax.tree.leaves(grads, is_leaf=lambda v: isinstance(v, OuterGrads)))
 
 
 # -- the explicit reconstruction: g_hat as [batch, *shape] tensors ------------------------------

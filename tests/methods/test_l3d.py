@@ -523,3 +523,55 @@ def test_the_factored_renormalisation_matches_dense_norms(setup):
                 for name, a in f.items():
                     np.testing.assert_allclose(got[n][t][name], np.asarray(a) / per, rtol=1e-5,
                                                err_msg=f"{how} {n}/{t}/{name}")
+
+
+def test_outer_product_gradients_equal_the_dense_ones_and_give_the_same_loss(setup):
+    from spdjax.families.resid_mlp import model as rm
+    from spdjax.methods.l3d_decomposition import OuterGrads
+
+    def is_outer(v):
+        return isinstance(v, OuterGrads)
+
+    d, tp, params, x = setup
+    cfg1, cfg2 = (rm.ResidMLPConfig(6, 10, 3, n, batch_size=8) for n in (1, 2))
+    rng = np.random.default_rng(0)
+
+    def resid_params(cfg):
+        params = {"W_E": rng.normal(size=(cfg.n_features, cfg.d_embed))}
+        for i in range(cfg.n_layers):
+            params[f"layers_{i}"] = {
+                "mlp_in": {"kernel": rng.normal(size=(cfg.d_embed, cfg.d_mlp))},
+                "mlp_out": {"kernel": rng.normal(size=(cfg.d_mlp, cfg.d_embed))}}
+        return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+
+    resid = [(l3d.decompose_l3d(rm.resid_mlp_target(cfg), {"*/mlp_*": 1}, C), resid_params(cfg),
+              jnp.asarray(rng.uniform(-1, 1, size=(B, cfg.n_features)), jnp.float32))
+             for cfg in (cfg1, cfg2)]
+    # Two layers: the first mlp_out gives its output back factored, so the dense gradients.
+    shapes = jax.eval_shape(resid[1][0].loss_grads, *resid[1][1:], jax.random.key(3))
+    assert not any(is_outer(v) for v in jax.tree.leaves(shapes, is_leaf=is_outer))
+    forms = []
+    for i, (dd, tpp, xx) in enumerate([(d, tp, x), resid[0]]):  # a bias; Mapped in and out
+        dense = jax.jit(dd.per_sample_grads)(tpp, xx, jax.random.key(3))
+        got = jax.jit(dd.loss_grads)(tpp, xx, jax.random.key(3))
+        forms.append((dense, got))
+        leaves = jax.tree.leaves(got, is_leaf=is_outer)
+        assert [is_outer(v) for v in leaves] == [t == "weight" for ts in dense.values()
+                                                 for t in sorted(ts)]
+        for (path, want), v in zip(jax.tree_util.tree_leaves_with_path(dense), leaves):
+            v = v.dense() if is_outer(v) else v
+            np.testing.assert_allclose(v, want, rtol=1e-4, atol=1e-6 * float(jnp.abs(want).max()),
+                                       err_msg=f"case {i} {path}")
+    # The loss and its gradient from either form of the two-site target's gradients.
+    dense, outer = forms[0]
+
+    @jax.jit
+    def loss_and_grad(p, g):
+        return jax.value_and_grad(lambda p: l3d_terms.relative_error(
+            *l3d_terms.reconstruction_errors(d, p, g, 0.3)[:2]))(p)
+
+    (want, g_want), (got, g_got) = loss_and_grad(params, dense), loss_and_grad(params, outer)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                         atol=1e-5 * float(jnp.abs(b).max())),
+                 g_got, g_want)
