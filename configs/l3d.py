@@ -31,7 +31,7 @@ Expected (RESULTS.md, "L3D"): the paper's draft reports relative reconstruction 
 (TMS 5-2), 6.4% (TMCS, A recovered at "r^2" 0.92, in fact r) and 0.32 (X^2); ours with both
 gradients, and their runtimes, are in RESULTS.md. ``high-rank`` (RESULTS.md, "L3D on the
 higher-rank toy"): with the reference code's gradient, 10 subnetworks of rank 1 or 5 find all 6
-groups, recon 0.13-0.14 on the training set, 2-3 min a run on 2 CPU cores. Shared fields:
+groups, recon 0.13-0.14 on the training set, 127-283 s a run on a shared 2-core CPU. Shared fields:
 spdjax/config/base.py.
 """
 
