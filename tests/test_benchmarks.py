@@ -12,6 +12,7 @@ import spdjax
 from spdjax.config import files as configs
 
 
+@pytest.mark.slow  # ~8 s; a benchmark script, not the library
 def test_seed_probe_mixes_init_streams_and_reports():
     config = configs.load("tms:5-2")
     run = spdjax.setup(config)
@@ -215,6 +216,7 @@ def test_lm_scaling_grid_is_valid_configs_and_tabulates():
     assert "| lm:ih | C 64 | 64 | 10.0 | 100.0 | 3.0 | 12.0 | 900 | 3.2 |" in table
 
 
+@pytest.mark.slow  # ~20 s; a benchmark script, not the library
 def test_sensitivity_grid_runs_saves_and_plots(tmp_path, monkeypatch):
     from benchmarks.reproduce import sensitivity
 

@@ -74,6 +74,9 @@ def test_changed_config_is_refused(full_run, env):
     assert rc != 0 and "different config" in out and "lr: 0.001 -> 0.5" in out
 
 
+# ~45 s; resuming to the identical run is tested by test_faults.py's ctrl-c test and
+# test_own_model.py
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(full_run, tmp_path, env):
     wd_full, _ = full_run
     wd = tmp_path / "killed"

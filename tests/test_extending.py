@@ -164,6 +164,7 @@ def test_add_a_loss_term(sandbox, capsys):
         config_file(command + ["--config.losses.ci_budget.budget=0.0"], sandbox)
 
 
+@pytest.mark.slow  # ~20 s; the method protocol is exercised by SPD, APD and L3D's own runs
 def test_add_a_method(sandbox, capsys):
     ns, commands = run_example("Add a method", sandbox)
     out = capsys.readouterr().out
@@ -208,6 +209,7 @@ def test_add_a_method(sandbox, capsys):
         config_file(command + ["--config.adamw.weight_decay=-1"], sandbox)
 
 
+@pytest.mark.slow  # ~45 s; the guide's family protocol is exercised by every family's own tests
 def test_add_a_target_family(sandbox, capsys):
     ns, commands = run_example("Add a target family", sandbox)
     out = capsys.readouterr().out

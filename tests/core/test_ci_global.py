@@ -282,6 +282,7 @@ def test_tms_run_with_a_global_ci_function(ci_fn, tmp_path):
     assert set(summary["ci_l0"]) == {"linear1", "linear2"}
 
 
+@pytest.mark.slow  # ~10 s; a global CI's params are checkpointed like every other param
 def test_a_global_ci_run_resumes_from_its_checkpoint(tmp_path):
     from spdjax.training import loop
 

@@ -51,6 +51,7 @@ def test_tms_mmcs_abs_ignores_the_arbitrary_sign_of_directions():
     assert out["mmcs_abs"] > 0.999999 and out["mmcs"] < 1e-6
 
 
+@pytest.mark.slow  # ~20 s; op-by-op sampling is slow; guards the committed results' data
 def test_jitted_sample_batch_draws_the_same_bits_as_op_by_op():
     # The committed results' fixed training sets were drawn before sample_batch was jitted.
     key = jax.random.fold_in(jax.random.key(0), 0x13D)

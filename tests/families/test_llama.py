@@ -158,6 +158,8 @@ def test_default_corpus_is_the_python_documentation(tmp_path):
     assert "Python" in tok.decode([int(i) for i in ids[:5000]])
 
 
+# ~65 s; the LM loop runs end to end in test_lm.py[ih], Llama's forward against NumPy here
+@pytest.mark.slow
 def test_tiny_llama_run_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("SPDJAX_CACHE", str(tmp_path / "cache"))
     pattern = _write_texts(tmp_path / "src", TEXTS)

@@ -198,7 +198,10 @@ FOLD_TERMS = [  # (name, options): every term that touches the sites' inputs or 
 ]
 
 
-@pytest.mark.parametrize("n_layers, ci_fn", [(1, "mlp"), (2, "vector_mlp"),
+# One layer and three layers are slow (~30 s each): two layers already fold the first mlp_in and
+# the last mlp_out in different layers and keep the middle stream factored.
+@pytest.mark.parametrize("n_layers, ci_fn", [pytest.param(1, "mlp", marks=pytest.mark.slow),
+                                              (2, "vector_mlp"),
                                               pytest.param(3, "mlp", marks=pytest.mark.slow)])
 def test_the_folded_forward_gives_the_plain_forwards_losses_and_gradients(n_layers, ci_fn):
     # fold=True hands the first mlp_in Mapped(x, pre=W_E), the last mlp_out Mapped(h,

@@ -93,6 +93,7 @@ def test_persistent_pgd_in_chunks_gives_the_same_value_and_next_state():
     _close(got[1], want[1], rtol=1e-4, atol=1e-6)  # incl. state - new: the same next sources
 
 
+@pytest.mark.slow  # ~15 s; the chunks' values and gradients are tested in the default suite
 def test_output_chunks_bound_the_memory_of_a_large_vocabulary():
     d, tp, params, ids = _setup(batch=(8, 32), vocab=1024)
 

@@ -301,6 +301,7 @@ def _config(**overrides):
     return config
 
 
+@pytest.mark.slow  # ~25 s; the sources' state and update are tested step by step above
 def test_a_managed_run_trains_the_sources_and_resumes(tmp_path):
     from spdjax.training import loop
 

@@ -301,7 +301,8 @@ def test_torch_fans_init_is_the_references_whole_tensor_rule():
     assert spdjax.config.from_dict(recorded).apd.init_fans == "component"
 
 
-@pytest.mark.parametrize("formulation", ["topk", "lp"])
+# topk is slow (~25 s): the folded forward is the same for both formulations.
+@pytest.mark.parametrize("formulation", [pytest.param("topk", marks=pytest.mark.slow), "lp"])
 def test_apd_on_the_folded_resid_mlp_equals_the_plain_forward(formulation):
     # The folded ResidMLP (Mapped first mlp_in / last mlp_out, residual stream kept factored):
     # APD's attributions, every loss value and the gradient are the plain forward's.

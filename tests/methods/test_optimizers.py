@@ -164,6 +164,8 @@ def test_a_group_lr_follows_the_run_schedule_scaled_to_its_peak():
     assert optimizers.scaled(schedule, 1e-3, 1e-3) is schedule
 
 
+# ~18 s; Muon's update is tested against optax by hand above, resuming by the checkpoint tests
+@pytest.mark.slow
 def test_a_managed_muon_run_resumes_from_its_checkpoint_to_the_same_params(tmp_path):
     overrides = {"optimizer.components.name": "muon", "optimizer.components.lr": 0.01,
                  "optimizer.components.options": {"beta": 0.9},

@@ -54,6 +54,8 @@ def test_each_member_equals_its_seed_run_alone(tmp_path, mode, steps_per_call):
     assert summaries[0]["loss"]["total"] != summaries[1]["loss"]["total"]
 
 
+# ~20 s; each member equals its own run (above), and runs resume in test_faults.py
+@pytest.mark.slow
 def test_a_stopped_ensemble_resumes_to_the_same_result(tmp_path):
     config = tms_config(ensemble=2)
     with log_to(io.StringIO()):

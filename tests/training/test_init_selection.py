@@ -56,6 +56,7 @@ def test_bad_selection_settings_fail_early(overrides, match, tmp_path):
         train_and_evaluate(tms_config(**overrides), tmp_path)
 
 
+@pytest.mark.slow  # ~15 s; the selection itself is tested above
 def test_selected_run_equals_the_plain_run_of_its_init(tmp_path, monkeypatch):
     out = io.StringIO()
     selected = train_and_evaluate(

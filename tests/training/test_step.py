@@ -132,6 +132,7 @@ def test_microbatched_gradient_equals_full_batch_gradient():
             spdjax.init_train_state(params, opt), tp, jax.random.key(0))
 
 
+@pytest.mark.slow  # ~30 s; steps_per_call's scan is tested by test_ensemble.py's member runs
 def test_several_steps_per_call_train_the_same_run_and_resume_at_any_step(tmp_path):
     import spdjax
     from spdjax.training import loop

@@ -86,6 +86,7 @@ class FakeWandb(types.ModuleType):
         return ("image", pathlib.Path(path).name)
 
 
+@pytest.mark.slow  # ~27 s; the writer protocol runs in the tensorboard test
 def test_wandb_gets_scalars_figures_and_resumes_the_same_run(tmp_path, monkeypatch):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
