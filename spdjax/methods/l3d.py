@@ -36,9 +36,8 @@ import optax
 from spdjax.methods.base import Method, MethodSpec, refuse_spd_only_settings, register
 from spdjax.methods.l3d_decomposition import (DIVERGENCES, NORMALISATIONS, REFERENCES,  # noqa: F401
                                               L3DDecomposition, decompose_l3d, tucker)
-from spdjax.methods.l3d_terms import (batch_topk_mask, decoder_gram, encode, per_sample_error,
-                                      project, reconstruction_errors, relative_error, sq_errors,
-                                      sq_norms)
+from spdjax.methods.l3d_terms import (batch_topk_mask, encode, gram_terms, guarded_sq_errors,
+                                      per_sample_error, reconstruction_errors, relative_error)
 
 Array = jax.Array
 DENSE_TOPK = 0.999  # the reference's top-k during its warm-start epochs
@@ -74,6 +73,8 @@ def objective(d: L3DDecomposition, *, topk: float, dense_frac: float = 0.0,
               learning_rate: Callable[[Array], Array] | None = None):
     """``(params, target_params, batch, key, step_frac) -> (loss, metrics)``: the L3D loss on the
     batch's per-sample gradients; top-k :data:`DENSE_TOPK` while ``step_frac < dense_frac``.
+    ``metrics["gram_form"]`` is 1 where the step took the factored error, 0 where its rounding
+    estimate sent it to the explicit one (:func:`~spdjax.methods.l3d_terms.guarded_sq_errors`).
 
     With ``batches`` (``step -> batch``, e.g. :func:`fixed_batches`) the loop's ``batch`` is
     ignored and the step's batch is ``batches(round(step_frac * total_steps))`` (the loop
@@ -94,10 +95,11 @@ def objective(d: L3DDecomposition, *, topk: float, dense_frac: float = 0.0,
             batch = batches(step)
         grads = d.loss_grads(target_params, batch, key)
         k = jnp.where(step_frac < dense_frac, DENSE_TOPK, topk)
-        sq_err, sq_norm, _, mask = reconstruction_errors(d, params, grads, k)
+        sq_err, sq_norm, _, mask, gram_form = reconstruction_errors(d, params, grads, k)
         loss = relative_error(sq_err, sq_norm)
         metrics = {"loss": {"total": loss, "recon": loss},
-                   "active_per_example": jnp.mean(jnp.sum(mask, axis=-1))}
+                   "active_per_example": jnp.mean(jnp.sum(mask, axis=-1)),
+                   "gram_form": gram_form.astype(jnp.float32)}
         if learning_rate is not None:
             metrics["lr_decayed"] = jnp.asarray(learning_rate(step), jnp.float32)
         return loss, metrics
@@ -171,7 +173,9 @@ def evaluate_fn(d: L3DDecomposition, *, topk: float, batch_size: int,
     each subnetwork is used, and the intervention selectivity on its first
     ``selectivity_samples`` examples. With ``train_data`` (the fixed training set) also
     ``recon_error_train``: the error on it, in its order and chunks of ``batch_size`` (the
-    paper reports its training loss)."""
+    paper reports its training loss). ``gram_form_fraction``: the share of chunks whose two
+    errors both came from the factored form (the rest were explicit:
+    :func:`~spdjax.methods.l3d_terms.guarded_sq_errors`)."""
 
     @jax.jit
     def chunk_metrics(params, target_params, xs, key):
@@ -180,10 +184,12 @@ def evaluate_fn(d: L3DDecomposition, *, topk: float, batch_size: int,
             grads = d.loss_grads(target_params, x, k)
             z = encode(d, params, grads)
             mask = batch_topk_mask(z, topk)
-            sq_norm, y, gram = sq_norms(grads), project(d, params, grads), decoder_gram(d, params)
-            err, dense = (sq_errors(sq_norm, y, gram, zk) for zk in (z * mask, z))
-            return (relative_error(err, sq_norm), relative_error(dense, sq_norm),
-                    jnp.mean(per_sample_error(err, sq_norm)), jnp.mean(mask, axis=0))
+            terms = gram_terms(d, params, grads)
+            err, sq_norm, ok = guarded_sq_errors(d, params, grads, terms, z * mask)
+            dense, dense_norm, ok_dense = guarded_sq_errors(d, params, grads, terms, z)
+            return (relative_error(err, sq_norm), relative_error(dense, dense_norm),
+                    jnp.mean(per_sample_error(err, sq_norm)), jnp.mean(mask, axis=0),
+                    (ok & ok_dense).astype(jnp.float32))
         keys = jax.random.split(key, xs.shape[0])
         return jax.lax.map(one, (xs, keys))
 
@@ -194,13 +200,14 @@ def evaluate_fn(d: L3DDecomposition, *, topk: float, batch_size: int,
             raise ValueError(f"L3D evaluation: the eval batch ({batch.shape[0]}) is smaller than "
                              f"one training batch ({batch_size}).")
         k_chunks, k_sel, k_train = jax.random.split(key, 3)
-        err, dense, per_sample, use = jax.device_get(
+        err, dense, per_sample, use, gram_form = jax.device_get(
             chunk_metrics(params, target_params, _chunks(batch, batch_size), k_chunks))
         use = np.mean(use, axis=0)
         summary: dict[str, Any] = {
             "loss": {"total": float(np.mean(err)), "recon": float(np.mean(err))},
             "recon_error": float(np.mean(err)), "recon_error_dense": float(np.mean(dense)),
             "per_sample_error": float(np.mean(per_sample)),
+            "gram_form_fraction": float(np.mean(gram_form)),
             "alive": int(np.sum(use > 0)), "use_fraction": use.tolist()}
         if train_data is not None:
             train_err = chunk_metrics(params, target_params, _chunks(train_data, batch_size),

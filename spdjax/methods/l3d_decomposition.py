@@ -140,10 +140,29 @@ class OuterGrads(NamedTuple):
         """``[batch, d_in, d_out]``: the gradients explicitly."""
         return jnp.einsum("bpi,bpj->bij", self.inputs, self.deltas)
 
+    def position_grams(self) -> tuple[Array, Array]:
+        """``([batch, P, P], [batch, P, P])``: ``a_bp . a_bq`` and ``d_bp . d_bq``."""
+        return (jnp.einsum("bpi,bqi->bpq", self.inputs, self.inputs),
+                jnp.einsum("bpj,bqj->bpq", self.deltas, self.deltas))
+
     def sq_norms(self) -> Array:
         """``[batch]``: ``||g_b||_F^2 = sum_pq (a_bp . a_bq)(d_bp . d_bq)``."""
-        return jnp.einsum("bpq,bpq->b", jnp.einsum("bpi,bqi->bpq", self.inputs, self.inputs),
-                          jnp.einsum("bpj,bqj->bpq", self.deltas, self.deltas))
+        return jnp.einsum("bpq,bpq->b", *self.position_grams())
+
+
+def outer_form_is_cheaper(positions: int, d_in: int, d_out: int, rank: int, C: int) -> bool:
+    """Whether a linear site's per-sample weight gradients cost fewer multiply-adds per sample
+    as :class:`OuterGrads` than dense, in what the L3D step does with them: contract them with
+    the encoder's and the decoder's rank-``rank`` Tucker factors (:func:`tucker_contract`) and
+    take their squared norms. Factored: ``2 P (d_in + d_out) r C + 2 P r^2 C`` plus ``P^2 (d_in
+    + d_out)`` for the norm (``P = positions``); dense: ``P d_in d_out`` to form them, ``2 d_in
+    d_out r C + 2 min(d_in, d_out) r^2 C`` and ``d_in d_out``. Dense wins for long sequences of
+    narrow sites (``P`` above about ``d_in d_out / (d_in + d_out)``)."""
+    P_, r = positions, rank
+    factored = 2 * P_ * (d_in + d_out) * r * C + 2 * P_ * r * r * C + P_ * P_ * (d_in + d_out)
+    dense = (P_ * d_in * d_out + 2 * d_in * d_out * r * C + 2 * min(d_in, d_out) * r * r * C
+             + d_in * d_out)
+    return factored < dense
 
 
 class _NoOuterForm(ValueError):
@@ -317,9 +336,23 @@ class L3DDecomposition:
         idx = jax.random.randint(key, (out.shape[0],), 0, out.shape[0])
         return out[idx]
 
+    def check_visited(self, target_params, x) -> None:
+        """Raises ``ValueError`` naming the decomposed sites the target's forward never calls on
+        ``x`` (as :meth:`spdjax.core.decomposition.Decomposition.clean_forward`): their
+        gradients would be silently zero. Traces one sample's forward; runs nothing."""
+        seen = jax.eval_shape(lambda xs: self.target.forward(target_params, xs, {})[1], x[:1])
+        missing = [n for n in self.site_names if n not in seen]
+        if missing:
+            raise ValueError(
+                f"L3D: sites {missing} were never called in the target's forward pass on this "
+                "input (a hand-written forward that skips them, or a traced model whose path "
+                "depends on the input's shape); leave them out of the site patterns.")
+
     def per_sample_grads(self, target_params, x, key) -> dict:
         """``g_i = grad_W D(f(x_i; W), y_r) at W_0``, ``{site: {tensor: [batch, *shape]}}``
-        (``vmap`` of ``grad`` over the batch; constants with respect to the factors)."""
+        (``vmap`` of ``grad`` over the batch; constants with respect to the factors). Raises
+        ``ValueError`` for a decomposed site the forward never calls (:meth:`check_visited`)."""
+        self.check_visited(target_params, x)
         theta = self.theta0(target_params)
         refs = jax.lax.stop_gradient(self.references(target_params, x, key))
 
@@ -332,12 +365,15 @@ class L3DDecomposition:
 
     def per_sample_grad_factors(self, target_params, x, key) -> dict:
         """:meth:`per_sample_grads` (the same references), each weight's gradient kept as
-        :class:`OuterGrads`: a linear site ``y = a W + b`` has per-sample gradient ``sum_p a_p ⊗
-        d_p``, its input ``a`` times the divergence's gradient ``d`` at its output, taken as the
-        gradient of a zero offset added to the output (``vmap`` of ``grad``). Biases' gradients
-        ``sum_p d_p`` are dense, ``[batch, d_out]``. A ``Mapped`` input is formed explicitly
-        (``[batch, ..., d_in]``); raises ``_NoOuterForm`` for other site kinds or an output
-        wanted back factored (:meth:`loss_grads` then takes the dense ones)."""
+        :class:`OuterGrads` where that is cheaper (:func:`outer_form_is_cheaper`, per site; else
+        formed, ``[batch, d_in, d_out]``): a linear site ``y = a W + b`` has per-sample gradient
+        ``sum_p a_p ⊗ d_p``, its input ``a`` times the divergence's gradient ``d`` at its output,
+        taken as the gradient of a zero offset added to the output (``vmap`` of ``grad``).
+        Biases' gradients ``sum_p d_p`` are dense, ``[batch, d_out]``. A ``Mapped`` input is
+        formed explicitly (``[batch, ..., d_in]``); raises ``_NoOuterForm`` for other site kinds
+        or an output wanted back factored (:meth:`loss_grads` then takes the dense ones), and
+        ``ValueError`` for a site the forward never calls (:meth:`check_visited`)."""
+        self.check_visited(target_params, x)
         names = self.site_names
         for n in names:
             if self.site(n).kind != "linear":
@@ -382,7 +418,11 @@ class L3DDecomposition:
             s = self.site(n)
             a = inputs[n].reshape(x.shape[0], -1, s.d_in)
             dl = deltas[n].reshape(x.shape[0], -1, s.d_out)
-            out[n] = {"weight": OuterGrads(a, dl)}
+            g = OuterGrads(a, dl)
+            if not outer_form_is_cheaper(a.shape[1], s.d_in, s.d_out,
+                                         max(self.ranks[n]["weight"]), self.C):
+                g = g.dense()
+            out[n] = {"weight": g}
             if "bias" in self.shapes[n]:
                 out[n]["bias"] = jnp.sum(dl, axis=1)
         return jax.lax.stop_gradient(out)

@@ -23,8 +23,20 @@ input times output gradient), which :func:`encode`, :func:`project` and :func:`s
 without forming it. The explicit forms, :func:`decode` and
 :func:`reconstruct` (``g_hat``, ``[batch, *shape]`` per tensor) with :func:`dense_relative_error`
 and :func:`dense_per_sample_error`, are there to inspect a reconstruction; the tests check the
-factored forms against them. The identity subtracts terms of size ``||g||^2``, so in float32 an
-error below ~``1e-6 ||g||^2`` is not resolved (L3D's errors are several percent).
+factored forms against them.
+
+Precision. The identity is a sum of terms as large as ``||g_b||^2``, ``|z_k,b| . |y_b|`` and
+``|z_k,b|^T |M| |z_k,b|``, so in float32 its rounding error is about ``u S_b`` with ``u =
+2^-24`` and ``S_b = (sqrt(||g_b||^2) + sum_c |z_k,bc| ||V_out[c]||)^2`` (:func:`rounding_scale`;
+for an :class:`~spdjax.methods.l3d_decomposition.OuterGrads` ``||g_b||^2`` is read as the sum of
+the absolute values of its terms). That is ``~4 u ||g_b||^2`` when the kept coefficients do not
+cancel, but grows with the square of the cancellation: nearly parallel decoder directions with
+large opposite coefficients give ``S_b >> ||g_b||^2`` (directions ``1e-3`` apart: ``S_b ~ 1e5
+||g_b||^2``, an error of several ``1e-3`` in the relative loss, where the explicit form's is
+``~1e-10``). :func:`guarded_sq_errors` therefore uses the identity only where ``4 u sum_b S_b``
+is at most :data:`REL_TOL` of the batch's squared error plus :data:`ABS_TOL` of ``sum_b
+||g_b||^2``, else it computes ``g - g_hat`` explicitly for that batch (``lax.cond``: one branch
+runs); per-sample squared errors are clipped at 0, so the loss is never negative.
 """
 
 from __future__ import annotations
@@ -32,10 +44,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from typing import NamedTuple
+
 from spdjax.methods.l3d_decomposition import (EPS, L3DDecomposition, OuterGrads, tucker,
                                               tucker_contract, tucker_gram)
 
 Array = jax.Array
+ROUNDING = 4 * 2.0**-24  # 4 u, float32: the Gram identity's error is <= ~1.03 u S_b (measured)
+REL_TOL = 1e-3  # the Gram identity is used if its error bound is <= REL_TOL of the batch's error
+ABS_TOL = 1e-5  # ... plus ABS_TOL of sum_b ||g_b||^2 (the loss's absolute accuracy near 0)
 
 
 def _contract(factors, grads) -> Array:
@@ -65,26 +82,81 @@ def decoder_gram(d: L3DDecomposition, params) -> Array:
 def sq_errors(sq_norm: Array, y: Array, gram: Array, z_kept: Array) -> Array:
     """``[batch]``: ``||g_b - V_out z_kept,b||^2 = ||g_b||^2 - 2 z_kept,b . y_b + z_kept,b^T M
     z_kept,b`` from ``sq_norm [batch]``, ``y [batch, C]`` (:func:`project`), ``gram (C, C)``
-    (:func:`decoder_gram`) and the kept coordinates ``z_kept [batch, C]``."""
-    return (sq_norm - 2.0 * jnp.einsum("bc,bc->b", z_kept, y)
-            + jnp.einsum("bc,cd,bd->b", z_kept, gram, z_kept))
+    (:func:`decoder_gram`) and the kept coordinates ``z_kept [batch, C]``, clipped at 0 (its
+    rounding error: module docstring, :func:`guarded_sq_errors`)."""
+    return jnp.maximum(sq_norm - 2.0 * jnp.einsum("bc,bc->b", z_kept, y)
+                       + jnp.einsum("bc,cd,bd->b", z_kept, gram, z_kept), 0.0)
+
+
+class GramTerms(NamedTuple):
+    """What the Gram identity reads, computed once per batch (:func:`gram_terms`)."""
+
+    sq_norm: Array  # [batch]: ||g_b||^2
+    magnitude: Array  # [batch]: the sum of |terms| of sq_norm (= sq_norm for dense g)
+    y: Array  # [batch, C]: V_out^T g (project)
+    gram: Array  # (C, C): V_out^T V_out (decoder_gram)
+
+
+def gram_terms(d: L3DDecomposition, params, grads) -> GramTerms:
+    """:class:`GramTerms` of ``grads`` and the decoder."""
+    sq_norm, magnitude = _sq_norms(grads)
+    return GramTerms(sq_norm, magnitude, project(d, params, grads), decoder_gram(d, params))
+
+
+def rounding_scale(terms: GramTerms, z_kept: Array) -> Array:
+    """``[batch]``: ``S_b = (sqrt(magnitude_b) + sum_c |z_kept,bc| sqrt(M_cc))^2``, the size of
+    the terms :func:`sq_errors` sums (``|M_cd| <= sqrt(M_cc M_dd)``, ``|y_bc| <= ||V_out[c]||
+    ||g_b||``): its float32 rounding error is about ``u S_b`` (module docstring)."""
+    col = jnp.sqrt(jnp.maximum(jnp.diagonal(terms.gram), 0.0))
+    return (jnp.sqrt(jnp.maximum(terms.magnitude, 0.0)) + jnp.abs(z_kept) @ col) ** 2
+
+
+def gram_form_is_accurate(terms: GramTerms, z_kept: Array, sq_err: Array) -> Array:
+    """Scalar bool: the Gram identity's estimated rounding error ``ROUNDING * sum_b S_b`` is at
+    most ``REL_TOL * sum_b sq_err_b + ABS_TOL * sum_b ||g_b||^2`` (:data:`ROUNDING`,
+    :data:`REL_TOL`, :data:`ABS_TOL`)."""
+    bound = ROUNDING * jnp.sum(rounding_scale(terms, z_kept))
+    return jax.lax.stop_gradient(
+        bound <= REL_TOL * jnp.sum(sq_err) + ABS_TOL * jnp.sum(terms.sq_norm))
+
+
+def dense_sq_errors(d: L3DDecomposition, params, grads, z_kept: Array) -> tuple[Array, Array]:
+    """``(sq_err, sq_norm)``, ``[batch]`` each: ``||g_b - V_out z_kept,b||^2`` and ``||g_b||^2``
+    with ``g`` and ``g_hat`` explicit (:func:`densify`, :func:`decode`): rounding relative to
+    ``||g_b - g_hat_b||``, not to the coefficients' size."""
+    dense = densify(grads)
+    diff = jax.tree.map(jnp.subtract, decode(d, params, z_kept), dense)
+    return sq_norms(diff), sq_norms(dense)
+
+
+def guarded_sq_errors(d: L3DDecomposition, params, grads, terms: GramTerms,
+                      z_kept: Array) -> tuple[Array, Array, Array]:
+    """``(sq_err, sq_norm, gram_form)``: :func:`sq_errors` where
+    :func:`gram_form_is_accurate`, else :func:`dense_sq_errors` (``gram_form`` False), for the
+    whole batch (``lax.cond``: only the chosen branch runs, in the value and the gradient)."""
+    sq_err = sq_errors(terms.sq_norm, terms.y, terms.gram, z_kept)
+    ok = gram_form_is_accurate(terms, z_kept, sq_err)
+    sq_err, sq_norm = jax.lax.cond(ok, lambda: (sq_err, terms.sq_norm),
+                                   lambda: dense_sq_errors(d, params, grads, z_kept))
+    return sq_err, sq_norm, ok
 
 
 def reconstruction_errors(d: L3DDecomposition, params, grads, topk: float | Array):
-    """``(sq_err, sq_norm, z, mask)``: ``||g_b - g_hat_b||^2`` and ``||g_b||^2`` (``[batch]``)
-    of the top-k reconstruction ``g_hat = V_out (mask * z)``, factored (module docstring)."""
+    """``(sq_err, sq_norm, z, mask, gram_form)``: ``||g_b - g_hat_b||^2`` and ``||g_b||^2``
+    (``[batch]``) of the top-k reconstruction ``g_hat = V_out (mask * z)``, factored where that
+    is accurate (:func:`guarded_sq_errors`; ``gram_form`` says whether it was)."""
     z = encode(d, params, grads)
     mask = batch_topk_mask(z, topk)
-    sq_norm = sq_norms(grads)
-    return (sq_errors(sq_norm, project(d, params, grads), decoder_gram(d, params), z * mask),
-            sq_norm, z, mask)
+    sq_err, sq_norm, ok = guarded_sq_errors(d, params, grads, gram_terms(d, params, grads),
+                                            z * mask)
+    return sq_err, sq_norm, z, mask, ok
 
 
 def relative_error(sq_err: Array, sq_norm: Array) -> Array:
     """``sum_b ||g_b - g_hat_b||^2 / (sum_b ||g_b||^2 + eps)``: the L3D loss (the reference's
     ``compute_reconstruction_loss``; ``eps`` :data:`EPS`), from ``[batch]`` squared errors and
-    norms (:func:`reconstruction_errors`)."""
-    return jnp.sum(sq_err) / (jnp.sum(sq_norm) + EPS)
+    norms (:func:`reconstruction_errors`; each clipped at 0, so the loss is >= 0)."""
+    return jnp.sum(jnp.maximum(sq_err, 0.0)) / (jnp.sum(jnp.maximum(sq_norm, 0.0)) + EPS)
 
 
 def per_sample_error(sq_err: Array, sq_norm: Array) -> Array:
@@ -112,12 +184,34 @@ def batch_topk_mask(z: Array, topk: float | Array) -> Array:
     return jax.lax.stop_gradient((jnp.abs(z) >= threshold).astype(z.dtype))
 
 
+def _sq_norms(grads) -> tuple[Array, Array]:
+    """``([batch], [batch])``: ``||g_b||^2`` over every tensor and the sum of the absolute
+    values of the terms it adds (the same for dense tensors; for
+    :class:`~spdjax.methods.l3d_decomposition.OuterGrads`, ``sum_pq |a_p.a_q| |d_p.d_q|``)."""
+    norms, mags = [], []
+    for v in jax.tree.leaves(grads, is_leaf=lambda v: isinstance(v, OuterGrads)):
+        if isinstance(v, OuterGrads):
+            aa, dd = v.position_grams()
+            norms.append(jnp.einsum("bpq,bpq->b", aa, dd))
+            mags.append(jnp.einsum("bpq,bpq->b", jnp.abs(aa), jnp.abs(dd)))
+        else:
+            sq = jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=-1)
+            norms.append(sq)
+            mags.append(sq)
+    return jnp.maximum(sum(norms), 0.0), sum(mags)
+
+
 def sq_norms(grads) -> Array:
     """``[batch]``: ``||g_b||^2`` over every tensor (dense or
     :class:`~spdjax.methods.l3d_decomposition.OuterGrads`)."""
-    return sum(v.sq_norms() if isinstance(v, OuterGrads)
-               else jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=-1)
-               for v in jax.tree.leaves(grads, is_leaf=lambda v: isinstance(v, OuterGrads)))
+    return _sq_norms(grads)[0]
+
+
+def densify(grads) -> dict:
+    """``grads`` with every :class:`~spdjax.methods.l3d_decomposition.OuterGrads` formed
+    (``[batch, d_in, d_out]``)."""
+    return jax.tree.map(lambda v: v.dense() if isinstance(v, OuterGrads) else v, grads,
+                        is_leaf=lambda v: isinstance(v, OuterGrads))
 
 
 # -- the explicit reconstruction: g_hat as [batch, *shape] tensors ------------------------------

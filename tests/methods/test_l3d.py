@@ -480,7 +480,7 @@ def factored_loss(params, grads, topk):
     """The training step's path (:func:`l3d_terms.reconstruction_errors`)."""
     # The terms read only the params (the decomposition argument is unused), so no
     # L3DDecomposition is needed for these 3-D tensors.
-    sq_err, sq_norm, _, _ = l3d_terms.reconstruction_errors(None, params, grads, topk)
+    sq_err, sq_norm, _, _, _ = l3d_terms.reconstruction_errors(None, params, grads, topk)
     return (l3d_terms.relative_error(sq_err, sq_norm),
             l3d_terms.per_sample_error(sq_err, sq_norm))
 
@@ -499,6 +499,8 @@ def test_factored_loss_and_its_gradients_equal_the_dense_path(rank):
         assert 0.05 < float(want) < 50  # a non-trivial error, so a dropped term would show
         np.testing.assert_allclose(got, want, rtol=1e-5)
         np.testing.assert_allclose(got_per, want_per, rtol=1e-4)
+        # The identity was used here (well-conditioned factors), not the explicit fallback.
+        assert bool(l3d_terms.reconstruction_errors(None, params, grads, topk)[4])
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grad_f),
                                 jax.tree.leaves(grad_d)):
             scale = float(np.max(np.abs(b)))
@@ -575,3 +577,179 @@ def test_outer_product_gradients_equal_the_dense_ones_and_give_the_same_loss(set
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                          atol=1e-5 * float(jnp.abs(b).max())),
                  g_got, g_want)
+
+
+def test_the_factored_loss_is_accurate_and_never_negative_for_cancelling_coefficients():
+    # Nearly parallel decoder directions (the last a copy of the first, eps apart) and the
+    # encoder pinv(V_out): coefficients ~1/eps of opposite signs reconstruct g exactly. The Gram
+    # identity alone gave -5.8e-3 (eps 1e-3) and 0.04710 for the true 0.04780 with one
+    # direction dropped (eps 3e-3); the explicit form is exact to ~1e-10.
+    rng = np.random.default_rng(0)
+    n, batch = 20, 64
+    G = rng.normal(size=(batch, n))
+    Q = np.linalg.qr(rng.normal(size=(n, n)))[0]
+    U, w = Q[:, :n - 1], Q[:, n - 1]
+
+    def loss(V_out, V_in, topk):
+        def fac(V):
+            return {"core": jnp.ones((1, V.shape[1]), jnp.float32),
+                    "f0": jnp.asarray(V[None], jnp.float32)}
+        p = {"encode": {"s": {"bias": fac(V_in)}}, "decode": {"s": {"bias": fac(V_out)}}}
+        out = l3d_terms.reconstruction_errors(None, p, {"s": {"bias": jnp.asarray(G, jnp.float32)}},
+                                              topk)
+        return float(l3d_terms.relative_error(*out[:2])), bool(out[4])
+
+    for eps in (3e-3, 1e-3):
+        V_out = np.concatenate([U, U[:, :1] + eps * w[:, None]], 1)
+        V_out /= np.linalg.norm(V_out, axis=0)
+        V_in = np.linalg.pinv(V_out).T
+        dropped = V_in.copy()
+        dropped[:, 1] = 0.0
+        for enc, topk in ((V_in, 1.0), (V_in, l3d.DENSE_TOPK), (dropped, 1.0)):
+            want = np_relative_error(enc.T, V_out.T, G, topk)[0]
+            got, gram_form = loss(V_out, enc, topk)
+            assert got >= 0 and not gram_form
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-7), (eps, topk)
+    V = Q[:, :n - 1]  # orthonormal: no cancellation, the identity is kept
+    got, gram_form = loss(V, V, 1.0)
+    assert gram_form and got == pytest.approx(np_relative_error(V.T, V.T, G, 1.0)[0], rel=1e-5)
+
+
+def test_the_gram_identity_is_clipped_at_zero():
+    # ||g||^2 = 1, z.y = 1, z^T M z = 1 - 1e-3: the identity's -1e-3 is a rounding artefact.
+    err = l3d_terms.sq_errors(jnp.ones(1), jnp.ones((1, 1)), jnp.full((1, 1), 1 - 1e-3),
+                              jnp.ones((1, 1)))
+    assert float(err[0]) == 0.0
+    assert float(l3d_terms.relative_error(jnp.array([-1.0, 0.5]), jnp.ones(2))) == pytest.approx(
+        0.25)
+
+
+def positions_target(T, d_in=6, d_hidden=8, d_out=5, seed=0):
+    """``x [B, T, d_in]``: site ``a`` (with a bias) per position, a mix across positions
+    (cumulative sum), site ``b`` per position, the mean over positions."""
+    from spdjax.core.target import Site, weight_at
+
+    def fn(p, x, hooks):
+        h = jnp.tanh(hooks("a", x, lambda a: a @ p["a"]["kernel"] + p["a"]["bias"]))
+        h = h + 0.3 * jnp.cumsum(h, axis=-2)
+        return jnp.mean(hooks("b", h, lambda a: a @ p["b"]["kernel"]), axis=-2)
+
+    sites = [Site("a", "linear", d_in, d_hidden, weight_at(("a", "kernel")),
+                  weight_at(("a", "bias"))),
+             Site("b", "linear", d_hidden, d_out, weight_at(("b", "kernel")))]
+    rng = np.random.default_rng(seed)
+    tp = {"a": {"kernel": rng.normal(size=(d_in, d_hidden)), "bias": rng.normal(size=d_hidden)},
+          "b": {"kernel": rng.normal(size=(d_hidden, d_out)) / 3}}
+    x = rng.normal(size=(6, T, d_in))
+    tp = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tp)
+    return spdjax.from_function(fn, sites), tp, jnp.asarray(x, jnp.float32)
+
+
+def assert_factored_grads_match_dense(d, tp, x, outer_sites):
+    """``loss_grads`` against ``per_sample_grads``: each tensor, ``sq_norms``, ``encode`` and
+    the loss; ``outer_sites``: the weights expected as OuterGrads (the others formed)."""
+    from spdjax.methods.l3d_decomposition import OuterGrads
+
+    def is_outer(v):
+        return isinstance(v, OuterGrads)
+
+    params = d.init(jax.random.key(1))
+    params["encode"] = jax.tree.map(lambda a: a * 1.7 + 0.1, params["encode"])
+
+    @jax.jit
+    def both(tp, x):
+        key = jax.random.key(0)
+        dense, got = d.per_sample_grads(tp, x, key), d.loss_grads(tp, x, key)
+        parts = [(l3d_terms.sq_norms(g), l3d_terms.encode(d, params, g),
+                  l3d_terms.relative_error(*l3d_terms.reconstruction_errors(d, params, g, 0.3)[:2]))
+                 for g in (dense, got)]
+        return dense, got, parts
+
+    dense, got, (want, have) = both(tp, x)
+    assert {n for n, ts in got.items() if is_outer(ts["weight"])} == set(outer_sites)
+    for n, ts in dense.items():
+        assert set(got[n]) == set(ts)
+        for t, want_t in ts.items():
+            v = got[n][t].dense() if is_outer(got[n][t]) else got[n][t]
+            np.testing.assert_allclose(v, want_t, rtol=1e-4,
+                                       atol=1e-6 * float(jnp.abs(want_t).max()), err_msg=f"{n}/{t}")
+    for a, b, what in zip(have, want, ("sq_norms", "encode", "loss")):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()),
+                                   err_msg=what)
+
+
+def test_outer_gradients_over_positions_with_a_bias_and_mixing_equal_the_dense_ones():
+    target, tp, x = positions_target(T=3)
+    d = l3d.decompose_l3d(target, {"*": 1}, C, rank=1)
+    assert_factored_grads_match_dense(d, tp, x, outer_sites={"a", "b"})
+
+
+def test_outer_gradients_of_a_weight_used_twice_equal_the_dense_ones():
+    from spdjax.core.tracing import from_jax
+
+    rng = np.random.default_rng(0)
+    params = {"w": {"kernel": jnp.asarray(rng.normal(size=(8, 8)) / 3, jnp.float32)},
+              "v": {"kernel": jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)}}  # (out, in)
+
+    def f(p, x):  # x [T, 8] per sample
+        h = jnp.tanh(x @ p["w"]["kernel"])
+        h = jnp.tanh(h @ p["w"]["kernel"])  # the same weight again: sites w and w#2
+        return jnp.einsum("oi,...ti->...to", p["v"]["kernel"], h)
+
+    x = jnp.asarray(rng.normal(size=(6, 3, 8)), jnp.float32)
+    target, tp = from_jax(f, params, x)
+    assert sorted(target.sites) == ["v", "w", "w#2"]
+    d = l3d.decompose_l3d(target, {"*": 1}, C, rank=1)
+    # v (8 -> 3) at 3 positions is cheaper formed (outer_form_is_cheaper).
+    assert_factored_grads_match_dense(d, tp, x, outer_sites={"w", "w#2"})
+
+
+def test_outer_gradients_of_mapped_inputs_with_a_bias_equal_the_dense_ones():
+    from spdjax.core.target import Mapped, Site, weight_at
+
+    rng = np.random.default_rng(1)
+    k, d_in, d_hidden, d_y = 4, 9, 10, 3
+    E1, E2, post = (jnp.asarray(rng.normal(size=s) / 3, jnp.float32)  # tanh not saturated
+                    for s in ((k, d_in), (2, d_in), (d_hidden, d_y)))
+
+    def fn(p, x, hooks):  # the input is x1 E1 + x2 E2, the output read through post
+        W, b = p["a"]["kernel"], p["a"]["bias"]
+        m = Mapped((x[..., :k], x[..., k:]), pre=(E1, E2), post=post)
+        return jnp.tanh(hooks("a", m, lambda a: a.matmul(W) + b @ post)) @ p["c"]["kernel"]
+
+    sites = [Site("a", "linear", d_in, d_hidden, weight_at(("a", "kernel")),
+                  weight_at(("a", "bias")))]
+    tp = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), {
+        "a": {"kernel": rng.normal(size=(d_in, d_hidden)), "bias": rng.normal(size=d_hidden)},
+        "c": {"kernel": rng.normal(size=(d_y, 2))}})
+    x = jnp.asarray(rng.normal(size=(B, k + 2)), jnp.float32)
+    d = l3d.decompose_l3d(spdjax.from_function(fn, sites), {"*": 1}, C, rank=2)
+    assert_factored_grads_match_dense(d, tp, x, outer_sites={"a"})
+
+
+def test_long_sequences_take_the_dense_gradients_per_site():
+    from spdjax.methods.l3d_decomposition import outer_form_is_cheaper
+
+    # One position: factors always win; many positions of a narrow site: dense wins.
+    assert outer_form_is_cheaper(1, 6, 8, 1, C) and not outer_form_is_cheaper(12, 6, 8, 1, C)
+    assert outer_form_is_cheaper(12, 100, 100, 1, C)
+    target, tp, x = positions_target(T=12, d_in=6, d_hidden=40, d_out=40)
+    d = l3d.decompose_l3d(target, {"*": 1}, C, rank=1)
+    # a (6 -> 40) at 12 positions is cheaper formed, b (40 -> 40) as factors.
+    assert not outer_form_is_cheaper(12, 6, 40, 1, C) and outer_form_is_cheaper(12, 40, 40, 1, C)
+    assert_factored_grads_match_dense(d, tp, x, outer_sites={"b"})
+
+
+def test_a_site_the_forward_never_calls_is_an_error():
+    from spdjax.core.target import Site, weight_at
+
+    def fn(p, x, hooks):  # site "b" is declared but never called
+        return hooks("a", x, lambda a: a @ p["a"]["kernel"])
+
+    sites = [Site(n, "linear", 3, 3, weight_at((n, "kernel"))) for n in ("a", "b")]
+    tp = {n: {"kernel": jnp.eye(3)} for n in ("a", "b")}
+    d = l3d.decompose_l3d(spdjax.from_function(fn, sites), {"*": 1}, C)
+    x = jnp.ones((4, 3))
+    for fn_ in (d.loss_grads, d.per_sample_grads, d.per_sample_grad_factors):
+        with pytest.raises(ValueError, match=r"L3D: sites \['b'\] were never called"):
+            fn_(tp, x, jax.random.key(0))
