@@ -3,9 +3,11 @@
 
     python -m benchmarks.reproduce.three_methods --seed=0 --workdir=workdir/three_methods \\
         --out=benchmarks/results        # -> three_methods_tms.{json,md,png}
-    python -m benchmarks.reproduce.three_methods --model=resid-mlp-1 --l3d_steps=1000 \\
-        --batch_sizes=32,256 --rounds=1 --workdir=workdir/three_methods_resid \\
-        --out=benchmarks/results
+    python -m benchmarks.reproduce.three_methods --model=resid-mlp-1 --l3d_steps=32000 \\
+        --skip_costs --workdir=/tmp/l3d_resid_full --out=/tmp/l3d_resid_full/out   # trains L3D
+    python -m benchmarks.reproduce.three_methods --model=resid-mlp-1 --l3d_steps=32000 \\
+        --batch_sizes=32,256 --rounds=2 --workdir=/tmp/l3d_resid_full \\
+        --out=benchmarks/results        # loads it; step costs -> three_methods_resid_mlp_1.*
 
 Each method runs its own recipe on the same cached target (SPD ``configs/tms.py:5-2``: C 20, 40k
 steps of 4096; APD ``configs/tms.py:5-2+apd``: C 5, 20k steps of 2048; L3D
