@@ -125,8 +125,23 @@ def dense_sq_errors(d: L3DDecomposition, params, grads, z_kept: Array) -> tuple[
     with ``g`` and ``g_hat`` explicit (:func:`densify`, :func:`decode`): rounding relative to
     ``||g_b - g_hat_b||``, not to the coefficients' size."""
     dense = densify(grads)
-    diff = jax.tree.map(jnp.subtract, decode(d, params, z_kept), dense)
+    diff = jax.tree.map(jnp.subtract, _decode_from_factors(params, z_kept), dense)
     return sq_norms(diff), sq_norms(dense)
+
+
+def _decode_from_factors(params, z: Array) -> dict:
+    """:func:`decode` as one contraction of ``z`` with each tensor's Tucker factors (the order
+    left to ``einsum``: no ``[*shape, C]`` tensor is formed)."""
+    out = {}
+    for n, ts in params["decode"].items():
+        out[n] = {}
+        for t, f in ts.items():
+            ndim = f["core"].ndim - 1
+            ranks, dims = "pqrstu"[:ndim], "ijklmn"[:ndim]
+            spec = ",".join(["bC", ranks + "C"] + [f"{r}{i}C" for r, i in zip(ranks, dims)])
+            out[n][t] = jnp.einsum(f"{spec}->b{dims}", z, f["core"],
+                                   *(f[f"f{j}"] for j in range(ndim)))
+    return out
 
 
 def guarded_sq_errors(d: L3DDecomposition, params, grads, terms: GramTerms,
@@ -136,8 +151,12 @@ def guarded_sq_errors(d: L3DDecomposition, params, grads, terms: GramTerms,
     whole batch (``lax.cond``: only the chosen branch runs, in the value and the gradient)."""
     sq_err = sq_errors(terms.sq_norm, terms.y, terms.gram, z_kept)
     ok = gram_form_is_accurate(terms, z_kept, sq_err)
+    # Rematerialised: under autodiff a branch's residuals are outputs of the cond, and the
+    # branch not taken fills them with zeros, which for the explicit one would be every
+    # subnetwork's dense tensor each step. Checkpointed, its residuals are its (small) inputs.
+    explicit = jax.checkpoint(lambda p, g, z: dense_sq_errors(d, p, g, z))
     sq_err, sq_norm = jax.lax.cond(ok, lambda: (sq_err, terms.sq_norm),
-                                   lambda: dense_sq_errors(d, params, grads, z_kept))
+                                   lambda: explicit(params, grads, z_kept))
     return sq_err, sq_norm, ok
 
 
