@@ -310,12 +310,7 @@ class Decomposition:
             _check_no_negative_ids(embeds, x)
         out, inputs = self.target.forward(self.to_compute(target_params), self.to_compute(x), {})
         out = self._to_float32(out)
-        missing = [n for n in self.site_names if n not in inputs]
-        if missing:
-            raise ValueError(
-                f"Sites {missing} were never called in the target's forward pass on this input "
-                "(a hand-written forward that skips them, or a traced model whose path depends "
-                "on the input's shape).")
+        check_sites_called(self.site_names, inputs)
         for name in self.site_names:
             _check_site_input(self.site(name), inputs[name])
         return out, {n: inputs[n] for n in self.site_names}
@@ -496,6 +491,18 @@ def _check_site_input(site: Site, x: Array | Mapped) -> None:
     elif not np.isfinite(x).all():
         raise ValueError(f"Site {site.name!r}: its input holds NaN or inf (from the batch, or from "
                          "the target before it).")
+
+
+def check_sites_called(site_names, called, method: str = "") -> None:
+    """Raises ``ValueError`` naming the sites of ``site_names`` missing from ``called`` (the
+    sites a forward pass called): their gradients would be silently zero. ``method`` prefixes
+    the message (e.g. ``"L3D: "``)."""
+    missing = [n for n in site_names if n not in called]
+    if missing:
+        raise ValueError(
+            f"{method}Sites {missing} were never called in the target's forward pass on this "
+            "input (a hand-written forward that skips them, or a traced model whose path "
+            "depends on the input's shape); leave them out of the site patterns.")
 
 
 def _check_no_negative_ids(embeds: list[str], x: Any) -> None:

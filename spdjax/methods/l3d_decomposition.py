@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from spdjax.core import components as comp_lib
+from spdjax.core.decomposition import check_sites_called
 from spdjax.core.target import Mapped, Target
 from spdjax.methods.base import spanning_sites
 
@@ -341,12 +342,7 @@ class L3DDecomposition:
         ``x`` (as :meth:`spdjax.core.decomposition.Decomposition.clean_forward`): their
         gradients would be silently zero. Traces one sample's forward; runs nothing."""
         seen = jax.eval_shape(lambda xs: self.target.forward(target_params, xs, {})[1], x[:1])
-        missing = [n for n in self.site_names if n not in seen]
-        if missing:
-            raise ValueError(
-                f"L3D: sites {missing} were never called in the target's forward pass on this "
-                "input (a hand-written forward that skips them, or a traced model whose path "
-                "depends on the input's shape); leave them out of the site patterns.")
+        check_sites_called(self.site_names, seen, "L3D: ")
 
     def per_sample_grads(self, target_params, x, key) -> dict:
         """``g_i = grad_W D(f(x_i; W), y_r) at W_0``, ``{site: {tensor: [batch, *shape]}}``

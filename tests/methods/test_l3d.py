@@ -751,5 +751,5 @@ def test_a_site_the_forward_never_calls_is_an_error():
     d = l3d.decompose_l3d(spdjax.from_function(fn, sites), {"*": 1}, C)
     x = jnp.ones((4, 3))
     for fn_ in (d.loss_grads, d.per_sample_grads, d.per_sample_grad_factors):
-        with pytest.raises(ValueError, match=r"L3D: sites \['b'\] were never called"):
+        with pytest.raises(ValueError, match=r"L3D: Sites \['b'\] were never called"):
             fn_(tp, x, jax.random.key(0))
