@@ -39,3 +39,49 @@ import sys
 
 # tests/helpers.py is importable from every test directory (they mirror the package's packages).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+import collections.abc  # noqa: E402
+import pathlib  # noqa: E402
+
+import filelock  # noqa: E402
+import pytest  # noqa: E402
+
+import tiny_runs  # noqa: E402
+
+
+class _Runs(collections.abc.Mapping):
+    """``{label: workdir}`` of the tiny finished runs (tests/tiny_runs.py), each made on first
+    use under its own file lock, so once per session even across pytest-xdist workers (a
+    worker that needs only the LM run does not wait for the TMS one)."""
+
+    def __init__(self, root: pathlib.Path, labels):
+        self.root, self.labels = root, tuple(labels)
+
+    def __getitem__(self, label):
+        if label not in self.labels:
+            raise KeyError(f"{label!r}: the tiny runs are {', '.join(self.labels)}")
+        wd, done = self.root / label, self.root / f"{label}.done"
+        with filelock.FileLock(str(self.root / f"{label}.lock")):
+            if not done.exists():
+                tiny_runs.make(self.root, labels=(label,))
+                done.touch()
+        return wd
+
+    def __iter__(self):
+        return iter(self.labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tmp_path_factory):
+    """``{label: workdir}`` of finished tiny runs (tests/tiny_runs.py: ``tms``, ``tms_apd``,
+    ``tms_vpd``, ``resid_mlp``, ``l3d``, ``lm``), each made when first read. Read-only for the
+    tests: copy one (``shutil.copytree``) to change or resume it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above each worker's own
+    (root / "finished_runs").mkdir(exist_ok=True)
+    return _Runs(root / "finished_runs", tiny_runs.LABELS)

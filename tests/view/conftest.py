@@ -1,58 +1,26 @@
-"""What the viewer's tests share, made once: the tiny runs (tests/view/tiny_runs.py; each once
-per test session even across pytest-xdist workers, which wait on its file lock for the first to
-build it), the LM run loaded once (its compiled forwards and graphs shared by the graph API
+"""What the viewer's tests share, made once: the tiny runs (tests/tiny_runs.py through
+tests/conftest.py's ``finished_runs``: each once per test session even across pytest-xdist
+workers), the LM run loaded once (its compiled forwards and graphs shared by the graph API
 tests and the browser), a live server per run, and one headless browser per worker."""
 
 import collections.abc
-import os
 import pathlib
 import threading
 
-import filelock
 import pytest
 
 import spdjax
 from spdjax.view import server
 
-from view import browser as browser_lib, tiny_runs
-
-DEFAULT_RUNS = ("tms", "lm")
-
-
-class _Runs(collections.abc.Mapping):
-    """``{label: workdir}`` of the tiny runs, each made on first use (its own file lock: a
-    worker that needs only the LM run does not wait for the TMS one)."""
-
-    def __init__(self, root: pathlib.Path, labels):
-        self.root, self.labels = root, tuple(labels)
-
-    def __getitem__(self, label):
-        if label not in self.labels:
-            raise KeyError(label)
-        wd, done = self.root / label, self.root / f"{label}.done"
-        with filelock.FileLock(str(self.root / f"{label}.lock")):
-            if not done.exists():
-                tiny_runs.make(self.root, labels=(label,))
-                done.touch()
-        return wd
-
-    def __iter__(self):
-        return iter(self.labels)
-
-    def __len__(self):
-        return len(self.labels)
+from view import browser as browser_lib
 
 
 @pytest.fixture(scope="session")
-def view_runs(tmp_path_factory):
-    """``{label: workdir}``: ``tms`` (SPD: figures, harvest, clustering) and ``lm`` (the
-    committed tiny LM run, harvested), each made when first read. Read-only for the tests
-    (copy one to change it)."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's directory, above each worker's own
-    (root / "view_runs").mkdir(exist_ok=True)
-    return _Runs(root / "view_runs", DEFAULT_RUNS)
+def view_runs(finished_runs):
+    """``{label: workdir}``: the session's tiny finished runs (tests/conftest.py), e.g. ``tms``
+    (SPD: figures, harvest, clustering) and ``lm`` (the committed tiny LM run, harvested).
+    Read-only for the tests (copy one to change it)."""
+    return finished_runs
 
 
 _LOADED: dict = {}

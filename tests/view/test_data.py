@@ -11,7 +11,7 @@ import pytest
 from spdjax.analysis import harvest_result
 from spdjax.view import data
 
-from view import tiny_runs
+import tiny_runs
 
 
 def test_run_view_reads_the_runs_files(view_runs):

@@ -218,7 +218,7 @@ def test_command_line_errors_are_one_line(tmp_path, view_runs):
 
 @pytest.mark.slow  # trains four more tiny runs; the default tests cover the code on TMS and LM
 def test_every_family_and_method_is_served_and_exported(tmp_path):
-    from view import tiny_runs
+    import tiny_runs
 
     runs = tiny_runs.make(tmp_path / "runs", labels=("tms_apd", "tms_vpd", "resid_mlp", "l3d"))
     labels = {"tms_apd": "APD", "tms_vpd": "SPD (VPD recipe)", "resid_mlp": "SPD", "l3d": "L3D"}

@@ -1,5 +1,7 @@
-"""Tiny finished runs of every family and method for the viewer's tests (and its screenshots):
-a few training steps each, harvested on a few small batches, the TMS one clustered too.
+"""Tiny finished runs of every family and method, shared by the tests that only read a finished
+run (the viewer, plots, loading, analysis tools; the ``finished_runs`` fixture of
+tests/conftest.py makes each once per test session): a few training steps each, harvested on a
+few small batches, the TMS one clustered too.
 
 ``make(root)`` -> ``{label: workdir}`` with labels ``tms`` (SPD, figures, harvest, clustering),
 ``tms_apd``, ``tms_vpd``, ``resid_mlp`` (SPD; harvest), ``l3d`` (L3D on TMS 5-2: no CI, so no
@@ -12,7 +14,7 @@ import time
 import spdjax
 from spdjax.analysis import clustering, harvest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 LM_FIXTURE = ROOT / "tests" / "fixtures" / "lm_ih_tiny"
 TINY = {"steps": 2, "log_every": 1, "checkpoint_every": 2, "batch_size": 32,
         "eval_batch_size": 64}
@@ -27,10 +29,10 @@ CONFIGS = {
     "l3d": ("l3d:5-2", dict({k: v for k, v in TINY.items() if k != "batch_size"},
                             **{"l3d.dense_steps": 1, "l3d.n_samples": 64})),
 }
+LABELS = ("tms", "tms_apd", "tms_vpd", "resid_mlp", "l3d", "lm")
 
 
-def make(root: pathlib.Path, labels=("tms", "tms_apd", "tms_vpd", "resid_mlp", "l3d", "lm")
-         ) -> dict[str, pathlib.Path]:
+def make(root: pathlib.Path, labels=LABELS) -> dict[str, pathlib.Path]:
     out = {}
     for label in labels:
         t0 = time.perf_counter()
