@@ -82,21 +82,6 @@ def test_divergence_factor_0_switches_both_bounds_off():
     assert run.writer.rows[-1]["loss/total"] > 1e10
 
 
-def test_a_non_finite_final_evaluation_is_an_error_not_a_summary(tmp_path):
-    wd = tmp_path / "run"
-    run = spdjax.setup(small(steps=20), wd)
-    loop.train(run)
-    run.state = run.state.replace(params=jax_tree_scale(run.state.params, 1e30))
-    with pytest.raises(loop.DivergenceError, match=r"The run diverged: the evaluation of the "
-                       r"state at step 20 is not finite \(.*loss.total=(inf|nan)"):
-        loop.evaluate(run)
-    loop.close(run)
-    assert not (wd / "summary.json").exists()
-    # its checkpoint is set aside, so that a rerun does not evaluate it again
-    assert Checkpointer(wd / "checkpoints").all_steps() == [10]
-    assert [p.name.split("_")[:2] for p in (wd / "damaged").iterdir()] == [["20", "diverged"]]
-
-
 def jax_tree_scale(tree, factor):
     return jax.tree.map(lambda x: x * factor, tree)
 
@@ -147,15 +132,33 @@ def test_the_advice_after_a_divergence_leads_to_a_run_that_works(tmp_path):
     assert any((wd / "damaged").iterdir())  # the poisoned checkpoints are kept aside
 
 
-def test_a_checkpoint_whose_next_loss_is_infinite_is_never_the_last_good_one(tmp_path):
+def test_a_checkpoint_whose_next_loss_or_final_evaluation_is_not_finite_is_never_kept(tmp_path):
+    """Two checks sharing one trained run: a checkpoint whose next loss is infinite is never the
+    last good one, and a non-finite final evaluation is an error, not a summary."""
     # lr 100 from the first step: the step-1 state has finite params but an infinite loss
     wd = tmp_path / "run"
     with pytest.raises(loop.DivergenceError, match=r"diverged at step 2: non-finite .*"
                        r"checkpoint of step 1 holds that state.*No good checkpoint"):
         spdjax.train_and_evaluate(small(lr=100.0, checkpoint_every=1), wd)
     assert Checkpointer(wd / "checkpoints").all_steps() == []
-    summary = spdjax.train_and_evaluate(small(lr=1e-2, checkpoint_every=1), wd)  # starts over
+    good = small(lr=1e-2)
+    summary = spdjax.train_and_evaluate(good, wd)  # starts over
     assert np.isfinite(summary["loss"]["total"]) and summary["steps"] == 30
+    # The same finished run, resumed: a final evaluation of a non-finite state writes no summary
+    (wd / "summary.json").unlink()
+    run = spdjax.setup(good, wd)
+    assert run.step == 30
+    loop.train(run)  # finished: nothing to do
+    run.state = run.state.replace(params=jax_tree_scale(run.state.params, 1e30))
+    with pytest.raises(loop.DivergenceError, match=r"The run diverged: the evaluation of the "
+                       r"state at step 30 is not finite \(.*loss.total=(inf|nan)"):
+        loop.evaluate(run)
+    loop.close(run)
+    assert not (wd / "summary.json").exists()
+    # its checkpoint is set aside, so that a rerun does not evaluate it again
+    assert Checkpointer(wd / "checkpoints").all_steps() == [20]
+    assert sorted(p.name.split("_")[:2] for p in (wd / "damaged").iterdir()) == [
+        ["1", "diverged"], ["30", "diverged"]]
 
 
 def test_a_non_finite_evaluation_of_an_ensemble_member_names_the_member():
