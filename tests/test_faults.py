@@ -29,7 +29,7 @@ from spdjax.families.tms import evaluation as tms_evaluation
 from spdjax.families.tms import model as tms
 from spdjax.training import loop
 from spdjax.training.checkpoints import Checkpointer
-from spdjax.training.workdir import ConfigMismatchError
+from spdjax.training.workdir import ConfigMismatchError, config_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = {"steps": 30, "C": 6, "batch_size": 64, "eval_batch_size": 256, "log_every": 5,
@@ -40,8 +40,30 @@ def small(**overrides):
     return spdjax.config.load("tms:5-2", {**SMALL, **overrides})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_step_per_config():
+    """Runs of one config share one jitted train step (as a process running them in turn would
+    wish): ``setup`` builds an equal one each time, but each new build is a fresh XLA compile
+    (~4-5 s of CPU) that the persistent compilation cache cannot serve, because checkify numbers
+    the input checks it traces from a process-wide counter, so no two builds lower to the same
+    program. Every run still goes through ``setup``, ``train`` and its checkpoints; only the
+    compiled step is reused, and only for a config (every field) seen before."""
+    build, steps = loop.build_step, {}
+
+    def shared(run, **kwargs):
+        key = (json.dumps(config_dict(run.config), sort_keys=True),
+               tuple(sorted(kwargs.items())))
+        if key not in steps:
+            steps[key] = build(run, **kwargs)
+        return steps[key]
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(loop, "build_step", shared)
+        yield
+
+
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, one_step_per_config):
     """A finished 30-step run (checkpoints 20 and 30 kept) to copy and damage."""
     wd = tmp_path_factory.mktemp("finished") / "run"
     finish(small(), wd)
@@ -169,7 +191,7 @@ def test_a_diverging_run_stops_keeps_only_good_checkpoints_and_resumes_on_purpos
 
 
 def test_a_finite_but_exploding_loss_stops_before_it_is_saved(tmp_path):
-    run = spdjax.setup(small(steps=60), tmp_path / "run")
+    run = spdjax.setup(small(), tmp_path / "run")  # step 30 is its last: checked before saved
     step_fn = run.step_fn
 
     def exploding(state, target_params, key, hparams):  # the loss goes to 1e20x after step 25
@@ -203,17 +225,45 @@ def test_every_config_field_is_validated_before_any_work(override, message):
         spdjax.config.runs.validate(small(**override))
 
 
+# The cases in one process (importing spdjax is most of a case's time): each runs the console
+# entry (``python -m spdjax.main``'s run()) with its arguments, between markers, and prints the
+# exit code it raised; a case ending the process itself (os._exit, as a run's errors do) is the
+# last, its exit code the process's.
+_CLI_CASES = """
+import json, sys
+from absl import flags
+from spdjax.main import run
+for argv in json.loads(sys.argv[1]):
+    flags.FLAGS.unparse_flags()
+    sys.argv = ["spdjax", *argv]
+    for stream in (sys.stdout, sys.stderr):
+        print("@@case", file=stream, flush=True)
+    try:
+        run()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    print(f"@@exit {code}", flush=True)
+"""
+
+
 def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    for extra, expected in ((["--config.stepz=3"], "unknown config field: stepz"),
-                            (["--config.losses.foo.coeff=1"], "unknown config field: foo"),
-                            (["--config.steps=0"], "steps must be an integer >= 1")):
-        p = subprocess.run([sys.executable, "-m", "spdjax.main", "--config=configs/tms.py",
-                            f"--workdir={tmp_path / 'x'}", *extra], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
-        assert p.returncode == 2, p.stderr
-        assert p.stderr.strip() == p.stderr.strip().splitlines()[0]  # one line
-        assert p.stderr.startswith("error: ") and expected in p.stderr, p.stderr
+    cases = ((["--config.stepz=3"], "unknown config field: stepz"),  # flag parsing
+             (["--config.losses.foo.coeff=1"], "unknown config field: foo"),
+             (["--config.steps=0"], "steps must be an integer >= 1"))  # the run's validation
+    argvs = [["--config=configs/tms.py", f"--workdir={tmp_path / 'x'}", *extra]
+             for extra, _ in cases]
+    p = subprocess.run([sys.executable, "-c", _CLI_CASES, json.dumps(argvs)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    outs, errs = p.stdout.split("@@case\n")[1:], p.stderr.split("@@case\n")[1:]
+    assert len(outs) == len(errs) == len(cases), (p.stdout, p.stderr)
+    codes = [int(m.group(1)) if (m := re.search(r"@@exit (\d+)", out)) else None
+             for out in outs]
+    assert codes == [2, 2, None] and p.returncode == 2, (codes, p.returncode, p.stderr)
+    for (_, expected), err in zip(cases, errs):
+        assert err.strip() == err.strip().splitlines()[0]  # one line
+        assert err.startswith("error: ") and expected in err, err
 
 
 def test_library_inputs_are_checked_at_the_boundary():
@@ -317,8 +367,10 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_identical
     loop.close(run)
     assert Checkpointer(wd / "checkpoints").all_steps() == [10, 13]  # no step lost
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
-    _, step = finish(small(), wd)
-    assert step == 30
+    run = spdjax.setup(small(), wd)
+    loop.train(run)
+    loop.close(run)
+    assert run.step == 30
     resumed = Checkpointer(wd / "checkpoints").restore_arrays(30)["params"]
     straight = Checkpointer(finished / "checkpoints").restore_arrays(30)["params"]
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
