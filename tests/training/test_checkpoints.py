@@ -77,27 +77,26 @@ def test_format0_positional_checkpoints_still_restore(tmp_path):
     ckpt.close()
 
 
-def test_the_format1_fixture_loads_for_analysis_and_evaluates_as_recorded():
-    run = spdjax.load(FIXTURE)
+def test_the_format1_fixture_loads_for_analysis_evaluates_as_recorded_and_resumes(tmp_path):
+    # One test for both readers of the fixture: they share the load and its compiled programs.
+    wd = tmp_path / "run"
+    shutil.copytree(FIXTURE, wd)
+    loaded = spdjax.load(wd)
     recorded = json.loads((FIXTURE / "summary.json").read_text())
-    assert run.step == 20 and run.config.C == 6 and run.config.variant == "5-2"
-    assert set(run.params["components"]) == {"linear1", "linear2"}
-    chex.assert_shape(run.params["components"]["linear1"]["V"], (5, 6))
-    again = run.evaluate()
+    assert loaded.step == 20 and loaded.config.C == 6 and loaded.config.variant == "5-2"
+    assert set(loaded.params["components"]) == {"linear1", "linear2"}
+    chex.assert_shape(loaded.params["components"]["linear1"]["V"], (5, 6))
+    again = loaded.evaluate()
     for key in ("mmcs", "mmcs_std", "ml2r", "ml2r_std"):
         np.testing.assert_allclose(again[key], recorded[key], rtol=1e-6, err_msg=key)
     assert again["ci_errors"] == recorded["ci_errors"]
 
-
-def test_the_format1_fixture_resumes_its_full_train_state(tmp_path):
-    wd = tmp_path / "run"
-    shutil.copytree(FIXTURE, wd)
-    # Fields added since the fixture was written get their defaults (and only change reporting).
+    # Its full train state resumes. Fields added since the fixture was written get their
+    # defaults (and only change reporting).
     config = spdjax.config.from_dict(Checkpointer(wd / "checkpoints").read_meta()["config"])
     run = spdjax.setup(config, wd)  # restores step, params and optimizer state by name
     assert run.step == 20
-    chex.assert_trees_all_close(jax.device_get(run.params), spdjax.load(wd).params)
+    chex.assert_trees_all_close(jax.device_get(run.params), loaded.params)
     summary = spdjax.evaluate(run)
-    recorded = json.loads((FIXTURE / "summary.json").read_text())
     np.testing.assert_allclose(summary["loss"]["total"], recorded["loss"]["total"], rtol=1e-5)
     spdjax.training.loop.close(run)
