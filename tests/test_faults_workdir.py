@@ -23,7 +23,8 @@ from spdjax.training.checkpoints import Checkpointer, CheckpointDamagedError
 from spdjax.training.workdir import ConfigMismatchError, JsonlWriter, UnusableWorkdirError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SMALL = {"steps": 30, "C": 6, "batch_size": 64, "eval_batch_size": 256, "log_every": 5,
+# The shapes of tests/test_faults_divergence.py's runs: one compilation (XLA's persistent cache)
+SMALL = {"steps": 30, "C": 6, "batch_size": 64, "eval_batch_size": 512, "log_every": 5,
          "checkpoint_every": 10, "figures": False}
 
 
@@ -108,12 +109,12 @@ def test_a_variant_change_is_refused_up_front_and_the_original_command_still_res
 
 def test_an_ensemble_size_change_is_refused_up_front(tmp_path):
     wd = tmp_path / "ens"
-    spdjax.train_and_evaluate(small(ensemble=2, steps=20), wd)
+    spdjax.train_and_evaluate(small(ensemble=2, steps=10), wd)
     before = snapshot(wd)
     with pytest.raises(ConfigMismatchError, match=r"ensemble: 2 -> 3.*--fresh"):
-        spdjax.train_and_evaluate(small(ensemble=3, steps=20), wd, allow_changes=("ensemble",))
+        spdjax.train_and_evaluate(small(ensemble=3, steps=10), wd, allow_changes=("ensemble",))
     assert snapshot(wd) == before and not (wd / "damaged").exists()
-    ens = spdjax.setup_ensemble(small(ensemble=3, steps=20), wd, fresh=True)
+    ens = spdjax.setup_ensemble(small(ensemble=3, steps=10), wd, fresh=True)
     spdjax.training.ensemble.close(ens)
     (aside,) = [p for p in wd.iterdir() if p.name.startswith("old_")]
     assert snapshot(aside) == before  # the members' directories too
