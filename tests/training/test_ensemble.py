@@ -9,14 +9,39 @@ import pytest
 
 import spdjax
 from spdjax.config import files as configs
-from spdjax.training import ensemble
+from spdjax.training import ensemble, loop
 from spdjax.training.progress import log_to
+from spdjax.training.workdir import config_dict
 
 
 def tms_config(**overrides):
     return configs.load("tms:5-2", {"steps": 10, "batch_size": 64, "eval_batch_size": 128,
                                     "log_every": 5, "checkpoint_every": 5, "figures": False,
                                     **overrides})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_step_per_config():
+    """Single runs whose configs differ only in their seed or loss coefficients share one jitted
+    train step, as one process running them in turn would: each build is a fresh XLA compile
+    that the persistent cache cannot serve (checkify numbers the checks it traces process-wide),
+    and the step takes the seed's keys and state and the coefficients (Method.hparams) as
+    arguments, so sharing it changes no number."""
+    build, steps = loop.build_step, {}
+
+    def shared(run, **kwargs):
+        fields = config_dict(run.config)
+        del fields["seed"]
+        for options in fields["losses"].values():
+            options.pop("coeff", None)
+        key = (json.dumps(fields, sort_keys=True), tuple(sorted(kwargs.items())))
+        if key not in steps:
+            steps[key] = build(run, **kwargs)
+        return steps[key]
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(loop, "build_step", shared)
+        yield
 
 
 def rows(path):
