@@ -38,18 +38,17 @@ def test_delta_component_restores_the_target(setup):
     d, tp, params, x, ctx = setup
     ones = {n: SiteMask(component=jnp.ones((B, d.C[n])), delta=jnp.ones((B,))) for n in "ab"}
     # Every mask 1, the delta's too: V U + (W - V U) = W, the target exactly.
-    np.testing.assert_allclose(d.forward(tp, params, x, ones), ctx.target_out, rtol=1e-5,
-                               atol=1e-5)
+    forward = jax.jit(lambda p, masks: d.forward(tp, p, x, masks))
+    np.testing.assert_allclose(forward(params, ones), ctx.target_out, rtol=1e-5, atol=1e-5)
     # Component masks 0, delta 1: each site applies only the residual W - V U.
     zeros = {n: SiteMask(component=jnp.zeros((B, d.C[n])), delta=jnp.ones((B,))) for n in "ab"}
     res = {n: np.asarray(tp[n]["kernel"]) - np.asarray(d.component_weight(params, n))
            for n in "ab"}
     h = np.maximum(np.asarray(x) @ res["a"] + np.asarray(tp["a"]["bias"]), 0)
-    np.testing.assert_allclose(d.forward(tp, params, x, zeros), h @ res["b"], rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(forward(params, zeros), h @ res["b"], rtol=1e-4, atol=1e-5)
     # The delta is differentiable in the factors: with every mask 1 the output no longer
     # depends on them, so their gradient through the output vanishes.
-    grads = jax.grad(lambda p: jnp.sum(d.forward(tp, p, x, ones)))(params)["components"]
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(forward(p, ones))))(params)["components"]
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-4
 
 
@@ -114,8 +113,9 @@ def test_pgd_sources_get_no_gradient_in_the_final_loss(setup):
     def pgd(p):
         return losses.pgd_recon(p, spdjax.make_context(d, tp, p, x), key, **opts)
 
-    ctx0 = spdjax.make_context(d, tp, params, x)
-    sources = adversarial.pgd_sources(params, ctx0, key, ["a", "b"], **opts)
+    ctx0 = jax.jit(lambda p: spdjax.make_context(d, tp, p, x))(params)
+    sources = jax.jit(lambda p, c: adversarial.pgd_sources(p, c, key, ["a", "b"], **opts))(
+        params, ctx0)
 
     def fixed_sources(p):
         ctx = spdjax.make_context(d, tp, p, x)
@@ -123,9 +123,11 @@ def test_pgd_sources_get_no_gradient_in_the_final_loss(setup):
         out = d.forward(tp, p, x, adversarial.masks_from_sources(sources, lower))
         return jnp.mean((out - ctx.target_out) ** 2)
 
-    np.testing.assert_allclose(pgd(params), fixed_sources(params), rtol=1e-6)
+    (v_pgd, g_pgd), (v_fixed, g_fixed) = (jax.jit(jax.value_and_grad(f))(params)
+                                          for f in (pgd, fixed_sources))
+    np.testing.assert_allclose(v_pgd, v_fixed, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
-                 jax.grad(pgd)(params), jax.grad(fixed_sources)(params))
+                 g_pgd, g_fixed)
 
 
 def test_pgd_subset_and_layerwise_run_and_are_bounded_by_the_full_one(setup):
@@ -153,14 +155,15 @@ def test_frequency_minimality_against_numpy(setup):
 def test_hidden_acts_recon_against_numpy(setup):
     d, tp, params, x, ctx = setup
     key = jax.random.key(8)
-    masks = sample_masks(jax.random.split(key, 1)[0], {n: c.lower for n, c in ctx.ci.items()})
+    masks = jax.jit(sample_masks)(jax.random.split(key, 1)[0],
+                                  {n: c.lower for n, c in ctx.ci.items()})
     V, U = (np.asarray(params["components"]["a"][k]) for k in "VU")
     h = ((np.asarray(x) @ V) * np.asarray(masks["a"])) @ U + np.asarray(tp["a"]["bias"])
     h = np.maximum(h, 0)
     clean = np.asarray(ctx.site_inputs["b"])
     expected = np.sum((h - clean) ** 2) / (x.size + clean.size)  # site a's input: 0, counted
-    np.testing.assert_allclose(losses.stochastic_hidden_acts_recon(params, ctx, key), expected,
-                               rtol=1e-4)
+    np.testing.assert_allclose(jax.jit(losses.stochastic_hidden_acts_recon)(params, ctx, key),
+                               expected, rtol=1e-4)
 
 
 def test_binomial_ci_input_noise_against_numpy(setup):
@@ -245,10 +248,11 @@ def test_a_later_reference_run_trains_and_reports_its_eval_terms():
 
     params, batch, key = run.state.params, run.experiment.batch_fn(jax.random.key(3)), \
         jax.random.key(4)
-    noisy = run.method.objective(params, run.target_params, batch, key, 0.5)[0]
-    clean = spdjax.spd_objective(run.method.decomposition, terms_from_config(
-        config.losses.to_dict()))(params, run.target_params, batch, key, 0.5)[0]
-    again = run.method.objective(params, run.target_params, batch, key, 0.5)[0]
+    objective = jax.jit(run.method.objective)  # eager dispatch of the whole objective is slow
+    noisy = objective(params, run.target_params, batch, key, 0.5)[0]
+    clean = jax.jit(spdjax.spd_objective(run.method.decomposition, terms_from_config(
+        config.losses.to_dict())))(params, run.target_params, batch, key, 0.5)[0]
+    again = objective(params, run.target_params, batch, key, 0.5)[0]
     assert noisy == again and abs(float(noisy) - float(clean)) > 1e-9 * abs(float(clean))
 
 

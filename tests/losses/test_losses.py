@@ -18,9 +18,9 @@ B = 6
 def setup():
     target, tp = two_site_target()
     d = spdjax.decompose(target, {"a": 5, "b": 3}, ci_hidden=(4,))
-    params = d.init(jax.random.key(0), tp)
+    params = jax.jit(d.init)(jax.random.key(0), tp)  # compiled: eager dispatch is slow
     x = jax.random.normal(jax.random.key(1), (B, 3))
-    ctx = spdjax.make_context(d, tp, params, x)
+    ctx = jax.jit(lambda p, x: spdjax.make_context(d, tp, p, x))(params, x)
     npp = jax.tree.map(np.asarray, params)
     return d, tp, params, x, ctx, npp
 
@@ -92,14 +92,15 @@ def test_stochastic_recon_and_layerwise(setup, n_samples):
     y = np.asarray(ctx.target_out)
     key = jax.random.key(7)
     lower = {n: c.lower for n, c in ctx.ci.items()}
-    masks = [jax.tree.map(np.asarray, sample_masks(k, lower))
+    masks = [jax.tree.map(np.asarray, jax.jit(sample_masks)(k, lower))
              for k in jax.random.split(key, n_samples)]
     want = np.mean([np.mean((np_forward(tp, npp, x, m) - y) ** 2) for m in masks])
     want_lw = np.mean([np.mean((np_forward(tp, npp, x, {n: m[n]}) - y) ** 2)
                        for m in masks for n in m])
     got = jax.jit(lambda p, c, k: losses.stochastic_recon(p, c, k, n_samples=n_samples))(
         params, ctx, key)
-    got_lw = losses.stochastic_recon_layerwise(params, ctx, key, n_samples=n_samples)
+    got_lw = jax.jit(lambda p, c, k: losses.stochastic_recon_layerwise(
+        p, c, k, n_samples=n_samples))(params, ctx, key)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(got_lw, want_lw, rtol=1e-5)
 
@@ -110,10 +111,11 @@ def test_stochastic_recon_with_full_importance_equals_unmasked(setup):
     params = jax.tree.map(lambda a: a, params)
     for n in params["ci"]:
         params["ci"][n][-1]["b"] = params["ci"][n][-1]["b"] + 100.0
-    ctx1 = spdjax.make_context(d, tp, params, x)
+    ctx1 = jax.jit(lambda p: spdjax.make_context(d, tp, p, x))(params)
     np.testing.assert_allclose(
-        losses.stochastic_recon(params, ctx1, jax.random.key(3), sampling="binomial"),
-        losses.unmasked_recon(params, ctx1), rtol=1e-6)
+        jax.jit(lambda p, c, k: losses.stochastic_recon(p, c, k, sampling="binomial"))(
+            params, ctx1, jax.random.key(3)),
+        jax.jit(losses.unmasked_recon)(params, ctx1), rtol=1e-6)
 
 
 @pytest.mark.parametrize("pnorm", [1.0, 2.0, 0.5])

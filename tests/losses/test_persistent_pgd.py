@@ -43,15 +43,19 @@ def _step(d, tp, x, fn, params, key, coeff=0.5, **options):
     """One training step of the state: the gradient of ``coeff * term``, then the term's
     adversary optimizer (as :func:`spdjax.methods.adversary.with_adversary` applies it)."""
     bound = functools.partial(fn, **options)
-
-    def total(p):
-        return coeff * bound(p, spdjax.make_context(d, tp, p, x), key)
-
-    value, grads = jax.jit(jax.value_and_grad(total))(params)
     tx = adversary.with_adversary(optax.sgd(0.0), {n: fn.adversary_optimizer()
                                                    for n in params[ADVERSARY]})
-    updates, _ = tx.update(grads, tx.init(params), params)
-    return value / coeff, optax.apply_updates(params, updates)[ADVERSARY][fn.__name__]
+
+    @jax.jit  # the gradient and the update compiled together (eager dispatch is slow)
+    def step(params):
+        def total(p):
+            return coeff * bound(p, spdjax.make_context(d, tp, p, x), key)
+
+        value, grads = jax.value_and_grad(total)(params)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return value / coeff, optax.apply_updates(params, updates)[ADVERSARY][fn.__name__]
+
+    return step(params)
 
 
 # ---------------------------------------------------------------- float64 NumPy reference
@@ -199,25 +203,30 @@ def test_the_source_lr_warms_up_linearly(setup):
     params = _with_state(d, params, fn, optimizer=opt)
     before = np.asarray(params[ADVERSARY][fn.__name__]["sources"]["a"])
 
-    def moved(step_frac, **options):
+    tx = adversary.with_adversary(optax.sgd(0.0), {fn.__name__: fn.adversary_optimizer()})
+
+    def mover(**options):
+        """``step_frac`` -> how far one step moves site a's sources; compiled once for every
+        step fraction (a traced argument), the step's gradient and update together."""
         bound = functools.partial(fn, optimizer=opt, **options)  # one (outer) ascent
 
-        def total(p):
-            return bound(p, spdjax.make_context(d, tp, p, x, step_frac), jax.random.key(3))
+        @jax.jit
+        def after(params, step_frac):
+            def total(p):
+                return bound(p, spdjax.make_context(d, tp, p, x, step_frac), jax.random.key(3))
 
-        grads = jax.jit(jax.grad(total))(params)
-        tx = adversary.with_adversary(optax.sgd(0.0), {fn.__name__: fn.adversary_optimizer()})
-        updates, _ = tx.update(grads, tx.init(params), params)
-        after = optax.apply_updates(params, updates)[ADVERSARY][fn.__name__]["sources"]["a"]
-        return np.asarray(after) - before
+            updates, _ = tx.update(jax.grad(total)(params), tx.init(params), params)
+            return optax.apply_updates(params, updates)[ADVERSARY][fn.__name__]["sources"]["a"]
 
-    full = moved(0.0)
+        return lambda step_frac: np.asarray(after(params, step_frac)) - before
+
+    full = mover()(0.0)
     assert np.abs(full).max() > 0
-    np.testing.assert_array_equal(moved(0.0, lr_warmup_frac=0.1), 0.0)  # lr 0 at the start
+    warming = mover(lr_warmup_frac=0.1)
+    np.testing.assert_array_equal(warming(0.0), 0.0)  # lr 0 at the start
     inside = (before + full > 1e-3) & (before + full < 1 - 1e-3)  # not clipped at the box
-    np.testing.assert_allclose(moved(0.05, lr_warmup_frac=0.1)[inside], 0.5 * full[inside],
-                               rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(moved(0.2, lr_warmup_frac=0.1), full, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(warming(0.05)[inside], 0.5 * full[inside], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(warming(0.2), full, rtol=1e-6, atol=1e-7)
 
 
 def test_with_adversary_gives_each_term_its_own_optimizer():
@@ -285,8 +294,9 @@ def test_a_vmapped_ensemble_step_matches_its_members(setup):
 
     keys = jax.random.split(jax.random.key(9), 2)
     together = jax.jit(jax.vmap(grads))(stacked, keys)[ADVERSARY]
+    one = jax.jit(grads)  # compiled once for both members
     for i, member in enumerate(members):
-        alone = jax.jit(grads)(member, keys[i])[ADVERSARY]
+        alone = one(member, keys[i])[ADVERSARY]
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6),
                      together, alone)
 

@@ -106,9 +106,9 @@ def test_smooth_l0_under_vmap_over_step_fractions(setup):
                            gamma_anneal_start_frac=0.0, gamma_anneal_final_gamma=0.1)
     fracs = jnp.array([0.0, 0.5, 1.0])
     got = jax.jit(jax.vmap(lambda f: fn(params, ctx.replace(step_frac=f), None)))(fracs)
+    single = jax.jit(lambda f: fn(params, ctx.replace(step_frac=f), None))  # one at a time
     for f, g in zip(fracs, got):
-        np.testing.assert_allclose(float(g), float(fn(params, ctx.replace(step_frac=f))),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(float(g), float(single(f)), rtol=1e-6)
 
 
 # --------------------------------------------------------------- nested frequency minimality
@@ -267,8 +267,8 @@ def test_nonlinearity_locality_against_numpy(setup, normalize_at_one):
                            {"neuron": 1.0, "attention_head": 0.3}, normalize_at_one)
         np.testing.assert_allclose(float(got), want, rtol=1e-5)
     # a kind weighted None is left out
-    got = losses.nonlinearity_locality(params, ctx, units=UNITS, relative_threshold=1.0,
-                                       kind_coefficients={"neuron": None, "attention_head": 2.0})
+    got = jitted(losses.nonlinearity_locality, units=UNITS, relative_threshold=1.0,
+                 kind_coefficients={"neuron": None, "attention_head": 2.0})(params, ctx, None)
     want = np_locality(d, params, {"b": NP_UNITS["b"]}, 1.0, {"attention_head": 2.0})
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
@@ -282,8 +282,9 @@ def test_locality_one_unit_counts_one_and_zero_vectors_zero(setup):
                                   "a": {**params["components"]["a"], "U": jnp.asarray(U)}}}
     fn = functools.partial(losses.nonlinearity_locality, units={"a": "output"},
                            relative_threshold=2.0, normalize_at_one=True)
-    np.testing.assert_allclose(float(fn(p, ctx)), 6 / 7, rtol=1e-5)  # 6 one-unit rows, 1 zero
-    grads = jax.grad(lambda q: fn(q, ctx))(p)["components"]["a"]["U"]
+    value, grads = jax.jit(jax.value_and_grad(lambda q: fn(q, ctx)))(p)
+    np.testing.assert_allclose(float(value), 6 / 7, rtol=1e-5)  # 6 one-unit rows, 1 zero
+    grads = grads["components"]["a"]["U"]
     assert np.all(np.isfinite(np.asarray(grads)))
 
 
@@ -293,7 +294,8 @@ def test_locality_vmapped_over_params_and_unknown_sites(setup):
     fn = functools.partial(losses.nonlinearity_locality, units=UNITS, relative_threshold=1.0)
     stacked = jax.tree.map(lambda x: jnp.stack([x, 2.0 * x]), params)
     got = jax.jit(jax.vmap(lambda p: fn(p, ctx)))(stacked)
-    np.testing.assert_allclose(np.asarray(got), float(fn(params, ctx)), rtol=1e-5)  # scale-free
+    np.testing.assert_allclose(np.asarray(got), float(jax.jit(fn)(params, ctx)),
+                               rtol=1e-5)  # scale-free
     with pytest.raises(ValueError, match="not decomposed"):
         losses.nonlinearity_locality(params, ctx, units={"c": "input"}, relative_threshold=1.0)
     with pytest.raises(ValueError, match="not divisible"):
@@ -315,7 +317,8 @@ def test_delta_l2_against_numpy(setup):
     mse = sum((x ** 2).sum() for x in deltas.values()) / sum(w.size for w in Ws.values())
     rel = np.mean([(deltas[n] ** 2).sum() / (Ws[n] ** 2).sum() for n in SITES])
     np.testing.assert_allclose(float(jitted(losses.delta_l2)(params, ctx, None)), mse, rtol=1e-5)
-    np.testing.assert_allclose(float(losses.faithfulness(params, ctx)), mse, rtol=1e-5)
+    np.testing.assert_allclose(float(jitted(losses.faithfulness)(params, ctx, None)), mse,
+                               rtol=1e-5)
     np.testing.assert_allclose(
         float(jitted(losses.delta_l2, normalization="relative")(params, ctx, None)), rel,
         rtol=1e-5)

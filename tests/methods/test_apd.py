@@ -23,20 +23,27 @@ def setup():
     return d, tp, params, x
 
 
-def test_attributions_are_the_papers_parameter_gradient_form(setup):
-    """sum_o (sum_{l,i,j} df_o/dW_{l,ij} P_{c,l,ij})^2 per example, by the Jacobian in W."""
-    d, tp, params, x = setup
+@pytest.fixture(scope="module")
+def jacobians(setup):
+    """{site: (B, d_L, d_in, d_out)}: each example's output Jacobian in the target's weights."""
+    d, tp, _, x = setup
 
     def f(weights, xb):
         p = {"a": {"kernel": weights["a"], "bias": tp["a"]["bias"]}, "b": {"kernel": weights["b"]}}
         return d.target.forward(p, xb[None], {})[0][0]
 
     weights = {n: tp[n]["kernel"] for n in ("a", "b")}
+    return jax.jit(jax.vmap(jax.jacrev(f), in_axes=(None, 0)))(weights, x)
+
+
+def test_attributions_are_the_papers_parameter_gradient_form(setup, jacobians):
+    """sum_o (sum_{l,i,j} df_o/dW_{l,ij} P_{c,l,ij})^2 per example, by the Jacobian in W."""
+    d, tp, params, x = setup
     P = {n: np.asarray(d.component_weights(params, n)) for n in ("a", "b")}
     expected = np.zeros((B, C))
     for b in range(B):
-        J = jax.jacrev(f)(weights, x[b])  # {site: (d_L, d_in, d_out)}
-        per_output = sum(np.einsum("oij,cij->oc", np.asarray(J[n]), P[n]) for n in ("a", "b"))
+        per_output = sum(np.einsum("oij,cij->oc", np.asarray(jacobians[n][b]), P[n])
+                         for n in ("a", "b"))
         expected[b] = np.sum(per_output**2, axis=0)
     got = apd.attributions(d, tp, params, x)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
@@ -183,7 +190,7 @@ def test_apd_attributions_from_the_apd_model_use_its_own_activations(setup):
                            apd.attributions(d, tp, params, x, source="target"))
 
 
-def test_lp_formulation_against_numpy_and_its_gradient(setup):
+def test_lp_formulation_against_numpy_and_its_gradient(setup, jacobians):
     """The L_p objective: faithfulness + lp_sparsity * mean_b sum_c (a/d_L)^(p/2) + Schatten
     weighted by the same; its gradient flows through the components' attribution (the target's
     output gradients are constants), checked against the Jacobian-in-W form."""
@@ -191,19 +198,16 @@ def test_lp_formulation_against_numpy_and_its_gradient(setup):
     p1, p2, d_L = 0.8, 0.9, 2
     coeffs = {"faithfulness": 1.0, "lp_sparsity": 0.5, "schatten": 2.0}
     obj = apd.objective(d, topk=1.0, coeffs=coeffs, pnorm=p2, formulation="lp", lp_p=p1)
-    total, metrics = obj(params, tp, x, jax.random.key(0), 0.0)
-
-    def f(weights, xb):
-        p = {"a": {"kernel": weights["a"], "bias": tp["a"]["bias"]}, "b": {"kernel": weights["b"]}}
-        return d.target.forward(p, xb[None], {})[0][0]
-
-    weights = {n: tp[n]["kernel"] for n in ("a", "b")}
-    J = [jax.jacrev(f)(weights, x[b]) for b in range(B)]  # constants
+    # compiled: eager dispatch of the objective, the reference and their gradients is slow
+    value_and_grad = jax.jit(jax.value_and_grad(
+        lambda p: obj(p, tp, x, jax.random.key(0), 0.0), has_aux=True))
+    (total, metrics), g = value_and_grad(params)
+    J = jacobians  # constants
 
     n_params = 3 * 5 + 5 * 2
 
     def reference(params):
-        attr = jnp.stack([sum(jnp.einsum("oij,cij->oc", J[b][n], d.component_weights(params, n))
+        attr = jnp.stack([sum(jnp.einsum("oij,cij->oc", J[n][b], d.component_weights(params, n))
                               for n in ("a", "b")) for b in range(B)])  # (B, d_L, C)
         w = (jnp.sum(attr**2, axis=1) / d_L + 1e-16) ** (p1 / 2)
         simp = 0.0  # the reference's placement: the weight inside the power, per rank-one pair
@@ -218,12 +222,10 @@ def test_lp_formulation_against_numpy_and_its_gradient(setup):
         return (coeffs["faithfulness"] * faith + coeffs["lp_sparsity"] * jnp.mean(jnp.sum(w, -1))
                 + coeffs["schatten"] * simp / (n_params * B)), w
 
-    expected, w = reference(params)
+    (expected, w), g_ref = jax.jit(jax.value_and_grad(reference, has_aux=True))(params)
     np.testing.assert_allclose(total, expected, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"]["lp_sparsity"],
                                np.mean(np.sum(np.asarray(w), axis=-1)), rtol=1e-5)
-    g = jax.grad(lambda p: obj(p, tp, x, jax.random.key(0), 0.0)[0])(params)
-    g_ref = jax.grad(lambda p: reference(p)[0])(params)
     for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     # the top-k attributions carry no gradient; the L_p ones do
@@ -231,7 +233,7 @@ def test_lp_formulation_against_numpy_and_its_gradient(setup):
         return jnp.sum(apd.attributions(d, tp, p, x, differentiable=differentiable))
 
     for differentiable, nonzero in ((False, False), (True, True)):
-        g = jax.grad(attr_sum)(params, differentiable)
+        g = jax.jit(jax.grad(attr_sum), static_argnums=1)(params, differentiable)
         assert (max(float(jnp.max(jnp.abs(t))) for t in jax.tree.leaves(g)) > 1e-3) == nonzero
 
 
@@ -318,15 +320,18 @@ def test_apd_on_the_folded_resid_mlp_equals_the_plain_forward(formulation):
     # layer 0's mlp_out writes factored: attributed forward (a JVP per component), the plain
     # model's by the backward passes
     assert jax.eval_shape(lambda: ds[0].clean_forward(tp, x)[1])["layers_0/mlp_out"].factored
-    np.testing.assert_allclose(apd.attributions(ds[0], tp, params, x),
-                               apd.attributions(ds[1], tp, params, x), rtol=1e-4, atol=1e-9)
+    # compiled: eager dispatch of the attributions and the objectives' gradients is slow
+    folded_attr, plain_attr = (jax.jit(lambda p, d=d: apd.attributions(d, tp, p, x))(params)
+                               for d in ds)
+    np.testing.assert_allclose(folded_attr, plain_attr, rtol=1e-4, atol=1e-9)
     coeffs = {"faithfulness": 1.0, "topk_recon": 1.0, "schatten": 0.5, "act_recon": 1.0,
               "lp_sparsity": 0.1}
     out = []
     for d in ds:
         fn = apd.objective(d, topk=1.5, coeffs=coeffs, pnorm=0.9, formulation=formulation,
                            act_sites=("layers_0/mlp_out",) if formulation == "topk" else ())
-        out.append(jax.value_and_grad(lambda p: fn(p, tp, x, None, 0.0), has_aux=True)(params))
+        out.append(jax.jit(jax.value_and_grad(lambda p, fn=fn: fn(p, tp, x, None, 0.0),
+                                              has_aux=True))(params))
     ((_, folded), g_folded), ((_, plain), g_plain) = out
     for name, value in plain["loss"].items():
         assert value > 0, name
