@@ -41,15 +41,16 @@ def test_every_site_gets_its_own_C_from_one_network(ci_fn):
     d = spdjax.decompose(target, {"a": 5, "b": 3}, ci_fn=ci_fn, ci_hidden=(6,), ci_options=SMALL)
     params = d.init(jax.random.key(0), tp)
     assert set(params["ci"]) == {ci_global.GLOBAL}
+    ci_of = jax.jit(lambda p, x: spdjax.make_context(d, tp, p, x).ci)
     for x in (jnp.ones((2, 3)), jax.random.normal(jax.random.key(1), (2, 4, 3))):
-        ci = jax.jit(lambda p, x: spdjax.make_context(d, tp, p, x).ci)(params, x)
-        assert ci["a"].pre.shape == (*x.shape[:-1], 5) and ci["b"].pre.shape == (*x.shape[:-1], 3)
-    # site a's head moves site a's CI only
+        before = ci_of(params, x)
+        assert before["a"].pre.shape == (*x.shape[:-1], 5)
+        assert before["b"].pre.shape == (*x.shape[:-1], 3)
+    # site a's head moves site a's CI only (the same program: bumped params, the last x)
     bumped = jax.tree_util.tree_map_with_path(
         lambda path, v: v + 1.0 if "'a'" in jax.tree_util.keystr(path) and "heads" in
         jax.tree_util.keystr(path) else v, params)
-    before = spdjax.make_context(d, tp, params, x).ci
-    after = spdjax.make_context(d, tp, bumped, x).ci
+    after = ci_of(bumped, x)
     assert not np.allclose(before["a"].pre, after["a"].pre)
     np.testing.assert_array_equal(before["b"].pre, after["b"].pre)
     g = jax.jit(jax.grad(lambda p: spdjax.importance_minimality(
@@ -61,14 +62,21 @@ def test_every_site_gets_its_own_C_from_one_network(ci_fn):
 
 def test_params_of_another_kind_of_ci_function_are_refused():
     target, tp = two_site_target()
-    per_site = spdjax.decompose(target, {"a": 5, "b": 3}).init(jax.random.key(0), tp)
+    # Shapes only: the check is on the params' structure, made while tracing (no compiles).
+    def init(d):
+        return jax.eval_shape(d.init, jax.random.key(0), tp)
+
+    def context(d, params):
+        return jax.eval_shape(lambda p: spdjax.make_context(d, tp, p, jnp.ones((2, 3))), params)
+
+    per_site = init(spdjax.decompose(target, {"a": 5, "b": 3}))
     d = spdjax.decompose(target, {"a": 5, "b": 3}, ci_fn="global_mlp")
     with pytest.raises(ValueError, match=r"CI params under \['__global__'\]: a global CI"):
-        spdjax.make_context(d, tp, per_site, jnp.ones((2, 3)))
-    one_site = spdjax.decompose(target, {"a": 5}, ci_fn="global_mlp").init(jax.random.key(0), tp)
-    other = {**d.init(jax.random.key(0), tp), "ci": one_site["ci"]}
+        context(d, per_site)
+    one_site = init(spdjax.decompose(target, {"a": 5}, ci_fn="global_mlp"))
+    other = {**init(d), "ci": one_site["ci"]}
     with pytest.raises(ValueError, match=r"gave CI for \['a'\], but this decomposition has"):
-        spdjax.make_context(d, tp, other, jnp.ones((2, 3)))
+        context(d, other)
 
 
 # -------------------------------------------------------------------------- the transformer
@@ -80,7 +88,8 @@ def test_causal_attention_keeps_earlier_positions_blind_to_later_ones(causal):
     params = fn.init(jax.random.key(0), sites=SITES)
     xs = _xs((2, 6))
     changed = {n: x.at[:, 3].add(1.0) for n, x in xs.items()}
-    a, b = jax.jit(fn.apply)(params, xs), jax.jit(fn.apply)(params, changed)
+    apply = jax.jit(fn.apply)
+    a, b = apply(params, xs), apply(params, changed)
     for n in SITES:
         assert not np.allclose(a[n][:, 3:], b[n][:, 3:], atol=1e-6)
         if causal:
@@ -93,8 +102,9 @@ def test_positionless_inputs_are_sequences_of_length_one():
     fn = make_ci_fn("global_transformer", options=SMALL)
     params = fn.init(jax.random.key(0), sites=SITES)
     xs = _xs((5,))
-    flat = fn.apply(params, xs)
-    as_seq = fn.apply(params, {n: x[:, None, :] for n, x in xs.items()})
+    apply = jax.jit(fn.apply)  # one compile per input rank, not one per op and shape
+    flat = apply(params, xs)
+    as_seq = apply(params, {n: x[:, None, :] for n, x in xs.items()})
     for n in SITES:
         np.testing.assert_allclose(flat[n], as_seq[n][:, 0], rtol=1e-6, atol=1e-6)
 
@@ -176,15 +186,17 @@ def test_chunks_read_only_their_own_sites():
     assert [sorted(c["heads"]) for c in params["chunks"]] == [["a", "b"], ["c"]]
     assert params["chunks"][0]["in"]["w"].shape == (3 + 4, 8)
     xs = _xs((2, 4))
-    a = fn.apply(params, xs)
-    b = fn.apply(params, {**xs, "c": xs["c"] + 1.0})
+    apply = jax.jit(fn.apply)
+    a = apply(params, xs)
+    b = apply(params, {**xs, "c": xs["c"] + 1.0})
     for n in ("a", "b"):
         np.testing.assert_array_equal(a[n], b[n])
     assert not np.allclose(a["c"], b["c"])
     # the global one reads every site
     g = make_ci_fn("global_transformer", options=SMALL)
     gp = g.init(jax.random.key(0), sites=SITES)
-    assert not np.allclose(g.apply(gp, xs)["a"], g.apply(gp, {**xs, "c": xs["c"] + 1.0})["a"])
+    g_apply = jax.jit(g.apply)
+    assert not np.allclose(g_apply(gp, xs)["a"], g_apply(gp, {**xs, "c": xs["c"] + 1.0})["a"])
 
 
 # -------------------------------------------------------------------------- the global MLP
@@ -275,7 +287,14 @@ def _tms_config(ci_fn, **overrides):
                                           "ci_options.sites_per_chunk": 1, **overrides})
 
 
-@pytest.mark.parametrize("ci_fn", GLOBAL_FNS)
+# ~12 s CPU each, nearly all compiling: the managed run's path for a global CI function runs in
+# the default suite with [global_transformer] (VPD's); the other two functions' forwards,
+# gradients and sharded train steps are tested above and below
+# (test_every_site_gets_its_own_C_from_one_network, test_heads_on_the_model_axis_...,
+# test_a_train_step_on_8_model_devices_...).
+@pytest.mark.parametrize("ci_fn", [pytest.param("global_mlp", marks=pytest.mark.slow),
+                                   "global_transformer",
+                                   pytest.param("chunkwise_transformer", marks=pytest.mark.slow)])
 def test_tms_run_with_a_global_ci_function(ci_fn, tmp_path):
     summary, step = finish(_tms_config(ci_fn), tmp_path / "run")
     assert step == 4 and np.isfinite(summary["loss"]["total"])
@@ -337,9 +356,10 @@ def test_a_train_step_on_8_model_devices_equals_one_device_and_gathers_nothing(c
 
     def run_on(model):
         state, step, tp = build(64, ci_fn, model, d=16, h=32, batch=16, ci_hidden=8)
-        hlo = step.lower(state, tp, jax.random.key(1)).compile().as_text()
-        state, metrics = step(state, tp, jax.random.key(1))
-        return hlo, float(metrics["loss"]["total"]), jax.device_get(state.params)
+        compiled = step.lower(state, tp, jax.random.key(1)).compile()  # run as compiled: once
+        (state, metrics), err = compiled(state, tp, jax.random.key(1))
+        assert err.get() is None
+        return compiled.as_text(), float(metrics["loss"]["total"]), jax.device_get(state.params)
 
     _, base_loss, base_params = run_on(1)
     hlo, loss, params = run_on(8)
