@@ -19,8 +19,11 @@ def shapes(target):
 
 
 def check_exact(target, tp, x, want, C=None):
-    """With V U = W at every site and all masks 1 the decomposed model is the model."""
-    np.testing.assert_allclose(target(tp, x), want, rtol=1e-5, atol=1e-5)
+    """With V U = W at every site and all masks 1 the decomposed model is the model.
+
+    Everything here and in the callers runs jitted: one compile per program, instead of one per
+    op and shape of an eager forward (the interpreter's, flax's)."""
+    np.testing.assert_allclose(jax.jit(target)(tp, x), want, rtol=1e-5, atol=1e-5)
     C = C or max(s.d_out for s in target.sites.values())
     assert_reproduces_target(spdjax.decompose(target, {"*": C}), tp, x,
                              layerwise=len(target.sites) <= 4)
@@ -52,7 +55,7 @@ class LinenLM(nn.Module):
 def test_linen_transformer_every_weight_is_a_site():
     m = LinenLM()
     ids = jax.random.randint(jax.random.key(0), (3, T), 0, V)
-    variables = m.init(jax.random.key(1), ids)
+    variables = jax.jit(m.init)(jax.random.key(1), ids)
     target, tp = spdjax.from_linen(m, variables, ids)
     want = {"embed": ("embed", V, D), "embed#2": ("linear", D, V)}
     for i in range(2):
@@ -64,12 +67,12 @@ def test_linen_transformer_every_weight_is_a_site():
     np.testing.assert_array_equal(target.sites["layers/1/attn/out"].weight(tp),
                                   tp["layers"]["attn"]["out"]["kernel"][1].reshape(D, D))
     np.testing.assert_array_equal(target.sites["embed#2"].weight(tp), tp["embed"]["embedding"].T)
-    check_exact(target, tp, ids, m.apply(variables, ids))
+    check_exact(target, tp, ids, jax.jit(m.apply)(variables, ids))
     d = spdjax.decompose(target, {"*/attn/*": 8})
     assert len(d.site_names) == 8
     # Another batch shape re-traces; its site inputs are [..., d_in].
     ids2 = ids[:1, :3]
-    _, inputs = target.forward(tp, ids2, {})
+    inputs = jax.eval_shape(lambda tp, x: target.forward(tp, x, {})[1], tp, ids2)
     assert inputs["layers/0/attn/query"].shape == (1, 3, D)
     assert inputs["embed"].shape == (1, 3)
 
@@ -86,12 +89,12 @@ class DenseGeneralModel(nn.Module):
 def test_linen_dense_general_einsum_and_a_layer_called_twice():
     m = DenseGeneralModel()
     x = jax.random.normal(jax.random.key(0), (3, 2, 3, 4))
-    variables = m.init(jax.random.key(1), x)
+    variables = jax.jit(m.init)(jax.random.key(1), x)
     target, tp = spdjax.from_linen(m, variables, x)
     assert shapes(target) == {"dg": ("linear", 12, 30), "ein": ("linear", 30, 7),
                               "twice": ("linear", 7, 7), "twice#2": ("linear", 7, 7)}
-    check_exact(target, tp, x, m.apply(variables, x))
-    _, inputs = target.forward(tp, x, {})
+    check_exact(target, tp, x, jax.jit(m.apply)(variables, x))
+    inputs = jax.jit(lambda tp, x: target.forward(tp, x, {})[1])(tp, x)
     np.testing.assert_array_equal(inputs["dg"], x.reshape(3, 2, 12))
 
 
@@ -140,7 +143,7 @@ def test_nnx_transformer_every_weight_is_a_site():
             want[f"layers/{i}/attn/{proj}"] = ("linear", D, D)
         want |= {f"layers/{i}/mlp": ("linear", D, 16), f"layers/{i}/down": ("linear", 16, D)}
     assert shapes(target) == want
-    check_exact(target, tp, ids, m(ids))
+    check_exact(target, tp, ids, nnx.jit(lambda m, ids: m(ids))(m, ids))
 
 
 # ---------------------------------------------------------------------------------- convolutions
@@ -166,16 +169,17 @@ class NnxCNN(nnx.Module):
 def test_convolutions_are_sites_as_their_im2col_matrix():
     m = LinenCNN()
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
-    variables = m.init(jax.random.key(1), x)
+    variables = jax.jit(m.init)(jax.random.key(1), x)
     target, tp = spdjax.from_linen(m, variables, x)
     assert shapes(target) == {"conv2d": ("conv", 3 * 3 * 4, 6), "conv1d": ("conv", 2 * 6, 5),
                               "head": ("linear", 5, 3)}
     np.testing.assert_array_equal(target.sites["conv2d"].weight(tp),
                                   tp["conv2d"]["kernel"].reshape(36, 6))
-    check_exact(target, tp, x, m.apply(variables, x), C=8)
+    check_exact(target, tp, x, jax.jit(m.apply)(variables, x), C=8)
     d = spdjax.decompose(target, {"conv2d": 8})
-    ctx = spdjax.make_context(d, tp, d.init(jax.random.key(2), tp), x)
-    assert ctx.ci["conv2d"].lower.shape == (2, 4, 4, 8)  # a CI per output position, channels last
+    lower = jax.eval_shape(lambda p: spdjax.make_context(d, tp, p, x).ci["conv2d"].lower,
+                           jax.eval_shape(d.init, jax.random.key(2), tp))
+    assert lower.shape == (2, 4, 4, 8)  # a CI per output position, channels last
     with pytest.raises(ValueError, match="need a per-site CI function on inner activations"):
         spdjax.decompose(target, {"conv2d": 8}, ci_fn="vector_mlp")
 
@@ -183,7 +187,7 @@ def test_convolutions_are_sites_as_their_im2col_matrix():
     target, tp = spdjax.from_nnx(nnx_model, x)
     assert shapes(target) == {"conv": ("conv", 36, 6)}
     assert "grouped" in target.unsupported["depthwise"]
-    check_exact(target, tp, x, nnx_model(x), C=8)
+    check_exact(target, tp, x, nnx.jit(lambda m, x: m(x))(nnx_model, x), C=8)
 
 
 # ------------------------------------------------------------------------------- plain functions
@@ -229,17 +233,16 @@ def test_unsupported_weights_are_named_when_chosen():
 def test_gradients_flow_through_the_interpreter():
     m = LinenLM()
     ids = jax.random.randint(jax.random.key(0), (2, T), 0, V)
-    target, tp = spdjax.from_linen(m, m.init(jax.random.key(1), ids), ids)
+    target, tp = spdjax.from_linen(m, jax.jit(m.init)(jax.random.key(1), ids), ids)
     with pytest.warns(UserWarning, match="matches 'embed' but not 'embed#2'"):  # on purpose
         d = spdjax.decompose(target, {"layers/*": 8, "embed": 8})
-    params = d.init(jax.random.key(2), tp)
+    params = jax.jit(d.init)(jax.random.key(2), tp)
 
-    @jax.jit
     def loss(params, key):
         ctx = spdjax.make_context(d, tp, params, ids)
         return spdjax.stochastic_recon(params, ctx, key, n_samples=2, divergence="kl")
 
-    value, grads = jax.value_and_grad(loss)(params, jax.random.key(3))
+    value, grads = jax.jit(jax.value_and_grad(loss))(params, jax.random.key(3))
     assert np.isfinite(value) and value > 0
     norms = jax.tree.leaves(jax.tree.map(lambda g: float(jnp.abs(g).sum()), grads["components"]))
     assert all(n > 0 for n in norms)
