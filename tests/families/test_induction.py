@@ -14,27 +14,41 @@ CFG = lm_model.LMConfig("induction", 12, 16, 8, 1, 2, prefix_window=10)
 SITES = list(induction.CIRCUIT_POSITION)
 
 
-def _target_and_batch(n=32):
+@jax.jit  # one compile for the init and the batch, not one per eager op
+def _init_and_batch():
     params = lm_model.init_params(jax.random.key(0), CFG)
-    ids, labels = lm_model.induction(CFG, jax.random.key(1), n)
+    ids, labels = lm_model.induction(CFG, jax.random.key(1), 32)
     return params, ids, labels
+
+
+@pytest.fixture(scope="module")
+def target_and_batch():
+    """``(target params, ids [32, 16], labels [32])``, shared by the tests that only read them."""
+    return _init_and_batch()
+
+
+@pytest.fixture(scope="module")
+def exact(target_and_batch):
+    """``(decomposition, params)`` of :func:`_exact_decomposition` of the shared target."""
+    return _exact_decomposition(target_and_batch[0])
 
 
 def _exact_decomposition(target_params):
     """Factors V = W, U = I (C = d_out): the subcomponents sum to every site's weight."""
     d = spdjax.decompose(lm_model.target(CFG), {"blocks_*/attn/*": CFG.d_model})
-    p = d.init(jax.random.key(2), target_params)
+    p = jax.jit(d.init)(jax.random.key(2), target_params)
     for n in d.site_names:
         W = d.site(n).weight(target_params)
         p["components"][n] = {"V": W, "U": jnp.eye(CFG.d_model)}
     return d, p
 
 
-def test_forward_is_the_model_and_shows_causal_patterns():
-    params, ids, _ = _target_and_batch()
-    logits, pats = jax.jit(lambda p: induction.forward(p, CFG, ids))(params)
-    np.testing.assert_allclose(
-        logits, jax.jit(lm_model.Transformer(CFG).apply)({"params": params}, ids), atol=1e-5)
+def test_forward_is_the_model_and_shows_causal_patterns(target_and_batch):
+    params, ids, _ = target_and_batch
+    (logits, pats), model = jax.jit(lambda p: (  # both in one compile
+        induction.forward(p, CFG, ids), lm_model.Transformer(CFG).apply({"params": p}, ids)))(
+        params)
+    np.testing.assert_allclose(logits, model, atol=1e-5)
     assert len(pats) == 2 and pats[0].shape == (32, 16, 16)
     np.testing.assert_allclose(pats[1].sum(-1), 1.0, atol=1e-5)
     assert float(jnp.max(jnp.triu(pats[0], 1))) == 0.0
@@ -42,24 +56,24 @@ def test_forward_is_the_model_and_shows_causal_patterns():
         induction.forward(params, lm_model.VARIANTS["bytes"], ids)
 
 
-def test_positions_found_set_and_sparsity_on_hand_built_ci():
-    _, ids, _ = _target_and_batch(4)
-    pos = induction.key_positions(ids, CFG)
+def test_positions_found_set_and_sparsity_on_hand_built_ci(target_and_batch):
+    ids = target_and_batch[1][:4]
+    pos = jax.tree.map(np.asarray, induction.key_positions(ids, CFG))
     s_token = CFG.n_tokens + 1
-    assert np.all(np.asarray(ids)[np.arange(4), np.asarray(pos["s"])] == s_token)
-    ci = {n: jnp.zeros((4, 16, 5)) for n in SITES}
+    assert np.all(np.asarray(ids)[np.arange(4), pos["s"]] == s_token)
+    ci = {n: np.zeros((4, 16, 5), np.float32) for n in SITES}  # built on the host: no eager ops
     # subcomponent 3 of layer-1 v at m in sequence 2 only; subcomponent 0 of layer-1 q at e in
     # all; subcomponent 4 of layer-0 q everywhere but at its circuit position m.
-    m2 = int(pos["m"][2])
-    ci["blocks_1/attn/v"] = ci["blocks_1/attn/v"].at[2, m2, 3].set(0.5)
-    ci["blocks_1/attn/q"] = ci["blocks_1/attn/q"].at[:, -1, 0].set(1.0)
-    ci["blocks_0/attn/q"] = ci["blocks_0/attn/q"].at[:, :, 4].set(1.0)
-    ci["blocks_0/attn/q"] = ci["blocks_0/attn/q"].at[jnp.arange(4), pos["m"], 4].set(0.05)
-    found = induction.found_subcomponents(ci, ids, CFG)
+    ci["blocks_1/attn/v"][2, pos["m"][2], 3] = 0.5
+    ci["blocks_1/attn/q"][:, -1, 0] = 1.0
+    ci["blocks_0/attn/q"][:, :, 4] = 1.0
+    ci["blocks_0/attn/q"][np.arange(4), pos["m"], 4] = 0.05
+    # both functions under one jit (as induction.measure_ci calls them): one compile
+    found, sp = jax.jit(lambda c, i: (induction.found_subcomponents(c, i, CFG),
+                                      induction.sparsity(c, i, CFG)))(ci, ids)
     assert np.asarray(found["blocks_1/attn/v"]).tolist() == [False] * 3 + [True, False]
     assert np.asarray(found["blocks_1/attn/q"]).tolist() == [True] + [False] * 4
     assert not np.any(found["blocks_0/attn/q"]) and not np.any(found["blocks_1/attn/k"])
-    sp = induction.sparsity(ci, ids, CFG)
     assert float(sp["at_induction"]["blocks_1/attn/q"]) == 1.0
     assert float(sp["at_induction"]["blocks_1/attn/v"]) == 0.0
     assert float(sp["at_circuit_position"]["blocks_1/attn/v"]) == 0.25
@@ -71,29 +85,41 @@ def test_positions_found_set_and_sparsity_on_hand_built_ci():
 
 def test_attention_and_ov_measures_on_hand_built_weights():
     T = 6
-    prev = jnp.zeros((1, T, T)).at[0, 0, 0].set(1.0).at[0, jnp.arange(1, T),
-                                                           jnp.arange(T - 1)].set(1.0)
-    assert float(induction.previous_token_mass(prev)) == 1.0
-    assert float(induction.attention_mass(prev, jnp.array([4]), jnp.array([3]))) == 1.0
-    assert float(induction.attention_mass(prev, jnp.array([4]), jnp.array([4]))) == 0.0
-    uniform = jnp.tril(jnp.ones((T, T))) / jnp.arange(1, T + 1)[:, None]
-    np.testing.assert_allclose(induction.previous_token_mass(uniform[None]),
-                               np.mean(1.0 / np.arange(2, T + 1)), rtol=1e-6)
+    # the inputs built on the host and every measure under one jit: one compile
+    prev = np.zeros((1, T, T), np.float32)
+    prev[0, 0, 0] = 1.0
+    prev[0, np.arange(1, T), np.arange(T - 1)] = 1.0
+    uniform = (np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None]).astype(np.float32)
     # one-hot embeddings, identity OV and unembedding: every token copies itself; a cyclic
     # permutation in W_out copies none.
     V, D = CFG.vocab, 16
     cfg = lm_model.LMConfig("induction", 12, 16, D, 1, 2, prefix_window=10)
-    eye = jnp.eye(V, D)
-    params = {"embed": {"embedding": eye}, "unembed": {"kernel": eye.T},
-              "blocks_1": {"attn": {"v": {"kernel": jnp.eye(D)}, "out": {"kernel": jnp.eye(D)}}}}
-    assert float(induction.ov_diagonal_fraction(params, cfg)) == 1.0
-    params["blocks_1"]["attn"]["out"]["kernel"] = jnp.roll(jnp.eye(D), 1, axis=1)
-    assert float(induction.ov_diagonal_fraction(params, cfg)) == 0.0
+    eye = np.eye(V, D, dtype=np.float32)
+
+    def ov_params(w_out):
+        return {"embed": {"embedding": eye}, "unembed": {"kernel": eye.T},
+                "blocks_1": {"attn": {"v": {"kernel": np.eye(D, dtype=np.float32)},
+                                      "out": {"kernel": w_out}}}}
+
+    @jax.jit
+    def measures(prev, uniform, copying, permuted):
+        return (induction.previous_token_mass(prev),
+                induction.attention_mass(prev, jnp.array([4]), jnp.array([3])),
+                induction.attention_mass(prev, jnp.array([4]), jnp.array([4])),
+                induction.previous_token_mass(uniform[None]),
+                induction.ov_diagonal_fraction(copying, cfg),
+                induction.ov_diagonal_fraction(permuted, cfg))
+
+    out = [float(v) for v in measures(prev, uniform, ov_params(np.eye(D, dtype=np.float32)),
+                                      ov_params(np.roll(np.eye(D, dtype=np.float32), 1, axis=1)))]
+    assert out[:3] == [1.0, 1.0, 0.0]
+    np.testing.assert_allclose(out[3], np.mean(1.0 / np.arange(2, T + 1)), rtol=1e-6)
+    assert out[4:] == [1.0, 0.0]
 
 
-def test_exact_decomposition_with_everything_found_is_the_target():
-    params, ids, labels = _target_and_batch()
-    d, p = _exact_decomposition(params)
+def test_exact_decomposition_with_everything_found_is_the_target(target_and_batch, exact):
+    params, ids, labels = target_and_batch
+    d, p = exact
     ones = {n: jnp.ones((32, 16, CFG.d_model)) for n in SITES}
     kept = induction.subnetwork_params(d, p, params, {n: jnp.ones(8, bool) for n in SITES})
     for n in SITES:
@@ -111,9 +137,9 @@ def test_exact_decomposition_with_everything_found_is_the_target():
     assert v["keep_found"] == (m["target_accuracy"] >= 0.95)
 
 
-def test_criteria_end_to_end_and_bad_inputs():
-    params, ids, labels = _target_and_batch()
-    d, p = _exact_decomposition(params)
+def test_criteria_end_to_end_and_bad_inputs(target_and_batch, exact):
+    params, ids, labels = target_and_batch
+    d, p = exact
     out = induction.criteria(d, p, params, CFG, ids, labels)
     assert set(out["passes"]) == {"sparse_at_induction", "sparse_elsewhere", "keep_found",
                                   "ablate_found", "previous_token_head", "induction_head",

@@ -62,26 +62,33 @@ def _np_llama(p, ids, cfg):
 
 def test_llama_matches_a_numpy_forward_and_its_sites_follow_the_family():
     cfg = llama.LlamaConfig(**TINY)
-    params = lm_model.init_params(jax.random.key(0), cfg)
-    # non-trivial norm scales and larger weights, so RMSNorm, RoPE and the grouping all matter
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tree, [
-        1.0 + 0.3 * jax.random.normal(k, a.shape) if a.ndim == 1 else 10.0 * a
-        for k, a in zip(keys, leaves)])
+
+    @jax.jit  # one compile, not one per eager op
+    def init():
+        params = lm_model.init_params(jax.random.key(0), cfg)
+        # non-trivial norm scales and larger weights, so RMSNorm, RoPE and the grouping matter
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        return jax.tree.unflatten(tree, [
+            1.0 + 0.3 * jax.random.normal(k, a.shape) if a.ndim == 1 else 10.0 * a
+            for k, a in zip(keys, leaves)])
+
+    params = init()
     ids = np.array([[5, 17, 299, 0, 42, 42, 7, 256], [1, 2, 3, 4, 5, 6, 7, 8]], np.int32)
-    got = np.asarray(jax.jit(lm_model.module(cfg).apply)({"params": params}, ids))
+    target = lm_model.target(cfg)
+    # the linen model and the traced target, compiled together
+    got, traced = (np.asarray(a) for a in jax.jit(lambda p, i: (
+        lm_model.module(cfg).apply({"params": p}, i), target(p, i)))(params, ids))
     want = np.stack([_np_llama(params, row, cfg) for row in ids])
     assert got.shape == (2, 8, 300)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
-    target = lm_model.target(cfg)
     attn = {f"blocks_{i}/attn/{p}" for i in range(2) for p in ("q", "k", "v", "out")}
     mlp = {f"blocks_{i}/{m}" for i in range(2) for m in ("mlp_in", "mlp_out")}
     assert set(target.sites) == attn | mlp | {"embed", "unembed"}
     assert (target.sites["blocks_0/attn/k"].d_in, target.sites["blocks_0/attn/k"].d_out) == (16, 8)
     assert target.sites["blocks_1/mlp_in"].d_out == 24
-    np.testing.assert_allclose(np.asarray(target(params, ids)), got, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(traced, got, rtol=1e-5, atol=1e-5)
 
 
 def test_llama_config_errors_are_clear():
