@@ -34,9 +34,10 @@ class TinyLM(nn.Module):
 def _setup(batch=(4, 12)):
     m = TinyLM()
     ids = jax.random.randint(jax.random.key(0), batch, 0, 64)
-    target, tp = spdjax.from_linen(m, m.init(jax.random.key(0), ids), ids)
+    # the inits jitted: one compile each, not one per eager op
+    target, tp = spdjax.from_linen(m, jax.jit(m.init)(jax.random.key(0), ids), ids)
     d = spdjax.decompose(target, {"mlp_*": 16, "unembed": 16})
-    return d, tp, d.init(jax.random.key(1), tp), ids
+    return d, tp, jax.jit(d.init)(jax.random.key(1), tp), ids
 
 
 def test_sample_chunks_give_the_same_loss_and_gradient():
