@@ -26,7 +26,7 @@ B, C = 8, 3
 def setup():
     target, tp = two_site_target(d_in=3, d_hidden=4, d_out=2)
     d = l3d.decompose_l3d(target, {"*": 1}, C, rank=2)
-    params = d.init(jax.random.key(0))
+    params = jax.jit(d.init)(jax.random.key(0))  # one compile, not every op's
     # Decoder and encoder apart, so a mix-up of the two is caught.
     params["encode"] = jax.tree.map(lambda a: a * 1.7 + 0.1, params["encode"])
     x = jax.random.normal(jax.random.key(1), (B, 3))
@@ -140,7 +140,7 @@ def np_relative_error(V_in, V_out, G, topk):
 
 def test_reconstruction_error_against_a_numpy_loop(setup):
     d, tp, params, x = setup
-    grads = d.per_sample_grads(tp, x, jax.random.key(3))
+    grads = jax.jit(d.per_sample_grads)(tp, x, jax.random.key(3))
     topk = 0.2
     loss, metrics = jax.jit(l3d.objective(d, topk=topk))(params, tp, x, jax.random.key(3), 0.5)
 
@@ -253,12 +253,17 @@ def test_a_fixed_training_set_replaces_the_loops_batch(setup):
     d, tp, params, _ = setup
     data = jax.random.normal(jax.random.key(5), (20, 3))
     batches = l3d.fixed_batches(data, B, jax.random.key(6))
-    fixed = jax.jit(l3d.objective(d, topk=0.3, batches=batches, total_steps=100))
-    plain = jax.jit(l3d.objective(d, topk=0.3))
-    junk = jnp.full((B, 3), 1e3)
+    fixed = l3d.objective(d, topk=0.3, batches=batches, total_steps=100)
+    plain = l3d.objective(d, topk=0.3)
+
+    @jax.jit  # one compile for both objectives
+    def both(params, tp, junk, step_frac, batch):
+        return (fixed(params, tp, junk, jax.random.key(1), step_frac)[0],
+                plain(params, tp, batch, jax.random.key(1), 0.0)[0])
+
+    batch_of, junk = jax.jit(batches), jnp.full((B, 3), 1e3)
     for step in (0, 2, 37):
-        got, _ = fixed(params, tp, junk, jax.random.key(1), jnp.float32(step) / 100)
-        want, _ = plain(params, tp, batches(jnp.int32(step)), jax.random.key(1), 0.0)
+        got, want = both(params, tp, junk, jnp.float32(step) / 100, batch_of(jnp.int32(step)))
         assert float(got) == pytest.approx(float(want), rel=1e-6)
 
 
@@ -307,8 +312,9 @@ def test_evaluate_fn_recon_error_against_numpy(setup):
     summary = l3d.evaluate_fn(d, topk=0.2, batch_size=B, selectivity_samples=8)(
         params, tp, x, jax.random.key(0))
     errs, dense, per_sample = [], [], []
+    grads_fn = jax.jit(d.per_sample_grads)
     for k in range(2):
-        grads = d.per_sample_grads(tp, x[k * B:(k + 1) * B], jax.random.key(0))
+        grads = grads_fn(tp, x[k * B:(k + 1) * B], jax.random.key(0))
         V_in, V_out, G = np_matrices(params, grads)
         err, keep = np_relative_error(V_in, V_out, G, 0.2)
         errs.append(err)
@@ -322,41 +328,36 @@ def test_evaluate_fn_recon_error_against_numpy(setup):
     assert summary["per_sample_error"] == pytest.approx(np.mean(per_sample), rel=1e-4)
 
 
-def test_an_l3d_run_on_tms_trains_evaluates_and_plots(tmp_path):
-    from spdjax.training import loop
-
-    config = spdjax.config.load("l3d:5-2", {"steps": 64, "log_every": 32,
-                                            "checkpoint_every": 64, "eval_batch_size": 256,
-                                            "l3d.lr_decay_steps": 40})
-    run = spdjax.setup(config, tmp_path / "run")
-    assert run.method.name == "l3d"
-    loop.train(run)
+def test_an_l3d_run_on_tms_trains_evaluates_and_plots(finished_runs):
+    # The tiny L3D run (tests/tiny_runs.py: l3d:5-2, 2 steps, a fixed set of 64 samples) went
+    # through setup, train, evaluate and plot (spdjax.train_and_evaluate). Its lr's step decay
+    # is checked on the guide's run (test_the_guides_library_examples_run).
     import json
-    lines = [json.loads(v) for v in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    # Logged at steps 32 and 64 (lr of steps 31 and 63): L3D's own lr carries the step decay.
-    logged = [v[k] for v in lines if "lr_decayed" in v for k in ("lr", "lr_decayed")]
-    assert logged == pytest.approx([0.01, 0.01, 0.01, 0.01 * 0.8])
-    summary = loop.evaluate(run)
-    paths = loop.plot(run)
-    loop.close(run)
+
+    wd = finished_runs["l3d"]
+    assert json.loads((wd / "config.json").read_text())["method"] == "l3d"
+    summary = json.loads((wd / "summary.json").read_text())
+    assert summary["steps"] == 2
     assert 0 < summary["recon_error"] < 1 and summary["alive"] <= 5
     assert 0 <= summary["selectivity"] <= 1 and 0 < summary["mmcs"] <= 1
     assert 0 < summary["recon_error_train"] < 1  # the config's fixed training set
-    assert {p.name for p in paths} >= {"combined_diagram.png"}
+    assert (wd / "figures" / "combined_diagram.png").stat().st_size > 0
 
 
 def test_the_guides_library_examples_run(tmp_path, monkeypatch):
+    import json
     import pathlib
     import re
 
     guide = pathlib.Path(__file__).resolve().parents[2] / "docs" / "guides" / "l3d.md"
     blocks = re.findall(r"^```python\n(.*?)^```", guide.read_text(), re.M | re.S)
     assert len(blocks) == 2
-    # Small enough to run in seconds: few steps, a 64-sample training set, an eval batch of the
-    # same size (one compile for both), a target trained for 20 steps.
-    small = blocks[0].replace('{"steps": 3200}', '{"steps": 64, "log_every": 32, '
-                              '"checkpoint_every": 64, "eval_batch_size": 64, '
-                              '"l3d.n_samples": 64, "target_steps": 20}')
+    # Small enough to run in seconds: few steps (one dense), a 64-sample training set, an eval
+    # batch of the same size (one compile for both), a target trained for a few steps.
+    small = blocks[0].replace('{"steps": 3200}', '{"steps": 8, "log_every": 4, '
+                              '"checkpoint_every": 8, "eval_batch_size": 64, '
+                              '"l3d.n_samples": 64, "l3d.dense_steps": 1, "target_steps": 4, '
+                              '"l3d.lr_decay_steps": 5}')
     assert small != blocks[0]
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
@@ -364,7 +365,11 @@ def test_the_guides_library_examples_run(tmp_path, monkeypatch):
     summary = ns["summary"]
     assert 0 < summary["recon_error"] < 1 and 0 < summary["recon_error_train"] < 1
     assert -1 <= summary["a_r"] <= 1
-    assert (tmp_path / "workdir" / "l3d_tmcs" / "metrics.jsonl").exists()
+    lines = [json.loads(v) for v in
+             (tmp_path / "workdir" / "l3d_tmcs" / "metrics.jsonl").read_text().splitlines()]
+    # Logged at steps 4 and 8 (lr of steps 3 and 7): L3D's own lr carries the step decay.
+    logged = [v[k] for v in lines if "lr_decayed" in v for k in ("lr", "lr_decayed")]
+    assert logged == pytest.approx([0.01, 0.01, 0.01, 0.01 * 0.8])
     assert np.isfinite(float(ns["loss"])) and 0 < float(ns["loss"]) <= 1.5
     assert ns["x"].shape == (32, 10)
 
@@ -479,28 +484,28 @@ def dense_loss(params, grads, topk):
 def factored_loss(params, grads, topk):
     """The training step's path (:func:`l3d_terms.reconstruction_errors`)."""
     # The terms read only the params (the decomposition argument is unused), so no
-    # L3DDecomposition is needed for these 3-D tensors.
-    sq_err, sq_norm, _, _, _ = l3d_terms.reconstruction_errors(None, params, grads, topk)
+    # L3DDecomposition is needed for these 3-D tensors. Also whether the Gram identity was used.
+    sq_err, sq_norm, _, _, gram_form = l3d_terms.reconstruction_errors(None, params, grads, topk)
     return (l3d_terms.relative_error(sq_err, sq_norm),
-            l3d_terms.per_sample_error(sq_err, sq_norm))
+            (l3d_terms.per_sample_error(sq_err, sq_norm), gram_form))
 
 
 @pytest.mark.parametrize("rank", [1, 2])
 def test_factored_loss_and_its_gradients_equal_the_dense_path(rank):
     params, grads = factored_setup(rank, seed=rank)
 
-    def value_and_grad(fn):  # topk traced: one compile for both values
-        return jax.jit(jax.value_and_grad(lambda p, k: fn(p, grads, k), has_aux=True))
+    @jax.jit  # topk traced: one compile for both values and both paths
+    def both(p, k):
+        return tuple(jax.value_and_grad(lambda p: fn(p, grads, k), has_aux=True)(p)
+                     for fn in (factored_loss, dense_loss))
 
-    factored, dense = value_and_grad(factored_loss), value_and_grad(dense_loss)
     for topk in (0.3, 1.0):
-        (got, got_per), grad_f = factored(params, topk)
-        (want, want_per), grad_d = dense(params, topk)
+        ((got, (got_per, gram_form)), grad_f), ((want, want_per), grad_d) = both(params, topk)
         assert 0.05 < float(want) < 50  # a non-trivial error, so a dropped term would show
         np.testing.assert_allclose(got, want, rtol=1e-5)
         np.testing.assert_allclose(got_per, want_per, rtol=1e-4)
         # The identity was used here (well-conditioned factors), not the explicit fallback.
-        assert bool(l3d_terms.reconstruction_errors(None, params, grads, topk)[4])
+        assert bool(gram_form)
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grad_f),
                                 jax.tree.leaves(grad_d)):
             scale = float(np.max(np.abs(b)))
@@ -554,8 +559,9 @@ def test_outer_product_gradients_equal_the_dense_ones_and_give_the_same_loss(set
     assert not any(is_outer(v) for v in jax.tree.leaves(shapes, is_leaf=is_outer))
     forms = []
     for i, (dd, tpp, xx) in enumerate([(d, tp, x), resid[0]]):  # a bias; Mapped in and out
-        dense = jax.jit(dd.per_sample_grads)(tpp, xx, jax.random.key(3))
-        got = jax.jit(dd.loss_grads)(tpp, xx, jax.random.key(3))
+        dense, got = jax.jit(lambda tp_, x_, dd=dd: (  # one compile for both forms
+            dd.per_sample_grads(tp_, x_, jax.random.key(3)),
+            dd.loss_grads(tp_, x_, jax.random.key(3))))(tpp, xx)
         forms.append((dense, got))
         leaves = jax.tree.leaves(got, is_leaf=is_outer)
         assert [is_outer(v) for v in leaves] == [t == "weight" for ts in dense.values()
@@ -567,12 +573,12 @@ def test_outer_product_gradients_equal_the_dense_ones_and_give_the_same_loss(set
     # The loss and its gradient from either form of the two-site target's gradients.
     dense, outer = forms[0]
 
-    @jax.jit
-    def loss_and_grad(p, g):
-        return jax.value_and_grad(lambda p: l3d_terms.relative_error(
-            *l3d_terms.reconstruction_errors(d, p, g, 0.3)[:2]))(p)
+    @jax.jit  # one compile for both forms
+    def loss_and_grads(p, forms):
+        return [jax.value_and_grad(lambda p: l3d_terms.relative_error(
+            *l3d_terms.reconstruction_errors(d, p, g, 0.3)[:2]))(p) for g in forms]
 
-    (want, g_want), (got, g_got) = loss_and_grad(params, dense), loss_and_grad(params, outer)
+    (want, g_want), (got, g_got) = loss_and_grads(params, (dense, outer))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                          atol=1e-5 * float(jnp.abs(b).max())),
@@ -590,14 +596,19 @@ def test_the_factored_loss_is_accurate_and_never_negative_for_cancelling_coeffic
     Q = np.linalg.qr(rng.normal(size=(n, n)))[0]
     U, w = Q[:, :n - 1], Q[:, n - 1]
 
-    def loss(V_out, V_in, topk):
+    @jax.jit  # topk traced: one compile per shape
+    def errors(V_out, V_in, topk):
         def fac(V):
-            return {"core": jnp.ones((1, V.shape[1]), jnp.float32),
-                    "f0": jnp.asarray(V[None], jnp.float32)}
+            return {"core": jnp.ones((1, V.shape[1]), jnp.float32), "f0": V[None]}
         p = {"encode": {"s": {"bias": fac(V_in)}}, "decode": {"s": {"bias": fac(V_out)}}}
         out = l3d_terms.reconstruction_errors(None, p, {"s": {"bias": jnp.asarray(G, jnp.float32)}},
                                               topk)
-        return float(l3d_terms.relative_error(*out[:2])), bool(out[4])
+        return l3d_terms.relative_error(*out[:2]), out[4]
+
+    def loss(V_out, V_in, topk):
+        err, gram_form = errors(jnp.asarray(V_out, jnp.float32), jnp.asarray(V_in, jnp.float32),
+                                jnp.float32(topk))
+        return float(err), bool(gram_form)
 
     for eps in (3e-3, 1e-3):
         V_out = np.concatenate([U, U[:, :1] + eps * w[:, None]], 1)
@@ -653,7 +664,7 @@ def assert_factored_grads_match_dense(d, tp, x, outer_sites):
     def is_outer(v):
         return isinstance(v, OuterGrads)
 
-    params = d.init(jax.random.key(1))
+    params = jax.jit(d.init)(jax.random.key(1))
     params["encode"] = jax.tree.map(lambda a: a * 1.7 + 0.1, params["encode"])
 
     @jax.jit
