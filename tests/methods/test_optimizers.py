@@ -2,6 +2,7 @@
 the paper's Adam, number for number; Muon, lrs and options reach only their own group; a managed
 run with per-group optimizers resumes from its checkpoint exactly; bad entries fail at load."""
 
+import functools
 import io
 import pathlib
 import re
@@ -24,10 +25,11 @@ from spdjax.training.progress import log_to
 from helpers import two_site_target
 
 
+@functools.cache  # built once for the module's tests, which only read it
 def decomposition(ci_fn="mlp"):
     target, tp = two_site_target()
     d = spdjax.decompose(target, {"a": 8, "b": 4}, ci_fn=ci_fn, ci_hidden=(4,))
-    return d, d.init(jax.random.key(0), tp)
+    return d, jax.jit(d.init)(jax.random.key(0), tp)
 
 
 def grads_like(params, step, prefix=""):
@@ -118,7 +120,7 @@ def test_muon_on_the_components_moves_only_them_as_optax_muon_by_hand():
 def test_muon_on_the_ci_batches_per_component_weights_and_leaves_biases_to_adam():
     """The per-component MLP's w (C, fan_in, fan_out) is C matrices; its b (C, width) is 2-D but a
     bias, which optax's rank rule would orthogonalise."""
-    _, params = decomposition("mlp")
+    _, params = decomposition()  # ci_fn "mlp": one MLP per component
     ci = params["ci"]
     dims = optimizers.muon_dims(ci)
     assert dims["a"][0]["b"] is None and dims["a"][0]["w"] is not None
