@@ -167,15 +167,22 @@ def test_aliased_ties_take_two_adam_updates_like_the_reference():
         out = d.forward(tp, p, x, {"enc": None, "dec": None})
         return jnp.mean((out - batch_out - 0.1) ** 2)
 
-    g = jax.grad(loss)(params, aliased)["components"]
-    g_shared = jax.grad(loss)(p_shared, shared)["components"]["enc"]
+    grads = jax.jit(jax.grad(loss), static_argnums=1)
+    g_all = grads(params, aliased)
+    g = g_all["components"]
+    g_shared = grads(p_shared, shared)["components"]["enc"]
     # The shared gradient is the sum of the two copies' gradients.
     np.testing.assert_allclose(g["enc"]["V"] + g["dec"]["U"].T, g_shared["V"], rtol=1e-5)
 
     lr = 0.1
     opt = spdjax.make_optimizer(aliased, lr)
-    updates, _ = opt.update(jax.grad(loss)(params, aliased), opt.init(params), params)
-    new = optax.apply_updates(params, updates)["components"]
+
+    @jax.jit
+    def first_step(grads, params):
+        updates, _ = opt.update(grads, opt.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    new = first_step(g_all, params)["components"]
     adam1 = lambda grad: -lr * grad / (jnp.abs(grad) + 1e-8)  # Adam's first step, bias-corrected
     expected_V = params["components"]["enc"]["V"] + adam1(g["enc"]["V"]) + adam1(g["dec"]["U"]).T
     np.testing.assert_allclose(new["enc"]["V"], expected_V, rtol=1e-4, atol=1e-5)
@@ -190,7 +197,8 @@ def test_the_warmup_moves_aliased_copies_by_both_updates_and_keeps_them_equal():
     target, tp = _tied_autoencoder()
     aliased = spdjax.decompose(target, {"enc": 4, "dec": 4}, ties={"dec": "enc"},
                                tie_mode="aliased")
-    params = init_fn(aliased, init=spdjax.init_gaussian, warmup_steps=50)(jax.random.key(1), tp)
+    params = jax.jit(init_fn(aliased, init=spdjax.init_gaussian, warmup_steps=50))(
+        jax.random.key(1), tp)
     comps = params["components"]
     np.testing.assert_array_equal(comps["dec"]["U"], comps["enc"]["V"].T)
     np.testing.assert_array_equal(comps["dec"]["V"], comps["enc"]["U"].T)
@@ -200,9 +208,10 @@ def test_the_warmup_moves_aliased_copies_by_both_updates_and_keeps_them_equal():
                          site_inputs={}, ci={}, step_frac=jnp.float32(0))
     faith = lambda c: spdjax.faithfulness({"components": c, "ci": start["ci"]}, ctx)
     lr, wd = 0.01, 0.1
-    one = faithfulness_warmup(start["components"], faith, steps=1, lr=lr, weight_decay=wd,
-                              tie_sync=aliased_tie_updates(aliased, within=None))
-    g, V = jax.grad(faith)(start["components"]), start["components"]["enc"]["V"]
+    one = jax.jit(lambda c: faithfulness_warmup(
+        c, faith, steps=1, lr=lr, weight_decay=wd,
+        tie_sync=aliased_tie_updates(aliased, within=None)))(start["components"])
+    g, V = jax.jit(jax.grad(faith))(start["components"]), start["components"]["enc"]["V"]
     adamw1 = lambda grad, p: -lr * (grad / (jnp.abs(grad) + 1e-8) + wd * p)  # first AdamW step
     expected = V + adamw1(g["enc"]["V"], V) + adamw1(g["dec"]["U"], V.T).T
     np.testing.assert_allclose(one["enc"]["V"], expected, rtol=1e-5, atol=1e-7)
@@ -236,8 +245,10 @@ def test_gaussian_init_and_faithfulness_warmup():
         ctx = spdjax.make_context(d, tp, p, jnp.ones((1, 30)))
         return spdjax.faithfulness(p, ctx)
 
+    faith = jax.jit(faith)
     before = faith(params["components"])
-    after = faith(faithfulness_warmup(params["components"], faith, steps=200))
+    after = faith(jax.jit(lambda c: faithfulness_warmup(c, faith, steps=200))(
+        params["components"]))
     assert after < 0.05 * before
     with pytest.raises(ValueError, match="Unknown component init 'xavier'"):
         d.init(jax.random.key(0), tp, init="xavier")
@@ -275,16 +286,15 @@ def test_fused_scalar_mlp_gradient_matches_autodiff():
     args = (jax.random.normal(k[0], (3, 4, 5)), jax.random.normal(k[1], (5, 6)),
             jax.random.normal(k[2], (5, 6)), jax.random.normal(k[3], (5, 6)),
             jax.random.normal(k[4], (5,)))
-    np.testing.assert_allclose(scalar_mlp(*args), _scalar_mlp(*args), rtol=1e-6)
+    fused = jax.jit(scalar_mlp)  # jitted: check_grads evaluates it many times
+    np.testing.assert_allclose(fused(*args), jax.jit(_scalar_mlp)(*args), rtol=1e-6)
 
-    def loss(f):
-        return lambda *a: jnp.sum(jnp.sin(f(*a)))
+    def grads(f):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=range(5)))(*args)
 
-    want = jax.grad(loss(_scalar_mlp), argnums=range(5))(*args)
-    got = jax.grad(loss(scalar_mlp), argnums=range(5))(*args)
-    for g, w in zip(got, want):
+    for g, w in zip(grads(scalar_mlp), grads(_scalar_mlp)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
-    check_grads(scalar_mlp, args, order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+    check_grads(fused, args, order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
 
 def _stream_target(factored: bool, d: int = 40):
@@ -319,7 +329,7 @@ def test_a_stream_kept_factored_gives_the_plain_forward_with_bias_delta_and_rout
     from spdjax.core.masks import SiteMask
     x = jax.random.normal(jax.random.key(1), (16, 6))
     (folded, tp), (plain, _) = _stream_target(True), _stream_target(False)
-    _, inputs = folded.forward(tp, x, {})
+    inputs = jax.eval_shape(lambda tp, x: folded.forward(tp, x, {})[1], tp, x)
     assert isinstance(inputs["c"], spdjax.Mapped) and len(inputs["c"].terms) == 3
     ds = [spdjax.decompose(t, {"*": 3}) for t in (folded, plain)]
     comps = ds[1].init(jax.random.key(0), tp)
@@ -328,15 +338,23 @@ def test_a_stream_kept_factored_gives_the_plain_forward_with_bias_delta_and_rout
                          delta=jax.random.uniform(jax.random.fold_in(kd, i), (16,)),
                          routing=jax.random.bernoulli(jax.random.fold_in(kr, i), 0.5, (16,)))
              for i, n in enumerate("abc")}
-    outs = [jax.value_and_grad(lambda c, d=d: jnp.sum(d.forward(tp, c, x, masks) ** 2))(comps)
-            for d in ds]
+
+    def run(d):  # one program per forward: the loss, its gradients and the site inputs
+        @jax.jit
+        def f(comps, masks):
+            value, grads = jax.value_and_grad(
+                lambda c: jnp.sum(d.forward(tp, c, x, masks) ** 2))(comps)
+            return value, grads, d.forward(tp, comps, x, masks, with_inputs=True)[1]
+
+        return f(comps, masks)
+
+    outs = [run(d) for d in ds]
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), outs[0][1],
                  outs[1][1])
     for n in "abc":  # and each site's input, as the plain forward sees it
-        _, got = ds[0].forward(tp, comps, x, masks, with_inputs=True)
-        _, want = ds[1].forward(tp, comps, x, masks, with_inputs=True)
-        np.testing.assert_allclose(spdjax.dense_input(got[n]), want[n], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(spdjax.dense_input(outs[0][2][n]), outs[1][2][n], rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_mapped_sums_add_read_and_fall_back_to_the_plain_array_when_wide():
