@@ -183,12 +183,22 @@ def test_lm_evaluation_masks_include_the_delta_component():
 
     cfg = lm_model.VARIANTS["ih"]
     target = lm_model.target(cfg)
-    tp = lm_model.init_params(jax.random.key(0), cfg)
     d = spdjax.decompose(target, {"blocks_0/attn/*": 4})
-    params = d.init(jax.random.key(1), tp)
+
+    @jax.jit  # one compile each for the init and the evaluation, not one per eager op
+    def init():
+        tp = lm_model.init_params(jax.random.key(0), cfg)
+        return tp, d.init(jax.random.key(1), tp)
+
+    @jax.jit
+    def masked_logits(params, tp, ids):
+        ctx, logits = evaluation.masked_logits(d, params, tp, ids, jax.random.key(2))
+        return ctx.target_out, logits
+
+    tp, params = init()
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 10, (2, 8)), jnp.int32)
-    ctx, logits = evaluation.masked_logits(d, params, tp, ids, jax.random.key(2))
-    np.testing.assert_allclose(logits["unmasked_delta"], ctx.target_out, atol=1e-4)
+    target_out, logits = masked_logits(params, tp, ids)
+    np.testing.assert_allclose(logits["unmasked_delta"], target_out, atol=1e-4)
     assert not np.allclose(logits["stochastic_delta"], logits["stochastic"])
 
 
