@@ -133,17 +133,24 @@ def _token_loss(decomp, target_params):
     return loss_fn
 
 
+@pytest.fixture(scope="module")
+def checked_token_loss(tokens):
+    """The token loss and its checked, jitted value and gradient: one compile for every batch."""
+    loss_fn = _token_loss(*tokens[:2])
+    return loss_fn, jax.jit(spdjax.losses.checked(jax.value_and_grad(loss_fn)))
+
+
 @pytest.mark.parametrize("bad, message", [
     (7, r"token ids must be in \[0, 7\); got ids from 0 to 7"),
     (-1, r"token ids must be >= 0; the batch holds the id -1"),
 ], ids=["id>=vocab", "negative-id"])
-def test_bad_token_ids_are_refused_eagerly_and_under_jit(tokens, bad, message):
-    decomp, target_params, params = tokens
+def test_bad_token_ids_are_refused_eagerly_and_under_jit(tokens, checked_token_loss, bad,
+                                                         message):
+    params = tokens[2]
     ids = jnp.zeros((2, 3), jnp.int32).at[1, 2].set(bad)
-    loss_fn = _token_loss(decomp, target_params)
+    loss_fn, checked = checked_token_loss
     with pytest.raises(ValueError, match=message):  # eagerly
         loss_fn(params, ids, jax.random.key(0))
-    checked = jax.jit(spdjax.losses.checked(jax.value_and_grad(loss_fn)))
     err, _ = checked(params, ids, jax.random.key(0))
     with pytest.raises(ValueError, match=message):
         err.throw()
