@@ -57,11 +57,11 @@ def test_transformer_target_sites_and_bad_inputs():
     mlp = {f"blocks_{i}/{m}" for i in range(2) for m in ("mlp_in", "mlp_out")}
     assert attn | mlp | {"embed", "pos_embed", "unembed"} == set(target.sites)
     assert target.sites["blocks_1/mlp_in"].d_out == 24
-    tp = lm_model.init_params(jax.random.key(0), cfg)
+    tp = jax.jit(lm_model.init_params, static_argnums=1)(jax.random.key(0), cfg)  # one compile
     with pytest.raises(ValueError, match="Sequences of 129 tokens are longer than the model's 128"):
         target(tp, jnp.zeros((1, 129), jnp.int32))
     d = spdjax.decompose(target, {"embed": 4, "blocks_0/attn/*": 4})
-    params = d.init(jax.random.key(1), tp)
+    params = jax.jit(d.init)(jax.random.key(1), tp)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 256\); got ids from 0 to 300"):
         spdjax.make_context(d, tp, params, jnp.array([[0, 300]]))
 
@@ -69,8 +69,11 @@ def test_transformer_target_sites_and_bad_inputs():
 @pytest.mark.parametrize("variant", ["ih", pytest.param("bytes", marks=pytest.mark.slow)])
 def test_tiny_run_end_to_end(variant, tmp_path, monkeypatch):
     monkeypatch.setenv("SPDJAX_CACHE", str(tmp_path / "cache"))
-    overrides = {"steps": 20, "target_steps": 30, "log_every": 10, "checkpoint_every": 10,
+    overrides = {"steps": 2, "target_steps": 2, "log_every": 1, "checkpoint_every": 2,
                  "C": 8, "batch_size": 8, "eval_batch_size": 8}
+    if variant == "ih":  # short sequences of a small vocabulary: the same code, run faster
+        overrides.update({"target_recipe.seq_len": 16, "target_recipe.n_tokens": 10,
+                          "target_recipe.prefix_window": 13, "target_recipe.batch_size": 16})
     config = configs.load(f"lm:{variant}", overrides)
     if variant == "bytes":  # a narrow model on a small corpus: the same code, compiled faster
         with config.unlocked():
@@ -89,7 +92,7 @@ def test_tiny_run_end_to_end(variant, tmp_path, monkeypatch):
         assert len(summary["alive"]) == 12
         page = (tmp_path / "run" / "figures" / "top_contexts.html").read_text()
         assert page.count("<h2>") == 12 and "subcomponent" in page
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 20
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
 
 
 def test_top_contexts_page_shows_where_each_subcomponent_matters(tmp_path):
