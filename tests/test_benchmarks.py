@@ -236,21 +236,26 @@ def test_sensitivity_grid_runs_saves_and_plots(tmp_path, monkeypatch):
 
 
 def test_table1_trains_a_rows_seeds_as_one_ensemble(tmp_path):
-    args = ["--variants=5-2", "--seeds=0,1,3", "--steps=20", "--tag=+small",
-            "--set=eval_batch_size=512", "--set=batch_size=256", "--set=figures=false",
+    args = ["--variants=5-2", "--seeds=0,1,3", "--steps=2", "--tag=+small",
+            "--set=eval_batch_size=128", "--set=batch_size=64", "--set=figures=false",
             f"--root={tmp_path}", f"--out={tmp_path / 't'}"]
     tms_table1.main(args)
     assert (tmp_path / "5-2+small_seeds0-1" / "seed_1" / "summary.json").exists()
     assert (tmp_path / "5-2+small_seed3" / "summary.json").exists()  # a lone seed: a plain run
     runs = json.loads((tmp_path / "t.json").read_text())["5-2+small"]["runs"]
-    assert [r["seed"] for r in runs] == [0, 1, 3] and all(r["steps"] == 20 for r in runs)
+    assert [r["seed"] for r in runs] == [0, 1, 3] and all(r["steps"] == 2 for r in runs)
     assert tms_table1.consecutive([0, 1, 2, 5, 6, 9]) == [[0, 1, 2], [5, 6], [9]]
 
 
-def test_step_time_rows_carry_their_floor_and_the_reference_anchor():
+def test_step_time_rows_carry_their_floor_and_the_reference_anchor(monkeypatch):
     from benchmarks import run as bench
 
-    row = bench.measure("tms:5-2", 2, {"batch_size": 256})
+    # The machine's matmul peak and bandwidth measured on small operands (the defaults, a
+    # 2048 x 2048 matmul and 256 MiB ten times each, take seconds of CPU)
+    peak, bandwidth = bench.matmul_peak_flops, bench.memory_bandwidth
+    monkeypatch.setattr(bench, "matmul_peak_flops", lambda: peak(n=256, reps=2))
+    monkeypatch.setattr(bench, "memory_bandwidth", lambda: bandwidth(n_bytes=2**20, reps=2))
+    row = bench.measure("tms:5-2", 2, {"batch_size": 64})
     assert row["floor_s_per_step"] == row["flops_per_step"] / row["matmul_peak_flops"]
     assert row["all_bytes_from_dram_s"] == row["bytes_per_step"] / row["memory_bandwidth"] > 0
     assert row["reference_s_per_step"] == (0.042, 0.054)

@@ -155,7 +155,7 @@ def test_add_a_loss_term(sandbox, capsys):
         ctx = spdjax.make_context(run.decomposition, run.target_params, params, batch)
         return tight(params, ctx, jax.random.key(0))
 
-    grads = jax.grad(loss)(run.params)
+    grads = jax.jit(jax.grad(loss))(run.params)  # one program, not ~100 eager ops
     assert float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(grads["ci"]))) > 0
 
     (command,) = commands  # its config file (the CLI's run: test_cli_of_the_examples)

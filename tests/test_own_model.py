@@ -2,9 +2,10 @@
 the uninterrupted run.
 
 The model and its :class:`spdjax.Family` live in this file, nowhere in spdjax, and are not
-registered: the runs pass the family as a value. Each run is a child process that imports this
-module (``PYTHONPATH`` = ``tests/``) and calls :func:`train_in_child`; one is killed with SIGKILL
-after its first checkpoint and rerun with the same command, another runs uninterrupted. The
+registered: the runs pass the family as a value. The runs are child processes that import this
+module (``PYTHONPATH`` = ``tests/``) and call :func:`train_in_child`; the first is killed with
+SIGKILL after its first checkpoint, the second reruns the same call on its workdir (a resume) and
+then trains another workdir uninterrupted (in the same process: one import and compile less). The
 resumed run must end with the same params and write the same metric lines.
 """
 
@@ -24,7 +25,7 @@ import numpy as np
 import spdjax
 
 N_IN, N_HIDDEN, N_OUT = 6, 8, 4
-STEPS = 400
+STEPS = 100  # 5 checkpoints: the kill lands after the first with 80 steps to spare
 SMALL = {"C": 4, "steps": STEPS, "batch_size": 32, "eval_batch_size": 64, "log_every": 10,
          "checkpoint_every": 20, "figures": False}
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -71,19 +72,20 @@ def config():
     return c
 
 
-def train_in_child(workdir: str) -> None:
-    """What each child process runs: the managed run of this file's model in ``workdir``."""
-    spdjax.train_and_evaluate(config(), workdir, family=FAMILY)
+def train_in_child(*workdirs: str) -> None:
+    """What each child process runs: the managed run of this file's model in each workdir."""
+    for workdir in workdirs:
+        spdjax.train_and_evaluate(config(), workdir, family=FAMILY)
 
 
 # ------------------------------------------------------------------------------------ the test
 
-def child(workdir: pathlib.Path) -> subprocess.Popen:
+def child(*workdirs: pathlib.Path) -> subprocess.Popen:
     env = dict(os.environ)  # the session's target and compilation caches (conftest)
     env.pop("XLA_FLAGS", None)  # one CPU device, like a user's script
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
-    code = f"import test_own_model as m; m.train_in_child({str(workdir)!r})"
+    code = f"import test_own_model as m; m.train_in_child(*{[str(w) for w in workdirs]!r})"
     return subprocess.Popen([sys.executable, "-c", code], cwd=TESTS.parent, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -124,9 +126,10 @@ def test_own_flax_model_is_killed_and_resumes_to_the_uninterrupted_run(tmp_path)
         "the run finished before it was killed")
     assert (killed / ".lock").exists()  # left behind by the killed process
 
-    out = finish(child(killed))  # the same command again: resumes
-    assert "Resuming from the checkpoint at step" in out, out
-    finish(child(whole))
+    out = finish(child(killed, whole))  # the same call again (resumes), then a fresh run
+    resumed, fresh = out.split("Summary:", 1)  # the killed workdir's run ends first
+    assert "Resuming from the checkpoint at step" in resumed, out
+    assert "Resuming" not in fresh, out
 
     # The same final params, read back from each workdir with the family as a value.
     a = spdjax.load(whole, family=FAMILY)

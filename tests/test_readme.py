@@ -27,13 +27,13 @@ def test_library_example_runs_and_loss_falls():
 
 def test_runs_example_trains_resumes_loads_and_plots(tmp_path, monkeypatch):
     code = _block("<!-- example:runs")
-    small = code.replace('{"steps": 2000}', '{"steps": 40, "batch_size": 64, "log_every": 10, '
-                                            '"checkpoint_every": 20, "eval_batch_size": 256}')
-    small = small.replace("until_step=1000", "until_step=20")
-    assert small != code and "until_step=20" in small
+    small = code.replace('{"steps": 2000}', '{"steps": 4, "batch_size": 64, "log_every": 1, '
+                                            '"checkpoint_every": 2, "eval_batch_size": 256}')
+    small = small.replace("until_step=1000", "until_step=2")
+    assert small != code and "until_step=2" in small
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     exec(compile(small, str(README), "exec"), ns)
-    assert ns["summary"]["steps"] == 40
+    assert ns["summary"]["steps"] == 4
     assert (tmp_path / "workdir" / "quick" / "figures" / "combined_diagram.png").exists()
-    assert ns["run"].step == 40  # spdjax.load read the finished run back
+    assert ns["run"].step == 4  # spdjax.load read the finished run back
