@@ -151,13 +151,18 @@ def selectivity(d: L3DDecomposition, params, target_params, x, key, *, topk: flo
     ``n_refs`` references, as the paper's impact). ``baseline``: the share of samples that use
     it, what an unselective direction would score. Means over subnetworks used by any sample.
     """
-    impacts = jnp.mean(jnp.stack([
-        jnp.abs(encode(d, params, d.loss_grads(target_params, x, jax.random.fold_in(key, r))))
-        for r in range(n_refs)]), axis=0)
-    used = batch_topk_mask(impacts, topk)  # [batch, C]
-    resp = intervention_responses(d, params, target_params, x)  # [C, batch]
-    share = jnp.sum(resp * used.T, axis=1) / (jnp.sum(resp, axis=1) + 1e-30)
-    base = jnp.mean(used, axis=0)
+
+    @jax.jit  # one program (op by op, the n_refs gradient passes compile each op on its own)
+    def shares(params, target_params, x, key):
+        impacts = jnp.mean(jnp.stack([
+            jnp.abs(encode(d, params, d.loss_grads(target_params, x, jax.random.fold_in(key, r))))
+            for r in range(n_refs)]), axis=0)
+        used = batch_topk_mask(impacts, topk)  # [batch, C]
+        resp = intervention_responses(d, params, target_params, x)  # [C, batch]
+        return jnp.sum(resp * used.T, axis=1) / (jnp.sum(resp, axis=1) + 1e-30), jnp.mean(
+            used, axis=0)
+
+    share, base = shares(params, target_params, x, key)
     alive = np.asarray(base) > 0
     share, base = np.asarray(share), np.asarray(base)
     return {"selectivity": float(share[alive].mean()) if alive.any() else float("nan"),

@@ -41,26 +41,31 @@ def output_responses(decomp, params, target_params, cfg: ToyConfig) -> np.ndarra
     """``[C, n_outputs]``: mean over sparse inputs of ``(d f_o / d delta)^2`` for
     ``W_l + delta P_{c,l}`` at every decomposed site ``l``."""
     target = toy_target(cfg)
-    x = sample_batch(cfg, jax.random.key(0), EVAL_SAMPLES)
-    P = {n: jnp.asarray(decomp.component_weights(params, n)) for n in decomp.site_names}
 
-    def site_fn(n, delta):
-        s = target.sites[n]
-        W = s.weight(target_params)
-        b = None if s.bias is None else s.bias(target_params)
-        return lambda a: a @ (W + delta[n]) + (0.0 if b is None else b)
+    @jax.jit  # one program: op by op, sampling and the weights compile each op on its own
+    def responses(params, target_params):
+        x = sample_batch(cfg, jax.random.key(0), EVAL_SAMPLES)
+        P = {n: jnp.asarray(decomp.component_weights(params, n)) for n in decomp.site_names}
 
-    def out(delta):
-        return target.forward(target_params, x, {n: site_fn(n, delta) for n in P})[0]
+        def site_fn(n, delta):
+            s = target.sites[n]
+            W = s.weight(target_params)
+            b = None if s.bias is None else s.bias(target_params)
+            return lambda a: a @ (W + delta[n]) + (0.0 if b is None else b)
 
-    zero = {n: jnp.zeros(p.shape[1:]) for n, p in P.items()}
+        def out(delta):
+            return target.forward(target_params, x, {n: site_fn(n, delta) for n in P})[0]
 
-    def one(c):
-        _, d = jax.jvp(out, (zero,), ({n: p[c] for n, p in P.items()},))
-        return jnp.mean(d**2, axis=0)
+        zero = {n: jnp.zeros(p.shape[1:]) for n, p in P.items()}
 
-    C = next(iter(P.values())).shape[0]
-    return np.asarray(jax.lax.map(one, jnp.arange(C)))
+        def one(c):
+            _, d = jax.jvp(out, (zero,), ({n: p[c] for n, p in P.items()},))
+            return jnp.mean(d**2, axis=0)
+
+        C = next(iter(P.values())).shape[0]
+        return jax.lax.map(one, jnp.arange(C))
+
+    return np.asarray(responses(params, target_params))
 
 
 def tmcs_recovery(decomp, params, target_params) -> dict:
