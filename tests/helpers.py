@@ -1,16 +1,20 @@
 """Small shared fixtures for tests: a two-site pure target, NumPy reference maths, a run
 finished in one call and the environment of a CLI child process."""
 
+import contextlib
+import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy.special import erf
 
 import spdjax
 from spdjax.core.target import Site, weight_at
 from spdjax.training import loop
+from spdjax.training.workdir import config_dict
 
 
 def two_site_target(d_in=3, d_hidden=4, d_out=2, seed=0):
@@ -110,3 +114,31 @@ def cli_env() -> dict:
     e["PYTHONUNBUFFERED"] = "1"
     e.pop("XLA_FLAGS", None)
     return e
+
+
+def config_key(config) -> str:
+    """Every field of a run's config, as one string."""
+    return json.dumps(config_dict(config), sort_keys=True)
+
+
+@contextlib.contextmanager
+def shared_train_steps(key=config_key):
+    """Runs whose configs give the same ``key`` share one jitted train step, as one process
+    running them in turn would wish: ``setup`` builds an equal step each time, but each build is
+    a fresh XLA compile (~4-5 s of CPU) that the persistent compilation cache cannot serve,
+    because checkify numbers the input checks it traces from a process-wide counter, so no two
+    builds lower to the same program. Every run still goes through ``setup``, ``train`` and its
+    checkpoints; only the compiled step is reused. The step takes the run's state, target and
+    keys (and the loss coefficients, ``Method.hparams``) as arguments, so a ``key`` may leave
+    those out."""
+    build, steps = loop.build_step, {}
+
+    def shared(run, **kwargs):
+        k = (key(run.config), tuple(sorted(kwargs.items())))
+        if k not in steps:
+            steps[k] = build(run, **kwargs)
+        return steps[k]
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(loop, "build_step", shared)
+        yield

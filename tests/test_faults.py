@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 
 import spdjax
-from helpers import finish
+from helpers import finish, shared_train_steps
 from spdjax.training import targets as target_training
 from spdjax.families.tms import cache as tms_cache
 from spdjax.families.tms import evaluation as tms_evaluation
 from spdjax.families.tms import model as tms
 from spdjax.training import loop
 from spdjax.training.checkpoints import Checkpointer
-from spdjax.training.workdir import ConfigMismatchError, config_dict
+from spdjax.training.workdir import ConfigMismatchError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = {"steps": 30, "C": 6, "batch_size": 64, "eval_batch_size": 256, "log_every": 5,
@@ -42,23 +42,8 @@ def small(**overrides):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_step_per_config():
-    """Runs of one config share one jitted train step (as a process running them in turn would
-    wish): ``setup`` builds an equal one each time, but each new build is a fresh XLA compile
-    (~4-5 s of CPU) that the persistent compilation cache cannot serve, because checkify numbers
-    the input checks it traces from a process-wide counter, so no two builds lower to the same
-    program. Every run still goes through ``setup``, ``train`` and its checkpoints; only the
-    compiled step is reused, and only for a config (every field) seen before."""
-    build, steps = loop.build_step, {}
-
-    def shared(run, **kwargs):
-        key = (json.dumps(config_dict(run.config), sort_keys=True),
-               tuple(sorted(kwargs.items())))
-        if key not in steps:
-            steps[key] = build(run, **kwargs)
-        return steps[key]
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(loop, "build_step", shared)
+    """Runs of one config (every field) share one compiled train step (helpers.py)."""
+    with shared_train_steps():
         yield
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import spdjax
+from helpers import shared_train_steps
 from spdjax.config import files as configs
-from spdjax.training import ensemble, loop
+from spdjax.training import ensemble
 from spdjax.training.progress import log_to
 from spdjax.training.workdir import config_dict
 
@@ -20,27 +21,20 @@ def tms_config(**overrides):
                                     **overrides})
 
 
+def _config_but_seed_and_coefficients(config) -> str:
+    fields = config_dict(config)
+    del fields["seed"]
+    for options in fields["losses"].values():
+        options.pop("coeff", None)
+    return json.dumps(fields, sort_keys=True)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_step_per_config():
-    """Single runs whose configs differ only in their seed or loss coefficients share one jitted
-    train step, as one process running them in turn would: each build is a fresh XLA compile
-    that the persistent cache cannot serve (checkify numbers the checks it traces process-wide),
-    and the step takes the seed's keys and state and the coefficients (Method.hparams) as
-    arguments, so sharing it changes no number."""
-    build, steps = loop.build_step, {}
-
-    def shared(run, **kwargs):
-        fields = config_dict(run.config)
-        del fields["seed"]
-        for options in fields["losses"].values():
-            options.pop("coeff", None)
-        key = (json.dumps(fields, sort_keys=True), tuple(sorted(kwargs.items())))
-        if key not in steps:
-            steps[key] = build(run, **kwargs)
-        return steps[key]
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(loop, "build_step", shared)
+    """Single runs whose configs differ only in their seed or loss coefficients share one
+    compiled train step (helpers.py): the step takes the seed's keys and state and the
+    coefficients as arguments, so sharing it changes no number."""
+    with shared_train_steps(_config_but_seed_and_coefficients):
         yield
 
 

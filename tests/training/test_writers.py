@@ -10,10 +10,10 @@ import types
 import pytest
 
 import spdjax
+from helpers import shared_train_steps
 from spdjax.config import files as configs
 from spdjax.training import loop
 from spdjax.training.progress import log_to
-from spdjax.training.workdir import config_dict
 
 
 def tms_config(**overrides):
@@ -28,21 +28,8 @@ def run(config, workdir, **kw):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_step_per_config():
-    """Runs of one config share one jitted train step, as one process running them in turn
-    would: each build is a fresh XLA compile that the persistent cache cannot serve (checkify
-    numbers the checks it traces process-wide), and the step takes the run's state, target and
-    keys as arguments, so sharing it changes no number."""
-    build, steps = loop.build_step, {}
-
-    def shared(run, **kwargs):
-        key = (json.dumps(config_dict(run.config), sort_keys=True),
-               tuple(sorted(kwargs.items())))
-        if key not in steps:
-            steps[key] = build(run, **kwargs)
-        return steps[key]
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(loop, "build_step", shared)
+    """Runs of one config (every field) share one compiled train step (helpers.py)."""
+    with shared_train_steps():
         yield
 
 
