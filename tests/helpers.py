@@ -4,6 +4,8 @@ finished in one call and the environment of a CLI child process."""
 import contextlib
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -142,3 +144,38 @@ def shared_train_steps(key=config_key):
     with pytest.MonkeyPatch.context() as m:
         m.setattr(loop, "build_step", shared)
         yield
+
+
+# The child of cli_cases: each argument list through the entry's run(), between markers.
+_CASES_CHILD = """
+import importlib, json, sys
+from absl import flags
+entry, prog = importlib.import_module(sys.argv[1]), sys.argv[2]
+for argv in json.loads(sys.argv[3]):
+    flags.FLAGS.unparse_flags()
+    sys.argv = [prog, *argv]
+    for stream in (sys.stdout, sys.stderr):
+        print("@@case", file=stream, flush=True)
+    try:
+        entry.run()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    print(f"@@exit {code}", flush=True)
+"""
+
+
+def cli_cases(module: str, prog: str, argvs, *, cwd, timeout=300):
+    """Each argument list run through console entry ``module.run()`` in ONE child process
+    (importing spdjax is most of a case's time): ``(completed process, [(exit code, stdout,
+    stderr) per case])``. A case that ends the process itself (``os._exit``, as a run's errors
+    do) gets exit code None and must be the last; the process's exit code is then its own."""
+    p = subprocess.run([sys.executable, "-c", _CASES_CHILD, module, prog, json.dumps(argvs)],
+                       cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    outs, errs = p.stdout.split("@@case\n")[1:], p.stderr.split("@@case\n")[1:]
+    assert len(outs) == len(errs) == len(argvs), (p.stdout[-2000:], p.stderr[-2000:])
+    results = []
+    for out, err in zip(outs, errs):
+        body, sep, code = out.rpartition("@@exit ")
+        results.append((int(code) if sep else None, body if sep else out, err))
+    return p, results

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import spdjax
-from helpers import finish, shared_train_steps
+from helpers import cli_cases, finish, shared_train_steps
 from spdjax.training import targets as target_training
 from spdjax.families.tms import cache as tms_cache
 from spdjax.families.tms import evaluation as tms_evaluation
@@ -210,41 +210,16 @@ def test_every_config_field_is_validated_before_any_work(override, message):
         spdjax.config.runs.validate(small(**override))
 
 
-# The cases in one process (importing spdjax is most of a case's time): each runs the console
-# entry (``python -m spdjax.main``'s run()) with its arguments, between markers, and prints the
-# exit code it raised; a case ending the process itself (os._exit, as a run's errors do) is the
-# last, its exit code the process's.
-_CLI_CASES = """
-import json, sys
-from absl import flags
-from spdjax.main import run
-for argv in json.loads(sys.argv[1]):
-    flags.FLAGS.unparse_flags()
-    sys.argv = ["spdjax", *argv]
-    for stream in (sys.stdout, sys.stderr):
-        print("@@case", file=stream, flush=True)
-    try:
-        run()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    print(f"@@exit {code}", flush=True)
-"""
-
-
 def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cases = ((["--config.stepz=3"], "unknown config field: stepz"),  # flag parsing
              (["--config.losses.foo.coeff=1"], "unknown config field: foo"),
              (["--config.steps=0"], "steps must be an integer >= 1"))  # the run's validation
     argvs = [["--config=configs/tms.py", f"--workdir={tmp_path / 'x'}", *extra]
              for extra, _ in cases]
-    p = subprocess.run([sys.executable, "-c", _CLI_CASES, json.dumps(argvs)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
-    outs, errs = p.stdout.split("@@case\n")[1:], p.stderr.split("@@case\n")[1:]
-    assert len(outs) == len(errs) == len(cases), (p.stdout, p.stderr)
-    codes = [int(m.group(1)) if (m := re.search(r"@@exit (\d+)", out)) else None
-             for out in outs]
+    # one child process; steps=0 ends it (os._exit(2), as a run's errors do): its code is the
+    # process's
+    p, results = cli_cases("spdjax.main", "spdjax", argvs, cwd=ROOT, timeout=120)
+    codes, errs = [code for code, _, _ in results], [err for _, _, err in results]
     assert codes == [2, 2, None] and p.returncode == 2, (codes, p.returncode, p.stderr)
     for (_, expected), err in zip(cases, errs):
         assert err.strip() == err.strip().splitlines()[0]  # one line

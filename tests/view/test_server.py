@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import socket
-import subprocess
 import sys
 import types
 import urllib.error
@@ -15,7 +14,7 @@ import pytest
 
 from spdjax.view import data, errors, export, notebook, pages, server
 
-from helpers import cli_env
+from helpers import cli_cases
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -160,38 +159,10 @@ def test_export_writes_the_page_and_every_view(view_runs, tmp_path):
         export.export(view_runs["tms"], view_runs["tms"] / "view")
 
 
-# The command line's cases in one process (importing spdjax is most of a case's time): each
-# runs the console entry spdjax.view.__main__.run() with its arguments; its exit code and
-# output are printed between markers.
-_CHILD = """
-import json, sys
-from absl import flags
-from spdjax.view import __main__ as entry
-for argv in json.loads(sys.argv[1]):
-    flags.FLAGS.unparse_flags()
-    sys.argv = ["spdjax-view", *argv]
-    for stream in (sys.stdout, sys.stderr):
-        print("@@case", file=stream, flush=True)
-    try:
-        entry.run()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    print(f"@@exit {code}", flush=True)
-"""
-
-
 def _cli_cases(*cases: list[str]) -> list[tuple[int, str, str]]:
     """``(exit code, stdout, stderr)`` of ``python -m spdjax.view`` with each argument list."""
-    p = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], cwd=ROOT,
-                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    p, results = cli_cases("spdjax.view.__main__", "spdjax-view", cases, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
-    outs, errs = p.stdout.split("@@case\n")[1:], p.stderr.split("@@case\n")[1:]
-    assert len(outs) == len(errs) == len(cases), (p.stdout[-2000:], p.stderr[-2000:])
-    results = []
-    for out, err in zip(outs, errs):
-        body, _, code = out.rpartition("@@exit ")
-        results.append((int(code), body, err))
     return results
 
 
