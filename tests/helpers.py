@@ -126,10 +126,9 @@ def config_key(config) -> str:
 @contextlib.contextmanager
 def shared_train_steps(key=config_key):
     """Runs whose configs give the same ``key`` share one jitted train step, as one process
-    running them in turn would wish: ``setup`` builds an equal step each time, but each build is
-    a fresh XLA compile (~4-5 s of CPU) that the persistent compilation cache cannot serve,
-    because checkify numbers the input checks it traces from a process-wide counter, so no two
-    builds lower to the same program. Every run still goes through ``setup``, ``train`` and its
+    running them in turn would wish: ``setup`` builds an equal step each time, and each build
+    traces and lowers it again before the persistent compilation cache can serve it (about a
+    second of CPU per build). Every run still goes through ``setup``, ``train`` and its
     checkpoints; only the compiled step is reused. The step takes the run's state, target and
     keys (and the loss coefficients, ``Method.hparams``) as arguments, so a ``key`` may leave
     those out."""

@@ -159,6 +159,15 @@ def test_bad_token_ids_are_refused_eagerly_and_under_jit(tokens, checked_token_l
     assert np.isfinite(float(loss))
 
 
+def test_a_rebuilt_checked_function_lowers_to_the_same_program(tokens):
+    """Checks are numbered per trace, not per process: a rebuilt train step is the program the
+    persistent compilation cache already holds (the numbers are constants of the program)."""
+    params, ids = tokens[2], jnp.zeros((2, 3), jnp.int32)
+    texts = {jax.jit(spdjax.losses.checked(_token_loss(*tokens[:2])))
+             .lower(params, ids, jax.random.key(0)).as_text() for _ in range(2)}
+    assert len(texts) == 1
+
+
 def test_a_nan_batch_is_refused_under_jit_and_plain_jit_still_compiles(mlp):
     decomp, target_params, params = mlp
 
