@@ -10,6 +10,7 @@ import pytest
 from benchmarks.reproduce import tms_seed_probe, tms_table1
 import spdjax
 from spdjax.config import files as configs
+from spdjax.config import runs
 
 
 @pytest.mark.slow  # ~8 s; a benchmark script, not the library
@@ -47,6 +48,16 @@ def test_overrides_parse_values_and_reject_unknown_keys():
         configs.apply_overrides(config, configs.parse_assignments(["no_such_key=1"]))
     with pytest.raises(ValueError, match="'init'"):
         configs.parse_assignments(["init"])
+    # a loss term the config lacks is added whole; a bare value for it is refused by name
+    added = configs.apply_overrides(configs.load("tms:5-2"), configs.parse_assignments(
+        ['losses.unmasked_recon={"coeff": 0.5}']))
+    assert added.losses.unmasked_recon.to_dict() == {"coeff": 0.5}
+    runs.validate(added)  # the added term builds
+    with pytest.raises(ValueError, match="no_such_term"):  # the loss registry names a bad one
+        runs.validate(configs.apply_overrides(configs.load("tms:5-2"),
+                                                       {"losses.no_such_term": {"coeff": 1}}))
+    with pytest.raises(ValueError, match="'unmasked_recon' is not a term .* JSON object"):
+        configs.apply_overrides(configs.load("tms:5-2"), {"losses.unmasked_recon": 0.5})
 
 
 def test_table1_refuses_a_changed_recipe_without_a_tag(capsys):

@@ -127,13 +127,23 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     """Sets ``{"a.b": value}`` fields of a locked config; an unknown field or a value of the wrong
     type is a ``ValueError`` naming it. ``target_recipe.<field>`` may name any field of the
     family's target recipe (e.g. TMS ``batch_size``): the family checks it when the target is
-    built."""
+    built. ``losses.<term>`` (and ``eval_losses.<term>``) may add a term the config lacks, its
+    options given whole: ``{"losses.unmasked_recon": {"coeff": 1.0}}``."""
     for key, value in overrides.items():
         head, _, field = key.partition(".")
         if head == "target_recipe" and field and field not in config.target_recipe:
             # an open set: the family's recipe dataclass checks the names (model_config)
             with config.target_recipe.unlocked():
                 config.target_recipe[field] = value
+            continue
+        if head in _WHOLE and field and "." not in field and field not in config[head]:
+            # a term the config lacks: its options whole (the loss registry checks the name)
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{key}={value!r}: {field!r} is not a term of this config's "
+                                 f"{head} ({sorted(config[head].keys())}); to add it, give its "
+                                 f'options as a JSON object, e.g. {key}={{"coeff": 1.0}}.')
+            with config[head].unlocked():
+                config[head][field] = ml_collections.ConfigDict(dict(value))
             continue
         try:
             config.update_from_flattened_dict({key: value})
