@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import numpy as np
 
@@ -349,3 +350,33 @@ def test_apd_vs_spd_resid_tables_and_draws_every_layer(tmp_path, monkeypatch):
     assert "\n| SPD | 4 | 16 | " in md and "\n| APD | 4 | 16 | " in md
     for suffix in ("_contributions.png", "_scrub.png"):
         assert (tmp_path / f"side{suffix}").stat().st_size > 10_000
+
+
+def test_lm_report_tables_the_maskings_suite_and_most_used_subcomponents(finished_runs,
+                                                                          tmp_path, capsys):
+    from benchmarks.reproduce import lm_report
+
+    shutil.copytree(finished_runs["lm"], tmp_path / "run")
+    masked = {"ce_target": 0.5, "ce_unmasked": 0.6, "kl_unmasked": 0.1, "ce_zero": 4.5,
+              "kl_zero": 9.0, "ce_ci_masked": 1.0, "kl_ci_masked": 0.4,
+              "ce_recovered": {"unmasked": 0.975, "ci_masked": 0.875}, "steps": 2}
+    suite = json.loads((finished_runs["tms_vpd"] / "summary.json").read_text())["suite"]
+    capsys.readouterr()  # the fixture's runs' progress
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(dict(masked, suite=suite)))
+    lm_report.main([f"--workdir={tmp_path / 'run'}", "--name=tiny", f"--out={tmp_path}"])
+    text = (tmp_path / "tiny_report.md").read_text()
+    assert text == capsys.readouterr().out
+    assert "| target | 0.5000 | 0 | 100% |" in text
+    # VPD's order, least ablated first; a masking without a CE-recovered value leaves it blank
+    assert text.index("| unmasked | 0.6000 | 0.1000 | 97.5% |") < text.index(
+        "| ci_masked | 1.0000 | 0.4000 | 87.5% |") < text.index("| zero | 4.5000 | 9.0000 |  |")
+    ladder = sorted(suite["pgd"], key=int)
+    assert f"| PGD steps (sources shared across the batch) | {' | '.join(ladder)} |" in text
+    for site, l0 in suite["l0"].items():
+        assert f"| {site} | {l0:.2f} | {suite['alive_mean_ci'][site]} |" in text
+    # the harvest's most used subcomponents of each layer, with contexts around the token
+    assert "**blocks_0**" in text and "**blocks_1**" in text and "[[" in text
+    assert json.loads((tmp_path / "tiny_summary.json").read_text())["ce_target"] == 0.5
+    with pytest.raises(SystemExit):  # an unfinished run is refused by name
+        lm_report.main([f"--workdir={tmp_path / 'nothing'}", "--name=x", f"--out={tmp_path}"])
+    assert "has no summary.json" in capsys.readouterr().err
