@@ -49,6 +49,20 @@ def test_byte_corpus_is_built_once_memory_mapped_and_windowed(tmp_path):
         lm_data.window_batch(tokens[:10], jax.random.key(0), 2, 32)
 
 
+def test_a_corpus_split_first_read_under_jit_is_cached_concrete(tmp_path, monkeypatch):
+    """A sampler jitted before anything read the corpus (a harvest's first batch) caches the
+    split itself, not that trace's tracer: a second trace reads it again."""
+    monkeypatch.setenv("SPDJAX_CACHE", str(tmp_path / "cache"))
+    cfg = dataclasses.replace(lm_model.VARIANTS["bytes"], corpus_bytes=20_000)
+    lm_data.build_corpus(lm_model._corpus_dir(), 20_000)
+    lm_model._corpus_split.cache_clear()
+    first = jax.jit(lambda k: lm_model.sample(cfg, k, 2))(jax.random.key(0))
+    second = jax.jit(lambda k: lm_model.sample(cfg, k, 3))(jax.random.key(0))  # a new trace
+    assert first.shape == (2, cfg.seq_len) and second.shape == (3, cfg.seq_len)
+    assert not isinstance(lm_model.corpus_tokens(cfg, "train"), jax.core.Tracer)
+    lm_model._corpus_split.cache_clear()  # the next test's corpus is its own
+
+
 def test_transformer_target_sites_and_bad_inputs():
     cfg = dataclasses.replace(lm_model.VARIANTS["bytes"], d_model=16, n_heads=2, d_mlp=24)
     target = lm_model.target(cfg)

@@ -231,13 +231,20 @@ def _text_corpus(patterns, vocab_size, corpus_bytes, corpora_dir, seq_len):
 @functools.lru_cache(maxsize=8)
 def _text_split(patterns, vocab_size, corpus_bytes, corpora_dir, seq_len, which) -> Array:
     ids, _, _ = _text_corpus(patterns, vocab_size, corpus_bytes, corpora_dir, seq_len)
-    return jnp.asarray(np.asarray(lm_data.split(ids, which)))
+    return _device_array(lm_data.split(ids, which))
 
 
 @functools.lru_cache(maxsize=4)
 def _corpus_split(corpus_dir: str, corpus_bytes: int, which: str) -> Array:
     tokens, _ = lm_data.load_corpus(corpus_dir, corpus_bytes)
-    return jnp.asarray(np.asarray(lm_data.split(tokens, which)))
+    return _device_array(lm_data.split(tokens, which))
+
+
+def _device_array(x) -> Array:
+    """``x`` on the device, concrete even when the first call comes while tracing (a sampler
+    under ``jax.jit``): the cached split must not be that trace's tracer."""
+    with jax.ensure_compile_time_eval():
+        return jnp.asarray(np.asarray(x))
 
 
 def _corpus_dir():
