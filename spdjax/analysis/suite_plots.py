@@ -77,8 +77,9 @@ def plot_masking_losses(suite: Mapping[str, Any], path, *, dpi: int = 120) -> pa
 def plot_pgd_ladder(suite: Mapping[str, Any], path, *, dpi: int = 120) -> pathlib.Path:
     """The output loss under PGD masks vs the number of PGD steps (log-log), with the
     stochastic and zero-ablation losses for scale."""
-    steps = np.asarray([int(n) for n in suite["pgd"]])
-    values = np.asarray(list(suite["pgd"].values()), float)
+    rungs = sorted(suite["pgd"].items(), key=lambda kv: int(kv[0]))  # JSON sorts "160" < "20"
+    steps = np.asarray([int(n) for n, _ in rungs])
+    values = np.asarray([v for _, v in rungs], float)
     fig = Figure(figsize=(4.5, 3.4), layout="constrained")
     ax = fig.subplots()
     ax.plot(steps, values, "o-", label="PGD")
@@ -86,6 +87,8 @@ def plot_pgd_ladder(suite: Mapping[str, Any], path, *, dpi: int = 120) -> pathli
         if name in suite["loss"]:
             ax.axhline(suite["loss"][name], ls=style, c="gray", lw=0.8, label=name)
     ax.set_xscale("log")
+    ax.set_xticks(steps, [str(n) for n in steps], minor=False)  # the rungs, not 2x10^1 ...
+    ax.set_xticks([], minor=True)
     ax.set_yscale("log")
     ax.set_xlabel("PGD steps")
     ax.set_ylabel(suite["divergence"])

@@ -263,3 +263,18 @@ def test_a_bad_pgd_ladder_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="eval_pgd_ladder must be increasing positive"):
         train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_pgd_ladder_figure_draws_the_rungs_in_order_as_read_back_from_json(monkeypatch):
+    from spdjax.analysis import suite_plots
+
+    figures = []
+    monkeypatch.setattr(suite_plots, "save_figure", lambda fig, path, dpi: figures.append(fig))
+    summary = json.loads(json.dumps({"pgd": {20: 1.0, 40: 2.0, 160: 4.0, 320: 5.0},
+                                     "loss": {"zero": 3.0}, "divergence": "kl"},
+                                    sort_keys=True))  # keys "160" < "20" < "320" < "40"
+    suite_plots.plot_pgd_ladder(summary, "unused.png")
+    ax = figures[0].axes[0]
+    np.testing.assert_array_equal(ax.lines[0].get_xdata(), [20, 40, 160, 320])
+    np.testing.assert_array_equal(ax.lines[0].get_ydata(), [1.0, 2.0, 4.0, 5.0])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["20", "40", "160", "320"]
