@@ -136,9 +136,16 @@ class Harvest:
 
     def token_stats(self, which: str = "input") -> dict[str, np.ndarray]:
         """``{"precision", "recall", "pmi"}``, each ``[C_total, tokens]``, for the ``"input"``
-        or ``"output"`` tokens (module docstring)."""
+        or ``"output"`` tokens (module docstring). Computed once per harvest (a page or summary
+        asks for them per subcomponent: thousands of times ``[C_total, vocab]``)."""
         if which not in ("input", "output"):
             raise ValueError(f"which must be 'input' or 'output'; got {which!r}.")
+        memo = self.__dict__.setdefault("_stats_memo", {})
+        if which not in memo:
+            memo[which] = self._token_stats(which)
+        return memo[which]
+
+    def _token_stats(self, which: str) -> dict[str, np.ndarray]:
         p = "in" if which == "input" else "out"
         joint = self.state[f"{p}_fire"].astype(np.float64)
         tok = self.state[f"{p}_count"].astype(np.float64)

@@ -62,6 +62,8 @@ def test_observe_equals_numpy_on_features():
             f.sum(0)[:, None] * present.sum(0)[None])))
     so = h.token_stats("output")
     np.testing.assert_allclose(so["recall"], joint_out / np.bincount(out, minlength=4)[None])
+    # computed once per harvest: pages and summaries ask for them per subcomponent
+    assert h.token_stats("input") is st and h.token_stats("output") is so
     for c in range(7):  # every kept example is a real firing of that subcomponent
         for e in h.examples(h.names[c]):
             n = e["batch"] * 16 + e["pos"]
