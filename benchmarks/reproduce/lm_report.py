@@ -7,8 +7,9 @@ for the PGD ladder, L0 per layer and alive counts): CE and KL under every maskin
 fraction of CE recovered against zero ablation (Bushnaq et al. 2026, *Interpreting Language
 Model Parameters*, the table of its decomposed LM), the PGD ladder, L0 per layer and per site
 and alive counts. From the run's harvest (``python -m spdjax.harvest --workdir=...``), if there
-is one: per layer, the most used subcomponents (highest firing density), each with the tokens it
-fires on most (share of its firings) and sampled contexts, the firing token in ``[[ ]]``.
+is one: per site (so per layer too), its most used subcomponents (highest firing density), each
+with the tokens it fires on most (share of its firings) and sampled contexts, the firing token in
+``[[ ]]``.
 
 Writes ``benchmarks/results/<name>_report.md`` and copies the summary to
 ``<name>_summary.json``; prints the report.
@@ -28,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # VPD's order: from the least to the most ablated model
 MASKINGS = ("unmasked", "unmasked_delta", "stochastic", "stochastic_delta", "rounded_0",
             "rounded_0.1", "ci_masked", "rounded_0.5", "random", "zero")
-PER_LAYER = 4  # most used subcomponents listed per layer
+PER_SITE = 2  # most used subcomponents listed per site
 CONTEXTS = 3  # sampled contexts shown per subcomponent
 
 
@@ -84,18 +85,20 @@ def _context(e: dict, window: int, decode: Callable[[Sequence[int]], str]) -> st
     return " ".join(text.split())  # one line
 
 
-def most_used(h, decode: Callable[[Sequence[int]], str], per_layer: int = PER_LAYER,
+def most_used(h, decode: Callable[[Sequence[int]], str], per_site: int = PER_SITE,
               contexts: int = CONTEXTS) -> list[str]:
-    """Per layer, its ``per_layer`` densest subcomponents (all sites of the layer together):
-    density, mean CI, the tokens it fires on most (share of its firings) and sampled contexts."""
+    """Per site, its ``per_site`` densest subcomponents: density, mean CI, the tokens each
+    fires on most (share of its firings) and sampled contexts; sites under their layer."""
     out = [f"Harvest: {h.n} tokens, firing at CI > {h.spec.threshold}.", ""]
     precision = h.token_stats("input")["precision"]
-    by_layer: dict[str, list[int]] = {}
-    for i, name in enumerate(h.names):
-        by_layer.setdefault(layer_of(name.rsplit(":", 1)[0]), []).append(i)
-    for layer, idx in by_layer.items():
-        out += [f"**{layer}**", ""]
-        for i in sorted(idx, key=lambda i: -h.density[i])[:per_layer]:
+    layer = None
+    sites = sorted(zip(h.spec.sites, h.spec.sizes), key=lambda s: layer_of(s[0]))  # stable
+    for site, size in sites:
+        if layer_of(site) != layer:
+            layer = layer_of(site)
+            out += [f"**{layer}**", ""]
+        idx = [h.index((site, c)) for c in range(size)]
+        for i in sorted(idx, key=lambda i: -h.density[i])[:per_site]:
             if h.count[i] == 0:
                 break
             top = np.argsort(-precision[i], kind="stable")[:5]
@@ -105,7 +108,7 @@ def most_used(h, decode: Callable[[Sequence[int]], str], per_layer: int = PER_LA
                        f"{h.mean_ci[i]:.3f}; on {tokens}")
             for e in sorted(h.examples(h.names[i]), key=lambda e: -e["ci"])[:contexts]:
                 out.append(f"  - CI {e['ci']:.2f}: `{_context(e, h.spec.window, decode)}`")
-        out.append("")
+    out.append("")
     return out
 
 
