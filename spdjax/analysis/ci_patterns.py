@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from spdjax.analysis.metrics import f64
 
@@ -56,6 +55,9 @@ def permute_to_identity(ci: Any, *, method: str = "auto") -> np.ndarray:
     _check_2d(ci, "permute_to_identity")
     k = min(ci.shape)
     if method == "hungarian" or (method == "auto" and k < HUNGARIAN_MAX):
+        # imported here: scipy.optimize costs every process that imports spdjax 0.5 s
+        from scipy.optimize import linear_sum_assignment
+
         _, assigned = linear_sum_assignment(-ci[:k])  # rows come back in order 0..k-1
     else:
         assigned, used = [], np.zeros(ci.shape[1], dtype=bool)
