@@ -7,6 +7,7 @@ child process (its checkpointer's save raises ``ENOSPC``), never made real.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -18,6 +19,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from helpers import cli_env
@@ -302,6 +304,69 @@ def test_a_target_cache_below_a_file_is_refused_before_training(tmp_path, caplog
         targets.check_cache_dir(tmp_path / "file")
     targets.check_cache_dir(tmp_path / "new" / "dir", create=True)
     assert (tmp_path / "new" / "dir").is_dir()
+
+
+def _toy_trainer(stop_at=None):
+    """A toy target trained with Adam (state to restore); its evaluation after each chunk stops
+    the training at step ``stop_at`` as a Ctrl-C would."""
+    seen = []
+
+    def evaluate(t, f):
+        seen.append(1)
+        if stop_at is not None and len(seen) * 10 == stop_at:
+            raise KeyboardInterrupt
+        return {"w0": t["w"][0]}
+
+    def make_trainer(recipe):
+        return targets.TargetTrainer(
+            init=lambda key: ({"w": jax.random.normal(key, (3,))}, {"b": jnp.ones(3)}),
+            loss=lambda t, f, batch: jnp.sum((t["w"] - batch - f["b"]) ** 2),
+            sample=lambda key: jax.random.normal(key, (3,)),
+            optimizer=optax.adam(0.05), evaluate=evaluate)
+    return make_trainer
+
+
+def test_an_interrupted_target_training_resumes_to_the_uninterrupted_target(tmp_path, monkeypatch,
+                                                                            caplog):
+    monkeypatch.setattr(targets, "PARTIAL_EVERY_S", 0.0)  # keep progress after every chunk
+
+    def train(stop_at=None):
+        def train_fn():
+            params, info = targets.train(_toy_trainer(stop_at), "toy", 40, 0, what="Toy",
+                                         chunk_steps=10)
+            return params, {"losses": info["losses"], "evals": info["evals"]}
+        return train_fn
+
+    whole = targets.load_or_train(str(tmp_path / "whole"), {"a": 1}, "Toy", train())
+    assert not list(tmp_path.glob("whole.partial*"))  # nothing kept once the cache is written
+
+    stem = str(tmp_path / "t")
+    with pytest.raises(KeyboardInterrupt):
+        targets.load_or_train(stem, {"a": 1}, "Toy", train(stop_at=30))
+    assert json.loads(pathlib.Path(stem + ".partial_seed0.json").read_text())["done"] == 20
+    with caplog.at_level(logging.INFO, logger="spdjax"):
+        resumed = targets.load_or_train(stem, {"a": 1}, "Toy", train())
+    assert any("Resuming the Toy target (seed 0) at step 20 of 40" in r.getMessage()
+               for r in caplog.records)
+    jax.tree.map(np.testing.assert_array_equal, resumed, whole)  # bit for bit
+    meta, whole_meta = targets.read_meta(stem), targets.read_meta(str(tmp_path / "whole"))
+    assert meta["losses"] == whole_meta["losses"] and len(meta["evals"]) == 4
+    assert not list(tmp_path.glob("t.partial*"))
+
+    # another recipe's or a damaged partial file is said and ignored: the training starts over
+    for recipe, damage in (({"a": 2}, None), ({"a": 1}, b"PK garbage")):
+        caplog.clear()
+        stem = str(tmp_path / f"u{recipe['a']}")
+        with pytest.raises(KeyboardInterrupt):
+            targets.load_or_train(stem, {"a": 1}, "Toy", train(stop_at=30))
+        if damage:
+            pathlib.Path(stem + ".partial_seed0.npz").write_bytes(damage)
+        with caplog.at_level(logging.INFO, logger="spdjax"):
+            again = targets.load_or_train(stem, recipe, "Toy", train())
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert ("damaged" if damage else "another training's") in said, said
+        assert "Resuming" not in said
+        jax.tree.map(np.testing.assert_array_equal, again, whole)
 
 
 def test_an_empty_lm_corpus_is_refused_before_target_training():

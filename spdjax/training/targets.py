@@ -6,12 +6,18 @@ optimizer); :func:`train` runs it as jitted ``lax.scan`` chunks of ``chunk_steps
 the seed. Trained targets are cached as ``<stem>.npz`` (params) + ``<stem>.json`` (recipe,
 metadata): a cached target is reused only if the recipe in its sidecar equals the one asked for;
 writes are write-then-rename, npz first, so a sidecar on disk always describes a complete npz.
-A cache directory that cannot hold files (below a regular file, read-only) is refused with one
-line before any training (:func:`check_cache_dir`); training reports one progress line per chunk.
+Inside :func:`load_or_train`, :func:`train` also keeps its progress next to the cache file
+(``<stem>.partial_seed<seed>.npz`` / ``.json``: params, optimizer state, step; written after a
+chunk at most every :data:`PARTIAL_EVERY_S` seconds) and a later call resumes from it: an
+interrupted target training loses at most that much work, and the resumed target is the
+uninterrupted one (step ``i``'s batch depends only on ``i``). A cache directory that cannot hold
+files (below a regular file, read-only) is refused with one line before any training
+(:func:`check_cache_dir`); training reports one progress line per chunk.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import json
@@ -141,7 +147,9 @@ def load_or_train(stem: str, recipe: dict, what: str,
                   train_fn: Callable[[], tuple[dict, dict]]) -> dict:
     """The params cached at ``stem`` for ``recipe``, else ``train_fn() -> (params, meta)``, cached.
 
-    ``meta`` is written to the sidecar next to the ``recipe``.
+    ``meta`` is written to the sidecar next to the ``recipe``. Every :func:`train` that
+    ``train_fn`` calls keeps partial progress next to ``stem`` and resumes from it (module
+    docstring).
     """
     check_cache_dir(os.path.dirname(stem) or ".")
     cached = load(stem, recipe, what)
@@ -149,9 +157,74 @@ def load_or_train(stem: str, recipe: dict, what: str,
         return cached
     check_cache_dir(os.path.dirname(stem) or ".", create=True)  # before, not after, training
     log.info("Training the %s target (cached afterwards in %s.npz).", what, stem)
-    params, meta = train_fn()
+    token = _PARTIAL.set((stem, json.loads(json.dumps(recipe))))
+    try:
+        params, meta = train_fn()
+    finally:
+        _PARTIAL.reset(token)
     save(stem, params, {"recipe": recipe, **meta})
+    folder, name = pathlib.Path(stem).parent, pathlib.Path(stem).name
+    for ext in ("npz", "json"):  # every seed's (a checked target tries several); not a .tmp
+        for stale in folder.glob(f"{name}.partial_seed*.{ext}"):  # another process may write
+            stale.unlink(missing_ok=True)
     return params
+
+
+# ------------------------------------------------------------------- partial progress, resumed
+
+PARTIAL_EVERY_S = 60.0  # least seconds between two writes of a training's partial progress
+# (stem, recipe) of the load_or_train call a train() runs inside; None: keep no progress
+_PARTIAL: contextvars.ContextVar[tuple[str, Any] | None] = contextvars.ContextVar(
+    "spdjax_target_partial", default=None)
+
+
+def _partial_stem(seed: int) -> str | None:
+    where = _PARTIAL.get()
+    return None if where is None else f"{where[0]}.partial_seed{seed}"
+
+
+def _save_partial(path: str, state, progress: dict) -> None:
+    """``path.npz`` (the leaves of ``state``: trainable params, optimizer state) then
+    ``path.json`` (the recipe, ``progress``), each written then renamed: a sidecar always
+    describes a complete npz."""
+    arrays = {str(i): np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(state))}
+    with open(path + ".npz.tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(path + ".npz.tmp", path + ".npz")
+    with open(path + ".json.tmp", "w") as f:
+        json.dump({"recipe": _PARTIAL.get()[1], **progress}, f)
+    os.replace(path + ".json.tmp", path + ".json")
+
+
+def _load_partial(path: str, like, expect: dict, what: str):
+    """``(state, progress)``: the state shaped as ``like`` and the progress saved at ``path`` for
+    this recipe and ``expect`` (steps, chunk size), else None; a damaged or other recipe's file
+    is reported and ignored."""
+    if not (os.path.exists(path + ".npz") and os.path.exists(path + ".json")):
+        return None
+    try:
+        with open(path + ".json") as f:
+            progress = json.load(f)
+        if progress.pop("recipe") != _PARTIAL.get()[1] or any(
+                progress.get(k) != v for k, v in expect.items()):
+            log.warning("%s partial target %s.json is another training's; starting over.",
+                        what, path)
+            return None
+        leaves, treedef = jax.tree.flatten(like)
+        with np.load(path + ".npz") as z:
+            if len(z.files) != len(leaves):
+                raise ValueError(f"{len(z.files)} arrays, expected {len(leaves)}")
+            restored = []
+            for i, leaf in enumerate(leaves):
+                if z[str(i)].shape != np.shape(leaf):
+                    raise ValueError(f"array {i} has shape {z[str(i)].shape}, expected "
+                                     f"{np.shape(leaf)}")
+                restored.append(jnp.asarray(z[str(i)], dtype=jnp.asarray(leaf).dtype))
+        return jax.tree.unflatten(treedef, restored), progress
+    except Exception as e:  # noqa: BLE001 - any unreadable partial file is damage
+        log.warning("%s partial target %s is damaged (%s: %s); starting over.", what, path,
+                    type(e).__name__, e)
+        return None
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -219,8 +292,17 @@ def train(make_trainer: Callable[[Hashable], TargetTrainer], recipe: Hashable, s
     trainer, chunk = _chunk(make_trainer, recipe, chunk_steps)
     trainable, frozen = trainer.init(k_init)
     opt_state = trainer.optimizer.init(trainable)
-    losses, evals, done = [], [], 0
-    progress = Progress(steps, label=f"{what} target (seed {seed})")
+    losses, evals, done, before = [], [], 0, 0.0
+    partial, expect = _partial_stem(seed), {"steps": steps, "chunk_steps": chunk_steps}
+    resumed = partial and _load_partial(partial, (trainable, opt_state), expect, what)
+    if resumed:
+        (trainable, opt_state), saved = resumed
+        losses, evals, done, before = (saved["losses"], saved["evals"], saved["done"],
+                                       saved["seconds"])
+        log.info("Resuming the %s target (seed %d) at step %d of %d from %s.npz.", what, seed,
+                 done, steps, partial)
+    progress = Progress(steps, done, label=f"{what} target (seed {seed})")
+    last_save = time.perf_counter()
     while done < steps:
         if steps - done < chunk_steps:  # the remainder compiles once more
             _, chunk = _chunk(make_trainer, recipe, steps - done)
@@ -235,7 +317,12 @@ def train(make_trainer: Callable[[Hashable], TargetTrainer], recipe: Hashable, s
                                            trainer.evaluate(trainable, frozen).items()}})
             log.info("%s target (seed %d): step %d | %s", what, seed, done, " | ".join(
                 f"{k} {v:.4f}" for k, v in evals[-1].items() if k != "step"))
+        if partial and done < steps and time.perf_counter() - last_save >= PARTIAL_EVERY_S:
+            _save_partial(partial, (trainable, opt_state), dict(
+                expect, done=done, losses=losses, evals=evals,
+                seconds=before + time.perf_counter() - t0))
+            last_save = time.perf_counter()
     finish = trainer.finish or (lambda t, f: {**t, **f})
     info = {"seed": seed, "losses": losses, "final_loss": losses[-1],
-            "seconds": time.perf_counter() - t0, "eval_key": k_eval, "evals": evals}
+            "seconds": before + time.perf_counter() - t0, "eval_key": k_eval, "evals": evals}
     return finish(trainable, frozen), info
