@@ -380,3 +380,32 @@ def test_lm_report_tables_the_maskings_suite_and_most_used_subcomponents(finishe
     with pytest.raises(SystemExit):  # an unfinished run is refused by name
         lm_report.main([f"--workdir={tmp_path / 'nothing'}", "--name=x", f"--out={tmp_path}"])
     assert "has no summary.json" in capsys.readouterr().err
+
+
+def test_induction_seeds_table_counts_passes_and_shows_the_worst_site(tmp_path):
+    from benchmarks.reproduce import induction_seeds
+    from spdjax.families.lm import induction
+
+    sites = list(induction.CIRCUIT_POSITION)
+    per_site = {n: 1.0 for n in sites}
+    m = {"sparsity": {"at_induction": per_site, "elsewhere": per_site}, "found": {n: 3
+                                                                                  for n in sites},
+         "kept_accuracy": 0.6, "ablated_accuracy": 0.01, "previous_token_mass": 0.3,
+         "target_previous_token_mass": 0.38, "induction_mass": 0.9, "target_induction_mass": 1.0,
+         "ov_diagonal_fraction": 0.98, "passes": {k: True for k in induction_seeds.SHORT},
+         "all_pass": True}
+    old = {"seed": 0, "steps": 10, "overrides": [], "wall_time_s": 60.0, "induction": m}
+    new = dict(old, seed=1, induction=dict(
+        m, all_pass=False, unmasked_accuracy=1.0,
+        kept_accuracy_one_site={**{n: 1.0 for n in sites}, "blocks_0/attn/k": 0.982}))
+    out = tmp_path / "t"
+    induction_seeds.save(out, "ih@10", old)
+    induction_seeds.save(out, "ih@10", new)
+    induction_seeds.save(out, "ih@10", dict(new, wall_time_s=120.0))  # a rerun replaces its seed
+    text = out.with_suffix(".md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ih@10 |")]
+    assert len(rows) == 2 and "| — | — |" in rows[0]
+    assert "| 0.982 (L0 k) | 1.000 |" in rows[1] and "| 2.0 |" in rows[1]
+    assert "**1 of 2**" in text
+    header = next(line for line in text.splitlines() if line.startswith("| row |"))
+    assert all(line.count("|") == header.count("|") for line in rows)

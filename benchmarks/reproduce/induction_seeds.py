@@ -9,8 +9,10 @@ criteria (docs/guides/language_models.md; spdjax/families/lm/induction.py: the `
 block of ``summary.json``, computed from the checkpoint for runs older than that block). After
 every run its numbers are merged into ``benchmarks/results/induction_seeds.{json,md}``, so a
 session that stops loses nothing. Rows are ``<recipe>`` for the config's steps and
-``<recipe>@<steps>`` for a shortened one. ``--figure=PATH`` draws, for the last seed, layer 0's
-and layer 1's attention on one evaluation sequence: the target's against the found-only model's.
+``<recipe>@<steps>`` for a shortened one. ``--rejudge`` recomputes the criteria of finished runs
+from their last checkpoint (numbers added to the criteria since the run). ``--figure=PATH``
+draws, for the last seed, layer 0's and layer 1's attention on one evaluation sequence: the
+target's against the found-only model's.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ SHORT = {"sparse_at_induction": "a: e", "sparse_elsewhere": "a: else", "keep_fou
          "c: ind", "copying": "c: copy"}
 
 
-def judge(workdir: pathlib.Path, summary: dict, step: int | None = None) -> dict:
-    """The run's ``induction`` block (from its summary, else computed from its checkpoint at
-    ``step``, default the latest)."""
-    if "induction" in summary:
+def judge(workdir: pathlib.Path, summary: dict, step: int | None = None, *,
+          rejudge: bool = False) -> dict:
+    """The run's ``induction`` block (from its summary unless ``rejudge``, else computed from its
+    checkpoint at ``step``, default the latest)."""
+    if "induction" in summary and not rejudge:
         return summary["induction"]
     run = runs.load(workdir, step=step)
     cfg = FAMILIES.get("lm").model_config(run.config)
@@ -53,15 +56,29 @@ def _fmt(d: dict, spec: str = ".1f") -> str:
     return "/".join(f"{d[n]:{spec}}" for n in induction.CIRCUIT_POSITION)
 
 
+def _one_site(m: dict) -> str:
+    """The site whose found set alone keeps the least accuracy, and the accuracy of every site's
+    sum of all subcomponents (runs judged before these numbers: a dash)."""
+    if "kept_accuracy_one_site" not in m:
+        return "— | —"
+    name, acc = min(m["kept_accuracy_one_site"].items(), key=lambda kv: kv[1])
+    layer, _, proj = name.split("/")
+    return f"{acc:.3f} (L{layer[-1]} {proj}) | {m['unmasked_accuracy']:.3f}"
+
+
 def tabulate(table: dict) -> str:
     """The markdown table of every row and seed."""
     sites = "q/k/v/out of layer 0, then of layer 1"
     lines = [f"Per site ({sites}): active subcomponents at e and elsewhere, found subcomponents.",
+             "`keep, worst site alone`: the lowest accuracy keeping one site's found set (the "
+             "other sites the target's); `all summed`: every site the sum of all its "
+             "subcomponents.",
              "",
              "| row | seed | steps | active at e | active elsewhere | found | acc keep / ablate "
+             "| keep, worst site alone | all summed "
              "| prev-token mass (target) | induction mass (target) | OV diagonal | "
              + " | ".join(SHORT.values()) + " | all | minutes |",
-             "|" + "---|" * (12 + len(SHORT))]
+             "|" + "---|" * (14 + len(SHORT))]
     for row, recs in sorted(table.items()):
         for r in sorted(recs, key=lambda r: r["seed"]):
             m = r["induction"]
@@ -70,13 +87,14 @@ def tabulate(table: dict) -> str:
                 f"| {_fmt(m['sparsity']['elsewhere'])} "
                 f"| {_fmt(m['found'], 'd')} "
                 f"| {m['kept_accuracy']:.3f} / {m['ablated_accuracy']:.3f} "
+                f"| {_one_site(m)} "
                 f"| {m['previous_token_mass']:.2f} ({m['target_previous_token_mass']:.2f}) "
                 f"| {m['induction_mass']:.2f} ({m['target_induction_mass']:.2f}) "
                 f"| {m['ov_diagonal_fraction']:.2f} | "
                 + " | ".join("yes" if m["passes"][k] else "no" for k in SHORT)
                 + f" | {'**yes**' if m['all_pass'] else 'no'} | {r['wall_time_s'] / 60:.1f} |")
         n = sum(r["induction"]["all_pass"] for r in recs)
-        lines.append(f"| **{row}** | | | | | | | | | | {' | ' * len(SHORT)}**{n} of "
+        lines.append(f"| **{row}** | | | | | | | | | | | | {' | ' * len(SHORT)}**{n} of "
                      f"{len(recs)}** | |")
     return "\n".join(lines) + "\n"
 
@@ -131,6 +149,8 @@ def main(argv=None):
     parser.add_argument("--root", default=str(ROOT / "workdir" / "induction_seeds"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "induction_seeds"))
     parser.add_argument("--figure", default="", help="attention figure of the last seed")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="recompute the criteria of finished runs from their checkpoints")
     args = parser.parse_args(argv)
     overrides = configs.parse_assignments(list(args.set))
     if args.steps is not None:
@@ -145,7 +165,8 @@ def main(argv=None):
         summary = json.loads(done.read_text()) if done.exists() else runs.train_and_evaluate(
             config, workdir)
         record = {"seed": seed, "steps": summary["steps"], "overrides": args.set,
-                  "wall_time_s": summary["wall_time_s"], "induction": judge(workdir, summary)}
+                  "wall_time_s": summary["wall_time_s"],
+                  "induction": judge(workdir, summary, rejudge=args.rejudge)}
         save(pathlib.Path(args.out), row, record)
         print(f"induction {row} seed {seed}: all_pass {record['induction']['all_pass']} "
               f"{record['induction']['passes']}", flush=True)

@@ -127,7 +127,8 @@ def test_exact_decomposition_with_everything_found_is_the_target(target_and_batc
     m = jax.jit(lambda: induction.measure_ci(d, p, params, CFG, ids, labels, ones))()
     m = jax.tree.map(float, m)
     assert m["found"] == {n: 8.0 for n in SITES}
-    assert m["kept_accuracy"] == m["target_accuracy"]
+    assert m["kept_accuracy"] == m["unmasked_accuracy"] == m["target_accuracy"]
+    assert m["kept_accuracy_one_site"] == {n: m["target_accuracy"] for n in SITES}
     assert m["previous_token_mass"] == pytest.approx(m["target_previous_token_mass"], abs=1e-6)
     assert m["induction_mass"] == pytest.approx(m["target_induction_mass"], abs=1e-6)
     assert m["ov_diagonal_fraction"] == m["target_ov_diagonal_fraction"]
@@ -135,6 +136,22 @@ def test_exact_decomposition_with_everything_found_is_the_target(target_and_batc
     v = induction.verdicts(m)
     assert v["sparse_at_induction"] and not v["sparse_elsewhere"]  # 8 <= 8 at e; 8 > 1 off it
     assert v["keep_found"] == (m["target_accuracy"] >= 0.95)
+
+
+def test_kept_accuracy_per_site_names_the_site_whose_found_set_falls_short(target_and_batch,
+                                                                            exact):
+    # labels: the target's own answers (accuracy 1); nothing found at layer 1's out projection
+    params, ids, _ = target_and_batch
+    d, p = exact
+    labels = jnp.argmax(induction.forward(params, CFG, ids)[0][:, -1], -1)
+    ci = {n: jnp.full((32, 16, CFG.d_model), 0.0 if n == "blocks_1/attn/out" else 1.0)
+          for n in SITES}
+    m = jax.tree.map(float, jax.jit(lambda: induction.measure_ci(d, p, params, CFG, ids, labels,
+                                                                 ci))())
+    assert m["target_accuracy"] == m["unmasked_accuracy"] == 1.0
+    one = m["kept_accuracy_one_site"]
+    assert one.pop("blocks_1/attn/out") == m["kept_accuracy"] < 0.9
+    assert one == {n: 1.0 for n in SITES if n != "blocks_1/attn/out"}
 
 
 def test_criteria_end_to_end_and_bad_inputs(target_and_batch, exact):

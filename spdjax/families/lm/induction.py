@@ -9,6 +9,9 @@ and its *found* subcomponents are those with CI above ``tau`` there in at least 
 
 * (a) sparsity: active subcomponents per site at ``e`` and away from ``{s, m, e}``;
 * (b) ablation: induction accuracy keeping only the found subcomponents, and ablating them;
+  Where (b) fails, ``kept_accuracy_one_site`` says which site's found set falls short alone (every
+  other site the target's) and ``unmasked_accuracy`` whether the sum of *all* subcomponents
+  already does (the decomposition not summing to the target);
 * (c) roles: layer 0's attention from ``m`` to ``s`` with found ``q`` / ``k`` only, layer 1's
   attention from ``e`` to ``m`` in the found-only model, and the diagonal dominance of the found
   layer-1 OV circuit ``E W_v W_out U``.
@@ -225,8 +228,13 @@ def measure_ci(decomp, spd_params, target_params, cfg: lm_model.LMConfig, ids: A
                                 {n: ~f for n, f in found.items()})
     qk0 = subnetwork_params(decomp, spd_params, target_params,
                             {n: found[n] for n in ("blocks_0/attn/q", "blocks_0/attn/k")})
+    everything = subnetwork_params(decomp, spd_params, target_params,
+                                   {n: jnp.ones_like(f) for n, f in found.items()})
     target_logits, target_pat = forward(target_params, cfg, ids)
     kept_logits, kept_pat = forward(kept, cfg, ids)
+    one_site = {n: accuracy(forward(subnetwork_params(decomp, spd_params, target_params,
+                                                      {n: f}), cfg, ids)[0], labels)
+                for n, f in found.items()}
     ablated_logits, _ = forward(ablated, cfg, ids)
     _, qk0_pat = forward(qk0, cfg, ids)
     return {
@@ -235,6 +243,8 @@ def measure_ci(decomp, spd_params, target_params, cfg: lm_model.LMConfig, ids: A
         "sparsity": sparsity(ci, ids, cfg, tau=tau),
         "target_accuracy": accuracy(target_logits, labels),
         "kept_accuracy": accuracy(kept_logits, labels),
+        "kept_accuracy_one_site": one_site,
+        "unmasked_accuracy": accuracy(forward(everything, cfg, ids)[0], labels),
         "ablated_accuracy": accuracy(ablated_logits, labels),
         "previous_token_mass": attention_mass(qk0_pat[0], pos["m"], pos["s"]),
         "target_previous_token_mass": attention_mass(target_pat[0], pos["m"], pos["s"]),
