@@ -409,3 +409,33 @@ def test_induction_seeds_table_counts_passes_and_shows_the_worst_site(tmp_path):
     assert "**1 of 2**" in text
     header = next(line for line in text.splitlines() if line.startswith("| row |"))
     assert all(line.count("|") == header.count("|") for line in rows)
+
+
+def test_induction_ov_rank_counts_the_fewest_singular_pieces():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.reproduce import induction_ov_rank as ov
+    from spdjax.families.lm import induction
+    from spdjax.families.lm import model as lm_model
+
+    cfg = lm_model.LMConfig("induction", 12, 16, 8, 1, 2, prefix_window=10)
+    params = lm_model.init_params(jax.random.key(0), cfg)
+    ids, _ = lm_model.induction(cfg, jax.random.key(1), 16)
+    labels = np.asarray(jnp.argmax(induction.forward(params, cfg, ids)[0][:, -1], -1))
+    n = ov.pieces_needed(params, cfg, ids, labels, kl_max=0.05)
+    # independently, per sequence: the pieces by effect, the smallest k that works, k - 1 not
+    rest, a = (np.asarray(t, np.float64) for t in ov.head_inputs(params, cfg, ids))
+    w_out = np.asarray(params["blocks_1"]["attn"]["out"]["kernel"], np.float64)
+    w_u = np.asarray(params["unembed"]["kernel"], np.float64)
+    p, s, qt = np.linalg.svd(w_out)
+    for b in range(16):
+        parts = [s[j] * (a[b] @ p[:, j]) * qt[j] for j in range(len(s))]
+        parts.sort(key=lambda v: -np.linalg.norm(v @ w_u))
+        logits = [(rest[b] + sum(parts[:k], np.zeros(cfg.d_model))) @ w_u
+                  for k in range(len(s) + 1)]
+        lp = [lg - np.logaddexp.reduce(lg) for lg in logits]
+        kl = [float(np.sum(np.exp(lp[-1]) * (lp[-1] - x))) for x in lp]
+        assert n["answer"][b] == min(k for k, lg in enumerate(logits) if lg.argmax() == labels[b])
+        assert n["kl"][b] == min(k for k, v in enumerate(kl) if v < 0.05)
+    np.testing.assert_allclose(n["singular_values"], s)
