@@ -396,7 +396,7 @@ def test_induction_seeds_table_counts_passes_and_shows_the_worst_site(tmp_path):
          "all_pass": True}
     old = {"seed": 0, "steps": 10, "overrides": [], "wall_time_s": 60.0, "induction": m}
     new = dict(old, seed=1, induction=dict(
-        m, all_pass=False, unmasked_accuracy=1.0,
+        m, all_pass=False, unmasked_accuracy=1.0, kept_ci_masked_accuracy=0.995,
         kept_accuracy_one_site={**{n: 1.0 for n in sites}, "blocks_0/attn/k": 0.982}))
     out = tmp_path / "t"
     induction_seeds.save(out, "ih@10", old)
@@ -404,8 +404,8 @@ def test_induction_seeds_table_counts_passes_and_shows_the_worst_site(tmp_path):
     induction_seeds.save(out, "ih@10", dict(new, wall_time_s=120.0))  # a rerun replaces its seed
     text = out.with_suffix(".md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ih@10 |")]
-    assert len(rows) == 2 and "| — | — |" in rows[0]
-    assert "| 0.982 (L0 k) | 1.000 |" in rows[1] and "| 2.0 |" in rows[1]
+    assert len(rows) == 2 and "| — | — | — |" in rows[0]
+    assert "| 0.982 (L0 k) | 1.000 | 0.995 |" in rows[1] and "| 2.0 |" in rows[1]
     assert "**1 of 2**" in text
     header = next(line for line in text.splitlines() if line.startswith("| row |"))
     assert all(line.count("|") == header.count("|") for line in rows)

@@ -56,14 +56,20 @@ def _fmt(d: dict, spec: str = ".1f") -> str:
     return "/".join(f"{d[n]:{spec}}" for n in induction.CIRCUIT_POSITION)
 
 
-def _one_site(m: dict) -> str:
-    """The site whose found set alone keeps the least accuracy, and the accuracy of every site's
-    sum of all subcomponents (runs judged before these numbers: a dash)."""
-    if "kept_accuracy_one_site" not in m:
-        return "— | —"
-    name, acc = min(m["kept_accuracy_one_site"].items(), key=lambda kv: kv[1])
-    layer, _, proj = name.split("/")
-    return f"{acc:.3f} (L{layer[-1]} {proj}) | {m['unmasked_accuracy']:.3f}"
+def _diagnostics(m: dict) -> str:
+    """Three cells: the site whose found set alone keeps the least accuracy, the accuracy of every
+    site's sum of all subcomponents, and of the CI-masked model restricted to the found sets
+    (numbers a run was judged without: a dash)."""
+    cells = []
+    if "kept_accuracy_one_site" in m:
+        name, acc = min(m["kept_accuracy_one_site"].items(), key=lambda kv: kv[1])
+        layer, _, proj = name.split("/")
+        cells.append(f"{acc:.3f} (L{layer[-1]} {proj})")
+    else:
+        cells.append("—")
+    for key in ("unmasked_accuracy", "kept_ci_masked_accuracy"):
+        cells.append(f"{m[key]:.3f}" if key in m else "—")
+    return " | ".join(cells)
 
 
 def tabulate(table: dict) -> str:
@@ -72,13 +78,14 @@ def tabulate(table: dict) -> str:
     lines = [f"Per site ({sites}): active subcomponents at e and elsewhere, found subcomponents.",
              "`keep, worst site alone`: the lowest accuracy keeping one site's found set (the "
              "other sites the target's); `all summed`: every site the sum of all its "
-             "subcomponents.",
+             "subcomponents; `keep, CI-masked`: the CI-masked model with every subcomponent "
+             "outside the found sets ablated (reported, not judged).",
              "",
              "| row | seed | steps | active at e | active elsewhere | found | acc keep / ablate "
-             "| keep, worst site alone | all summed "
+             "| keep, worst site alone | all summed | keep, CI-masked "
              "| prev-token mass (target) | induction mass (target) | OV diagonal | "
              + " | ".join(SHORT.values()) + " | all | minutes |",
-             "|" + "---|" * (14 + len(SHORT))]
+             "|" + "---|" * (15 + len(SHORT))]
     for row, recs in sorted(table.items()):
         for r in sorted(recs, key=lambda r: r["seed"]):
             m = r["induction"]
@@ -87,14 +94,14 @@ def tabulate(table: dict) -> str:
                 f"| {_fmt(m['sparsity']['elsewhere'])} "
                 f"| {_fmt(m['found'], 'd')} "
                 f"| {m['kept_accuracy']:.3f} / {m['ablated_accuracy']:.3f} "
-                f"| {_one_site(m)} "
+                f"| {_diagnostics(m)} "
                 f"| {m['previous_token_mass']:.2f} ({m['target_previous_token_mass']:.2f}) "
                 f"| {m['induction_mass']:.2f} ({m['target_induction_mass']:.2f}) "
                 f"| {m['ov_diagonal_fraction']:.2f} | "
                 + " | ".join("yes" if m["passes"][k] else "no" for k in SHORT)
                 + f" | {'**yes**' if m['all_pass'] else 'no'} | {r['wall_time_s'] / 60:.1f} |")
         n = sum(r["induction"]["all_pass"] for r in recs)
-        lines.append(f"| **{row}** | | | | | | | | | | | | {' | ' * len(SHORT)}**{n} of "
+        lines.append(f"| **{row}** | | | | | | | | | | | | | {' | ' * len(SHORT)}**{n} of "
                      f"{len(recs)}** | |")
     return "\n".join(lines) + "\n"
 

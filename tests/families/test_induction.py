@@ -128,6 +128,7 @@ def test_exact_decomposition_with_everything_found_is_the_target(target_and_batc
     m = jax.tree.map(float, m)
     assert m["found"] == {n: 8.0 for n in SITES}
     assert m["kept_accuracy"] == m["unmasked_accuracy"] == m["target_accuracy"]
+    assert m["kept_ci_masked_accuracy"] == m["target_accuracy"]
     assert m["kept_accuracy_one_site"] == {n: m["target_accuracy"] for n in SITES}
     assert m["previous_token_mass"] == pytest.approx(m["target_previous_token_mass"], abs=1e-6)
     assert m["induction_mass"] == pytest.approx(m["target_induction_mass"], abs=1e-6)
@@ -151,6 +152,8 @@ def test_kept_accuracy_per_site_names_the_site_whose_found_set_falls_short(targe
     assert m["target_accuracy"] == m["unmasked_accuracy"] == 1.0
     one = m["kept_accuracy_one_site"]
     assert one.pop("blocks_1/attn/out") == m["kept_accuracy"] < 0.9
+    # CI 1 at every found subcomponent: masking by CI is keeping the found sets
+    assert m["kept_ci_masked_accuracy"] == m["kept_accuracy"]
     assert one == {n: 1.0 for n in SITES if n != "blocks_1/attn/out"}
 
 

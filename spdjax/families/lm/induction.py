@@ -11,7 +11,10 @@ and its *found* subcomponents are those with CI above ``tau`` there in at least 
 * (b) ablation: induction accuracy keeping only the found subcomponents, and ablating them;
   Where (b) fails, ``kept_accuracy_one_site`` says which site's found set falls short alone (every
   other site the target's) and ``unmasked_accuracy`` whether the sum of *all* subcomponents
-  already does (the decomposition not summing to the target);
+  already does (the decomposition not summing to the target); ``kept_ci_masked_accuracy`` is
+  the softer reading of "ablating all others": the CI-masked model with every subcomponent
+  outside the found sets ablated at every position (the found ones at their CI, per position);
+  it is reported, not judged;
 * (c) roles: layer 0's attention from ``m`` to ``s`` with found ``q`` / ``k`` only, layer 1's
   attention from ``e`` to ``m`` in the found-only model, and the diagonal dominance of the found
   layer-1 OV circuit ``E W_v W_out U``.
@@ -230,6 +233,8 @@ def measure_ci(decomp, spd_params, target_params, cfg: lm_model.LMConfig, ids: A
                             {n: found[n] for n in ("blocks_0/attn/q", "blocks_0/attn/k")})
     everything = subnetwork_params(decomp, spd_params, target_params,
                                    {n: jnp.ones_like(f) for n, f in found.items()})
+    found_masks = {n: c * found[n].astype(c.dtype) if n in found else c for n, c in ci.items()}
+    found_ci_logits = decomp.forward(target_params, spd_params, ids, found_masks)
     target_logits, target_pat = forward(target_params, cfg, ids)
     kept_logits, kept_pat = forward(kept, cfg, ids)
     one_site = {n: accuracy(forward(subnetwork_params(decomp, spd_params, target_params,
@@ -244,6 +249,7 @@ def measure_ci(decomp, spd_params, target_params, cfg: lm_model.LMConfig, ids: A
         "target_accuracy": accuracy(target_logits, labels),
         "kept_accuracy": accuracy(kept_logits, labels),
         "kept_accuracy_one_site": one_site,
+        "kept_ci_masked_accuracy": accuracy(found_ci_logits, labels),
         "unmasked_accuracy": accuracy(forward(everything, cfg, ids)[0], labels),
         "ablated_accuracy": accuracy(ablated_logits, labels),
         "previous_token_mass": attention_mass(qk0_pat[0], pos["m"], pos["s"]),
