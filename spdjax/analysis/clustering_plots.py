@@ -8,12 +8,11 @@ from __future__ import annotations
 import pathlib
 
 import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from spdjax.analysis.clustering import Clustering  # noqa: E402
+from spdjax.analysis.clustering import Clustering
 
 
 def jaccard(cooc: np.ndarray) -> np.ndarray:
@@ -28,8 +27,9 @@ def jaccard(cooc: np.ndarray) -> np.ndarray:
 
 def plot_clustering(result: Clustering, path, *, title: str = "") -> pathlib.Path:
     """Writes the 2 x 2 figure to ``path`` (PNG) and returns it."""
-    fig, ax = plt.subplots(2, 2, figsize=(12, 10))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(12, 10))
+    ax = fig.subplots(2, 2)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for n, (seed, h) in enumerate(result.histories.items()):
         t = h.resolve(result.iteration)
         col = colors[n % len(colors)]
@@ -75,8 +75,8 @@ def plot_clustering(result: Clustering, path, *, title: str = "") -> pathlib.Pat
         for g in dict.fromkeys(lab[order]):  # clusters in display order
             n = int(sizes[g])
             if n > 1:
-                a.add_patch(plt.Rectangle((start - 0.5, start - 0.5), n, n, fill=False,
-                                          ec="r", lw=0.8))
+                a.add_patch(Rectangle((start - 0.5, start - 0.5), n, n, fill=False,
+                                      ec="r", lw=0.8))
             start += n
         a.set(title=f"seed {seed}: co-activation of the {len(live)} live subcomponents,\n"
                     "ordered by cluster, largest first (red boxes: clusters of 2 or more)",
@@ -89,5 +89,4 @@ def plot_clustering(result: Clustering, path, *, title: str = "") -> pathlib.Pat
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -7,13 +7,10 @@ from __future__ import annotations
 import pathlib
 from typing import Sequence
 
-import matplotlib
+from matplotlib.figure import Figure
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from spdjax.analysis.graphs import COMPONENT, INPUT, OUTPUT, Graph  # noqa: E402
+from spdjax.analysis.graphs import COMPONENT, INPUT, OUTPUT, Graph
 
 SPREAD = 0.7  # the width of one position's column the nodes of one row share
 
@@ -45,7 +42,8 @@ def plot_graph(graph: Graph, path, *, site_order: Sequence[str] | None = None,
     xy = node_xy(graph, site_order)
     positions = sorted({n.position for n in graph.nodes})
     T = max(positions) + 1 if positions else 1
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * T + 2.5), 1.0 + 0.55 * (len(site_order) + 2)))
+    fig = Figure(figsize=(max(6.0, 0.8 * T + 2.5), 1.0 + 0.55 * (len(site_order) + 2)))
+    ax = fig.subplots()
     w = np.abs(graph.weights)
     top = w.max() if len(w) else 1.0
     for e in np.argsort(w):  # strongest drawn last, on top
@@ -79,5 +77,4 @@ def plot_graph(graph: Graph, path, *, site_order: Sequence[str] | None = None,
     fig.tight_layout()
     path = pathlib.Path(path)
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return path

@@ -16,15 +16,12 @@ import pathlib
 from typing import Callable, Sequence
 
 import jax
-import matplotlib
+from matplotlib.figure import Figure
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from spdjax.families.lm import evaluation, harvest_page  # noqa: E402
-from spdjax.families.lm import model as lm_model  # noqa: E402
-from spdjax.losses import make_context  # noqa: E402
+from spdjax.families.lm import evaluation, harvest_page
+from spdjax.families.lm import model as lm_model
+from spdjax.losses import make_context
 
 TOP = 8  # subcomponents per site in the figures / report
 CONTEXTS = 6  # contexts per subcomponent in the report
@@ -66,7 +63,8 @@ def plot_ci_l0(ci: dict, cfg, path) -> pathlib.Path:
     """Bar chart of active subcomponents per token (CI above the L0 threshold) per site; the
     induction toy splits the induction position from the others. Returns ``path``."""
     names = list(ci)
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 3.5))
+    fig = Figure(figsize=(max(6, 0.7 * len(names)), 3.5))
+    ax = fig.subplots()
     x = np.arange(len(names))
     t = evaluation.L0_THRESHOLD
     if cfg.data == "induction":
@@ -82,7 +80,6 @@ def plot_ci_l0(ci: dict, cfg, path) -> pathlib.Path:
     ax.set_title("CI-L0 per site")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -92,7 +89,8 @@ def plot_induction_ci(ci: dict, path) -> pathlib.Path:
     names = list(ci)
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 2.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, name in zip(axes.flat, names):
         at = ci[name][:, -1].mean(0)
         other = ci[name][:, :-1].mean((0, 1))
@@ -110,7 +108,6 @@ def plot_induction_ci(ci: dict, path) -> pathlib.Path:
     fig.supxlabel("subcomponent")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -119,9 +116,9 @@ def plot_ci_per_token(ci: dict, tokens: list[str], path=None, *, top: int = TOP)
     subcomponents with the largest CI anywhere, over the positions labelled by ``tokens``.
     Saved to ``path`` if given; returns the figure."""
     names = list(ci)
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, 0.18 * len(tokens)), 1.1 * len(names)
-                                                     + 0.4 * top * len(names) / 4),
-                             squeeze=False)
+    fig = Figure(figsize=(max(6, 0.18 * len(tokens)), 1.1 * len(names)
+                          + 0.4 * top * len(names) / 4))
+    axes = fig.subplots(len(names), 1, squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         c = np.asarray(ci[name])
         order = np.argsort(-c.max(0))[:top]
