@@ -439,3 +439,25 @@ def test_induction_ov_rank_counts_the_fewest_singular_pieces():
         assert n["answer"][b] == min(k for k, lg in enumerate(logits) if lg.argmax() == labels[b])
         assert n["kl"][b] == min(k for k, v in enumerate(kl) if v < 0.05)
     np.testing.assert_allclose(n["singular_values"], s)
+
+
+def test_compile_share_sums_the_compile_events_of_each_process(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import compile_share
+
+    totals = compile_share.Totals()
+    jax.monitoring.register_event_duration_secs_listener(totals.listener)
+    try:
+        jax.jit(lambda x: jnp.sin(x) * 3.0 + x.sum())(jnp.arange(7.0)).block_until_ready()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(totals.listener)
+    assert totals.seconds["backend compile"] > 0 and totals.seconds["tracing"] > 0
+    totals.write(tmp_path)
+    (tmp_path / "compile_1.json").write_text(json.dumps({"process_cpu_s": 2.0, "tracing": 1.0}))
+    out = compile_share.summarize(tmp_path)
+    assert out["processes"] == 2
+    assert out["tracing"] == round(1.0 + totals.seconds["tracing"], 1)
+    with pytest.raises(SystemExit, match="No compile_"):
+        compile_share.summarize(tmp_path / "empty")
