@@ -20,6 +20,7 @@ from spdjax.core.target import Mapped
 Array = jax.Array
 INPUT, COMPONENT, OUTPUT = "input", "component", "output"
 MASKINGS = ("ci", "ones")
+ATTRIBUTIONS = ("gradient", "integrated")
 Progress = Callable[[str], None]
 
 
@@ -185,14 +186,21 @@ def _component_flat(lay: _Layout, site: str, pos: int, c: int) -> int:
     return lay.offsets[site] + (c if len(shape) == 2 else pos * shape[-1] + c)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _edge_rows(decomposition, embeds: tuple[str, ...], delta: bool, params, target_params,
-               batch, leaves, idx: Array) -> Array:
+def ig_alphas(steps: int) -> np.ndarray:
+    """The ``steps`` midpoints ``(k + 1/2) / steps`` of ``[0, 1]`` at which integrated gradients
+    evaluates the gradient (the midpoint rule: error ``O(1 / steps^2)`` for a smooth path)."""
+    return (np.arange(steps) + 0.5) / steps
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _edge_rows(decomposition, embeds: tuple[str, ...], delta: bool, steps: int, params,
+               target_params, batch, leaves, idx: Array) -> Array:
     """``[len(idx), S + 1]``: per target row ``idx[r]`` of the flat target vector
     (:class:`_Layout`), ``d target / d source x source`` for every entry of the flat source
     vector (``S``: the components' ``b`` at every position, then the input attributions; the
     last entry 0, for a source without a leaf). One VJP of the leaf forward, vmapped over
-    one-hot cotangents.
+    one-hot cotangents. ``steps`` > 0: integrated gradients instead, the gradient averaged
+    over the leaves scaled by :func:`ig_alphas` (one VJP per step, in a ``lax.scan``).
 
     Compiled once per decomposition, embedding sites, ``delta`` and shapes: the prompt, the
     parameters and the leaves are arguments, so a new prompt of a length already seen (whatever
@@ -215,18 +223,28 @@ def _edge_rows(decomposition, embeds: tuple[str, ...], delta: bool, params, targ
             parts.append(sum(jnp.sum(v, axis=-1) for v in inp.values()).reshape(-1))
         return jnp.concatenate(parts + [jnp.zeros((1,), jnp.float32)])  # [-1]: no leaf
 
-    y, vjp = jax.vjp(flat_f, leaves)
+    def grads(lv):  # d target_row / d leaves, per row of idx
+        y, vjp = jax.vjp(flat_f, lv)
+        return jax.vmap(lambda i: vjp(jax.nn.one_hot(i, y.shape[0], dtype=y.dtype))[0])(idx)
 
-    def one(i):
-        (g,) = vjp(jax.nn.one_hot(i, y.shape[0], dtype=y.dtype))
-        return flat_sources(g, leaves)
+    if steps == 0:
+        g = grads(leaves)
+    else:
+        def step(acc, alpha):
+            g = grads(jax.tree.map(lambda v: alpha * v, leaves))
+            return jax.tree.map(jnp.add, acc, g), None
 
-    return jax.vmap(one)(idx)
+        zero = jax.eval_shape(grads, leaves)
+        acc0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
+        g, _ = jax.lax.scan(step, acc0, jnp.asarray(ig_alphas(steps), jnp.float32))
+        g = jax.tree.map(lambda a: a / steps, g)
+    return jax.vmap(flat_sources, in_axes=(0, None))(g, leaves)
 
 
 def compute_graph(decomposition, params, target_params, batch, *,
                   positions: Sequence[int] | None = None, threshold: float = 0.1, top_k: int = 5,
                   masking: str = "ci", delta: bool = False, chunk: int = 32,
+                  attribution: str = "gradient", ig_steps: int = 16,
                   ci: Mapping[str, Array] | None = None,
                   decode: Callable[[int], str] | None = None,
                   progress: Progress | None = None) -> Graph:
@@ -238,9 +256,16 @@ def compute_graph(decomposition, params, target_params, batch, *,
     (the unmasked decomposition; with ``delta=True`` the target itself, as the reference's
     app). ``ci``: CI to use instead of the CI function's (``{site: [1, *P, C]}``, e.g. from
     :func:`spdjax.analysis.interventions.optimize_sparse_ci`). ``chunk``: target nodes per
-    vmapped batch of VJPs."""
+    vmapped batch of VJPs. ``attribution``: ``"gradient"`` (gradient x activation at the
+    prompt) or ``"integrated"`` (integrated gradients from all leaves at 0, ``ig_steps``
+    midpoints: sees through a saturated softmax; :mod:`spdjax.analysis.graphs`)."""
     if masking not in MASKINGS:
         raise ValueError(f"Unknown masking {masking!r}; expected one of {MASKINGS}.")
+    if attribution not in ATTRIBUTIONS:
+        raise ValueError(f"Unknown attribution {attribution!r}; expected one of "
+                         f"{ATTRIBUTIONS}.")
+    if not (isinstance(ig_steps, int) and ig_steps > 0):
+        raise ValueError(f"ig_steps must be a positive integer, got {ig_steps!r}.")
     if not (isinstance(chunk, int) and chunk > 0):
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}.")
     if not (isinstance(top_k, int) and top_k > 0):
@@ -306,12 +331,13 @@ def compute_graph(decomposition, params, target_params, batch, *,
     sources = np.asarray(src_flat, np.int32)  # -1: the source vector's last, zero, entry
 
     R = len(target_rows)
+    steps = ig_steps if attribution == "integrated" else 0
     A = np.zeros((R, len(sources)), np.float32)
     for start in range(0, R, chunk):
         idx = target_rows[start:start + chunk]
         padded = np.pad(idx, (0, chunk - len(idx)), constant_values=idx[0])
-        full = _edge_rows(decomposition, tuple(embeds), delta, params, target_params, batch,
-                          leaves, jnp.asarray(padded))
+        full = _edge_rows(decomposition, tuple(embeds), delta, steps, params, target_params,
+                          batch, leaves, jnp.asarray(padded))
         A[start:start + len(idx)] = np.asarray(full)[:len(idx), sources]
         if progress is not None:
             progress(f"edges: {min(start + chunk, R)}/{R} target nodes")
@@ -324,4 +350,5 @@ def compute_graph(decomposition, params, target_params, batch, *,
     return Graph(nodes=nodes, sources=s_idx.astype(int), targets=(t_idx + n_in).astype(int),
                  weights=A[t_idx, s_idx].astype(float), positions=pos,
                  settings={"threshold": threshold, "top_k": top_k, "masking": masking,
-                           "delta": delta, "n_positions": n_pos})
+                           "delta": delta, "n_positions": n_pos, "attribution": attribution,
+                           **({"ig_steps": ig_steps} if steps else {})})

@@ -23,10 +23,23 @@ subcomponents"). Paths through attention are direct: a key or value subcomponent
 ``j`` feeds the out projection's subcomponents at every ``i >= j``. With ``m`` = CI this is VPD's
 ``(∂a_c/∂a_c') a_c' g_c'``. Input edges are ``sum (∂a_t/∂e) e`` over the embedding ``e``.
 
+Integrated gradients (``attribution="integrated"``; Sundararajan et al. 2017, "Axiomatic
+Attribution for Deep Networks"). Gradient x activation is a first-order estimate at the prompt:
+where attention is saturated (a softmax weight near 1) the gradient through the pattern is ~0,
+and the query and key subcomponents that *choose* the attended position get no edges, though
+ablating them changes the output (an induction head's QK). Integrated gradients takes the same
+leaves and averages the gradient along the straight path from every leaf at 0 (no subcomponent,
+no token embedding; biases and positional embeddings stay) to the prompt's leaves,
+``w(s -> t) = b_s mean_k ∂a_t/∂b_s (alpha_k b)`` at ``ig_steps`` midpoints ``alpha_k``: the
+edges into ``t`` from *all* sources sum to ``a_t(b) - a_t(0)`` (completeness, exact up to the
+midpoint rule's ``O(1 / ig_steps^2)``), and a path that passes through an unsaturated pattern on
+the way gets its share. It costs ``ig_steps`` times gradient x activation.
+
 Cost. One forward and ``R`` backward passes (one VJP per target node, ``jax.vmap`` over
 ``chunk`` one-hot cotangents at a time), ``R`` = component nodes + output nodes: time
-``O(R x forward)``, memory ``O(chunk x (T sum_s C_s + T V))`` on top of one forward
-(benchmarks/README.md, "Attribution graphs").
+``O(R x forward)`` (``ig_steps`` times that, integrated), memory
+``O(chunk x (T sum_s C_s + T V))`` on top of one forward (benchmarks/README.md, "Attribution
+graphs").
 
 Pruning (:func:`~spdjax.analysis.graph_prune.prune`) follows circuit-tracing practice
 (Ameisen et al. 2025, "Circuit Tracing", graph pruning): rows of ``|A|`` normalised to sum 1,
@@ -53,7 +66,8 @@ import jax
 
 # Re-exported: the attribution-graph vocabulary, importable from here as the guide shows.
 from spdjax.analysis.graph_compute import (  # noqa: F401
-    COMPONENT, INPUT, MASKINGS, OUTPUT, Graph, Node, Progress, compute_graph, leaf_forward)
+    ATTRIBUTIONS, COMPONENT, INPUT, MASKINGS, OUTPUT, Graph, Node, Progress, compute_graph,
+    leaf_forward)
 from spdjax.analysis.graph_prune import (  # noqa: F401
     EDGE_THRESHOLD, NODE_THRESHOLD, influence, output_weights, prune, strongest_path)
 from spdjax.analysis.graph_validate import adversarial_kl, graph_masks, validate  # noqa: F401
@@ -61,14 +75,16 @@ from spdjax.analysis.graph_validate import adversarial_kl, graph_masks, validate
 
 def build(decomposition, params, target_params, batch, *, positions=None, threshold=0.1,
           top_k=5, masking="ci", delta=False, node_threshold=NODE_THRESHOLD,
-          edge_threshold=EDGE_THRESHOLD, chunk=32, ci=None, decode=None,
+          edge_threshold=EDGE_THRESHOLD, chunk=32, attribution="gradient", ig_steps=16,
+          ci=None, decode=None,
           validation: Mapping[str, Any] | None = None, progress: Progress | None = None) -> Graph:
     """:func:`compute_graph`, :func:`prune` and :func:`validate` (``validation``: its keyword
     options; None: the defaults; ``{"pgd_steps": 0}``: no PGD) in one call; the unpruned
     graph's size is in ``settings["unpruned"]``."""
     full = compute_graph(decomposition, params, target_params, batch, positions=positions,
                          threshold=threshold, top_k=top_k, masking=masking, delta=delta,
-                         chunk=chunk, ci=ci, decode=decode, progress=progress)
+                         chunk=chunk, attribution=attribution, ig_steps=ig_steps, ci=ci,
+                         decode=decode, progress=progress)
     graph = prune(full, node_threshold=node_threshold, edge_threshold=edge_threshold)
     graph.settings["unpruned"] = {"n_nodes": sum(n.kind == COMPONENT for n in full.nodes),
                                   "n_edges": int(len(full.weights))}

@@ -30,6 +30,11 @@ _THRESHOLD = flags.DEFINE_float("threshold", 0.1, "CI above which a subcomponent
 _TOP_K = flags.DEFINE_integer("top_k", 3, "Output nodes per position (most probable tokens).")
 _MASKING = flags.DEFINE_enum("masking", "ci", list(graphs.MASKINGS),
                              "The forward the gradients are taken in: CI masks or all ones.")
+_ATTRIBUTION = flags.DEFINE_enum("attribution", "gradient", list(graphs.ATTRIBUTIONS),
+                                 "Edge weights: gradient x activation at the prompt, or "
+                                 "integrated gradients from every leaf at 0 (sees through "
+                                 "saturated attention; ig_steps times the cost).")
+_IG_STEPS = flags.DEFINE_integer("ig_steps", 16, "Integrated gradients: midpoints on the path.")
 _NODE_THRESHOLD = flags.DEFINE_float("node_threshold", graphs.NODE_THRESHOLD,
                                      "Pruning: share of the influence the kept nodes carry.")
 _EDGE_THRESHOLD = flags.DEFINE_float("edge_threshold", graphs.EDGE_THRESHOLD,
@@ -45,7 +50,8 @@ _NAME = flags.DEFINE_string("name", None, "File name (default: prompt_<hash of t
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/analysis/graphs).")
 # What the graph depends on: the default file name hashes them all.
 _ARGUMENTS = (_WORKDIR, _PROMPT, _POSITION, _THRESHOLD, _TOP_K, _MASKING, _NODE_THRESHOLD,
-              _EDGE_THRESHOLD, _PGD_STEPS, _PGD_STEP_SIZE, _PGD_RESTARTS, _SEED)
+              _EDGE_THRESHOLD, _PGD_STEPS, _PGD_STEP_SIZE, _PGD_RESTARTS, _SEED, _ATTRIBUTION,
+              _IG_STEPS)
 
 
 def _say(line: str) -> None:
@@ -60,7 +66,8 @@ def main(argv):
         graph = graphs.build(
             run.decomposition, run.params, run.target_params, jnp.asarray(batch),
             positions=prompts.positions(_POSITION.value), threshold=_THRESHOLD.value,
-            top_k=_TOP_K.value, masking=_MASKING.value, node_threshold=_NODE_THRESHOLD.value,
+            top_k=_TOP_K.value, masking=_MASKING.value, attribution=_ATTRIBUTION.value,
+            ig_steps=_IG_STEPS.value, node_threshold=_NODE_THRESHOLD.value,
             edge_threshold=_EDGE_THRESHOLD.value, decode=codec.decode, progress=_say,
             validation={"pgd_steps": _PGD_STEPS.value, "pgd_step_size": _PGD_STEP_SIZE.value,
                         "pgd_restarts": _PGD_RESTARTS.value,

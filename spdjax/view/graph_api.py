@@ -46,6 +46,8 @@ GRAPH_KEYS = {
     "positions": "output positions, a list of integers, negative from the end (the last)",
     "top_k": f"output tokens per position, 1..{MAX_TOP_K} (3)",
     "masking": f"the forward the graph is read in, one of {list(graphs.MASKINGS)} ('ci')",
+    "attribution": f"edge weights, one of {list(graphs.ATTRIBUTIONS)} ('gradient'; "
+                   "'integrated' sees through saturated attention, 16 times the cost)",
     "node_threshold": f"pruning: share of the influence kept, in (0, 1] "
                       f"({graphs.NODE_THRESHOLD})",
     "edge_threshold": f"pruning: share of the edge score kept, in (0, 1] "
@@ -268,7 +270,8 @@ def graph_json(run, body: Mapping[str, Any]) -> dict:
     batch, tokens = s.batch(run, body["prompt"])
     options = {"threshold": _number(body, "threshold", 0.1, 0.0, 1.0, hi_open=True),
                "positions": _positions(body, int(batch.shape[1])), "top_k": _top_k(body, 3),
-               "masking": body.get("masking", "ci")}
+               "masking": body.get("masking", "ci"),
+               "attribution": body.get("attribution", "gradient")}
     pruning = {"node_threshold": _number(body, "node_threshold", graphs.NODE_THRESHOLD, 0.0,
                                          1.0, lo_open=True),
                "edge_threshold": _number(body, "edge_threshold", graphs.EDGE_THRESHOLD, 0.0,
@@ -280,6 +283,9 @@ def graph_json(run, body: Mapping[str, Any]) -> dict:
     if options["masking"] not in graphs.MASKINGS:
         raise BadRequest(f"'masking' must be one of {list(graphs.MASKINGS)}, got "
                          f"{options['masking']!r}.")
+    if options["attribution"] not in graphs.ATTRIBUTIONS:
+        raise BadRequest(f"'attribution' must be one of {list(graphs.ATTRIBUTIONS)}, got "
+                         f"{options['attribution']!r}.")
     key = (tuple(np.asarray(batch).reshape(-1).tolist()), repr(sorted(options.items())),
            repr(sorted(pruning.items())))
     with s.lock:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import spdjax
-from spdjax.analysis import graph_plots, graph_prune, graphs as G
+from spdjax.analysis import graph_compute, graph_plots, graph_prune, graphs as G
 from spdjax.cli import prompts
 from spdjax.core.target import Site, from_function, weight_at
 from spdjax.families.lm import model as lm_model
@@ -118,6 +118,51 @@ def test_edges_equal_finite_differences_of_a_numpy_transformer(tiny_lm):
     assert A[idx["blocks_1/attn/q:0@4"], idx["blocks_0/attn/out:1@2"]] == 0
     assert A[idx["blocks_1/attn/q:0@4"], idx["blocks_0/attn/v:1@4"]] == 0  # through out only
     assert A[idx["blocks_1/attn/q:0@4"], idx["blocks_0/attn/out:1@4"]] != 0
+
+
+def test_integrated_gradient_edges_against_numpy_and_completeness(tiny_lm):
+    d, params, tp, ci = tiny_lm
+    steps = 32
+    g = G.compute_graph(d, params, tp, IDS, threshold=0.0, top_k=2, ci=ci, chunk=64,
+                        attribution="integrated", ig_steps=steps)
+    masks = {n: np.asarray(ci[n][0], np.float64) for n in SITES}
+    acts0, b0, logits0 = _np_forward(d, params, tp, IDS, masks)
+    emb0 = np.asarray(tp["embed"]["embedding"], np.float64)[np.asarray(IDS[0])]
+    zero = _np_forward(d, params, tp, IDS, masks, leaves={n: 0 * v for n, v in b0.items()},
+                       emb=0 * emb0)
+
+    def value(node, run):
+        acts, _, logits = run
+        if node.kind == G.COMPONENT:
+            return acts[node.site][node.position, node.index]
+        return logits[node.position, node.index]
+
+    A = g.adjacency()
+    scale = np.abs(A).max()
+    # Completeness: every subcomponent-position and every token is a node (CI > 0), so the
+    # edges into a node sum to its value at the prompt minus its value with every leaf at 0.
+    for i, tgt in enumerate(g.nodes):
+        if tgt.kind != G.INPUT:
+            expected = value(tgt, (acts0, b0, logits0)) - value(tgt, zero)
+            np.testing.assert_allclose(A[i].sum(), expected, atol=2e-3 * scale, rtol=1e-2)
+    # Entries: b_s times the finite-difference derivative averaged over the same midpoints.
+    idx = {n.name: k for k, n in enumerate(g.nodes)}
+    h = 1e-5
+    for t, s_ in [("blocks_1/attn/out:0@5", "blocks_1/attn/k:1@2"),
+                  ("blocks_1/attn/q:2@4", "blocks_0/attn/out:1@4"),
+                  ("output:" + str(g.nodes[-1].index) + "@5", "blocks_0/attn/v:0@3")]:
+        src, tgt = g.nodes[idx[s_]], g.nodes[idx[t]]
+        grad = 0.0
+        for alpha in graph_compute.ig_alphas(steps):
+            runs = []
+            for sign in (1, -1):
+                lv = {n: alpha * v for n, v in b0.items()}
+                lv[src.site][src.position, src.index] += sign * h
+                runs.append(_np_forward(d, params, tp, IDS, masks, leaves=lv, emb=alpha * emb0))
+            grad += (value(tgt, runs[0]) - value(tgt, runs[1])) / (2 * h) / steps
+        np.testing.assert_allclose(A[idx[t], idx[s_]], grad * b0[src.site][src.position,
+                                                                           src.index],
+                                   atol=2e-4 * scale, rtol=1e-3)
 
 
 def test_masking_ones_and_the_threshold_choose_the_nodes(tiny_lm):
@@ -228,7 +273,7 @@ VOCAB, T_MAX = 4, 8  # tokens 0..3, induction token S = 3 (any token works)
 D_RES = VOCAB + T_MAX + VOCAB + VOCAB  # [token | position | previous token | answer]
 
 
-def _induction_target():
+def _induction_target(beta0=4.0, beta1=3.0):
     """Two one-head attention layers as in the induction toy, weights set by hand: layer 0
     attends from each position to the one before and writes that token into the
     previous-token slot; layer 1 attends from the last token to where the previous token
@@ -239,9 +284,9 @@ def _induction_target():
     E[:, tok] = np.eye(VOCAB)
     P = np.zeros((T_MAX, D_RES))
     P[:, pos] = np.eye(T_MAX)
-    # Scores large enough to attend mostly to the right position, small enough that the
-    # softmax is not saturated (a saturated pattern has no gradient to attribute through).
-    beta0, beta1 = 4.0, 3.0
+    # The defaults: scores large enough to attend mostly to the right position, small enough
+    # that the softmax is not saturated (a saturated pattern has no gradient to attribute
+    # through; integrated gradients, below, sees through it).
     W = {n: np.zeros((D_RES, D_RES)) for n in SITES}
     W["blocks_0/attn/q"][pos, pos] = beta0 * np.eye(T_MAX, k=-1)  # query at i looks for i - 1
     W["blocks_0/attn/k"][pos, pos] = np.eye(T_MAX)
@@ -274,20 +319,28 @@ def _induction_target():
     return from_function(fn, sites), params
 
 
-def test_the_induction_graph_runs_previous_token_head_then_induction_head():
-    target, tp = _induction_target()
+# [BOS=0, 1, S=3, M=2, 1, S=3]: the answer is M = 2; S at position 2, M at 3, last = 5
+INDUCTION_IDS = jnp.array([[0, 1, 3, 2, 1, 3]], jnp.int32)
+
+
+def _exact_decomposition(target, tp):
+    """The decomposition whose subcomponents are the exact rank-one pieces of each weight (its
+    SVD; C = 8 >= every rank), and CI 1 for every subcomponent at every position."""
     d = spdjax.decompose(target, {"blocks_*/attn/*": 8})
     params = d.init(jax.random.key(0), tp)
-    comps = {}  # exact rank-one pieces of each weight (its SVD), C = 8 >= every rank
+    comps = {}
     for n in SITES:
         u, s, vt = np.linalg.svd(np.asarray(tp[n], np.float64))
         comps[n] = {"V": jnp.asarray(u[:, :8] * s[:8], jnp.float32),
                     "U": jnp.asarray(vt[:8], jnp.float32)}
-    params = {**params, "components": comps}
-    # [BOS=0, 1, S=3, M=2, 1, S=3]: the answer is M = 2; S at position 2, M at 3, last = 5
-    ids = jnp.array([[0, 1, 3, 2, 1, 3]], jnp.int32)
+    return d, {**params, "components": comps}, {n: jnp.ones((1, 6, 8)) for n in SITES}
+
+
+def test_the_induction_graph_runs_previous_token_head_then_induction_head():
+    target, tp = _induction_target()
+    d, params, ci = _exact_decomposition(target, tp)
+    ids = INDUCTION_IDS
     assert int(jnp.argmax(target(tp, ids)[0, -1])) == 2
-    ci = {n: jnp.ones((1, 6, 8)) for n in SITES}  # every subcomponent at every position
     full = G.compute_graph(d, params, tp, ids, threshold=0.5, top_k=1, ci=ci, masking="ones")
     # 0.8 of the influence keeps layer 1 and the previous-token head's output; its own sources,
     # one step further from the output, come in at 0.95
@@ -314,6 +367,38 @@ def test_the_induction_graph_runs_previous_token_head_then_induction_head():
     assert v["n_nodes"] < 20
 
 
+def _edge_share(g, target, source):
+    """The largest |edge| from ``source`` (site, position) into ``target``'s nodes, as a share
+    of the largest |edge| into them."""
+    A = np.abs(g.adjacency())
+    rows = [i for i, n in enumerate(g.nodes) if (n.site, n.position) == target]
+    cols = [j for j, n in enumerate(g.nodes) if (n.site, n.position) == source]
+    return A[np.ix_(rows, cols)].max() / A[rows].max()
+
+
+def test_integrated_gradients_sees_the_qk_of_a_saturated_induction_head():
+    # The same circuit with attention scores ~10x larger: both softmaxes saturate, so the
+    # gradient through the patterns vanishes and gradient x activation gives the induction
+    # head's key (at M) almost no edge into its output; integrated gradients, from every leaf
+    # at 0 (uniform attention) to the prompt, gives it its share.
+    target, tp = _induction_target(beta0=40.0, beta1=30.0)
+    d, params, ci = _exact_decomposition(target, tp)
+    kw = dict(threshold=0.5, top_k=1, ci=ci, masking="ones")
+    grad = G.compute_graph(d, params, tp, INDUCTION_IDS, **kw)
+    ig = G.compute_graph(d, params, tp, INDUCTION_IDS, attribution="integrated", **kw)
+    assert ig.settings["attribution"] == "integrated" and ig.settings["ig_steps"] == 16
+    out5, k3, q5 = ("blocks_1/attn/out", 5), ("blocks_1/attn/k", 3), ("blocks_1/attn/q", 5)
+    assert _edge_share(grad, out5, k3) < 1e-3 and _edge_share(grad, out5, q5) < 1e-3
+    assert _edge_share(ig, out5, k3) > 0.08 and _edge_share(ig, out5, q5) > 0.08  # 0.13
+    g = G.prune(ig, node_threshold=0.95)
+    assert k3 in {(g.nodes[i].site, g.nodes[i].position) for i in range(len(g.nodes))}
+    with pytest.raises(ValueError, match="Unknown attribution 'ablation'; expected one of"):
+        G.compute_graph(d, params, tp, INDUCTION_IDS, attribution="ablation", **kw)
+    with pytest.raises(ValueError, match="ig_steps must be a positive integer, got 0"):
+        G.compute_graph(d, params, tp, INDUCTION_IDS, attribution="integrated", ig_steps=0,
+                        **kw)
+
+
 # -- the commands on a tiny induction-toy run (tests/fixtures/lm_ih_tiny: lm:ih with
 # seq_len 12, C 4, target_steps 10, one SPD step) ------------------------------------------
 
@@ -331,7 +416,8 @@ def test_cli_writes_the_graph_its_figure_and_validation(tmp_path):
     wd = tmp_path / "run"
     shutil.copytree(FIXTURE, wd)
     p = _cli("-m", "spdjax.attribution_graph", f"--workdir={wd}", "--prompt=BOS 3 S 5 2 S",
-             "--pgd_steps=2", "--pgd_restarts=1", "--name=t")
+             "--pgd_steps=2", "--pgd_restarts=1", "--name=t", "--attribution=integrated",
+             "--ig_steps=4")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "PGD restart 1/1: step 2/2" in p.stderr
     rec = json.loads((wd / "analysis" / "graphs" / "t.json").read_text())
@@ -339,6 +425,7 @@ def test_cli_writes_the_graph_its_figure_and_validation(tmp_path):
     assert rec["sites"][:4] == [f"blocks_0/attn/{p}" for p in ("q", "k", "v", "out")]  # drawn
     assert {"kl_graph_only", "kl_pgd_worst", "kl_ci_masked"} <= set(rec["validation"])
     assert rec["strongest_path"][-1].startswith("output:")
+    assert rec["settings"]["attribution"] == "integrated" and rec["settings"]["ig_steps"] == 4
     assert (wd / "analysis" / "graphs" / "t.png").stat().st_size > 1000
 
 

@@ -75,20 +75,26 @@ def open_explorer(driver, url: str) -> None:
          "the graph explorer")
 
 
-def build(driver, prompt: str, *, prune: bool = True) -> dict:
-    """Types ``prompt``, builds its graph and waits for it; the graph's JSON as the page holds
-    it (an error shown instead is returned as ``{"error": text}``)."""
+def build(driver, prompt: str, *, prune: bool = True, attribution: str = "gradient") -> dict:
+    """Types ``prompt``, sets *prune* and the edge weights in *settings*, builds its graph and
+    waits for it; the graph's JSON as the page holds it (an error shown instead is returned as
+    ``{"error": text}``)."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     box = driver.find_element(By.CSS_SELECTOR, "#graph-view input.sg-prompt")
     box.clear()
     box.send_keys(prompt)
     prune_box = driver.find_element(By.CSS_SELECTOR, "#graph-view input.sg-prune")
-    if prune_box.is_selected() != prune:
+    edges = Select(driver.find_element(By.CSS_SELECTOR, "#graph-view select.sg-attribution"))
+    if prune_box.is_selected() != prune or edges.first_selected_option.get_attribute(
+            "value") != attribution:
         if not driver.execute_script("return document.querySelector('#graph-view details')"
                                      ".open"):
             driver.find_element(By.CSS_SELECTOR, "#graph-view details summary").click()
-        prune_box.click()
+        if prune_box.is_selected() != prune:
+            prune_box.click()
+        edges.select_by_value(attribution)
     driver.execute_script(f"{INSTANCE}.graph = null; {INSTANCE}.error.hidden = true;")
     driver.find_element(By.CSS_SELECTOR, "#graph-view button.sg-build").click()
     wait(driver, f"const e = {INSTANCE}; return !!(e.graph && e.cy) || !e.error.hidden",

@@ -181,6 +181,8 @@ def test_tokens_without_a_prompt_codec_decoder_use_the_family_decoder(run, monke
     ({"prompt": PROMPT, "positions": [9]}, "Output position 9 is outside the prompt of 9"),
     ({"prompt": PROMPT, "masking": "mean"}, r"'masking' must be one of \['ci', 'ones'\], "
                                             "got 'mean'"),
+    ({"prompt": PROMPT, "attribution": "ablation"}, r"'attribution' must be one of "
+                                                    r"\['gradient', 'integrated'\], got "),
     ({"prompt": PROMPT, "prune": "no"}, "'prune' must be true or false, got 'no'"),
     ({"prompt": PROMPT, "node_threshold": 0}, r"'node_threshold' must be a number in "
                                               r"\(0.0, 1.0\]"),

@@ -75,3 +75,10 @@ def test_graph_errors_then_renders_and_clicks_change_the_predictions(browser, se
                  f"!{INSTANCE}.cy.getElementById(arguments[0]).hasClass('ablate') && "
                  "document.querySelector('#graph-view .sg-kl').textContent.includes('keep 0, "
                  "ablate 0')", f"{top} back to neither kept nor ablated", 60, top)
+
+    ig = build(driver, PROMPT, prune=False, attribution="integrated")  # settings: edges
+    assert "error" not in ig, ig
+    assert ig["settings"]["attribution"] == "integrated"
+    assert graph["settings"]["attribution"] == "gradient"
+    assert {n["id"] for n in ig["nodes"]} == {n["id"] for n in graph["nodes"]}
+    assert ig["edges"] != graph["edges"]

@@ -41,12 +41,17 @@
                                      style: "width: 6em" });
       this.prune = el("input", { type: "checkbox", class: "sg-prune" });
       this.prune.checked = true;
+      this.attribution = el("select", { class: "sg-attribution", "aria-label": "edge weights" },
+        el("option", { value: "gradient", text: "gradient x activation" }),
+        el("option", { value: "integrated", text: "integrated gradients (16x the time)" }));
       const settings = el("details", {},
         el("summary", { text: "settings" }),
         el("label", {}, "CI threshold ", this.threshold),
         el("label", {}, "kept influence ", this.nodeThreshold),
         el("label", {}, "outputs per position ", this.topK),
         el("label", {}, "output positions ", this.positions),
+        el("label", { title: "integrated gradients sees through saturated attention" },
+           "edges ", this.attribution),
         el("label", { title: "unchecked: every subcomponent above the CI threshold" },
            this.prune, " prune"));
       const form = el("form", { class: "sg-form" }, this.prompt, this.button, settings);
@@ -115,7 +120,7 @@
         body = { prompt: this.prompt.value, threshold: Number(this.threshold.value),
                  node_threshold: Number(this.nodeThreshold.value),
                  top_k: Number(this.topK.value), positions: this.readPositions(),
-                 prune: this.prune.checked };
+                 prune: this.prune.checked, attribution: this.attribution.value };
       } catch (e) { this.showError(e.message); return; }
       this.button.disabled = true;
       this.root.classList.add("sg-busy");
