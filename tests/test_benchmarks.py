@@ -461,3 +461,18 @@ def test_compile_share_sums_the_compile_events_of_each_process(tmp_path):
     assert out["tracing"] == round(1.0 + totals.seconds["tracing"], 1)
     with pytest.raises(SystemExit, match="No compile_"):
         compile_share.summarize(tmp_path / "empty")
+
+
+def test_cluster_ground_truth_counts_lone_mlp_in_and_the_mlp_out_block():
+    from benchmarks.reproduce import cluster_resid_mlp as cr
+
+    # 4 features: mlp_in subcomponents 0..3 (features 2 and 3 share a cluster), live mlp_out
+    # 10..13 (three of four in cluster 9), each feature's mlp_out 10 + f
+    labels = np.array([0, 1, 2, 2, -1, -1, -1, -1, -1, -1, 9, 9, 9, 5])
+    f_in, live_out = np.array([0, 1, 2, 3]), np.array([10, 11, 12, 13])
+    k = cr.known_structure(labels, f_in, live_out)
+    assert k == {"in_alone": 0.5, "out_block": 0.75, "live_out": 4}
+    # two features sharing one mlp_in subcomponent are not "another feature's" subcomponent
+    assert cr.known_structure(labels, np.array([0, 0, 1]), live_out)["in_alone"] == 1.0
+    s = cr.same_cluster(np.array([0, 1, 2, 3, 0, 1, 0, 7]), f_in, np.arange(4, 8))
+    assert s["same"] == 0.5 and s["chance"] == pytest.approx(1 / 12)
