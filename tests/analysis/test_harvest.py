@@ -138,6 +138,15 @@ def test_feature_subcomponents_are_read_off_a_constructed_case():
         assert np.all(precision == 1.0) if exact else np.all(precision > 0.9)
     pairs = h.cooccurrence[perm, C + perm2] / h.count[perm]
     assert np.all(pairs == 1.0)
+    # the benchmark's read-off (benchmarks/reproduce/harvest_resid_mlp.py) of the same harvest
+    from benchmarks.reproduce import harvest_resid_mlp
+
+    r = harvest_resid_mlp.read_off(h, None, "mlp_in", "mlp_out")
+    assert r["distinct_best_mlp_in"] == r["distinct_best_mlp_out"] == n
+    assert r["shared_best_mlp_in"] == 0 and r["precision_ge_90"] == n
+    assert r["recall_min"] == r["p_out_given_in_min"] == 1.0 and r["partner_is_best_out"] == n
+    assert r["live_mlp_out"] == n and r["live_mlp_out_density_ge_90"] == 0
+    assert "attribution_top_source_is_feature" not in r
 
 
 def test_harvest_of_a_run_saves_and_loads(tmp_path):
