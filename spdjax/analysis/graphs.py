@@ -29,8 +29,8 @@ where attention is saturated (a softmax weight near 1) the gradient through the 
 and the query and key subcomponents that *choose* the attended position get no edges, though
 ablating them changes the output (an induction head's QK). Integrated gradients takes the same
 leaves and averages the gradient along the straight path from every leaf at 0 (no subcomponent,
-no token embedding; biases and positional embeddings stay) to the prompt's leaves,
-``w(s -> t) = b_s mean_k ∂a_t/∂b_s (alpha_k b)`` at ``ig_steps`` midpoints ``alpha_k``: the
+no token embedding; biases, positional embeddings and a delta component stay) to the prompt's
+leaves, ``w(s -> t) = b_s mean_k ∂a_t/∂b_s (alpha_k b)`` at ``ig_steps`` midpoints ``alpha_k``: the
 edges into ``t`` from *all* sources sum to ``a_t(b) - a_t(0)`` (completeness, exact up to the
 midpoint rule's ``O(1 / ig_steps^2)``), and a path that passes through an unsaturated pattern on
 the way gets its share. It costs ``ig_steps`` times gradient x activation.
