@@ -5,6 +5,7 @@ activations and edges are: :mod:`spdjax.analysis.graphs`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -70,6 +71,19 @@ class Graph:
         """The graph's subcomponents, per position."""
         return [iv.Subcomponent(n.site, n.index, n.position if self.positions is not None
                                 else None) for n in self.nodes if n.kind == COMPONENT]
+
+    def node_counts(self, site_order: Sequence[str] | None = None) -> dict[str, int]:
+        """``{"site@position": subcomponent nodes}`` (``"site"`` for a model without positions),
+        sites in ``site_order`` (default: first seen), positions ascending: where the graph
+        sits, at a glance."""
+        comps = [n for n in self.nodes if n.kind == COMPONENT]
+        order = list(site_order or []) + [n.site for n in comps]
+        rank = {s: i for i, s in reversed(list(enumerate(order)))}
+        pos = (lambda n: 0) if self.positions is None else (lambda n: n.position)
+        counts = collections.Counter((n.site, pos(n)) for n in comps)
+        name = (lambda s, p: s) if self.positions is None else (lambda s, p: f"{s}@{p}")
+        return {name(s, p): counts[s, p]
+                for s, p in sorted(counts, key=lambda k: (rank[k[0]], k[1]))}
 
     def to_json(self) -> dict:
         return {"nodes": [{"name": n.name, **dataclasses.asdict(n)} for n in self.nodes],

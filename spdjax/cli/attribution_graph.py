@@ -94,6 +94,8 @@ def main(argv):
               f"); KL graph-only {v['kl_graph_only']:.4g}, CI-masked {v['kl_ci_masked']:.4g}"
               + (f", worst under PGD {v['kl_pgd_worst']:.4g}" if "kl_pgd_worst" in v else ""))
         print("strongest path: " + " -> ".join(record["strongest_path"]))
+        print("nodes by site and position: " + ", ".join(
+            f"{k} ({v})" for k, v in graph.node_counts(sites).items()))
 
 
 def run() -> None:

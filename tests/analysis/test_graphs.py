@@ -224,6 +224,17 @@ def test_strongest_path_follows_the_largest_edge_back_from_the_output():
     assert G.strongest_path(g) == [1, 4, 3, 6]
 
 
+def test_node_counts_by_site_and_position():
+    nodes = [G.Node(G.INPUT, 0, 1), G.Node(G.COMPONENT, 3, 0, site="b"),
+             G.Node(G.COMPONENT, 1, 2, site="b"), G.Node(G.COMPONENT, 3, 1, site="b"),
+             G.Node(G.COMPONENT, 2, 0, site="a"), G.Node(G.OUTPUT, 3, 7)]
+    g = G.Graph(nodes, np.zeros(0, int), np.zeros(0, int), np.zeros(0), positions=[3])
+    assert g.node_counts(["a", "b"]) == {"a@2": 1, "b@1": 1, "b@3": 2}
+    assert list(g.node_counts()) == ["b@1", "b@3", "a@2"]  # first seen
+    g.positions = None
+    assert g.node_counts() == {"b": 3, "a": 1}
+
+
 def test_json_round_trip(tiny_lm, tmp_path):
     g = _graph(_chain_nodes(), [(0, 2, 1.0), (2, 6, -6.0)])
     g.validation = {"kl_graph_only": 0.5}
@@ -426,6 +437,10 @@ def test_cli_writes_the_graph_its_figure_and_validation(tmp_path):
     assert {"kl_graph_only", "kl_pgd_worst", "kl_ci_masked"} <= set(rec["validation"])
     assert rec["strongest_path"][-1].startswith("output:")
     assert rec["settings"]["attribution"] == "integrated" and rec["settings"]["ig_steps"] == 4
+    g = G.Graph.from_json(rec)
+    line = "nodes by site and position: " + ", ".join(
+        f"{k} ({v})" for k, v in g.node_counts(rec["sites"]).items())
+    assert line in p.stdout
     assert (wd / "analysis" / "graphs" / "t.png").stat().st_size > 1000
 
 
