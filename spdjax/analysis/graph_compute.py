@@ -22,6 +22,7 @@ Array = jax.Array
 INPUT, COMPONENT, OUTPUT = "input", "component", "output"
 MASKINGS = ("ci", "ones")
 ATTRIBUTIONS = ("gradient", "integrated")
+IG_STEPS = 16  # integrated gradients' default number of midpoints
 Progress = Callable[[str], None]
 
 
@@ -202,7 +203,8 @@ def _component_flat(lay: _Layout, site: str, pos: int, c: int) -> int:
 
 def ig_alphas(steps: int) -> np.ndarray:
     """The ``steps`` midpoints ``(k + 1/2) / steps`` of ``[0, 1]`` at which integrated gradients
-    evaluates the gradient (the midpoint rule: error ``O(1 / steps^2)`` for a smooth path)."""
+    evaluates the gradient (the midpoint rule: error ``O(1 / steps^2)`` where the model is smooth
+    along the path, ``O(1 / steps)`` where a ReLU switches on it)."""
     return (np.arange(steps) + 0.5) / steps
 
 
@@ -213,8 +215,10 @@ def _edge_rows(decomposition, embeds: tuple[str, ...], delta: bool, steps: int, 
     (:class:`_Layout`), ``d target / d source x source`` for every entry of the flat source
     vector (``S``: the components' ``b`` at every position, then the input attributions; the
     last entry 0, for a source without a leaf). One VJP of the leaf forward, vmapped over
-    one-hot cotangents. ``steps`` > 0: integrated gradients instead, the gradient averaged
-    over the leaves scaled by :func:`ig_alphas` (one VJP per step, in a ``lax.scan``).
+    one-hot cotangents. ``steps`` > 0: integrated gradients for the component sources, their
+    gradient averaged over the component leaves scaled by :func:`ig_alphas` with the input
+    leaves held at the prompt's (one VJP per step, in a ``lax.scan``); the input sources keep
+    the gradient at the prompt.
 
     Compiled once per decomposition, embedding sites, ``delta`` and shapes: the prompt, the
     parameters and the leaves are arguments, so a new prompt of a length already seen (whatever
@@ -241,24 +245,23 @@ def _edge_rows(decomposition, embeds: tuple[str, ...], delta: bool, steps: int, 
         y, vjp = jax.vjp(flat_f, lv)
         return jax.vmap(lambda i: vjp(jax.nn.one_hot(i, y.shape[0], dtype=y.dtype))[0])(idx)
 
-    if steps == 0:
-        g = grads(leaves)
-    else:
+    g = grads(leaves)
+    if steps:
         def step(acc, alpha):
-            g = grads(jax.tree.map(lambda v: alpha * v, leaves))
-            return jax.tree.map(jnp.add, acc, g), None
+            comps = jax.tree.map(lambda v: alpha.astype(v.dtype) * v, leaves["components"])
+            gc = grads({"components": comps, "input": leaves["input"]})["components"]
+            return jax.tree.map(jnp.add, acc, gc), None
 
-        zero = jax.eval_shape(grads, leaves)
-        acc0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
-        g, _ = jax.lax.scan(step, acc0, jnp.asarray(ig_alphas(steps), jnp.float32))
-        g = jax.tree.map(lambda a: a / steps, g)
+        acc0 = jax.tree.map(jnp.zeros_like, g["components"])
+        gc, _ = jax.lax.scan(step, acc0, jnp.asarray(ig_alphas(steps), jnp.float32))
+        g = {"components": jax.tree.map(lambda a: a / steps, gc), "input": g["input"]}
     return jax.vmap(flat_sources, in_axes=(0, None))(g, leaves)
 
 
 def compute_graph(decomposition, params, target_params, batch, *,
                   positions: Sequence[int] | None = None, threshold: float = 0.1, top_k: int = 5,
                   masking: str = "ci", delta: bool = False, chunk: int = 32,
-                  attribution: str = "gradient", ig_steps: int = 16,
+                  attribution: str = "gradient", ig_steps: int = IG_STEPS,
                   ci: Mapping[str, Array] | None = None,
                   decode: Callable[[int], str] | None = None,
                   progress: Progress | None = None) -> Graph:
@@ -271,14 +274,15 @@ def compute_graph(decomposition, params, target_params, batch, *,
     app). ``ci``: CI to use instead of the CI function's (``{site: [1, *P, C]}``, e.g. from
     :func:`spdjax.analysis.interventions.optimize_sparse_ci`). ``chunk``: target nodes per
     vmapped batch of VJPs. ``attribution``: ``"gradient"`` (gradient x activation at the
-    prompt) or ``"integrated"`` (integrated gradients from all leaves at 0, ``ig_steps``
-    midpoints: sees through a saturated softmax; :mod:`spdjax.analysis.graphs`)."""
+    prompt) or ``"integrated"`` (integrated gradients from every subcomponent at 0, the inputs
+    held, ``ig_steps`` midpoints: sees through a saturated softmax;
+    :mod:`spdjax.analysis.graphs`)."""
     if masking not in MASKINGS:
         raise ValueError(f"Unknown masking {masking!r}; expected one of {MASKINGS}.")
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"Unknown attribution {attribution!r}; expected one of "
                          f"{ATTRIBUTIONS}.")
-    if not (isinstance(ig_steps, int) and ig_steps > 0):
+    if not (isinstance(ig_steps, int) and not isinstance(ig_steps, bool) and ig_steps > 0):
         raise ValueError(f"ig_steps must be a positive integer, got {ig_steps!r}.")
     if not (isinstance(chunk, int) and chunk > 0):
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}.")

@@ -27,18 +27,23 @@ Integrated gradients (``attribution="integrated"``; Sundararajan et al. 2017, "A
 Attribution for Deep Networks"). Gradient x activation is a first-order estimate at the prompt:
 where attention is saturated (a softmax weight near 1) the gradient through the pattern is ~0,
 and the query and key subcomponents that *choose* the attended position get no edges, though
-ablating them changes the output (an induction head's QK). Integrated gradients takes the same
-leaves and averages the gradient along the straight path from every leaf at 0 (no subcomponent,
-no token embedding; biases, positional embeddings and a delta component stay) to the prompt's
-leaves, ``w(s -> t) = b_s mean_k ∂a_t/∂b_s (alpha_k b)`` at ``ig_steps`` midpoints ``alpha_k``: the
-edges into ``t`` from *all* sources sum to ``a_t(b) - a_t(0)`` (completeness, exact up to the
-midpoint rule's ``O(1 / ig_steps^2)``), and a path that passes through an unsaturated pattern on
-the way gets its share. It costs ``ig_steps`` times gradient x activation.
+ablating them changes the output (an induction head's QK). Integrated gradients averages the
+gradient along the straight path from every subcomponent at 0 to the prompt, the inputs held at
+the prompt's (the baseline is the model of its embeddings and biases alone; scaling the inputs
+too would leave a LayerNorm or RMSNorm model unchanged along the path, its norms undoing the
+scale): ``w(s -> t) = b_s mean_k ∂a_t/∂b_s (alpha_k b, x)`` at ``ig_steps`` midpoints
+``alpha_k``. The edges into ``t`` from all component leaves (nodes or not) then sum to
+``a_t(b, x) - a_t(0, x)`` (completeness, up to the midpoint rule's error, ``O(1/ig_steps^2)``
+on a smooth model and ``O(1/ig_steps)`` where ReLUs switch along the path); a path through a
+pattern that is unsaturated on the way gets its share. Input edges stay gradient x activation at
+the prompt, and a decomposed embedding's token -> subcomponent edge is its ``b`` in both modes.
+It costs ``ig_steps + 1`` times gradient x activation.
 
 Cost. One forward and ``R`` backward passes (one VJP per target node, ``jax.vmap`` over
 ``chunk`` one-hot cotangents at a time), ``R`` = component nodes + output nodes: time
-``O(R x forward)`` (``ig_steps`` times that, integrated), memory
-``O(chunk x (T sum_s C_s + T V))`` on top of one forward (benchmarks/README.md, "Attribution
+``O(R x forward)`` (``ig_steps + 1`` times that, integrated), memory
+``O(chunk x (T sum_s C_s + T V))`` on top of one forward (twice that, integrated: the scan's
+accumulator) (benchmarks/README.md, "Attribution
 graphs").
 
 Pruning (:func:`~spdjax.analysis.graph_prune.prune`) follows circuit-tracing practice
@@ -66,8 +71,8 @@ import jax
 
 # Re-exported: the attribution-graph vocabulary, importable from here as the guide shows.
 from spdjax.analysis.graph_compute import (  # noqa: F401
-    ATTRIBUTIONS, COMPONENT, INPUT, MASKINGS, OUTPUT, Graph, Node, Progress, compute_graph,
-    leaf_forward)
+    ATTRIBUTIONS, COMPONENT, IG_STEPS, INPUT, MASKINGS, OUTPUT, Graph, Node, Progress,
+    compute_graph, leaf_forward)
 from spdjax.analysis.graph_prune import (  # noqa: F401
     EDGE_THRESHOLD, NODE_THRESHOLD, influence, output_weights, prune, strongest_path)
 from spdjax.analysis.graph_validate import adversarial_kl, graph_masks, validate  # noqa: F401
@@ -75,7 +80,7 @@ from spdjax.analysis.graph_validate import adversarial_kl, graph_masks, validate
 
 def build(decomposition, params, target_params, batch, *, positions=None, threshold=0.1,
           top_k=5, masking="ci", delta=False, node_threshold=NODE_THRESHOLD,
-          edge_threshold=EDGE_THRESHOLD, chunk=32, attribution="gradient", ig_steps=16,
+          edge_threshold=EDGE_THRESHOLD, chunk=32, attribution="gradient", ig_steps=IG_STEPS,
           ci=None, decode=None,
           validation: Mapping[str, Any] | None = None, progress: Progress | None = None) -> Graph:
     """:func:`compute_graph`, :func:`prune` and :func:`validate` (``validation``: its keyword

@@ -34,7 +34,8 @@ _ATTRIBUTION = flags.DEFINE_enum("attribution", "gradient", list(graphs.ATTRIBUT
                                  "Edge weights: gradient x activation at the prompt, or "
                                  "integrated gradients from every leaf at 0 (sees through "
                                  "saturated attention; ig_steps times the cost).")
-_IG_STEPS = flags.DEFINE_integer("ig_steps", 16, "Integrated gradients: midpoints on the path.")
+_IG_STEPS = flags.DEFINE_integer("ig_steps", graphs.IG_STEPS,
+                                 "Integrated gradients: midpoints on the path.")
 _NODE_THRESHOLD = flags.DEFINE_float("node_threshold", graphs.NODE_THRESHOLD,
                                      "Pruning: share of the influence the kept nodes carry.")
 _EDGE_THRESHOLD = flags.DEFINE_float("edge_threshold", graphs.EDGE_THRESHOLD,
@@ -49,9 +50,9 @@ _NAME = flags.DEFINE_string("name", None, "File name (default: prompt_<hash of t
                             "and the checkpoint step>).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/analysis/graphs).")
 # What the graph depends on: the default file name hashes them all.
+# (--attribution and --ig_steps enter only when integrated: a gradient graph keeps its name.)
 _ARGUMENTS = (_WORKDIR, _PROMPT, _POSITION, _THRESHOLD, _TOP_K, _MASKING, _NODE_THRESHOLD,
-              _EDGE_THRESHOLD, _PGD_STEPS, _PGD_STEP_SIZE, _PGD_RESTARTS, _SEED, _ATTRIBUTION,
-              _IG_STEPS)
+              _EDGE_THRESHOLD, _PGD_STEPS, _PGD_STEP_SIZE, _PGD_RESTARTS, _SEED)
 
 
 def _say(line: str) -> None:
@@ -74,7 +75,10 @@ def main(argv):
                         "key": jax.random.key(_SEED.value)})
         out = pathlib.Path(_OUT.value or run.workdir / "analysis" / "graphs")
         out.mkdir(parents=True, exist_ok=True)
-        name = _NAME.value or common.result_name("prompt_", _ARGUMENTS, step=run.step)
+        integrated = ({"attribution": _ATTRIBUTION.value, "ig_steps": _IG_STEPS.value}
+                      if _ATTRIBUTION.value == "integrated" else {})
+        name = _NAME.value or common.result_name("prompt_", _ARGUMENTS, step=run.step,
+                                                 **integrated)
         tokens = [codec.decode(int(t)) if codec.decode else str(t) for t in batch[0]] if (
             batch.dtype.kind == "i") else None
         # The figure's rows: the sites in the order the model calls them.

@@ -47,7 +47,8 @@ GRAPH_KEYS = {
     "top_k": f"output tokens per position, 1..{MAX_TOP_K} (3)",
     "masking": f"the forward the graph is read in, one of {list(graphs.MASKINGS)} ('ci')",
     "attribution": f"edge weights, one of {list(graphs.ATTRIBUTIONS)} ('gradient'; "
-                   "'integrated' sees through saturated attention, 16 times the cost)",
+                   f"'integrated' sees through saturated attention, {graphs.IG_STEPS + 1} "
+                   "times the cost)",
     "node_threshold": f"pruning: share of the influence kept, in (0, 1] "
                       f"({graphs.NODE_THRESHOLD})",
     "edge_threshold": f"pruning: share of the edge score kept, in (0, 1] "

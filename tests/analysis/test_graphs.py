@@ -19,6 +19,7 @@ import spdjax
 from spdjax.analysis import graph_compute, graph_plots, graph_prune, graphs as G
 from spdjax.cli import prompts
 from spdjax.core.target import Site, from_function, weight_at
+from spdjax.families.lm import llama
 from spdjax.families.lm import model as lm_model
 
 # -- a tiny random transformer (the lm family's model) and its NumPy twin ------------------
@@ -122,14 +123,20 @@ def test_edges_equal_finite_differences_of_a_numpy_transformer(tiny_lm):
 
 def test_integrated_gradient_edges_against_numpy_and_completeness(tiny_lm):
     d, params, tp, ci = tiny_lm
+    # larger subcomponents (U and V x 1.7: activations and writes x 2.9), so the attention is
+    # far from linear along the path and integrated gradients differs from gradient x activation
+    params = {**params, "components": jax.tree.map(lambda a: 1.7 * a, params["components"])}
     steps = 32
-    g = G.compute_graph(d, params, tp, IDS, threshold=0.0, top_k=2, ci=ci, chunk=64,
-                        attribution="integrated", ig_steps=steps)
+    assert graph_compute.ig_alphas(2).tolist() == [0.25, 0.75]  # midpoints
+    kw = dict(threshold=0.0, top_k=2, ci=ci, chunk=64)
+    g = G.compute_graph(d, params, tp, IDS, attribution="integrated", ig_steps=steps, **kw)
+    grad = G.compute_graph(d, params, tp, IDS, **kw)
     masks = {n: np.asarray(ci[n][0], np.float64) for n in SITES}
     acts0, b0, logits0 = _np_forward(d, params, tp, IDS, masks)
     emb0 = np.asarray(tp["embed"]["embedding"], np.float64)[np.asarray(IDS[0])]
+    # the path's start: every subcomponent at 0, the token embeddings the prompt's
     zero = _np_forward(d, params, tp, IDS, masks, leaves={n: 0 * v for n, v in b0.items()},
-                       emb=0 * emb0)
+                       emb=emb0)
 
     def value(node, run):
         acts, _, logits = run
@@ -137,14 +144,18 @@ def test_integrated_gradient_edges_against_numpy_and_completeness(tiny_lm):
             return acts[node.site][node.position, node.index]
         return logits[node.position, node.index]
 
-    A = g.adjacency()
+    A, A_grad = g.adjacency(), grad.adjacency()
+    n_in = sum(n.kind == G.INPUT for n in g.nodes)
     scale = np.abs(A).max()
-    # Completeness: every subcomponent-position and every token is a node (CI > 0), so the
-    # edges into a node sum to its value at the prompt minus its value with every leaf at 0.
-    for i, tgt in enumerate(g.nodes):
-        if tgt.kind != G.INPUT:
-            expected = value(tgt, (acts0, b0, logits0)) - value(tgt, zero)
-            np.testing.assert_allclose(A[i].sum(), expected, atol=2e-3 * scale, rtol=1e-2)
+    # Completeness: every subcomponent-position is a node (CI > 0), so the edges into a node
+    # from the subcomponents sum to its value at the prompt minus its value with all at 0.
+    change = np.array([value(t, (acts0, b0, logits0)) - value(t, zero)
+                       for t in g.nodes[n_in:]])
+    np.testing.assert_allclose(A[n_in:, n_in:].sum(1), change, atol=1e-3 * scale, rtol=2e-3)
+    # ... which gradient x activation is not (a check that this model is nonlinear enough)
+    assert np.abs(A_grad[n_in:, n_in:].sum(1) - change).max() > 0.02 * scale  # 0.048
+    # Input edges stay gradient x activation at the prompt.
+    np.testing.assert_allclose(A[:, :n_in], A_grad[:, :n_in], rtol=1e-5, atol=1e-7 * scale)
     # Entries: b_s times the finite-difference derivative averaged over the same midpoints.
     idx = {n.name: k for k, n in enumerate(g.nodes)}
     h = 1e-5
@@ -152,17 +163,55 @@ def test_integrated_gradient_edges_against_numpy_and_completeness(tiny_lm):
                   ("blocks_1/attn/q:2@4", "blocks_0/attn/out:1@4"),
                   ("output:" + str(g.nodes[-1].index) + "@5", "blocks_0/attn/v:0@3")]:
         src, tgt = g.nodes[idx[s_]], g.nodes[idx[t]]
-        grad = 0.0
+        deriv = 0.0
         for alpha in graph_compute.ig_alphas(steps):
             runs = []
             for sign in (1, -1):
                 lv = {n: alpha * v for n, v in b0.items()}
                 lv[src.site][src.position, src.index] += sign * h
-                runs.append(_np_forward(d, params, tp, IDS, masks, leaves=lv, emb=alpha * emb0))
-            grad += (value(tgt, runs[0]) - value(tgt, runs[1])) / (2 * h) / steps
-        np.testing.assert_allclose(A[idx[t], idx[s_]], grad * b0[src.site][src.position,
-                                                                           src.index],
+                runs.append(_np_forward(d, params, tp, IDS, masks, leaves=lv, emb=emb0))
+            deriv += (value(tgt, runs[0]) - value(tgt, runs[1])) / (2 * h) / steps
+        np.testing.assert_allclose(A[idx[t], idx[s_]], deriv * b0[src.site][src.position,
+                                                                            src.index],
                                    atol=2e-4 * scale, rtol=1e-3)
+
+
+def test_integrated_gradients_on_an_rmsnorm_model_is_complete_and_converges():
+    # Llama-style (RMSNorm before every block and the unembedding): the path holds the token
+    # embeddings, so the norms see a changing residual stream; the edges into every node from
+    # all subcomponents sum to its change (checked with the leaf forward itself), and 8 and 32
+    # midpoints agree (scaling the embeddings too would make them grow like log(steps)).
+    cfg = llama.LlamaConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=24,
+                            seq_len=8, vocab_size=300)
+    tp = lm_model.init_params(jax.random.key(0), cfg)
+    d = spdjax.decompose(lm_model.target(cfg), {"blocks_*/attn/*": 3, "blocks_*/mlp_*": 3})
+    params = d.init(jax.random.key(1), tp)
+    ids = jnp.array([[5, 17, 299, 0, 42, 42, 7, 256]], jnp.int32)
+    ci = {n: jnp.full((1, 8, 3), 0.7) for n in d.site_names}
+    kw = dict(threshold=0.0, top_k=2, ci=ci, chunk=64, attribution="integrated")
+    g8, g32 = (G.compute_graph(d, params, tp, ids, ig_steps=k, **kw) for k in (8, 32))
+    A8, A32 = g8.adjacency(), g32.adjacency()
+    scale = np.abs(A32).max()
+    np.testing.assert_allclose(A8, A32, atol=0.02 * scale)
+    n_in = sum(n.kind == G.INPUT for n in g32.nodes)
+    embeds = graph_compute._token_embeddings(d, tp, ids)
+    f = graph_compute.leaf_forward(d, params, tp, ids, tuple(embeds))
+    _, inputs = d.forward(tp, params, ids, {n: v for n, v in ci.items()}, with_inputs=True)
+    b = {n: g32_leaf for n, g32_leaf in ((n, ci[n] * d.site(n).apply(
+        d.factors(params, n)[0], inputs[n]) * jnp.linalg.norm(d.factors(params, n)[1], axis=1))
+        for n in d.site_names)}
+    values = []
+    for comps in (b, jax.tree.map(jnp.zeros_like, b)):
+        acts, out = f({"components": comps, "input": embeds})
+        values.append((acts, out - out.mean(-1, keepdims=True)))
+    for i, node in enumerate(g32.nodes[n_in:], start=n_in):
+        (a1, o1), (a0, o0) = values
+        if node.kind == G.COMPONENT:
+            change = a1[node.site][0, node.position, node.index] - a0[node.site][
+                0, node.position, node.index]
+        else:
+            change = o1[0, node.position, node.index] - o0[0, node.position, node.index]
+        np.testing.assert_allclose(A32[i, n_in:].sum(), change, atol=5e-3 * scale, rtol=1e-2)
 
 
 def test_masking_ones_and_the_threshold_choose_the_nodes(tiny_lm):

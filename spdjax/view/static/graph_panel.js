@@ -43,7 +43,7 @@
       this.prune.checked = true;
       this.attribution = el("select", { class: "sg-attribution", "aria-label": "edge weights" },
         el("option", { value: "gradient", text: "gradient x activation" }),
-        el("option", { value: "integrated", text: "integrated gradients (16x the time)" }));
+        el("option", { value: "integrated", text: "integrated gradients (slower)" }));
       const settings = el("details", {},
         el("summary", { text: "settings" }),
         el("label", {}, "CI threshold ", this.threshold),
