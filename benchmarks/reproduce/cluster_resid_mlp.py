@@ -8,6 +8,9 @@ with a dense ``mlp_out``, does not have)?
     python -m spdjax.cluster --workdir=workdir/resid_mlp_1_3k --batches=10 --batch_size=1024
     python -m benchmarks.reproduce.cluster_resid_mlp --workdir=workdir/resid_mlp_1_3k \\
         --alphas=0.1,0.3,1,3,10       # -> benchmarks/results/cluster_resid_mlp.{json,md}
+    python -m spdjax.cluster --workdir=DIR ... --alpha=3 --out=DIR/analysis/clustering_alpha3
+    python -m benchmarks.reproduce.cluster_resid_mlp --workdir=DIR \
+        --clustering=DIR/analysis/clustering_alpha3 --alphas=2,3,5 --out=NAME
 
 A feature's subcomponents, from the weights: on ``mlp_in`` the one the library's evaluation
 chooses (:func:`spdjax.families.resid_mlp.evaluation.contributions`, the largest neuron
@@ -82,11 +85,13 @@ def main(argv=None):
     ap.add_argument("--workdir", default="workdir/resid_mlp_1_3k")
     ap.add_argument("--alphas", default="0.1,0.3,1,3,10")
     ap.add_argument("--out", default="cluster_resid_mlp")
+    ap.add_argument("--clustering", default=None, help="the clustering's directory (default: "
+                    "<workdir>/analysis/clustering; another when spdjax.cluster had --out)")
     args = ap.parse_args(argv)
     run = spdjax.load(args.workdir)
     f_in, f_out = feature_subcomponents(run)
     C_in = int(run.decomposition.C["layers_0/mlp_in"])
-    res = clustering.load_clustering(run.workdir)
+    res = clustering.load_clustering(args.clustering or run.workdir)
     D = res.distances()
     mask = ~np.eye(len(D), dtype=bool)
     h0 = next(iter(res.histories.values()))
