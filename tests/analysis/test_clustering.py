@@ -133,6 +133,27 @@ def test_a_features_mlp_in_and_mlp_out_end_in_one_cluster_on_a_constructed_case(
     assert np.all(K.distance_matrix(labels) == 0.0)
 
 
+def test_the_converged_resid_mlp_structure_needs_alpha_2_not_1():
+    """The converged ResidMLP 1-layer decomposition in miniature (RESULTS.md, "Reading a
+    decomposition: clustering"): one sparse mlp_in subcomponent per feature and a dense mlp_out
+    block whose members each fire on half the examples with any feature active. alpha 2 gives
+    the known mechanisms, the block and every mlp_in alone, on each data seed; alpha 1 also
+    pairs mlp_in subcomponents that never fire together (arbitrary pairs, so seeds disagree)."""
+    F, B = 20, 10
+    at_2, at_1 = [], []
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        x = rng.uniform(size=(4000, F)) < 0.05
+        fires = np.concatenate([x, x.any(1)[:, None] & (rng.uniform(size=(4000, B)) < 0.5)], 1)
+        lab = K.merge(fires, alpha=2.0).labels()
+        assert len(set(lab[F:])) == 1 and len(set(lab[:F])) == F and lab[0] != lab[F]
+        at_2.append(lab)
+        lab = K.merge(fires, alpha=1.0).labels()
+        assert len(set(lab[F:])) == 1 and len(set(lab[:F])) == F // 2  # pairs
+        at_1.append(lab)
+    assert K.distance_matrix(at_2)[0, 1] == 0.0 < K.distance_matrix(at_1)[0, 1]
+
+
 def test_cluster_a_run_over_seeds_resumes_per_seed(tmp_path):
     run = spdjax.load(FIXTURE)
     kw = dict(n_batches=2, batch_size=32, out_dir=tmp_path)
