@@ -176,42 +176,41 @@ def test_integrated_gradient_edges_against_numpy_and_completeness(tiny_lm):
                                    atol=2e-4 * scale, rtol=1e-3)
 
 
-def test_integrated_gradients_on_an_rmsnorm_model_is_complete_and_converges():
+def test_integrated_gradients_on_an_rmsnorm_model_is_complete():
     # Llama-style (RMSNorm before every block and the unembedding): the path holds the token
-    # embeddings, so the norms see a changing residual stream; the edges into every node from
-    # all subcomponents sum to its change (checked with the leaf forward itself), and 8 and 32
-    # midpoints agree (scaling the embeddings too would make them grow like log(steps)).
-    cfg = llama.LlamaConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=24,
+    # embeddings, so the norms see a changing residual stream, and the edges into every node
+    # from all subcomponents sum to its change (checked with the leaf forward itself). Scaling
+    # the embeddings too would leave the normed model unchanged along the path: its edges
+    # would sum to ~0 and grow like log(ig_steps).
+    cfg = llama.LlamaConfig(d_model=16, n_layers=1, n_heads=4, n_kv_heads=2, d_mlp=24,
                             seq_len=8, vocab_size=300)
     tp = lm_model.init_params(jax.random.key(0), cfg)
     d = spdjax.decompose(lm_model.target(cfg), {"blocks_*/attn/*": 3, "blocks_*/mlp_*": 3})
     params = d.init(jax.random.key(1), tp)
     ids = jnp.array([[5, 17, 299, 0, 42, 42, 7, 256]], jnp.int32)
     ci = {n: jnp.full((1, 8, 3), 0.7) for n in d.site_names}
-    kw = dict(threshold=0.0, top_k=2, ci=ci, chunk=64, attribution="integrated")
-    g8, g32 = (G.compute_graph(d, params, tp, ids, ig_steps=k, **kw) for k in (8, 32))
-    A8, A32 = g8.adjacency(), g32.adjacency()
-    scale = np.abs(A32).max()
-    np.testing.assert_allclose(A8, A32, atol=0.02 * scale)
-    n_in = sum(n.kind == G.INPUT for n in g32.nodes)
+    g = G.compute_graph(d, params, tp, ids, threshold=0.0, top_k=2, ci=ci, chunk=128,
+                        attribution="integrated", ig_steps=16)
+    A = g.adjacency()
+    n_in = sum(n.kind == G.INPUT for n in g.nodes)
     embeds = graph_compute._token_embeddings(d, tp, ids)
-    f = graph_compute.leaf_forward(d, params, tp, ids, tuple(embeds))
-    _, inputs = d.forward(tp, params, ids, {n: v for n, v in ci.items()}, with_inputs=True)
-    b = {n: g32_leaf for n, g32_leaf in ((n, ci[n] * d.site(n).apply(
-        d.factors(params, n)[0], inputs[n]) * jnp.linalg.norm(d.factors(params, n)[1], axis=1))
-        for n in d.site_names)}
-    values = []
-    for comps in (b, jax.tree.map(jnp.zeros_like, b)):
-        acts, out = f({"components": comps, "input": embeds})
-        values.append((acts, out - out.mean(-1, keepdims=True)))
-    for i, node in enumerate(g32.nodes[n_in:], start=n_in):
-        (a1, o1), (a0, o0) = values
-        if node.kind == G.COMPONENT:
-            change = a1[node.site][0, node.position, node.index] - a0[node.site][
-                0, node.position, node.index]
-        else:
-            change = o1[0, node.position, node.index] - o0[0, node.position, node.index]
-        np.testing.assert_allclose(A32[i, n_in:].sum(), change, atol=5e-3 * scale, rtol=1e-2)
+
+    @jax.jit
+    def change():  # (acts, centred logits) with the prompt's b minus with every b at 0
+        _, inputs = d.forward(tp, params, ids, ci, with_inputs=True)
+        b = {n: ci[n] * d.site(n).apply(d.factors(params, n)[0], inputs[n])
+             * jnp.linalg.norm(d.factors(params, n)[1], axis=1) for n in d.site_names}
+        f = graph_compute.leaf_forward(d, params, tp, ids, tuple(embeds))
+        (a1, o1), (a0, o0) = (f({"components": c, "input": embeds})
+                              for c in (b, jax.tree.map(jnp.zeros_like, b)))
+        centred = lambda o: o - o.mean(-1, keepdims=True)  # noqa: E731
+        return jax.tree.map(jnp.subtract, a1, a0), centred(o1) - centred(o0)
+
+    acts, logits = change()
+    expected = [acts[n.site][0, n.position, n.index] if n.kind == G.COMPONENT
+                else logits[0, n.position, n.index] for n in g.nodes[n_in:]]
+    np.testing.assert_allclose(A[n_in:, n_in:].sum(1), expected,
+                               atol=5e-3 * np.abs(A).max(), rtol=1e-2)
 
 
 def test_masking_ones_and_the_threshold_choose_the_nodes(tiny_lm):
