@@ -1,14 +1,15 @@
-"""The unpruned attribution graph of one prompt: the leaf forward and the edges
-(:func:`compute_graph`), and the graph as data (:class:`Node`, :class:`Graph`). What the nodes,
-activations and edges are: :mod:`spdjax.analysis.graphs`.
+"""The unpruned attribution graph of one prompt: its nodes and, through the edge pass of
+:mod:`~spdjax.analysis.graph_edges`, its edges (:func:`compute_graph`), and the graph as data
+(:class:`Node`, :class:`Graph`). What the nodes, activations and edges are:
+:mod:`spdjax.analysis.graphs`.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import json
+import pathlib
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -16,13 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from spdjax.analysis import interventions as iv
-from spdjax.core.target import Mapped
+from spdjax.analysis.graph_edges import IG_STEPS, edge_matrix, unit_rows
 
 Array = jax.Array
 INPUT, COMPONENT, OUTPUT = "input", "component", "output"
 MASKINGS = ("ci", "ones")
 ATTRIBUTIONS = ("gradient", "integrated")
-IG_STEPS = 16  # integrated gradients' default number of midpoints
 Progress = Callable[[str], None]
 
 
@@ -109,13 +109,7 @@ class Graph:
             json.dump(self.to_json(), f, indent=1)
 
 
-# -- the leaf forward ----------------------------------------------------------------------
-
-
-def _unit_rows(U: Array) -> tuple[Array, Array]:
-    """``(||U_c||, U_c / ||U_c||)`` (a zero row stays zero)."""
-    norm = jnp.linalg.norm(U, axis=1)
-    return norm, U / jnp.where(norm > 0, norm, 1.0)[:, None]
+# -- the token embeddings ------------------------------------------------------------------
 
 
 def _token_embeddings(decomposition, target_params, batch) -> dict[str, Array]:
@@ -132,44 +126,6 @@ def _token_embeddings(decomposition, target_params, batch) -> dict[str, Array]:
             e = jnp.take(site.weight(target_params), batch, axis=0)
             out[name] = e if site.bias is None else e + site.bias(target_params)
     return out
-
-
-def leaf_forward(decomposition, params, target_params, batch, embeds: Sequence[str],
-                 delta: bool = False) -> Callable:
-    """``leaves -> (acts, output)``: the target run with every decomposed site computing
-    ``b Û (+ delta + bias)`` from the leaf ``b = leaves["components"][site]`` and recording its
-    own activations ``acts[site] = ||U|| (x V)``; the token-embedding sites ``embeds`` give
-    ``leaves["input"][site]``, and a float prompt is ``leaves["input"]["batch"]``."""
-    target = decomposition.target
-
-    def f(leaves):
-        acts, replace = {}, {}
-        for name in decomposition.site_names:
-            site = decomposition.site(name)
-            V, U = decomposition.factors(params, name)
-            norm, U_hat = _unit_rows(U)
-            bias = None if site.bias is None else site.bias(target_params)
-            D = site.weight(target_params) - V @ U if delta else None
-
-            def fn(x, name=name, site=site, V=V, norm=norm, U_hat=U_hat, bias=bias, D=D):
-                if isinstance(x, Mapped) and x.factored:
-                    raise ValueError(f"Site {name!r} takes a factored input: attribution "
-                                     "graphs need the target's plain (unfolded) forward.")
-                acts[name] = site.apply(V, x) * norm
-                y = jnp.einsum("...c,co->...o", leaves["components"][name], site.out(U_hat, x))
-                if D is not None:
-                    y = y + site.apply(site.out(D, x), x)
-                b = site.out(bias, x)
-                return y if b is None else y + b
-
-            replace[name] = fn
-        for name in embeds:
-            replace[name] = lambda _ids, name=name: leaves["input"][name]
-        x = leaves["input"]["batch"] if "batch" in leaves["input"] else batch
-        out, _ = target.forward(target_params, x, replace)
-        return acts, out
-
-    return f
 
 
 # -- the graph -----------------------------------------------------------------------------
@@ -201,70 +157,14 @@ def _component_flat(lay: _Layout, site: str, pos: int, c: int) -> int:
     return lay.offsets[site] + (c if len(shape) == 2 else pos * shape[-1] + c)
 
 
-def ig_alphas(steps: int) -> np.ndarray:
-    """The ``steps`` midpoints ``(k + 1/2) / steps`` of ``[0, 1]`` at which integrated gradients
-    evaluates the gradient (the midpoint rule: error ``O(1 / steps^2)`` where the model is smooth
-    along the path, ``O(1 / steps)`` where a ReLU switches on it)."""
-    return (np.arange(steps) + 0.5) / steps
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _edge_rows(decomposition, embeds: tuple[str, ...], delta: bool, steps: int, params,
-               target_params, batch, leaves, idx: Array) -> Array:
-    """``[len(idx), S + 1]``: per target row ``idx[r]`` of the flat target vector
-    (:class:`_Layout`), ``d target / d source x source`` for every entry of the flat source
-    vector (``S``: the components' ``b`` at every position, then the input attributions; the
-    last entry 0, for a source without a leaf). One VJP of the leaf forward, vmapped over
-    one-hot cotangents. ``steps`` > 0: integrated gradients for the component sources, their
-    gradient averaged over the component leaves scaled by :func:`ig_alphas` with the input
-    leaves held at the prompt's (one VJP per step, in a ``lax.scan``); the input sources keep
-    the gradient at the prompt.
-
-    Compiled once per decomposition, embedding sites, ``delta`` and shapes: the prompt, the
-    parameters and the leaves are arguments, so a new prompt of a length already seen (whatever
-    its nodes) reuses the compiled pass; the caller picks the source nodes' entries."""
-    f = leaf_forward(decomposition, params, target_params, batch, embeds, delta)
-    sites = decomposition.site_names
-    is_float = jnp.issubdtype(batch.dtype, jnp.floating)
-
-    def flat_f(lv):
-        acts, out = f(lv)
-        centred = out - jnp.mean(out, axis=-1, keepdims=True)
-        return jnp.concatenate([acts[n].reshape(-1) for n in sites] + [centred.reshape(-1)])
-
-    def flat_sources(g, lv):
-        parts = [(g["components"][n] * lv["components"][n]).reshape(-1) for n in sites]
-        inp = jax.tree.map(lambda a, b: a * b, g["input"], lv["input"])
-        if is_float:
-            parts.append(inp["batch"].reshape(-1))
-        elif embeds:
-            parts.append(sum(jnp.sum(v, axis=-1) for v in inp.values()).reshape(-1))
-        return jnp.concatenate(parts + [jnp.zeros((1,), jnp.float32)])  # [-1]: no leaf
-
-    def grads(lv):  # d target_row / d leaves, per row of idx
-        y, vjp = jax.vjp(flat_f, lv)
-        return jax.vmap(lambda i: vjp(jax.nn.one_hot(i, y.shape[0], dtype=y.dtype))[0])(idx)
-
-    g = grads(leaves)
-    if steps:
-        def step(acc, alpha):
-            comps = jax.tree.map(lambda v: alpha.astype(v.dtype) * v, leaves["components"])
-            gc = grads({"components": comps, "input": leaves["input"]})["components"]
-            return jax.tree.map(jnp.add, acc, gc), None
-
-        acc0 = jax.tree.map(jnp.zeros_like, g["components"])
-        gc, _ = jax.lax.scan(step, acc0, jnp.asarray(ig_alphas(steps), jnp.float32))
-        g = {"components": jax.tree.map(lambda a: a / steps, gc), "input": g["input"]}
-    return jax.vmap(flat_sources, in_axes=(0, None))(g, leaves)
-
-
 def compute_graph(decomposition, params, target_params, batch, *,
                   positions: Sequence[int] | None = None, threshold: float = 0.1, top_k: int = 5,
                   masking: str = "ci", delta: bool = False, chunk: int = 32,
                   attribution: str = "gradient", ig_steps: int = IG_STEPS,
                   ci: Mapping[str, Array] | None = None,
                   decode: Callable[[int], str] | None = None,
-                  progress: Progress | None = None) -> Graph:
+                  progress: Progress | None = None,
+                  partial: str | pathlib.Path | None = None) -> Graph:
     """The unpruned attribution graph of the prompt ``batch`` (module docstring): every
     component node with CI > ``threshold``, the inputs, the ``top_k`` outputs at ``positions``
     (default: the last), and every nonzero direct edge between them.
@@ -276,7 +176,9 @@ def compute_graph(decomposition, params, target_params, batch, *,
     vmapped batch of VJPs. ``attribution``: ``"gradient"`` (gradient x activation at the
     prompt) or ``"integrated"`` (integrated gradients from every subcomponent at 0, the inputs
     held, ``ig_steps`` midpoints: sees through a saturated softmax;
-    :mod:`spdjax.analysis.graphs`)."""
+    :mod:`spdjax.analysis.graphs`). ``partial``: a file that keeps the edge rows done so far,
+    so that an interrupted call continues where it stopped
+    (:func:`~spdjax.analysis.graph_edges.edge_matrix`)."""
     if masking not in MASKINGS:
         raise ValueError(f"Unknown masking {masking!r}; expected one of {MASKINGS}.")
     if attribution not in ATTRIBUTIONS:
@@ -298,7 +200,7 @@ def compute_graph(decomposition, params, target_params, batch, *,
     acts0 = {}
     for name in decomposition.site_names:
         V, U = decomposition.factors(params, name)
-        acts0[name] = decomposition.site(name).apply(V, inputs[name]) * _unit_rows(U)[0]
+        acts0[name] = decomposition.site(name).apply(V, inputs[name]) * unit_rows(U)[0]
     embeds = _token_embeddings(decomposition, target_params, batch)
     is_float = jnp.issubdtype(batch.dtype, jnp.floating)
     leaves = {"components": {n: m[n] * acts0[n] for n in decomposition.site_names},
@@ -348,17 +250,12 @@ def compute_graph(decomposition, params, target_params, batch, *,
     target_rows = np.asarray(comp_rows + out_rows, np.int32)
     sources = np.asarray(src_flat, np.int32)  # -1: the source vector's last, zero, entry
 
-    R = len(target_rows)
     steps = ig_steps if attribution == "integrated" else 0
-    A = np.zeros((R, len(sources)), np.float32)
-    for start in range(0, R, chunk):
-        idx = target_rows[start:start + chunk]
-        padded = np.pad(idx, (0, chunk - len(idx)), constant_values=idx[0])
-        full = _edge_rows(decomposition, tuple(embeds), delta, steps, params, target_params,
-                          batch, leaves, jnp.asarray(padded))
-        A[start:start + len(idx)] = np.asarray(full)[:len(idx), sources]
-        if progress is not None:
-            progress(f"edges: {min(start + chunk, R)}/{R} target nodes")
+    key = {"nodes": [(n.name, n.activation) for n in nodes], "masking": masking,
+           "delta": delta, "steps": steps, "batch": np.asarray(batch).tolist()}
+    A = edge_matrix(decomposition, tuple(embeds), delta, steps, params, target_params, batch,
+                    leaves, target_rows, sources, chunk=chunk, key=key, partial=partial,
+                    progress=progress)
     if not embeds and not is_float:  # decomposed embedding: its nodes stand for their token
         for r in range(len(comp_rows)):
             node = nodes[n_in + r]

@@ -57,7 +57,8 @@ output positions, with the graph's subcomponents at 1 and every other at 0; and 
 that signed-gradient ascent (PGD) on the masks of every subcomponent *outside* the graph (in
 [0, 1], graph nodes held at 1; with ``delta`` the delta component at 1 throughout) finds.
 
-Modules: :mod:`~spdjax.analysis.graph_compute` (nodes, edges, the :class:`Graph`),
+Modules: :mod:`~spdjax.analysis.graph_compute` (nodes, the :class:`Graph`),
+:mod:`~spdjax.analysis.graph_edges` (the edge pass, resumable),
 :mod:`~spdjax.analysis.graph_prune`, :mod:`~spdjax.analysis.graph_validate`; this module
 re-exports their public names and adds :func:`build`, the three in one call, and
 :func:`site_order`, the rows of a drawing (the sites in the order the model calls them).
@@ -71,8 +72,8 @@ import jax
 
 # Re-exported: the attribution-graph vocabulary, importable from here as the guide shows.
 from spdjax.analysis.graph_compute import (  # noqa: F401
-    ATTRIBUTIONS, COMPONENT, IG_STEPS, INPUT, MASKINGS, OUTPUT, Graph, Node, Progress,
-    compute_graph, leaf_forward)
+    ATTRIBUTIONS, COMPONENT, INPUT, MASKINGS, OUTPUT, Graph, Node, Progress, compute_graph)
+from spdjax.analysis.graph_edges import IG_STEPS, ig_alphas, leaf_forward  # noqa: F401
 from spdjax.analysis.graph_prune import (  # noqa: F401
     EDGE_THRESHOLD, NODE_THRESHOLD, influence, output_weights, prune, strongest_path)
 from spdjax.analysis.graph_validate import adversarial_kl, graph_masks, validate  # noqa: F401
@@ -81,15 +82,15 @@ from spdjax.analysis.graph_validate import adversarial_kl, graph_masks, validate
 def build(decomposition, params, target_params, batch, *, positions=None, threshold=0.1,
           top_k=5, masking="ci", delta=False, node_threshold=NODE_THRESHOLD,
           edge_threshold=EDGE_THRESHOLD, chunk=32, attribution="gradient", ig_steps=IG_STEPS,
-          ci=None, decode=None,
-          validation: Mapping[str, Any] | None = None, progress: Progress | None = None) -> Graph:
+          ci=None, decode=None, validation: Mapping[str, Any] | None = None,
+          progress: Progress | None = None, partial=None) -> Graph:
     """:func:`compute_graph`, :func:`prune` and :func:`validate` (``validation``: its keyword
     options; None: the defaults; ``{"pgd_steps": 0}``: no PGD) in one call; the unpruned
     graph's size is in ``settings["unpruned"]``."""
     full = compute_graph(decomposition, params, target_params, batch, positions=positions,
                          threshold=threshold, top_k=top_k, masking=masking, delta=delta,
                          chunk=chunk, attribution=attribution, ig_steps=ig_steps, ci=ci,
-                         decode=decode, progress=progress)
+                         decode=decode, progress=progress, partial=partial)
     graph = prune(full, node_threshold=node_threshold, edge_threshold=edge_threshold)
     graph.settings["unpruned"] = {"n_nodes": sum(n.kind == COMPONENT for n in full.nodes),
                                   "n_edges": int(len(full.weights))}

@@ -6,7 +6,9 @@ computes, prunes and validates its graph (:func:`spdjax.analysis.graphs.build`) 
 ``<out>/<name>.json`` (nodes, edges, validation numbers, the prompt, ``sites``: the figure's rows,
 :func:`spdjax.analysis.graphs.site_order`) and ``<out>/<name>.png``
 (default ``out``: ``DIR/analysis/graphs``), printing progress of the edges and the PGD
-validation on stderr. Errors a user can fix are one ``error:`` line (exit 2).
+validation on stderr. The edge rows done so far are kept in ``<out>/<name>.partial.npz`` (every
+30 s and on Ctrl-C), so the same command after an interruption continues the edges where they
+stopped. Errors a user can fix are one ``error:`` line (exit 2).
 """
 
 import json
@@ -64,21 +66,22 @@ def main(argv):
     common.begin(argv)
     with common.user_errors():
         run, batch, codec = prompts.load_prompt(_WORKDIR.value, _STEP.value, _PROMPT.value)
-        graph = graphs.build(
-            run.decomposition, run.params, run.target_params, jnp.asarray(batch),
-            positions=prompts.positions(_POSITION.value), threshold=_THRESHOLD.value,
-            top_k=_TOP_K.value, masking=_MASKING.value, attribution=_ATTRIBUTION.value,
-            ig_steps=_IG_STEPS.value, node_threshold=_NODE_THRESHOLD.value,
-            edge_threshold=_EDGE_THRESHOLD.value, decode=codec.decode, progress=_say,
-            validation={"pgd_steps": _PGD_STEPS.value, "pgd_step_size": _PGD_STEP_SIZE.value,
-                        "pgd_restarts": _PGD_RESTARTS.value,
-                        "key": jax.random.key(_SEED.value)})
         out = pathlib.Path(_OUT.value or run.workdir / "analysis" / "graphs")
         out.mkdir(parents=True, exist_ok=True)
         integrated = ({"attribution": _ATTRIBUTION.value, "ig_steps": _IG_STEPS.value}
                       if _ATTRIBUTION.value == "integrated" else {})
         name = _NAME.value or common.result_name("prompt_", _ARGUMENTS, step=run.step,
                                                  **integrated)
+        graph = graphs.build(
+            run.decomposition, run.params, run.target_params, jnp.asarray(batch),
+            positions=prompts.positions(_POSITION.value), threshold=_THRESHOLD.value,
+            top_k=_TOP_K.value, masking=_MASKING.value, attribution=_ATTRIBUTION.value,
+            ig_steps=_IG_STEPS.value, node_threshold=_NODE_THRESHOLD.value,
+            edge_threshold=_EDGE_THRESHOLD.value, decode=codec.decode, progress=_say,
+            partial=out / f"{name}.partial.npz",
+            validation={"pgd_steps": _PGD_STEPS.value, "pgd_step_size": _PGD_STEP_SIZE.value,
+                        "pgd_restarts": _PGD_RESTARTS.value,
+                        "key": jax.random.key(_SEED.value)})
         tokens = [codec.decode(int(t)) if codec.decode else str(t) for t in batch[0]] if (
             batch.dtype.kind == "i") else None
         # The figure's rows: the sites in the order the model calls them.

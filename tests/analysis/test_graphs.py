@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import spdjax
-from spdjax.analysis import graph_compute, graph_plots, graph_prune, graphs as G
+from spdjax.analysis import graph_compute, graph_edges, graph_plots, graph_prune, graphs as G
 from spdjax.cli import prompts
 from spdjax.core.target import Site, from_function, weight_at
 from spdjax.families.lm import llama
@@ -127,7 +127,7 @@ def test_integrated_gradient_edges_against_numpy_and_completeness(tiny_lm):
     # far from linear along the path and integrated gradients differs from gradient x activation
     params = {**params, "components": jax.tree.map(lambda a: 1.7 * a, params["components"])}
     steps = 32
-    assert graph_compute.ig_alphas(2).tolist() == [0.25, 0.75]  # midpoints
+    assert graph_edges.ig_alphas(2).tolist() == [0.25, 0.75]  # midpoints
     kw = dict(threshold=0.0, top_k=2, ci=ci, chunk=64)
     g = G.compute_graph(d, params, tp, IDS, attribution="integrated", ig_steps=steps, **kw)
     grad = G.compute_graph(d, params, tp, IDS, **kw)
@@ -164,7 +164,7 @@ def test_integrated_gradient_edges_against_numpy_and_completeness(tiny_lm):
                   ("output:" + str(g.nodes[-1].index) + "@5", "blocks_0/attn/v:0@3")]:
         src, tgt = g.nodes[idx[s_]], g.nodes[idx[t]]
         deriv = 0.0
-        for alpha in graph_compute.ig_alphas(steps):
+        for alpha in graph_edges.ig_alphas(steps):
             runs = []
             for sign in (1, -1):
                 lv = {n: alpha * v for n, v in b0.items()}
@@ -200,7 +200,7 @@ def test_integrated_gradients_on_an_rmsnorm_model_is_complete():
         _, inputs = d.forward(tp, params, ids, ci, with_inputs=True)
         b = {n: ci[n] * d.site(n).apply(d.factors(params, n)[0], inputs[n])
              * jnp.linalg.norm(d.factors(params, n)[1], axis=1) for n in d.site_names}
-        f = graph_compute.leaf_forward(d, params, tp, ids, tuple(embeds))
+        f = graph_edges.leaf_forward(d, params, tp, ids, tuple(embeds))
         (a1, o1), (a0, o0) = (f({"components": c, "input": embeds})
                               for c in (b, jax.tree.map(jnp.zeros_like, b)))
         centred = lambda o: o - o.mean(-1, keepdims=True)  # noqa: E731
@@ -211,6 +211,37 @@ def test_integrated_gradients_on_an_rmsnorm_model_is_complete():
                 else logits[0, n.position, n.index] for n in g.nodes[n_in:]]
     np.testing.assert_allclose(A[n_in:, n_in:].sum(1), expected,
                                atol=5e-3 * np.abs(A).max(), rtol=1e-2)
+
+
+def test_an_interrupted_graph_resumes_its_edges_and_ignores_another_graphs(tiny_lm, tmp_path):
+    d, params, tp, ci = tiny_lm
+    kw = dict(threshold=0.0, top_k=2, ci=ci, chunk=32)
+    full = G.compute_graph(d, params, tp, IDS, **kw)  # 146 target nodes: 5 chunks
+    part = tmp_path / "g.partial.npz"
+    seen = []
+
+    def stop_after_two(line):
+        seen.append(line)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        G.compute_graph(d, params, tp, IDS, partial=part, progress=stop_after_two, **kw)
+    assert part.exists()  # the two chunks done, kept on the interrupt
+    lines = []
+    g = G.compute_graph(d, params, tp, IDS, partial=part, progress=lines.append, **kw)
+    assert lines[0] == f"edges: resuming at 64/146 target nodes (from {part})"
+    assert lines[1:] == [f"edges: {k}/146 target nodes" for k in (96, 128, 146)]
+    np.testing.assert_array_equal(g.adjacency(), full.adjacency())
+    assert not part.exists()  # done: the partial file is gone
+    # a partial of another graph (another prompt) is said and replaced, not used
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        G.compute_graph(d, params, tp, IDS[:, ::-1], partial=part, progress=stop_after_two, **kw)
+    lines.clear()
+    g = G.compute_graph(d, params, tp, IDS, partial=part, progress=lines.append, **kw)
+    assert "is not this graph's" in lines[0] and lines[1] == "edges: 32/146 target nodes"
+    np.testing.assert_array_equal(g.adjacency(), full.adjacency())
 
 
 def test_masking_ones_and_the_threshold_choose_the_nodes(tiny_lm):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import spdjax
-from spdjax.analysis import graph_compute, graphs, interventions as iv
+from spdjax.analysis import graph_edges, graphs, interventions as iv
 from spdjax.cli import prompts
 from spdjax.view import graph_api as ga
 from spdjax.view.errors import BadRequest
@@ -139,10 +139,10 @@ def test_requests_reuse_the_graph_and_the_compiled_forwards(run, unpruned):
         ga.intervene_json(run, {"prompt": "BOS 4 5 6 S 4 5 6 S", **body})
     assert session.decomposition.forward._cache_size() == n_compiled  # same length: no retrace
     # A new graph of a prompt of the same length: its edge pass is not compiled again.
-    n_edges = graph_compute._edge_rows._cache_size()
+    n_edges = graph_edges._edge_rows._cache_size()
     other = ga.graph_json(run, {"prompt": "BOS 4 5 6 S 4 5 6 S", "prune": False})
     assert other["tokens"][1] == "4" and other["nodes"] is not unpruned["nodes"]
-    assert graph_compute._edge_rows._cache_size() == n_edges
+    assert graph_edges._edge_rows._cache_size() == n_edges
 
 
 def test_tokens_without_a_prompt_codec_decoder_use_the_family_decoder(run, monkeypatch):
