@@ -78,6 +78,7 @@ class Term:
 def is_default_option(term_name: str, option: str, value: Any) -> bool:
     """Whether ``value`` is what the loss term ``term_name`` uses when ``option`` is not given
     (so a config that spells it out and one that leaves it out train the same)."""
+    term_name = term_name.partition("@")[0]  # an instance of a loss: the loss's defaults
     if term_name not in LOSSES:
         return False
     param = inspect.signature(LOSSES.get(term_name)).parameters.get(option)
@@ -100,7 +101,7 @@ def term(fn: str | LossFn, coeff: float, *, name: str | None = None, **options) 
     here, not mid-run; so do option values that fail the checks the function declared with
     :func:`spdjax.losses.checks.options` (only its own: a user term's ``init`` is not PGD's).
     """
-    label = fn if isinstance(fn, str) else (name or getattr(fn, "__name__", None))
+    label = name or (fn if isinstance(fn, str) else getattr(fn, "__name__", None))
     fn = LOSSES.resolve(fn)
     if not callable(fn) or not label:
         raise ValueError(f"A loss term must be a registered name or a named function; got {fn!r}.")
@@ -177,17 +178,32 @@ def total_loss(terms: Sequence[Term]):
     return total
 
 
+def loss_of(name: str) -> str:
+    """The registered loss a config key names: ``"stochastic_recon@context"`` is a second
+    instance of ``stochastic_recon`` (its own coefficient, options, metrics and PRNG stream),
+    so one loss can enter a config twice, e.g. with two divergences."""
+    base, at, label = name.partition("@")
+    if at and (not label or "@" in label or not label.replace("_", "").isalnum()):
+        raise ValueError(f"Loss term {name!r}: an instance label after '@' must be letters, "
+                         f"digits or '_' (e.g. 'stochastic_recon@context').")
+    return base
+
+
 def terms_from_config(loss_config: Mapping[str, Mapping[str, Any]]) -> list[Term]:
-    """``{name: {"coeff": float, **options}}`` -> bound :class:`Term` values (config order)."""
+    """``{name: {"coeff": float, **options}}`` -> bound :class:`Term` values (config order).
+
+    A name is a registered loss, or one with an instance label (``"<loss>@<label>"``,
+    :func:`loss_of`) to use the same loss twice."""
     if not loss_config:
         raise ValueError("The loss config is empty: name at least one loss term with a coeff.")
     terms = []
     for name, opts in loss_config.items():
-        LOSSES.get(name)
+        base = loss_of(name)
+        LOSSES.get(base)
         opts = dict(opts)
         if "coeff" not in opts:
             raise ValueError(f"Loss {name!r} needs a 'coeff'; got options {sorted(opts)}.")
-        terms.append(term(name, opts.pop("coeff"), **opts))
+        terms.append(term(base, opts.pop("coeff"), name=name, **opts))
     return terms
 
 

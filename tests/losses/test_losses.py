@@ -203,8 +203,30 @@ def test_total_loss_weights_terms_and_draws_independent_masks(setup):
         losses.stochastic_recon(params, ctx, losses.term_key(key, "stochastic_recon")), rtol=1e-6)
 
 
+def test_a_loss_used_twice_through_an_instance_label(setup):
+    """``<loss>@<label>``: the same loss again with its own options, value and PRNG stream."""
+    d, tp, params, x, ctx, npp = setup
+    cfg = {"stochastic_recon": {"coeff": 1.0},
+           "stochastic_recon@ce": {"coeff": 0.25, "divergence": "ce", "n_samples": 2}}
+    key = jax.random.key(3)
+    total, terms = jax.jit(spdjax.make_total_loss(cfg))(params, ctx, key)
+    want_ce = losses.stochastic_recon(params, ctx, losses.term_key(key, "stochastic_recon@ce"),
+                                      divergence="ce", n_samples=2)
+    np.testing.assert_allclose(terms["stochastic_recon@ce"], want_ce, rtol=1e-6)
+    np.testing.assert_allclose(
+        terms["stochastic_recon"],
+        losses.stochastic_recon(params, ctx, losses.term_key(key, "stochastic_recon")), rtol=1e-6)
+    np.testing.assert_allclose(total, terms["stochastic_recon"] + 0.25 * want_ce, rtol=1e-6)
+    assert not np.isclose(terms["stochastic_recon@ce"], terms["stochastic_recon"])
+
+
 @pytest.mark.parametrize("cfg, msg", [
     ({"stochastic_recn": {"coeff": 1.0}}, "Unknown loss 'stochastic_recn'"),
+    ({"stochastic_recn@x": {"coeff": 1.0}}, "Unknown loss 'stochastic_recn'"),
+    ({"stochastic_recon@": {"coeff": 1.0}}, "instance label after '@'"),
+    ({"stochastic_recon@a-b": {"coeff": 1.0}}, "instance label after '@'"),
+    ({"stochastic_recon@x": {"coeff": 1.0, "n_sample": 2}},
+     "Loss 'stochastic_recon@x': bad options"),
     ({"faithfulness": {}}, "needs a 'coeff'"),
     ({"importance_minimality": {"coeff": 1.0}}, "bad options"),
     ({"stochastic_recon": {"coeff": 1.0, "n_sample": 2}}, "bad options.*n_sample"),
