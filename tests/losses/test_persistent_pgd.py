@@ -3,6 +3,7 @@ kept, Adam ascent, [0, 1] box), the merged stochastic/PGD term, per-term state o
 checks, jit + vmap, and a managed run that resumes."""
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 
 import spdjax
 from spdjax.losses import persistent_pgd as ppgd
+from spdjax.core.routing import make_router, route
 from spdjax.losses.adversarial import ADVERSARY, assign_state
 from spdjax.methods import adversary
 
@@ -193,6 +195,67 @@ def test_merged_term_at_the_extremes(setup):
     shifted = {**p, ADVERSARY: jax.tree.map(lambda s: 1.0 - s, p[ADVERSARY])}
     f0 = jax.jit(functools.partial(merged, adv_fraction=0.0, optimizer=opt))
     np.testing.assert_allclose(f0(p, ctx, key), f0(shifted, ctx, key), rtol=1e-6)
+
+
+def _np_merged_forward(d, tp, params, x, masks, routed):
+    """As _np_forward, a site taking the target's weight where ``routed[site]`` is False."""
+    f = {n: [np.asarray(a, np.float64) for a in d.factors(params, n)] for n in "ab"}
+    w = {n: np.asarray(tp[n]["kernel"], np.float64) for n in "ab"}
+    x = np.asarray(x, np.float64)
+
+    def site(n, a):
+        on = routed[n][:, None]
+        return np.where(on, (a @ f[n][0] * masks[n]) @ f[n][1], a @ w[n])
+
+    h = np.maximum(site("a", x) + np.asarray(tp["a"]["bias"], np.float64), 0)
+    return site("b", h)
+
+
+def test_merged_term_at_half_matches_numpy(setup):
+    """adv_fraction 0.5, two draws: per draw each example is adversarial (the persistent source
+    on every site) or stochastic (fresh uniform sources on the routed sites, the target's weight
+    on the others); the value is the mean over draws of the MSE, and only the adversarial
+    examples' finite-difference gradient reaches the sources (float64 NumPy, one Adam ascent)."""
+    d, tp, params, x = setup
+    fn, key, n_samples = ppgd.stochastic_pgd_recon_subset, jax.random.key(11), 2
+    params = _with_state(d, params, fn, optimizer=_adam())
+    value, state = _step(d, tp, x, fn, params, key, adv_fraction=0.5, optimizer=_adam(),
+                         n_samples=n_samples)
+
+    ctx = jax.jit(lambda p: spdjax.make_context(d, tp, p, x))(params)
+    lower = {n: np.asarray(ctx.ci[n].lower, np.float64) for n in "ab"}
+    target_out = np.asarray(ctx.target_out, np.float64)
+    draws = []  # the draws' randomness, taken from the streams the term documents
+    for j in range(n_samples):
+        k = jax.random.fold_in(key, j)
+        routing = route(jax.random.fold_in(k, ppgd.ROUTING_STREAM),
+                                            make_router("uniform_k"),
+                                            ["a", "b"], (B,))
+        flag = np.asarray(jax.random.bernoulli(jax.random.fold_in(k, ppgd._ASSIGN), 0.5, (B,)))
+        uniform = {n: np.asarray(jax.random.uniform(jax.random.fold_in(
+            jax.random.fold_in(k, ppgd._UNIFORM), i), (B, C[n])), np.float64)
+            for i, n in enumerate("ab")}
+        draws.append((flag, {n: np.asarray(routing[n]) | flag for n in "ab"}, uniform))
+    assert any(f.any() and not f.all() for f, _, _ in draws)  # both kinds of example occur
+
+    def loss(sources):
+        total = 0.0
+        for flag, routed, uniform in draws:
+            masks = {n: lower[n] + (1 - lower[n]) * np.where(flag[:, None], sources[n][None],
+                                                             uniform[n]) for n in "ab"}
+            out = _np_merged_forward(d, tp, params, x, masks, routed)
+            total += np.mean((out - target_out) ** 2)
+        return total / n_samples
+
+    s = {n: np.asarray(params[ADVERSARY][fn.__name__]["sources"][n], np.float64) for n in "ab"}
+    np.testing.assert_allclose(value, loss(s), rtol=1e-4)
+    # no warm-up ascent unless asked (the reference's default), so one ascent from the sources
+    for term in (fn, ppgd.persistent_pgd_recon):
+        assert inspect.signature(term).parameters["n_warmup_steps"].default == 0
+    g = _np_grad(loss, s)
+    for n in "ab":
+        want, _, _ = _np_adam_ascent(s[n], g[n], 0.0, 0.0, 1)
+        np.testing.assert_allclose(state["sources"][n], want, atol=2e-4)
 
 
 def test_the_source_lr_warms_up_linearly(setup):
