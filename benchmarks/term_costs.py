@@ -4,10 +4,16 @@ VPD's terms, CI functions and Muon among them.
     python -m benchmarks.term_costs                     # -> benchmarks/results/term_costs.{json,md}
     python -m benchmarks.term_costs --configs=tms:5-2 --steps=100
     python -m benchmarks.term_costs --only-vpd --out=benchmarks/results/term_costs_vpd
+    python -m benchmarks.term_costs --configs=lm:ih --steps=30 \
+        --out=benchmarks/results/term_costs_ci_lm       # the CI functions on the induction toy
+    python -m benchmarks.term_costs --only-vpd --match=paper,ci_fn \
+        --out=benchmarks/results/term_costs_ci_toys     # only the rows whose label has one
 
 Each loss set is timed by ``benchmarks.run`` (the real jitted train step, compile excluded, in a
 fresh process). PGD multiplies the forward and backward passes by its ``n_steps``, so it is
-measured against ``n_steps``; the ratio column is the step time over the paper recipe's.
+measured against ``n_steps``; the ratio column is the step time over the paper recipe's. A
+language-model config (``lm:<variant>``) gets the CI-function rows only, each on the config's own
+loss set: per-site MLPs, one global MLP, the global transformer and the chunkwise one.
 """
 
 from __future__ import annotations
@@ -93,15 +99,32 @@ def vpd_sets(name: str, imp: dict) -> dict[str, tuple[dict, dict]]:
     }
     for ci_fn in ("shared_mlp", "global_mlp", "global_transformer"):
         sets[f"paper, ci_fn={ci_fn}"] = (paper, {"ci_fn": ci_fn, "ci_hidden": [64]})
+    sets["paper, ci_fn=chunkwise_transformer, 1 site a chunk"] = (
+        paper, {"ci_fn": "chunkwise_transformer", "ci_options.sites_per_chunk": 1})
     sets["paper, Muon on components and CI"] = (paper, {"optimizer.components.name": "muon",
                                                          "optimizer.ci.name": "muon"})
+    return sets
+
+
+def ci_sets() -> dict[str, tuple[None, dict]]:
+    """Label -> (None: the config's own losses, overrides): each CI function on a sequence model
+    (the transformers causal over positions, as spdjax/config/vpd.py sets them for LMs)."""
+    causal = {"ci_options.causal": True}
+    sets = {"ci_fn=mlp (per site, the config's)": (None, {"ci_fn": "mlp"}),
+            "ci_fn=vector_mlp": (None, {"ci_fn": "vector_mlp"}),
+            "ci_fn=global_mlp": (None, {"ci_fn": "global_mlp", "ci_hidden": [64]}),
+            "ci_fn=global_transformer": (None, {"ci_fn": "global_transformer", **causal})}
+    for per_chunk in (4, 1):
+        sets[f"ci_fn=chunkwise_transformer, {per_chunk} site{'s' * (per_chunk > 1)} a chunk"] = (
+            None, {"ci_fn": "chunkwise_transformer", "ci_options.sites_per_chunk": per_chunk,
+                   **causal})
     return sets
 
 
 def to_markdown(rows: list[dict], info: dict) -> str:
     lines = [f"Machine: {info['device']}, {info['cpu_count']} cores; jax {info['jax']}; commit "
              f"{info['commit']}; {info['date']}", "",
-             "| config | loss set | ms/step | x paper recipe | GFLOP/step |",
+             "| config | loss set | ms/step | x its config's first row | GFLOP/step |",
              "|---|---|---|---|---|"]
     base = {}
     for r in rows:
@@ -120,17 +143,30 @@ def main(argv=None):
                         help="also VPD's terms, the global CI functions and Muon")
     parser.add_argument("--only-vpd", action="store_true",
                         help="only those (e.g. with --out=benchmarks/results/term_costs_vpd)")
+    parser.add_argument("--match", default="",
+                        help="comma-separated label fragments: only the rows whose label has one")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "term_costs"))
     args = parser.parse_args(argv)
     rows = []
     for name in args.configs.split(","):
-        runs = {} if args.only_vpd else {
-            label: (losses, {}) for label, losses in loss_sets(IMP[name]).items()}
-        if args.vpd or args.only_vpd:  # (its paper row again only where it is the baseline)
+        if name.startswith("lm:"):
+            runs = ci_sets()
+        elif name not in IMP:
+            raise SystemExit(f"--configs: no loss sets for {name!r}; expected one of "
+                             f"{sorted(IMP)} or an lm:<variant>.")
+        else:
+            runs = {} if args.only_vpd else {
+                label: (losses, {}) for label, losses in loss_sets(IMP[name]).items()}
+        # (VPD's paper row again only where it is the baseline)
+        if (args.vpd or args.only_vpd) and name in IMP:
             runs.update({k: v for k, v in vpd_sets(name, IMP[name]).items()
                          if k not in runs})
+        if args.match:
+            runs = {k: v for k, v in runs.items()
+                    if any(m in k for m in args.match.split(","))}
         for label, (losses, overrides) in runs.items():
-            row = run_in_subprocess(name, args.steps, {"losses": losses, **overrides})
+            own = {} if losses is None else {"losses": losses}  # None: the config's own
+            row = run_in_subprocess(name, args.steps, {**own, **overrides})
             row["loss_set"] = label
             print(f"{name} | {label}: {1e3 * row['s_per_step']:.1f} ms/step", flush=True)
             rows.append(row)

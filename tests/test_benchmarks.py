@@ -157,6 +157,16 @@ def test_term_cost_loss_sets_are_valid_and_tabulate():
     for imp in term_costs.IMP.values():
         for losses in term_costs.loss_sets(imp).values():
             terms_from_config(losses)
+    for name, imp in term_costs.IMP.items():
+        for losses, overrides in term_costs.vpd_sets(name, imp).values():
+            terms_from_config(losses)
+            runs.validate(configs.load(name, overrides))
+    ci_rows = term_costs.ci_sets()
+    assert {o["ci_fn"] for _, o in ci_rows.values()} >= {"global_transformer",
+                                                          "chunkwise_transformer"}
+    for losses, overrides in ci_rows.values():
+        assert losses is None  # the config's own loss set
+        runs.validate(configs.load("lm:ih", overrides))
     rows = [{"config": "tms:5-2", "loss_set": "paper", "s_per_step": 0.010, "flops_per_step": 1e9},
             {"config": "tms:5-2", "loss_set": "pgd", "s_per_step": 0.025, "flops_per_step": 3e9}]
     info = {"device": "cpu", "cpu_count": 2, "jax": "x", "commit": "c", "date": "d"}
