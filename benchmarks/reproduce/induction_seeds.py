@@ -79,18 +79,22 @@ def tabulate(table: dict) -> str:
              "`keep, worst site alone`: the lowest accuracy keeping one site's found set (the "
              "other sites the target's); `all summed`: every site the sum of all its "
              "subcomponents; `keep, CI-masked`: the CI-masked model with every subcomponent "
-             "outside the found sets ablated (reported, not judged).",
+             "outside the found sets ablated; `saturated at e`: subcomponents whose CI "
+             "pre-activation is >= 1 at e, where minimality barely acts (both reported, not "
+             "judged).",
              "",
-             "| row | seed | steps | active at e | active elsewhere | found | acc keep / ablate "
+             "| row | seed | steps | active at e | saturated at e | active elsewhere | found "
+             "| acc keep / ablate "
              "| keep, worst site alone | all summed | keep, CI-masked "
              "| prev-token mass (target) | induction mass (target) | OV diagonal | "
              + " | ".join(SHORT.values()) + " | all | minutes |",
-             "|" + "---|" * (15 + len(SHORT))]
+             "|" + "---|" * (16 + len(SHORT))]
     for row, recs in sorted(table.items()):
         for r in sorted(recs, key=lambda r: r["seed"]):
             m = r["induction"]
             lines.append(
                 f"| {row} | {r['seed']} | {r['steps']} | {_fmt(m['sparsity']['at_induction'])} "
+                f"| {_fmt(m['saturated_at_induction']) if 'saturated_at_induction' in m else '—'} "
                 f"| {_fmt(m['sparsity']['elsewhere'])} "
                 f"| {_fmt(m['found'], 'd')} "
                 f"| {m['kept_accuracy']:.3f} / {m['ablated_accuracy']:.3f} "
@@ -101,7 +105,7 @@ def tabulate(table: dict) -> str:
                 + " | ".join("yes" if m["passes"][k] else "no" for k in SHORT)
                 + f" | {'**yes**' if m['all_pass'] else 'no'} | {r['wall_time_s'] / 60:.1f} |")
         n = sum(r["induction"]["all_pass"] for r in recs)
-        lines.append(f"| **{row}** | | | | | | | | | | | | | {' | ' * len(SHORT)}**{n} of "
+        lines.append(f"| **{row}** | | | | | | | | | | | | | | {' | ' * len(SHORT)}**{n} of "
                      f"{len(recs)}** | |")
     return "\n".join(lines) + "\n"
 

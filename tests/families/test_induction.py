@@ -7,6 +7,7 @@ import pytest
 
 import spdjax
 from spdjax.families.lm import induction
+from spdjax.losses import make_context
 from spdjax.families.lm import model as lm_model
 from spdjax.losses.divergences import DIVERGENCES, kl
 
@@ -166,6 +167,16 @@ def test_criteria_end_to_end_and_bad_inputs(target_and_batch, exact):
                                   "copying"}
     assert out["all_pass"] == all(out["passes"].values())
     assert all(0 <= v <= CFG.d_model for v in out["found"].values())
+    # saturated CI at e: layer-1 out's CI bias lifted so all 8 are; the rest counted in NumPy
+    ci = dict(p["ci"], **{"blocks_1/attn/out": [p["ci"]["blocks_1/attn/out"][0], {
+        **p["ci"]["blocks_1/attn/out"][1], "b": p["ci"]["blocks_1/attn/out"][1]["b"] + 5.0}]})
+    lifted = {**p, "ci": ci}
+    sat = induction.criteria(d, lifted, params, CFG, ids, labels)["saturated_at_induction"]
+    assert sat.pop("blocks_1/attn/out") == 8.0
+    pre = {n: np.asarray(c.pre) for n, c in make_context(d, params, p, ids).ci.items()}
+    assert sat == {n: pytest.approx(np.mean(np.sum(pre[n][:, -1, :] >= 1.0, axis=-1)))
+                   for n in sat}
+    assert sum(sat.values()) > 0  # the random CI functions saturate a few
     with pytest.raises(ValueError, match="S = 13 exactly once"):
         induction.criteria(d, p, params, CFG, ids.at[:, -1].set(1), labels)
     with pytest.raises(ValueError, match="tau must be in"):

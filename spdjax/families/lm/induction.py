@@ -218,7 +218,13 @@ def measure(decomp, spd_params, target_params, cfg: lm_model.LMConfig, ids: Arra
     """Every number the criteria read (jit-able; :func:`criteria` adds the verdicts)."""
     ctx = make_context(decomp, target_params, spd_params, ids)
     ci = {n: c.lower for n, c in ctx.ci.items()}
-    return measure_ci(decomp, spd_params, target_params, cfg, ids, labels, ci, tau=tau)
+    m = measure_ci(decomp, spd_params, target_params, cfg, ids, labels, ci, tau=tau)
+    # Reported, not judged: subcomponents per site whose CI pre-activation is >= 1 at e. There
+    # the lower sigmoid passes no gradient and the upper one only its leak, so minimality can
+    # hardly lower them: a dense site at e with most of its CI saturated is stuck, not busy.
+    m["saturated_at_induction"] = {n: jnp.mean(jnp.sum(ctx.ci[n].pre[:, -1] >= 1.0, axis=-1))
+                                   for n in CIRCUIT_POSITION}
+    return m
 
 
 def measure_ci(decomp, spd_params, target_params, cfg: lm_model.LMConfig, ids: Array,
