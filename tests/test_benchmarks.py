@@ -407,6 +407,7 @@ def test_induction_seeds_table_counts_passes_and_shows_the_worst_site(tmp_path):
     old = {"seed": 0, "steps": 10, "overrides": [], "wall_time_s": 60.0, "induction": m}
     new = dict(old, seed=1, induction=dict(
         m, all_pass=False, unmasked_accuracy=1.0, kept_ci_masked_accuracy=0.995,
+        saturated_at_induction={n: 0.5 for n in sites},
         kept_accuracy_one_site={**{n: 1.0 for n in sites}, "blocks_0/attn/k": 0.982}))
     out = tmp_path / "t"
     induction_seeds.save(out, "ih@10", old)
@@ -417,6 +418,8 @@ def test_induction_seeds_table_counts_passes_and_shows_the_worst_site(tmp_path):
     assert len(rows) == 2 and "| — | — | — |" in rows[0]
     assert "| 0.982 (L0 k) | 1.000 | 0.995 |" in rows[1] and "| 2.0 |" in rows[1]
     assert "**1 of 2**" in text
+    assert "| 1.0/1.0/1.0/1.0/1.0/1.0/1.0/1.0 | — |" in rows[0]  # judged before the column
+    assert "| 1.0/1.0/1.0/1.0/1.0/1.0/1.0/1.0 | 0.5/0.5/0.5/0.5/0.5/0.5/0.5/0.5 |" in rows[1]
     header = next(line for line in text.splitlines() if line.startswith("| row |"))
     assert all(line.count("|") == header.count("|") for line in rows)
 
@@ -449,6 +452,25 @@ def test_induction_ov_rank_counts_the_fewest_singular_pieces():
         assert n["answer"][b] == min(k for k, lg in enumerate(logits) if lg.argmax() == labels[b])
         assert n["kl"][b] == min(k for k, v in enumerate(kl) if v < 0.05)
     np.testing.assert_allclose(n["singular_values"], s)
+
+
+def test_induction_ov_rank_keeps_the_costliest_pieces():
+    from benchmarks.reproduce import induction_ov_rank as ov
+
+    rng = np.random.default_rng(0)
+    pieces, rest, costs = rng.normal(size=(5, 6, 9)), rng.normal(size=(5, 9)), rng.random((5, 6))
+    ref = rng.normal(size=(5, 9))
+    got = ov.kl_keeping_top(pieces, rest + pieces.sum(1), costs, (0, 2, 6), reference_logits=ref)
+    for k in (0, 2, 6):  # by hand: per sequence the k costliest pieces on top of the rest
+        kls = []
+        for b in range(5):
+            keep = sorted(range(6), key=lambda j: -costs[b, j])[:k]
+            lq = rest[b] + sum((pieces[b, j] for j in keep), np.zeros(9))
+            lp, lq = ref[b] - np.logaddexp.reduce(ref[b]), lq - np.logaddexp.reduce(lq)
+            kls.append(np.sum(np.exp(lp) * (lp - lq)))
+        assert got[k] == pytest.approx(np.mean(kls), abs=1e-5)
+    assert ov.kl_keeping_top(pieces, rest + pieces.sum(1), costs, (6,))[6] == pytest.approx(0.0,
+                                                                                          abs=1e-6)
 
 
 def test_compile_share_sums_the_compile_events_of_each_process(tmp_path):

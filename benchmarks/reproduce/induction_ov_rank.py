@@ -13,6 +13,15 @@ smallest ``k`` that keeps the target's answer on top and, separately, KL(target 
 ``--kl``. An SPD decomposition may do better (it is not bound to orthogonal pieces) or worse
 (its pieces are shared across sequences alike); the counts say whether the bound of 8 asks for
 something a decomposition of this target can give.
+
+The run's own side (``"decomposition"``): with every site masked by its CI, the KL at ``e`` that
+zeroing each of layer 1's ``out`` subcomponents there adds (per subcomponent, mean over
+sequences), and the KL when only the ``k`` subcomponents with the largest such cost are kept at
+``e`` per sequence (KL from the target), beside the KL of the ``k`` best singular pieces of the
+target's ``W_out``.
+``minimality_per_subcomponent_at_e`` is what switching one subcomponent off at ``e`` saves in the
+run's importance-minimality terms (their coefficients over the ``T`` positions they average, a CI
+of 1 costing 1): a subcomponent stays active where its KL cost is larger.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import numpy as np
 from spdjax.config import runs
 from spdjax.families.lm import evaluation, induction
 from spdjax.families.lm import model as lm_model
+from spdjax.losses import make_context
 from spdjax.training.family import FAMILIES
 
 
@@ -75,6 +85,59 @@ def pieces_needed(params, cfg: lm_model.LMConfig, ids, labels, kl_max: float) ->
     return {"answer": answer, "kl": kl, "singular_values": s}
 
 
+def kl_keeping_top(pieces_logits, full_logits, costs, ks, reference_logits=None) -> dict:
+    """``{k: mean KL(reference || kept)}`` keeping per sequence the ``k`` pieces of largest
+    ``costs [B, P]`` (``pieces_logits [B, P, V]`` sum with the rest to ``full_logits [B, V]``;
+    the reference defaults to the full logits)."""
+    order = np.argsort(-costs, axis=1)
+    rest = full_logits - pieces_logits.sum(1)
+    log_p = jax.nn.log_softmax(full_logits if reference_logits is None else reference_logits)
+    out = {}
+    for k in ks:
+        kept = rest + np.take_along_axis(pieces_logits, order[:, :k, None], axis=1).sum(1)
+        log_q = jax.nn.log_softmax(kept)
+        out[k] = round(float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1))), 5)
+    return out
+
+
+def decomposition_costs(run, cfg: lm_model.LMConfig, ids, ks=(2, 4, 8, 16)) -> dict:
+    """The run's layer-1 ``out`` subcomponents at ``e`` (module docstring): each one's KL cost
+    when zeroed, the KL keeping the ``k`` costliest, and the target's singular pieces alike."""
+    d, p, tp = run.decomposition, run.params, run.target_params
+    site = f"blocks_{cfg.n_layers - 1}/attn/out"
+    ctx = jax.jit(lambda p, tp, i: make_context(d, tp, p, i))(p, tp, ids)
+    ci = {n: c.lower for n, c in ctx.ci.items()}
+    logits = jax.jit(lambda m: d.forward(tp, p, ids, m)[:, -1])
+    log_t = jax.nn.log_softmax(ctx.target_out[:, -1])
+    kl = lambda lo: np.asarray(jnp.sum(jnp.exp(log_t) * (log_t - jax.nn.log_softmax(lo)), -1))  # noqa: E731
+    base = logits(ci)
+    C = ci[site].shape[-1]
+    costs = np.stack([kl(logits({**ci, site: ci[site].at[:, -1, c].set(0.0)})) for c in range(C)],
+                     -1) - kl(base)[:, None]  # [B, C]
+    # what each subcomponent writes into the logits at e: the difference it makes when zeroed
+    pieces = np.stack([np.asarray(base - logits({**ci, site: ci[site].at[:, -1, c].set(0.0)}))
+                       for c in range(C)], 1)  # [B, C, V]; linear in the masks of one site
+    terms = [t for t in ("importance_minimality", "smooth_l0_importance_minimality")
+             if t in run.config.losses]
+    coeff = sum(float(run.config.losses[t].coeff) for t in terms)
+    _, a = head_inputs(tp, cfg, ids)
+    w_out = np.asarray(induction._kernel(tp, cfg.n_layers - 1, "out"), np.float64)
+    w_u = np.asarray(tp["unembed"]["kernel"], np.float64)
+    pvec, sv, qt = np.linalg.svd(w_out)
+    sing = (((np.asarray(a, np.float64) @ pvec) * sv)[:, :, None] * qt[None]) @ w_u  # [B, r, V]
+    target_logits = np.asarray(ctx.target_out[:, -1], np.float64)
+    return {
+        "site": site, "kl_at_e_ci_masked": float(kl(base).mean()),
+        "kl_cost_per_subcomponent": [round(float(c), 5) for c in np.sort(costs.mean(0))[::-1]],
+        "subcomponents_costing_over_1e-3_per_sequence": float((costs > 1e-3).sum(-1).mean()),
+        "minimality_per_subcomponent_at_e": coeff / ids.shape[-1],
+        "kl_keeping_top_k": kl_keeping_top(pieces, np.asarray(base), costs, ks,
+                                           reference_logits=np.asarray(ctx.target_out[:, -1])),
+        "target_kl_keeping_top_k_singular": kl_keeping_top(
+            sing, target_logits, np.linalg.norm(sing, axis=-1), ks),
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a run of configs/lm.py:ih")
@@ -95,6 +158,7 @@ def main(argv=None):
         out[what] = {"median": float(np.median(v)), "mean": float(v.mean()),
                      "p90": float(np.percentile(v, 90)), "max": int(v.max()),
                      "over_8": float(np.mean(v > 8))}
+    out["decomposition"] = decomposition_costs(run, cfg, ids)
     print(json.dumps(out, indent=1))
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
