@@ -10,6 +10,9 @@ sigmoids"; the later reference implementation, goodfire-ai/spd, for the clamped 
                           for imp-min.
   ``leaky_hard_clamped``  later reference: lower is clamped to [0, 1] in the forward, with a
                           one-sided leaky custom gradient below 0; upper as above.
+  ``leaky_hard_clamped_uncapped``  ours: lower as ``leaky_hard_clamped``; upper ``max(x, 0)``
+                          without a cap, so imp-min keeps its full slope where the lower
+                          sigmoid passes none (pre-activations above 1).
   ``hard``                clamp to [0, 1] for both roles.
   ``upper_leaky_hard``    upper-leaky for both roles.
   ``logistic``            the logistic sigmoid for both roles.
@@ -38,6 +41,13 @@ def lower_leaky_hard(x: Array) -> Array:
 def upper_leaky_hard(x: Array) -> Array:
     """Upper-leaky hard sigmoid: 0 for x <= 0, x on [0, 1], 1 + 0.01 (x - 1) above."""
     return jnp.where(x <= 0, 0.0, jnp.where(x <= 1, x, 1.0 + LEAK * (x - 1.0)))
+
+
+def upper_uncapped(x: Array) -> Array:
+    """0 for x <= 0, x above: the upper sigmoid without its cap at 1. A CI pre-activation far
+    above 1 costs importance minimality in proportion, so it can be brought back to where the
+    lower sigmoid (and with it the reconstruction) sees it again."""
+    return jnp.maximum(x, 0.0)
 
 
 def hard(x: Array) -> Array:
@@ -82,6 +92,7 @@ class SigmoidPair(NamedTuple):
 SIGMOIDS: Registry[SigmoidPair] = Registry("sigmoid type", {
     "leaky_hard": SigmoidPair(lower_leaky_hard, upper_leaky_hard),
     "leaky_hard_clamped": SigmoidPair(lower_leaky_hard_clamped, upper_leaky_hard),
+    "leaky_hard_clamped_uncapped": SigmoidPair(lower_leaky_hard_clamped, upper_uncapped),
     "hard": SigmoidPair(hard, hard),
     "upper_leaky_hard": SigmoidPair(upper_leaky_hard, upper_leaky_hard),
     "logistic": SigmoidPair(jax.nn.sigmoid, jax.nn.sigmoid),

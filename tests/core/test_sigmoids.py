@@ -25,7 +25,7 @@ def test_check_grads_away_from_kinks(name):
     pair = sigmoids.SIGMOIDS.get(name)
     upper_points = POINTS
     # The clamped lower sigmoid's custom gradient is deliberately not the true one below 0.
-    lower_points = POINTS[POINTS > 0] if name == "leaky_hard_clamped" else POINTS
+    lower_points = POINTS[POINTS > 0] if name.startswith("leaky_hard_clamped") else POINTS
     check_grads(pair.lower, (lower_points,), order=1, modes=["rev"], eps=1e-3)
     check_grads(pair.upper, (upper_points,), order=1, modes=["rev"], eps=1e-3)
 
@@ -39,6 +39,14 @@ def test_clamped_forward_and_one_sided_gradient():
     (g,) = vjp(cot)
     # below 0: leaks 0.01 only for a negative cotangent; inside: passes; above 1: zero.
     np.testing.assert_allclose(g, [-0.01, 0.0, 3.0, 0.0, 0.0], rtol=1e-6)
+
+
+def test_uncapped_upper_keeps_its_slope_above_one():
+    pair = sigmoids.SIGMOIDS.get("leaky_hard_clamped_uncapped")
+    x = jnp.array([-1.5, 0.25, 0.75, 2.5])
+    np.testing.assert_allclose(pair.upper(x), [0.0, 0.25, 0.75, 2.5])
+    np.testing.assert_allclose(jax.vmap(jax.grad(pair.upper))(x), [0.0, 1.0, 1.0, 1.0])
+    assert pair.lower is sigmoids.lower_leaky_hard_clamped
 
 
 def test_paper_lower_gradient_is_leaky_autodiff():
