@@ -26,7 +26,7 @@ from spdjax.core.tracing import from_jax
 from spdjax.config.runs import LoadedRun, load, setup, setup_ensemble, train_and_evaluate
 from spdjax.core.ci import CI_FUNCTIONS, MLP, SharedMLP, VectorMLP
 from spdjax.core.ci_global import ChunkwiseTransformer, GlobalMLP, GlobalTransformer
-from spdjax.core.components import COMPONENT_INITS, init_gaussian, init_paper
+from spdjax.core.components import COMPONENT_INITS, init_gaussian, init_paper, init_svd
 from spdjax.core.data import sparse_features
 from spdjax.core.decomposition import CausalImportance, Decomposition, ci_l0, decompose, match_sites
 from spdjax.losses import (
@@ -85,7 +85,7 @@ __all__ = [
     "stochastic_recon_subset",
     "faithfulness", "from_function", "from_jax", "from_linen", "from_nnx", "from_pretrained",
     "importance_minimality",
-    "init_gaussian", "init_paper", "init_train_state", "load", "make_context", "make_mesh",
+    "init_gaussian", "init_paper", "init_svd", "init_train_state", "load", "make_context", "make_mesh",
     "make_optimizer", "make_total_loss", "make_train_step", "match_sites", "sample_masks",
     "setup", "shard_params", "sparse_features", "spd_method", "spd_objective",
     "stochastic_recon", "stochastic_recon_layerwise", "term", "total_loss", "train",

@@ -53,7 +53,7 @@ def base_config(experiment: str, variant: str) -> ml_collections.ConfigDict:
     # ci_l0 too, as the reference's CI-L0): the later reference's binomial-sampling quirk, which
     # it pairs with sampling="binomial" (there eps = 0.05).
     c.ci_lower_noise = 0.0
-    c.init = "paper"  # component init: paper | gaussian
+    c.init = "paper"  # component init: paper | gaussian | svd
     # Tied sites (TMS linear2 = linear1ᵀ): "aliased" keeps two copies with two Adam updates per
     # step (the reference, torch Parameters sharing storage); "shared" has one pair, one update.
     c.tie_mode = "aliased"

@@ -11,6 +11,13 @@ Inits (values; registered in :data:`COMPONENT_INITS`; ``paper``: the SPD paper's
                 overlap with W: ``U[c] *= V[:, c]ᵀ W U[c]ᵀ``.
   ``gaussian``  V ~ N(0, 1/d_in), U ~ N(0, 1/C); usually followed by a faithfulness warm-up
                 (:func:`spdjax.methods.spd.faithfulness_warmup`).
+  ``svd``       (ours) the first ``r = min(C, d_in, d_out)`` subcomponents are W's largest singular
+                pieces ``s_c u_c v_cᵀ`` (``V[:, c] = √s_c u_c``, ``U[c] = √s_c v_c``), so that the
+                sum is W's best rank-r approximation (W itself once ``C >= rank W``); any further
+                subcomponents get a random unit-norm ``V`` column and a zero ``U`` row: they add
+                nothing to the sum at the start but are trained like the others. A start at the
+                target's own sparsest linear basis, for targets whose mechanism is low rank per
+                input (the induction toy's OV circuit, RESULTS.md).
 """
 
 from __future__ import annotations
@@ -61,8 +68,23 @@ def init_gaussian(key, W: Array, C: int) -> dict:
     }
 
 
+def init_svd(key, W: Array, C: int) -> dict:
+    """W's top singular pieces, then random-``V`` / zero-``U`` subcomponents (module docstring)."""
+    d_in, d_out = W.shape
+    left, s, right = jnp.linalg.svd(W.astype(jnp.float32), full_matrices=False)
+    r = min(C, s.shape[0])
+    root = jnp.sqrt(s[:r])
+    V = left[:, :r] * root
+    U = right[:r] * root[:, None]
+    if C > r:
+        extra = jax.random.normal(key, (d_in, C - r))
+        V = jnp.concatenate([V, extra / jnp.linalg.norm(extra, axis=0, keepdims=True)], axis=1)
+        U = jnp.concatenate([U, jnp.zeros((C - r, d_out), U.dtype)])
+    return {"V": V.astype(W.dtype), "U": U.astype(W.dtype)}
+
+
 # An init is ``(key, W (d_in, d_out), C) -> {"V": (d_in, C), "U": (C, d_out)}``.
 ComponentInit = Callable[[Array, Array, int], dict]
 COMPONENT_INITS: Registry[ComponentInit] = Registry(
-    "component init", {"paper": init_paper, "gaussian": init_gaussian}
+    "component init", {"paper": init_paper, "gaussian": init_gaussian, "svd": init_svd}
 )

@@ -231,6 +231,27 @@ def test_paper_init():
     assert (np.sign(overlap) > 0).all()  # s_c u_c / |s_c| has overlap sign(s_c) * |s_c| ... > 0
 
 
+@pytest.mark.parametrize("C", [2, 3, 8])
+def test_svd_init(C):
+    """Singular pieces first (NumPy's SVD, float64); surplus: unit V columns and zero U rows."""
+    W = np.asarray(jax.random.normal(jax.random.key(0), (5, 3)), np.float64)
+    f = components.COMPONENT_INITS.get("svd")(jax.random.key(1), jnp.asarray(W, jnp.float32), C)
+    V, U = np.asarray(f["V"], np.float64), np.asarray(f["U"], np.float64)
+    assert V.shape == (5, C) and U.shape == (C, 3)
+    left, s, right = np.linalg.svd(W, full_matrices=False)
+    r = min(C, 3)
+    for c in range(r):
+        piece = np.outer(V[:, c], U[c])
+        np.testing.assert_allclose(piece, s[c] * np.outer(left[:, c], right[c]), atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(V[:, c]), np.linalg.norm(U[c]), rtol=1e-5)
+    best = (left[:, :r] * s[:r]) @ right[:r]  # Eckart-Young: W itself once C >= rank
+    np.testing.assert_allclose(V @ U, best, atol=1e-5)
+    if C > 3:
+        np.testing.assert_allclose(np.linalg.norm(V[:, 3:], axis=0), 1.0, rtol=1e-5)
+        np.testing.assert_array_equal(U[3:], 0.0)
+        np.testing.assert_allclose(V @ U, W, atol=1e-5)
+
+
 def test_gaussian_init_and_faithfulness_warmup():
     target, tp = two_site_target(d_in=30, d_hidden=40)
     d = spdjax.decompose(target, {"a": 200, "b": 50})
