@@ -59,6 +59,17 @@ def test_overrides_parse_values_and_reject_unknown_keys():
                                                        {"losses.no_such_term": {"coeff": 1}}))
     with pytest.raises(ValueError, match="'unmasked_recon' is not a term .* JSON object"):
         configs.apply_overrides(configs.load("tms:5-2"), {"losses.unmasked_recon": 0.5})
+    # an option a term's entry lacks is added; the loss checks its name and value
+    vpd = configs.apply_overrides(configs.load("lm:ih+vpd"), configs.parse_assignments(
+        ["losses.smooth_l0_importance_minimality.answer_weight=16"]))
+    assert vpd.losses.smooth_l0_importance_minimality.answer_weight == 16
+    runs.validate(vpd)
+    with pytest.raises(ValueError, match="no_such_option"):
+        runs.validate(configs.apply_overrides(
+            configs.load("lm:ih+vpd"), {"losses.smooth_l0_importance_minimality.no_such_option": 1}))
+    with pytest.raises(ValueError, match="answer_weight"):
+        runs.validate(configs.apply_overrides(
+            configs.load("lm:ih+vpd"), {"losses.smooth_l0_importance_minimality.answer_weight": -1}))
 
 
 def test_table1_refuses_a_changed_recipe_without_a_tag(capsys):

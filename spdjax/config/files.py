@@ -128,7 +128,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     type is a ``ValueError`` naming it. ``target_recipe.<field>`` may name any field of the
     family's target recipe (e.g. TMS ``batch_size``): the family checks it when the target is
     built. ``losses.<term>`` (and ``eval_losses.<term>``) may add a term the config lacks, its
-    options given whole: ``{"losses.unmasked_recon": {"coeff": 1.0}}``."""
+    options given whole: ``{"losses.unmasked_recon": {"coeff": 1.0}}``, and
+    ``losses.<term>.<option>`` may add an option the term's entry lacks (the loss checks its name
+    and value when the run's config is checked)."""
     for key, value in overrides.items():
         head, _, field = key.partition(".")
         if head == "target_recipe" and field and field not in config.target_recipe:
@@ -144,6 +146,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
                                  f'options as a JSON object, e.g. {key}={{"coeff": 1.0}}.')
             with config[head].unlocked():
                 config[head][field] = ml_collections.ConfigDict(dict(value))
+            continue
+        term, _, option = field.partition(".")
+        if (head in _WHOLE and option and "." not in option and term in config[head]
+                and option not in config[head][term]):
+            # an option the term's entry lacks: the loss's own checks name and test it
+            with config[head][term].unlocked():
+                config[head][term][option] = value
             continue
         try:
             config.update_from_flattened_dict({key: value})

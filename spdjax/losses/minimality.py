@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import optax
 
 from spdjax.losses.adversarial import ADVERSARY, assign_state
-from spdjax.losses.checks import (Check, boolean, nonnegative, optional_positive, options,
-                                  positive_finite)
+from spdjax.losses.checks import (Check, boolean, nonnegative, nonnegative_finite,
+                                  optional_positive, options, positive_finite)
 from spdjax.losses.context import Context
 
 Array = jax.Array
@@ -92,12 +92,22 @@ def smooth_l0(ci: Array, gamma, *, normalize_at_one: bool = False) -> Array:
     return (1.0 + g2) * phi if normalize_at_one else phi
 
 
-def _per_component_sums(ctx: Context, penalty: Callable[[Array], Array]) -> dict:
+def _per_component_sums(ctx: Context, penalty: Callable[[Array], Array],
+                        answer_weight: float = 1.0) -> dict:
     """``{site: (S_c [C], N)}``: the sum over every leading axis of ``penalty(sigma_up)`` and
-    the number of (batch, position) rows N."""
+    the number of (batch, position) rows N; the last position's penalty counts ``answer_weight``
+    times (sequence CI ``[batch, position, C]`` only)."""
     out = {}
     for name, c in ctx.ci.items():
-        phi = penalty(c.upper).reshape(-1, c.upper.shape[-1])
+        phi = penalty(c.upper)
+        if answer_weight != 1.0:
+            if phi.ndim < 3:
+                raise ValueError(
+                    f"answer_weight={answer_weight} weights the last sequence position, but site "
+                    f"{name!r} has CI of shape {phi.shape}, not [batch, position, C]: use it on "
+                    "sequence models (or leave it at 1.0).")
+            phi = phi.at[..., -1, :].multiply(answer_weight)
+        phi = phi.reshape(-1, phi.shape[-1])
         out[name] = (jnp.sum(phi, axis=0), phi.shape[0])
     return out
 
@@ -120,11 +130,12 @@ GAMMA_CHECKS = dict(gamma=positive_finite, gamma_anneal_start_frac=fraction,
                     normalize_at_one=boolean)
 
 
-@options(anneal_order("gamma"), beta=nonnegative, **GAMMA_CHECKS)
+@options(anneal_order("gamma"), beta=nonnegative, answer_weight=nonnegative_finite, **GAMMA_CHECKS)
 def smooth_l0_importance_minimality(
     params, ctx: Context, key=None, *, gamma: float, beta: float = 0.0,
     gamma_anneal_start_frac: float = 1.0, gamma_anneal_final_gamma: float | None = None,
     gamma_anneal_end_frac: float = 1.0, normalize_at_one: bool = False,
+    answer_weight: float = 1.0,
 ) -> Array:
     """``sum_l sum_c [M_c + beta * M_c * log2(1 + S_c)]`` with ``S_c = sum_{b,t} phi(g_{b,t,c})``,
     ``M_c = S_c / (B T)`` and the smooth-L0 penalty ``phi(c) = c^2 / (c^2 + gamma^2)``
@@ -133,15 +144,19 @@ def smooth_l0_importance_minimality(
 
     The importance-minimality loss of the VPD paper (section "Optimizing for minimality") with
     ``|g|^p`` replaced by ``phi``; ``beta > 0`` fuses the paper's frequency minimality (appendix
-    "Combined minimality loss in code") with the batch sum ``S_c`` inside the log. Returns a
-    scalar.
+    "Combined minimality loss in code") with the batch sum ``S_c`` inside the log.
+    ``answer_weight`` (ours; sequence models) counts the last position's penalty that many times
+    in ``S_c`` (``B T`` unchanged): with an answer-only reconstruction (``kl_answer``) the saving
+    of switching a subcomponent off at the answer is otherwise ``1/T`` of its KL cost's footing.
+    Returns a scalar.
     """
     del params, key
     g = annealed_gamma(ctx.step_frac, gamma, gamma_anneal_start_frac, gamma_anneal_final_gamma,
                        gamma_anneal_end_frac)
     total = jnp.zeros((), jnp.float32)
     for S, n in _per_component_sums(
-            ctx, lambda ci: smooth_l0(ci, g, normalize_at_one=normalize_at_one)).values():
+            ctx, lambda ci: smooth_l0(ci, g, normalize_at_one=normalize_at_one),
+            answer_weight).values():
         mean = S / n
         total = total + jnp.sum(mean)
         if beta:

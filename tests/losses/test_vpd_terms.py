@@ -82,6 +82,28 @@ def test_gamma_schedule_vpd_values():
 # --------------------------------------------------------------------- smooth-L0 imp-min
 
 
+@pytest.mark.parametrize("weight,beta", [(1.0, 0.0), (16.0, 0.0), (0.0, 0.0), (4.0, 0.5)])
+def test_smooth_l0_answer_weight_against_numpy(setup, weight, beta):
+    """Sequence CI [B, T, C]: the last position's penalty counts ``answer_weight`` times."""
+    d, tp, params, xs, make = setup
+    T = 6
+    ctx = make(params, xs[0].reshape(4, 8, 5)[:, :T], 0.0)
+    got = jitted(losses.smooth_l0_importance_minimality, gamma=0.5, beta=beta,
+                 answer_weight=weight)(params, ctx, None)
+    want = 0.0
+    for c in ctx.ci.values():
+        phi = np_phi(np.asarray(c.upper, np.float64), 0.5)  # [4, T, C]
+        assert phi.shape[:2] == (4, T)
+        phi[:, -1] *= weight
+        S = phi.reshape(-1, phi.shape[-1]).sum(0)
+        M = S / (4 * T)
+        want += M.sum() + beta * (M * np.log2(1 + S)).sum()
+    np.testing.assert_allclose(float(got), want, rtol=2e-5)
+    with pytest.raises(ValueError, match="answer_weight=2.0 weights the last sequence position"):
+        losses.smooth_l0_importance_minimality(params, make(params, xs[0], 0.0), gamma=0.5,
+                                               answer_weight=2.0)
+
+
 @pytest.mark.parametrize("beta,normalize_at_one", [(0.0, False), (0.5, False), (0.2, True)])
 def test_smooth_l0_against_numpy(setup, beta, normalize_at_one):
     d, tp, params, xs, make = setup
