@@ -52,6 +52,20 @@ def test_vpd_values_follow_the_library_configs():
     assert "nonlinearity_locality" not in configs.load("lm:ih+vpd").losses  # 1 head, no MLP
 
 
+def test_ih_circuit_is_the_recipe_measured_in_results():
+    """``ih+circuit`` is exactly ``ih+vpd`` with the overrides of RESULTS.md's passing rows."""
+    circuit = configs.load("lm:ih+circuit")
+    validate(circuit)
+    measured = configs.load("lm:ih+vpd", configs.parse_assignments([
+        "lr=0.0014", "losses.stochastic_pgd_recon_subset.divergence=kl_answer",
+        "losses.smooth_l0_importance_minimality.coeff=0.01275", "losses.delta_l2.coeff=1.0",
+        "steps=2000", "init=svd", "losses.smooth_l0_importance_minimality.answer_weight=64"]))
+    assert configs.to_dict(circuit) == configs.to_dict(measured)
+    assert configs.to_dict(circuit) != configs.to_dict(configs.load("lm:ih+vpd"))
+    with pytest.raises(ValueError, match=r"\+circuit is for the induction toy"):
+        configs.load("lm:bytes+circuit")
+
+
 def test_vpd_is_a_whole_recipe_and_its_sources_follow_the_batch():
     with pytest.raises(ValueError, match=r"\+vpd is a whole recipe"):
         configs.load("tms:5-2+vpd+head")
