@@ -45,7 +45,7 @@ def test_unknown_variant_or_modifier_is_named(arg, named):
     ("tms", "TMS", "5-2",
      "'+head', '+apd', '+apd_paper', '+gaussian', '+select3', '+pgd', '+vpd'"),
     ("resid_mlp", "ResidMLP", "1", "'+head', '+apd', '+vpd'"),
-    ("lm", "LM", "ih", "'+vpd', '+answer', '+answer_ci'"),
+    ("lm", "LM", "ih", "'+vpd', '+answer', '+answer_ci', '+circuit'"),
 ])
 def test_every_config_file_rejects_an_unknown_variant_or_modifier_alike(name, family, variant,
                                                                         modifiers):
