@@ -33,8 +33,11 @@ spdjax/families/lm/llama.py; ``--config.target_recipe.text_files='a/**/*.txt,b.m
 your own files) decompose every attention and MLP matrix (12 / 24 sites; C 192 / 288) with
 stochastic and routed-subset recon (KL). A llama_2x128 step (batch 8 x 128 tokens) took
 9-10 CPU-seconds (about 20 s of wall time on 2 cores shared with ~15 other busy processes), so
-1200 steps are about 2-2.5 h on 2 otherwise idle cores; llama_4x192's 400 steps are scaled by
-its ~2.7x FLOPs per token (an estimate from the matrix sizes, not a measurement).
+1200 steps are about 2-2.5 h on 2 otherwise idle cores. llama_4x192's 400 steps were scaled by
+its ~2.7x FLOPs per token; measured since (benchmarks/README.md, "The 4 x 192 Llama at full
+size"), a step takes ~31 s beside one other job, its per-subcomponent ``vector_mlp`` CI
+functions holding 128M parameters (34x the components), while ``llama_4x192+vpd`` (one causal
+transformer CI function) takes ~1.6 s.
 
 Outputs as for the toy models (summary.json, metrics.jsonl, figures/ with CI per site and
 position; top_contexts.html for the byte LM). Numbers and timings: RESULTS.md. Shared fields:
