@@ -64,12 +64,13 @@ def test_overrides_parse_values_and_reject_unknown_keys():
         ["losses.smooth_l0_importance_minimality.answer_weight=16"]))
     assert vpd.losses.smooth_l0_importance_minimality.answer_weight == 16
     runs.validate(vpd)
+    term = "losses.smooth_l0_importance_minimality"
     with pytest.raises(ValueError, match="no_such_option"):
-        runs.validate(configs.apply_overrides(
-            configs.load("lm:ih+vpd"), {"losses.smooth_l0_importance_minimality.no_such_option": 1}))
+        runs.validate(configs.apply_overrides(configs.load("lm:ih+vpd"),
+                                              {f"{term}.no_such_option": 1}))
     with pytest.raises(ValueError, match="answer_weight"):
-        runs.validate(configs.apply_overrides(
-            configs.load("lm:ih+vpd"), {"losses.smooth_l0_importance_minimality.answer_weight": -1}))
+        runs.validate(configs.apply_overrides(configs.load("lm:ih+vpd"),
+                                              {f"{term}.answer_weight": -1}))
 
 
 def test_table1_refuses_a_changed_recipe_without_a_tag(capsys):
